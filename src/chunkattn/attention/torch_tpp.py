@@ -1,0 +1,199 @@
+"""Two-phase-partition attention in vectorized PyTorch (CPU or CUDA); no Python loop over sequences or chunks.
+
+Chunk-first: consecutive shared chunks used by the same sequences form one *run*; every run's keys are read
+once and multiplied by the stacked queries of all its sequences (GQA's query-head group folded into the rows),
+giving partial (output, max, sum-exp). Sequence-first: each sequence's private chunks, causally masked. The
+partials are merged by the online-softmax formulas. Arithmetic is float32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chunkattn.cache.plan import AttentionPlan
+
+
+def pad_ranges(
+    group_indptr: torch.Tensor, begin: torch.Tensor, length: torch.Tensor, pos: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay out groups of integer ranges as padded rows.
+
+    Group ``g`` is the concatenation of ranges ``group_indptr[g]:group_indptr[g+1]``; range ``r`` is
+    ``begin[r] .. begin[r] + length[r] - 1`` and its elements have positions ``pos[r] + 0, 1, ...``.
+
+    Returns ``index, position, valid``, each ``[num_groups, max_group_len]`` (padding: index 0,
+    position ``2**62``, valid False).
+    """
+    dev = begin.device
+    num_groups = group_indptr.numel() - 1
+    num_ranges = begin.numel()
+    ranges_per_group = group_indptr[1:] - group_indptr[:-1]
+    group_of_range = torch.repeat_interleave(torch.arange(num_groups, device=dev), ranges_per_group)
+    total = int(length.sum()) if num_ranges else 0
+    group_len = torch.zeros(num_groups, dtype=torch.int64, device=dev).index_add_(0, group_of_range, length)
+    width = int(group_len.max()) if num_groups else 0
+    index = torch.zeros(num_groups, width, dtype=torch.int64, device=dev)
+    position = torch.full((num_groups, width), 2**62, dtype=torch.int64, device=dev)
+    valid = torch.zeros(num_groups, width, dtype=torch.bool, device=dev)
+    if total:
+        elem = torch.arange(total, device=dev)
+        range_of_elem = torch.repeat_interleave(torch.arange(num_ranges, device=dev), length)
+        offset = elem - (torch.cumsum(length, 0) - length)[range_of_elem]
+        group = group_of_range[range_of_elem]
+        col = elem - (torch.cumsum(group_len, 0) - group_len)[group]
+        index[group, col] = begin[range_of_elem] + offset
+        if pos is not None:
+            position[group, col] = pos[range_of_elem] + offset
+        valid[group, col] = True
+    return index, position, valid
+
+
+@dataclass
+class _TorchWorkspace:
+    """Padded gather indices of one plan (rebuilt when the plan's lengths change)."""
+
+    seq_rows: torch.Tensor  # [num_seqs, max_new]: query rows of each sequence
+    seq_row_valid: torch.Tensor
+    seq_row_pos: torch.Tensor  # [num_seqs, max_new]: their positions
+    priv_rows: torch.Tensor  # [num_seqs, max_private_tokens]: K/V rows of each sequence's private chunks
+    priv_pos: torch.Tensor
+    priv_valid: torch.Tensor
+    run_q_rows: torch.Tensor  # [num_runs, max_run_queries]: query rows of the sequences sharing each run
+    run_q_valid: torch.Tensor
+    run_kv_rows: torch.Tensor  # [num_runs, max_run_tokens]: K/V rows of each run of shared chunks
+    run_kv_valid: torch.Tensor
+
+    @classmethod
+    def build(cls, plan: AttentionPlan) -> _TorchWorkspace:
+        t = plan.tensor
+        num_seqs = plan.num_seqs
+        dev = plan.device
+        q_indptr = t("q_indptr")
+        num_new = q_indptr[1:] - q_indptr[:-1]
+        seq_indptr = torch.arange(num_seqs + 1, device=dev)
+        seq_rows, seq_row_pos, seq_row_valid = pad_ranges(seq_indptr, q_indptr[:-1], num_new,
+                                                          t("seq_lens") - num_new)
+        priv_rows, priv_pos, priv_valid = pad_ranges(t("private_indptr"), t("private_kv_begin"),
+                                                     t("private_len"), t("private_pos"))
+        # Runs: maximal stretches of consecutive shared chunks with the same sequences.
+        h = plan.host
+        ind, idx = h["shared_seq_indptr"], h["shared_seq_indices"]
+        run_indptr = [0]
+        run_seq_indptr = [0]
+        run_seqs: list[int] = []
+        prev: list[int] | None = None
+        for j in range(plan.num_shared):
+            users = idx[ind[j] : ind[j + 1]]
+            if users != prev:
+                if prev is not None:
+                    run_indptr.append(j)
+                run_seqs.extend(users)
+                run_seq_indptr.append(len(run_seqs))
+                prev = users
+        if plan.num_shared:
+            run_indptr.append(plan.num_shared)
+        run_indptr_t = torch.tensor(run_indptr, dtype=torch.int64, device=dev)
+        run_kv_rows, _, run_kv_valid = pad_ranges(run_indptr_t, t("shared_kv_begin"), t("shared_len"))
+        run_seqs_t = torch.tensor(run_seqs, dtype=torch.int64, device=dev)
+        run_q_rows, _, run_q_valid = pad_ranges(
+            torch.tensor(run_seq_indptr, dtype=torch.int64, device=dev), q_indptr[run_seqs_t], num_new[run_seqs_t]
+        )
+        return cls(seq_rows, seq_row_valid, seq_row_pos, priv_rows, priv_pos, priv_valid,
+                   run_q_rows, run_q_valid, run_kv_rows, run_kv_valid)
+
+
+def _partial(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One softmax partial per query row.
+
+    q: [G, Hkv, M, d]; k, v: [G, Hkv, L, d]; mask: [G, 1 or Hkv, M, L] (True = attend).
+    Returns o: [G, Hkv, M, d] (unnormalised), m, l: [G, Hkv, M] (max and sum of exp of scaled scores).
+    """
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [G, Hkv, M, L]
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1)  # [G, Hkv, M]
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m_safe.unsqueeze(-1))
+    return torch.matmul(p, v), p.sum(dim=-1), m
+
+
+def _fold_queries(q: torch.Tensor, rows: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """q: [N, Hq, d], rows: [G, R] -> [G, Hkv, R * group, d] (row r, head j -> r * group + j % group)."""
+    num_groups, width = rows.shape
+    _, num_q_heads, d = q.shape
+    group = num_q_heads // num_kv_heads
+    x = q[rows].view(num_groups, width, num_kv_heads, group, d)
+    return x.permute(0, 2, 1, 3, 4).reshape(num_groups, num_kv_heads, width * group, d)
+
+
+def _unfold_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[G, Hkv, R * group, ...] -> [G * R, Hkv * group, ...], inverse of ``_fold_queries``'s layout."""
+    num_groups, num_kv_heads, rg = x.shape[:3]
+    group = rg // width
+    rest = x.shape[3:]
+    x = x.reshape(num_groups, num_kv_heads, width, group, *rest).transpose(1, 2)
+    return x.reshape(num_groups * width, num_kv_heads * group, *rest)
+
+
+def _gather_kv(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """cache: [T, Hkv, d], rows: [G, L] -> [G, Hkv, L, d] float32."""
+    return cache[rows].float().permute(0, 2, 1, 3)
+
+
+def tpp_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-phase-partition attention of a batch.
+
+    Parameters
+    ----------
+    q : ``[num_rows, num_q_heads, head_dim]``; k, v : ``[num_kv_rows, num_kv_heads, head_dim]`` (one layer).
+
+    Returns ``out [num_rows, num_q_heads, head_dim]`` in ``q.dtype`` and ``lse [num_rows, num_q_heads]``
+    float32 (natural log).
+    """
+    ws = plan.workspaces.get("torch")
+    if not isinstance(ws, _TorchWorkspace):
+        ws = _TorchWorkspace.build(plan)
+        plan.workspaces["torch"] = ws
+    num_rows, num_q_heads, d = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    qf = q.float()
+
+    # Sequence-first: every sequence over its private chunks, causal by position.
+    width = ws.seq_rows.shape[1]
+    qs = _fold_queries(qf, ws.seq_rows, num_kv_heads)  # [B, Hkv, Qm * g, d]
+    q_pos = ws.seq_row_pos.repeat_interleave(group, dim=1)  # [B, Qm * g]
+    mask = ws.priv_valid[:, None, :] & (ws.priv_pos[:, None, :] <= q_pos[:, :, None])  # [B, Qm * g, Lp]
+    o, l, m = _partial(qs, _gather_kv(k, ws.priv_rows), _gather_kv(v, ws.priv_rows), mask[:, None], scale)
+    keep = ws.seq_row_valid.reshape(-1)
+    rows = ws.seq_rows.reshape(-1)[keep]
+    out = torch.empty(num_rows, num_q_heads, d, dtype=torch.float32, device=q.device)
+    m_row = torch.empty(num_rows, num_q_heads, dtype=torch.float32, device=q.device)
+    l_row = torch.empty_like(m_row)
+    out[rows] = _unfold_rows(o, width)[keep]
+    m_row[rows] = _unfold_rows(m, width)[keep]
+    l_row[rows] = _unfold_rows(l, width)[keep]
+
+    # Chunk-first: each run of shared chunks once, against all queries of the sequences sharing it.
+    if plan.num_shared:
+        width = ws.run_q_rows.shape[1]
+        qr = _fold_queries(qf, ws.run_q_rows, num_kv_heads)  # [S, Hkv, R * g, d]
+        mask = ws.run_kv_valid[:, None, None, :]  # [S, 1, 1, C]
+        o_s, l_s, m_s = _partial(qr, _gather_kv(k, ws.run_kv_rows), _gather_kv(v, ws.run_kv_rows), mask, scale)
+        keep = ws.run_q_valid.reshape(-1)
+        rows_s = ws.run_q_rows.reshape(-1)[keep]
+        o_s, l_s, m_s = (_unfold_rows(x, width)[keep] for x in (o_s, l_s, m_s))
+        # Merge: m = max of all partials of a row; rescale each partial by exp(m_i - m) and add.
+        m_all = m_row.scatter_reduce(0, rows_s[:, None].expand_as(m_s), m_s, "amax")
+        a = torch.exp(m_row - m_all)
+        b = torch.exp(m_s - m_all[rows_s])
+        out = (out * a[..., None]).index_add_(0, rows_s, o_s * b[..., None])
+        l_row = (l_row * a).index_add_(0, rows_s, l_s * b)
+        m_row = m_all
+    lse = m_row + torch.log(l_row)
+    return (out / l_row[..., None]).to(q.dtype), lse

@@ -1,0 +1,456 @@
+"""``PrefixKVCache``: the public cache. A :class:`ChunkTree` plus per-layer K/V storage in one pool."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence as SequenceABC
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from chunkattn.cache.tree import ChunkTree, Node
+from chunkattn.errors import SequenceError
+
+if TYPE_CHECKING:
+    from chunkattn.cache.plan import AttentionPlan
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_cache_ids = itertools.count()
+
+
+class Sequence:
+    """A handle on one sequence of a :class:`PrefixKVCache` (created by ``add_sequence`` or ``fork``).
+
+    Attributes
+    ----------
+    seq_id : int
+        Unique within its cache.
+    token_ids : list[int]
+        Every token whose K/V the cache holds for this sequence, in order (read-only view).
+    num_cached_tokens : int
+        Tokens found in the cache when the sequence was added (0 for a fork: it shares everything).
+    """
+
+    __slots__ = ("seq_id", "_cache_id", "_end", "_tokens", "num_cached_tokens", "released")
+
+    def __init__(self, seq_id: int, cache_id: int, end: Node, tokens: list[int], num_cached_tokens: int):
+        self.seq_id = seq_id
+        self._cache_id = cache_id
+        self._end = end  # the chunk holding the sequence's last token (the tree root when it has none)
+        self._tokens = tokens
+        self.num_cached_tokens = num_cached_tokens
+        self.released = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else f"{self.num_tokens} tokens"
+        return f"Sequence(seq_id={self.seq_id}, {state})"
+
+
+@dataclass(eq=False)
+class Batch:
+    """The new tokens of one ``extend`` call: what ``store`` writes and ``attention`` computes.
+
+    Rows of ``k``/``v``/``q`` are the new tokens in call order, sequence by sequence.
+
+    Attributes
+    ----------
+    seqs : tuple[Sequence, ...]
+    num_new : tuple[int, ...]
+        New tokens per sequence.
+    q_indptr : list[int]
+        ``[num_seqs + 1]``: rows ``q_indptr[i]:q_indptr[i+1]`` belong to ``seqs[i]``.
+    seq_lens : tuple[int, ...]
+        Tokens of each sequence including its new ones.
+    store_rows, store_kv : torch.Tensor
+        ``[num_stored]`` int64 on the cache's device: row ``store_rows[j]`` of ``k``/``v`` is written to K/V
+        row ``store_kv[j]``. New tokens whose K/V the tree already held (an identical continuation of another
+        sequence) are not stored again: their rows are missing here.
+    """
+
+    seqs: tuple[Sequence, ...]
+    num_new: tuple[int, ...]
+    q_indptr: list[int]
+    seq_lens: tuple[int, ...]
+    store_rows: torch.Tensor
+    store_kv: torch.Tensor
+    all_rows_stored: bool
+    cache_id: int
+    plan_cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return self.q_indptr[-1]
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence."""
+        return all(n == 1 for n in self.num_new)
+
+
+def _as_token_list(token_ids: Any, what: str) -> list[int]:
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+            raise TypeError(f"{what} must be a 1-D integer tensor or a list of ints, got {token_ids.dtype} "
+                            f"tensor of shape {tuple(token_ids.shape)}")
+        tokens = [int(t) for t in token_ids.tolist()]
+    elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
+        raise TypeError(f"{what} must be a list of int token ids, got {type(token_ids).__name__}")
+    else:
+        tokens = []
+        for t in token_ids:
+            if isinstance(t, bool) or not hasattr(t, "__index__"):
+                raise TypeError(f"{what} must hold int token ids, got {t!r} ({type(t).__name__})")
+            tokens.append(t.__index__())
+    if not tokens:
+        raise ValueError(f"{what} is empty: give at least one token id")
+    if any(t < 0 for t in tokens):
+        raise ValueError(f"{what} holds a negative token id")
+    return tokens
+
+
+class PrefixKVCache:
+    """A prefix-aware K/V cache: chunks of ``chunk_size`` tokens in a prefix tree, shared to the token.
+
+    Parameters
+    ----------
+    num_layers, num_kv_heads, head_dim : int
+        Shape of the model's K/V. Storage per layer is ``[num_slots * chunk_size, num_kv_heads, head_dim]``.
+    chunk_size : int
+        Tokens per chunk (the paper uses 64).
+    max_tokens : int
+        Pool capacity in tokens (rounded up to whole chunks).
+    dtype, device
+        K/V storage dtype (float32, float16 or bfloat16) and device.
+    retain_prefixes : bool
+        Keep chunks after their last sequence is released, to be reused by later sequences with the same
+        prefix; evicted least recently used, leaves first, only when room is needed. False frees at once.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        chunk_size: int = 64,
+        max_tokens: int = 65536,
+        dtype: torch.dtype = torch.float16,
+        device: str | torch.device = "cpu",
+        retain_prefixes: bool = True,
+    ):
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("chunk_size", chunk_size), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.chunk_size = chunk_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.retain_prefixes = retain_prefixes
+        self.num_slots = math.ceil(max_tokens / chunk_size)
+        self._tree = ChunkTree(self.num_slots, chunk_size)
+        rows = self.num_slots * chunk_size
+        # k_cache, v_cache: [num_layers, num_slots * chunk_size, num_kv_heads, head_dim]
+        self.k_cache = torch.zeros(num_layers, rows, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self._id = next(_cache_ids)
+        self._next_seq_id = 0
+        self._live: dict[int, Sequence] = {}
+        self._last_plan: AttentionPlan | None = None
+
+    # ------------------------------------------------------------------ sequences
+    @property
+    def tree(self) -> ChunkTree:
+        """The prefix tree (read it; change it only through this class)."""
+        return self._tree
+
+    @property
+    def chunk_bytes(self) -> int:
+        """K+V bytes of one chunk across all layers."""
+        return 2 * self.num_layers * self.chunk_size * self.num_kv_heads * self.head_dim * self.k_cache.element_size()
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        """Live sequences, oldest first."""
+        return list(self._live.values())
+
+    def _check_seq(self, seq: Any) -> Sequence:
+        if not isinstance(seq, Sequence):
+            raise TypeError(f"expected a chunkattn Sequence, got {type(seq).__name__}")
+        if seq._cache_id != self._id:
+            raise SequenceError(f"{seq} belongs to another PrefixKVCache")
+        if seq.released or self._live.get(seq.seq_id) is not seq:
+            raise SequenceError(f"{seq} was released; add or fork a new sequence instead")
+        return seq
+
+    def _new_seq(self, end: Node, tokens: list[int], num_cached: int) -> Sequence:
+        seq = Sequence(self._next_seq_id, self._id, end, tokens, num_cached)
+        self._next_seq_id += 1
+        self._live[seq.seq_id] = seq
+        self._tree.lock(end)
+        self._tree.touch(end)
+        return seq
+
+    def match_prefix(self, token_ids: Any) -> int:
+        """How many leading tokens of ``token_ids`` the cache holds (live or retained). Changes nothing."""
+        tokens = _as_token_list(token_ids, "token_ids")
+        return self._tree.match(self._tree.root, tokens)[2]
+
+    def add_sequence(self, token_ids: Any) -> Sequence:
+        """Start a sequence holding the longest cached prefix of ``token_ids``, at most ``len - 1`` tokens.
+
+        The last prompt token is never taken from the cache so that the caller computes its logits. Extend
+        the returned sequence with ``token_ids[seq.num_cached_tokens:]``.
+        """
+        tokens = _as_token_list(token_ids, "token_ids")
+        tree = self._tree
+        node, offset, matched = tree.match(tree.root, tokens[:-1])
+        if 0 < offset < len(node):
+            node = tree.split(node, offset)
+        return self._new_seq(node, tokens[:matched], matched)
+
+    def fork(self, seq: Sequence) -> Sequence:
+        """A new sequence sharing every token of ``seq``. Both may then diverge; nothing is copied."""
+        seq = self._check_seq(seq)
+        return self._new_seq(seq._end, list(seq._tokens), 0)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence. Its chunks stay cached (if ``retain_prefixes``) until evicted."""
+        seq = self._check_seq(seq)
+        tree = self._tree
+        tree.touch(seq._end)
+        tree.unlock(seq._end)
+        if not self.retain_prefixes:
+            tree.evict_unreferenced(seq._end)
+        seq.released = True
+        del self._live[seq.seq_id]
+
+    def evict_all(self) -> int:
+        """Drop every retained (unreferenced) chunk now; return how many chunks were freed."""
+        return self._tree.evict_all()
+
+    # ------------------------------------------------------------------ extend / store
+    def extend(self, seqs: SequenceABC[Sequence], new_token_ids: SequenceABC[Any]) -> Batch:
+        """Make room for new tokens of several sequences (prefill: many each, decode: one each).
+
+        Atomic: raises :class:`~chunkattn.CacheFullError` and changes nothing if the pool cannot hold the
+        tokens even after evicting every retained prefix. New tokens that continue a path the tree already
+        holds reuse its K/V (they are not stored again, see :attr:`Batch.store_rows`).
+        """
+        if isinstance(seqs, Sequence) or not isinstance(seqs, SequenceABC):
+            raise TypeError("seqs must be a list of Sequence handles")
+        if isinstance(new_token_ids, (str, bytes)) or not isinstance(new_token_ids, SequenceABC):
+            raise TypeError("new_token_ids must be a list with one list of token ids per sequence")
+        if len(seqs) != len(new_token_ids):
+            raise ValueError(f"got {len(seqs)} sequences but {len(new_token_ids)} token lists")
+        if not seqs:
+            raise ValueError("extend needs at least one sequence")
+        checked = [self._check_seq(s) for s in seqs]
+        if len({s.seq_id for s in checked}) != len(checked):
+            raise ValueError("a sequence appears twice in one extend call; concatenate its tokens instead")
+        token_lists = [_as_token_list(t, f"new_token_ids[{i}]") for i, t in enumerate(new_token_ids)]
+        tree = self._tree
+
+        # Phase 1, nothing changes for good: pin the chunks each sequence will walk into, then count slots.
+        pins: list[Node] = []
+        needed = 0
+        claimed: set[int] = set()
+        for seq, tokens in zip(checked, token_lists):
+            node, offset, matched = tree.match(seq._end, tokens)
+            if matched:
+                tree.lock(node)
+                pins.append(node)
+                end_room = node if offset == len(node) else None
+            else:
+                end_room = seq._end
+            rest = len(tokens) - matched
+            if rest:
+                needed += tree.slots_needed(end_room, rest, claimed) if end_room else -(-rest // self.chunk_size)
+        try:
+            tree.ensure_free(needed)  # raises CacheFullError before anything was changed for good
+        except BaseException:
+            for pin in pins:
+                tree.unlock(pin)
+            raise
+
+        # Phase 2: walk, split and append. Cannot fail: the slots exist.
+        store_kv: list[int] = []
+        store_rows: list[int] = []
+        q_indptr = [0]
+        for seq, tokens in zip(checked, token_lists):
+            row0 = q_indptr[-1]
+            start = seq._end
+            node, offset, matched = tree.match(start, tokens)
+            if 0 < offset < len(node):
+                node = tree.split(node, offset)
+            if matched < len(tokens):
+                grow = node.ref_count == (1 if node is start else 0) and not node.children
+                rows: list[int] = []
+                node = tree.append(node, tokens[matched:], rows, grow)
+                store_kv.extend(rows)
+                store_rows.extend(range(row0 + matched, row0 + len(tokens)))
+            # every chunk from the old end (exclusive) to the new one gains this sequence's reference
+            tree.lock(node)
+            if start.parent is not None:
+                tree.unlock(start)
+            seq._end = node
+            seq._tokens.extend(tokens)
+            tree.touch(node)
+            q_indptr.append(row0 + len(tokens))
+        for pin in pins:
+            tree.unlock(pin)
+
+        dev = self.device
+        return Batch(
+            seqs=tuple(checked),
+            num_new=tuple(len(t) for t in token_lists),
+            q_indptr=q_indptr,
+            seq_lens=tuple(s.num_tokens for s in checked),
+            store_rows=torch.tensor(store_rows, dtype=torch.int64, device=dev),
+            store_kv=torch.tensor(store_kv, dtype=torch.int64, device=dev),
+            all_rows_stored=len(store_rows) == q_indptr[-1],
+            cache_id=self._id,
+        )
+
+    def check_batch(self, batch: Batch) -> None:
+        """Raise if ``batch`` does not belong to this cache or one of its sequences changed since."""
+        if not isinstance(batch, Batch):
+            raise TypeError(f"expected a Batch from PrefixKVCache.extend, got {type(batch).__name__}")
+        if batch.cache_id != self._id:
+            raise ValueError("this batch was made by another PrefixKVCache")
+        for seq, n in zip(batch.seqs, batch.seq_lens):
+            self._check_seq(seq)
+            if seq.num_tokens != n:
+                raise ValueError(f"{seq} was extended after this batch was made; use the newest batch")
+
+    def _check_layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return layer
+
+    def store(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the new tokens' K/V of one layer.
+
+        Parameters
+        ----------
+        k, v : torch.Tensor
+            ``[batch.num_new_tokens, num_kv_heads, head_dim]``, the cache's dtype and device.
+        """
+        layer = self._check_layer(layer)
+        self.check_batch(batch)
+        shape = (batch.num_new_tokens, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must be [num_new_tokens, num_kv_heads, head_dim] = {list(shape)}, "
+                                 f"got {list(t.shape)}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} must be {self.dtype} like the cache, got {t.dtype}")
+            if t.device != self.k_cache.device:
+                raise ValueError(f"{name} is on {t.device}, the cache on {self.k_cache.device}")
+        if not batch.all_rows_stored:
+            k = k.index_select(0, batch.store_rows)
+            v = v.index_select(0, batch.store_rows)
+        self.k_cache[layer].index_copy_(0, batch.store_kv, k)
+        self.v_cache[layer].index_copy_(0, batch.store_kv, v)
+
+    # ------------------------------------------------------------------ plans and views
+    def plan(self, batch: Batch) -> AttentionPlan:
+        """The attention plan of ``batch`` (shared chunks and each sequence's own chunks), built once.
+
+        Reused by every layer; for consecutive decode steps of the same sequences it is rebuilt only when
+        the tree's structure changed (a chunk was added, split or evicted), else only its lengths advance.
+        """
+        from chunkattn.cache.plan import AttentionPlan
+
+        cached = batch.plan_cache.get("plan")
+        if cached is not None:
+            return cached
+        self.check_batch(batch)
+        last = self._last_plan
+        if last is not None and last.can_advance_to(batch, self._tree.version):
+            last.advance(batch)
+            plan = last
+        else:
+            plan = AttentionPlan.build(batch, self._tree.version, self.chunk_size, self.device)
+        self._last_plan = plan
+        batch.plan_cache["plan"] = plan
+        return plan
+
+    def sequence_kv_rows(self, seq: Sequence) -> torch.Tensor:
+        """``[seq.num_tokens]`` int64: the K/V row of each of the sequence's tokens, in order."""
+        seq = self._check_seq(seq)
+        c = self.chunk_size
+        rows = [torch.arange(n.kv_begin(c), n.kv_begin(c) + len(n)) for n in seq._end.path()]
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ accounting
+    def stats(self) -> dict[str, int]:
+        """Pool accounting.
+
+        ``total_chunks``, ``free_chunks``; ``used_chunks``: holding a token of a live sequence;
+        ``cached_chunks``: held only for retained prefixes (evictable); ``shared_chunks``: tree chunks on the
+        path of two or more live sequences; ``live_tokens``: distinct tokens referenced by live sequences;
+        ``cached_tokens``: tokens held only for retention; ``kv_bytes``: K/V bytes of used + cached chunks
+        (all layers); ``num_sequences``.
+        """
+        tree = self._tree
+        live_tokens = cached_tokens = shared = 0
+        for node in tree.nodes():
+            if node.ref_count:
+                live_tokens += len(node)
+                shared += node.ref_count >= 2
+            else:
+                cached_tokens += len(node)
+        used = tree.num_live_slots
+        held = tree.num_held_slots
+        return {
+            "total_chunks": self.num_slots,
+            "free_chunks": tree.num_free_slots,
+            "used_chunks": used,
+            "cached_chunks": held - used,
+            "shared_chunks": shared,
+            "live_tokens": live_tokens,
+            "cached_tokens": cached_tokens,
+            "kv_bytes": held * self.chunk_bytes,
+            "num_sequences": len(self._live),
+        }
+
+    def check(self) -> None:
+        """Validate every invariant of the tree, the pool and the live sequences; raise on violation."""
+        from chunkattn.errors import CacheCorruptedError
+
+        refs: dict[int, int] = {}
+        for seq in self._live.values():
+            path = seq._end.path()
+            tokens = [t for n in path for t in n.tokens]
+            if tokens != seq._tokens:
+                raise CacheCorruptedError(f"{seq}: tree path tokens differ from the sequence's tokens")
+            if seq._end.parent is None and seq._end is not self._tree.root:
+                raise CacheCorruptedError(f"{seq} ends at an evicted chunk")
+            for n in path:
+                refs[n.id] = refs.get(n.id, 0) + 1
+        self._tree.check(refs)
+        if not self.retain_prefixes and any(n.ref_count == 0 for n in self._tree.nodes()):
+            raise CacheCorruptedError("retain_prefixes=False but an unreferenced chunk is still held")

@@ -1,0 +1,22 @@
+"""Typed errors raised by chunkattn. User mistakes raise these; internal invariants use ``assert``."""
+
+from __future__ import annotations
+
+
+class ChunkAttnError(Exception):
+    """Base class of every error chunkattn raises on purpose."""
+
+
+class CacheFullError(ChunkAttnError, MemoryError):
+    """The chunk pool cannot hold a request even after evicting every retained prefix.
+
+    The cache is left exactly as it was before the call that raised.
+    """
+
+
+class SequenceError(ChunkAttnError, ValueError):
+    """A sequence handle is unknown to this cache or was already released."""
+
+
+class CacheCorruptedError(ChunkAttnError, AssertionError):
+    """``PrefixKVCache.check()`` found a broken invariant (a bug in chunkattn, please report it)."""

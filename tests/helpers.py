@@ -1,0 +1,80 @@
+"""Shared test helpers: deterministic K/V per token prefix, scenario builders, tolerance table."""
+
+from __future__ import annotations
+
+import torch
+
+import chunkattn
+from chunkattn import PrefixKVCache
+
+# ||out - ref|| / ||ref|| bounds per storage dtype.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in output"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def prefix_kv(tokens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """K/V that depend only on each token's prefix, as a real model's would: ``[len, Hkv, d]`` each.
+
+    Sharing K/V between sequences is valid exactly when their prefixes agree, so a wrong row shows up.
+    """
+    h = 7
+    ks, vs = [], []
+    base = torch.arange(num_kv_heads * head_dim, dtype=torch.float64).view(num_kv_heads, head_dim)
+    for t in tokens:
+        h = (h * 1000003 + t + 1) % 2147483647
+        ks.append(torch.sin(base * 0.37 + (h % 1009)))
+        vs.append(torch.cos(base * 0.11 + (h % 1013)))
+    if not ks:
+        return (torch.zeros(0, num_kv_heads, head_dim, dtype=dtype),) * 2
+    return torch.stack(ks).to(dtype), torch.stack(vs).to(dtype)
+
+
+def store_prefix_kv(cache: PrefixKVCache, batch: chunkattn.Batch) -> None:
+    """Store every layer's K/V of ``batch`` as ``prefix_kv`` (layer l adds l)."""
+    parts_k, parts_v = [], []
+    for seq, n in zip(batch.seqs, batch.num_new):
+        k, v = prefix_kv(list(seq.token_ids), cache.num_kv_heads, cache.head_dim, cache.dtype)
+        parts_k.append(k[len(k) - n :])
+        parts_v.append(v[len(v) - n :])
+    k, v = torch.cat(parts_k), torch.cat(parts_v)
+    for layer in range(cache.num_layers):
+        cache.store(layer, batch, (k + layer).to(cache.dtype), (v - layer).to(cache.dtype))
+
+
+def assert_kv_intact(cache: PrefixKVCache) -> None:
+    """Every live sequence reads back exactly the K/V its prefixes define."""
+    for seq in cache.sequences:
+        rows = cache.sequence_kv_rows(seq)
+        k, v = prefix_kv(list(seq.token_ids), cache.num_kv_heads, cache.head_dim, cache.dtype)
+        for layer in range(cache.num_layers):
+            assert torch.equal(cache.k_cache[layer][rows], (k + layer).to(cache.dtype)), f"K of {seq} corrupted"
+            assert torch.equal(cache.v_cache[layer][rows], (v - layer).to(cache.dtype)), f"V of {seq} corrupted"
+
+
+def trie_size(token_lists: list[list[int]]) -> int:
+    """Distinct non-empty prefixes among ``token_lists``: the tokens a token-exact tree stores."""
+    return len({tuple(t[: i + 1]) for t in token_lists for i in range(len(t))})
+
+
+def check_attention(cache: PrefixKVCache, batch: chunkattn.Batch, num_q_heads: int, backend: str,
+                    tol: float | None = None, scale: float | None = None) -> float:
+    """Random q; ``backend`` against ``reference`` on every layer, LSE too. Returns the worst rel. error."""
+    tol = REL_TOL[cache.dtype] if tol is None else tol
+    worst = 0.0
+    for layer in range(cache.num_layers):
+        q = torch.randn(batch.num_new_tokens, num_q_heads, cache.head_dim, device=cache.device).to(cache.dtype)
+        ref, ref_lse = chunkattn.attention(q, cache, batch, layer, backend="reference", return_lse=True,
+                                           scale=scale)
+        out, lse = chunkattn.attention(q, cache, batch, layer, backend=backend, return_lse=True, scale=scale)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert lse.shape == q.shape[:2]
+        err = rel_err(out, ref)
+        assert err <= tol, f"{backend} vs reference: rel. error {err:.3g} > {tol}"
+        assert rel_err(lse, ref_lse) <= max(tol, 1e-5)
+        worst = max(worst, err)
+    return worst

@@ -1,0 +1,274 @@
+"""PrefixKVCache: sharing edge cases, accounting, eviction, errors. Attention via the torch backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_kv_intact, check_attention, store_prefix_kv, trie_size
+
+from chunkattn import CacheFullError, PrefixKVCache, SequenceError
+
+
+def make_cache(chunk_size: int = 4, max_tokens: int = 256, retain: bool = True, layers: int = 2,
+               dtype: torch.dtype = torch.float32) -> PrefixKVCache:
+    return PrefixKVCache(layers, 2, 8, chunk_size=chunk_size, max_tokens=max_tokens, dtype=dtype,
+                         retain_prefixes=retain)
+
+
+def add_prompt(cache: PrefixKVCache, prompt: list[int]):
+    """add_sequence + extend with the rest + store; returns (seq, batch)."""
+    seq = cache.add_sequence(prompt)
+    batch = cache.extend([seq], [prompt[seq.num_cached_tokens :]])
+    store_prefix_kv(cache, batch)
+    return seq, batch
+
+
+def decode(cache: PrefixKVCache, seqs, tokens, heads: int = 4):
+    batch = cache.extend(seqs, [[t] for t in tokens])
+    store_prefix_kv(cache, batch)
+    check_attention(cache, batch, heads, "torch")
+    return batch
+
+
+def live_token_lists(cache: PrefixKVCache) -> list[list[int]]:
+    return [list(s.token_ids) for s in cache.sequences]
+
+
+def assert_consistent(cache: PrefixKVCache) -> None:
+    cache.check()
+    assert_kv_intact(cache)
+    assert cache.stats()["live_tokens"] == trie_size(live_token_lists(cache))
+
+
+# ---------------------------------------------------------------------------- sharing edge cases
+def test_prefix_ending_on_chunk_boundary_shares_whole_chunks_without_split():
+    cache = make_cache(chunk_size=4)
+    shared = [1, 2, 3, 4, 5, 6, 7, 8]
+    a, _ = add_prompt(cache, shared + [10, 11])
+    version = cache.tree.version
+    b, _ = add_prompt(cache, shared + [20])
+    assert b.num_cached_tokens == 8
+    assert cache.tree.version > version  # a new chunk for b's own token ...
+    path_a, path_b = a._end.path(), b._end.path()
+    assert [n.id for n in path_a[:2]] == [n.id for n in path_b[:2]]
+    assert all(len(n) == 4 for n in path_b[:2])  # ... but no split of the shared ones
+    assert_consistent(cache)
+    batch = decode(cache, [a, b], [30, 31])
+    assert cache.plan(batch).num_shared == 2
+
+
+def test_prefix_diverging_inside_a_chunk_is_split_and_shared_to_the_token():
+    cache = make_cache(chunk_size=4)
+    a, _ = add_prompt(cache, [1, 2, 3, 4, 5, 6])
+    b, _ = add_prompt(cache, [1, 2, 3, 4, 5, 9])
+    assert b.num_cached_tokens == 5
+    assert cache.stats()["live_tokens"] == 7
+    assert_consistent(cache)
+    batch = decode(cache, [a, b], [7, 7])
+    assert sum(cache.plan(batch).host["shared_len"]) == 5
+
+
+def test_one_sequence_a_prefix_of_another():
+    cache = make_cache(chunk_size=4)
+    long = [5, 6, 7, 8, 9, 10, 11]
+    a, _ = add_prompt(cache, long)
+    b = cache.add_sequence(long[:5])
+    assert b.num_cached_tokens == 4  # capped at len - 1
+    batch = cache.extend([b], [long[4:5]])
+    assert batch.store_rows.numel() == 0  # its last token's K/V is already there
+    store_prefix_kv(cache, batch)
+    check_attention(cache, batch, 4, "torch")
+    assert cache.stats()["live_tokens"] == len(long)
+    assert_consistent(cache)
+    decode(cache, [a, b], [1, 2])
+    assert_consistent(cache)
+
+
+def test_identical_sequences_share_everything_even_within_one_batch():
+    cache = make_cache(chunk_size=4)
+    prompt = list(range(10))
+    a, b = cache.add_sequence(prompt), cache.add_sequence(prompt)
+    batch = cache.extend([a, b], [prompt, prompt])
+    assert batch.store_rows.tolist() == list(range(10))  # b's rows are a's
+    store_prefix_kv(cache, batch)
+    check_attention(cache, batch, 4, "torch")
+    assert cache.stats()["live_tokens"] == 10
+    c, _ = add_prompt(cache, prompt)
+    assert c.num_cached_tokens == 9 and cache.stats()["live_tokens"] == 10
+    assert_consistent(cache)
+    batch = decode(cache, [a, b, c], [1, 1, 2])
+    assert cache.stats()["live_tokens"] == 12
+    assert_consistent(cache)
+
+
+def test_divergence_at_the_first_token_shares_nothing():
+    cache = make_cache(chunk_size=4)
+    a, _ = add_prompt(cache, [1, 2, 3, 4, 5])
+    b, _ = add_prompt(cache, [2, 2, 3, 4, 5])
+    assert b.num_cached_tokens == 0
+    batch = decode(cache, [a, b], [0, 0])
+    assert cache.plan(batch).num_shared == 0
+    assert cache.stats()["live_tokens"] == 12
+    assert_consistent(cache)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 256])
+def test_extreme_chunk_sizes(chunk_size: int):
+    cache = make_cache(chunk_size=chunk_size, max_tokens=1024)
+    base = list(range(40))
+    seqs = [add_prompt(cache, base + [100 + i, 200 + i])[0] for i in range(3)]
+    assert [s.num_cached_tokens for s in seqs] == [0, 40, 40]
+    for step in range(3):
+        batch = decode(cache, seqs, [step, step + 1, step])
+    plan = cache.plan(batch)
+    assert sum(plan.host["shared_len"]) == 40
+    assert_consistent(cache)
+
+
+def test_no_shared_prefix_batch_runs_sequence_first_only():
+    cache = make_cache(chunk_size=4)
+    seqs = [add_prompt(cache, [10 * i + j for j in range(1, 7)])[0] for i in range(1, 4)]
+    batch = decode(cache, seqs, [1, 2, 3])
+    assert cache.plan(batch).num_shared == 0
+
+
+def test_fork_shares_the_partial_tail_and_diverges_without_copying():
+    cache = make_cache(chunk_size=4)
+    a, _ = add_prompt(cache, [1, 2, 3, 4, 5, 6])  # tail chunk holds 2 of 4 tokens
+    f = cache.fork(a)
+    assert f.token_ids == a.token_ids and cache.stats()["live_tokens"] == 6
+    held = cache.stats()["used_chunks"]
+    decode(cache, [a, f], [7, 8])
+    assert cache.stats()["used_chunks"] == held + 1  # one of them used the tail's room, the other a new chunk
+    decode(cache, [a, f], [9, 9])
+    assert_consistent(cache)
+
+
+def test_decode_grows_the_tail_in_place_and_plan_only_advances():
+    cache = make_cache(chunk_size=8)
+    prompt = list(range(20))
+    seqs = [add_prompt(cache, prompt + [50 + i])[0] for i in range(3)]
+    plan = cache.plan(decode(cache, seqs, [1, 2, 3]))
+    builds_before = plan.num_advances
+    batch = decode(cache, seqs, [4, 5, 6])
+    assert cache.plan(batch) is plan and plan.num_advances == builds_before + 1
+    # keep decoding until a tail chunk fills: the structure changes and the plan is rebuilt
+    for t in range(8):
+        batch = decode(cache, seqs, [t, t, t])
+    assert cache.plan(batch) is not plan
+
+
+# ---------------------------------------------------------------------------- retention and eviction
+def test_released_prefix_is_retained_and_reused():
+    cache = make_cache(chunk_size=4)
+    a, _ = add_prompt(cache, list(range(12)))
+    cache.release(a)
+    stats = cache.stats()
+    assert stats["used_chunks"] == 0 and stats["cached_chunks"] == 3 and stats["cached_tokens"] == 12
+    b, _ = add_prompt(cache, list(range(12)) + [99])
+    assert b.num_cached_tokens == 12
+    assert_consistent(cache)
+
+
+def test_retention_off_frees_at_once_and_nothing_leaks():
+    cache = make_cache(chunk_size=4, retain=False)
+    seqs = [add_prompt(cache, list(range(9)) + [i])[0] for i in range(3)]
+    forks = [cache.fork(s) for s in seqs]
+    decode(cache, seqs + forks, [1, 2, 3, 4, 5, 6])
+    for s in seqs + forks:
+        cache.release(s)
+        cache.check()
+    stats = cache.stats()
+    assert stats["free_chunks"] == stats["total_chunks"] and stats["kv_bytes"] == 0
+    assert cache.add_sequence(list(range(9)) + [0]).num_cached_tokens == 0
+
+
+def test_lru_evicts_least_recently_used_leaves_first():
+    cache = make_cache(chunk_size=4, max_tokens=16)  # 4 chunks
+    old, _ = add_prompt(cache, [1, 1, 1, 1])
+    new, _ = add_prompt(cache, [2, 2, 2, 2])
+    cache.release(old)
+    cache.release(new)
+    c, _ = add_prompt(cache, [3] * 12)  # needs 3 chunks: 2 free, evict 1: the older one
+    assert cache.match_prefix([1, 1, 1, 1]) == 0
+    assert cache.match_prefix([2, 2, 2, 2]) == 4
+    assert_consistent(cache)
+
+
+def test_cache_full_is_typed_and_atomic():
+    cache = make_cache(chunk_size=4, max_tokens=16)
+    a, _ = add_prompt(cache, list(range(10)))
+    b = cache.add_sequence([7, 7])
+    snapshot = (cache.stats(), cache.tree.version, a.token_ids, b.token_ids, cache.k_cache.clone())
+    with pytest.raises(CacheFullError):
+        cache.extend([b, a], [[7, 7, 7, 7, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert snapshot[:4] == (cache.stats(), cache.tree.version, a.token_ids, b.token_ids)
+    assert torch.equal(snapshot[4], cache.k_cache)
+    cache.check()
+    batch = cache.extend([b], [[7, 7, 7, 7]])  # what fits still works
+    store_prefix_kv(cache, batch)
+    assert_consistent(cache)
+
+
+def test_eviction_never_touches_live_chunks():
+    cache = make_cache(chunk_size=2, max_tokens=24)
+    live, _ = add_prompt(cache, [9] * 7)
+    for i in range(6):
+        s, _ = add_prompt(cache, [i, i, i, i])
+        cache.release(s)
+        assert_consistent(cache)
+    assert live.token_ids == (9,) * 7
+
+
+# ---------------------------------------------------------------------------- errors
+def test_bad_input_raises_clear_errors():
+    cache = make_cache()
+    other = make_cache()
+    with pytest.raises(ValueError, match="empty"):
+        cache.add_sequence([])
+    with pytest.raises(TypeError, match="int token ids"):
+        cache.add_sequence([1, 2.5])
+    with pytest.raises(TypeError, match="int token ids"):
+        cache.add_sequence([True, 2])
+    with pytest.raises(TypeError):
+        cache.add_sequence("hello")
+    with pytest.raises(ValueError, match="negative"):
+        cache.add_sequence([1, -2])
+    with pytest.raises(TypeError):
+        cache.add_sequence(torch.tensor([1.0, 2.0]))
+    assert cache.add_sequence(torch.tensor([1, 2])).num_tokens == 0
+    seq = cache.add_sequence([1, 2, 3])
+    with pytest.raises(ValueError, match="2 token lists"):
+        cache.extend([seq], [[1], [2]])
+    with pytest.raises(ValueError, match="twice"):
+        cache.extend([seq, seq], [[1], [2]])
+    with pytest.raises(SequenceError, match="another"):
+        other.extend([seq], [[1]])
+    batch = cache.extend([seq], [[1, 2, 3]])
+    k = torch.zeros(3, 2, 8)
+    with pytest.raises(ValueError, match=r"num_new_tokens, num_kv_heads, head_dim\] = \[3, 2, 8\]"):
+        cache.store(0, batch, k[:2], k[:2])
+    with pytest.raises(TypeError, match="float32"):
+        cache.store(0, batch, k.half(), k.half())
+    with pytest.raises(IndexError, match="layer"):
+        cache.store(5, batch, k, k)
+    cache.store(0, batch, k, k)
+    q = torch.zeros(3, 4, 8)
+    from chunkattn import attention
+
+    with pytest.raises(ValueError, match="multiple"):
+        attention(torch.zeros(3, 3, 8), cache, batch, 0)
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, cache, batch, 0, backend="cuda")  # type: ignore[arg-type]
+    cache.extend([seq], [[4]])
+    with pytest.raises(ValueError, match="newest batch"):
+        attention(q, cache, batch, 0)
+    cache.release(seq)
+    with pytest.raises(SequenceError, match="released"):
+        cache.release(seq)
+    with pytest.raises(SequenceError, match="released"):
+        cache.fork(seq)
+    with pytest.raises(ValueError):
+        PrefixKVCache(0, 2, 8)
+    with pytest.raises(TypeError):
+        PrefixKVCache(1, 2, 8, dtype=torch.int32)
