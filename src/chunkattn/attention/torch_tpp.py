@@ -50,6 +50,20 @@ def pad_ranges(
     return index, position, valid
 
 
+class _Buffers:
+    """Reused gather and score buffers of one plan (CPU allocations of this size cost page faults)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, shape, dtype)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
 @dataclass
 class _TorchWorkspace:
     """Padded gather indices of one plan (rebuilt when the plan's lengths change)."""
@@ -64,6 +78,8 @@ class _TorchWorkspace:
     run_q_valid: torch.Tensor
     run_kv_rows: torch.Tensor  # [num_runs, max_run_tokens]: K/V rows of each run of shared chunks
     run_kv_valid: torch.Tensor
+    buffers: _Buffers
+    run_span: tuple[int, int] | None  # (first K/V row, rows) when all shared chunks form one consecutive run
 
     @classmethod
     def build(cls, plan: AttentionPlan) -> _TorchWorkspace:
@@ -101,46 +117,69 @@ class _TorchWorkspace:
             torch.tensor(run_seq_indptr, dtype=torch.int64, device=dev), q_indptr[run_seqs_t], num_new[run_seqs_t]
         )
         return cls(seq_rows, seq_row_valid, seq_row_pos, priv_rows, priv_pos, priv_valid,
-                   run_q_rows, run_q_valid, run_kv_rows, run_kv_valid)
+                   run_q_rows, run_q_valid, run_kv_rows, run_kv_valid, _Buffers(), _single_span(plan, run_indptr))
 
 
-def _partial(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One softmax partial per query row.
-
-    q: [G, Hkv, M, d]; k, v: [G, Hkv, L, d]; mask: [G, 1 or Hkv, M, L] (True = attend).
-    Returns o: [G, Hkv, M, d] (unnormalised), m, l: [G, Hkv, M] (max and sum of exp of scaled scores).
-    """
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [G, Hkv, M, L]
-    s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1)  # [G, Hkv, M]
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp(s - m_safe.unsqueeze(-1))
-    return torch.matmul(p, v), p.sum(dim=-1), m
+def _single_span(plan: AttentionPlan, run_indptr: list[int]) -> tuple[int, int] | None:
+    """(first row, rows) if there is exactly one run and its chunks lie back to back in the storage."""
+    begin, length = plan.host["shared_kv_begin"], plan.host["shared_len"]
+    if len(run_indptr) != 2 or any(begin[j + 1] != begin[j] + length[j] for j in range(len(begin) - 1)):
+        return None
+    return begin[0], sum(length)
 
 
 def _fold_queries(q: torch.Tensor, rows: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """q: [N, Hq, d], rows: [G, R] -> [G, Hkv, R * group, d] (row r, head j -> r * group + j % group)."""
+    """q: [N, Hq, d], rows: [G, R] -> [Hkv, G, R * group, d] (row r, head j -> r * group + j % group)."""
     num_groups, width = rows.shape
     _, num_q_heads, d = q.shape
     group = num_q_heads // num_kv_heads
-    x = q[rows].view(num_groups, width, num_kv_heads, group, d)
-    return x.permute(0, 2, 1, 3, 4).reshape(num_groups, num_kv_heads, width * group, d)
+    x = q.index_select(0, rows.reshape(-1)).view(num_groups, width, num_kv_heads, group, d)
+    return x.permute(2, 0, 1, 3, 4).reshape(num_kv_heads, num_groups, width * group, d)
 
 
 def _unfold_rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    """[G, Hkv, R * group, ...] -> [G * R, Hkv * group, ...], inverse of ``_fold_queries``'s layout."""
-    num_groups, num_kv_heads, rg = x.shape[:3]
+    """[Hkv, G, R * group, ...] -> [G * R, Hkv * group, ...], inverse of ``_fold_queries``'s layout."""
+    num_kv_heads, num_groups, rg = x.shape[:3]
     group = rg // width
     rest = x.shape[3:]
-    x = x.reshape(num_groups, num_kv_heads, width, group, *rest).transpose(1, 2)
+    x = x.reshape(num_kv_heads, num_groups, width, group, *rest).movedim(0, 2)
     return x.reshape(num_groups * width, num_kv_heads * group, *rest)
 
 
-def _gather_kv(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """cache: [T, Hkv, d], rows: [G, L] -> [G, Hkv, L, d] float32."""
-    return cache[rows].float().permute(0, 2, 1, 3)
+def _partial(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, masked: torch.Tensor,
+    bufs: _Buffers, span: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One softmax partial per query row over the gathered keys.
+
+    q: [Hkv, G, M, d] float32, already scaled; k, v: [T, Hkv, d] (one layer's storage); rows: [G, L] K/V rows
+    per group; masked: [G, 1 or M, L] True where a key must be ignored; span: (first row, count) when there
+    is one group and its rows are consecutive.
+    Returns o: [Hkv, G, M, d] (unnormalised), l, m: [Hkv, G, M] (sum of exp and max of the scores).
+    """
+    num_kv_heads, num_groups, num_q, d = q.shape
+    width = rows.shape[1]
+    flat = rows.reshape(-1)
+
+    def gather(t: torch.Tensor, which: str) -> torch.Tensor:
+        """[Hkv, G, L, d] float32 that the matmuls take without hidden copies."""
+        if span is not None:  # one group of consecutive rows: a view of the storage, nothing gathered
+            picked = t[span[0] : span[0] + span[1]].view(1, width, num_kv_heads, d)
+        else:
+            rows_buf = bufs.get(f"{name}.{which}", (flat.numel(), *t.shape[1:]), t.dtype, t.device)
+            picked = torch.index_select(t, 0, flat, out=rows_buf).view(num_groups, width, num_kv_heads, d)
+        if num_groups == 1 and t.dtype == torch.float32:
+            return picked.permute(2, 0, 1, 3)  # strided [Hkv, 1, L, d]: BLAS takes the row stride as is
+        dst = bufs.get(f"{name}.{which}.hld", (num_kv_heads, num_groups, width, d), torch.float32, t.device)
+        return dst.copy_(picked.permute(2, 0, 1, 3))
+
+    keys, values = gather(k, "k"), gather(v, "v")
+    s = torch.matmul(q, keys.transpose(-1, -2),
+                     out=bufs.get(f"{name}.s", (num_kv_heads, num_groups, num_q, width), torch.float32, q.device))
+    s.masked_fill_(masked, float("-inf"))
+    m = s.amax(dim=-1)  # [Hkv, G, M]
+    s.sub_(torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1)).exp_()
+    return torch.matmul(s, values), s.sum(dim=-1), m
 
 
 def tpp_attention(
@@ -162,14 +201,14 @@ def tpp_attention(
     num_rows, num_q_heads, d = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
-    qf = q.float()
+    qf = q.float() * scale
 
     # Sequence-first: every sequence over its private chunks, causal by position.
     width = ws.seq_rows.shape[1]
-    qs = _fold_queries(qf, ws.seq_rows, num_kv_heads)  # [B, Hkv, Qm * g, d]
+    qs = _fold_queries(qf, ws.seq_rows, num_kv_heads)  # [Hkv, B, Qm * g, d]
     q_pos = ws.seq_row_pos.repeat_interleave(group, dim=1)  # [B, Qm * g]
-    mask = ws.priv_valid[:, None, :] & (ws.priv_pos[:, None, :] <= q_pos[:, :, None])  # [B, Qm * g, Lp]
-    o, l, m = _partial(qs, _gather_kv(k, ws.priv_rows), _gather_kv(v, ws.priv_rows), mask[:, None], scale)
+    masked = ~ws.priv_valid[:, None, :] | (ws.priv_pos[:, None, :] > q_pos[:, :, None])  # [B, Qm * g, Lp]
+    o, l, m = _partial("private", qs, k, v, ws.priv_rows, masked, ws.buffers)
     keep = ws.seq_row_valid.reshape(-1)
     rows = ws.seq_rows.reshape(-1)[keep]
     out = torch.empty(num_rows, num_q_heads, d, dtype=torch.float32, device=q.device)
@@ -182,9 +221,9 @@ def tpp_attention(
     # Chunk-first: each run of shared chunks once, against all queries of the sequences sharing it.
     if plan.num_shared:
         width = ws.run_q_rows.shape[1]
-        qr = _fold_queries(qf, ws.run_q_rows, num_kv_heads)  # [S, Hkv, R * g, d]
-        mask = ws.run_kv_valid[:, None, None, :]  # [S, 1, 1, C]
-        o_s, l_s, m_s = _partial(qr, _gather_kv(k, ws.run_kv_rows), _gather_kv(v, ws.run_kv_rows), mask, scale)
+        qr = _fold_queries(qf, ws.run_q_rows, num_kv_heads)  # [Hkv, S, R * g, d]
+        masked = ~ws.run_kv_valid[:, None, :]  # [S, 1, C]
+        o_s, l_s, m_s = _partial("shared", qr, k, v, ws.run_kv_rows, masked, ws.buffers, ws.run_span)
         keep = ws.run_q_valid.reshape(-1)
         rows_s = ws.run_q_rows.reshape(-1)[keep]
         o_s, l_s, m_s = (_unfold_rows(x, width)[keep] for x in (o_s, l_s, m_s))

@@ -1,0 +1,386 @@
+"""Kernel micro-benchmark: one decode step of B sequences that share an ``n_s``-token prompt and hold
+``n_c`` tokens of their own, as in the paper (Ye et al. 2024, section 4.1).
+
+Every provider computes the same attention on the same K/V; each row reports the median time, the relative
+error against the float64 reference and the K/V bytes that provider needs to hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import chunkattn
+from chunkattn import PrefixKVCache
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_PROVIDERS = ("naive", "sdpa", "reference", "tpp-torch")
+GPU_PROVIDERS = ("tpp-triton", "paged-triton", "sdpa-flash", "flashinfer-paged", "flashinfer-cascade")
+ALL_PROVIDERS = CPU_PROVIDERS + GPU_PROVIDERS
+
+
+@dataclass(frozen=True)
+class Config:
+    batch: int
+    shared: int  # n_s: tokens of the common prompt
+    private: int  # n_c: tokens of each sequence's own, the decode token included
+    heads: int
+    kv_heads: int
+    head_dim: int
+    chunk_size: int
+    dtype: str
+    device: str
+
+    def __post_init__(self) -> None:
+        if self.kv_heads == 0:  # 0 = as many as query heads (no GQA)
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.private < 1:
+            raise ValueError("--private must be >= 1 (it includes the decoded token)")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"--heads ({self.heads}) must be a multiple of --kv-heads ({self.kv_heads})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype}")
+
+
+@dataclass
+class Workload:
+    """One decode step on a filled cache, plus the same K/V laid out densely per sequence."""
+
+    config: Config
+    cache: PrefixKVCache
+    batch: chunkattn.Batch
+    q: torch.Tensor  # [B, H, d]
+    dense_k: torch.Tensor | None  # [B, Hkv, L, d], built on demand by dense providers
+    dense_v: torch.Tensor | None
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.shared + self.config.private
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dense_k is None or self.dense_v is None:
+            rows = torch.stack([self.cache.sequence_kv_rows(s) for s in self.batch.seqs]).to(self.q.device)
+            # [B, L, Hkv, d] -> [B, Hkv, L, d]
+            self.dense_k = self.cache.k_cache[0][rows].transpose(1, 2).contiguous()
+            self.dense_v = self.cache.v_cache[0][rows].transpose(1, 2).contiguous()
+        return self.dense_k, self.dense_v
+
+    def dense_kv_bytes(self) -> int:
+        c = self.config
+        return 2 * c.batch * self.seq_len * c.kv_heads * c.head_dim * DTYPES[c.dtype].itemsize
+
+    def unique_kv_bytes(self) -> int:
+        """The fewest K/V bytes one decode step must read: every distinct token once."""
+        c = self.config
+        tokens = c.shared + c.batch * c.private
+        return 2 * tokens * c.kv_heads * c.head_dim * DTYPES[c.dtype].itemsize
+
+
+def build_workload(config: Config, seed: int = 0) -> Workload:
+    """Fill a one-layer cache: a shared prompt, then each sequence's own tokens, then one decode step."""
+    c = config
+    dtype, device = DTYPES[c.dtype], torch.device(c.device)
+    gen = torch.Generator().manual_seed(seed)
+    per_seq_chunks = math.ceil((c.private + c.chunk_size) / c.chunk_size)
+    max_tokens = (math.ceil(c.shared / c.chunk_size) + 1 + c.batch * per_seq_chunks) * c.chunk_size
+    cache = PrefixKVCache(1, c.kv_heads, c.head_dim, chunk_size=c.chunk_size, max_tokens=max_tokens,
+                          dtype=dtype, device=device)
+
+    def fill(batch: chunkattn.Batch) -> None:
+        n = batch.num_new_tokens
+        k = torch.randn(n, c.kv_heads, c.head_dim, generator=gen).to(device=device, dtype=dtype)
+        v = torch.randn(n, c.kv_heads, c.head_dim, generator=gen).to(device=device, dtype=dtype)
+        cache.store(0, batch, k, v)
+
+    prompt = torch.randint(0, 32000, (c.shared,), generator=gen).tolist()
+    own = torch.randint(0, 32000, (c.batch, c.private), generator=gen).tolist()
+    seqs = []
+    for i in range(c.batch):
+        tokens = prompt + own[i][:-1]
+        if not tokens:
+            seqs.append(cache.add_sequence(own[i][-1:]))
+            continue
+        seq = cache.add_sequence(tokens + [0])  # + [0]: let the last prompt token come from the cache too
+        rest = tokens[seq.num_cached_tokens :]
+        if rest:
+            fill(cache.extend([seq], [rest]))
+        seqs.append(seq)
+    step = cache.extend(seqs, [[o[-1]] for o in own])
+    fill(step)
+    q = torch.randn(c.batch, c.heads, c.head_dim, generator=gen).to(device=device, dtype=dtype)
+    return Workload(config, cache, step, q, None, None)
+
+
+# ---------------------------------------------------------------------------- providers
+# A provider maps a workload to (a zero-argument function computing [B, H, d] outputs, K/V bytes it holds).
+Provider = Callable[[Workload], tuple[Callable[[], torch.Tensor], int]]
+
+
+def _naive(w: Workload) -> tuple[Callable[[], torch.Tensor], int]:
+    k, v = w.dense()
+    c = w.config
+    group = c.heads // c.kv_heads
+    scale = 1.0 / math.sqrt(c.head_dim)
+    q = w.q.view(c.batch, c.kv_heads, group, c.head_dim)  # [B, Hkv, g, d]
+
+    def run() -> torch.Tensor:
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, g, L]
+        return torch.matmul(torch.softmax(s.float(), dim=-1).to(v.dtype), v).view(c.batch, c.heads, -1)
+
+    return run, w.dense_kv_bytes()
+
+
+def _sdpa(w: Workload, flash: bool = False) -> tuple[Callable[[], torch.Tensor], int]:
+    k, v = w.dense()
+    c = w.config
+    q = w.q.unsqueeze(2)  # [B, H, 1, d]
+    gqa = c.heads != c.kv_heads
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run() -> torch.Tensor:
+        return sdpa(q, k, v, enable_gqa=gqa).squeeze(2)
+
+    if flash:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def run_flash() -> torch.Tensor:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return run()
+
+        return run_flash, w.dense_kv_bytes()
+    return run, w.dense_kv_bytes()
+
+
+def _chunkattn(backend: str) -> Provider:
+    def make(w: Workload) -> tuple[Callable[[], torch.Tensor], int]:
+        def run() -> torch.Tensor:
+            return chunkattn.attention(w.q, w.cache, w.batch, 0, backend=backend)  # type: ignore[arg-type]
+
+        return run, w.cache.stats()["kv_bytes"]
+
+    return make
+
+
+def provider_table() -> dict[str, Provider]:
+    table: dict[str, Provider] = {
+        "naive": _naive,
+        "sdpa": _sdpa,
+        "reference": _chunkattn("reference"),
+        "tpp-torch": _chunkattn("torch"),
+    }
+    try:
+        from chunkattn.bench import gpu_providers
+    except ImportError:  # pragma: no cover - only when the GPU providers module is absent
+        return table
+    table.update(gpu_providers.providers(_sdpa))
+    return table
+
+
+# ---------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_median_us(fn: Callable[[], Any], device: torch.device, min_time_s: float = 0.3, max_reps: int = 50,
+                   warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in µs after ``warmup`` calls; CUDA: device events around each call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start_all < min_time_s):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """A large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    us = time_median_us(lambda: dst.copy_(src), device, max_reps=20)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------- sweep
+def run_sweep(configs: Iterable[Config], providers: list[str], *, cuda_graph: bool = False,
+              progress: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Run every provider on every config. Returns the JSON-ready result (``device``, ``torch``, ``rows``)."""
+    from tqdm import tqdm
+
+    configs = list(configs)
+    table = provider_table()
+    unknown = [p for p in providers if p not in table]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {list(table)}")
+    device = torch.device(configs[0].device) if configs else torch.device("cpu")
+    copy_gbps = copy_bandwidth_gbps(device)
+    result: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "commit": _git_commit(),
+        "copy_gbps": round(copy_gbps, 1),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": [],
+        "skipped": {},
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    bar = tqdm(total=len(configs) * len(providers), disable=not progress, desc="bench kernel", unit="run")
+    for config in configs:
+        w = build_workload(config, seed)
+        ref = chunkattn.attention(w.q, w.cache, w.batch, 0, backend="reference").double()
+        roofline_us = w.unique_kv_bytes() / (copy_gbps * 1e9) * 1e6
+        for name in providers:
+            bar.set_postfix_str(f"{name} B={config.batch} n_s={config.shared} n_c={config.private}")
+            try:
+                fn, kv_bytes = table[name](w)
+                out = fn().double()
+            except ProviderUnavailable as exc:
+                result["skipped"][name] = str(exc)
+                bar.update(1)
+                continue
+            err = float((out - ref).norm() / ref.norm())
+            median = time_median_us(fn, device, max_reps=10 if name == "reference" else 50)
+            row = asdict(config) | {
+                "provider": name,
+                "median_us": round(median, 2),
+                "rel_err": err,
+                "kv_bytes": kv_bytes,
+                "gbps": round(w.unique_kv_bytes() / (median * 1e-6) / 1e9, 2),
+                "roofline_us": round(roofline_us, 2),
+            }
+            if cuda_graph and device.type == "cuda":
+                row["graph_median_us"] = _graph_median_us(fn, device)
+            result["rows"].append(row)
+            bar.update(1)
+            bar.write(format_row(row))
+        del w
+    bar.close()
+    return result
+
+
+class ProviderUnavailable(RuntimeError):
+    """The provider cannot run here (missing package or device); the sweep notes it and goes on."""
+
+
+def _graph_median_us(fn: Callable[[], torch.Tensor], device: torch.device) -> float | None:
+    """Capture ``fn`` in a CUDA graph and time its replays; None when it cannot be captured."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return round(time_median_us(graph.replay, device), 2)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    graph = row.get("graph_median_us")
+    graph_s = f" graph {graph:9.1f} us" if graph else ""
+    return (f"{row['provider']:>18} B={row['batch']:<4} n_s={row['shared']:<5} n_c={row['private']:<5} "
+            f"H={row['heads']}/{row['kv_heads']} d={row['head_dim']} c={row['chunk_size']} {row['dtype']:>8}: "
+            f"{row['median_us']:11.1f} us{graph_s}  err {row['rel_err']:.1e}  "
+            f"kv {row['kv_bytes'] / 2**20:9.1f} MiB  {row['gbps']:8.1f} GB/s  roofline {row['roofline_us']:.1f} us")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table of the rows (speed-up and memory saving against ``sdpa`` where it ran)."""
+    lines = [f"device: {result['device']}, torch {result['torch']}, commit {result['commit']}, "
+             f"copy {result['copy_gbps']} GB/s",
+             "",
+             "| provider | B | n_s | n_c | median µs | vs sdpa | rel. err | KV MiB | KV vs sdpa |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    key = ("batch", "shared", "private", "heads", "kv_heads", "head_dim", "chunk_size", "dtype")
+    sdpa = {tuple(r[k] for k in key): r for r in result["rows"] if r["provider"] == "sdpa"}
+    for r in result["rows"]:
+        base = sdpa.get(tuple(r[k] for k in key))
+        speed = f"{base['median_us'] / r['median_us']:.2f}x" if base else "-"
+        mem = f"{100 * (1 - r['kv_bytes'] / base['kv_bytes']):.1f}% less" if base else "-"
+        lines.append(f"| {r['provider']} | {r['batch']} | {r['shared']} | {r['private']} | {r['median_us']:.1f} | "
+                     f"{speed} | {r['rel_err']:.1e} | {r['kv_bytes'] / 2**20:.1f} | {mem} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str | Path) -> None:
+    """Grouped bars: median time per provider for each configuration (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    labels = list(dict.fromkeys(f"B={r['batch']}\nn_s={r['shared']}\nn_c={r['private']}" for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels) * max(1, len(providers) / 3)), 4.5))
+    width = 0.8 / max(1, len(providers))
+    for i, p in enumerate(providers):
+        xs, ys = [], []
+        for r in rows:
+            if r["provider"] == p:
+                xs.append(labels.index(f"B={r['batch']}\nn_s={r['shared']}\nn_c={r['private']}") + i * width)
+                ys.append(r.get("graph_median_us") or r["median_us"])
+        ax.bar(xs, ys, width=width, label=p)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time per decode step (µs)")
+    ax.set_title(f"chunkattn kernel benchmark on {result['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def configs_from_lists(**lists: list[Any]) -> list[Config]:
+    """The cartesian product of every list option."""
+    names = list(lists)
+    return [Config(**dict(zip(names, values))) for values in itertools.product(*(lists[n] for n in names))]
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
