@@ -161,17 +161,25 @@ def _partial(
     width = rows.shape[1]
     flat = rows.reshape(-1)
 
+    head_rows: torch.Tensor | None = None
+
     def gather(t: torch.Tensor, which: str) -> torch.Tensor:
         """[Hkv, G, L, d] float32 that the matmuls take without hidden copies."""
+        nonlocal head_rows
+        shape = (num_kv_heads, num_groups, width, d)
         if span is not None:  # one group of consecutive rows: a view of the storage, nothing gathered
-            picked = t[span[0] : span[0] + span[1]].view(1, width, num_kv_heads, d)
-        else:
-            rows_buf = bufs.get(f"{name}.{which}", (flat.numel(), *t.shape[1:]), t.dtype, t.device)
-            picked = torch.index_select(t, 0, flat, out=rows_buf).view(num_groups, width, num_kv_heads, d)
-        if num_groups == 1 and t.dtype == torch.float32:
-            return picked.permute(2, 0, 1, 3)  # strided [Hkv, 1, L, d]: BLAS takes the row stride as is
-        dst = bufs.get(f"{name}.{which}.hld", (num_kv_heads, num_groups, width, d), torch.float32, t.device)
-        return dst.copy_(picked.permute(2, 0, 1, 3))
+            picked = t[span[0] : span[0] + span[1]].permute(1, 0, 2).unsqueeze(1)  # strided [Hkv, 1, L, d]
+            if t.dtype == torch.float32:
+                return picked  # BLAS takes the row stride as is
+            return bufs.get(f"{name}.{which}.f32", shape, torch.float32, t.device).copy_(picked)
+        if head_rows is None:  # (row, head) pairs in [Hkv, G, L] order, as rows of t viewed [T * Hkv, d]
+            heads = torch.arange(num_kv_heads, device=flat.device)
+            head_rows = (flat[None, :] * num_kv_heads + heads[:, None]).reshape(-1)
+        out = bufs.get(f"{name}.{which}", (head_rows.numel(), d), t.dtype, t.device)
+        picked = torch.index_select(t.reshape(-1, d), 0, head_rows, out=out).view(shape)  # one pass, row memcpy
+        if t.dtype == torch.float32:
+            return picked
+        return bufs.get(f"{name}.{which}.f32", shape, torch.float32, t.device).copy_(picked)
 
     keys, values = gather(k, "k"), gather(v, "v")
     s = torch.matmul(q, keys.transpose(-1, -2),
