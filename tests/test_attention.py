@@ -15,14 +15,14 @@ from chunkattn import PrefixKVCache
 def random_store(cache: PrefixKVCache, batch: chunkattn.Batch) -> None:
     n = batch.num_new_tokens
     for layer in range(cache.num_layers):
-        k = torch.randn(n, cache.num_kv_heads, cache.head_dim).to(cache.dtype)
-        v = torch.randn(n, cache.num_kv_heads, cache.head_dim).to(cache.dtype)
+        k = torch.randn(n, cache.num_kv_heads, cache.head_dim).to(cache.device, cache.dtype)
+        v = torch.randn(n, cache.num_kv_heads, cache.head_dim).to(cache.device, cache.dtype)
         cache.store(layer, batch, k, v)
 
 
 def shared_prompt_batch(
     *, batch: int, shared: int, private: int, chunk_size: int, head_dim: int, kv_heads: int,
-    dtype: torch.dtype, decode: bool, max_tokens: int | None = None,
+    dtype: torch.dtype, decode: bool, max_tokens: int | None = None, device: str = "cpu",
 ) -> tuple[PrefixKVCache, chunkattn.Batch]:
     """``batch`` sequences: one ``shared``-token prompt, then ``private`` own tokens each (varied per sequence).
 
@@ -35,7 +35,7 @@ def shared_prompt_batch(
     prompts = [prefix + [rng.randrange(1000) for _ in range(max(1, private - i % 3))] for i in range(batch)]
     total = sum(len(p) for p in prompts) + 2 * batch * chunk_size
     cache = PrefixKVCache(1, kv_heads, head_dim, chunk_size=chunk_size, max_tokens=max_tokens or total * 2,
-                          dtype=dtype)
+                          dtype=dtype, device=device)
     first = cache.add_sequence(prompts[0])
     random_store(cache, cache.extend([first], [prompts[0]]))
     seqs = [first] + [cache.add_sequence(p) for p in prompts[1:]]

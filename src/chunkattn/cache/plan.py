@@ -44,6 +44,7 @@ class AttentionPlan:
     seq_ids: tuple[int, ...]
     end_nodes: tuple[Node, ...]
     is_decode: bool
+    chunk_size: int
     device: torch.device
     num_builds: int = 1  # how many times this plan was built from the tree (1) ...
     num_advances: int = 0  # ... and advanced by lengths only
@@ -119,6 +120,7 @@ class AttentionPlan:
             seq_ids=tuple(s.seq_id for s in seqs),
             end_nodes=tuple(s._end for s in seqs),
             is_decode=batch.is_decode,
+            chunk_size=chunk_size,
             device=device,
         )
 

@@ -1,0 +1,371 @@
+"""Two-phase-partition attention in Triton: chunk-first, sequence-first (split-K) and merge kernels.
+
+Storage is one layer's ``k, v: [num_kv_rows, num_kv_heads, head_dim]``; a chunk is ``len`` consecutive rows
+from ``kv_begin``. Inside the kernels softmax runs in base 2 (``exp2`` with ``log2(e)`` folded into the
+scale); the returned LSE is converted to natural log. All row offsets are int64.
+
+Launch sequence per layer (no host synchronisation, no allocation but the output):
+1. ``_chunk_first_kernel``  grid (num_shared, Hkv): a shared chunk's K/V tile is loaded once and multiplied by
+   the queries of every sequence sharing it (rows = pairs x GQA group), one partial (o, m, l) per pair.
+2. ``_seq_first_kernel``    grid (num_tiles, Hkv, num_splits): a tile of one sequence's query rows over its
+   private chunks, causal, online softmax; long chunk lists are split across programs (flash-decoding).
+3. ``_merge_kernel``        grid (num_rows, Hq): merges a row's split partials and shared partials.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from chunkattn.cache.plan import AttentionPlan
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _merge_state(acc, m_run, l_run, o, m, l_sum):
+    """Online-softmax merge of the state (acc [M, D], m_run [M], l_run [M]) with a partial (o, m, l_sum),
+    base 2. A partial or state with no keys has m = -inf, l = 0, o = 0."""
+    m_new = tl.maximum(m_run, m)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp2(m_run - m_safe)
+    b = tl.exp2(m - m_safe)
+    return acc * a[:, None] + o * b[:, None], m_new, l_run * a + l_sum * b
+
+
+@triton.jit
+def _attend_chunk(q, acc, m_i, l_i, k_ptr, v_ptr, kv_begin, num_keys, key_pos0, q_pos,
+                  stride_kt, stride_vt, offs_d, qk_scale,
+                  CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one chunk (``num_keys`` rows from ``kv_begin``; k_ptr/v_ptr already at the K/V head) into the
+    online-softmax state of the query tile ``q [M, D]``, ``BLOCK_N`` keys at a time."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(0, num_keys, BLOCK_N):
+        key_ok = n0 + offs_n < num_keys
+        key_rows = kv_begin + n0 + offs_n
+        k = tl.load(k_ptr + key_rows[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + key_rows[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N]
+        ok = key_ok[None, :]
+        if CAUSAL:
+            ok = ok & (key_pos0 + n0 + offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _chunk_first_kernel(
+    q_ptr, k_ptr, v_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr,
+    chunk_kv_begin_ptr, chunk_len_ptr, chunk_pair_indptr_ptr, pair_row_ptr,
+    stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_op, stride_oh, stride_mp,
+    qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One shared chunk x one K/V head: every query row of every sequence sharing the chunk, as tiles of
+    BLOCK_M (query row, group head) rows; one partial (o, m, l) per (chunk, query row) pair."""
+    chunk = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    kv_begin = tl.load(chunk_kv_begin_ptr + chunk).to(tl.int64)
+    num_keys = tl.load(chunk_len_ptr + chunk)
+    pair0 = tl.load(chunk_pair_indptr_ptr + chunk)
+    num_rows = (tl.load(chunk_pair_indptr_ptr + chunk + 1) - pair0) * GROUP
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+    for m0 in range(0, num_rows, BLOCK_M):
+        idx = m0 + offs_m
+        row_ok = idx < num_rows
+        pair = (pair0 + idx // GROUP).to(tl.int64)
+        head = kv_head * GROUP + idx % GROUP
+        q_row = tl.load(pair_row_ptr + pair, mask=row_ok, other=0).to(tl.int64)
+        q = tl.load(q_ptr + q_row[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, k_head, v_head, kv_begin, num_keys, 0, m_i,
+                                      stride_kt, stride_vt, offs_d, qk_scale,
+                                      CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION)
+        tl.store(o_part_ptr + pair[:, None] * stride_op + head[:, None] * stride_oh + offs_d[None, :], acc,
+                 mask=row_ok[:, None])
+        tl.store(m_part_ptr + pair * stride_mp + head, m_i, mask=row_ok)
+        tl.store(l_part_ptr + pair * stride_mp + head, l_i, mask=row_ok)
+
+
+@triton.jit
+def _seq_first_kernel(
+    q_ptr, k_ptr, v_ptr,
+    o_split_ptr, m_split_ptr, l_split_ptr,
+    tile_seq_ptr, tile_row0_ptr, tile_num_rows_ptr, q_pos_ptr,
+    private_indptr_ptr, private_kv_begin_ptr, private_len_ptr, private_pos_ptr,
+    stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_on, stride_os, stride_oh, stride_mn, stride_ms,
+    qk_scale, chunks_per_split,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """A tile of one sequence's query rows x one K/V head x one split of its private chunks, causal."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(tile_seq_ptr + tile)
+    row0 = tl.load(tile_row0_ptr + tile)
+    num_rows = tl.load(tile_num_rows_ptr + tile) * GROUP
+    first = tl.load(private_indptr_ptr + seq)
+    last = tl.load(private_indptr_ptr + seq + 1)
+    lo = first + split * chunks_per_split
+    hi = tl.minimum(lo + chunks_per_split, last)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < num_rows
+    row = (row0 + offs_m // GROUP).to(tl.int64)
+    head = kv_head * GROUP + offs_m % GROUP
+    q_pos = tl.load(q_pos_ptr + row, mask=row_ok, other=0)
+    q = tl.load(q_ptr + row[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for c in range(lo, hi):
+        kv_begin = tl.load(private_kv_begin_ptr + c).to(tl.int64)
+        acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, k_head, v_head, kv_begin, tl.load(private_len_ptr + c),
+                                      tl.load(private_pos_ptr + c), q_pos, stride_kt, stride_vt, offs_d,
+                                      qk_scale, CAUSAL=True, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION)
+    out = row[:, None] * stride_on + split * stride_os + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_split_ptr + out, acc, mask=row_ok[:, None])
+    tl.store(m_split_ptr + row * stride_mn + split * stride_ms + head, m_i, mask=row_ok)
+    tl.store(l_split_ptr + row * stride_mn + split * stride_ms + head, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr, lse_ptr,
+    o_split_ptr, m_split_ptr, l_split_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr,
+    row_pair_indptr_ptr, row_pairs_ptr, num_splits, num_heads,
+    stride_outn, stride_outh, stride_lse,
+    stride_on, stride_os, stride_oh, stride_mn, stride_ms,
+    stride_op, stride_poh, stride_mp,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One query row x BLOCK_H heads: merge the row's split partials and its shared-chunk partials."""
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    m_run = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_H], tl.float32)
+    for s in range(0, num_splits):
+        base = row * stride_on + s * stride_os
+        o = tl.load(o_split_ptr + base + heads[:, None] * stride_oh + offs_d[None, :], mask=head_ok[:, None],
+                    other=0.0)
+        m = tl.load(m_split_ptr + row * stride_mn + s * stride_ms + heads, mask=head_ok, other=float("-inf"))
+        l_sum = tl.load(l_split_ptr + row * stride_mn + s * stride_ms + heads, mask=head_ok, other=0.0)
+        acc, m_run, l_run = _merge_state(acc, m_run, l_run, o, m, l_sum)
+    p0 = tl.load(row_pair_indptr_ptr + row)
+    p1 = tl.load(row_pair_indptr_ptr + row + 1)
+    for i in range(p0, p1):
+        pair = tl.load(row_pairs_ptr + i).to(tl.int64)
+        o = tl.load(o_part_ptr + pair * stride_op + heads[:, None] * stride_poh + offs_d[None, :],
+                    mask=head_ok[:, None], other=0.0)
+        m = tl.load(m_part_ptr + pair * stride_mp + heads, mask=head_ok, other=float("-inf"))
+        l_sum = tl.load(l_part_ptr + pair * stride_mp + heads, mask=head_ok, other=0.0)
+        acc, m_run, l_run = _merge_state(acc, m_run, l_run, o, m, l_sum)
+    l_safe = tl.where(head_ok, l_run, 1.0)
+    tl.store(out_ptr + row * stride_outn + heads[:, None] * stride_outh + offs_d[None, :],
+             (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    tl.store(lse_ptr + row * stride_lse + heads, (m_run + tl.log2(l_safe)) * LN2, mask=head_ok)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(1, n)))
+
+
+@dataclass
+class TritonWorkspace:
+    """Per-plan launch metadata (device tensors) and partial-result buffers, built once per plan.
+
+    Decode steps that only advance lengths keep it: the kernels read the plan's device arrays, which
+    :meth:`AttentionPlan.advance` updates in place, so a captured CUDA graph stays valid.
+    """
+
+    num_heads: int
+    head_dim: int
+    group: int
+    num_splits: int
+    chunks_per_split: int
+    rows_per_tile: int
+    block_m_seq: int
+    block_m_shared: int
+    tensors: dict[str, torch.Tensor]
+    o_split: torch.Tensor  # [num_rows, num_splits, Hq, d] float32
+    m_split: torch.Tensor  # [num_rows, num_splits, Hq]
+    l_split: torch.Tensor
+    o_part: torch.Tensor  # [num_pairs, Hq, d] float32: one chunk-first partial per (shared chunk, query row)
+    m_part: torch.Tensor  # [num_pairs, Hq]
+    l_part: torch.Tensor
+
+    def advance(self, plan: AttentionPlan) -> None:
+        """Nothing to do: lengths live in the plan's device arrays (see class doc)."""
+
+    @classmethod
+    def build(cls, plan: AttentionPlan, num_heads: int, num_kv_heads: int, head_dim: int,
+              num_splits: int | None = None) -> TritonWorkspace:
+        h = plan.host
+        dev = plan.device
+        group = num_heads // num_kv_heads
+        num_seqs, num_rows = plan.num_seqs, plan.num_rows
+        q_indptr = h["q_indptr"]
+        # Query tiles: decode rows go one per program (rows = the GQA group); prefill rows in tiles of ~64.
+        rows_per_tile = 1 if plan.is_decode else max(1, 64 // group)
+        tile_seq, tile_row0, tile_rows = [], [], []
+        for b in range(num_seqs):
+            for r in range(q_indptr[b], q_indptr[b + 1], rows_per_tile):
+                tile_seq.append(b)
+                tile_row0.append(r)
+                tile_rows.append(min(rows_per_tile, q_indptr[b + 1] - r))
+        # Chunk-first pairs: (shared chunk, query row), grouped by chunk; and each row's pairs.
+        pair_row: list[int] = []
+        chunk_pair_indptr = [0]
+        row_pairs: list[list[int]] = [[] for _ in range(num_rows)]
+        ind, idx = h["shared_seq_indptr"], h["shared_seq_indices"]
+        for j in range(plan.num_shared):
+            for b in idx[ind[j] : ind[j + 1]]:
+                for r in range(q_indptr[b], q_indptr[b + 1]):
+                    row_pairs[r].append(len(pair_row))
+                    pair_row.append(r)
+            chunk_pair_indptr.append(len(pair_row))
+        max_pairs_per_chunk = max((b - a for a, b in zip(chunk_pair_indptr, chunk_pair_indptr[1:])), default=1)
+        row_pair_indptr = [0]
+        for pairs in row_pairs:
+            row_pair_indptr.append(row_pair_indptr[-1] + len(pairs))
+        # Split long private chunk lists so that the grid fills the GPU (flash-decoding).
+        pi = h["private_indptr"]
+        max_chunks = max((pi[b + 1] - pi[b] for b in range(num_seqs)), default=0)
+        if num_splits is None:
+            num_splits = 1
+            if dev.type == "cuda":
+                programs = max(1, len(tile_seq) * num_kv_heads)
+                sms = torch.cuda.get_device_properties(dev).multi_processor_count
+                num_splits = max(1, min(max_chunks, math.ceil(2 * sms / programs)))
+        num_splits = max(1, min(num_splits, max(1, max_chunks)))
+        chunks_per_split = max(1, math.ceil(max_chunks / num_splits))
+        num_splits = max(1, math.ceil(max_chunks / chunks_per_split)) if max_chunks else 1
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=dev)
+
+        tensors = {
+            "tile_seq": t(tile_seq), "tile_row0": t(tile_row0), "tile_num_rows": t(tile_rows),
+            "pair_row": t(pair_row), "chunk_pair_indptr": t(chunk_pair_indptr),
+            "row_pair_indptr": t(row_pair_indptr), "row_pairs": t([p for ps in row_pairs for p in ps]),
+        }
+        f32 = dict(dtype=torch.float32, device=dev)
+        num_pairs = len(pair_row)
+        return cls(
+            num_heads=num_heads, head_dim=head_dim, group=group, num_splits=num_splits,
+            chunks_per_split=chunks_per_split, rows_per_tile=rows_per_tile,
+            block_m_seq=_pow2(rows_per_tile * group),
+            block_m_shared=_pow2(min(64, max_pairs_per_chunk * group)), tensors=tensors,
+            o_split=torch.empty(num_rows, num_splits, num_heads, head_dim, **f32),
+            m_split=torch.empty(num_rows, num_splits, num_heads, **f32),
+            l_split=torch.empty(num_rows, num_splits, num_heads, **f32),
+            o_part=torch.empty(max(1, num_pairs), num_heads, head_dim, **f32),
+            m_part=torch.empty(max(1, num_pairs), num_heads, **f32),
+            l_part=torch.empty(max(1, num_pairs), num_heads, **f32),
+        )
+
+
+def _workspace(plan: AttentionPlan, num_heads: int, num_kv_heads: int, head_dim: int,
+               num_splits: int | None) -> TritonWorkspace:
+    key = f"triton:{num_heads}:{num_kv_heads}:{head_dim}:{num_splits}"
+    ws = plan.workspaces.get(key)
+    if not isinstance(ws, TritonWorkspace):
+        ws = TritonWorkspace.build(plan, num_heads, num_kv_heads, head_dim, num_splits)
+        plan.workspaces[key] = ws
+    return ws
+
+
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-phase-partition attention with the Triton kernels.
+
+    Parameters
+    ----------
+    q : ``[num_rows, num_q_heads, head_dim]``; k, v : ``[num_kv_rows, num_kv_heads, head_dim]`` (one layer),
+        fp16, bf16 or fp32 (fp32 uses IEEE dot products: exact but slower).
+    plan : the batch's plan (``PrefixKVCache.plan``).
+    num_splits : split each sequence's private chunks over this many programs (default: enough to fill the
+        GPU; 1 on the CPU interpreter).
+
+    Returns ``out [num_rows, num_q_heads, head_dim]`` in ``q.dtype``, ``lse [num_rows, num_q_heads]`` float32
+    (natural log).
+    """
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"the triton backend needs head_dim a power of two >= 16, got {head_dim}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+    ws = _workspace(plan, num_heads, num_kv_heads, head_dim, num_splits)
+    pt, wt = plan.tensor, ws.tensors
+    group = ws.group
+    qk_scale = scale * LOG2E
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    chunk_block = _pow2(min(64, plan.chunk_size))
+    out = torch.empty_like(q)
+    lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=q.device)
+    if plan.num_shared:
+        _chunk_first_kernel[(plan.num_shared, num_kv_heads)](
+            q, k, v, ws.o_part, ws.m_part, ws.l_part,
+            pt("shared_kv_begin"), pt("shared_len"), wt["chunk_pair_indptr"], wt["pair_row"],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            ws.o_part.stride(0), ws.o_part.stride(1), ws.m_part.stride(0),
+            qk_scale,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=ws.block_m_shared, BLOCK_N=chunk_block,
+            DOT_PRECISION=precision,
+        )
+    _seq_first_kernel[(wt["tile_seq"].numel(), num_kv_heads, ws.num_splits)](
+        q, k, v, ws.o_split, ws.m_split, ws.l_split,
+        wt["tile_seq"], wt["tile_row0"], wt["tile_num_rows"], pt("q_pos"),
+        pt("private_indptr"), pt("private_kv_begin"), pt("private_len"), pt("private_pos"),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ws.o_split.stride(0), ws.o_split.stride(1), ws.o_split.stride(2), ws.m_split.stride(0),
+        ws.m_split.stride(1),
+        qk_scale, ws.chunks_per_split,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=ws.block_m_seq, BLOCK_N=chunk_block, DOT_PRECISION=precision,
+    )
+    block_h = min(16, triton.next_power_of_2(num_heads))
+    _merge_kernel[(num_rows, triton.cdiv(num_heads, block_h))](
+        out, lse, ws.o_split, ws.m_split, ws.l_split, ws.o_part, ws.m_part, ws.l_part,
+        wt["row_pair_indptr"], wt["row_pairs"], ws.num_splits, num_heads,
+        out.stride(0), out.stride(1), lse.stride(0),
+        ws.o_split.stride(0), ws.o_split.stride(1), ws.o_split.stride(2), ws.m_split.stride(0),
+        ws.m_split.stride(1),
+        ws.o_part.stride(0), ws.o_part.stride(1), ws.m_part.stride(0),
+        HEAD_DIM=head_dim, BLOCK_H=block_h,
+    )
+    return out, lse
