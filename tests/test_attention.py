@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
-from helpers import REL_TOL, check_attention, rel_err
 
 import chunkattn
 from chunkattn import PrefixKVCache
+from helpers import REL_TOL, check_attention, rel_err
 
 
 def random_store(cache: PrefixKVCache, batch: chunkattn.Batch) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_kv_intact, check_attention, store_prefix_kv, trie_size
 
 from chunkattn import CacheFullError, PrefixKVCache, SequenceError
+from helpers import assert_kv_intact, check_attention, store_prefix_kv, trie_size
 
 
 def make_cache(chunk_size: int = 4, max_tokens: int = 256, retain: bool = True, layers: int = 2,

@@ -9,12 +9,12 @@ reference on the batch just extended, and a failed extend left everything as it 
 from __future__ import annotations
 
 import torch
-from helpers import assert_kv_intact, check_attention, store_prefix_kv, trie_size
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
 
 from chunkattn import CacheFullError, PrefixKVCache
+from helpers import assert_kv_intact, check_attention, store_prefix_kv, trie_size
 
 tokens_st = st.lists(st.integers(0, 2), min_size=1, max_size=10)  # a tiny alphabet forces sharing
 

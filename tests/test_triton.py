@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REL_TOL, check_attention, rel_err
-from test_attention import random_store, shared_prompt_batch
 
 import chunkattn
 from chunkattn.attention import resolve_backend
 from chunkattn.attention.triton_tpp import TritonWorkspace, triton_attention
+from helpers import REL_TOL, check_attention, rel_err
+from test_attention import random_store, shared_prompt_batch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

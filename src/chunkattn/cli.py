@@ -22,6 +22,8 @@ def _add_kernel_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared", nargs="+", type=int, default=[2048], help="n_s: shared prompt tokens")
     p.add_argument("--private", nargs="+", type=int, default=[64],
                    help="n_c: tokens of each sequence's own, the decoded token included")
+    p.add_argument("--points", nargs="+", metavar="B,N_S,N_C",
+                   help="explicit (batch, shared, private) triples instead of the product of those three lists")
     p.add_argument("--heads", nargs="+", type=int, default=[32])
     p.add_argument("--kv-heads", nargs="+", type=int, default=None, help="default: --heads (no GQA)")
     p.add_argument("--head-dim", nargs="+", type=int, default=[128])
@@ -38,11 +40,22 @@ def _add_kernel_bench(sub: argparse._SubParsersAction) -> None:
 def _run_kernel_bench(args: argparse.Namespace) -> int:
     from chunkattn.bench.kernel import configs_from_lists, format_table, plot, run_sweep, write_json
 
-    configs = configs_from_lists(
-        batch=args.batch, shared=args.shared, private=args.private, heads=args.heads,
-        kv_heads=args.kv_heads or [0], head_dim=args.head_dim, chunk_size=args.chunk_size,
-        dtype=args.dtype, device=args.device,
-    )
+    points = [(b, s, p) for b in args.batch for s in args.shared for p in args.private]
+    if args.points:
+        try:
+            points = [tuple(int(x) for x in point.split(",")) for point in args.points]  # type: ignore[misc]
+        except ValueError:
+            raise ValueError(f"--points takes B,N_S,N_C triples of ints, got {args.points}") from None
+        if any(len(p) != 3 for p in points):
+            raise ValueError(f"--points takes B,N_S,N_C triples, got {args.points}")
+    configs = [
+        c
+        for b, s, p in points
+        for c in configs_from_lists(
+            batch=[b], shared=[s], private=[p], heads=args.heads, kv_heads=args.kv_heads or [0],
+            head_dim=args.head_dim, chunk_size=args.chunk_size, dtype=args.dtype, device=args.device,
+        )
+    ]
     result = run_sweep(configs, args.providers, cuda_graph=args.cuda_graph, progress=not args.no_progress,
                        seed=args.seed)
     print(format_table(result))

@@ -216,7 +216,7 @@ def tpp_attention(
     qs = _fold_queries(qf, ws.seq_rows, num_kv_heads)  # [Hkv, B, Qm * g, d]
     q_pos = ws.seq_row_pos.repeat_interleave(group, dim=1)  # [B, Qm * g]
     masked = ~ws.priv_valid[:, None, :] | (ws.priv_pos[:, None, :] > q_pos[:, :, None])  # [B, Qm * g, Lp]
-    o, l, m = _partial("private", qs, k, v, ws.priv_rows, masked, ws.buffers)
+    o, l_sum, m = _partial("private", qs, k, v, ws.priv_rows, masked, ws.buffers)
     keep = ws.seq_row_valid.reshape(-1)
     rows = ws.seq_rows.reshape(-1)[keep]
     out = torch.empty(num_rows, num_q_heads, d, dtype=torch.float32, device=q.device)
@@ -224,7 +224,7 @@ def tpp_attention(
     l_row = torch.empty_like(m_row)
     out[rows] = _unfold_rows(o, width)[keep]
     m_row[rows] = _unfold_rows(m, width)[keep]
-    l_row[rows] = _unfold_rows(l, width)[keep]
+    l_row[rows] = _unfold_rows(l_sum, width)[keep]
 
     # Chunk-first: each run of shared chunks once, against all queries of the sequences sharing it.
     if plan.num_shared:

@@ -280,19 +280,22 @@ class TritonWorkspace:
             "pair_row": t(pair_row), "chunk_pair_indptr": t(chunk_pair_indptr),
             "row_pair_indptr": t(row_pair_indptr), "row_pairs": t([p for ps in row_pairs for p in ps]),
         }
-        f32 = dict(dtype=torch.float32, device=dev)
-        num_pairs = len(pair_row)
+        num_pairs = max(1, len(pair_row))
+
+        def f32(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=torch.float32, device=dev)
+
         return cls(
             num_heads=num_heads, head_dim=head_dim, group=group, num_splits=num_splits,
             chunks_per_split=chunks_per_split, rows_per_tile=rows_per_tile,
             block_m_seq=_pow2(rows_per_tile * group),
             block_m_shared=_pow2(min(64, max_pairs_per_chunk * group)), tensors=tensors,
-            o_split=torch.empty(num_rows, num_splits, num_heads, head_dim, **f32),
-            m_split=torch.empty(num_rows, num_splits, num_heads, **f32),
-            l_split=torch.empty(num_rows, num_splits, num_heads, **f32),
-            o_part=torch.empty(max(1, num_pairs), num_heads, head_dim, **f32),
-            m_part=torch.empty(max(1, num_pairs), num_heads, **f32),
-            l_part=torch.empty(max(1, num_pairs), num_heads, **f32),
+            o_split=f32(num_rows, num_splits, num_heads, head_dim),
+            m_split=f32(num_rows, num_splits, num_heads),
+            l_split=f32(num_rows, num_splits, num_heads),
+            o_part=f32(num_pairs, num_heads, head_dim),
+            m_part=f32(num_pairs, num_heads),
+            l_part=f32(num_pairs, num_heads),
         )
 
 

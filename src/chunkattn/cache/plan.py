@@ -77,7 +77,9 @@ class AttentionPlan:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def build(cls, batch: Batch, version: int, chunk_size: int, device: torch.device) -> AttentionPlan:
+    def build(cls, batch: Batch, version: int, chunk_size: int, device: torch.device,
+              share: bool = True) -> AttentionPlan:
+        """The plan of ``batch``; ``share=False`` makes every chunk private (a paged-attention baseline)."""
         seqs = batch.seqs
         paths = [s._end.path() for s in seqs]
         first_new = [n - k for n, k in zip(batch.seq_lens, batch.num_new)]
@@ -92,7 +94,7 @@ class AttentionPlan:
                     users[node.id] = lst = []
                     order.append(node)
                 lst.append(b)
-        shared = [n for n in order if len(users[n.id]) >= 2]
+        shared = [n for n in order if len(users[n.id]) >= 2] if share else []
         shared_ids = {n.id for n in shared}
         h: dict[str, list[int]] = {name: [] for name in PLAN_ARRAYS}
         h["q_indptr"] = list(batch.q_indptr)
