@@ -272,3 +272,20 @@ def test_bad_input_raises_clear_errors():
         PrefixKVCache(0, 2, 8)
     with pytest.raises(TypeError):
         PrefixKVCache(1, 2, 8, dtype=torch.int32)
+
+
+def test_prefix_sharing_off_keeps_every_sequence_apart():
+    cache = PrefixKVCache(2, 2, 8, chunk_size=4, max_tokens=256, dtype=torch.float32, share_prefixes=False)
+    prompt = list(range(10))
+    a, _ = add_prompt(cache, prompt)
+    b, _ = add_prompt(cache, prompt)
+    assert b.num_cached_tokens == 0 and cache.match_prefix(prompt) == 0
+    assert cache.stats()["live_tokens"] == 20 and cache.stats()["shared_chunks"] == 0
+    batch = decode(cache, [a, b], [1, 1])
+    assert cache.plan(batch).num_shared == 0
+    f = cache.fork(a)  # forks still share with their parent
+    assert cache.stats()["live_tokens"] == 22
+    for s in (a, b, f):
+        cache.release(s)
+    assert cache.stats()["free_chunks"] == cache.stats()["total_chunks"]  # nothing retained
+    cache.check()

@@ -35,11 +35,20 @@ def same(a, b) -> bool:
 class CacheMachine(RuleBasedStateMachine):
     seqs = Bundle("seqs")
 
-    @initialize(chunk_size=st.sampled_from([1, 2, 3, 4, 8]), chunks=st.integers(3, 12), retain=st.booleans())
-    def setup(self, chunk_size: int, chunks: int, retain: bool) -> None:
+    @initialize(chunk_size=st.sampled_from([1, 2, 3, 4, 8]), chunks=st.integers(3, 12), retain=st.booleans(),
+                share=st.sampled_from([True, True, False]))
+    def setup(self, chunk_size: int, chunks: int, retain: bool, share: bool) -> None:
         self.cache = PrefixKVCache(2, 2, 4, chunk_size=chunk_size, max_tokens=chunk_size * chunks,
-                                   dtype=torch.float32, retain_prefixes=retain)
-        self.live: dict[int, object] = {}
+                                   dtype=torch.float32, retain_prefixes=retain, share_prefixes=share)
+        self.family: dict[int, int] = {}  # seq_id -> the add_sequence it descends from (sharing off: its group)
+
+    def expected_live_tokens(self) -> int:
+        if self.cache.share_prefixes:
+            return trie_size([list(s.token_ids) for s in self.cache.sequences])
+        groups: dict[int, list[list[int]]] = {}
+        for s in self.cache.sequences:
+            groups.setdefault(self.family[s.seq_id], []).append(list(s.token_ids))
+        return sum(trie_size(g) for g in groups.values())
 
     def _extend(self, seqs, token_lists) -> None:
         before = snapshot(self.cache)
@@ -58,11 +67,15 @@ class CacheMachine(RuleBasedStateMachine):
         lcp = max((next((i for i, (x, y) in enumerate(zip(t, prompt)) if x != y), min(len(t), len(prompt)))
                    for t in live), default=0)
         lcp = min(lcp, len(prompt) - 1)
-        assert lcp <= seq.num_cached_tokens <= len(prompt) - 1
-        if not self.cache.retain_prefixes:
+        assert seq.num_cached_tokens <= len(prompt) - 1
+        if not self.cache.share_prefixes:
+            assert seq.num_cached_tokens == 0
+        elif not self.cache.retain_prefixes:
             assert seq.num_cached_tokens == lcp
+        else:
+            assert lcp <= seq.num_cached_tokens
         assert list(seq.token_ids) == prompt[: seq.num_cached_tokens]
-        self.live[seq.seq_id] = seq
+        self.family[seq.seq_id] = seq.seq_id
         if seq.num_cached_tokens < len(prompt):
             self._extend([seq], [prompt[seq.num_cached_tokens :]])
         return seq
@@ -87,6 +100,7 @@ class CacheMachine(RuleBasedStateMachine):
             return seq
         child = self.cache.fork(seq)
         assert child.token_ids == seq.token_ids
+        self.family[child.seq_id] = self.family[seq.seq_id]
         return child
 
     @rule(seq=consumes(seqs))
@@ -102,7 +116,7 @@ class CacheMachine(RuleBasedStateMachine):
         cache.check()
         assert_kv_intact(cache)
         stats = cache.stats()
-        assert stats["live_tokens"] == trie_size([list(s.token_ids) for s in cache.sequences])
+        assert stats["live_tokens"] == self.expected_live_tokens()
         assert stats["used_chunks"] + stats["cached_chunks"] + stats["free_chunks"] == stats["total_chunks"]
         assert stats["kv_bytes"] == (stats["used_chunks"] + stats["cached_chunks"]) * cache.chunk_bytes
         if not cache.sequences and not cache.retain_prefixes:

@@ -142,6 +142,9 @@ class PrefixKVCache:
     retain_prefixes : bool
         Keep chunks after their last sequence is released, to be reused by later sequences with the same
         prefix; evicted least recently used, leaves first, only when room is needed. False frees at once.
+    share_prefixes : bool
+        False gives every added sequence chunks of its own (a baseline without prefix sharing: nothing is
+        reused between sequences, nothing is retained); forks still share with their parent.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class PrefixKVCache:
         dtype: torch.dtype = torch.float16,
         device: str | torch.device = "cpu",
         retain_prefixes: bool = True,
+        share_prefixes: bool = True,
     ):
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("chunk_size", chunk_size), ("max_tokens", max_tokens)):
@@ -167,7 +171,8 @@ class PrefixKVCache:
         self.chunk_size = chunk_size
         self.dtype = dtype
         self.device = torch.device(device)
-        self.retain_prefixes = retain_prefixes
+        self.share_prefixes = share_prefixes
+        self.retain_prefixes = retain_prefixes and share_prefixes
         self.num_slots = math.ceil(max_tokens / chunk_size)
         self._tree = ChunkTree(self.num_slots, chunk_size)
         rows = self.num_slots * chunk_size
@@ -225,6 +230,8 @@ class PrefixKVCache:
         """
         tokens = _as_token_list(token_ids, "token_ids")
         tree = self._tree
+        if not self.share_prefixes:
+            return self._new_seq(tree.new_root(), [], 0)
         node, offset, matched = tree.match(tree.root, tokens[:-1])
         if 0 < offset < len(node):
             node = tree.split(node, offset)
@@ -243,6 +250,11 @@ class PrefixKVCache:
         tree.unlock(seq._end)
         if not self.retain_prefixes:
             tree.evict_unreferenced(seq._end)
+        if not self.share_prefixes:
+            root = seq._end
+            while root.parent is not None:
+                root = root.parent
+            tree.drop_root(root)
         seq.released = True
         del self._live[seq.seq_id]
 
@@ -448,7 +460,7 @@ class PrefixKVCache:
             tokens = [t for n in path for t in n.tokens]
             if tokens != seq._tokens:
                 raise CacheCorruptedError(f"{seq}: tree path tokens differ from the sequence's tokens")
-            if seq._end.parent is None and seq._end is not self._tree.root:
+            if seq._end.parent is None and seq._end.tokens:
                 raise CacheCorruptedError(f"{seq} ends at an evicted chunk")
             for n in path:
                 refs[n.id] = refs.get(n.id, 0) + 1

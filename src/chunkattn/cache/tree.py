@@ -94,6 +94,7 @@ class ChunkTree:
         self._slot_head: list[Node | None] = [None] * num_slots  # the chunk at row 0 of each held slot
         self._num_live_slots = 0  # held slots whose head chunk is referenced (so nothing in them is evictable)
         self._candidates: list[tuple[int, int, Node]] = []  # heap of (last_access, id, leaf) with ref_count 0
+        self._private_roots: dict[int, Node] = {}  # roots of sequences that share with nobody (see new_root)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -120,9 +121,23 @@ class ChunkTree:
             return 0
         return self.chunk_size - self._slot_fill[node.slot]
 
+    def new_root(self) -> Node:
+        """A private root: a sequence started there shares chunks with nobody (prefix sharing off)."""
+        root = Node(self._next_id, [], -1, 0, 0, None)
+        self._next_id += 1
+        self._private_roots[root.id] = root
+        return root
+
+    def drop_root(self, root: Node) -> None:
+        """Forget a private root once nothing hangs below it."""
+        if root is not self.root and not root.children:
+            self._private_roots.pop(root.id, None)
+
     def nodes(self) -> Iterator[Node]:
-        """Every chunk of the tree (not the root), parents before children."""
+        """Every chunk of the tree (not the roots), parents before children."""
         stack = list(self.root.children.values())
+        for root in self._private_roots.values():
+            stack.extend(root.children.values())
         while stack:
             node = stack.pop()
             yield node
