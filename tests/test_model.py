@@ -1,0 +1,112 @@
+"""The decoder against Hugging Face transformers' LlamaForCausalLM (fp32, CPU): same weights, same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers import LlamaForCausalLM as HFLlama
+
+from chunkattn import PrefixKVCache
+from chunkattn.model import ModelConfig, UnsupportedModelError, build_model, load_model
+
+
+def hf_config(**kw) -> LlamaConfig:
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=512,
+                tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def make_pair(**kw):
+    cfg = hf_config(**kw)
+    hf = HFLlama(cfg).eval().requires_grad_(False)
+    ours = build_model(ModelConfig.from_hf(cfg.to_dict()), dict(hf.state_dict()), torch.float32, "cpu")
+    return hf, ours, ours.config
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def run_step(model, cache, seqs, tokens):
+    batch = cache.extend(seqs, tokens)
+    ids = torch.tensor([t for ts in tokens for t in ts])
+    pos = torch.tensor([p for s, ts in zip(seqs, tokens) for p in range(s.num_tokens - len(ts), s.num_tokens)])
+    return model(ids, pos, cache, batch, backend="torch")
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # GQA 4/2
+    {"num_key_value_heads": 4, "tie_word_embeddings": True},
+    {"num_key_value_heads": 1, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+])
+def test_logits_match_transformers_prefill_and_decode_with_shared_prefixes(kw):
+    hf, ours, cfg = make_pair(**kw)
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 97, (19,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 9, 1)]
+    cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=8, max_tokens=512,
+                          dtype=torch.float32)
+    seqs, worst = [], 0.0
+    for p in prompts:  # one at a time, so later prompts hit the cache
+        s = cache.add_sequence(p)
+        logits = run_step(ours, cache, [s], [p[s.num_cached_tokens:]])
+        ref = hf(torch.tensor([p])).logits[0, s.num_cached_tokens:]
+        worst = max(worst, rel(logits, ref))
+        seqs.append(s)
+    assert seqs[1].num_cached_tokens >= 19
+    for step in range(6):  # batched decode over shared prefixes
+        nxt = [[(7 * step + i) % 97] for i in range(len(seqs))]
+        logits = run_step(ours, cache, seqs, nxt)
+        for i, s in enumerate(seqs):
+            ref = hf(torch.tensor([list(s.token_ids)])).logits[0, -1]
+            worst = max(worst, rel(logits[i], ref))
+    assert worst < 1e-4, worst
+
+
+def test_qwen2_style_bias_and_unsupported_architectures():
+    cfg = hf_config().to_dict() | {"model_type": "qwen2"}
+    del cfg["attention_bias"]  # Qwen2 configs have none: its q/k/v projections always carry a bias
+    assert ModelConfig.from_hf(cfg).qkv_bias
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        ModelConfig.from_hf(hf_config().to_dict() | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_load_hf_directory_with_sharded_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    hf, _, _ = make_pair()
+    cfg = hf.config
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    names = sorted(sd)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(tmp_path / shard))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, "<unk>")))
+    tok.save_pretrained(str(tmp_path))
+    loaded = load_model(tmp_path)
+    ids = torch.tensor([1, 5, 7, 9])
+    cache = PrefixKVCache(2, 2, 16, chunk_size=4, max_tokens=64, dtype=torch.float32)
+    s = cache.add_sequence(ids.tolist())
+    logits = run_step(loaded.model, cache, [s], [ids.tolist()])
+    assert rel(logits, hf(ids[None]).logits[0]) < 1e-4
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope")
