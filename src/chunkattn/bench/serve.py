@@ -1,0 +1,240 @@
+"""End-to-end serving benchmark: Poisson arrivals of requests that share a few long system prompts.
+
+Each request is one of ``system_prompts`` system prompts (``shared_len`` tokens) followed by a unique
+question (``question_len`` tokens), and generates exactly ``output_len`` tokens. Systems: chunkattn with
+prefix sharing, the same engine with sharing off (every request its own K/V, prompt recomputed), and Hugging
+Face ``generate`` with one static batch.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from chunkattn.engine.llm import LLM
+from chunkattn.engine.request import Request, RequestOutput
+from chunkattn.engine.sampling import SamplingParams
+from chunkattn.model.loader import LoadedModel
+
+SYSTEMS = ("chunkattn", "no-sharing", "hf")
+
+
+@dataclass
+class ServeConfig:
+    requests: int = 32
+    rate: float = float("inf")  # requests per second (Poisson); inf = all at t=0
+    system_prompts: int = 1
+    shared_len: int = 1024
+    question_len: int = 64
+    output_len: int = 64
+    kv_cache_tokens: int = 65536
+    chunk_size: int = 64
+    max_num_batched_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.requests, self.system_prompts, self.question_len, self.output_len) < 1 or self.shared_len < 0:
+            raise ValueError("requests, system prompts, question and output lengths must be >= 1")
+        if self.rate <= 0:
+            raise ValueError("--rate must be > 0 (inf: all requests at once)")
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    arrivals: list[float]  # seconds after the start
+
+
+def make_workload(cfg: ServeConfig, vocab_size: int, special: set[int]) -> Workload:
+    rng = random.Random(cfg.seed)
+    vocab = [t for t in range(min(vocab_size, 32000)) if t not in special]
+    systems = [[rng.choice(vocab) for _ in range(cfg.shared_len)] for _ in range(cfg.system_prompts)]
+    prompts = [rng.choice(systems) + [rng.choice(vocab) for _ in range(cfg.question_len)]
+               for _ in range(cfg.requests)]
+    t, arrivals = 0.0, []
+    for _ in prompts:
+        arrivals.append(t)
+        if cfg.rate != float("inf"):
+            t += rng.expovariate(cfg.rate)
+    return Workload(prompts, arrivals)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def _row(system: str, sharing: bool, outputs: list[RequestOutput], seconds: float, stats: dict[str, Any],
+         peak_kv: int) -> dict[str, Any]:
+    ttft = [o.metrics.ttft * 1e3 for o in outputs if o.metrics.ttft is not None]
+    tpot = [o.metrics.tpot * 1e3 for o in outputs if o.metrics.tpot is not None]
+    produced = sum(o.metrics.num_output_tokens for o in outputs)
+    return {
+        "system": system,
+        "sharing": sharing,
+        "requests": len(outputs),
+        "output_tokens_per_s": round(produced / seconds, 2),
+        "decode_tokens_per_s": round(stats.get("decode_tokens_per_s", 0.0), 2),
+        "ttft_p50_ms": round(_pct(ttft, 50), 1),
+        "ttft_p99_ms": round(_pct(ttft, 99), 1),
+        "tpot_p50_ms": round(_pct(tpot, 50), 1),
+        "tpot_p99_ms": round(_pct(tpot, 99), 1),
+        "peak_kv_bytes": int(peak_kv),
+        "prefix_hit_rate": round(stats.get("prefix_hit_rate", 0.0), 4),
+        "seconds": round(seconds, 2),
+    }
+
+
+def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: bool,
+               progress: Any = None) -> dict[str, Any]:
+    """Drive an LLM with the workload's arrival times; then time a cold and a cache-hit request alone."""
+    llm = LLM(loaded=loaded, kv_cache_tokens=cfg.kv_cache_tokens, chunk_size=cfg.chunk_size,
+              prefix_sharing=sharing, max_num_batched_tokens=cfg.max_num_batched_tokens,
+              max_num_seqs=max(64, cfg.requests))
+    engine = llm.engine
+    params = SamplingParams(max_tokens=cfg.output_len, temperature=0, ignore_eos=True)
+    pending = list(zip(work.arrivals, work.prompts))
+    requests: list[Request] = []
+    start = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now:
+            arrival, prompt = pending.pop(0)
+            request = engine.add_request(prompt, params)
+            request.arrival_time = start + arrival
+            requests.append(request)
+        if engine.has_unfinished():
+            finished_before = sum(r.finished for r in requests)
+            engine.step()
+            if progress is not None:
+                progress.update(sum(r.finished for r in requests) - finished_before)
+        elif pending:
+            time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
+    seconds = time.perf_counter() - start
+    outputs = [RequestOutput.of(r) for r in requests]
+    row = _row("chunkattn" if sharing else "no-sharing", sharing, outputs, seconds, engine.stats.as_dict(),
+               engine.stats.peak_live_kv_bytes)
+    # TTFT on an idle engine: a new system prompt (cold), then the same one with another question (hit).
+    rng = random.Random(cfg.seed + 1)
+    fresh = [rng.randrange(100, 30000) for _ in range(cfg.shared_len)]
+    ttfts = []
+    for _ in range(2):
+        prompt = fresh + [rng.randrange(100, 30000) for _ in range(cfg.question_len)]
+        out = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))[0]
+        assert out.metrics.ttft is not None
+        ttfts.append(out.metrics.ttft * 1e3)
+    row["ttft_cold_ms"], row["ttft_hit_ms"] = round(ttfts[0], 1), round(ttfts[1], 1)
+    return row
+
+
+def run_hf(loaded: LoadedModel, cfg: ServeConfig, work: Workload) -> dict[str, Any]:
+    """Hugging Face ``generate`` on all requests as one static batch (arrivals ignored: best case for it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mc = loaded.config
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**loaded.hf_config), torch_dtype=torch.float32)
+    hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    if mc.tie_word_embeddings:
+        hf.tie_weights()
+    hf.eval()
+    ids = torch.tensor(work.prompts)  # equal lengths: no padding needed
+    times: list[float] = []
+
+    class _Clock:  # a streamer that only notes when each generated token arrives
+        def put(self, value: torch.Tensor) -> None:
+            times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.output_len,
+                    min_new_tokens=cfg.output_len, do_sample=False, streamer=_Clock())
+    seconds = time.perf_counter() - start
+    first = times[1] - start  # put #0 is the prompt
+    per_token = (times[-1] - times[1]) / max(1, cfg.output_len - 1)
+    per_token_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 4
+    produced = cfg.requests * cfg.output_len
+    return {
+        "system": "hf", "sharing": False, "requests": cfg.requests,
+        "output_tokens_per_s": round(produced / seconds, 2),
+        "decode_tokens_per_s": round(cfg.requests * (cfg.output_len - 1) / (times[-1] - times[1]), 2),
+        "ttft_p50_ms": round(first * 1e3, 1), "ttft_p99_ms": round(first * 1e3, 1),
+        "tpot_p50_ms": round(per_token * 1e3, 1), "tpot_p99_ms": round(per_token * 1e3, 1),
+        "peak_kv_bytes": cfg.requests * (ids.shape[1] + cfg.output_len) * per_token_bytes,
+        "prefix_hit_rate": 0.0, "seconds": round(seconds, 2),
+    }
+
+
+def run_serve(loaded: LoadedModel, cfg: ServeConfig, systems: list[str], progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+    special = set(getattr(loaded.tokenizer, "all_special_ids", []) or [])
+    work = make_workload(cfg, loaded.config.vocab_size, special)
+    result: dict[str, Any] = {"model": loaded.source, "device": str(loaded.model.lm_head.weight.device),
+                              "dtype": str(loaded.model.lm_head.weight.dtype), "torch": torch.__version__,
+                              "config": dict(cfg.__dict__), "date": time.strftime("%Y-%m-%d"), "rows": []}
+    for system in systems:
+        with tqdm(total=cfg.requests, disable=not progress, desc=f"bench serve: {system}", unit="req") as bar:
+            if system == "hf":
+                row = run_hf(loaded, cfg, work)
+                bar.update(cfg.requests)
+            else:
+                row = run_engine(loaded, cfg, work, sharing=system == "chunkattn", progress=bar)
+        result["rows"].append(row)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = ["| system | out tok/s | decode tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | peak KV MiB | "
+             "prefix hit | TTFT idle cold / hit ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        idle = f"{r['ttft_cold_ms']} / {r['ttft_hit_ms']}" if "ttft_cold_ms" in r else "-"
+        lines.append(f"| {r['system']} | {r['output_tokens_per_s']} | {r['decode_tokens_per_s']} | "
+                     f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']} | {r['tpot_p50_ms']} / {r['tpot_p99_ms']} | "
+                     f"{r['peak_kv_bytes'] / 2**20:.1f} | {r['prefix_hit_rate']:.1%} | {idle} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["system"] for r in rows]
+    panels = [("decode_tokens_per_s", "decode tokens/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
+              ("peak_kv_bytes", "peak KV (MiB)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.8))
+    for ax, (key, label) in zip(axes, panels):
+        values = [r[key] / 2**20 if key == "peak_kv_bytes" else r[key] for r in rows]
+        ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:gray"][: len(names)])
+        ax.set_title(label)
+    fig.suptitle(f"chunkattn bench serve: {result['config']['requests']} requests, "
+                 f"{result['config']['shared_len']}-token shared prompt ({result['device']}, {result['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The ratios the README quotes: sharing vs no sharing."""
+    by = {r["system"]: r for r in result["rows"]}
+    if "chunkattn" not in by or "no-sharing" not in by:
+        return ""
+    a, b = by["chunkattn"], by["no-sharing"]
+    parts = [f"decode throughput {a['decode_tokens_per_s'] / max(b['decode_tokens_per_s'], 1e-9):.2f}x",
+             f"peak KV {100 * (1 - a['peak_kv_bytes'] / max(b['peak_kv_bytes'], 1)):.1f}% lower",
+             f"idle TTFT cold/hit {a['ttft_cold_ms'] / max(a['ttft_hit_ms'], 1e-9):.1f}x"]
+    return "sharing vs no sharing: " + ", ".join(parts)

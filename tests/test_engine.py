@@ -1,0 +1,178 @@
+"""The engine: greedy parity with transformers, sharing on == off, cache hits, preemption, n > 1, stops,
+sampling, streaming. Small random-weight models for speed; SmolLM2 (the default model) for the real checks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaForCausalLM as HFLlama
+
+from chunkattn import LLM, AsyncLLM, SamplingParams
+from chunkattn.engine.sampling import sample_token
+from chunkattn.model import LoadedModel, ModelConfig, build_model, load_model
+
+VOCAB = 101
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                      eos_token_id=None)
+    hf = HFLlama(cfg)
+    for p in hf.parameters():  # larger weights: sharper, less tie-prone logits
+        p.data.normal_(0, 0.3)
+    mc = ModelConfig.from_hf(cfg.to_dict())
+    return LoadedModel(build_model(mc, dict(hf.state_dict()), torch.float32, "cpu"), None, mc, "tiny",
+                       cfg.to_dict())
+
+
+@pytest.fixture(scope="module")
+def smol() -> LoadedModel:
+    return load_model(None)
+
+
+def prompts_sharing(n: int, shared: int, own: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, VOCAB, (shared,), generator=g).tolist()
+    return [prefix + torch.randint(0, VOCAB, (own + i,), generator=g).tolist() for i in range(n)]
+
+
+def test_sharing_on_equals_off_and_hits_the_cache(tiny):
+    prompts = prompts_sharing(6, shared=150, own=5)
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    on = LLM(loaded=tiny, chunk_size=16, max_num_batched_tokens=64)
+    off = LLM(loaded=tiny, chunk_size=16, max_num_batched_tokens=64, prefix_sharing=False)
+    out_on, out_off = on.generate(prompts, greedy), off.generate(prompts, greedy)
+    assert [o.token_ids for o in out_on] == [o.token_ids for o in out_off]
+    assert all(len(o.token_ids) == 12 for o in out_on)
+    # submitted together: the first prefills the shared prompt, the others wait for it and hit the cache
+    assert all(o.metrics.num_cached_tokens >= 150 - 16 for o in out_on[1:])
+    assert on.engine.stats.prefix_hit_rate >= 5 * 150 / sum(map(len, prompts)) - 1e-9  # all but the first
+    assert off.engine.stats.prefix_hit_rate == 0
+    assert on.engine.stats.peak_live_kv_bytes < off.engine.stats.peak_live_kv_bytes / 2
+
+
+def test_greedy_matches_transformers_on_tiny_model(tiny):
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny.hf_config))
+    hf.load_state_dict(tiny.model.state_dict(), strict=False)
+    hf.eval()
+    prompts = prompts_sharing(3, shared=40, own=3, seed=5)
+    outs = LLM(loaded=tiny, chunk_size=8).generate(prompts, SamplingParams(max_tokens=15, temperature=0))
+    for p, o in zip(prompts, outs):
+        x = torch.tensor([p])
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=15, do_sample=False)[0, len(p):]
+        assert o.token_ids == ref.tolist()
+
+
+def test_preemption_recomputes_and_loses_nothing(tiny):
+    prompts = prompts_sharing(8, shared=20, own=30, seed=3)
+    greedy = SamplingParams(max_tokens=40, temperature=0)
+    roomy = LLM(loaded=tiny, chunk_size=8).generate(prompts, greedy)
+    tight_llm = LLM(loaded=tiny, chunk_size=8, kv_cache_tokens=8 * 24)
+    tight = tight_llm.generate(prompts, greedy)
+    assert tight_llm.engine.stats.preemptions > 0
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+    tight_llm.engine.cache.check()
+    assert tight_llm.engine.cache.stats()["used_chunks"] == 0
+
+
+def test_n_completions_fork_the_prompt_and_are_seeded(tiny):
+    llm = LLM(loaded=tiny, chunk_size=8)
+    params = SamplingParams(max_tokens=10, temperature=1.5, n=3, seed=7)
+    a = llm.generate([list(range(30))], params)[0]
+    b = llm.generate([list(range(30))], params)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]  # seeded
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+    assert a.metrics.num_output_tokens == 30
+    assert b.metrics.num_cached_tokens == 29  # the second run reuses the first prompt from the cache
+
+
+def test_stop_token_ids_and_max_tokens(tiny):
+    llm = LLM(loaded=tiny, chunk_size=8)
+    free = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=10, temperature=0))[0]
+    stop_at = free.token_ids[3]
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at]))[0]
+    first = free.token_ids.index(stop_at)
+    assert out.token_ids == free.token_ids[: first + 1] and out.outputs[0].finish_reason == "stop"
+    assert free.outputs[0].finish_reason == "length"
+
+
+def test_bad_requests_raise_clear_errors(tiny):
+    llm = LLM(loaded=tiny, chunk_size=8, kv_cache_tokens=64)
+    with pytest.raises(ValueError, match="raise its size"):
+        llm.generate([list(range(60))], SamplingParams(max_tokens=50))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[VOCAB + 5]], SamplingParams())
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("hello", SamplingParams())
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_sampler_filters():
+    logits = torch.randn(50)
+    best = int(logits.argmax())
+    g = torch.Generator().manual_seed(0)
+    assert sample_token(logits, SamplingParams(temperature=0), None) == best
+    assert all(sample_token(logits, SamplingParams(temperature=2.0, top_k=1), g) == best for _ in range(20))
+    assert all(sample_token(logits, SamplingParams(temperature=2.0, top_p=1e-6), g) == best for _ in range(20))
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    assert {sample_token(logits, SamplingParams(temperature=5.0, top_k=3), g) for _ in range(200)} <= top3
+
+
+def test_async_streaming_matches_offline(tiny):
+    prompts = prompts_sharing(3, shared=30, own=4, seed=9)
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    expected = [o.token_ids for o in LLM(loaded=tiny, chunk_size=8).generate(prompts, greedy)]
+    alm = AsyncLLM(LLM(loaded=tiny, chunk_size=8))
+
+    async def one(p):
+        seen = []
+        async for out in alm.generate(p, greedy):
+            seen.append(len(out.token_ids))
+        assert seen == sorted(seen) and out.finished
+        return out.token_ids
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(main()) == expected
+
+
+# ---------------------------------------------------------------------------- the real default model
+def test_smollm2_greedy_matches_transformers_and_stop_strings(smol):
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**smol.hf_config))
+    hf.load_state_dict(smol.model.state_dict(), strict=False)
+    hf.tie_weights()
+    hf.eval()
+    llm = LLM(loaded=smol)
+    convs = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colors.")]
+    prompts = [llm.apply_chat_template(c) for c in convs] + [llm.tokenizer("The quick brown fox")["input_ids"]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    for p, o in zip(prompts, outs):
+        x = torch.tensor([p])
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+        eos = smol.config.eos_token_ids
+        cut = next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))
+        assert o.token_ids == ref[:cut]
+    assert "Paris" in outs[0].text
+    stopped = llm.generate([prompts[0]], SamplingParams(max_tokens=12, temperature=0, stop=["Paris"]))[0]
+    assert "Paris" not in stopped.text and stopped.outputs[0].finish_reason == "stop"
+    assert outs[0].text.startswith(stopped.text)
+
+
+def test_cli_generate_streams(smol, monkeypatch, capsys):
+    from chunkattn import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: smol)
+    assert cli.main(["generate", "What is the capital of France?", "--chat", "--max-tokens", "8"]) == 0
+    assert "Paris" in capsys.readouterr().out
