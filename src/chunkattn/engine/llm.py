@@ -11,7 +11,7 @@ import torch
 
 from chunkattn.attention import Backend
 from chunkattn.cache.cache import PrefixKVCache
-from chunkattn.engine.engine import EngineConfig, LLMEngine
+from chunkattn.engine.engine import EngineConfig, EngineError, LLMEngine
 from chunkattn.engine.request import RequestOutput
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.engine.scheduler import SchedulerConfig
@@ -76,6 +76,8 @@ class LLM:
         with tqdm(total=len(requests), disable=not use_tqdm, desc="generate", unit="req") as bar:
             done = 0
             while any(not r.finished for r in requests):
+                if not self.engine.has_unfinished():
+                    raise EngineError("requests left unfinished with nothing scheduled")
                 self.engine.step()
                 now_done = sum(r.finished for r in requests)
                 bar.update(now_done - done)
@@ -118,7 +120,6 @@ class AsyncLLM:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)
-        self._loop_task = None
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

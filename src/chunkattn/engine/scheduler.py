@@ -107,10 +107,7 @@ class Scheduler:
         for r, c, seq, tokens in prefills:
             if budget <= 0:
                 break
-            start = seq.num_tokens
-            chunk = tokens[start : start + budget]
-            budget -= len(chunk)
-            units.append(ScheduledUnit(r, c, seq, chunk, start + len(chunk) == len(tokens)))
+            budget -= self._prefill_chunk(units, r, c, seq, tokens, budget)
         deferred: list[Request] = []
         while self.waiting and budget > 0:
             r = self.waiting[0]
@@ -126,12 +123,18 @@ class Scheduler:
                 assert seq is not None
                 if budget <= 0:
                     break
-                start = seq.num_tokens
-                chunk = tokens[start : start + budget]
-                budget -= len(chunk)
-                units.append(ScheduledUnit(r, c, seq, chunk, start + len(chunk) == len(tokens)))
+                budget -= self._prefill_chunk(units, r, c, seq, tokens, budget)
         self.waiting.extendleft(reversed(deferred))
         return units
+
+    @staticmethod
+    def _prefill_chunk(units: list[ScheduledUnit], r: Request, c: Completion | None, seq: Sequence,
+                       tokens: list[int], budget: int) -> int:
+        """Schedule up to ``budget`` of the unit's uncomputed tokens; return how many."""
+        start = seq.num_tokens
+        chunk = tokens[start : start + budget]
+        units.append(ScheduledUnit(r, c, seq, chunk, start + len(chunk) == len(tokens)))
+        return len(chunk)
 
     def preempt_newest(self, keep: Request | None = None) -> Request | None:
         """Release the newest running request (not ``keep``) so that older ones can go on; None if none."""

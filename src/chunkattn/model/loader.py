@@ -100,18 +100,37 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     return model.to(device=device, dtype=dtype).eval()
 
 
+def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> LoadedModel:
+    """A model of ``config_json``'s shape with random weights (std 0.02) and no tokenizer: for timing runs
+    on machines that lack the checkpoint (speed does not depend on the weights' values)."""
+    cfg = json.loads(config_json.read_text())
+    config = ModelConfig.from_hf(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
+               for k, s in shapes.items()}
+    return LoadedModel(build_model(config, weights, dtype, device), None, config, f"random:{config_json}", cfg)
+
+
 def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", random_weights: bool = False) -> LoadedModel:
     """Load ``model`` (None: the default SmolLM2-135M-Instruct) with its tokenizer and chat template.
 
     ``model`` is a ``.gguf`` file, a directory holding one, or a Hugging Face directory with
-    ``config.json``, safetensors weights (sharded too) and tokenizer files.
+    ``config.json``, safetensors weights (sharded too) and tokenizer files. ``random_weights``: only the
+    shape is read (a ``config.json`` or a directory holding one), see :func:`random_model`.
     """
     from transformers import AutoTokenizer
 
     path = default_model_path() if model is None else Path(model)
     if not path.exists():
         raise ModelNotFoundError(f"model path {path} does not exist")
+    if random_weights:
+        config_json = path / "config.json" if path.is_dir() else path
+        if config_json.suffix != ".json" or not config_json.exists():
+            raise ModelNotFoundError(f"random weights need a config.json, got {path}")
+        return random_model(config_json, dtype, device)
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
