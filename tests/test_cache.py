@@ -289,3 +289,14 @@ def test_prefix_sharing_off_keeps_every_sequence_apart():
         cache.release(s)
     assert cache.stats()["free_chunks"] == cache.stats()["total_chunks"]  # nothing retained
     cache.check()
+
+
+def test_sharing_off_fork_of_an_empty_sequence_keeps_its_root():
+    """Regression (found by the state machine): releasing a fork must not drop a root its parent still uses."""
+    cache = PrefixKVCache(1, 2, 8, chunk_size=1, max_tokens=3, dtype=torch.float32, share_prefixes=False)
+    a = cache.add_sequence([0, 0])
+    f = cache.fork(a)
+    cache.release(f)
+    batch = cache.extend([a], [[0, 0]])
+    store_prefix_kv(cache, batch)
+    assert_consistent(cache)

@@ -124,7 +124,8 @@ def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: b
     # another question (a cache hit, when sharing is on).
     rng = random.Random(cfg.seed + 1)
     vocab_hi = min(loaded.config.vocab_size, 30000)
-    cold, hit = [], []
+    cold: list[float] = []
+    hit: list[float] = []
     for _ in range(3):
         fresh = [rng.randrange(vocab_hi // 2, vocab_hi) for _ in range(cfg.shared_len)]
         for times in (cold, hit):

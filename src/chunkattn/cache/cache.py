@@ -105,6 +105,12 @@ class Batch:
         return all(n == 1 for n in self.num_new)
 
 
+def _root_of(node: Node) -> Node:
+    while node.parent is not None:
+        node = node.parent
+    return node
+
+
 def _as_token_list(token_ids: Any, what: str) -> list[int]:
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
@@ -182,6 +188,7 @@ class PrefixKVCache:
         self._id = next(_cache_ids)
         self._next_seq_id = 0
         self._live: dict[int, Sequence] = {}
+        self._root_users: dict[int, int] = {}  # private root id -> live sequences under it (sharing off)
         self._last_plan: AttentionPlan | None = None
 
     # ------------------------------------------------------------------ sequences
@@ -213,6 +220,9 @@ class PrefixKVCache:
         seq = Sequence(self._next_seq_id, self._id, end, tokens, num_cached)
         self._next_seq_id += 1
         self._live[seq.seq_id] = seq
+        if not self.share_prefixes:
+            root = _root_of(end)
+            self._root_users[root.id] = self._root_users.get(root.id, 0) + 1
         self._tree.lock(end)
         self._tree.touch(end)
         return seq
@@ -246,15 +256,16 @@ class PrefixKVCache:
         """Drop the sequence. Its chunks stay cached (if ``retain_prefixes``) until evicted."""
         seq = self._check_seq(seq)
         tree = self._tree
+        root = _root_of(seq._end)  # before eviction detaches the path
         tree.touch(seq._end)
         tree.unlock(seq._end)
         if not self.retain_prefixes:
             tree.evict_unreferenced(seq._end)
         if not self.share_prefixes:
-            root = seq._end
-            while root.parent is not None:
-                root = root.parent
-            tree.drop_root(root)
+            self._root_users[root.id] -= 1
+            if not self._root_users[root.id]:
+                del self._root_users[root.id]
+                tree.drop_root(root)
         seq.released = True
         del self._live[seq.seq_id]
 
