@@ -59,6 +59,19 @@ def test_split_private_chunks_are_merged_exactly(num_splits, decode):
     assert rel_err(lse, ref_lse) < 1e-5
 
 
+@pytest.mark.parametrize("per_program", [1, 3, 100])
+def test_shared_chunks_swept_per_program(per_program):
+    """Chunk-first programs sweeping 1, 3 or all shared chunks of a run give the same result."""
+    cache, batch = build(batch=3, shared=70, private=4, chunk_size=16, head_dim=16, kv_heads=2, decode=False)
+    plan = cache.plan(batch)
+    assert plan.num_shared >= 4
+    q = torch.randn(batch.num_new_tokens, 4, 16, device=DEVICE)
+    ref = chunkattn.attention(q, cache, batch, 0, backend="reference")
+    out, _ = triton_attention(q, cache.k_cache[0], cache.v_cache[0], plan, 16**-0.5,
+                              shared_chunks_per_program=per_program)
+    assert rel_err(out, ref) < REL_TOL[torch.float32]
+
+
 def test_decode_steps_reuse_plan_and_workspace():
     """Between structural changes only lengths advance: same plan, same Triton buffers, still exact."""
     cache, batch = build(batch=3, shared=33, private=2, chunk_size=16, head_dim=16, kv_heads=1, decode=True)

@@ -124,23 +124,12 @@ class _TorchWorkspace:
         dev = plan.device
         q_indptr = t("q_indptr")
         num_new = q_indptr[1:] - q_indptr[:-1]
-        # Runs: maximal stretches of consecutive shared chunks with the same sequences.
-        h = plan.host
-        ind, idx = h["shared_seq_indptr"], h["shared_seq_indices"]
-        run_indptr = [0]
+        runs = plan.shared_runs()
+        run_indptr = [0] + [end for _, end in runs]
+        run_seqs = [b for begin, _ in runs for b in plan.shared_users(begin)]
         run_seq_indptr = [0]
-        run_seqs: list[int] = []
-        prev: list[int] | None = None
-        for j in range(plan.num_shared):
-            users = idx[ind[j] : ind[j + 1]]
-            if users != prev:
-                if prev is not None:
-                    run_indptr.append(j)
-                run_seqs.extend(users)
-                run_seq_indptr.append(len(run_seqs))
-                prev = users
-        if plan.num_shared:
-            run_indptr.append(plan.num_shared)
+        for begin, _ in runs:
+            run_seq_indptr.append(run_seq_indptr[-1] + len(plan.shared_users(begin)))
         run_indptr_t = torch.tensor(run_indptr, dtype=torch.int64, device=dev)
         run_kv_rows, _, run_kv_valid = pad_ranges(run_indptr_t, t("shared_kv_begin"), t("shared_len"))
         run_seqs_t = torch.tensor(run_seqs, dtype=torch.int64, device=dev)

@@ -69,21 +69,22 @@ def _attend_chunk(q, acc, m_i, l_i, k_ptr, v_ptr, kv_begin, num_keys, key_pos0, 
 def _chunk_first_kernel(
     q_ptr, k_ptr, v_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr,
-    chunk_kv_begin_ptr, chunk_len_ptr, chunk_pair_indptr_ptr, pair_row_ptr,
+    chunk_kv_begin_ptr, chunk_len_ptr, item_chunk_begin_ptr, item_pair_indptr_ptr, pair_row_ptr,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_op, stride_oh, stride_mp,
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One shared chunk x one K/V head: every query row of every sequence sharing the chunk, as tiles of
-    BLOCK_M (query row, group head) rows; one partial (o, m, l) per (chunk, query row) pair."""
-    chunk = tl.program_id(0)
+    """One item (a few consecutive shared chunks with the same sequences) x one K/V head: every query row of
+    every sequence sharing them, as tiles of BLOCK_M (query row, group head) rows, against each chunk's K/V
+    tile in turn; one partial (o, m, l) per (item, query row) pair."""
+    item = tl.program_id(0)
     kv_head = tl.program_id(1)
-    kv_begin = tl.load(chunk_kv_begin_ptr + chunk).to(tl.int64)
-    num_keys = tl.load(chunk_len_ptr + chunk)
-    pair0 = tl.load(chunk_pair_indptr_ptr + chunk)
-    num_rows = (tl.load(chunk_pair_indptr_ptr + chunk + 1) - pair0) * GROUP
+    chunk0 = tl.load(item_chunk_begin_ptr + item)
+    chunk1 = tl.load(item_chunk_begin_ptr + item + 1)
+    pair0 = tl.load(item_pair_indptr_ptr + item)
+    num_rows = (tl.load(item_pair_indptr_ptr + item + 1) - pair0) * GROUP
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
@@ -99,9 +100,11 @@ def _chunk_first_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, k_head, v_head, kv_begin, num_keys, 0, m_i,
-                                      stride_kt, stride_vt, offs_d, qk_scale,
-                                      CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION)
+        for c in range(chunk0, chunk1):
+            kv_begin = tl.load(chunk_kv_begin_ptr + c).to(tl.int64)
+            acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, k_head, v_head, kv_begin, tl.load(chunk_len_ptr + c),
+                                          0, m_i, stride_kt, stride_vt, offs_d, qk_scale,
+                                          CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION)
         tl.store(o_part_ptr + pair[:, None] * stride_op + head[:, None] * stride_oh + offs_d[None, :], acc,
                  mask=row_ok[:, None])
         tl.store(m_part_ptr + pair * stride_mp + head, m_i, mask=row_ok)
@@ -217,11 +220,12 @@ class TritonWorkspace:
     rows_per_tile: int
     block_m_seq: int
     block_m_shared: int
+    num_items: int  # chunk-first programs per K/V head
     tensors: dict[str, torch.Tensor]
     o_split: torch.Tensor  # [num_rows, num_splits, Hq, d] float32
     m_split: torch.Tensor  # [num_rows, num_splits, Hq]
     l_split: torch.Tensor
-    o_part: torch.Tensor  # [num_pairs, Hq, d] float32: one chunk-first partial per (shared chunk, query row)
+    o_part: torch.Tensor  # [num_pairs, Hq, d] float32: one chunk-first partial per (item, query row)
     m_part: torch.Tensor  # [num_pairs, Hq]
     l_part: torch.Tensor
 
@@ -230,7 +234,7 @@ class TritonWorkspace:
 
     @classmethod
     def build(cls, plan: AttentionPlan, num_heads: int, num_kv_heads: int, head_dim: int,
-              num_splits: int | None = None) -> TritonWorkspace:
+              num_splits: int | None = None, shared_chunks_per_program: int | None = None) -> TritonWorkspace:
         h = plan.host
         dev = plan.device
         group = num_heads // num_kv_heads
@@ -244,18 +248,29 @@ class TritonWorkspace:
                 tile_seq.append(b)
                 tile_row0.append(r)
                 tile_rows.append(min(rows_per_tile, q_indptr[b + 1] - r))
-        # Chunk-first pairs: (shared chunk, query row), grouped by chunk; and each row's pairs.
+        # Chunk-first items: runs of shared chunks cut into pieces of `shared_chunks_per_program` chunks, enough
+        # pieces to fill the GPU; one partial per (item, query row) pair, so fewer items = less partial traffic.
+        runs = plan.shared_runs()
+        if shared_chunks_per_program is None:
+            shared_chunks_per_program = 2
+            if dev.type == "cuda":
+                sms = torch.cuda.get_device_properties(dev).multi_processor_count
+                shared_chunks_per_program = max(1, plan.num_shared * num_kv_heads // (2 * sms))
+        item_chunk_begin: list[int] = []
+        item_pair_indptr = [0]
         pair_row: list[int] = []
-        chunk_pair_indptr = [0]
         row_pairs: list[list[int]] = [[] for _ in range(num_rows)]
-        ind, idx = h["shared_seq_indptr"], h["shared_seq_indices"]
-        for j in range(plan.num_shared):
-            for b in idx[ind[j] : ind[j + 1]]:
-                for r in range(q_indptr[b], q_indptr[b + 1]):
-                    row_pairs[r].append(len(pair_row))
-                    pair_row.append(r)
-            chunk_pair_indptr.append(len(pair_row))
-        max_pairs_per_chunk = max((b - a for a, b in zip(chunk_pair_indptr, chunk_pair_indptr[1:])), default=1)
+        for begin, end in runs:
+            users = plan.shared_users(begin)
+            for c0 in range(begin, end, shared_chunks_per_program):
+                item_chunk_begin.append(c0)
+                for b in users:
+                    for r in range(q_indptr[b], q_indptr[b + 1]):
+                        row_pairs[r].append(len(pair_row))
+                        pair_row.append(r)
+                item_pair_indptr.append(len(pair_row))
+        item_chunk_begin.append(plan.num_shared)  # items are back to back: item i ends where i + 1 begins
+        max_pairs_per_item = max((b - a for a, b in zip(item_pair_indptr, item_pair_indptr[1:])), default=1)
         row_pair_indptr = [0]
         for pairs in row_pairs:
             row_pair_indptr.append(row_pair_indptr[-1] + len(pairs))
@@ -277,7 +292,8 @@ class TritonWorkspace:
 
         tensors = {
             "tile_seq": t(tile_seq), "tile_row0": t(tile_row0), "tile_num_rows": t(tile_rows),
-            "pair_row": t(pair_row), "chunk_pair_indptr": t(chunk_pair_indptr),
+            "pair_row": t(pair_row), "item_chunk_begin": t(item_chunk_begin),
+            "item_pair_indptr": t(item_pair_indptr),
             "row_pair_indptr": t(row_pair_indptr), "row_pairs": t([p for ps in row_pairs for p in ps]),
         }
         num_pairs = max(1, len(pair_row))
@@ -289,7 +305,8 @@ class TritonWorkspace:
             num_heads=num_heads, head_dim=head_dim, group=group, num_splits=num_splits,
             chunks_per_split=chunks_per_split, rows_per_tile=rows_per_tile,
             block_m_seq=_pow2(rows_per_tile * group),
-            block_m_shared=_pow2(min(64, max_pairs_per_chunk * group)), tensors=tensors,
+            block_m_shared=_pow2(min(64, max_pairs_per_item * group)), num_items=len(item_pair_indptr) - 1,
+            tensors=tensors,
             o_split=f32(num_rows, num_splits, num_heads, head_dim),
             m_split=f32(num_rows, num_splits, num_heads),
             l_split=f32(num_rows, num_splits, num_heads),
@@ -300,18 +317,18 @@ class TritonWorkspace:
 
 
 def _workspace(plan: AttentionPlan, num_heads: int, num_kv_heads: int, head_dim: int,
-               num_splits: int | None) -> TritonWorkspace:
-    key = f"triton:{num_heads}:{num_kv_heads}:{head_dim}:{num_splits}"
+               num_splits: int | None, shared_chunks_per_program: int | None) -> TritonWorkspace:
+    key = f"triton:{num_heads}:{num_kv_heads}:{head_dim}:{num_splits}:{shared_chunks_per_program}"
     ws = plan.workspaces.get(key)
     if not isinstance(ws, TritonWorkspace):
-        ws = TritonWorkspace.build(plan, num_heads, num_kv_heads, head_dim, num_splits)
+        ws = TritonWorkspace.build(plan, num_heads, num_kv_heads, head_dim, num_splits, shared_chunks_per_program)
         plan.workspaces[key] = ws
     return ws
 
 
 def triton_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float,
-    num_splits: int | None = None,
+    num_splits: int | None = None, shared_chunks_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-phase-partition attention with the Triton kernels.
 
@@ -322,6 +339,8 @@ def triton_attention(
     plan : the batch's plan (``PrefixKVCache.plan``).
     num_splits : split each sequence's private chunks over this many programs (default: enough to fill the
         GPU; 1 on the CPU interpreter).
+    shared_chunks_per_program : consecutive shared chunks one chunk-first program sweeps (default: as many as
+        still fill the GPU; 2 on the CPU interpreter).
 
     Returns ``out [num_rows, num_q_heads, head_dim]`` in ``q.dtype``, ``lse [num_rows, num_q_heads]`` float32
     (natural log).
@@ -333,7 +352,7 @@ def triton_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim")
-    ws = _workspace(plan, num_heads, num_kv_heads, head_dim, num_splits)
+    ws = _workspace(plan, num_heads, num_kv_heads, head_dim, num_splits, shared_chunks_per_program)
     pt, wt = plan.tensor, ws.tensors
     group = ws.group
     qk_scale = scale * LOG2E
@@ -342,9 +361,9 @@ def triton_attention(
     out = torch.empty_like(q)
     lse = torch.empty(num_rows, num_heads, dtype=torch.float32, device=q.device)
     if plan.num_shared:
-        _chunk_first_kernel[(plan.num_shared, num_kv_heads)](
+        _chunk_first_kernel[(ws.num_items, num_kv_heads)](
             q, k, v, ws.o_part, ws.m_part, ws.l_part,
-            pt("shared_kv_begin"), pt("shared_len"), wt["chunk_pair_indptr"], wt["pair_row"],
+            pt("shared_kv_begin"), pt("shared_len"), wt["item_chunk_begin"], wt["item_pair_indptr"], wt["pair_row"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             ws.o_part.stride(0), ws.o_part.stride(1), ws.m_part.stride(0),
             qk_scale,

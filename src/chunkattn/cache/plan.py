@@ -67,6 +67,22 @@ class AttentionPlan:
     def num_private(self) -> int:
         return len(self.host["private_len"])
 
+    def shared_users(self, j: int) -> list[int]:
+        """Batch indices of the sequences sharing shared chunk ``j``."""
+        ind = self.host["shared_seq_indptr"]
+        return self.host["shared_seq_indices"][ind[j] : ind[j + 1]]
+
+    def shared_runs(self) -> list[tuple[int, int]]:
+        """``[begin, end)`` ranges of consecutive shared chunks used by the same sequences (a prompt's chunks
+        form one run): attention can sweep a run's keys in one pass for all of its queries."""
+        runs: list[tuple[int, int]] = []
+        for j in range(self.num_shared):
+            if runs and self.shared_users(j) == self.shared_users(runs[-1][0]):
+                runs[-1] = (runs[-1][0], j + 1)
+            else:
+                runs.append((j, j + 1))
+        return runs
+
     def tensor(self, name: str) -> torch.Tensor:
         """The device copy of index array ``name`` (int64), made on first use."""
         t = self._tensors.get(name)
