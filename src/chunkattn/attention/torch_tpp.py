@@ -74,6 +74,7 @@ class _SeqGroup:
     priv_rows: torch.Tensor  # [G, max_private_tokens]: K/V rows of each sequence's private chunks
     priv_pos: torch.Tensor
     priv_valid: torch.Tensor
+    needs_mask: bool  # False when every key is real and before every query (decode, equal lengths)
 
 
 def _seq_groups(plan: AttentionPlan) -> list[_SeqGroup]:
@@ -102,7 +103,9 @@ def _seq_groups(plan: AttentionPlan) -> list[_SeqGroup]:
         priv_rows, priv_pos, priv_valid = pad_ranges(
             t(chunk_indptr), t([h["private_kv_begin"][j] for j in chunks]), t([h["private_len"][j] for j in chunks]),
             t([h["private_pos"][j] for j in chunks]))
-        groups.append(_SeqGroup(seq_rows, seq_row_valid, seq_row_pos, priv_rows, priv_pos, priv_valid))
+        private_tokens = [sum(h["private_len"][pi[b] : pi[b + 1]]) for b in seqs]
+        needs_mask = max(num_new) > 1 or len(set(private_tokens)) > 1
+        groups.append(_SeqGroup(seq_rows, seq_row_valid, seq_row_pos, priv_rows, priv_pos, priv_valid, needs_mask))
     return groups
 
 
@@ -167,13 +170,13 @@ def _unfold_rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _partial(
-    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, masked: torch.Tensor,
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, masked: torch.Tensor | None,
     bufs: _Buffers, span: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One softmax partial per query row over the gathered keys.
 
     q: [Hkv, G, M, d] float32, already scaled; k, v: [T, Hkv, d] (one layer's storage); rows: [G, L] K/V rows
-    per group; masked: [G, 1 or M, L] True where a key must be ignored; span: (first row, count) when there
+    per group; masked: [G, 1 or M, L] True where a key must be ignored (None: none is); span: (first row, count) when there
     is one group and its rows are consecutive.
     Returns o: [Hkv, G, M, d] (unnormalised), l, m: [Hkv, G, M] (sum of exp and max of the scores).
     """
@@ -204,7 +207,8 @@ def _partial(
     keys, values = gather(k, "k"), gather(v, "v")
     s = torch.matmul(q, keys.transpose(-1, -2),
                      out=bufs.get(f"{name}.s", (num_kv_heads, num_groups, num_q, width), torch.float32, q.device))
-    s.masked_fill_(masked, float("-inf"))
+    if masked is not None:
+        s.masked_fill_(masked, float("-inf"))
     m = s.amax(dim=-1)  # [Hkv, G, M]
     s.sub_(torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1)).exp_()
     return torch.matmul(s, values), s.sum(dim=-1), m
@@ -238,8 +242,10 @@ def tpp_attention(
     for i, g in enumerate(ws.groups):
         width = g.seq_rows.shape[1]
         qs = _fold_queries(qf, g.seq_rows, num_kv_heads)  # [Hkv, B, Qm * g, d]
-        q_pos = g.seq_row_pos.repeat_interleave(group, dim=1)  # [B, Qm * g]
-        masked = ~g.priv_valid[:, None, :] | (g.priv_pos[:, None, :] > q_pos[:, :, None])  # [B, Qm * g, Lp]
+        masked = None
+        if g.needs_mask:
+            q_pos = g.seq_row_pos.repeat_interleave(group, dim=1)  # [B, Qm * g]
+            masked = ~g.priv_valid[:, None, :] | (g.priv_pos[:, None, :] > q_pos[:, :, None])  # [B, Qm * g, Lp]
         o, l_sum, m = _partial(f"private{i}", qs, k, v, g.priv_rows, masked, ws.buffers)
         keep = g.seq_row_valid.reshape(-1)
         rows = g.seq_rows.reshape(-1)[keep]
@@ -251,7 +257,7 @@ def tpp_attention(
     if plan.num_shared:
         width = ws.run_q_rows.shape[1]
         qr = _fold_queries(qf, ws.run_q_rows, num_kv_heads)  # [Hkv, S, R * g, d]
-        masked = ~ws.run_kv_valid[:, None, :]  # [S, 1, C]
+        masked = None if ws.run_span is not None else ~ws.run_kv_valid[:, None, :]  # [S, 1, C]
         o_s, l_s, m_s = _partial("shared", qr, k, v, ws.run_kv_rows, masked, ws.buffers, ws.run_span)
         keep = ws.run_q_valid.reshape(-1)
         rows_s = ws.run_q_rows.reshape(-1)[keep]

@@ -190,7 +190,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_median_us(fn: Callable[[], Any], device: torch.device, min_time_s: float = 0.3, max_reps: int = 50,
+def time_median_us(fn: Callable[[], Any], device: torch.device, min_time_s: float = 1.0, max_reps: int = 50,
                    warmup: int = 2) -> float:
     """Median wall time of ``fn`` in µs after ``warmup`` calls; CUDA: device events around each call."""
     for _ in range(warmup):
