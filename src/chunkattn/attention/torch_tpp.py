@@ -176,8 +176,8 @@ def _partial(
     """One softmax partial per query row over the gathered keys.
 
     q: [Hkv, G, M, d] float32, already scaled; k, v: [T, Hkv, d] (one layer's storage); rows: [G, L] K/V rows
-    per group; masked: [G, 1 or M, L] True where a key must be ignored (None: none is); span: (first row, count) when there
-    is one group and its rows are consecutive.
+    per group; masked: [G, 1 or M, L] True where a key must be ignored (None: none is); span: (first row,
+    count) when there is one group and its rows are consecutive.
     Returns o: [Hkv, G, M, d] (unnormalised), l, m: [Hkv, G, M] (sum of exp and max of the scores).
     """
     num_kv_heads, num_groups, num_q, d = q.shape
