@@ -39,6 +39,24 @@ def _merge_state(acc, m_run, l_run, o, m, l_sum):
 
 
 @triton.jit
+def _query_tile(q_ptr, row, head, row_ok, stride_qn, stride_qh, offs_d,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A tile of query rows ``[BLOCK_M, HEAD_DIM]`` and an empty online-softmax state (acc, m, l) for it."""
+    q = tl.load(q_ptr + row[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    return q, acc, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
+
+
+@triton.jit
+def _store_state(o_ptr, m_ptr, l_ptr, o_offsets, ml_offsets, acc, m_i, l_i, row_ok):
+    """Write a partial: unnormalised output ``acc`` at ``o_offsets``, max and sum-exp at ``ml_offsets``."""
+    tl.store(o_ptr + o_offsets, acc, mask=row_ok[:, None])
+    tl.store(m_ptr + ml_offsets, m_i, mask=row_ok)
+    tl.store(l_ptr + ml_offsets, l_i, mask=row_ok)
+
+
+@triton.jit
 def _attend_chunk(q, acc, m_i, l_i, k_ptr, v_ptr, kv_begin, num_keys, key_pos0, q_pos,
                   stride_kt, stride_vt, offs_d, qk_scale,
                   CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -95,20 +113,16 @@ def _chunk_first_kernel(
         pair = (pair0 + idx // GROUP).to(tl.int64)
         head = kv_head * GROUP + idx % GROUP
         q_row = tl.load(pair_row_ptr + pair, mask=row_ok, other=0).to(tl.int64)
-        q = tl.load(q_ptr + q_row[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+        q, acc, m_i, l_i = _query_tile(q_ptr, q_row, head, row_ok, stride_qn, stride_qh, offs_d,
+                                       BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM)
         for c in range(chunk0, chunk1):
             kv_begin = tl.load(chunk_kv_begin_ptr + c).to(tl.int64)
             acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, k_head, v_head, kv_begin, tl.load(chunk_len_ptr + c),
                                           0, m_i, stride_kt, stride_vt, offs_d, qk_scale,
                                           CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION)
-        tl.store(o_part_ptr + pair[:, None] * stride_op + head[:, None] * stride_oh + offs_d[None, :], acc,
-                 mask=row_ok[:, None])
-        tl.store(m_part_ptr + pair * stride_mp + head, m_i, mask=row_ok)
-        tl.store(l_part_ptr + pair * stride_mp + head, l_i, mask=row_ok)
+        _store_state(o_part_ptr, m_part_ptr, l_part_ptr,
+                     pair[:, None] * stride_op + head[:, None] * stride_oh + offs_d[None, :],
+                     pair * stride_mp + head, acc, m_i, l_i, row_ok)
 
 
 @triton.jit
@@ -141,22 +155,18 @@ def _seq_first_kernel(
     row = (row0 + offs_m // GROUP).to(tl.int64)
     head = kv_head * GROUP + offs_m % GROUP
     q_pos = tl.load(q_pos_ptr + row, mask=row_ok, other=0)
-    q = tl.load(q_ptr + row[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q, acc, m_i, l_i = _query_tile(q_ptr, row, head, row_ok, stride_qn, stride_qh, offs_d,
+                                   BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM)
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
     for c in range(lo, hi):
         kv_begin = tl.load(private_kv_begin_ptr + c).to(tl.int64)
         acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, k_head, v_head, kv_begin, tl.load(private_len_ptr + c),
                                       tl.load(private_pos_ptr + c), q_pos, stride_kt, stride_vt, offs_d,
                                       qk_scale, CAUSAL=True, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION)
-    out = row[:, None] * stride_on + split * stride_os + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_split_ptr + out, acc, mask=row_ok[:, None])
-    tl.store(m_split_ptr + row * stride_mn + split * stride_ms + head, m_i, mask=row_ok)
-    tl.store(l_split_ptr + row * stride_mn + split * stride_ms + head, l_i, mask=row_ok)
+    _store_state(o_split_ptr, m_split_ptr, l_split_ptr,
+                 row[:, None] * stride_on + split * stride_os + head[:, None] * stride_oh + offs_d[None, :],
+                 row * stride_mn + split * stride_ms + head, acc, m_i, l_i, row_ok)
 
 
 @triton.jit
