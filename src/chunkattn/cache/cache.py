@@ -301,15 +301,15 @@ class PrefixKVCache:
         claimed: set[int] = set()
         for seq, tokens in zip(checked, token_lists):
             node, offset, matched = tree.match(seq._end, tokens)
+            # the chunk the rest will be appended after; None when it is split first (no room after it then)
+            after: Node | None = seq._end
             if matched:
                 tree.lock(node)
                 pins.append(node)
-                end_room = node if offset == len(node) else None
-            else:
-                end_room = seq._end
+                after = node if offset == len(node) else None
             rest = len(tokens) - matched
             if rest:
-                needed += tree.slots_needed(end_room, rest, claimed) if end_room else -(-rest // self.chunk_size)
+                needed += tree.slots_needed(after, rest, claimed) if after is not None else -(-rest // self.chunk_size)
         try:
             tree.ensure_free(needed)  # raises CacheFullError before anything was changed for good
         except BaseException:
