@@ -100,3 +100,21 @@ def test_triton_rejects_unsupported_head_dim():
     q = torch.randn(batch.num_new_tokens, 1, 24, device=DEVICE)
     with pytest.raises(ValueError, match="power of two"):
         chunkattn.attention(q, cache, batch, 0, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_store_kernel_scatters_like_index_copy(dtype, kv_heads):
+    from chunkattn.cache.triton_store import triton_store
+
+    k_cache = torch.zeros(40, kv_heads, 16, dtype=dtype, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k = torch.randn(7, kv_heads, 16, device=DEVICE).to(dtype)
+    v = torch.randn(7, kv_heads, 16, device=DEVICE).to(dtype)
+    src = torch.tensor([0, 2, 3, 6], device=DEVICE)  # rows 1, 4, 5 were already stored (not written again)
+    dst = torch.tensor([5, 17, 18, 39], device=DEVICE)
+    triton_store(k_cache, v_cache, k, v, src, dst)
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    ref_k.index_copy_(0, dst, k[src])
+    ref_v.index_copy_(0, dst, v[src])
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)

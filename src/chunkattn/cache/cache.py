@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from collections.abc import Iterable
@@ -190,6 +191,9 @@ class PrefixKVCache:
         self._live: dict[int, Sequence] = {}
         self._root_users: dict[int, int] = {}  # private root id -> live sequences under it (sharing off)
         self._last_plan: AttentionPlan | None = None
+        # store() scatters with a Triton kernel on CUDA (head_dim a power of two), with index_copy_ elsewhere.
+        self._triton_store = (self.device.type == "cuda" and head_dim & (head_dim - 1) == 0
+                              and importlib.util.find_spec("triton") is not None)
 
     # ------------------------------------------------------------------ sequences
     @property
@@ -393,6 +397,11 @@ class PrefixKVCache:
                 raise TypeError(f"{name} must be {self.dtype} like the cache, got {t.dtype}")
             if t.device != self.k_cache.device:
                 raise ValueError(f"{name} is on {t.device}, the cache on {self.k_cache.device}")
+        if self._triton_store:  # one launch for K and V, no intermediate copy
+            from chunkattn.cache.triton_store import triton_store
+
+            triton_store(self.k_cache[layer], self.v_cache[layer], k, v, batch.store_rows, batch.store_kv)
+            return
         if not batch.all_rows_stored:
             k = k.index_select(0, batch.store_rows)
             v = v.index_select(0, batch.store_rows)
