@@ -24,7 +24,7 @@ import triton.language as tl
 from chunkattn.cache.plan import AttentionPlan
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # kernels read only constexpr globals
 
 
 @triton.jit
