@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from chunkattn.attention import Backend
+from chunkattn.attention import BACKENDS, Backend
 from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.engine.request import Completion, Request, RequestOutput, RequestState
 from chunkattn.engine.sampling import SamplingParams, sample_token
@@ -58,6 +58,10 @@ class EngineStats:
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 class LLMEngine:

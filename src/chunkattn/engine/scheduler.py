@@ -79,6 +79,16 @@ class Scheduler:
         request.state = RequestState.RUNNING
         self.running.append(request)
 
+    def _can_admit(self, request: Request) -> bool:
+        """Whether the pool (free plus evictable chunks) could hold the request's uncomputed prompt tokens;
+        admitting a request that cannot fit would only get it preempted again at once."""
+        tree = self.cache.tree
+        c = self.cache.chunk_size
+        prompts = [request.prompt_ids + comp.token_ids for comp in request.completions if not comp.finished] \
+            if request.forked else [request.prompt_ids]
+        needed = sum(-(-(len(p) - self.cache.match_prefix(p)) // c) + 1 for p in prompts)
+        return needed <= tree.num_free_slots + tree.num_evictable_slots
+
     def _defer(self, request: Request) -> bool:
         """Whether another request is prefilling a longer prefix of this prompt than the cache holds."""
         if not self.config.prefix_aware or request.forked:
@@ -112,7 +122,8 @@ class Scheduler:
         while self.waiting and budget > 0:
             r = self.waiting[0]
             need = r.params.n if not r.forked else sum(not c.finished for c in r.completions)
-            if self._num_running_seqs() + need > self.config.max_num_seqs and self.running:
+            if self.running and (self._num_running_seqs() + need > self.config.max_num_seqs
+                                 or not self._can_admit(r)):
                 break
             self.waiting.popleft()
             if self._defer(r):
