@@ -176,3 +176,28 @@ def test_cli_generate_streams(smol, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load", lambda args: smol)
     assert cli.main(["generate", "What is the capital of France?", "--chat", "--max-tokens", "8"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_smollm2_logits_match_transformers(smol):
+    """The real check of the decoder: SmolLM2's logits against transformers', prefill then decode steps."""
+    from chunkattn import PrefixKVCache
+
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**smol.hf_config))
+    hf.load_state_dict(smol.model.state_dict(), strict=False)
+    hf.tie_weights()
+    hf.eval().requires_grad_(False)
+    cfg = smol.config
+    cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=16, max_tokens=1024,
+                          dtype=torch.float32)
+    prompt = smol.tokenizer("The tallest mountain in the world is")["input_ids"]
+    seq = cache.add_sequence(prompt)
+    tokens = list(prompt)
+    new = prompt
+    for _ in range(4):
+        batch = cache.extend([seq], [new])
+        pos = torch.arange(seq.num_tokens - len(new), seq.num_tokens)
+        ours = smol.model(torch.tensor(new), pos, cache, batch, backend="torch")
+        ref = hf(torch.tensor([tokens])).logits[0, -len(new):]
+        assert float((ours - ref).norm() / ref.norm()) < 1e-4
+        new = [int(ours[-1].argmax())]
+        tokens += new
