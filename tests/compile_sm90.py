@@ -33,11 +33,12 @@ def compile_all(dtypes: list[str], head_dims: list[int]) -> int:
     count = 0
     for dtype in dtypes:
         for head_dim in head_dims:
-            for group, block_m in ((1, 16), (4, 64)):
+            for group, block_m, fuse in ((1, 16, True), (4, 64, False)):
                 common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=64,
-                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", FUSE_MERGE=fuse)
                 for fn in (triton_tpp._chunk_first_kernel, triton_tpp._seq_first_kernel):
-                    triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, common), constexprs=common),
+                    consts = {k: v for k, v in common.items() if k in fn.arg_names}
+                    triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts),
                                    target=target)
                     count += 1
             for fn, consts in ((triton_tpp._merge_kernel, dict(HEAD_DIM=head_dim, BLOCK_H=16)),

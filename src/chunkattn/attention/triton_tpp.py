@@ -5,11 +5,13 @@ from ``kv_begin``. Inside the kernels softmax runs in base 2 (``exp2`` with ``lo
 scale); the returned LSE is converted to natural log. All row offsets are int64.
 
 Launch sequence per layer (no host synchronisation, no allocation but the output):
-1. ``_chunk_first_kernel``  grid (num_shared, Hkv): a shared chunk's K/V tile is loaded once and multiplied by
-   the queries of every sequence sharing it (rows = pairs x GQA group), one partial (o, m, l) per pair.
+1. ``_chunk_first_kernel``  grid (num_items, Hkv): an item is a few consecutive shared chunks used by the same
+   sequences; each chunk's K/V tile is loaded once and multiplied by the queries of every sequence sharing it
+   (rows = query rows x GQA group); one partial (o, m, l) per (item, query row).
 2. ``_seq_first_kernel``    grid (num_tiles, Hkv, num_splits): a tile of one sequence's query rows over its
-   private chunks, causal, online softmax; long chunk lists are split across programs (flash-decoding).
-3. ``_merge_kernel``        grid (num_rows, Hq): merges a row's split partials and shared partials.
+   private chunks, causal, online softmax; long chunk lists are split across programs (flash-decoding). In
+   decode with one split it also merges the row's chunk-first partials and writes the output (no step 3).
+3. ``_merge_kernel``        grid (num_rows, Hq / BLOCK_H): merges a row's split partials and shared partials.
 """
 
 from __future__ import annotations
@@ -54,6 +56,28 @@ def _store_state(o_ptr, m_ptr, l_ptr, o_offsets, ml_offsets, acc, m_i, l_i, row_
     tl.store(o_ptr + o_offsets, acc, mask=row_ok[:, None])
     tl.store(m_ptr + ml_offsets, m_i, mask=row_ok)
     tl.store(l_ptr + ml_offsets, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_pairs(acc, m_run, l_run, o_part_ptr, m_part_ptr, l_part_ptr, row_pairs_ptr, p0, p1, heads, head_ok,
+                 offs_d, stride_op, stride_poh, stride_mp):
+    """Merge the chunk-first partials ``row_pairs[p0:p1]`` of one query row into its state (heads [M])."""
+    for i in range(p0, p1):
+        pair = tl.load(row_pairs_ptr + i).to(tl.int64)
+        o = tl.load(o_part_ptr + pair * stride_op + heads[:, None] * stride_poh + offs_d[None, :],
+                    mask=head_ok[:, None], other=0.0)
+        m = tl.load(m_part_ptr + pair * stride_mp + heads, mask=head_ok, other=float("-inf"))
+        l_sum = tl.load(l_part_ptr + pair * stride_mp + heads, mask=head_ok, other=0.0)
+        acc, m_run, l_run = _merge_state(acc, m_run, l_run, o, m, l_sum)
+    return acc, m_run, l_run
+
+
+@triton.jit
+def _store_output(out_ptr, lse_ptr, out_offsets, lse_offsets, acc, m_run, l_run, ok):
+    """Normalise and write the final output (in out's dtype) and the natural-log LSE."""
+    l_safe = tl.where(ok, l_run, 1.0)
+    tl.store(out_ptr + out_offsets, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(lse_ptr + lse_offsets, (m_run + tl.log2(l_safe)) * LN2, mask=ok)
 
 
 @triton.jit
@@ -131,13 +155,18 @@ def _seq_first_kernel(
     o_split_ptr, m_split_ptr, l_split_ptr,
     tile_seq_ptr, tile_row0_ptr, tile_num_rows_ptr, q_pos_ptr,
     private_indptr_ptr, private_kv_begin_ptr, private_len_ptr, private_pos_ptr,
+    out_ptr, lse_ptr, o_part_ptr, m_part_ptr, l_part_ptr, row_pair_indptr_ptr, row_pairs_ptr,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_on, stride_os, stride_oh, stride_mn, stride_ms,
+    stride_outn, stride_outh, stride_lse, stride_op, stride_poh, stride_mp,
     qk_scale, chunks_per_split,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSE_MERGE: tl.constexpr,
 ):
-    """A tile of one sequence's query rows x one K/V head x one split of its private chunks, causal."""
+    """A tile of one sequence's query rows x one K/V head x one split of its private chunks, causal.
+
+    FUSE_MERGE (decode, one split): the tile is one query row; merge its chunk-first partials here and write
+    the final output, so no merge kernel runs."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -164,9 +193,17 @@ def _seq_first_kernel(
         acc, m_i, l_i = _attend_chunk(q, acc, m_i, l_i, k_head, v_head, kv_begin, tl.load(private_len_ptr + c),
                                       tl.load(private_pos_ptr + c), q_pos, stride_kt, stride_vt, offs_d,
                                       qk_scale, CAUSAL=True, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION)
-    _store_state(o_split_ptr, m_split_ptr, l_split_ptr,
-                 row[:, None] * stride_on + split * stride_os + head[:, None] * stride_oh + offs_d[None, :],
-                 row * stride_mn + split * stride_ms + head, acc, m_i, l_i, row_ok)
+    if FUSE_MERGE:
+        p0 = tl.load(row_pair_indptr_ptr + row0)
+        p1 = tl.load(row_pair_indptr_ptr + row0 + 1)
+        acc, m_i, l_i = _merge_pairs(acc, m_i, l_i, o_part_ptr, m_part_ptr, l_part_ptr, row_pairs_ptr, p0, p1,
+                                     head, row_ok, offs_d, stride_op, stride_poh, stride_mp)
+        _store_output(out_ptr, lse_ptr, row[:, None] * stride_outn + head[:, None] * stride_outh + offs_d[None, :],
+                      row * stride_lse + head, acc, m_i, l_i, row_ok)
+    else:
+        _store_state(o_split_ptr, m_split_ptr, l_split_ptr,
+                     row[:, None] * stride_on + split * stride_os + head[:, None] * stride_oh + offs_d[None, :],
+                     row * stride_mn + split * stride_ms + head, acc, m_i, l_i, row_ok)
 
 
 @triton.jit
@@ -197,17 +234,10 @@ def _merge_kernel(
         acc, m_run, l_run = _merge_state(acc, m_run, l_run, o, m, l_sum)
     p0 = tl.load(row_pair_indptr_ptr + row)
     p1 = tl.load(row_pair_indptr_ptr + row + 1)
-    for i in range(p0, p1):
-        pair = tl.load(row_pairs_ptr + i).to(tl.int64)
-        o = tl.load(o_part_ptr + pair * stride_op + heads[:, None] * stride_poh + offs_d[None, :],
-                    mask=head_ok[:, None], other=0.0)
-        m = tl.load(m_part_ptr + pair * stride_mp + heads, mask=head_ok, other=float("-inf"))
-        l_sum = tl.load(l_part_ptr + pair * stride_mp + heads, mask=head_ok, other=0.0)
-        acc, m_run, l_run = _merge_state(acc, m_run, l_run, o, m, l_sum)
-    l_safe = tl.where(head_ok, l_run, 1.0)
-    tl.store(out_ptr + row * stride_outn + heads[:, None] * stride_outh + offs_d[None, :],
-             (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
-    tl.store(lse_ptr + row * stride_lse + heads, (m_run + tl.log2(l_safe)) * LN2, mask=head_ok)
+    acc, m_run, l_run = _merge_pairs(acc, m_run, l_run, o_part_ptr, m_part_ptr, l_part_ptr, row_pairs_ptr, p0, p1,
+                                     heads, head_ok, offs_d, stride_op, stride_poh, stride_mp)
+    _store_output(out_ptr, lse_ptr, row * stride_outn + heads[:, None] * stride_outh + offs_d[None, :],
+                  row * stride_lse + heads, acc, m_run, l_run, head_ok)
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -380,16 +410,23 @@ def triton_attention(
             GROUP=group, HEAD_DIM=head_dim, BLOCK_M=ws.block_m_shared, BLOCK_N=chunk_block,
             DOT_PRECISION=precision,
         )
+    fuse_merge = ws.rows_per_tile == 1 and ws.num_splits == 1
     _seq_first_kernel[(wt["tile_seq"].numel(), num_kv_heads, ws.num_splits)](
         q, k, v, ws.o_split, ws.m_split, ws.l_split,
         wt["tile_seq"], wt["tile_row0"], wt["tile_num_rows"], pt("q_pos"),
         pt("private_indptr"), pt("private_kv_begin"), pt("private_len"), pt("private_pos"),
+        out, lse, ws.o_part, ws.m_part, ws.l_part, wt["row_pair_indptr"], wt["row_pairs"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ws.o_split.stride(0), ws.o_split.stride(1), ws.o_split.stride(2), ws.m_split.stride(0),
         ws.m_split.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), ws.o_part.stride(0), ws.o_part.stride(1),
+        ws.m_part.stride(0),
         qk_scale, ws.chunks_per_split,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=ws.block_m_seq, BLOCK_N=chunk_block, DOT_PRECISION=precision,
+        FUSE_MERGE=fuse_merge,
     )
+    if fuse_merge:
+        return out, lse
     block_h = min(16, triton.next_power_of_2(num_heads))
     _merge_kernel[(num_rows, triton.cdiv(num_heads, block_h))](
         out, lse, ws.o_split, ws.m_split, ws.l_split, ws.o_part, ws.m_part, ws.l_part,
