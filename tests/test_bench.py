@@ -52,3 +52,21 @@ def test_workload_memory_matches_the_tree():
     assert w.cache.stats()["kv_bytes"] == chunks * w.cache.chunk_bytes
     saving = 1 - w.cache.stats()["kv_bytes"] / w.dense_kv_bytes()
     assert saving == pytest.approx(1 - (4096 + 32 * 512) / (32 * 4608))
+
+
+def test_a_failing_provider_is_reported_not_fatal(monkeypatch, tmp_path):
+    from chunkattn.bench import kernel
+
+    table = kernel.provider_table()
+
+    def broken(w):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(kernel, "provider_table", lambda: {**table, "tpp-triton": broken})
+    out = tmp_path / "e.json"
+    rc = main(["bench", "kernel", "--batch", "2", "--shared", "16", "--private", "3", "--heads", "2",
+               "--head-dim", "16", "--chunk-size", "8", "--providers", "tpp-torch", "tpp-triton", "--no-progress",
+               "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 1 and [r["provider"] for r in result["rows"]] == ["tpp-torch"]
+    assert "kernel exploded" in result["errors"]["tpp-triton"][0]

@@ -61,8 +61,10 @@ def _run_kernel_bench(args: argparse.Namespace) -> int:
     print(format_table(result))
     for name, why in result["skipped"].items():
         print(f"skipped {name}: {why}")
+    for name, failures in result["errors"].items():
+        print(f"ERROR {name}: {len(failures)} configuration(s) failed, first: {failures[0]}")
     _write_outputs(args, result, plot)
-    return 0
+    return 1 if result["errors"] else 0
 
 
 def _write_outputs(args: argparse.Namespace, result: dict, plot: Callable[[dict, str], None]) -> None:

@@ -259,6 +259,7 @@ def run_sweep(configs: Iterable[Config], providers: list[str], *, cuda_graph: bo
         "date": time.strftime("%Y-%m-%d"),
         "rows": [],
         "skipped": {},
+        "errors": {},  # provider -> failures (a bug to fix, unlike "skipped")
     }
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
@@ -274,6 +275,11 @@ def run_sweep(configs: Iterable[Config], providers: list[str], *, cuda_graph: bo
                 out = fn().double()
             except ProviderUnavailable as exc:
                 result["skipped"][name] = str(exc)
+                bar.update(1)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one broken provider must not cost the others' numbers
+                result["errors"].setdefault(name, []).append(f"{config}: {exc!r}")
+                bar.write(f"ERROR {name}: {exc!r}")
                 bar.update(1)
                 continue
             err = float((out - ref).norm() / ref.norm())
@@ -312,7 +318,7 @@ def _graph_median_us(fn: Callable[[], torch.Tensor], device: torch.device) -> fl
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - not capturable (e.g. a peer's host-side work): eager timing only
         return None
     return round(time_median_us(graph.replay, device), 2)
 
