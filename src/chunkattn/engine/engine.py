@@ -226,8 +226,8 @@ class LLMEngine:
             s.decode_steps += 1
             s.decode_step_tokens += num_tokens
             s.decode_step_time += seconds
-        stats = self.cache.stats()
-        s.peak_live_kv_bytes = max(s.peak_live_kv_bytes, stats["used_chunks"] * self.cache.chunk_bytes)
+        live = self.cache.tree.num_live_slots * self.cache.chunk_bytes  # = stats()["used_chunks"], without a tree walk
+        s.peak_live_kv_bytes = max(s.peak_live_kv_bytes, live)
 
     # ------------------------------------------------------------------ drivers
     def run_until_done(self, requests: list[Request]) -> list[RequestOutput]:
