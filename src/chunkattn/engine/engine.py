@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,9 +231,16 @@ class LLMEngine:
         s.peak_live_kv_bytes = max(s.peak_live_kv_bytes, live)
 
     # ------------------------------------------------------------------ drivers
-    def run_until_done(self, requests: list[Request]) -> list[RequestOutput]:
+    def run_until_done(self, requests: list[Request],
+                       on_finished: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        """Step until ``requests`` finish; ``on_finished(n)`` hears how many more finished after each step."""
+        done = 0
         while any(r.state is not RequestState.FINISHED for r in requests):
             if not self.has_unfinished():
                 raise EngineError("requests left unfinished with nothing scheduled")
             self.step()
+            now_done = sum(r.finished for r in requests)
+            if on_finished is not None and now_done != done:
+                on_finished(now_done - done)
+            done = now_done
         return [RequestOutput.of(r) for r in requests]

@@ -11,7 +11,7 @@ import torch
 
 from chunkattn.attention import Backend
 from chunkattn.cache.cache import PrefixKVCache
-from chunkattn.engine.engine import EngineConfig, EngineError, LLMEngine
+from chunkattn.engine.engine import EngineConfig, LLMEngine
 from chunkattn.engine.request import RequestOutput
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.engine.scheduler import SchedulerConfig
@@ -74,15 +74,7 @@ class LLM:
         from tqdm import tqdm
 
         with tqdm(total=len(requests), disable=not use_tqdm, desc="generate", unit="req") as bar:
-            done = 0
-            while any(not r.finished for r in requests):
-                if not self.engine.has_unfinished():
-                    raise EngineError("requests left unfinished with nothing scheduled")
-                self.engine.step()
-                now_done = sum(r.finished for r in requests)
-                bar.update(now_done - done)
-                done = now_done
-        return [RequestOutput.of(r) for r in requests]
+            return self.engine.run_until_done(requests, bar.update)
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
