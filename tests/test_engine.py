@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from chunkattn import LLM, AsyncLLM, SamplingParams
 from chunkattn.engine.sampling import sample_token
-from chunkattn.model import LoadedModel, ModelConfig, build_model, load_model
+from chunkattn.model import LoadedModel, ModelConfig, build_model, load_model, to_transformers
 
 VOCAB = 101
 
@@ -58,9 +58,7 @@ def test_sharing_on_equals_off_and_hits_the_cache(tiny):
 
 
 def test_greedy_matches_transformers_on_tiny_model(tiny):
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny.hf_config))
-    hf.load_state_dict(tiny.model.state_dict(), strict=False)
-    hf.eval()
+    hf = to_transformers(tiny)
     prompts = prompts_sharing(3, shared=40, own=3, seed=5)
     outs = LLM(loaded=tiny, chunk_size=8).generate(prompts, SamplingParams(max_tokens=15, temperature=0))
     for p, o in zip(prompts, outs):
@@ -150,10 +148,7 @@ def test_async_streaming_matches_offline(tiny):
 
 # ---------------------------------------------------------------------------- the real default model
 def test_smollm2_greedy_matches_transformers_and_stop_strings(smol):
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**smol.hf_config))
-    hf.load_state_dict(smol.model.state_dict(), strict=False)
-    hf.tie_weights()
-    hf.eval()
+    hf = to_transformers(smol)
     llm = LLM(loaded=smol)
     convs = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colors.")]
     prompts = [llm.apply_chat_template(c) for c in convs] + [llm.tokenizer("The quick brown fox")["input_ids"]]
@@ -182,10 +177,7 @@ def test_smollm2_logits_match_transformers(smol):
     """The real check of the decoder: SmolLM2's logits against transformers', prefill then decode steps."""
     from chunkattn import PrefixKVCache
 
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**smol.hf_config))
-    hf.load_state_dict(smol.model.state_dict(), strict=False)
-    hf.tie_weights()
-    hf.eval().requires_grad_(False)
+    hf = to_transformers(smol)
     cfg = smol.config
     cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=16, max_tokens=1024,
                           dtype=torch.float32)

@@ -18,7 +18,7 @@ import torch
 from chunkattn.engine.llm import LLM
 from chunkattn.engine.request import Request, RequestOutput
 from chunkattn.engine.sampling import SamplingParams
-from chunkattn.model.loader import LoadedModel
+from chunkattn.model.loader import LoadedModel, to_transformers
 
 SYSTEMS = ("chunkattn", "no-sharing", "hf")
 
@@ -139,15 +139,9 @@ def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: b
 
 def run_hf(loaded: LoadedModel, cfg: ServeConfig, work: Workload) -> dict[str, Any]:
     """Hugging Face ``generate`` on all requests as one static batch (arrivals ignored: best case for it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     mc = loaded.config
     weight = loaded.model.lm_head.weight
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**loaded.hf_config), dtype=torch.float32)
-    hf.load_state_dict(loaded.model.state_dict(), strict=False)
-    if mc.tie_word_embeddings:
-        hf.tie_weights()
-    hf = hf.to(device=weight.device, dtype=weight.dtype).eval()
+    hf = to_transformers(loaded)
     ids = torch.tensor(work.prompts, device=weight.device)  # equal lengths: no padding needed
     times: list[float] = []
 

@@ -2,7 +2,14 @@
 
 from chunkattn.model.config import ModelConfig, UnsupportedModelError
 from chunkattn.model.llama import LlamaForCausalLM
-from chunkattn.model.loader import LoadedModel, ModelNotFoundError, build_model, default_model_path, load_model
+from chunkattn.model.loader import (
+    LoadedModel,
+    ModelNotFoundError,
+    build_model,
+    default_model_path,
+    load_model,
+    to_transformers,
+)
 
 __all__ = ["LlamaForCausalLM", "LoadedModel", "ModelConfig", "ModelNotFoundError", "UnsupportedModelError",
-           "build_model", "default_model_path", "load_model"]
+           "build_model", "default_model_path", "load_model", "to_transformers"]

@@ -113,6 +113,23 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     return LoadedModel(build_model(config, weights, dtype, device), None, config, f"random:{config_json}", cfg)
 
 
+def to_transformers(loaded: LoadedModel) -> Any:
+    """The same weights in Hugging Face's own model (same dtype and device, eval mode): the reference for
+    tests and the baseline of ``bench serve``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weight = loaded.model.lm_head.weight
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**loaded.hf_config), dtype=torch.float32)
+    missing, unexpected = hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if loaded.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise UnsupportedModelError(f"weights do not map onto transformers' model: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}")
+    if tied:
+        hf.tie_weights()
+    return hf.to(device=weight.device, dtype=weight.dtype).eval().requires_grad_(False)
+
+
 def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", random_weights: bool = False) -> LoadedModel:
     """Load ``model`` (None: the default SmolLM2-135M-Instruct) with its tokenizer and chat template.
