@@ -78,3 +78,13 @@ def check_attention(cache: PrefixKVCache, batch: chunkattn.Batch, num_q_heads: i
         assert rel_err(lse, ref_lse) <= max(tol, 1e-5)
         worst = max(worst, err)
     return worst
+
+
+def run_model(model, cache: PrefixKVCache, batch: chunkattn.Batch, ids: torch.Tensor, pos: torch.Tensor,
+              backend: str = "torch") -> torch.Tensor:
+    """One forward pass of ``model`` over ``batch``'s new tokens, attention planned once as the engine does."""
+    from chunkattn.attention import get_backend
+
+    attn = get_backend(backend, cache)
+    attn.plan(batch)
+    return model(ids, pos, attn)

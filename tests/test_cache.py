@@ -65,7 +65,7 @@ def test_prefix_diverging_inside_a_chunk_is_split_and_shared_to_the_token():
     assert cache.stats()["live_tokens"] == 7
     assert_consistent(cache)
     batch = decode(cache, [a, b], [7, 7])
-    assert sum(cache.plan(batch).host["shared_len"]) == 5
+    assert sum(cache.plan(batch).shared_len) == 5
 
 
 def test_one_sequence_a_prefix_of_another():
@@ -121,7 +121,7 @@ def test_extreme_chunk_sizes(chunk_size: int):
     for step in range(3):
         batch = decode(cache, seqs, [step, step + 1, step])
     plan = cache.plan(batch)
-    assert sum(plan.host["shared_len"]) == 40
+    assert sum(plan.shared_len) == 40
     assert_consistent(cache)
 
 

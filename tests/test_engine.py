@@ -11,8 +11,8 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from chunkattn import LLM, AsyncLLM, SamplingParams
-from chunkattn.engine.sampling import sample_token
 from chunkattn.model import LoadedModel, ModelConfig, build_model, load_model, to_transformers
+from helpers import run_model
 
 VOCAB = 101
 
@@ -116,17 +116,6 @@ def test_bad_requests_raise_clear_errors(tiny):
         SamplingParams(top_p=0)
 
 
-def test_sampler_filters():
-    logits = torch.randn(50)
-    best = int(logits.argmax())
-    g = torch.Generator().manual_seed(0)
-    assert sample_token(logits, SamplingParams(temperature=0), None) == best
-    assert all(sample_token(logits, SamplingParams(temperature=2.0, top_k=1), g) == best for _ in range(20))
-    assert all(sample_token(logits, SamplingParams(temperature=2.0, top_p=1e-6), g) == best for _ in range(20))
-    top3 = set(torch.topk(logits, 3).indices.tolist())
-    assert {sample_token(logits, SamplingParams(temperature=5.0, top_k=3), g) for _ in range(200)} <= top3
-
-
 def test_async_streaming_matches_offline(tiny):
     prompts = prompts_sharing(3, shared=30, own=4, seed=9)
     greedy = SamplingParams(max_tokens=8, temperature=0)
@@ -188,7 +177,7 @@ def test_smollm2_logits_match_transformers(smol):
     for _ in range(4):
         batch = cache.extend([seq], [new])
         pos = torch.arange(seq.num_tokens - len(new), seq.num_tokens)
-        ours = smol.model(torch.tensor(new), pos, cache, batch, backend="torch")
+        ours = run_model(smol.model, cache, batch, torch.tensor(new), pos)
         ref = hf(torch.tensor([tokens])).logits[0, -len(new):]
         assert float((ours - ref).norm() / ref.norm()) < 1e-4
         new = [int(ours[-1].argmax())]

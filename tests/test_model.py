@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from chunkattn import PrefixKVCache
 from chunkattn.model import ModelConfig, UnsupportedModelError, build_model, load_model
+from helpers import run_model
 
 
 def hf_config(**kw) -> LlamaConfig:
@@ -36,7 +37,7 @@ def run_step(model, cache, seqs, tokens):
     batch = cache.extend(seqs, tokens)
     ids = torch.tensor([t for ts in tokens for t in ts])
     pos = torch.tensor([p for s, ts in zip(seqs, tokens) for p in range(s.num_tokens - len(ts), s.num_tokens)])
-    return model(ids, pos, cache, batch, backend="torch")
+    return run_model(model, cache, batch, ids, pos)
 
 
 @pytest.mark.parametrize("kw", [

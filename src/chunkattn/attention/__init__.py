@@ -7,31 +7,29 @@ Triton is importable, else torch).
 
 from __future__ import annotations
 
-import importlib.util
-import math
 from typing import Literal, overload
 
 import torch
 
+# Importing a backend's module registers it.
+from chunkattn.attention import reference as _reference
+from chunkattn.attention import torch_tpp as _torch_tpp
+from chunkattn.attention import triton_backend as _triton_backend
+from chunkattn.attention.backend import (
+    AttentionBackend,
+    PlannedBackend,
+    backend_names,
+    get_backend,
+    register_backend,
+    resolve_backend,
+)
 from chunkattn.attention.reference import reference_attention
 from chunkattn.attention.torch_tpp import tpp_attention
 from chunkattn.cache.cache import Batch, PrefixKVCache
 
-BACKENDS = ("auto", "reference", "torch", "triton")
-Backend = Literal["auto", "reference", "torch", "triton"]
+del _reference, _torch_tpp, _triton_backend
 
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``backend`` means for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    return backend
+Backend = str  # a registered backend name or "auto" (see backend_names())
 
 
 @overload
@@ -52,10 +50,12 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of a batch's new tokens over their sequences in the cache.
+    """Causal attention of a batch's new tokens over their sequences in the cache (one call, checked).
 
     Each new token attends to every earlier token of its own sequence (cached prefix, shared chunks and
     earlier new tokens) and to itself. Store the layer's K/V of the new tokens with ``cache.store`` first.
+    Every call validates its arguments; an engine plans once per step with an :class:`AttentionBackend`
+    (``get_backend(name, cache).plan(batch)``) and then runs each layer without re-validation.
 
     Parameters
     ----------
@@ -65,7 +65,8 @@ def attention(
         ``h`` reads K/V head ``h // (num_q_heads // num_kv_heads)``).
     cache, batch, layer
         The cache, the batch returned by its latest ``extend`` for these sequences, the layer index.
-    backend : {"auto", "reference", "torch", "triton"}
+    backend : str
+        A name from :func:`backend_names` (``"reference"``, ``"torch"``, ``"triton"``, ...) or ``"auto"``.
     scale : float, optional
         Score scale; default ``1 / sqrt(head_dim)``.
     return_lse : bool
@@ -79,7 +80,6 @@ def attention(
     if not isinstance(cache, PrefixKVCache):
         raise TypeError(f"cache must be a PrefixKVCache, got {type(cache).__name__}")
     layer = cache._check_layer(layer)
-    cache.check_batch(batch)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if q.dim() != 3 or q.shape[0] != batch.num_new_tokens or q.shape[2] != cache.head_dim:
@@ -91,19 +91,12 @@ def attention(
         raise TypeError(f"q must be {cache.dtype} like the cache, got {q.dtype}")
     if q.device != cache.k_cache.device:
         raise ValueError(f"q is on {q.device}, the cache on {cache.k_cache.device}")
-    scale = 1.0 / math.sqrt(cache.head_dim) if scale is None else float(scale)
-    k, v = cache.k_cache[layer], cache.v_cache[layer]
-    name = resolve_backend(backend, q.device)
-    if name == "reference":
-        rows = [cache.sequence_kv_rows(s) for s in batch.seqs]
-        out, lse = reference_attention(q, k, v, rows, batch.q_indptr, scale)
-    elif name == "torch":
-        out, lse = tpp_attention(q, k, v, cache.plan(batch), scale)
-    else:
-        from chunkattn.attention.triton_tpp import triton_attention
-
-        out, lse = triton_attention(q, k, v, cache.plan(batch), scale)
+    impl = get_backend(backend, cache, scale)
+    with torch.inference_mode():
+        impl.plan(batch)
+        out, lse = impl.run(q, layer)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["BACKENDS", "attention", "reference_attention", "resolve_backend", "tpp_attention"]
+__all__ = ["AttentionBackend", "Backend", "PlannedBackend", "attention", "backend_names", "get_backend",
+           "reference_attention", "register_backend", "resolve_backend", "tpp_attention"]

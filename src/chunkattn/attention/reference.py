@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from chunkattn.attention.backend import AttentionBackend, register_backend
+from chunkattn.cache.cache import Batch
+
 
 def reference_attention(
     q: torch.Tensor,
@@ -46,3 +49,18 @@ def reference_attention(
         lse[r0:r1] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
         out[r0:r1] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vals)
     return out.to(q.dtype), lse.float()
+
+
+@register_backend
+class ReferenceBackend(AttentionBackend):
+    """The float64 oracle as a backend (for tests; slow)."""
+
+    name = "reference"
+
+    def _prepare(self, batch: Batch) -> None:
+        self._rows = [self.cache.sequence_kv_rows(s) for s in batch.seqs]
+
+    def run(self, q: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache
+        return reference_attention(q, cache.k_cache[layer], cache.v_cache[layer], self._rows, self.batch.q_indptr,
+                                   self.scale)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chunkattn.attention.backend import PlannedBackend, register_backend
 from chunkattn.cache.plan import AttentionPlan
 
 
@@ -80,8 +81,8 @@ class _SeqGroup:
 def _seq_groups(plan: AttentionPlan) -> list[_SeqGroup]:
     """Bucket sequences by their number of new tokens (powers of two), so that one long prefill does not pad
     every decode row of the batch to its length."""
-    h, dev = plan.host, plan.device
-    q_indptr, pi = h["q_indptr"], h["private_indptr"]
+    dev = plan.device
+    q_indptr, pi = plan.q_indptr, plan.private_indptr
     buckets: dict[int, list[int]] = {}
     for b in range(plan.num_seqs):
         n = q_indptr[b + 1] - q_indptr[b]
@@ -93,7 +94,7 @@ def _seq_groups(plan: AttentionPlan) -> list[_SeqGroup]:
     groups = []
     for _, seqs in sorted(buckets.items()):
         num_new = [q_indptr[b + 1] - q_indptr[b] for b in seqs]
-        first_pos = [h["seq_lens"][b] - n for b, n in zip(seqs, num_new)]
+        first_pos = [plan.seq_lens[b] - n for b, n in zip(seqs, num_new)]
         chunks = [j for b in seqs for j in range(pi[b], pi[b + 1])]
         chunk_indptr = [0]
         for b in seqs:
@@ -101,9 +102,9 @@ def _seq_groups(plan: AttentionPlan) -> list[_SeqGroup]:
         seq_rows, seq_row_pos, seq_row_valid = pad_ranges(
             torch.arange(len(seqs) + 1, device=dev), t([q_indptr[b] for b in seqs]), t(num_new), t(first_pos))
         priv_rows, priv_pos, priv_valid = pad_ranges(
-            t(chunk_indptr), t([h["private_kv_begin"][j] for j in chunks]), t([h["private_len"][j] for j in chunks]),
-            t([h["private_pos"][j] for j in chunks]))
-        private_tokens = [sum(h["private_len"][pi[b] : pi[b + 1]]) for b in seqs]
+            t(chunk_indptr), t([plan.private_kv_begin[j] for j in chunks]), t([plan.private_len[j] for j in chunks]),
+            t([plan.private_pos[j] for j in chunks]))
+        private_tokens = [sum(plan.private_len[pi[b] : pi[b + 1]]) for b in seqs]
         needs_mask = max(num_new) > 1 or len(set(private_tokens)) > 1
         groups.append(_SeqGroup(seq_rows, seq_row_valid, seq_row_pos, priv_rows, priv_pos, priv_valid, needs_mask))
     return groups
@@ -111,7 +112,8 @@ def _seq_groups(plan: AttentionPlan) -> list[_SeqGroup]:
 
 @dataclass
 class _TorchWorkspace:
-    """Padded gather indices of one plan (rebuilt when the plan's lengths change)."""
+    """Padded gather indices and buffers of one plan. A decode step that only advances lengths keeps the
+    shared runs and the buffers and rebuilds the (small) private indices."""
 
     groups: list[_SeqGroup]
     run_q_rows: torch.Tensor  # [num_runs, max_run_queries]: query rows of the sequences sharing each run
@@ -121,11 +123,14 @@ class _TorchWorkspace:
     buffers: _Buffers
     run_span: tuple[int, int] | None  # (first K/V row, rows) when all shared chunks form one consecutive run
 
+    def advance(self, plan: AttentionPlan) -> None:
+        self.groups = _seq_groups(plan)
+
     @classmethod
     def build(cls, plan: AttentionPlan) -> _TorchWorkspace:
-        t = plan.tensor
+        t = plan.tensors
         dev = plan.device
-        q_indptr = t("q_indptr")
+        q_indptr = t.q_indptr
         num_new = q_indptr[1:] - q_indptr[:-1]
         runs = plan.shared_runs()
         run_indptr = [0] + [end for _, end in runs]
@@ -134,7 +139,7 @@ class _TorchWorkspace:
         for begin, _ in runs:
             run_seq_indptr.append(run_seq_indptr[-1] + len(plan.shared_users(begin)))
         run_indptr_t = torch.tensor(run_indptr, dtype=torch.int64, device=dev)
-        run_kv_rows, _, run_kv_valid = pad_ranges(run_indptr_t, t("shared_kv_begin"), t("shared_len"))
+        run_kv_rows, _, run_kv_valid = pad_ranges(run_indptr_t, t.shared_kv_begin, t.shared_len)
         run_seqs_t = torch.tensor(run_seqs, dtype=torch.int64, device=dev)
         run_q_rows, _, run_q_valid = pad_ranges(
             torch.tensor(run_seq_indptr, dtype=torch.int64, device=dev), q_indptr[run_seqs_t], num_new[run_seqs_t]
@@ -145,7 +150,7 @@ class _TorchWorkspace:
 
 def _single_span(plan: AttentionPlan, run_indptr: list[int]) -> tuple[int, int] | None:
     """(first row, rows) if there is exactly one run and its chunks lie back to back in the storage."""
-    begin, length = plan.host["shared_kv_begin"], plan.host["shared_len"]
+    begin, length = plan.shared_kv_begin, plan.shared_len
     if len(run_indptr) != 2 or any(begin[j + 1] != begin[j] + length[j] for j in range(len(begin) - 1)):
         return None
     return begin[0], sum(length)
@@ -214,6 +219,7 @@ def _partial(
     return torch.matmul(s, values), s.sum(dim=-1), m
 
 
+@torch.inference_mode()
 def tpp_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,3 +277,18 @@ def tpp_attention(
         m_row = m_all
     lse = m_row + torch.log(l_row)
     return (out / l_row[..., None]).to(q.dtype), lse
+
+
+@register_backend
+class TorchBackend(PlannedBackend):
+    """Two-phase partition in vectorized PyTorch ops: runs wherever PyTorch does (the portable fallback)."""
+
+    name = "torch"
+
+    @classmethod
+    def auto_priority(cls, device: torch.device) -> int | None:
+        return 1
+
+    def run(self, q: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache
+        return tpp_attention(q, cache.k_cache[layer], cache.v_cache[layer], self.attention_plan, self.scale)

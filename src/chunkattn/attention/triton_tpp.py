@@ -275,11 +275,10 @@ class TritonWorkspace:
     @classmethod
     def build(cls, plan: AttentionPlan, num_heads: int, num_kv_heads: int, head_dim: int,
               num_splits: int | None = None, shared_chunks_per_program: int | None = None) -> TritonWorkspace:
-        h = plan.host
         dev = plan.device
         group = num_heads // num_kv_heads
         num_seqs, num_rows = plan.num_seqs, plan.num_rows
-        q_indptr = h["q_indptr"]
+        q_indptr = plan.q_indptr
         # Query tiles: decode rows go one per program (rows = the GQA group); prefill rows in tiles of ~64.
         rows_per_tile = 1 if plan.is_decode else max(1, 64 // group)
         tile_seq, tile_row0, tile_rows = [], [], []
@@ -315,7 +314,7 @@ class TritonWorkspace:
         for pairs in row_pairs:
             row_pair_indptr.append(row_pair_indptr[-1] + len(pairs))
         # Split long private chunk lists so that the grid fills the GPU (flash-decoding).
-        pi = h["private_indptr"]
+        pi = plan.private_indptr
         max_chunks = max((pi[b + 1] - pi[b] for b in range(num_seqs)), default=0)
         if num_splits is None:
             num_splits = 1
@@ -393,7 +392,7 @@ def triton_attention(
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim")
     ws = _workspace(plan, num_heads, num_kv_heads, head_dim, num_splits, shared_chunks_per_program)
-    pt, wt = plan.tensor, ws.tensors
+    pt, wt = plan.tensors, ws.tensors
     group = ws.group
     qk_scale = scale * LOG2E
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -403,7 +402,7 @@ def triton_attention(
     if plan.num_shared:
         _chunk_first_kernel[(ws.num_items, num_kv_heads)](
             q, k, v, ws.o_part, ws.m_part, ws.l_part,
-            pt("shared_kv_begin"), pt("shared_len"), wt["item_chunk_begin"], wt["item_pair_indptr"], wt["pair_row"],
+            pt.shared_kv_begin, pt.shared_len, wt["item_chunk_begin"], wt["item_pair_indptr"], wt["pair_row"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             ws.o_part.stride(0), ws.o_part.stride(1), ws.m_part.stride(0),
             qk_scale,
@@ -413,8 +412,8 @@ def triton_attention(
     fuse_merge = ws.rows_per_tile == 1 and ws.num_splits == 1
     _seq_first_kernel[(wt["tile_seq"].numel(), num_kv_heads, ws.num_splits)](
         q, k, v, ws.o_split, ws.m_split, ws.l_split,
-        wt["tile_seq"], wt["tile_row0"], wt["tile_num_rows"], pt("q_pos"),
-        pt("private_indptr"), pt("private_kv_begin"), pt("private_len"), pt("private_pos"),
+        wt["tile_seq"], wt["tile_row0"], wt["tile_num_rows"], pt.q_pos,
+        pt.private_indptr, pt.private_kv_begin, pt.private_len, pt.private_pos,
         out, lse, ws.o_part, ws.m_part, ws.l_part, wt["row_pair_indptr"], wt["row_pairs"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ws.o_split.stride(0), ws.o_split.stride(1), ws.o_split.stride(2), ws.m_split.stride(0),

@@ -164,7 +164,7 @@ def _sdpa(w: Workload, flash: bool = False) -> tuple[Callable[[], torch.Tensor],
 def _chunkattn(backend: str) -> Provider:
     def make(w: Workload) -> tuple[Callable[[], torch.Tensor], int]:
         def run() -> torch.Tensor:
-            return chunkattn.attention(w.q, w.cache, w.batch, 0, backend=backend)  # type: ignore[call-overload]
+            return chunkattn.attention(w.q, w.cache, w.batch, 0, backend=backend)
 
         return run, w.cache.stats()["kv_bytes"]
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from chunkattn.cache.eviction import EvictionPolicy, make_policy
 from chunkattn.cache.tree import ChunkTree, Node
 from chunkattn.errors import SequenceError
 
@@ -59,6 +60,28 @@ class Sequence:
     def __repr__(self) -> str:
         state = "released" if self.released else f"{self.num_tokens} tokens"
         return f"Sequence(seq_id={self.seq_id}, {state})"
+
+
+class PinnedPrefix:
+    """A prefix held resident by :meth:`PrefixKVCache.pin` until :meth:`PrefixKVCache.unpin`.
+
+    ``token_ids`` are the pinned tokens: the longest prefix of the requested tokens that the cache held.
+    """
+
+    __slots__ = ("token_ids", "_node", "_cache_id", "active")
+
+    def __init__(self, token_ids: tuple[int, ...], node: Node, cache_id: int):
+        self.token_ids = token_ids
+        self._node = node
+        self._cache_id = cache_id
+        self.active = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return f"PinnedPrefix({self.num_tokens} tokens{'' if self.active else ', unpinned'})"
 
 
 @dataclass(eq=False)
@@ -152,6 +175,9 @@ class PrefixKVCache:
     share_prefixes : bool
         False gives every added sequence chunks of its own (a baseline without prefix sharing: nothing is
         reused between sequences, nothing is retained); forks still share with their parent.
+    eviction : str or EvictionPolicy
+        Which retained chunks go first when room is needed: ``"lru"`` (default), ``"longest-first"``, or
+        an :class:`~chunkattn.cache.eviction.EvictionPolicy` instance.
     """
 
     def __init__(
@@ -165,6 +191,7 @@ class PrefixKVCache:
         device: str | torch.device = "cpu",
         retain_prefixes: bool = True,
         share_prefixes: bool = True,
+        eviction: str | EvictionPolicy | None = None,
     ):
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                             ("chunk_size", chunk_size), ("max_tokens", max_tokens)):
@@ -181,7 +208,7 @@ class PrefixKVCache:
         self.share_prefixes = share_prefixes
         self.retain_prefixes = retain_prefixes and share_prefixes
         self.num_slots = math.ceil(max_tokens / chunk_size)
-        self._tree = ChunkTree(self.num_slots, chunk_size)
+        self._tree = ChunkTree(self.num_slots, chunk_size, make_policy(eviction))
         rows = self.num_slots * chunk_size
         # k_cache, v_cache: [num_layers, num_slots * chunk_size, num_kv_heads, head_dim]
         self.k_cache = torch.zeros(num_layers, rows, num_kv_heads, head_dim, dtype=dtype, device=self.device)
@@ -190,6 +217,7 @@ class PrefixKVCache:
         self._next_seq_id = 0
         self._live: dict[int, Sequence] = {}
         self._root_users: dict[int, int] = {}  # private root id -> live sequences under it (sharing off)
+        self._pins: list[PinnedPrefix] = []
         self._last_plan: AttentionPlan | None = None
         # store() scatters with a Triton kernel on CUDA (head_dim a power of two), with index_copy_ elsewhere.
         self._triton_store = (self.device.type == "cuda" and head_dim & (head_dim - 1) == 0
@@ -236,16 +264,20 @@ class PrefixKVCache:
         tokens = _as_token_list(token_ids, "token_ids")
         return self._tree.match(self._tree.root, tokens)[2]
 
-    def add_sequence(self, token_ids: Any) -> Sequence:
+    def add_sequence(self, token_ids: Any, reuse_prefix: bool = True) -> Sequence:
         """Start a sequence holding the longest cached prefix of ``token_ids``, at most ``len - 1`` tokens.
 
         The last prompt token is never taken from the cache so that the caller computes its logits. Extend
-        the returned sequence with ``token_ids[seq.num_cached_tokens:]``.
+        the returned sequence with ``token_ids[seq.num_cached_tokens:]``. ``reuse_prefix=False`` starts it
+        empty, so that every token is computed again (when the logits of every prompt token are wanted);
+        its K/V still lands in (and shares) the cached chunks.
         """
         tokens = _as_token_list(token_ids, "token_ids")
         tree = self._tree
         if not self.share_prefixes:
             return self._new_seq(tree.new_root(), [], 0)
+        if not reuse_prefix:
+            return self._new_seq(tree.root, [], 0)
         node, offset, matched = tree.match(tree.root, tokens[:-1])
         if 0 < offset < len(node):
             node = tree.split(node, offset)
@@ -274,8 +306,73 @@ class PrefixKVCache:
         del self._live[seq.seq_id]
 
     def evict_all(self) -> int:
-        """Drop every retained (unreferenced) chunk now; return how many chunks were freed."""
+        """Drop every retained (unreferenced) chunk now; return how many chunks were freed. Chunks of live
+        sequences and pinned prefixes stay."""
         return self._tree.evict_all()
+
+    # ------------------------------------------------------------------ pins
+    def pin(self, token_ids: Any) -> PinnedPrefix:
+        """Keep the longest cached prefix of ``token_ids`` resident (never evicted) until :meth:`unpin`.
+
+        Pin a system prompt after computing it once so that no burst of other requests pushes it out. The
+        returned handle says how many tokens were pinned (0 when none were cached). Pins nest: a prefix
+        pinned twice needs two unpins.
+        """
+        if not self.share_prefixes:
+            raise ValueError("pinning needs share_prefixes=True: without sharing no prefix is reused")
+        tokens = _as_token_list(token_ids, "token_ids")
+        tree = self._tree
+        node, offset, matched = tree.match(tree.root, tokens)
+        if 0 < offset < len(node):
+            node = tree.split(node, offset)
+        tree.lock(node)
+        tree.touch(node)
+        pin = PinnedPrefix(tuple(tokens[:matched]), node, self._id)
+        self._pins.append(pin)
+        return pin
+
+    def unpin(self, pin: PinnedPrefix) -> None:
+        """Release a pin; its chunks become ordinary retained prefixes (evictable when unused)."""
+        if not isinstance(pin, PinnedPrefix) or pin._cache_id != self._id:
+            raise TypeError("unpin takes a PinnedPrefix returned by this cache's pin()")
+        if not pin.active:
+            raise ValueError(f"{pin} was already unpinned")
+        self._tree.unlock(pin._node)
+        pin.active = False
+        self._pins.remove(pin)
+
+    @property
+    def pins(self) -> list[PinnedPrefix]:
+        return list(self._pins)
+
+    # ------------------------------------------------------------------ capacity (for schedulers)
+    @property
+    def num_free_chunks(self) -> int:
+        """Chunks holding nothing."""
+        return self._tree.num_free_slots
+
+    @property
+    def num_evictable_chunks(self) -> int:
+        """Chunks that evicting retained (unreferenced, unpinned) prefixes would free."""
+        return self._tree.num_evictable_slots
+
+    @property
+    def num_live_chunks(self) -> int:
+        """Chunks holding a token of a live sequence or a pinned prefix."""
+        return self._tree.num_live_slots
+
+    def chunks_to_add(self, token_ids: Any) -> int:
+        """Worst-case chunks that adding a sequence of ``token_ids`` and computing it needs: its tokens
+        the cache does not hold, plus one for a tail that starts inside a chunk."""
+        tokens = _as_token_list(token_ids, "token_ids")
+        if not self.share_prefixes:
+            return -(-len(tokens) // self.chunk_size)
+        cached = min(self.match_prefix(tokens), len(tokens) - 1)
+        return -(-(len(tokens) - cached) // self.chunk_size) + 1
+
+    def can_allocate(self, num_chunks: int) -> bool:
+        """Whether ``num_chunks`` chunks can be had now, evicting retained prefixes if needed."""
+        return num_chunks <= self.num_free_chunks + self.num_evictable_chunks
 
     # ------------------------------------------------------------------ extend / store
     def extend(self, seqs: SequenceABC[Sequence], new_token_ids: SequenceABC[Any]) -> Batch:
@@ -397,6 +494,12 @@ class PrefixKVCache:
                 raise TypeError(f"{name} must be {self.dtype} like the cache, got {t.dtype}")
             if t.device != self.k_cache.device:
                 raise ValueError(f"{name} is on {t.device}, the cache on {self.k_cache.device}")
+        self.write_kv(layer, batch, k, v)
+
+    def write_kv(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`store` without validation, for attention backends that checked ``batch`` once per step."""
+        if not batch.store_kv.numel():
+            return
         if self._triton_store:  # one launch for K and V, no intermediate copy
             from chunkattn.cache.triton_store import triton_store
 
@@ -442,7 +545,7 @@ class PrefixKVCache:
     def stats(self) -> dict[str, int]:
         """Pool accounting.
 
-        ``total_chunks``, ``free_chunks``; ``used_chunks``: holding a token of a live sequence;
+        ``total_chunks``, ``free_chunks``; ``used_chunks``: holding a token of a live sequence or a pin;
         ``cached_chunks``: held only for retained prefixes (evictable); ``shared_chunks``: tree chunks on the
         path of two or more live sequences; ``live_tokens``: distinct tokens referenced by live sequences;
         ``cached_tokens``: tokens held only for retention; ``kv_bytes``: K/V bytes of used + cached chunks
@@ -482,6 +585,12 @@ class PrefixKVCache:
                 raise CacheCorruptedError(f"{seq}: tree path tokens differ from the sequence's tokens")
             if seq._end.parent is None and seq._end.tokens:
                 raise CacheCorruptedError(f"{seq} ends at an evicted chunk")
+            for n in path:
+                refs[n.id] = refs.get(n.id, 0) + 1
+        for pin in self._pins:
+            path = pin._node.path()
+            if tuple(t for n in path for t in n.tokens) != pin.token_ids:
+                raise CacheCorruptedError(f"{pin}: tree path tokens differ from the pinned tokens")
             for n in path:
                 refs[n.id] = refs.get(n.id, 0) + 1
         self._tree.check(refs)

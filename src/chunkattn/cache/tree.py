@@ -16,8 +16,9 @@ placed in its parent's slot when the parent is the slot's last chunk and the slo
 chunk of a slot can be a leaf, so evicting a leaf only ever shrinks its slot's fill, and frees the slot when
 the leaf started at row 0.
 
-Reference counts count the live sequences whose path passes through a chunk (and temporary pins). A chunk
-with count 0 is retained ("cached"), evictable once it is a leaf, least recently used first.
+Reference counts count the live sequences whose path passes through a chunk (and pins). A chunk with
+count 0 is retained ("cached"), evictable once it is a leaf, in the order of an :class:`EvictionPolicy`
+(least recently used first by default).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator, Sequence
 
+from chunkattn.cache.eviction import EvictionPolicy, LRUPolicy
 from chunkattn.errors import CacheCorruptedError, CacheFullError
+
+_HeapEntry = tuple[tuple[int, ...], int, "Node"]
 
 
 class Node:
@@ -78,13 +82,14 @@ class ChunkTree:
     their boundaries change (not when a chunk grows in place), so callers can cache per-batch plans.
     """
 
-    def __init__(self, num_slots: int, chunk_size: int):
+    def __init__(self, num_slots: int, chunk_size: int, policy: EvictionPolicy | None = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if num_slots < 1:
             raise ValueError(f"the pool needs at least one slot, got num_slots={num_slots}")
         self.chunk_size = chunk_size
         self.num_slots = num_slots
+        self.policy = policy or LRUPolicy()
         self.root = Node(0, [], -1, 0, 0, None)
         self.version = 0
         self._next_id = 1
@@ -93,7 +98,7 @@ class ChunkTree:
         self._slot_fill = [0] * num_slots  # rows in use in each slot
         self._slot_head: list[Node | None] = [None] * num_slots  # the chunk at row 0 of each held slot
         self._num_live_slots = 0  # held slots whose head chunk is referenced (so nothing in them is evictable)
-        self._candidates: list[tuple[int, int, Node]] = []  # heap of (last_access, id, leaf) with ref_count 0
+        self._candidates: list[_HeapEntry] = []  # heap of (priority, id, leaf) of unreferenced leaves
         self._private_roots: dict[int, Node] = {}  # roots of sequences that share with nobody (see new_root)
 
     # ------------------------------------------------------------------ queries
@@ -280,10 +285,13 @@ class ChunkTree:
                 if n.start == 0:
                     self._num_live_slots -= 1
                 if not n.children:
-                    heapq.heappush(self._candidates, (n.last_access, n.id, n))
+                    self._push_candidate(n)
             n = n.parent
 
     # ------------------------------------------------------------------ eviction
+    def _push_candidate(self, node: Node) -> None:
+        heapq.heappush(self._candidates, (self.policy.priority(node), node.id, node))
+
     def _remove_leaf(self, leaf: Node) -> None:
         parent = leaf.parent
         assert parent is not None and not leaf.children and leaf.ref_count == 0
@@ -296,10 +304,10 @@ class ChunkTree:
             self._free_slots.append(leaf.slot)
         self.version += 1
         if parent.parent is not None and not parent.children and parent.ref_count == 0:
-            heapq.heappush(self._candidates, (parent.last_access, parent.id, parent))
+            self._push_candidate(parent)
 
     def ensure_free(self, num_slots: int) -> None:
-        """Evict retained chunks, least recently used leaves first, until ``num_slots`` slots are free.
+        """Evict retained chunks, leaves in the policy's order, until ``num_slots`` slots are free.
 
         Leaves whose slot holds a referenced chunk are skipped (evicting them would free nothing).
         Raises :class:`CacheFullError` (having evicted nothing it did not have to) if it cannot.
@@ -309,16 +317,19 @@ class ChunkTree:
                 f"need {num_slots} free chunks, have {self.num_free_slots} free and "
                 f"{self.num_evictable_slots} evictable of {self.num_slots}"
             )
-        kept: list[tuple[int, int, Node]] = []
+        kept: list[_HeapEntry] = []
         while self.num_free_slots < num_slots:
             if not self._candidates:
                 self._rebuild_candidates()
                 kept = []
                 assert self._candidates, "evictable slots counted but no evictable leaf found"
             entry = heapq.heappop(self._candidates)
-            access, _, leaf = entry
-            if leaf.parent is None or leaf.children or leaf.ref_count or access != leaf.last_access:
-                continue  # stale entry
+            priority, _, leaf = entry
+            if leaf.parent is None or leaf.children or leaf.ref_count:
+                continue  # stale entry: evicted, grew children or referenced since it was pushed
+            if priority != self.policy.priority(leaf):
+                self._push_candidate(leaf)  # its priority changed (read again since): requeue in order
+                continue
             head = self._slot_head[leaf.slot]
             assert head is not None
             if head.ref_count:
@@ -329,7 +340,8 @@ class ChunkTree:
             heapq.heappush(self._candidates, entry)
 
     def _rebuild_candidates(self) -> None:
-        self._candidates = [(n.last_access, n.id, n) for n in self.nodes() if not n.children and n.ref_count == 0]
+        self._candidates = [(self.policy.priority(n), n.id, n) for n in self.nodes()
+                            if not n.children and n.ref_count == 0]
         heapq.heapify(self._candidates)
 
     def evict_unreferenced(self, node: Node) -> None:

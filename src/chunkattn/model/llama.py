@@ -1,58 +1,19 @@
-"""A Llama-family decoder in plain PyTorch whose attention runs on a :class:`~chunkattn.PrefixKVCache`.
+"""A Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) in plain PyTorch; attention through an
+:class:`~chunkattn.attention.AttentionBackend` over the prefix cache.
 
-Module names follow Hugging Face's ``LlamaForCausalLM`` so that its state dicts load as they are.
+The q/k/v projections are one fused ``qkv_proj`` and gate/up one ``gate_up_proj`` (wider products run
+faster); :attr:`LlamaForCausalLM.packed_modules` maps them to Hugging Face's separate weights, which the
+loader concatenates and :meth:`LlamaForCausalLM.hf_state_dict` splits back.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from chunkattn.attention import Backend, attention
-from chunkattn.cache.cache import Batch, PrefixKVCache
+from chunkattn.attention.backend import AttentionBackend
 from chunkattn.model.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """``[head_dim / 2]`` float32 inverse frequencies, with linear or Llama-3 scaling applied."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = config.rope_scaling or {}
-    if config.rope_type == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    elif config.rope_type == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_ctx = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq.float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, heads, d]; cos, sin: [N, d] (the two halves repeated). Rotate-half convention."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+from chunkattn.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 class Attention(nn.Module):
@@ -60,33 +21,32 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        h, bias = config.hidden_size, config.qkv_bias
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PrefixKVCache, batch: Batch,
-                backend: Backend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, d]
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, d]
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.store(self.layer, batch, k, v)
-        out = attention(q, cache, batch, self.layer, backend=backend)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        qkv = self.qkv_proj(x)  # [N, (H + 2 Hkv) d]
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads,
+                                                                    self.head_dim), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [N, H, d], [N, Hkv, d]
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        out = attn.forward(self.layer, q, k, v)  # [N, H, d]
+        return self.o_proj(out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [N, 2 I]
+        gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -97,9 +57,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PrefixKVCache, batch: Batch,
-                backend: Backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch, backend)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,35 +73,75 @@ class LlamaBody(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The decoder. ``forward`` runs one engine step's new tokens (any mix of prefill and decode)."""
 
+    # fused module -> the Hugging Face modules it concatenates (along the output dimension), in order
+    packed_modules: dict[str, tuple[str, ...]] = {
+        "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    }
     inv_freq: torch.Tensor  # [head_dim / 2] rotary inverse frequencies
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = LlamaBody(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
+    def prepack(self, batch_hint: int = 32) -> int:
+        """Prepack every linear layer's weight for the CPU (see :class:`Linear`); returns how many were."""
+        return sum(m.prepack(batch_hint) for m in self.modules() if isinstance(m, Linear))
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PrefixKVCache, batch: Batch,
-                logit_rows: torch.Tensor | None = None, backend: Backend = "auto") -> torch.Tensor:
-        """Logits of the new tokens.
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the new tokens of the batch ``attn`` was planned for.
 
         Parameters
         ----------
-        input_ids, positions : ``[batch.num_new_tokens]`` int64, the new tokens and their positions.
+        input_ids, positions : ``[num_new_tokens]`` int64, the new tokens and their positions.
+        attn : an attention backend on the model's cache, ``plan(batch)`` already called for this step.
         logit_rows : int64 rows whose logits are wanted (default: all).
 
         Returns ``[len(logit_rows), vocab_size]`` float32.
         """
         x = self.model.embed_tokens(input_ids)  # [N, hidden]
-        freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]  # [N, d / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [N, d] each
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, batch, backend)
+            x = layer(x, cos, sin, attn)
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
         return self.lm_head(self.model.norm(x)).float()
+
+    # ------------------------------------------------------------------ Hugging Face weights
+    @classmethod
+    def from_hf_state_dict(cls, weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+        """Hugging Face tensor names -> this model's (fused modules concatenated). Unknown names pass
+        through, so that a mismatch is reported by ``load_state_dict``."""
+        out = dict(weights)
+        for layer in range(config.num_layers):
+            prefix = f"model.layers.{layer}."
+            for fused, parts in cls.packed_modules.items():
+                for kind in ("weight", "bias"):
+                    names = [f"{prefix}{p}.{kind}" for p in parts]
+                    present = [n in out for n in names]
+                    if all(present):
+                        out[f"{prefix}{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
+        return out
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under Hugging Face's names (fused modules split back), for transformers' model."""
+        out = dict(self.state_dict())
+        cfg = self.config
+        sizes = {"self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
+                 "mlp.gate_up_proj": [cfg.intermediate_size] * 2}
+        for layer in range(cfg.num_layers):
+            prefix = f"model.layers.{layer}."
+            for fused, parts in self.packed_modules.items():
+                for kind in ("weight", "bias"):
+                    name = f"{prefix}{fused}.{kind}"
+                    if name in out:
+                        for part, t in zip(parts, torch.split(out.pop(name), sizes[fused], dim=0)):
+                            out[f"{prefix}{part}.{kind}"] = t
+        return out

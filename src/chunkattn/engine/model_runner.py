@@ -1,0 +1,134 @@
+"""``ModelRunner``: between the scheduler and the model. Builds a step's input tensors, plans attention once,
+runs the model, samples every completion in one batched pass and computes the logprobs asked for."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from chunkattn.attention.backend import get_backend
+from chunkattn.cache.cache import PrefixKVCache
+from chunkattn.engine.request import Completion, Request, TokenLogprob
+from chunkattn.engine.sampler import Sampler, SamplingMetadata, prompt_logprobs
+from chunkattn.engine.scheduler import SchedulerOutput
+from chunkattn.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class RunnerOutput:
+    """What one step produced.
+
+    ``samples``: per sampled completion (request, completion, token id, its logprob entry or None), in the
+    order of the scheduled units; ``prompt_logprobs``: per request, (first prompt index, entries) of the
+    prompt tokens whose logprobs this step computed.
+    """
+
+    samples: list[tuple[Request, Completion, int, TokenLogprob | None]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[Request, int, list[TokenLogprob]]] = field(default_factory=list)
+
+
+def new_seed() -> int:
+    """A random 63-bit seed for a completion that has none."""
+    return random.getrandbits(63)
+
+
+class ModelRunner:
+    """Runs scheduled steps of ``model`` on ``cache`` with the attention backend ``backend``."""
+
+    def __init__(self, model: LlamaForCausalLM, cache: PrefixKVCache, backend: str = "auto",
+                 eos_token_ids: tuple[int, ...] = ()):
+        self.model = model
+        self.cache = cache
+        self.attn = get_backend(backend, cache)
+        self.sampler = Sampler()
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = model.config.vocab_size
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> RunnerOutput:
+        """Run one scheduled step: inputs, attention plan, model, sampling, logprobs."""
+        assert step.batch is not None
+        dev = self.cache.device
+        ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        sample_rows: list[int] = []  # index into logit_rows of each sampled completion
+        sampled: list[tuple[Request, Completion]] = []
+        prompt_rows: list[tuple[Request, int, int, list[int]]] = []  # request, first logit row, first prompt idx, next
+        for u in step.units:
+            row0 = len(ids)
+            ids.extend(u.tokens)
+            positions.extend(range(u.first_pos, u.first_pos + len(u.tokens)))
+            r = u.request
+            if r.params.prompt_logprobs is not None and u.completion is None:
+                # row i predicts prompt token first_pos + i + 1 (the last row, the first output token)
+                nxt = list(r.prompt_ids[u.first_pos + 1 : u.first_pos + 1 + len(u.tokens)])
+                if nxt:
+                    prompt_rows.append((r, len(logit_rows), u.first_pos + 1, nxt))
+                    logit_rows.extend(range(row0, row0 + len(nxt)))
+            if u.samples:
+                targets = [c for c in r.completions if not c.finished] if u.completion is None else [u.completion]
+                logit_rows.append(len(ids) - 1)  # never a prompt-logprob row: it predicts an output token
+                for c in targets:
+                    sample_rows.append(len(logit_rows) - 1)
+                    sampled.append((r, c))
+        self.attn.plan(step.batch)
+        logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.attn,
+                            torch.tensor(logit_rows, dtype=torch.int64, device=dev))  # [len(logit_rows), V]
+        out = RunnerOutput()
+        if sampled:
+            out.samples = self._sample(logits, sample_rows, sampled)
+        for r, row, first, nxt in prompt_rows:
+            k = r.params.prompt_logprobs or 0
+            chosen, top_lp, top_ids = prompt_logprobs(logits[row : row + len(nxt)],
+                                                      torch.tensor(nxt, device=logits.device), k)
+            out.prompt_logprobs.append((r, first, _entries(nxt, chosen, top_ids, top_lp, k)))
+        return out
+
+    def _sample(self, logits: torch.Tensor, sample_rows: list[int], sampled: list[tuple[Request, Completion]]
+                ) -> list[tuple[Request, Completion, int, TokenLogprob | None]]:
+        rows = logits if sample_rows == list(range(logits.shape[0])) else \
+            logits.index_select(0, torch.tensor(sample_rows, device=logits.device))  # [R, V]
+        params = [r.params for r, _ in sampled]
+        penalties = any(p.uses_penalties for p in params)
+        meta = SamplingMetadata.from_rows(
+            params,
+            seeds=[c.seed for _, c in sampled],
+            counters=[len(c.token_ids) for _, c in sampled],
+            output_ids=[c.token_ids for _, c in sampled] if penalties else [],
+            prompt_ids=[list(r.prompt_ids) for r, _ in sampled] if penalties else [],
+            blocked=[self._blocked(r, c) for r, c in sampled],
+            vocab_size=self.vocab_size, device=logits.device)
+        result = self.sampler(rows, meta)
+        tokens = result.token_ids.tolist()
+        entries: list[TokenLogprob | None] = [None] * len(tokens)
+        if result.logprobs is not None:
+            lp = result.logprobs.tolist()
+            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+            top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+            for i, (r, _) in enumerate(sampled):
+                want = r.params.logprobs
+                if want is None:
+                    continue
+                top = () if not want or top_ids is None or top_lp is None else \
+                    tuple(zip(top_ids[i][:want], top_lp[i][:want]))
+                entries[i] = TokenLogprob(tokens[i], lp[i], top)
+        return [(r, c, t, e) for (r, c), t, e in zip(sampled, tokens, entries)]
+
+    def _blocked(self, r: Request, c: Completion) -> list[int]:
+        """Tokens that may not be sampled yet: end-of-sequence and stop tokens before ``min_tokens``."""
+        p = r.params
+        if len(c.token_ids) >= p.min_tokens:
+            return []
+        return [*(() if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids]
+
+
+def _entries(ids: list[int], chosen: torch.Tensor, top_ids: torch.Tensor | None, top_lp: torch.Tensor | None,
+             k: int) -> list[TokenLogprob]:
+    lp = chosen.tolist()
+    if top_ids is None or top_lp is None or not k:
+        return [TokenLogprob(t, v) for t, v in zip(ids, lp)]
+    ti, tl = top_ids.tolist(), top_lp.tolist()
+    return [TokenLogprob(t, v, tuple(zip(ti[i], tl[i]))) for i, (t, v) in enumerate(zip(ids, lp))]

@@ -1,0 +1,106 @@
+"""Building blocks of the decoders: a linear layer with CPU weight prepacking, RMSNorm, rotary embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from chunkattn.model.config import ModelConfig
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)`` whose weight can be prepacked for the CPU's matrix units.
+
+    On the CPU, :meth:`prepack` reorders the weight once into oneDNN's blocked layout; products then run
+    2-3x faster than ``F.linear`` on the thin matrices of decoding (measured on the dev machine: 32 x 576 x
+    3072 fp32 at ~415 vs ~146 GFLOP/s). The dense ``weight`` stays the parameter (state dicts, other
+    devices); the packed copy is not part of the state dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._packed: torch.Tensor | None = None
+
+    @staticmethod
+    def can_prepack(weight: torch.Tensor) -> bool:
+        return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+                and torch.backends.mkldnn.is_available())
+
+    def prepack(self, batch_hint: int = 32) -> bool:
+        """Pack the weight for oneDNN (CPU, fp32/bf16); returns whether it did. Call again after changing
+        ``weight``; moving the module to another device or dtype drops the packed copy."""
+        self._packed = None
+        if not self.can_prepack(self.weight):
+            return False
+        with torch.no_grad():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        return True
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, in_features]`` -> ``[N, out_features]``."""
+        packed = self._packed
+        if packed is not None and x.dtype == self.weight.dtype and x.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, self.bias, "none", [], "")
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f", prepacked={self._packed is not None}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, dim]``; statistics in float32 whatever the dtype."""
+        if x.dtype == torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """``[head_dim / 2]`` float32 inverse frequencies, with linear or Llama-3 scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif config.rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``cos, sin: [N, head_dim]`` (the two halves repeated) of ``positions: [N]``, computed in float32."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [N, d / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: ``[N, heads, d]``; cos, sin: ``[N, d]``. Rotate-half convention (Hugging Face's Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos[:, None, :], rotated, sin[:, None, :])
