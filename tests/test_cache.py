@@ -220,6 +220,87 @@ def test_eviction_never_touches_live_chunks():
     assert live.token_ids == (9,) * 7
 
 
+def test_lru_prefers_a_prefix_read_again_over_an_older_one():
+    cache = make_cache(chunk_size=4, max_tokens=16)
+    first, _ = add_prompt(cache, [1, 1, 1, 1])
+    second, _ = add_prompt(cache, [2, 2, 2, 2])
+    cache.release(first)
+    cache.release(second)
+    again = cache.add_sequence([1, 1, 1, 1, 5])  # reads the first prefix again: now the most recent
+    cache.release(again)
+    add_prompt(cache, [3] * 12)
+    assert cache.match_prefix([1, 1, 1, 1]) == 4 and cache.match_prefix([2, 2, 2, 2]) == 0
+    assert_consistent(cache)
+
+
+def test_longest_first_policy_keeps_short_common_prefixes():
+    for policy, kept in (("lru", [[5] * 4 + [6] * 8]), ("longest-first", [[1] * 4])):
+        cache = PrefixKVCache(1, 2, 8, chunk_size=4, max_tokens=24, dtype=torch.float32, eviction=policy)
+        short, _ = add_prompt(cache, [1] * 4)
+        long, _ = add_prompt(cache, [5] * 4 + [6] * 8)
+        cache.release(short)
+        cache.release(long)  # the long prefix is the most recent
+        add_prompt(cache, [9] * 12)  # 3 of the 6 chunks: one prefix must go
+        for tokens in kept:
+            assert cache.match_prefix(tokens) == len(tokens), policy
+        cache.check()
+
+
+def test_a_custom_eviction_policy_is_one_class():
+    from chunkattn.cache.eviction import EvictionPolicy
+
+    class EvictTokenSevenFirst(EvictionPolicy):
+        def priority(self, node):
+            return (0 if 7 in node.tokens else 1, node.last_access)
+
+    cache = PrefixKVCache(1, 2, 8, chunk_size=4, max_tokens=16, dtype=torch.float32,
+                          eviction=EvictTokenSevenFirst())
+    for tokens in ([7] * 4, [8] * 4):
+        s, _ = add_prompt(cache, tokens)
+        cache.release(s)
+    add_prompt(cache, [9] * 12)
+    assert cache.match_prefix([7] * 4) == 0 and cache.match_prefix([8] * 4) == 4
+    with pytest.raises(ValueError, match="eviction policy"):
+        PrefixKVCache(1, 2, 8, eviction="fifo")
+
+
+def test_pinned_prefix_survives_pressure_until_unpinned():
+    cache = make_cache(chunk_size=4, max_tokens=24)  # 6 chunks
+    system = list(range(10))
+    s, _ = add_prompt(cache, system + [50])
+    cache.release(s)
+    pin = cache.pin(system + [77, 78])  # only the cached part is pinned, split exactly at its end
+    assert pin.num_tokens == 10 and pin.token_ids == tuple(system)
+    cache.check()
+    assert cache.num_live_chunks == 3 and cache.num_evictable_chunks == 0  # the [50] tail shares a pinned slot
+    for i in range(5):
+        t, _ = add_prompt(cache, [100 + i] * 8)
+        cache.release(t)
+        assert cache.match_prefix(system) == 10
+    assert cache.evict_all() >= 1 and cache.match_prefix(system) == 10
+    with pytest.raises(CacheFullError):
+        add_prompt(cache, [200] * 16)  # 4 chunks: only 3 can be had while the pin holds 3
+    cache.unpin(pin)
+    with pytest.raises(ValueError, match="already"):
+        cache.unpin(pin)
+    add_prompt(cache, [200] * 16)
+    assert cache.match_prefix(system) < 10
+    assert_consistent(cache)
+    with pytest.raises(ValueError, match="share_prefixes"):
+        PrefixKVCache(1, 2, 8, share_prefixes=False).pin([1, 2])
+
+
+def test_capacity_methods_answer_what_the_scheduler_asks():
+    cache = make_cache(chunk_size=4, max_tokens=32)  # 8 chunks
+    a, _ = add_prompt(cache, list(range(10)))
+    assert cache.num_live_chunks == 3 and cache.num_free_chunks == 5 and cache.num_evictable_chunks == 0
+    assert cache.chunks_to_add(list(range(10)) + [1, 2, 3]) == 2  # 3 new tokens after a split: <= 2 chunks
+    assert cache.chunks_to_add([99] * 9) == 4
+    assert cache.can_allocate(5) and not cache.can_allocate(6)
+    cache.release(a)
+    assert cache.num_evictable_chunks == 3 and cache.can_allocate(8)
+
+
 # ---------------------------------------------------------------------------- errors
 def test_bad_input_raises_clear_errors():
     cache = make_cache()

@@ -7,28 +7,17 @@ import asyncio
 
 import pytest
 import torch
-from transformers import LlamaConfig
-from transformers import LlamaForCausalLM as HFLlama
 
 from chunkattn import LLM, AsyncLLM, SamplingParams
-from chunkattn.model import LoadedModel, ModelConfig, build_model, load_model, to_transformers
-from helpers import run_model
+from chunkattn.model import LoadedModel, load_model, to_transformers
+from helpers import run_model, tiny_model
 
 VOCAB = 101
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
-    torch.manual_seed(1234)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                      eos_token_id=None)
-    hf = HFLlama(cfg)
-    for p in hf.parameters():  # larger weights: sharper, less tie-prone logits
-        p.data.normal_(0, 0.3)
-    mc = ModelConfig.from_hf(cfg.to_dict())
-    return LoadedModel(build_model(mc, dict(hf.state_dict()), torch.float32, "cpu"), None, mc, "tiny",
-                       cfg.to_dict())
+    return tiny_model(VOCAB)
 
 
 @pytest.fixture(scope="module")

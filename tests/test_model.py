@@ -30,7 +30,7 @@ def make_pair(**kw):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a.detach() - b.detach()).norm() / b.detach().norm())
 
 
 def run_step(model, cache, seqs, tokens):
@@ -73,8 +73,9 @@ def test_logits_match_transformers_prefill_and_decode_with_shared_prefixes(kw):
 
 def test_qwen2_style_bias_and_unsupported_architectures():
     cfg = hf_config().to_dict() | {"model_type": "qwen2"}
-    del cfg["attention_bias"]  # Qwen2 configs have none: its q/k/v projections always carry a bias
-    assert ModelConfig.from_hf(cfg).qkv_bias
+    assert ModelConfig.from_hf(cfg).qkv_bias  # Qwen2's q/k/v projections always carry a bias
+    assert not ModelConfig.from_hf(hf_config().to_dict()).qkv_bias
+    assert ModelConfig.from_hf(hf_config(attention_bias=True).to_dict()).qkv_bias
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(UnsupportedModelError, match="yarn"):
@@ -111,3 +112,54 @@ def test_load_hf_directory_with_sharded_safetensors(tmp_path):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 32, 129])
+def test_prepacked_linear_equals_the_plain_product(dtype, rows):
+    from chunkattn.model.layers import Linear
+
+    lin = Linear(96, 80, bias=True)
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    lin = lin.to(dtype)
+    x = torch.randn(rows, 96).to(dtype)
+    plain = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    assert lin.prepack() == Linear.can_prepack(lin.weight)
+    with torch.inference_mode():
+        out = lin(x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and rel(out.float(), plain) < tol
+    assert "_packed" not in lin.state_dict() and list(lin.state_dict()) == ["weight", "bias"]
+    lin.to(torch.float32)  # moving drops the packed copy instead of using a stale one
+    assert lin._packed is None
+
+
+def test_fused_projections_round_trip_to_hugging_face_names():
+    cfg = hf_config().to_dict() | {"model_type": "qwen2"}
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    ours = build_model(ModelConfig.from_hf(cfg), dict(hf.state_dict()), torch.float32, "cpu")
+    assert ours.model.layers[0].self_attn.qkv_proj.bias is not None
+    back = ours.hf_state_dict()
+    want = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}
+    assert set(back) == set(want)
+    assert all(torch.equal(back[k], want[k]) for k in want)
+
+
+def test_a_new_family_is_one_registration(tmp_path):
+    from chunkattn.model import LlamaForCausalLM, ModelFamily, register_family, supported_model_types
+    from chunkattn.model.registry import _FAMILIES
+
+    cfg = hf_config().to_dict() | {"model_type": "toyllama"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="toyllama.*llama"):
+        ModelConfig.from_hf(cfg)
+    register_family(ModelFamily("toy", ("toyllama",), LlamaForCausalLM, qkv_bias=True))
+    try:
+        assert "toyllama" in supported_model_types()
+        loaded = load_model(tmp_path / "config.json", random_weights=True)
+        assert loaded.config.qkv_bias and loaded.model.model.layers[0].self_attn.qkv_proj.bias is not None
+    finally:
+        _FAMILIES.pop("toyllama")

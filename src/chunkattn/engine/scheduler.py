@@ -82,7 +82,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _num_running_seqs(self) -> int:
-        return sum(1 if not r.forked else sum(not c.finished for c in r.completions) for r in self.running)
+        # a request not forked yet will hold one sequence per completion
+        return sum(r.params.n if not r.forked else sum(not c.finished for c in r.completions) for r in self.running)
 
     # ------------------------------------------------------------------ admission
     def _prompts(self, request: Request) -> list[list[int]]:

@@ -74,7 +74,7 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=dict(scaling) if scaling else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", family.qkv_bias)),
+            qkv_bias=bool(cfg.get("attention_bias", False)) if family.qkv_bias is None else family.qkv_bias,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             model_type=str(model_type),
             eos_token_ids=eos_ids,

@@ -33,13 +33,14 @@ class ModelFamily:
     model_types : the ``model_type`` values of ``config.json`` it covers.
     decoder : ``decoder(config)`` builds the model (an ``nn.Module`` with the interface of
         :class:`~chunkattn.model.llama.LlamaForCausalLM`).
-    qkv_bias : whether q/k/v projections have a bias when ``config.json`` does not say (``attention_bias``).
+    qkv_bias : whether the q/k/v projections have a bias: True or False for every checkpoint of the family,
+        None to read ``attention_bias`` from ``config.json`` (default False).
     """
 
     name: str
     model_types: tuple[str, ...]
     decoder: type[nn.Module]
-    qkv_bias: bool = False
+    qkv_bias: bool | None = None
 
     def build(self, config: ModelConfig) -> Any:
         return self.decoder(config)

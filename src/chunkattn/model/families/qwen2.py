@@ -1,4 +1,5 @@
-"""Qwen2 / Qwen2.5: the Llama decoder with biases on the q/k/v projections."""
+"""Qwen2 / Qwen2.5: the Llama decoder with biases on the q/k/v projections (always: Qwen2 ignores
+``attention_bias``)."""
 
 from chunkattn.model.llama import LlamaForCausalLM
 from chunkattn.model.registry import ModelFamily, register_family
