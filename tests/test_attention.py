@@ -49,33 +49,91 @@ def shared_prompt_batch(
     return cache, step
 
 
+CPU_BACKENDS = ["torch", "cpu"]  # the vectorized-PyTorch path and the native kernels
+
+
+def supports(backend: str, dtype: torch.dtype) -> bool:
+    return backend != "cpu" or dtype in (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("decode", [True, False])
-def test_torch_matches_reference_dtypes_and_head_dims(dtype, head_dim, group, decode):
+def test_backends_match_reference_dtypes_and_head_dims(backend, dtype, head_dim, group, decode):
+    if not supports(backend, dtype):
+        pytest.skip(f"{backend} has no {dtype} path (tested to refuse it below)")
     cache, batch = shared_prompt_batch(batch=5, shared=37, private=9, chunk_size=16, head_dim=head_dim,
                                        kv_heads=2, dtype=dtype, decode=decode)
-    check_attention(cache, batch, 2 * group, "torch")
+    check_attention(cache, batch, 2 * group, backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("batch_size", [1, 2, 17])
 @pytest.mark.parametrize("shared", [0, 1, 16, 97])
 @pytest.mark.parametrize("chunk_size", [1, 16, 64])
-def test_torch_matches_reference_shapes(batch_size, shared, chunk_size):
+def test_backends_match_reference_shapes(backend, batch_size, shared, chunk_size):
     cache, batch = shared_prompt_batch(batch=batch_size, shared=shared, private=5, chunk_size=chunk_size,
                                        head_dim=16, kv_heads=3, dtype=torch.float32, decode=True)
-    check_attention(cache, batch, 6, "torch")
+    check_attention(cache, batch, 6, backend)
     plan = cache.plan(batch)
     if batch_size >= 2 and shared >= chunk_size:
         assert plan.num_shared > 0
 
 
-@pytest.mark.parametrize("kv_heads,q_heads", [(1, 8), (4, 4), (2, 6)])
-def test_gqa_and_mqa_match_reference(kv_heads, q_heads):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kv_heads,q_heads", [(1, 8), (4, 4), (2, 6), (3, 9)])
+def test_gqa_and_mqa_match_reference(backend, kv_heads, q_heads):
     cache, batch = shared_prompt_batch(batch=4, shared=20, private=7, chunk_size=8, head_dim=32,
                                        kv_heads=kv_heads, dtype=torch.float32, decode=True)
-    check_attention(cache, batch, q_heads, "torch")
+    check_attention(cache, batch, q_heads, backend)
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 48, 80])
+@pytest.mark.parametrize("decode", [True, False])
+def test_cpu_kernel_odd_head_dims(head_dim, decode):
+    cache, batch = shared_prompt_batch(batch=3, shared=21, private=6, chunk_size=8, head_dim=head_dim,
+                                       kv_heads=2, dtype=torch.float32, decode=decode)
+    check_attention(cache, batch, 6, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size,shared,private,batch_size", [
+    (256, 700, 90, 3),  # chunks longer than one key block of the kernel
+    (64, 1030, 140, 40),  # many sharing rows: several row tiles and shared pieces
+    (16, 0, 300, 2),  # long private prefill: many row tiles, causal masks inside blocks
+    (64, 300, 1, 1),  # one sequence: nothing shared, written directly
+])
+@pytest.mark.parametrize("decode", [True, False])
+def test_cpu_kernel_long_and_wide_batches(dtype, chunk_size, shared, private, batch_size, decode):
+    cache, batch = shared_prompt_batch(batch=batch_size, shared=shared, private=private, chunk_size=chunk_size,
+                                       head_dim=64, kv_heads=3, dtype=dtype, decode=decode)
+    check_attention(cache, batch, 9, "cpu")
+
+
+def test_cpu_kernel_decode_steps_keep_their_workspace():
+    cache, batch = shared_prompt_batch(batch=6, shared=70, private=3, chunk_size=16, head_dim=32, kv_heads=2,
+                                       dtype=torch.float32, decode=True)
+    check_attention(cache, batch, 4, "cpu")
+    plan = cache.plan(batch)
+    [ws] = [w for k, w in plan.workspaces.items() if k.startswith("cpu:")]
+    advanced = 0
+    for step in range(8):
+        batch = cache.extend(list(batch.seqs), [[500 + step]] * batch.num_seqs)
+        random_store(cache, batch)
+        check_attention(cache, batch, 4, "cpu")
+        if cache.plan(batch) is plan:
+            advanced += 1
+            assert any(w is ws for w in plan.workspaces.values())
+    assert advanced >= 5
+
+
+def test_cpu_backend_refuses_what_it_cannot_run():
+    cache, batch = shared_prompt_batch(batch=2, shared=4, private=2, chunk_size=4, head_dim=16, kv_heads=1,
+                                       dtype=torch.float16, decode=True)
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        chunkattn.attention(torch.randn(2, 1, 16).half(), cache, batch, 0, backend="cpu")
 
 
 def test_custom_scale_and_lse_base_e():

@@ -12,6 +12,7 @@ from typing import Literal, overload
 import torch
 
 # Importing a backend's module registers it.
+from chunkattn.attention import cpu_tpp as _cpu_tpp
 from chunkattn.attention import reference as _reference
 from chunkattn.attention import torch_tpp as _torch_tpp
 from chunkattn.attention import triton_backend as _triton_backend
@@ -27,7 +28,7 @@ from chunkattn.attention.reference import reference_attention
 from chunkattn.attention.torch_tpp import tpp_attention
 from chunkattn.cache.cache import Batch, PrefixKVCache
 
-del _reference, _torch_tpp, _triton_backend
+del _cpu_tpp, _reference, _torch_tpp, _triton_backend
 
 Backend = str  # a registered backend name or "auto" (see backend_names())
 

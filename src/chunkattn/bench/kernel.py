@@ -24,7 +24,7 @@ import chunkattn
 from chunkattn import PrefixKVCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CPU_PROVIDERS = ("naive", "sdpa", "reference", "tpp-torch")
+CPU_PROVIDERS = ("naive", "sdpa", "reference", "cascade-torch", "tpp-torch", "tpp-cpu")
 GPU_PROVIDERS = ("tpp-triton", "paged-triton", "sdpa-flash", "flashinfer-paged", "flashinfer-cascade")
 ALL_PROVIDERS = CPU_PROVIDERS + GPU_PROVIDERS
 
@@ -161,6 +161,39 @@ def _sdpa(w: Workload, flash: bool = False) -> tuple[Callable[[], torch.Tensor],
     return run, w.dense_kv_bytes()
 
 
+def _cascade(w: Workload) -> tuple[Callable[[], torch.Tensor], int]:
+    """A plain two-level cascade in PyTorch: one batched product of every query with the shared prefix (read
+    once, contiguous), one per sequence with its own suffix, merged by their log-sum-exps (FlashInfer's
+    cascade idea, without chunks or a tree). Holds the prefix once plus each suffix densely."""
+    c = w.config
+    group = c.heads // c.kv_heads
+    scale = 1.0 / math.sqrt(c.head_dim)
+    k, v = w.dense()  # [B, Hkv, L, d]
+    ks, vs = k[0, :, : c.shared].contiguous(), v[0, :, : c.shared].contiguous()  # [Hkv, n_s, d], one copy
+    kp, vp = k[:, :, c.shared :].contiguous(), v[:, :, c.shared :].contiguous()  # [B, Hkv, n_c, d]
+    q = w.q.float().view(c.batch, c.kv_heads, group, c.head_dim) * scale  # [B, Hkv, g, d]
+
+    def partial(qs: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.matmul(qs, keys.float().transpose(-1, -2))
+        lse = torch.logsumexp(s, dim=-1)
+        return torch.matmul(torch.softmax(s, dim=-1), vals.float()), lse
+
+    def run() -> torch.Tensor:
+        qs = q.permute(1, 0, 2, 3).reshape(c.kv_heads, c.batch * group, c.head_dim)  # [Hkv, B*g, d]
+        o1, l1 = partial(qs, ks, vs) if c.shared else (None, None)
+        o2, l2 = partial(q, kp, vp)  # [B, Hkv, g, d]
+        if o1 is None or l1 is None:
+            return o2.to(w.q.dtype).reshape(c.batch, c.heads, c.head_dim)
+        o1 = o1.view(c.kv_heads, c.batch, group, -1).permute(1, 0, 2, 3)
+        l1 = l1.view(c.kv_heads, c.batch, group).permute(1, 0, 2)
+        lse = torch.logaddexp(l1, l2)
+        out = o1 * (l1 - lse).exp()[..., None] + o2 * (l2 - lse).exp()[..., None]
+        return out.to(w.q.dtype).reshape(c.batch, c.heads, c.head_dim)
+
+    kv_bytes = 2 * (c.shared + c.batch * c.private) * c.kv_heads * c.head_dim * DTYPES[c.dtype].itemsize
+    return run, kv_bytes
+
+
 def _chunkattn(backend: str) -> Provider:
     def make(w: Workload) -> tuple[Callable[[], torch.Tensor], int]:
         def run() -> torch.Tensor:
@@ -177,6 +210,8 @@ def provider_table() -> dict[str, Provider]:
         "sdpa": _sdpa,
         "reference": _chunkattn("reference"),
         "tpp-torch": _chunkattn("torch"),
+        "tpp-cpu": _chunkattn("cpu"),
+        "cascade-torch": _cascade,
     }
     from chunkattn.bench import gpu_providers
 

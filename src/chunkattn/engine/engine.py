@@ -25,6 +25,7 @@ import torch
 from chunkattn.attention.backend import backend_names
 from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.engine.detokenizer import IncrementalDetokenizer, StopStrings
+from chunkattn.engine.host import keep_freed_memory
 from chunkattn.engine.model_runner import ModelRunner, RunnerOutput, new_seed
 from chunkattn.engine.request import Completion, Request, RequestOutput, RequestState, describe
 from chunkattn.engine.sampling import SamplingParams
@@ -99,6 +100,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.cache = cache
         self.config = config or EngineConfig()
+        if cache.device.type == "cpu":
+            keep_freed_memory()
         self.scheduler = Scheduler(cache, self.config.scheduler)
         self.eos_token_ids = tuple(mc.eos_token_ids)
         self.runner = ModelRunner(model, cache, self.config.backend, self.eos_token_ids)

@@ -1,0 +1,202 @@
+"""Two-phase-partition attention in native CPU kernels (``csrc/tpp_cpu.cpp``), reading K/V in place.
+
+The kernels are compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, cached
+under ``TORCH_EXTENSIONS_DIR``, about 15 s once) for the CPU it runs on (``-march=native``). If that fails,
+the ``cpu`` backend is unavailable and ``auto`` falls back to ``torch``.
+
+Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a decode plan advances:
+
+* shared tasks: each run of shared chunks is cut into pieces of whole chunks (enough pieces to keep every
+  core busy) and the rows of its sequences into tiles of at most ``ROWS_PER_TASK`` query rows (tokens x GQA
+  group); every (piece, row tile) x K/V head reads the piece's K/V once for all of those rows;
+* private tasks: each sequence's new tokens in tiles, over its private chunks, causally masked;
+* a row whose only contribution is its private task gets its output written directly; the others get one
+  partial (o, m, l) slot per task and a merge pass combines them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chunkattn.attention.backend import PlannedBackend, register_backend
+from chunkattn.cache.plan import AttentionPlan
+
+ROWS_PER_TASK = 96  # query rows (tokens x group) one task multiplies at once: ~24 KB of fp32 queries at d=64
+MIN_PIECE_TOKENS = 256  # shared keys one task sweeps at least
+_SOURCE = Path(__file__).parent / "csrc" / "tpp_cpu.cpp"
+log = logging.getLogger(__name__)
+
+
+class KernelBuildError(RuntimeError):
+    """The native CPU kernels could not be compiled or loaded on this machine."""
+
+
+@functools.cache
+def _load() -> None:
+    from torch.utils.cpp_extension import load
+
+    # -fopenmp: at::parallel_for is inline OpenMP, so without it the kernel would run on one thread; the
+    # library it links (libgomp.so.1) is the one torch already loaded.
+    load(name="chunkattn_cpu_ext", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
+         extra_cflags=["-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp"],
+         extra_ldflags=["-fopenmp"])
+
+
+def kernels_available() -> bool:
+    """Whether the native CPU kernels are compiled and loaded (compiling them on the first call)."""
+    try:
+        load_kernels()
+    except KernelBuildError:
+        return False
+    return True
+
+
+def load_kernels() -> None:
+    """Compile (once per machine) and load the kernels; raises :class:`KernelBuildError` with the reason."""
+    try:
+        _load()
+    except Exception as exc:  # noqa: BLE001 - any compiler/loader failure means: not available here
+        log.warning("chunkattn: the native CPU attention kernels are unavailable (%s); using the torch backend",
+                    exc)
+        raise KernelBuildError(f"cannot build the CPU attention kernels: {exc}") from exc
+
+
+def _i64(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+@dataclass
+class CpuWorkspace:
+    """Task lists (int64 tensors) and partial buffers of one plan, for given head counts and head size."""
+
+    idx: list[torch.Tensor]  # the 20 index tensors the kernel takes, in its order
+    o_part: torch.Tensor  # [num_slots, num_q_heads, head_dim] float32
+    ml_part: torch.Tensor  # [num_slots, num_q_heads, 2] float32: (max, sum of exp) in base 2
+    num_shared_tasks: int
+    num_private_tasks: int
+
+    def advance(self, plan: AttentionPlan) -> None:
+        """Nothing to do: lengths and positions live in the plan's tensors, which advance in place."""
+
+    @classmethod
+    def build(cls, plan: AttentionPlan, num_q_heads: int, num_kv_heads: int, head_dim: int,
+              threads: int | None = None) -> CpuWorkspace:
+        group = num_q_heads // num_kv_heads
+        threads = threads or torch.get_num_threads()
+        tile = max(1, ROWS_PER_TASK // group)  # tokens per task
+        qi = plan.q_indptr
+        slots = 0
+        row_slots: list[list[int]] = [[] for _ in range(plan.num_rows)]
+        # shared tasks
+        st: dict[str, list[int]] = {k: [] for k in ("chunk_begin", "chunk_end", "row_begin", "row_end", "slot")}
+        st_rows: list[int] = []
+        runs = plan.shared_runs()
+        shared_tokens = sum(plan.shared_len)
+        for begin, end in runs:
+            rows = [r for b in plan.shared_users(begin) for r in range(qi[b], qi[b + 1])]
+            run_tokens = sum(plan.shared_len[begin:end])
+            row_tiles = [rows[i : i + tile] for i in range(0, len(rows), tile)]
+            # enough pieces for ~4 tasks per thread over all runs and heads, each >= MIN_PIECE_TOKENS keys
+            want = math.ceil(4 * threads * run_tokens / max(1, shared_tokens) / (num_kv_heads * len(row_tiles)))
+            pieces = max(1, min(end - begin, want, run_tokens // MIN_PIECE_TOKENS or 1))
+            bounds = [begin + (end - begin) * i // pieces for i in range(pieces + 1)]
+            for c0, c1 in zip(bounds, bounds[1:]):
+                for tile_rows in row_tiles:
+                    st["chunk_begin"].append(c0)
+                    st["chunk_end"].append(c1)
+                    st["row_begin"].append(len(st_rows))
+                    st_rows.extend(tile_rows)
+                    st["row_end"].append(len(st_rows))
+                    st["slot"].append(slots)
+                    for i, r in enumerate(tile_rows):
+                        row_slots[r].append(slots + i)
+                    slots += len(tile_rows)
+        # private tasks: a row gets a slot when a shared task also writes to it
+        pt: dict[str, list[int]] = {k: [] for k in ("row_begin", "row_end", "chunk_begin", "chunk_end", "slot")}
+        pi = plan.private_indptr
+        for b in range(plan.num_seqs):
+            for r0 in range(qi[b], qi[b + 1], tile):
+                r1 = min(qi[b + 1], r0 + tile)
+                pt["row_begin"].append(r0)
+                pt["row_end"].append(r1)
+                pt["chunk_begin"].append(pi[b])
+                pt["chunk_end"].append(pi[b + 1])
+                if any(row_slots[r] for r in range(r0, r1)):
+                    pt["slot"].append(slots)
+                    for r in range(r0, r1):
+                        row_slots[r].append(slots + r - r0)
+                    slots += r1 - r0
+                else:
+                    pt["slot"].append(-1)
+        dev = plan.device
+        t = plan.tensors
+        merge = any(row_slots)
+        indptr = [0]
+        for s in row_slots:
+            indptr.append(indptr[-1] + len(s))
+        idx = [t.q_pos, t.private_indptr, t.private_kv_begin, t.private_len, t.private_pos, t.shared_kv_begin,
+               t.shared_len,
+               *(_i64(pt[k], dev) for k in ("row_begin", "row_end", "chunk_begin", "chunk_end", "slot")),
+               *(_i64(st[k], dev) for k in ("chunk_begin", "chunk_end", "row_begin", "row_end", "slot")),
+               _i64(st_rows, dev),
+               _i64(indptr if merge else [], dev), _i64([s for ss in row_slots for s in ss] if merge else [], dev)]
+        return cls(idx=idx,
+                   o_part=torch.empty(max(1, slots), num_q_heads, head_dim, dtype=torch.float32, device=dev),
+                   ml_part=torch.empty(max(1, slots), num_q_heads, 2, dtype=torch.float32, device=dev),
+                   num_shared_tasks=len(st["slot"]), num_private_tasks=len(pt["slot"]))
+
+
+def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-phase-partition attention with the native CPU kernels.
+
+    Parameters
+    ----------
+    q : ``[num_rows, num_q_heads, head_dim]`` (rows may be strided; head_dim contiguous);
+    k, v : ``[num_kv_rows, num_kv_heads, head_dim]`` one layer's storage; float32 or bfloat16 like ``q``.
+
+    Returns ``out [num_rows, num_q_heads, head_dim]`` in ``q.dtype`` and ``lse [num_rows, num_q_heads]``
+    float32 (natural log).
+    """
+    load_kernels()
+    num_rows, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    key = f"cpu:{num_q_heads}:{num_kv_heads}:{head_dim}"
+    ws = plan.workspaces.get(key)
+    if not isinstance(ws, CpuWorkspace):
+        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim)
+        plan.workspaces[key] = ws
+    out = torch.empty(num_rows, num_q_heads, head_dim, dtype=q.dtype)
+    lse = torch.empty(num_rows, num_q_heads, dtype=torch.float32)
+    torch.ops.chunkattn_cpu.tpp(q, k, v, out, lse, ws.o_part, ws.ml_part, ws.idx, scale,
+                                num_q_heads // num_kv_heads)
+    return out, lse
+
+
+@register_backend
+class CpuBackend(PlannedBackend):
+    """Two-phase partition in native CPU kernels (float32, bfloat16): the fastest CPU path."""
+
+    name = "cpu"
+
+    @classmethod
+    def auto_priority(cls, device: torch.device) -> int | None:
+        return 5 if device.type == "cpu" and kernels_available() else None
+
+    def __init__(self, cache, scale=None):  # type: ignore[no-untyped-def]
+        super().__init__(cache, scale)
+        if cache.device.type != "cpu":
+            raise ValueError(f"the cpu backend runs on CPU caches, this one is on {cache.device}")
+        if cache.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the cpu backend supports float32 and bfloat16 caches, not {cache.dtype}")
+        load_kernels()
+
+    def run(self, q: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache
+        return cpu_tpp_attention(q, cache.k_cache[layer], cache.v_cache[layer], self.attention_plan, self.scale)

@@ -1,0 +1,597 @@
+// Two-phase-partition attention on the CPU, reading K/V in place from the chunked cache.
+//
+// One call computes one layer for a planned batch (see chunkattn/attention/cpu_tpp.py for the plan):
+//   * shared tasks (chunk-first): a piece of a run of shared chunks x one K/V head, multiplied by the stacked
+//     queries of every sequence sharing it (GQA: the group's query heads are extra rows), so the shared K/V is
+//     read once for all of them; each writes a partial (o, m, l) per query row;
+//   * private tasks (sequence-first): a tile of one sequence's query rows x one K/V head over that sequence's
+//     own chunks, causally masked; it writes the output directly when nothing else contributes to its rows,
+//     else a partial;
+//   * a merge pass combines the partials of each row by online softmax.
+// Scores are kept in base 2 (the scale is multiplied by log2(e)); the returned LSE is natural-log.
+// Arithmetic is float32 for float32 and bfloat16 storage. SIMD through GCC/Clang vector extensions, so the
+// same source compiles to AVX-512, AVX2 or NEON.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
+constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
+
+inline v16 splat(float x) { return v16{} + x; }
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline v16 load(const c10::BFloat16* p) {
+  h16u h = *reinterpret_cast<const h16u*>(p);
+  u16v w = __builtin_convertvector(h, u16v) << 16;
+  return (v16)w;
+}
+inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+template <int... I>
+inline v16 swap(v16 x) { return __builtin_shuffle(x, i16v{I...}); }
+inline v16 fold(v16 x, int step) {  // x[i] op x[i ^ step] lanes, for tree reductions
+  switch (step) {
+    case 8: return swap<8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7>(x);
+    case 4: return swap<4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11>(x);
+    case 2: return swap<2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13>(x);
+    default: return swap<1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14>(x);
+  }
+}
+inline float hsum(v16 x) {
+  for (int step = 8; step; step >>= 1) x += fold(x, step);
+  return x[0];
+}
+inline float hmax(v16 x) {
+  for (int step = 8; step; step >>= 1) {
+    const v16 y = fold(x, step);
+    x = x > y ? x : y;
+  }
+  return x[0];
+}
+
+// 2^x for x <= 0 (scores minus their running maximum); -inf and anything below -126 give 0.
+inline v16 exp2v(v16 x) {
+  const v16 lo = splat(-126.0f);
+  v16 xc = x < lo ? lo : x;
+  v16 t = xc + 12582912.0f;  // 1.5 * 2^23: rounds to the nearest integer in its low mantissa bits
+  v16 n = t - 12582912.0f;
+  v16 y = (xc - n) * kLn2;   // e^y = 2^f with f in [-0.5, 0.5]
+  v16 p = splat(1.0f / 5040.0f);
+  p = p * y + (1.0f / 720.0f);
+  p = p * y + (1.0f / 120.0f);
+  p = p * y + (1.0f / 24.0f);
+  p = p * y + (1.0f / 6.0f);
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  i16v e = ((i16v)t - 0x4B400000 + 127) << 23;
+  v16 r = p * (v16)e;
+  return x < lo ? v16{} : r;
+}
+
+inline float exp2s(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
+
+// Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
+struct Scratch {
+  std::vector<float> q, s, kt, acc, m, l;
+  std::vector<int32_t> vis;
+  int64_t krow[kKeyBlock];  // storage row of each key of the current block
+  int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
+  void reserve(int64_t rows, int64_t d) {
+    const int64_t kbp = kKeyBlock;
+    if ((int64_t)q.size() < rows * d) {
+      q.resize(rows * d);
+      acc.resize(rows * d);
+      s.resize(rows * kbp);
+      m.resize(rows);
+      l.resize(rows);
+      vis.resize(rows);
+    }
+    if ((int64_t)kt.size() < d * kbp) kt.resize(d * kbp);
+  }
+};
+
+struct Layout {
+  int64_t hq, hkv, group, d;
+  int64_t q_row, q_head;  // strides of q (elements)
+  int64_t kv_row;         // row stride of k and v (elements); head stride is d
+  float qk_scale;         // scale * log2(e)
+};
+
+// In-register transpose of a 16 x 16 tile: four butterfly stages that swap off-diagonal sub-blocks.
+template <int B, int... K>
+constexpr i16v lower_mask(std::integer_sequence<int, K...>) { return i16v{((K & B) ? 16 + K - B : K)...}; }
+template <int B, int... K>
+constexpr i16v upper_mask(std::integer_sequence<int, K...>) { return i16v{((K & B) ? 16 + K : K + B)...}; }
+
+template <int B>
+inline void transpose_stage(v16* r) {
+  constexpr i16v lo = lower_mask<B>(std::make_integer_sequence<int, 16>{});
+  constexpr i16v hi = upper_mask<B>(std::make_integer_sequence<int, 16>{});
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (!(i & B)) {
+      const v16 a = r[i], c = r[i + B];
+      r[i] = __builtin_shuffle(a, c, lo);
+      r[i + B] = __builtin_shuffle(a, c, hi);
+    }
+  }
+}
+
+inline void transpose16(v16* r) {
+  transpose_stage<8>(r);
+  transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+}
+
+// kt[x, t] = K[t, x] for the block's keys t < nk (zero up to a multiple of 16), x < d; d a multiple of 16.
+template <typename T>
+void pack_keys(const Layout& L, const T* k, const int64_t* krow, int64_t nk, float* kt) {
+  const int64_t d = L.d, kbp = kKeyBlock;
+  v16 tile[16];
+  for (int64_t t0 = 0; t0 < nk; t0 += 16) {
+    const int64_t nt = std::min<int64_t>(16, nk - t0);
+    for (int64_t x0 = 0; x0 < d; x0 += 16) {
+      for (int i = 0; i < 16; ++i) tile[i] = i < nt ? load(k + krow[t0 + i] * L.kv_row + x0) : v16{};
+      transpose16(tile);
+      for (int i = 0; i < 16; ++i) store(kt + (x0 + i) * kbp + t0, tile[i]);
+    }
+  }
+}
+
+// RB rows x up to 32 keys of scores from packed keys: per head-dim element, RB broadcasts times 2 key vectors.
+template <int RB>
+inline void score_tile(const float* q, int64_t d, const float* kt, int64_t t0, bool two, float* s) {
+  const int64_t kbp = kKeyBlock;
+  v16 a0[RB] = {}, a1[RB] = {};
+  if (two) {
+    for (int64_t x = 0; x < d; ++x) {
+      const v16 k0 = load(kt + x * kbp + t0), k1 = load(kt + x * kbp + t0 + 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < RB; ++i) {
+        const float qv = q[i * d + x];
+        a0[i] += qv * k0;
+        a1[i] += qv * k1;
+      }
+    }
+  } else {
+    for (int64_t x = 0; x < d; ++x) {
+      const v16 k0 = load(kt + x * kbp + t0);
+#pragma GCC unroll 8
+      for (int i = 0; i < RB; ++i) a0[i] += q[i * d + x] * k0;
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    store(s + i * kbp + t0, a0[i]);
+    if (two) store(s + i * kbp + t0 + 16, a1[i]);
+  }
+}
+
+// Scores S[R, nk] = Q[R, d] . K[nk, d]^T for one block of keys (key t at storage row krow[t]).
+template <typename T>
+void scores(const Layout& L, const float* q, int64_t rows, const T* k, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d, kbp = kKeyBlock;
+  float* s = ws.s.data();
+  if (rows < kPackRows || d % 16) {
+    for (int64_t t = 0; t < nk; ++t) {
+      const T* kr = k + ws.krow[t] * L.kv_row;
+      if (d % 16 == 0) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* qi = q + i * d;
+          v16 acc = v16{};
+          for (int64_t x = 0; x < d; x += 16) acc += load(qi + x) * load(kr + x);
+          s[i * kbp + t] = hsum(acc);
+        }
+      } else {
+        for (int64_t i = 0; i < rows; ++i) {
+          float acc = 0.f;
+          for (int64_t x = 0; x < d; ++x) acc += q[i * d + x] * to_float(kr[x]);
+          s[i * kbp + t] = acc;
+        }
+      }
+    }
+    return;
+  }
+  float* kt = ws.kt.data();
+  pack_keys(L, k, ws.krow, nk, kt);
+  const int64_t nk16 = (nk + 15) / 16 * 16;
+  for (int64_t t0 = 0; t0 < nk16; t0 += 32) {
+    const bool two = t0 + 16 < nk16;
+    int64_t i0 = 0;
+    for (; i0 + 8 <= rows; i0 += 8) score_tile<8>(q + i0 * d, d, kt, t0, two, s + i0 * kbp);
+    switch (rows - i0) {
+      case 7: score_tile<7>(q + i0 * d, d, kt, t0, two, s + i0 * kbp); break;
+      case 6: score_tile<6>(q + i0 * d, d, kt, t0, two, s + i0 * kbp); break;
+      case 5: score_tile<5>(q + i0 * d, d, kt, t0, two, s + i0 * kbp); break;
+      case 4: score_tile<4>(q + i0 * d, d, kt, t0, two, s + i0 * kbp); break;
+      case 3: score_tile<3>(q + i0 * d, d, kt, t0, two, s + i0 * kbp); break;
+      case 2: score_tile<2>(q + i0 * d, d, kt, t0, two, s + i0 * kbp); break;
+      case 1: score_tile<1>(q + i0 * d, d, kt, t0, two, s + i0 * kbp); break;
+      default: break;
+    }
+  }
+}
+
+// acc[R, d] += P[R, nk] . V[nk, d] for RB rows of d = 16 * DV: RB x DV accumulators stay in registers; each
+// value vector is loaded once per key and used by every row.
+template <int RB, int DV, typename T>
+inline void pv_tile(const float* p, const T* v, const int64_t* krow, int64_t kv_row, int64_t nk, float* acc) {
+  constexpr int64_t kbp = kKeyBlock, d = 16 * DV;
+  v16 a[RB][DV];
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 16
+    for (int x = 0; x < DV; ++x) a[i][x] = load(acc + i * d + 16 * x);
+  for (int64_t t = 0; t < nk; ++t) {
+    const T* vr = v + krow[t] * kv_row;
+    v16 pb[RB];
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) pb[i] = splat(p[i * kbp + t]);
+#pragma GCC unroll 16
+    for (int x = 0; x < DV; ++x) {
+      const v16 vx = load(vr + 16 * x);
+#pragma GCC unroll 8
+      for (int i = 0; i < RB; ++i) a[i][x] += pb[i] * vx;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 16
+    for (int x = 0; x < DV; ++x) store(acc + i * d + 16 * x, a[i][x]);
+}
+
+template <int DV, typename T>
+void accumulate_fixed(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& ws) {
+  constexpr int RB = DV >= 16 ? 1 : DV >= 8 ? 3 : DV >= 4 ? 6 : 8;
+  constexpr int64_t kbp = kKeyBlock, d = 16 * DV;
+  const float* p = ws.s.data();
+  float* acc = ws.acc.data();
+  int64_t i0 = 0;
+  for (; i0 + RB <= rows; i0 += RB) pv_tile<RB, DV>(p + i0 * kbp, v, ws.krow, L.kv_row, nk, acc + i0 * d);
+  const float* pt = p + i0 * kbp;
+  float* at = acc + i0 * d;
+  switch (rows - i0) {  // the remaining rows, fewer than RB
+    case 7: if constexpr (RB > 7) pv_tile<7, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 6: if constexpr (RB > 6) pv_tile<6, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 5: if constexpr (RB > 5) pv_tile<5, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 4: if constexpr (RB > 4) pv_tile<4, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 3: if constexpr (RB > 3) pv_tile<3, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 2: if constexpr (RB > 2) pv_tile<2, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 1: if constexpr (RB > 1) pv_tile<1, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void accumulate(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& ws) {
+  switch (L.d) {
+    case 64: return accumulate_fixed<4>(L, rows, v, nk, ws);
+    case 128: return accumulate_fixed<8>(L, rows, v, nk, ws);
+    case 32: return accumulate_fixed<2>(L, rows, v, nk, ws);
+    case 256: return accumulate_fixed<16>(L, rows, v, nk, ws);
+    case 16: return accumulate_fixed<1>(L, rows, v, nk, ws);
+    default: break;
+  }
+  const int64_t d = L.d, kbp = kKeyBlock;
+  const float* p = ws.s.data();
+  float* acc = ws.acc.data();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t t = 0; t < nk; ++t) {
+      const float pv = p[i * kbp + t];
+      if (pv == 0.f) continue;
+      const T* vr = v + ws.krow[t] * L.kv_row;
+      for (int64_t x = 0; x < d; ++x) acc[i * d + x] += pv * to_float(vr[x]);
+    }
+}
+
+// One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees.
+template <typename T>
+void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d, kbp = kKeyBlock;
+  scores(L, ws.q.data(), rows, k, nk, ws);
+  float* s = ws.s.data();
+  int64_t used = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* si = s + i * kbp;
+    const int64_t vis = ws.vis[i];
+    if (vis <= 0) {
+      std::fill(si, si + nk, 0.f);
+      continue;
+    }
+    used = std::max(used, vis);
+    float mb = kNegInf;
+    int64_t t = 0;
+    if (vis >= 16) {
+      v16 mv = splat(kNegInf);
+      for (; t + 16 <= vis; t += 16) {
+        v16 x = load(si + t);
+        mv = x > mv ? x : mv;
+      }
+      mb = hmax(mv);
+    }
+    for (; t < vis; ++t) mb = std::max(mb, si[t]);
+    const float m_old = ws.m[i];
+    const float m_new = std::max(m_old, mb);
+    const float alpha = m_old == kNegInf ? 0.f : exp2s(m_old - m_new);
+    float sum = 0.f;
+    t = 0;
+    v16 sv = v16{};
+    const v16 mn = splat(m_new);
+    for (; t + 16 <= vis; t += 16) {
+      v16 e = exp2v(load(si + t) - mn);
+      store(si + t, e);
+      sv += e;
+    }
+    sum = hsum(sv);
+    for (; t < vis; ++t) {
+      si[t] = exp2s(si[t] - m_new);
+      sum += si[t];
+    }
+    for (; t < nk; ++t) si[t] = 0.f;
+    ws.l[i] = ws.l[i] * alpha + sum;
+    ws.m[i] = m_new;
+    if (alpha != 1.f) {
+      float* ai = ws.acc.data() + i * d;
+      for (int64_t x = 0; x < d; ++x) ai[x] *= alpha;
+    }
+  }
+  if (used) accumulate(L, rows, v, used, ws);
+}
+
+// Pack the query rows of `tokens` (GQA group of K/V head h) scaled into ws.q; reset the softmax state.
+template <typename T>
+void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t num_tokens, int64_t h, Scratch& ws) {
+  const int64_t d = L.d, g = L.group;
+  for (int64_t a = 0; a < num_tokens; ++a)
+    for (int64_t j = 0; j < g; ++j) {
+      const T* src = q + tokens[a] * L.q_row + (h * g + j) * L.q_head;
+      float* dst = ws.q.data() + (a * g + j) * d;
+      for (int64_t x = 0; x < d; ++x) dst[x] = to_float(src[x]) * L.qk_scale;
+    }
+  const int64_t rows = num_tokens * g;
+  std::fill(ws.acc.begin(), ws.acc.begin() + rows * d, 0.f);
+  std::fill(ws.m.begin(), ws.m.begin() + rows, kNegInf);
+  std::fill(ws.l.begin(), ws.l.begin() + rows, 0.f);
+}
+
+// Write each row's result: normalised output + natural-log LSE, or the raw partial (o, m, l) of a slot.
+template <typename T>
+void finish_rows(const Layout& L, const int64_t* tokens, int64_t num_tokens, int64_t h, int64_t slot, T* out,
+                 float* lse, float* o_part, float* ml_part, const Scratch& ws) {
+  const int64_t d = L.d, g = L.group, hq = L.hq;
+  for (int64_t a = 0; a < num_tokens; ++a)
+    for (int64_t j = 0; j < g; ++j) {
+      const int64_t i = a * g + j, head = h * g + j;
+      const float* acc = ws.acc.data() + i * d;
+      if (slot < 0) {
+        const float inv = ws.l[i] > 0.f ? 1.f / ws.l[i] : 0.f;
+        T* dst = out + (tokens[a] * hq + head) * d;
+        for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+        lse[tokens[a] * hq + head] = ws.l[i] > 0.f ? (ws.m[i] + std::log2(ws.l[i])) * kLn2 : kNegInf;
+      } else {
+        const int64_t s = slot + a;
+        std::memcpy(o_part + (s * hq + head) * d, acc, d * sizeof(float));
+        ml_part[(s * hq + head) * 2] = ws.m[i];
+        ml_part[(s * hq + head) * 2 + 1] = ws.l[i];
+      }
+    }
+}
+
+struct Plan {
+  // the attention plan (AttentionPlan.tensors)
+  const int64_t *q_pos, *private_indptr, *private_kv_begin, *private_len, *private_pos, *shared_kv_begin,
+      *shared_len;
+  // tasks (cpu_tpp.CpuWorkspace)
+  const int64_t *pt_row_begin, *pt_row_end, *pt_chunk_begin, *pt_chunk_end, *pt_slot;
+  const int64_t *st_chunk_begin, *st_chunk_end, *st_row_begin, *st_row_end, *st_slot, *st_rows;
+  const int64_t *row_slot_indptr, *row_slots;
+  int64_t num_private, num_shared, num_rows;
+};
+
+template <typename T>
+void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const T* q, const T* k, const T* v,
+                 T* out, float* lse, float* o_part, float* ml_part, Scratch& ws, std::vector<int64_t>& tokens) {
+  const int64_t r0 = P.pt_row_begin[task], r1 = P.pt_row_end[task], n = r1 - r0, g = L.group;
+  tokens.resize(n);
+  int64_t hi_pos = -1;
+  for (int64_t a = 0; a < n; ++a) {
+    tokens[a] = r0 + a;
+    hi_pos = std::max(hi_pos, P.q_pos[r0 + a]);
+  }
+  ws.reserve(n * g, L.d);
+  load_queries(L, q, tokens.data(), n, h, ws);
+  const T* kh = k + h * L.d;
+  const T* vh = v + h * L.d;
+  int64_t nk = 0;
+  auto flush = [&]() {
+    for (int64_t a = 0; a < n; ++a) {  // keys are in position order: a row sees a prefix of the block
+      const int64_t seen = std::upper_bound(ws.kpos, ws.kpos + nk, P.q_pos[r0 + a]) - ws.kpos;
+      for (int64_t j = 0; j < g; ++j) ws.vis[a * g + j] = (int32_t)seen;
+    }
+    attend_block(L, n * g, kh, vh, nk, ws);
+    nk = 0;
+  };
+  for (int64_t c = P.pt_chunk_begin[task]; c < P.pt_chunk_end[task]; ++c) {
+    const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
+    const int64_t len = std::min(P.private_len[c], hi_pos - pos0 + 1);  // keys past every row are skipped
+    for (int64_t t = 0; t < len; ++t) {
+      ws.krow[nk] = kv0 + t;
+      ws.kpos[nk] = pos0 + t;
+      if (++nk == kKeyBlock) flush();
+    }
+  }
+  if (nk) flush();
+  finish_rows(L, tokens.data(), n, h, P.pt_slot[task], out, lse, o_part, ml_part, ws);
+}
+
+template <typename T>
+void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T* q, const T* k, const T* v,
+                float* o_part, float* ml_part, Scratch& ws) {
+  const int64_t u0 = P.st_row_begin[task], n = P.st_row_end[task] - u0, g = L.group;
+  const int64_t* tokens = P.st_rows + u0;
+  ws.reserve(n * g, L.d);
+  load_queries(L, q, tokens, n, h, ws);
+  const T* kh = k + h * L.d;
+  const T* vh = v + h * L.d;
+  int64_t nk = 0;
+  auto flush = [&]() {
+    std::fill(ws.vis.begin(), ws.vis.begin() + n * g, (int32_t)nk);  // shared keys precede every query
+    attend_block(L, n * g, kh, vh, nk, ws);
+    nk = 0;
+  };
+  for (int64_t j = P.st_chunk_begin[task]; j < P.st_chunk_end[task]; ++j) {
+    const int64_t kv0 = P.shared_kv_begin[j], len = P.shared_len[j];
+    for (int64_t t = 0; t < len; ++t) {
+      ws.krow[nk] = kv0 + t;
+      if (++nk == kKeyBlock) flush();
+    }
+  }
+  if (nk) flush();
+  finish_rows<T>(L, tokens, n, h, P.st_slot[task], nullptr, nullptr, o_part, ml_part, ws);
+}
+
+template <typename T>
+void merge_rows(const Layout& L, const Plan& P, T* out, float* lse, const float* o_part, const float* ml_part) {
+  const int64_t hq = L.hq, d = L.d;
+  at::parallel_for(0, P.num_rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s0 = P.row_slot_indptr[r], s1 = P.row_slot_indptr[r + 1];
+      if (s0 == s1) continue;  // written directly by its private task
+      for (int64_t head = 0; head < hq; ++head) {
+        float m = kNegInf;
+        for (int64_t s = s0; s < s1; ++s) m = std::max(m, ml_part[(P.row_slots[s] * hq + head) * 2]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float l = 0.f;
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t slot = P.row_slots[s];
+          const float ms = ml_part[(slot * hq + head) * 2], ls = ml_part[(slot * hq + head) * 2 + 1];
+          if (ms == kNegInf || ls == 0.f) continue;
+          const float w = exp2s(ms - m);
+          l += w * ls;
+          const float* o = o_part + (slot * hq + head) * d;
+          for (int64_t x = 0; x < d; ++x) acc[x] += w * o[x];
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        T* dst = out + (r * hq + head) * d;
+        for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+        lse[r * hq + head] = l > 0.f ? (m + std::log2(l)) * kLn2 : kNegInf;
+      }
+    }
+  });
+}
+
+template <typename T>
+void tpp_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+              at::Tensor& o_part, at::Tensor& ml_part, const Plan& P, double scale, int64_t group) {
+  Layout L;
+  L.hq = q.size(1);
+  L.hkv = k.size(1);
+  L.group = group;
+  L.d = q.size(2);
+  L.q_row = q.stride(0);
+  L.q_head = q.stride(1);
+  L.kv_row = k.stride(0);
+  L.qk_scale = static_cast<float>(scale) * kLog2e;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  float* opart = o_part.data_ptr<float>();
+  float* mlpart = ml_part.data_ptr<float>();
+  // Tasks: shared ones first (the largest), then private ones; threads take the next task as they free up.
+  const int64_t num_tasks = (P.num_shared + P.num_private) * L.hkv;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch ws;
+    std::vector<int64_t> tokens;
+    for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) {
+      const int64_t item = t / L.hkv, h = t % L.hkv;
+      if (item < P.num_shared)
+        run_shared(L, P, item, h, qp, kp, vp, opart, mlpart, ws);
+      else
+        run_private(L, P, item - P.num_shared, h, qp, kp, vp, op, lp, opart, mlpart, ws, tokens);
+    }
+  });
+  if (P.row_slots != nullptr) merge_rows(L, P, op, lp, opart, mlpart);
+}
+
+void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out, at::Tensor lse,
+             at::Tensor o_part, at::Tensor ml_part, at::TensorList idx, double scale, int64_t group) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "tpp_cpu runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [rows, heads, head_dim]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(), "q, k, v and out must have one dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
+                  v.stride(1) == v.size(2) && v.stride(0) == k.stride(0), "k, v must be [rows, heads, d] row-major");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat, "bad out / lse");
+  TORCH_CHECK(o_part.scalar_type() == at::kFloat && ml_part.scalar_type() == at::kFloat, "partials are float32");
+  TORCH_CHECK(idx.size() == 20, "tpp_cpu expects 20 index tensors");
+  TORCH_CHECK(q.size(1) == k.size(1) * group, "num_q_heads must be num_kv_heads * group");
+  for (const auto& t : idx) TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), "indices are int64");
+  auto ptr = [&](int i) { return idx[i].numel() ? idx[i].data_ptr<int64_t>() : nullptr; };
+  Plan P;
+  P.q_pos = ptr(0);
+  P.private_indptr = ptr(1);
+  P.private_kv_begin = ptr(2);
+  P.private_len = ptr(3);
+  P.private_pos = ptr(4);
+  P.shared_kv_begin = ptr(5);
+  P.shared_len = ptr(6);
+  P.pt_row_begin = ptr(7);
+  P.pt_row_end = ptr(8);
+  P.pt_chunk_begin = ptr(9);
+  P.pt_chunk_end = ptr(10);
+  P.pt_slot = ptr(11);
+  P.st_chunk_begin = ptr(12);
+  P.st_chunk_end = ptr(13);
+  P.st_row_begin = ptr(14);
+  P.st_row_end = ptr(15);
+  P.st_slot = ptr(16);
+  P.st_rows = ptr(17);
+  P.row_slot_indptr = ptr(18);
+  P.row_slots = ptr(19);
+  P.num_private = idx[7].numel();
+  P.num_shared = idx[12].numel();
+  P.num_rows = q.size(0);
+  if (q.scalar_type() == at::kFloat)
+    tpp_impl<float>(q, k, v, out, lse, o_part, ml_part, P, scale, group);
+  else if (q.scalar_type() == at::kBFloat16)
+    tpp_impl<c10::BFloat16>(q, k, v, out, lse, o_part, ml_part, P, scale, group);
+  else
+    TORCH_CHECK(false, "tpp_cpu supports float32 and bfloat16, got ", q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chunkattn_cpu, m) {
+  m.def("tpp(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) o_part, "
+        "Tensor(d!) ml_part, Tensor[] idx, float scale, int group) -> ()",
+        &tpp_cpu);
+}
