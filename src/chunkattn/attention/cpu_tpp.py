@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from chunkattn.attention.backend import PlannedBackend, register_backend
+from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.cache.plan import AttentionPlan
 
 ROWS_PER_TASK = 96  # query rows (tokens x group) one task multiplies at once: ~24 KB of fp32 queries at d=64
@@ -189,7 +190,7 @@ class CpuBackend(PlannedBackend):
     def auto_priority(cls, device: torch.device) -> int | None:
         return 5 if device.type == "cpu" and kernels_available() else None
 
-    def __init__(self, cache, scale=None):  # type: ignore[no-untyped-def]
+    def __init__(self, cache: PrefixKVCache, scale: float | None = None):
         super().__init__(cache, scale)
         if cache.device.type != "cpu":
             raise ValueError(f"the cpu backend runs on CPU caches, this one is on {cache.device}")
