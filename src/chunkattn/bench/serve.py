@@ -8,8 +8,8 @@ Face ``generate`` with one static batch.
 
 from __future__ import annotations
 
-import queue
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -101,11 +101,13 @@ def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: b
               max_num_seqs=max(64, cfg.requests))
     engine = llm.engine
     params = SamplingParams(max_tokens=cfg.output_len, temperature=0, ignore_eos=True)
-    done: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+    finals: dict[str, RequestOutput] = {}
 
     def sink(out: RequestOutput) -> None:
         if out.finished:
-            done.put(out)
+            finals[out.request_id] = out
+            if progress is not None:
+                progress.update(1)
 
     # requests arriving at the same time are submitted together (with rate=inf: all at once)
     groups: list[tuple[float, list[list[int]]]] = []
@@ -114,17 +116,20 @@ def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: b
             groups[-1][1].append(prompt)
         else:
             groups.append((arrival, [prompt]))
+    llm.generate(work.prompts[0][:8], SamplingParams(max_tokens=2))  # warm-up (kernels, allocator), untimed
     ids: list[str] = []
     start = time.perf_counter()
-    for arrival, prompts in groups:
-        time.sleep(max(0.0, start + arrival - time.perf_counter()))
-        ids += llm.loop.submit_many([(p, params, None) for p in prompts], sink, arrival_time=start + arrival)
-    finals: dict[str, RequestOutput] = {}
-    while len(finals) < len(ids):
-        out = done.get()
-        finals[out.request_id] = out
-        if progress is not None:
-            progress.update(1)
+
+    def submit_all() -> None:  # the arrival process; this thread drives the engine meanwhile
+        for arrival, prompts in groups:
+            time.sleep(max(0.0, start + arrival - time.perf_counter()))
+            ids.extend(llm.loop.submit_many([(p, params, None) for p in prompts], sink, arrival_time=start + arrival,
+                                            start=False))
+
+    arrivals = threading.Thread(target=submit_all, name="arrivals")
+    arrivals.start()
+    llm.loop.drive(lambda: not arrivals.is_alive() and len(finals) == len(ids))
+    arrivals.join()
     seconds = time.perf_counter() - start
     outputs = [finals[i] for i in ids]
     row = _row("chunkattn" if sharing else "no-sharing", sharing, outputs, seconds, engine.stats.as_dict(),

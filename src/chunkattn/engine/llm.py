@@ -82,24 +82,21 @@ class LLM:
             return []
         from tqdm import tqdm
 
-        done: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-
-        def sink(out: RequestOutput) -> None:
-            if out.finished:
-                done.put(out)
-
-        ids = self.loop.submit_many([(p, sp, None) for p, sp in zip(batch, params_list)], sink)
         finals: dict[str, RequestOutput] = {}
-        try:
-            with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
-                while len(finals) < len(ids):
-                    out = done.get()
+        with tqdm(total=len(batch), disable=not use_tqdm, desc="generate", unit="req") as bar:
+
+            def sink(out: RequestOutput) -> None:
+                if out.finished:
                     finals[out.request_id] = out
                     bar.update(1)
-        finally:
-            for rid in ids:
-                if rid not in finals:
-                    self.loop.abort(rid)
+
+            ids = self.loop.submit_many([(p, sp, None) for p, sp in zip(batch, params_list)], sink, start=False)
+            try:
+                self.loop.drive(lambda: len(finals) == len(ids))
+            finally:
+                for rid in ids:
+                    if rid not in finals:
+                        self.loop.abort(rid)
         return [finals[rid] for rid in ids]
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
@@ -112,10 +109,11 @@ class LLM:
         """Yield the request's output after every step that produced tokens, until it finishes (its
         ``delta_text`` is what is new). Closing the iterator early aborts the request."""
         outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        rid = self.loop.submit(prompt, params, outputs.put)
+        rid = self.loop.submit(prompt, params, outputs.put, start=False)
         finished = False
         try:
             while not finished:
+                self.loop.drive(lambda: not outputs.empty())
                 out = outputs.get()
                 finished = out.finished
                 yield out
