@@ -136,7 +136,8 @@ def serve_report(runs: Path, check_tokens: bool) -> dict[str, Any]:
             entry["vllm_output_token_ids"] = vruns[0].get("output_token_ids")
         if dtype == "float32" and vruns and vruns[0].get("output_token_ids"):
             vt = vruns[0]["output_token_ids"]
-            ct = next((d.get("output_token_ids") for d in cruns if d.get("output_token_ids")), None)
+            ct = next((d.get("output_token_ids") or r.get("output_token_ids") for d, r in zip(cruns, crows)
+                       if d.get("output_token_ids") or r.get("output_token_ids")), None)
             source = "chunkattn bench serve JSON"
             if ct is None and check_tokens:
                 ct, source = _chunkattn_tokens(vruns[0], len(vt))

@@ -38,13 +38,28 @@ class KernelBuildError(RuntimeError):
     """The native CPU kernels could not be compiled or loaded on this machine."""
 
 
+def _machine_tag() -> str:
+    """A short hash of this CPU's feature flags: a build made with -march=native for another CPU (a shared
+    home directory) must not be loaded here."""
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
 @functools.cache
 def _load() -> None:
     from torch.utils.cpp_extension import load
 
     # -fopenmp: at::parallel_for is inline OpenMP, so without it the kernel would run on one thread; the
     # library it links (libgomp.so.1) is the one torch already loaded.
-    load(name="chunkattn_cpu_ext", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
+    load(name=f"chunkattn_cpu_{_machine_tag()}", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
          extra_cflags=["-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp"],
          extra_ldflags=["-fopenmp"])
 
@@ -122,7 +137,8 @@ class CpuWorkspace:
         pt: dict[str, list[int]] = {k: [] for k in ("row_begin", "row_end", "chunk_begin", "chunk_end", "slot")}
         pi = plan.private_indptr
         for b in range(plan.num_seqs):
-            for r0 in range(qi[b], qi[b + 1], tile):
+            # a prefill's later tiles attend to more keys: largest first, so the last tasks are short
+            for r0 in reversed(range(qi[b], qi[b + 1], tile)):
                 r1 = min(qi[b + 1], r0 + tile)
                 pt["row_begin"].append(r0)
                 pt["row_end"].append(r1)

@@ -134,7 +134,7 @@ def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: b
     outputs = [finals[i] for i in ids]
     row = _row("chunkattn" if sharing else "no-sharing", sharing, outputs, seconds, engine.stats.as_dict(),
                engine.stats.peak_live_kv_bytes)
-    row["first_outputs"] = [o.token_ids for o in outputs[:4]]
+    row["output_token_ids"] = [o.token_ids for o in outputs[:4]]  # greedy: compared with peers
     row["phase_s"] = {k: round(v, 3) for k, v in engine.stats.phase_time.items()}
     # TTFT on an idle engine, median of 3 rounds: a new system prompt (cold), then the same one with
     # another question (a cache hit, when sharing is on).

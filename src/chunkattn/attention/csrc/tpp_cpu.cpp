@@ -41,6 +41,9 @@ constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across ch
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
 
 inline v16 splat(float x) { return v16{} + x; }
+// Keep a value in a register: stops the compiler from folding its load into every instruction that uses it
+// (each folded copy is another load, and loads, not multiplies, would then bound the products).
+inline void pin(v16& x) { asm volatile("" : "+v"(x)); }
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline v16 load(const c10::BFloat16* p) {
   h16u h = *reinterpret_cast<const h16u*>(p);
@@ -173,7 +176,8 @@ inline void score_tile(const float* q, int64_t d, const float* kt, int64_t t0, b
       const v16 k0 = load(kt + x * kbp + t0), k1 = load(kt + x * kbp + t0 + 16);
 #pragma GCC unroll 8
       for (int i = 0; i < RB; ++i) {
-        const float qv = q[i * d + x];
+        v16 qv = splat(q[i * d + x]);
+        pin(qv);
         a0[i] += qv * k0;
         a1[i] += qv * k1;
       }
@@ -253,7 +257,8 @@ inline void pv_tile(const float* p, const T* v, const int64_t* krow, int64_t kv_
     for (int i = 0; i < RB; ++i) pb[i] = splat(p[i * kbp + t]);
 #pragma GCC unroll 16
     for (int x = 0; x < DV; ++x) {
-      const v16 vx = load(vr + 16 * x);
+      v16 vx = load(vr + 16 * x);
+      pin(vx);
 #pragma GCC unroll 8
       for (int i = 0; i < RB; ++i) a[i][x] += pb[i] * vx;
     }
