@@ -1,8 +1,7 @@
-"""Two-phase-partition attention in native CPU kernels (``csrc/tpp_cpu.cpp``), reading K/V in place.
+"""Two-phase-partition attention in native CPU kernels (``chunkattn/csrc/tpp_cpu.cpp``), reading K/V in place.
 
-The kernels are compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, cached
-under ``TORCH_EXTENSIONS_DIR``, about 15 s once) for the CPU it runs on (``-march=native``). If that fails,
-the ``cpu`` backend is unavailable and ``auto`` falls back to ``torch``.
+The kernels are compiled on first use (see :mod:`chunkattn.native`); if that fails, the ``cpu`` backend is
+unavailable and ``auto`` falls back to ``torch``.
 
 Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a decode plan advances:
 
@@ -16,71 +15,31 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from chunkattn import native
 from chunkattn.attention.backend import PlannedBackend, register_backend
 from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.cache.plan import AttentionPlan
 
 ROWS_PER_TASK = 96  # query rows (tokens x group) one task multiplies at once: ~24 KB of fp32 queries at d=64
 MIN_PIECE_TOKENS = 256  # shared keys one task sweeps at least
-_SOURCE = Path(__file__).parent / "csrc" / "tpp_cpu.cpp"
+TASKS_PER_THREAD = 8  # shared tasks per thread to aim for
 log = logging.getLogger(__name__)
-
-
-class KernelBuildError(RuntimeError):
-    """The native CPU kernels could not be compiled or loaded on this machine."""
-
-
-def _machine_tag() -> str:
-    """A short hash of this CPU's feature flags: a build made with -march=native for another CPU (a shared
-    home directory) must not be loaded here."""
-    import hashlib
-    import platform
-
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
-
-
-@functools.cache
-def _load() -> None:
-    from torch.utils.cpp_extension import load
-
-    # -fopenmp: at::parallel_for is inline OpenMP, so without it the kernel would run on one thread; the
-    # library it links (libgomp.so.1) is the one torch already loaded.
-    load(name=f"chunkattn_cpu_{_machine_tag()}", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
-         extra_cflags=["-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp"],
-         extra_ldflags=["-fopenmp"])
 
 
 def kernels_available() -> bool:
     """Whether the native CPU kernels are compiled and loaded (compiling them on the first call)."""
-    try:
-        load_kernels()
-    except KernelBuildError:
-        return False
-    return True
+    return native.available()
 
 
 def load_kernels() -> None:
-    """Compile (once per machine) and load the kernels; raises :class:`KernelBuildError` with the reason."""
-    try:
-        _load()
-    except Exception as exc:  # noqa: BLE001 - any compiler/loader failure means: not available here
-        log.warning("chunkattn: the native CPU attention kernels are unavailable (%s); using the torch backend",
-                    exc)
-        raise KernelBuildError(f"cannot build the CPU attention kernels: {exc}") from exc
+    """Compile (once per machine) and load the kernels; raises ``KernelBuildError`` with the reason."""
+    native.load()
 
 
 def _i64(values: list[int], device: torch.device) -> torch.Tensor:
@@ -118,8 +77,10 @@ class CpuWorkspace:
             rows = [r for b in plan.shared_users(begin) for r in range(qi[b], qi[b + 1])]
             run_tokens = sum(plan.shared_len[begin:end])
             row_tiles = [rows[i : i + tile] for i in range(0, len(rows), tile)]
-            # enough pieces for ~4 tasks per thread over all runs and heads, each >= MIN_PIECE_TOKENS keys
-            want = math.ceil(4 * threads * run_tokens / max(1, shared_tokens) / (num_kv_heads * len(row_tiles)))
+            # enough pieces for ~8 tasks per thread over all runs and heads (threads then finish within a
+            # small task of each other), each >= MIN_PIECE_TOKENS keys
+            want = math.ceil(TASKS_PER_THREAD * threads * run_tokens / max(1, shared_tokens)
+                             / (num_kv_heads * len(row_tiles)))
             pieces = max(1, min(end - begin, want, run_tokens // MIN_PIECE_TOKENS or 1))
             bounds = [begin + (end - begin) * i // pieces for i in range(pieces + 1)]
             for c0, c1 in zip(bounds, bounds[1:]):

@@ -1,4 +1,6 @@
-"""Building blocks of the decoders: a linear layer with CPU weight prepacking, RMSNorm, rotary embeddings."""
+"""Building blocks of the decoders: a linear layer with CPU weight prepacking, RMSNorm with a fused residual
+add, rotary embeddings, SiLU-and-multiply. On CPU tensors (float32, bfloat16) the elementwise ones run as
+single-pass native kernels (:mod:`chunkattn.native`); elsewhere as PyTorch ops."""
 
 from __future__ import annotations
 
@@ -7,7 +9,12 @@ import math
 import torch
 from torch import nn
 
+from chunkattn import native
 from chunkattn.model.config import ModelConfig
+
+
+def _native(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and native.available()
 
 
 class Linear(nn.Module):
@@ -58,18 +65,43 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; ``forward(x, residual)`` first adds ``x`` to the residual stream (vLLM's fused form)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[N, dim]``; statistics in float32 whatever the dtype."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x: ``[N, dim]``. Without ``residual``: the normalised ``x``. With it: ``(norm(residual + x),
+        residual + x)``; both inputs may be overwritten. Statistics in float32 whatever the dtype."""
+        if _native(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+            if residual is None:
+                out = x.clone()
+                torch.ops.chunkattn_layers.add_rms_norm_(out, None, self.weight, self.eps)
+                return out
+            torch.ops.chunkattn_layers.add_rms_norm_(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is not None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gate_up: [N, 2I]`` -> ``silu(gate_up[:, :I]) * gate_up[:, I:]``, ``[N, I]``."""
+    if _native(gate_up) and gate_up.stride(1) == 1:
+        return torch.ops.chunkattn_layers.silu_and_mul(gate_up)
+    half = gate_up.shape[-1] // 2
+    return nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -92,15 +124,21 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """``cos, sin: [N, head_dim]`` (the two halves repeated) of ``positions: [N]``, computed in float32."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin: [N, head_dim / 2]`` float32 of ``positions: [N]`` (computed once per step, used by every layer)."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [N, d / 2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: ``[N, heads, d]``; cos, sin: ``[N, d]``. Rotate-half convention (Hugging Face's Llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos[:, None, :], rotated, sin[:, None, :])
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int) -> None:
+    """Rotate, in place, the first ``num_heads`` heads of each row of ``x: [N, width]`` (rotate-half, Hugging
+    Face's Llama convention). ``cos, sin: [N, head_dim / 2]`` float32."""
+    if _native(x) and x.stride(1) == 1:
+        torch.ops.chunkattn_layers.rope_(x, cos, sin, num_heads)
+        return
+    n, half = x.shape[0], head_dim // 2
+    heads = x[:, : num_heads * head_dim].view(n, num_heads, 2, half)  # [N, heads, 2, d / 2]
+    x1, x2 = heads[:, :, 0].float(), heads[:, :, 1].float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    heads[:, :, 0] = (x1 * c - x2 * s).to(x.dtype)
+    heads[:, :, 1] = (x2 * c + x1 * s).to(x.dtype)

@@ -13,7 +13,7 @@ from torch import nn
 
 from chunkattn.attention.backend import AttentionBackend
 from chunkattn.model.config import ModelConfig
-from chunkattn.model.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from chunkattn.model.layers import Linear, RMSNorm, apply_rope_, rope_cos_sin, rope_inv_freq, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -26,12 +26,12 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        n = x.shape[0]
+        n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)  # [N, (H + 2 Hkv) d]
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads,
-                                                                    self.head_dim), cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [N, H, d], [N, Hkv, d]
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        apply_rope_(qkv, cos, sin, self.num_heads + self.num_kv_heads, d)  # q and k, in place
+        q = qkv[:, : self.q_size].view(n, self.num_heads, d)  # [N, H, d]
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, d)  # [N, Hkv, d]
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
         out = attn.forward(self.layer, q, k, v)  # [N, H, d]
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -44,9 +44,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [N, 2 I]
-        gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [N, 2 I] -> [N, I] -> [N, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -57,9 +55,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embeddings for layer 0, then ``residual`` is None); returns
+        this layer's output and the residual stream before it (added by the next norm)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, attn)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaBody(nn.Module):
@@ -107,12 +114,15 @@ class LlamaForCausalLM(nn.Module):
         Returns ``[len(logit_rows), vocab_size]`` float32.
         """
         x = self.model.embed_tokens(input_ids)  # [N, hidden]
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [N, d] each
+        cos, sin = rope_cos_sin(self.inv_freq, positions)  # [N, d / 2] float32 each
+        residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
+            x, residual = layer(x, residual, cos, sin, attn)
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
-        return self.lm_head(self.model.norm(x)).float()
+            residual = residual.index_select(0, logit_rows) if residual is not None else None
+        x = self.model.norm(x, residual)[0] if residual is not None else self.model.norm(x)
+        return self.lm_head(x).float()
 
     # ------------------------------------------------------------------ Hugging Face weights
     @classmethod

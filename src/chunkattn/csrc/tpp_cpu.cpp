@@ -26,76 +26,14 @@
 #include <utility>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-typedef uint32_t u16v __attribute__((vector_size(64)));
-typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
+using namespace chunkattn;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
-
-inline v16 splat(float x) { return v16{} + x; }
-// Keep a value in a register: stops the compiler from folding its load into every instruction that uses it
-// (each folded copy is another load, and loads, not multiplies, would then bound the products).
-inline void pin(v16& x) { asm volatile("" : "+v"(x)); }
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline v16 load(const c10::BFloat16* p) {
-  h16u h = *reinterpret_cast<const h16u*>(p);
-  u16v w = __builtin_convertvector(h, u16v) << 16;
-  return (v16)w;
-}
-inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-template <int... I>
-inline v16 swap(v16 x) { return __builtin_shuffle(x, i16v{I...}); }
-inline v16 fold(v16 x, int step) {  // x[i] op x[i ^ step] lanes, for tree reductions
-  switch (step) {
-    case 8: return swap<8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7>(x);
-    case 4: return swap<4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11>(x);
-    case 2: return swap<2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13>(x);
-    default: return swap<1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14>(x);
-  }
-}
-inline float hsum(v16 x) {
-  for (int step = 8; step; step >>= 1) x += fold(x, step);
-  return x[0];
-}
-inline float hmax(v16 x) {
-  for (int step = 8; step; step >>= 1) {
-    const v16 y = fold(x, step);
-    x = x > y ? x : y;
-  }
-  return x[0];
-}
-
-// 2^x for x <= 0 (scores minus their running maximum); -inf and anything below -126 give 0.
-inline v16 exp2v(v16 x) {
-  const v16 lo = splat(-126.0f);
-  v16 xc = x < lo ? lo : x;
-  v16 t = xc + 12582912.0f;  // 1.5 * 2^23: rounds to the nearest integer in its low mantissa bits
-  v16 n = t - 12582912.0f;
-  v16 y = (xc - n) * kLn2;   // e^y = 2^f with f in [-0.5, 0.5]
-  v16 p = splat(1.0f / 5040.0f);
-  p = p * y + (1.0f / 720.0f);
-  p = p * y + (1.0f / 120.0f);
-  p = p * y + (1.0f / 24.0f);
-  p = p * y + (1.0f / 6.0f);
-  p = p * y + 0.5f;
-  p = p * y + 1.0f;
-  p = p * y + 1.0f;
-  i16v e = ((i16v)t - 0x4B400000 + 127) << 23;
-  v16 r = p * (v16)e;
-  return x < lo ? v16{} : r;
-}
-
-inline float exp2s(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
 struct Scratch {

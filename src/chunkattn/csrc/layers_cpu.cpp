@@ -1,0 +1,172 @@
+// Fused elementwise layers of the decoder on the CPU, one pass over memory each (vLLM's CPU build has the same
+// set): rotary embedding in place, SiLU-and-multiply, residual add + RMSNorm. float32 and bfloat16 storage,
+// float32 arithmetic.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "simd.h"
+
+namespace {
+
+using namespace chunkattn;
+
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// 2^x for |x| <= 126 (clamped outside), for the sigmoid.
+inline v16 exp2_clamped(v16 x) {
+  const v16 hi = splat(126.0f);
+  return exp2v(x > hi ? hi : x);
+}
+
+// x: [N, W]; the first `heads` heads of size d = 2 * cos.size(1) in each row rotate in place (rotate-half, as
+// Hugging Face's Llama): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. cos, sin: [N, d / 2] float32.
+template <typename T>
+void rope_impl(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
+  const int64_t n = x.size(0), half = cos.size(1), row = x.stride(0);
+  T* xp = x.data_ptr<T>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* c = cp + r * half;
+      const float* s = sp + r * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* a = xp + r * row + h * 2 * half;
+        T* b = a + half;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = static_cast<float>(a[i]), x2 = static_cast<float>(b[i]);
+          a[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+          b[i] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+        }
+      }
+    }
+  });
+}
+
+void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rope_: x must be [rows, width] with contiguous rows");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0),
+              "rope_: cos and sin must be contiguous float32 [rows, head_dim / 2]");
+  TORCH_CHECK(heads * 2 * cos.size(1) <= x.size(1), "rope_: heads * head_dim exceeds the row width");
+  if (x.scalar_type() == at::kFloat)
+    rope_impl<float>(x, cos, sin, heads);
+  else if (x.scalar_type() == at::kBFloat16)
+    rope_impl<c10::BFloat16>(x, cos, sin, heads);
+  else
+    TORCH_CHECK(false, "rope_: float32 or bfloat16, got ", x.scalar_type());
+}
+
+// out[r, i] = silu(x[r, i]) * x[r, I + i] for x: [N, 2I].
+template <typename T>
+void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
+  const int64_t n = x.size(0), inner = out.size(1), row = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    float buf[16];
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = xp + r * row;
+      const T* u = g + inner;
+      T* o = op + r * inner;
+      int64_t i = 0;
+      for (; i + 16 <= inner; i += 16) {
+        const v16 gv = load(g + i);
+        const v16 y = gv / (1.0f + exp2_clamped(gv * -kLog2e)) * load(u + i);
+        if constexpr (std::is_same_v<T, float>) {
+          store(o + i, y);
+        } else {
+          store(buf, y);
+          store_row(o + i, buf, 16);
+        }
+      }
+      for (; i < inner; ++i) {
+        const float gv = static_cast<float>(g[i]);
+        o[i] = static_cast<T>(gv / (1.0f + std::exp(-gv)) * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "silu_and_mul: x must be [rows, 2 * I]");
+  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  if (x.scalar_type() == at::kFloat)
+    silu_mul_impl<float>(x, out);
+  else if (x.scalar_type() == at::kBFloat16)
+    silu_mul_impl<c10::BFloat16>(x, out);
+  else
+    TORCH_CHECK(false, "silu_and_mul: float32 or bfloat16, got ", x.scalar_type());
+  return out;
+}
+
+// residual += x (when given); x = residual * rsqrt(mean(residual^2) + eps) * weight. Rows of width h.
+template <typename T>
+void add_rms_norm_impl(at::Tensor& x, at::Tensor* residual, const at::Tensor& weight, double eps) {
+  const int64_t n = x.size(0), h = x.size(1);
+  T* xp = x.data_ptr<T>();
+  T* rp = residual ? residual->data_ptr<T>() : nullptr;
+  const T* wp = weight.data_ptr<T>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(h);
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = xp + r * h;
+      float ss = 0.f;
+      if (rp != nullptr) {
+        T* rr = rp + r * h;
+        for (int64_t i = 0; i < h; ++i) {
+          const float s = static_cast<float>(rr[i]) + static_cast<float>(xr[i]);
+          rr[i] = static_cast<T>(s);
+          buf[i] = static_cast<float>(rr[i]);  // what the stream holds (rounded in bfloat16)
+          ss += buf[i] * buf[i];
+        }
+      } else {
+        for (int64_t i = 0; i < h; ++i) {
+          buf[i] = static_cast<float>(xr[i]);
+          ss += buf[i] * buf[i];
+        }
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+      for (int64_t i = 0; i < h; ++i) {
+        if constexpr (std::is_same_v<T, float>) {
+          xr[i] = buf[i] * inv * wp[i];
+        } else {  // Hugging Face's order for low precision: normalise in float32, round, then scale
+          xr[i] = static_cast<T>(static_cast<float>(wp[i]) * static_cast<float>(static_cast<T>(buf[i] * inv)));
+        }
+      }
+    }
+  });
+}
+
+void add_rms_norm_(at::Tensor x, c10::optional<at::Tensor> residual, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "add_rms_norm_: x must be a contiguous [rows, hidden]");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type() &&
+                  weight.is_contiguous(), "add_rms_norm_: weight must be [hidden] like x");
+  at::Tensor* res = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                    residual->scalar_type() == x.scalar_type(), "add_rms_norm_: residual must be like x");
+    res = &residual.value();
+  }
+  if (x.scalar_type() == at::kFloat)
+    add_rms_norm_impl<float>(x, res, weight, eps);
+  else if (x.scalar_type() == at::kBFloat16)
+    add_rms_norm_impl<c10::BFloat16>(x, res, weight, eps);
+  else
+    TORCH_CHECK(false, "add_rms_norm_: float32 or bfloat16, got ", x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chunkattn_layers, m) {
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> ()", &rope_);
+  m.def("silu_and_mul(Tensor x) -> Tensor", &silu_and_mul);
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!)? residual, Tensor weight, float eps) -> ()", &add_rms_norm_);
+}
