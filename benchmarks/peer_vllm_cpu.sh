@@ -15,7 +15,7 @@
 #   RUNS=2  DTYPES="float32 bfloat16"  ROWS="a b c"   (a: 1 prompt x 1024, b: 1 x 4096, c: 8 x 1024)
 #   REQUESTS=32  QUESTION_LEN=64  OUTPUT_LEN=64        (lower them only for smoke runs)
 #   OUT_JSON=benchmarks/results/peer-vllm-cpu-<date>.json  (the PNG goes beside it)
-#   KERNEL_POINTS="32/1024/64 ..."  KERNEL_PROVIDERS="sdpa tpp-torch"  KERNEL_ARGS=...   (the kernel stage)
+#   KERNEL_POINTS="32/1024/64 ..."  KERNEL_PROVIDERS="sdpa cascade-torch tpp-torch tpp-cpu"  KERNEL_ARGS=...
 #   CHUNKATTN_REV=<commit>   benchmark that commit's src/ (extracted read-only with `git archive` into
 #                            $PEER_DIR/src-<commit>) instead of the working tree, e.g. while the tree is mid-edit;
 #   CHUNKATTN_SRC=<dir>      or any src/ directory. Both sides import chunkattn from it (PYTHONPATH), the vLLM
@@ -219,7 +219,7 @@ kernel() {
     vllm_works || { log "no working vLLM venv at $VENV: run '$0 setup' first"; exit 1; }
     local points=${KERNEL_POINTS:-"32/1024/64 32/2048/64 32/4096/64 32/2048/512 64/2048/64 32/16/1024
                                    32/4096/64/9/3/64"}
-    local providers=${KERNEL_PROVIDERS:-"sdpa tpp-torch"}
+    local providers=${KERNEL_PROVIDERS:-"sdpa cascade-torch tpp-torch tpp-cpu"}
     local scratch
     scratch=$PEER_DIR/runs/kernel-$(date +%Y%m%d-%H%M%S)
     mkdir -p "$scratch"

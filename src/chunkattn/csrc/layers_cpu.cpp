@@ -19,7 +19,7 @@ inline void store_row(T* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// 2^x for |x| <= 126 (clamped outside), for the sigmoid.
+// 2^x for x <= 126 (clamped above), for the sigmoid.
 inline v16 exp2_clamped(v16 x) {
   const v16 hi = splat(126.0f);
   return exp2v(x > hi ? hi : x);
