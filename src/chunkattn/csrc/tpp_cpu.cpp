@@ -23,10 +23,16 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "simd.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define CHUNKATTN_BF16_DOT 1
+#endif
 
 namespace {
 
@@ -34,11 +40,14 @@ using namespace chunkattn;
 
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
+constexpr int kPrefetchKeys = 32;  // private tasks ask for the K/V of keys this far ahead
 
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
 struct Scratch {
   std::vector<float> q, s, kt, acc, m, l;
   std::vector<int32_t> vis;
+  std::vector<uint16_t> qb, pb;  // bfloat16 storage with bf16 dot products: raw queries, probabilities
+  std::vector<uint32_t> ktb;     // keys as bf16 pairs: ktb[x / 2][t] holds dims x, x + 1 of key t
   int64_t krow[kKeyBlock];  // storage row of each key of the current block
   int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
   void reserve(int64_t rows, int64_t d) {
@@ -52,6 +61,12 @@ struct Scratch {
       vis.resize(rows);
     }
     if ((int64_t)kt.size() < d * kbp) kt.resize(d * kbp);
+  }
+  void reserve_bf16(int64_t rows, int64_t d) {
+    const int64_t kbp = kKeyBlock;
+    if ((int64_t)qb.size() < rows * d) qb.resize(rows * d);
+    if ((int64_t)pb.size() < rows * kbp) pb.resize(rows * kbp);
+    if ((int64_t)ktb.size() < d / 2 * kbp) ktb.resize(d / 2 * kbp);
   }
 };
 
@@ -251,11 +266,156 @@ void accumulate(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& 
     }
 }
 
+#ifdef CHUNKATTN_BF16_DOT
+// bfloat16 storage on CPUs with AVX512-BF16: products of bf16 pairs accumulated in float32 (vdpbf16ps), two
+// multiply-adds per instruction and no conversions. Queries and keys are used as stored; the probabilities are
+// rounded to bf16 for the product with V (as flash attention does on GPUs).
+inline bool use_bf16_dot(const Layout& L, int64_t rows) { return rows >= kPackRows && L.d % 32 == 0; }
+
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+
+// ktb[x / 2][t] = (K[t, x], K[t, x + 1]) for the block's keys (zero up to a multiple of 16).
+inline void pack_keys_bf16(const Layout& L, const c10::BFloat16* k, const int64_t* krow, int64_t nk, uint32_t* ktb) {
+  const int64_t d = L.d, kbp = kKeyBlock;
+  v16 tile[16];
+  for (int64_t t0 = 0; t0 < nk; t0 += 16) {
+    const int64_t nt = std::min<int64_t>(16, nk - t0);
+    for (int64_t x0 = 0; x0 < d; x0 += 32) {  // 32 dims = 16 pairs = one 64-byte row per key
+      for (int i = 0; i < 16; ++i)
+        tile[i] = i < nt ? *reinterpret_cast<const v16u*>(k + krow[t0 + i] * L.kv_row + x0) : v16{};
+      transpose16(tile);  // bit moves only: each lane holds a pair of bf16
+      for (int i = 0; i < 16; ++i) store(reinterpret_cast<float*>(ktb + (x0 / 2 + i) * kbp + t0), tile[i]);
+    }
+  }
+}
+
+template <int RB>
+inline void score_tile_bf16(const uint32_t* qb, int64_t d, const uint32_t* ktb, int64_t t0, bool two, float scale,
+                            float* s) {
+  const int64_t kbp = kKeyBlock, pairs = d / 2;
+  __m512 a0[RB], a1[RB];
+  for (int i = 0; i < RB; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (int64_t x = 0; x < pairs; ++x) {
+    const __m512i k0 = _mm512_loadu_si512(ktb + x * kbp + t0);
+    const __m512i k1 = two ? _mm512_loadu_si512(ktb + x * kbp + t0 + 16) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      const __m512i qv = _mm512_set1_epi32((int)qb[i * pairs + x]);
+      a0[i] = _mm512_dpbf16_ps(a0[i], as_bh(qv), as_bh(k0));
+      if (two) a1[i] = _mm512_dpbf16_ps(a1[i], as_bh(qv), as_bh(k1));
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int i = 0; i < RB; ++i) {
+    _mm512_storeu_ps(s + i * kbp + t0, _mm512_mul_ps(a0[i], sc));
+    if (two) _mm512_storeu_ps(s + i * kbp + t0 + 16, _mm512_mul_ps(a1[i], sc));
+  }
+}
+
+inline void scores_bf16(const Layout& L, int64_t rows, const c10::BFloat16* k, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d, kbp = kKeyBlock;
+  pack_keys_bf16(L, k, ws.krow, nk, ws.ktb.data());
+  const uint32_t* qb = reinterpret_cast<const uint32_t*>(ws.qb.data());
+  const int64_t nk16 = (nk + 15) / 16 * 16, pairs = d / 2;
+  float* s = ws.s.data();
+  for (int64_t t0 = 0; t0 < nk16; t0 += 32) {
+    const bool two = t0 + 16 < nk16;
+    int64_t i0 = 0;
+    for (; i0 + 8 <= rows; i0 += 8)
+      score_tile_bf16<8>(qb + i0 * pairs, d, ws.ktb.data(), t0, two, L.qk_scale, s + i0 * kbp);
+    const uint32_t* qt = qb + i0 * pairs;
+    float* st = s + i0 * kbp;
+    switch (rows - i0) {
+      case 7: score_tile_bf16<7>(qt, d, ws.ktb.data(), t0, two, L.qk_scale, st); break;
+      case 6: score_tile_bf16<6>(qt, d, ws.ktb.data(), t0, two, L.qk_scale, st); break;
+      case 5: score_tile_bf16<5>(qt, d, ws.ktb.data(), t0, two, L.qk_scale, st); break;
+      case 4: score_tile_bf16<4>(qt, d, ws.ktb.data(), t0, two, L.qk_scale, st); break;
+      case 3: score_tile_bf16<3>(qt, d, ws.ktb.data(), t0, two, L.qk_scale, st); break;
+      case 2: score_tile_bf16<2>(qt, d, ws.ktb.data(), t0, two, L.qk_scale, st); break;
+      case 1: score_tile_bf16<1>(qt, d, ws.ktb.data(), t0, two, L.qk_scale, st); break;
+      default: break;
+    }
+  }
+}
+
+// acc[RB rows, 16 * DV] += P . V over key pairs: V rows t, t+1 interleaved into bf16 pairs, one dot per pair.
+template <int RB, int DV>
+inline void pv_tile_bf16(const uint32_t* pb, const c10::BFloat16* v, const int64_t* krow, int64_t kv_row, int64_t nk,
+                         float* acc) {
+  constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
+  static_assert(DV % 2 == 0, "pairs of 16-dim blocks");
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                      22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  __m512 a[RB][DV];
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < DV; ++x) a[i][x] = _mm512_loadu_ps(acc + i * d + 16 * x);
+  for (int64_t t = 0; t < nk; t += 2) {
+    const c10::BFloat16* v0 = v + krow[t] * kv_row;
+    const c10::BFloat16* v1 = t + 1 < nk ? v + krow[t + 1] * kv_row : nullptr;
+    __m512i pp[RB];
+    for (int i = 0; i < RB; ++i) pp[i] = _mm512_set1_epi32((int)pb[i * kbp2 + t / 2]);
+#pragma GCC unroll 8
+    for (int x = 0; x < DV; x += 2) {  // 32 dims of both keys -> two 16-lane vectors of pairs
+      const __m512i r0 = _mm512_loadu_si512(v0 + 16 * x);
+      const __m512i r1 = v1 ? _mm512_loadu_si512(v1 + 16 * x) : _mm512_setzero_si512();
+      const __m512i plo = _mm512_permutex2var_epi16(r0, lo, r1);
+      const __m512i phi = _mm512_permutex2var_epi16(r0, hi, r1);
+#pragma GCC unroll 8
+      for (int i = 0; i < RB; ++i) {
+        a[i][x] = _mm512_dpbf16_ps(a[i][x], as_bh(pp[i]), as_bh(plo));
+        a[i][x + 1] = _mm512_dpbf16_ps(a[i][x + 1], as_bh(pp[i]), as_bh(phi));
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + i * d + 16 * x, a[i][x]);
+}
+
+template <int DV>
+void accumulate_bf16_fixed(const Layout& L, int64_t rows, const c10::BFloat16* v, int64_t nk, Scratch& ws) {
+  constexpr int RB = DV >= 16 ? 1 : DV >= 8 ? 3 : 6;
+  constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
+  const uint32_t* pb = reinterpret_cast<const uint32_t*>(ws.pb.data());
+  float* acc = ws.acc.data();
+  int64_t i0 = 0;
+  for (; i0 + RB <= rows; i0 += RB) pv_tile_bf16<RB, DV>(pb + i0 * kbp2, v, ws.krow, L.kv_row, nk, acc + i0 * d);
+  const uint32_t* pt = pb + i0 * kbp2;
+  float* at = acc + i0 * d;
+  switch (rows - i0) {
+    case 5: if constexpr (RB > 5) pv_tile_bf16<5, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 4: if constexpr (RB > 4) pv_tile_bf16<4, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 3: if constexpr (RB > 3) pv_tile_bf16<3, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 2: if constexpr (RB > 2) pv_tile_bf16<2, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 1: if constexpr (RB > 1) pv_tile_bf16<1, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    default: break;
+  }
+}
+
+// The probabilities of row i (float32 in the score buffer, zero past vis) as bf16 pairs.
+inline void round_probs(const float* si, int64_t nk, uint16_t* pbi) {
+  auto lanes = [](int64_t n) { return (__mmask16)(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1); };
+  for (int64_t t = 0; t < nk; t += 32) {  // past nk the buffer holds stale scores: load zeros there
+    const __m512 a = _mm512_maskz_loadu_ps(lanes(nk - t), si + t);
+    const __m512 b = _mm512_maskz_loadu_ps(lanes(nk - t - 16), si + t + 16);
+    _mm512_storeu_si512(pbi + t, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+  }
+}
+#endif
+
 // One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees.
 template <typename T>
 void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t nk, Scratch& ws) {
   const int64_t d = L.d, kbp = kKeyBlock;
-  scores(L, ws.q.data(), rows, k, nk, ws);
+  bool bf16_dot = false;
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) bf16_dot = use_bf16_dot(L, rows);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot) scores_bf16(L, rows, k, nk, ws);
+  }
+#endif
+  if (!bf16_dot) scores(L, ws.q.data(), rows, k, nk, ws);
   float* s = ws.s.data();
   int64_t used = 0;
   for (int64_t i = 0; i < rows; ++i) {
@@ -295,6 +455,9 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
       sum += si[t];
     }
     for (; t < nk; ++t) si[t] = 0.f;
+#ifdef CHUNKATTN_BF16_DOT
+    if (bf16_dot) round_probs(si, nk, ws.pb.data() + i * kbp);
+#endif
     ws.l[i] = ws.l[i] * alpha + sum;
     ws.m[i] = m_new;
     if (alpha != 1.f) {
@@ -302,7 +465,21 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
       for (int64_t x = 0; x < d; ++x) ai[x] *= alpha;
     }
   }
-  if (used) accumulate(L, rows, v, used, ws);
+  if (!used) return;
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot) {
+      switch (d) {
+        case 64: return accumulate_bf16_fixed<4>(L, rows, v, used, ws);
+        case 128: return accumulate_bf16_fixed<8>(L, rows, v, used, ws);
+        case 32: return accumulate_bf16_fixed<2>(L, rows, v, used, ws);
+        case 256: return accumulate_bf16_fixed<16>(L, rows, v, used, ws);
+        default: break;
+      }
+    }
+  }
+#endif
+  accumulate(L, rows, v, used, ws);
 }
 
 // Pack the query rows of `tokens` (GQA group of K/V head h) scaled into ws.q; reset the softmax state.
@@ -314,6 +491,9 @@ void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t nu
       const T* src = q + tokens[a] * L.q_row + (h * g + j) * L.q_head;
       float* dst = ws.q.data() + (a * g + j) * d;
       for (int64_t x = 0; x < d; ++x) dst[x] = to_float(src[x]) * L.qk_scale;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (!ws.qb.empty()) std::memcpy(ws.qb.data() + (a * g + j) * d, src, d * sizeof(T));
+      }
     }
   const int64_t rows = num_tokens * g;
   std::fill(ws.acc.begin(), ws.acc.begin() + rows * d, 0.f);
@@ -355,6 +535,33 @@ struct Plan {
   int64_t num_private, num_shared, num_rows;
 };
 
+// Walks the storage rows of a list of chunks, in order: prefetching keys a block ahead of their use hides the
+// memory latency of a task whose keys nothing else reads (a sequence's own chunks).
+struct RowCursor {
+  const int64_t *begin, *len;
+  int64_t chunk, end, offset = 0;
+  RowCursor(const int64_t* b, const int64_t* l, int64_t c0, int64_t c1) : begin(b), len(l), chunk(c0), end(c1) {}
+  bool next(int64_t& row) {
+    while (chunk < end && offset >= len[chunk]) {
+      ++chunk;
+      offset = 0;
+    }
+    if (chunk >= end) return false;
+    row = begin[chunk] + offset++;
+    return true;
+  }
+};
+
+template <typename T>
+inline void prefetch_row(const Layout& L, const T* kh, const T* vh, int64_t row) {
+  const char* kp = reinterpret_cast<const char*>(kh + row * L.kv_row);
+  const char* vp = reinterpret_cast<const char*>(vh + row * L.kv_row);
+  for (int64_t b = 0; b < L.d * (int64_t)sizeof(T); b += 64) {
+    __builtin_prefetch(kp + b, 0, 3);
+    __builtin_prefetch(vp + b, 0, 3);
+  }
+}
+
 template <typename T>
 void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const T* q, const T* k, const T* v,
                  T* out, float* lse, float* o_part, float* ml_part, Scratch& ws, std::vector<int64_t>& tokens) {
@@ -366,6 +573,9 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
     hi_pos = std::max(hi_pos, P.q_pos[r0 + a]);
   }
   ws.reserve(n * g, L.d);
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
+#endif
   load_queries(L, q, tokens.data(), n, h, ws);
   const T* kh = k + h * L.d;
   const T* vh = v + h * L.d;
@@ -378,12 +588,16 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
     attend_block(L, n * g, kh, vh, nk, ws);
     nk = 0;
   };
+  RowCursor ahead(P.private_kv_begin, P.private_len, P.pt_chunk_begin[task], P.pt_chunk_end[task]);
+  int64_t row;
+  for (int64_t t = 0; t < kPrefetchKeys && ahead.next(row); ++t) prefetch_row(L, kh, vh, row);
   for (int64_t c = P.pt_chunk_begin[task]; c < P.pt_chunk_end[task]; ++c) {
     const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
     const int64_t len = std::min(P.private_len[c], hi_pos - pos0 + 1);  // keys past every row are skipped
     for (int64_t t = 0; t < len; ++t) {
       ws.krow[nk] = kv0 + t;
       ws.kpos[nk] = pos0 + t;
+      if (ahead.next(row)) prefetch_row(L, kh, vh, row);
       if (++nk == kKeyBlock) flush();
     }
   }
@@ -397,6 +611,9 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
   const int64_t u0 = P.st_row_begin[task], n = P.st_row_end[task] - u0, g = L.group;
   const int64_t* tokens = P.st_rows + u0;
   ws.reserve(n * g, L.d);
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
+#endif
   load_queries(L, q, tokens, n, h, ws);
   const T* kh = k + h * L.d;
   const T* vh = v + h * L.d;
