@@ -7,17 +7,14 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "simd.h"
 
 namespace {
 
 using namespace chunkattn;
-
-template <typename T>
-inline void store_row(T* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
 
 // 2^x for x <= 126 (clamped above), for the sigmoid.
 inline v16 exp2_clamped(v16 x) {
@@ -71,7 +68,6 @@ void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
-    float buf[16];
     for (int64_t r = begin; r < end; ++r) {
       const T* g = xp + r * row;
       const T* u = g + inner;
@@ -79,13 +75,7 @@ void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
       int64_t i = 0;
       for (; i + 16 <= inner; i += 16) {
         const v16 gv = load(g + i);
-        const v16 y = gv / (1.0f + exp2_clamped(gv * -kLog2e)) * load(u + i);
-        if constexpr (std::is_same_v<T, float>) {
-          store(o + i, y);
-        } else {
-          store(buf, y);
-          store_row(o + i, buf, 16);
-        }
+        store(o + i, gv / (1.0f + exp2_clamped(gv * -kLog2e)) * load(u + i));
       }
       for (; i < inner; ++i) {
         const float gv = static_cast<float>(g[i]);
@@ -107,10 +97,13 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
-// residual += x (when given); x = residual * rsqrt(mean(residual^2) + eps) * weight. Rows of width h.
+// residual += x (when given); x = residual * rsqrt(mean(residual^2) + eps) * weight. Rows of width h. In
+// bfloat16 the sum is rounded as stored, and the normalised value is rounded before the weight multiplies it
+// (Hugging Face's order).
 template <typename T>
 void add_rms_norm_impl(at::Tensor& x, at::Tensor* residual, const at::Tensor& weight, double eps) {
-  const int64_t n = x.size(0), h = x.size(1);
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const int64_t n = x.size(0), h = x.size(1), hv = h / 16 * 16;
   T* xp = x.data_ptr<T>();
   T* rp = residual ? residual->data_ptr<T>() : nullptr;
   const T* wp = weight.data_ptr<T>();
@@ -118,28 +111,39 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor* residual, const at::Tensor& we
     std::vector<float> buf(h);
     for (int64_t r = begin; r < end; ++r) {
       T* xr = xp + r * h;
+      T* rr = rp ? rp + r * h : nullptr;
+      v16 ssv = v16{};
       float ss = 0.f;
-      if (rp != nullptr) {
-        T* rr = rp + r * h;
-        for (int64_t i = 0; i < h; ++i) {
-          const float s = static_cast<float>(rr[i]) + static_cast<float>(xr[i]);
-          rr[i] = static_cast<T>(s);
-          buf[i] = static_cast<float>(rr[i]);  // what the stream holds (rounded in bfloat16)
-          ss += buf[i] * buf[i];
+      for (int64_t i = 0; i < hv; i += 16) {
+        v16 y = load(xr + i);
+        if (rr) {
+          y += load(rr + i);
+          store(rr + i, y);
+          if constexpr (kBf16) y = round_bf16(y);
         }
-      } else {
-        for (int64_t i = 0; i < h; ++i) {
-          buf[i] = static_cast<float>(xr[i]);
-          ss += buf[i] * buf[i];
+        store(buf.data() + i, y);
+        ssv += y * y;
+      }
+      ss = hsum(ssv);
+      for (int64_t i = hv; i < h; ++i) {
+        float y = static_cast<float>(xr[i]);
+        if (rr) {
+          rr[i] = static_cast<T>(static_cast<float>(rr[i]) + y);
+          y = static_cast<float>(rr[i]);
         }
+        buf[i] = y;
+        ss += y * y;
       }
       const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
-      for (int64_t i = 0; i < h; ++i) {
-        if constexpr (std::is_same_v<T, float>) {
-          xr[i] = buf[i] * inv * wp[i];
-        } else {  // Hugging Face's order for low precision: normalise in float32, round, then scale
-          xr[i] = static_cast<T>(static_cast<float>(wp[i]) * static_cast<float>(static_cast<T>(buf[i] * inv)));
-        }
+      for (int64_t i = 0; i < hv; i += 16) {
+        v16 y = load(buf.data() + i) * inv;
+        if constexpr (kBf16) y = round_bf16(y);
+        store(xr + i, y * load(wp + i));
+      }
+      for (int64_t i = hv; i < h; ++i) {
+        const float y = buf[i] * inv;
+        xr[i] = kBf16 ? static_cast<T>(static_cast<float>(wp[i]) * static_cast<float>(static_cast<T>(y)))
+                      : static_cast<T>(y * static_cast<float>(wp[i]));
       }
     }
   });

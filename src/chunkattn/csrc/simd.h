@@ -32,6 +32,15 @@ inline v16 load(const c10::BFloat16* p) {
   return (v16)w;
 }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+// float32 -> bfloat16 bits, rounding to nearest even (what c10::BFloat16 does, NaN aside), 16 at a time.
+inline u16v bf16_bits(v16 x) {
+  u16v b = (u16v)x;
+  return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+}
+inline v16 round_bf16(v16 x) { return (v16)(bf16_bits(x) << 16); }  // x as the bfloat16 it would be stored as
+inline void store(c10::BFloat16* p, v16 x) {
+  *reinterpret_cast<h16u*>(p) = __builtin_convertvector(bf16_bits(x), h16u);
+}
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 template <int... I>
