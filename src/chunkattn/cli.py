@@ -112,6 +112,7 @@ def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--kv-cache-tokens", type=int, default=65536)
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill tokens per engine step")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     p.add_argument("--no-prefix-sharing", action="store_true", help="only the engine with sharing off")
     p.add_argument("--seed", type=int, default=0)
@@ -126,7 +127,8 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(requests=args.requests, rate=args.rate, system_prompts=args.system_prompts,
                       shared_len=args.shared_len, question_len=args.question_len, output_len=args.output_len,
-                      kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size, seed=args.seed)
+                      kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size, seed=args.seed,
+                      max_num_batched_tokens=args.max_num_batched_tokens)
     systems = ["no-sharing"] if args.no_prefix_sharing else args.systems
     result = run_serve(_load(args), cfg, systems, progress=not args.no_progress)
     print(format_table(result))

@@ -143,6 +143,8 @@ def _as_token_list(token_ids: Any, what: str) -> list[int]:
         tokens = [int(t) for t in token_ids.tolist()]
     elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
         raise TypeError(f"{what} must be a list of int token ids, got {type(token_ids).__name__}")
+    elif isinstance(token_ids, (list, tuple)) and all(type(t) is int for t in token_ids):
+        tokens = list(token_ids)  # the common case, checked at C speed
     else:
         tokens = []
         for t in token_ids:
@@ -151,7 +153,7 @@ def _as_token_list(token_ids: Any, what: str) -> list[int]:
             tokens.append(t.__index__())
     if not tokens:
         raise ValueError(f"{what} is empty: give at least one token id")
-    if any(t < 0 for t in tokens):
+    if min(tokens) < 0:
         raise ValueError(f"{what} holds a negative token id")
     return tokens
 
