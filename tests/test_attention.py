@@ -104,11 +104,30 @@ def test_cpu_kernel_odd_head_dims(head_dim, decode):
     (64, 1030, 140, 40),  # many sharing rows: several row tiles and shared pieces
     (16, 0, 300, 2),  # long private prefill: many row tiles, causal masks inside blocks
     (64, 300, 1, 1),  # one sequence: nothing shared, written directly
+    (16, 0, 1500, 1),  # one long sequence: its decode token's keys split over several tasks, merged
+    (32, 8, 700, 3),  # long private parts beside a short shared one
 ])
 @pytest.mark.parametrize("decode", [True, False])
 def test_cpu_kernel_long_and_wide_batches(dtype, chunk_size, shared, private, batch_size, decode):
     cache, batch = shared_prompt_batch(batch=batch_size, shared=shared, private=private, chunk_size=chunk_size,
                                        head_dim=64, kv_heads=3, dtype=dtype, decode=decode)
+    check_attention(cache, batch, 9, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_prefill_after_an_unaligned_cached_prefix(dtype):
+    """Rows of a tile that precede a key block see none of it (a cached prefix of 300 tokens puts tile and block
+    boundaries out of step): their probabilities must be zero, not a previous block's."""
+    rng = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, 1000, (520,), generator=rng).tolist()
+    cache = PrefixKVCache(1, 3, 64, chunk_size=64, max_tokens=2048, dtype=dtype)
+    first = cache.add_sequence(prompt[:300] + [7])
+    random_store(cache, cache.extend([first], [prompt[:300] + [7]]))
+    cache.release(first)
+    seq = cache.add_sequence(prompt)
+    assert seq.num_cached_tokens == 300
+    batch = cache.extend([seq], [prompt[300:]])
+    random_store(cache, batch)
     check_attention(cache, batch, 9, "cpu")
 
 

@@ -28,7 +28,8 @@ from chunkattn.cache.plan import AttentionPlan
 
 ROWS_PER_TASK = 96  # query rows (tokens x group) one task multiplies at once: ~24 KB of fp32 queries at d=64
 MIN_PIECE_TOKENS = 256  # shared keys one task sweeps at least
-TASKS_PER_THREAD = 8  # shared tasks per thread to aim for
+TASKS_PER_THREAD = 8  # shared (and split decode) tasks per thread to aim for
+WIDE_MAX_GROUP = 3  # decode tokens with at most this many query heads per K/V head run all heads in one task
 log = logging.getLogger(__name__)
 
 
@@ -50,11 +51,12 @@ def _i64(values: list[int], device: torch.device) -> torch.Tensor:
 class CpuWorkspace:
     """Task lists (int64 tensors) and partial buffers of one plan, for given head counts and head size."""
 
-    idx: list[torch.Tensor]  # the 20 index tensors the kernel takes, in its order
+    idx: list[torch.Tensor]  # the 24 index tensors the kernel takes, in its order
     o_part: torch.Tensor  # [num_slots, num_q_heads, head_dim] float32
     ml_part: torch.Tensor  # [num_slots, num_q_heads, 2] float32: (max, sum of exp) in base 2
     num_shared_tasks: int
     num_private_tasks: int
+    num_wide_tasks: int
 
     def advance(self, plan: AttentionPlan) -> None:
         """Nothing to do: lengths and positions live in the plan's tensors, which advance in place."""
@@ -94,10 +96,34 @@ class CpuWorkspace:
                     for i, r in enumerate(tile_rows):
                         row_slots[r].append(slots + i)
                     slots += len(tile_rows)
-        # private tasks: a row gets a slot when a shared task also writes to it
-        pt: dict[str, list[int]] = {k: [] for k in ("row_begin", "row_end", "chunk_begin", "chunk_end", "slot")}
+        # A decode token whose heads each have fewer rows than the packed-key path takes (group < 4) gets "wide"
+        # tasks: all heads at once, reading each key's row of every head in order; long private lists are
+        # split (flash-decoding) so that few sequences still keep every core busy. Other tiles get per-head
+        # private tasks. A row gets a partial slot when anything else also writes to it.
         pi = plan.private_indptr
+        wide_seqs = [b for b in range(plan.num_seqs) if qi[b + 1] - qi[b] == 1 and group < WIDE_MAX_GROUP + 1
+                     and pi[b + 1] > pi[b]]
+        wide = set(wide_seqs)
+        wt: dict[str, list[int]] = {k: [] for k in ("row", "chunk_begin", "chunk_end", "slot")}
+        want = math.ceil(TASKS_PER_THREAD * threads / max(1, len(wide_seqs)))
+        for b in wide_seqs:
+            r, chunks = qi[b], pi[b + 1] - pi[b]
+            splits = max(1, min(chunks, want, sum(plan.private_len[pi[b] : pi[b + 1]]) // MIN_PIECE_TOKENS or 1))
+            bounds = [pi[b] + chunks * i // splits for i in range(splits + 1)]
+            for c0, c1 in zip(bounds, bounds[1:]):
+                wt["row"].append(r)
+                wt["chunk_begin"].append(c0)
+                wt["chunk_end"].append(c1)
+                if splits > 1 or row_slots[r]:
+                    wt["slot"].append(slots)
+                    row_slots[r].append(slots)
+                    slots += 1
+                else:
+                    wt["slot"].append(-1)
+        pt: dict[str, list[int]] = {k: [] for k in ("row_begin", "row_end", "chunk_begin", "chunk_end", "slot")}
         for b in range(plan.num_seqs):
+            if b in wide:
+                continue
             # a prefill's later tiles attend to more keys: largest first, so the last tasks are short
             for r0 in reversed(range(qi[b], qi[b + 1], tile)):
                 r1 = min(qi[b + 1], r0 + tile)
@@ -123,11 +149,13 @@ class CpuWorkspace:
                *(_i64(pt[k], dev) for k in ("row_begin", "row_end", "chunk_begin", "chunk_end", "slot")),
                *(_i64(st[k], dev) for k in ("chunk_begin", "chunk_end", "row_begin", "row_end", "slot")),
                _i64(st_rows, dev),
-               _i64(indptr if merge else [], dev), _i64([s for ss in row_slots for s in ss] if merge else [], dev)]
+               _i64(indptr if merge else [], dev), _i64([s for ss in row_slots for s in ss] if merge else [], dev),
+               *(_i64(wt[k], dev) for k in ("row", "chunk_begin", "chunk_end", "slot"))]
         return cls(idx=idx,
                    o_part=torch.empty(max(1, slots), num_q_heads, head_dim, dtype=torch.float32, device=dev),
                    ml_part=torch.empty(max(1, slots), num_q_heads, 2, dtype=torch.float32, device=dev),
-                   num_shared_tasks=len(st["slot"]), num_private_tasks=len(pt["slot"]))
+                   num_shared_tasks=len(st["slot"]), num_private_tasks=len(pt["slot"]),
+                   num_wide_tasks=len(wt["slot"]))
 
 
 def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float

@@ -436,13 +436,12 @@ class PrefixKVCache:
                 node = tree.append(node, tokens[matched:], rows, grow)
                 store_kv.extend(rows)
                 store_rows.extend(range(row0 + matched, row0 + len(tokens)))
-            # every chunk from the old end (exclusive) to the new one gains this sequence's reference
-            tree.lock(node)
-            if start.parent is not None:
-                tree.unlock(start)
+            # every chunk below the old end down to the new one (a descendant, or the old end grown in place)
+            # gains this sequence's reference; the path above holds it already. (Recency is marked when a
+            # sequence is added or released: a chunk a live sequence holds cannot be evicted meanwhile.)
+            tree.lock(node, stop=start)
             seq._end = node
             seq._tokens.extend(tokens)
-            tree.touch(node)
             q_indptr.append(row0 + len(tokens))
         for pin in pins:
             tree.unlock(pin)

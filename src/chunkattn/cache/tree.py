@@ -266,10 +266,10 @@ class ChunkTree:
             n.last_access = self._clock
             n = n.parent
 
-    def lock(self, node: Node) -> None:
-        """Add one reference to ``node`` and every ancestor."""
+    def lock(self, node: Node, stop: Node | None = None) -> None:
+        """Add one reference to ``node`` and every ancestor (up to, not including, ``stop``)."""
         n: Node | None = node
-        while n is not None and n.parent is not None:
+        while n is not None and n.parent is not None and n is not stop:
             if n.ref_count == 0 and n.start == 0:
                 self._num_live_slots += 1
             n.ref_count += 1

@@ -404,25 +404,21 @@ inline void round_probs(const float* si, int64_t nk, uint16_t* pbi) {
 }
 #endif
 
-// One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees.
-template <typename T>
-void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t nk, Scratch& ws) {
+// The running softmax of `rows` rows over a new block of scores (in ws.s): row i sees its first vis[i] keys.
+// The block's probabilities replace its scores (zero where not seen; also as bf16 pairs in ws.pb when
+// `bf16_pairs`), the accumulators are rescaled. Returns the largest vis (keys the value product must read).
+inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, bool bf16_pairs) {
   const int64_t d = L.d, kbp = kKeyBlock;
-  bool bf16_dot = false;
-#ifdef CHUNKATTN_BF16_DOT
-  if constexpr (std::is_same_v<T, c10::BFloat16>) bf16_dot = use_bf16_dot(L, rows);
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_dot) scores_bf16(L, rows, k, nk, ws);
-  }
-#endif
-  if (!bf16_dot) scores(L, ws.q.data(), rows, k, nk, ws);
   float* s = ws.s.data();
   int64_t used = 0;
   for (int64_t i = 0; i < rows; ++i) {
     float* si = s + i * kbp;
     const int64_t vis = ws.vis[i];
-    if (vis <= 0) {
+    if (vis <= 0) {  // a row before every key of the block: nothing seen, its probabilities all zero
       std::fill(si, si + nk, 0.f);
+#ifdef CHUNKATTN_BF16_DOT
+      if (bf16_pairs) round_probs(si, nk, ws.pb.data() + i * kbp);
+#endif
       continue;
     }
     used = std::max(used, vis);
@@ -456,7 +452,7 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
     }
     for (; t < nk; ++t) si[t] = 0.f;
 #ifdef CHUNKATTN_BF16_DOT
-    if (bf16_dot) round_probs(si, nk, ws.pb.data() + i * kbp);
+    if (bf16_pairs) round_probs(si, nk, ws.pb.data() + i * kbp);
 #endif
     ws.l[i] = ws.l[i] * alpha + sum;
     ws.m[i] = m_new;
@@ -465,6 +461,23 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
       for (int64_t x = 0; x < d; ++x) ai[x] *= alpha;
     }
   }
+  (void)bf16_pairs;
+  return used;
+}
+
+// One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees.
+template <typename T>
+void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d;
+  bool bf16_dot = false;
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) bf16_dot = use_bf16_dot(L, rows);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot) scores_bf16(L, rows, k, nk, ws);
+  }
+#endif
+  if (!bf16_dot) scores(L, ws.q.data(), rows, k, nk, ws);
+  const int64_t used = update_softmax(L, rows, nk, ws, bf16_dot);
   if (!used) return;
 #ifdef CHUNKATTN_BF16_DOT
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -480,6 +493,48 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
   }
 #endif
   accumulate(L, rows, v, used, ws);
+}
+
+// One block of keys for every head of one token (a "wide" task): ws rows are the query heads. A key's K (and
+// V) for all heads is one contiguous row of storage, read once, in order.
+template <typename T>
+void attend_block_wide(const Layout& L, const T* k, const T* v, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d, g = L.group, hq = L.hq, kbp = kKeyBlock;
+  float* s = ws.s.data();
+  const float* q = ws.q.data();
+  for (int64_t t = 0; t < nk; ++t) {
+    const T* kr = k + ws.krow[t] * L.kv_row;
+    for (int64_t i = 0; i < hq; ++i) {
+      const T* kh = kr + (i / g) * d;
+      const float* qi = q + i * d;
+      if (d % 16 == 0) {
+        v16 acc = v16{};
+        for (int64_t x = 0; x < d; x += 16) acc += load(qi + x) * load(kh + x);
+        s[i * kbp + t] = hsum(acc);
+      } else {
+        float acc = 0.f;
+        for (int64_t x = 0; x < d; ++x) acc += qi[x] * to_float(kh[x]);
+        s[i * kbp + t] = acc;
+      }
+    }
+  }
+  std::fill(ws.vis.begin(), ws.vis.begin() + hq, (int32_t)nk);
+  const int64_t used = update_softmax(L, hq, nk, ws, false);
+  float* acc = ws.acc.data();
+  for (int64_t t = 0; t < used; ++t) {
+    const T* vr = v + ws.krow[t] * L.kv_row;
+    for (int64_t i = 0; i < hq; ++i) {
+      const float p = s[i * kbp + t];
+      const T* vh = vr + (i / g) * d;
+      float* ai = acc + i * d;
+      if (d % 16 == 0) {
+        const v16 pv = splat(p);
+        for (int64_t x = 0; x < d; x += 16) store(ai + x, load(ai + x) + pv * load(vh + x));
+      } else {
+        for (int64_t x = 0; x < d; ++x) ai[x] += p * to_float(vh[x]);
+      }
+    }
+  }
 }
 
 // Pack the query rows of `tokens` (GQA group of K/V head h) scaled into ws.q; reset the softmax state.
@@ -532,7 +587,8 @@ struct Plan {
   const int64_t *pt_row_begin, *pt_row_end, *pt_chunk_begin, *pt_chunk_end, *pt_slot;
   const int64_t *st_chunk_begin, *st_chunk_end, *st_row_begin, *st_row_end, *st_slot, *st_rows;
   const int64_t *row_slot_indptr, *row_slots;
-  int64_t num_private, num_shared, num_rows;
+  const int64_t *wt_row, *wt_chunk_begin, *wt_chunk_end, *wt_slot;  // wide tasks: one decode token, all heads
+  int64_t num_private, num_shared, num_wide, num_rows;
 };
 
 // Walks the storage rows of a list of chunks, in order: prefetching keys a block ahead of their use hides the
@@ -635,6 +691,53 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
 }
 
 template <typename T>
+void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T* k, const T* v, T* out, float* lse,
+              float* o_part, float* ml_part, Scratch& ws) {
+  const int64_t r = P.wt_row[task], hq = L.hq, d = L.d, pos = P.q_pos[r];
+  ws.reserve(hq, d);
+  for (int64_t i = 0; i < hq; ++i) {
+    const T* src = q + r * L.q_row + i * L.q_head;
+    float* dst = ws.q.data() + i * d;
+    for (int64_t x = 0; x < d; ++x) dst[x] = to_float(src[x]) * L.qk_scale;
+  }
+  std::fill(ws.acc.begin(), ws.acc.begin() + hq * d, 0.f);
+  std::fill(ws.m.begin(), ws.m.begin() + hq, kNegInf);
+  std::fill(ws.l.begin(), ws.l.begin() + hq, 0.f);
+  Layout all = L;  // prefetch whole rows (every head)
+  all.d = L.hkv * L.d;
+  RowCursor ahead(P.private_kv_begin, P.private_len, P.wt_chunk_begin[task], P.wt_chunk_end[task]);
+  int64_t row, nk = 0;
+  for (int64_t t = 0; t < kPrefetchKeys && ahead.next(row); ++t) prefetch_row(all, k, v, row);
+  for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
+    const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
+    const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
+    for (int64_t t = 0; t < len; ++t) {
+      ws.krow[nk] = kv0 + t;
+      if (ahead.next(row)) prefetch_row(all, k, v, row);
+      if (++nk == kKeyBlock) {
+        attend_block_wide(L, k, v, nk, ws);
+        nk = 0;
+      }
+    }
+  }
+  if (nk) attend_block_wide(L, k, v, nk, ws);
+  const int64_t slot = P.wt_slot[task];
+  for (int64_t i = 0; i < hq; ++i) {
+    const float* acc = ws.acc.data() + i * d;
+    if (slot < 0) {
+      const float inv = ws.l[i] > 0.f ? 1.f / ws.l[i] : 0.f;
+      T* dst = out + (r * hq + i) * d;
+      for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+      lse[r * hq + i] = ws.l[i] > 0.f ? (ws.m[i] + std::log2(ws.l[i])) * kLn2 : kNegInf;
+    } else {
+      std::memcpy(o_part + (slot * hq + i) * d, acc, d * sizeof(float));
+      ml_part[(slot * hq + i) * 2] = ws.m[i];
+      ml_part[(slot * hq + i) * 2 + 1] = ws.l[i];
+    }
+  }
+}
+
+template <typename T>
 void merge_rows(const Layout& L, const Plan& P, T* out, float* lse, const float* o_part, const float* ml_part) {
   const int64_t hq = L.hq, d = L.d;
   at::parallel_for(0, P.num_rows, 8, [&](int64_t begin, int64_t end) {
@@ -685,14 +788,21 @@ void tpp_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   float* opart = o_part.data_ptr<float>();
   float* mlpart = ml_part.data_ptr<float>();
   // Tasks: shared ones first (the largest), then private ones; threads take the next task as they free up.
-  const int64_t num_tasks = (P.num_shared + P.num_private) * L.hkv;
+  // Order: shared (largest), wide, per-head private tasks.
+  const int64_t num_headed = (P.num_shared + P.num_private) * L.hkv, wide0 = P.num_shared * L.hkv;
+  const int64_t num_tasks = num_headed + P.num_wide;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Scratch ws;
     std::vector<int64_t> tokens;
     for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) {
-      const int64_t item = t / L.hkv, h = t % L.hkv;
+      if (t >= wide0 && t < wide0 + P.num_wide) {
+        run_wide(L, P, t - wide0, qp, kp, vp, op, lp, opart, mlpart, ws);
+        continue;
+      }
+      const int64_t u = t < wide0 ? t : t - P.num_wide;
+      const int64_t item = u / L.hkv, h = u % L.hkv;
       if (item < P.num_shared)
         run_shared(L, P, item, h, qp, kp, vp, opart, mlpart, ws);
       else
@@ -712,7 +822,7 @@ void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
                   v.stride(1) == v.size(2) && v.stride(0) == k.stride(0), "k, v must be [rows, heads, d] row-major");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat, "bad out / lse");
   TORCH_CHECK(o_part.scalar_type() == at::kFloat && ml_part.scalar_type() == at::kFloat, "partials are float32");
-  TORCH_CHECK(idx.size() == 20, "tpp_cpu expects 20 index tensors");
+  TORCH_CHECK(idx.size() == 24, "tpp_cpu expects 24 index tensors");
   TORCH_CHECK(q.size(1) == k.size(1) * group, "num_q_heads must be num_kv_heads * group");
   for (const auto& t : idx) TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), "indices are int64");
   auto ptr = [&](int i) { return idx[i].numel() ? idx[i].data_ptr<int64_t>() : nullptr; };
@@ -737,6 +847,11 @@ void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   P.st_rows = ptr(17);
   P.row_slot_indptr = ptr(18);
   P.row_slots = ptr(19);
+  P.wt_row = ptr(20);
+  P.wt_chunk_begin = ptr(21);
+  P.wt_chunk_end = ptr(22);
+  P.wt_slot = ptr(23);
+  P.num_wide = idx[20].numel();
   P.num_private = idx[7].numel();
   P.num_shared = idx[12].numel();
   P.num_rows = q.size(0);
