@@ -8,9 +8,16 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
 * shared tasks: each run of shared chunks is cut into pieces of whole chunks (enough pieces to keep every
   core busy) and the rows of its sequences into tiles of at most ``ROWS_PER_TASK`` query rows (tokens x GQA
   group); every (piece, row tile) x K/V head reads the piece's K/V once for all of those rows;
-* private tasks: each sequence's new tokens in tiles, over its private chunks, causally masked;
+* private tasks: each sequence's new tokens in tiles, over its private chunks, causally masked, one K/V head
+  per task; except a decode token with a small GQA group (<= ``WIDE_MAX_GROUP`` query heads per K/V head),
+  whose "wide" task takes all heads at once so that each key's row (every head) is read once and in order,
+  split over several tasks when its private list is long (flash-decoding);
 * a row whose only contribution is its private task gets its output written directly; the others get one
   partial (o, m, l) slot per task and a merge pass combines them.
+
+The kernel's inner products are register-blocked tiles (8 query rows x 32 keys for scores, 6 rows x 64 dims for
+values at d = 64) over keys gathered in blocks of 128 across chunks; bfloat16 uses AVX512-BF16 dot products
+where the CPU has them.
 """
 
 from __future__ import annotations
