@@ -50,6 +50,7 @@ if [[ -n ${CHUNKATTN_REV:-} ]]; then
         git -C "$REPO" archive "$CHUNKATTN_REV" src | tar -x -C "$PEER_DIR/src-$CHUNKATTN_REV"
     fi
     CHUNKATTN_DESC="commit $CHUNKATTN_REV"
+    export CHUNKATTN_COMMIT=$CHUNKATTN_REV  # recorded by `chunkattn bench kernel` (the export is no checkout)
 else
     CHUNKATTN_SRC=${CHUNKATTN_SRC:-$REPO/src}
     CHUNKATTN_DESC="commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"

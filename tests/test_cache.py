@@ -381,3 +381,41 @@ def test_sharing_off_fork_of_an_empty_sequence_keeps_its_root():
     batch = cache.extend([a], [[0, 0]])
     store_prefix_kv(cache, batch)
     assert_consistent(cache)
+
+
+def test_namespaces_never_share_and_their_roots_go_when_empty():
+    cache = PrefixKVCache(1, 1, 8, chunk_size=4, max_tokens=64, dtype=torch.float32)
+    prompt = list(range(10))
+
+    def run(namespace):
+        seq = cache.add_sequence(prompt, namespace=namespace)
+        store_prefix_kv(cache, cache.extend([seq], [prompt[seq.num_cached_tokens:]]))
+        cache.check()
+        return seq
+
+    a = run("alice")
+    assert a.num_cached_tokens == 0 and cache.match_prefix(prompt, "alice") == 10
+    assert cache.match_prefix(prompt) == 0 and cache.match_prefix(prompt, "bob") == 0
+    b = run("bob")
+    assert b.num_cached_tokens == 0  # same tokens, another tenant: nothing shared
+    a2 = run("alice")
+    assert a2.num_cached_tokens == 9  # the same tenant shares
+    common = run(None)
+    assert common.num_cached_tokens == 0
+    assert cache.stats()["shared_chunks"] > 0 and cache.stats()["saved_tokens"] >= 9
+    assert_kv_intact(cache)
+    pin = cache.pin(prompt, namespace="bob")
+    assert pin.num_tokens == 10
+    for seq in (a, b, a2, common):
+        cache.release(seq)
+    cache.check()
+    assert cache.evict_all() > 0
+    cache.check()
+    assert cache.tree.num_roots == 1  # only bob's root stays: its pin holds it
+    assert cache.match_prefix(prompt, "bob") == 10 and cache.match_prefix(prompt, "alice") == 0
+    cache.unpin(pin)
+    cache.evict_all()
+    cache.check()
+    assert cache.tree.num_roots == 0 and cache.num_free_chunks == cache.num_slots
+    with pytest.raises(TypeError):
+        cache.add_sequence(prompt, namespace=3)  # type: ignore[arg-type]

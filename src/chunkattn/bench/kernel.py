@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import statistics
 import subprocess
 import time
@@ -257,6 +258,10 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 28) -> float:
 
 
 def _git_commit() -> str:
+    """The checkout's commit, or ``$CHUNKATTN_COMMIT`` when the source is not a git checkout (an exported
+    tree, as the peer benchmark uses)."""
+    if os.environ.get("CHUNKATTN_COMMIT"):
+        return os.environ["CHUNKATTN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

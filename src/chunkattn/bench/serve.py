@@ -8,6 +8,7 @@ Face ``generate`` with one static batch.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -188,6 +189,105 @@ def run_hf(loaded: LoadedModel, cfg: ServeConfig, work: Workload) -> dict[str, A
     }
 
 
+def run_url(url: str, cfg: ServeConfig, work: Workload, model: str | None = None, api_key: str | None = None,
+            progress: Any = None) -> dict[str, Any]:
+    """The same workload through any OpenAI-compatible server at ``url`` (streamed ``/v1/completions`` with
+    token-id prompts, ``ignore_eos``, greedy), timed by the client: TTFT at the first streamed token, TPOT
+    over the rest; then a cold and a cache-hit request alone on the idle server."""
+    import asyncio
+
+    import httpx
+
+    base = url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def one(client: httpx.AsyncClient, prompt: list[int], max_tokens: int,
+                  arrival: float) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                                "stream": True, "stream_options": {"include_usage": True}}
+        if model is not None:
+            body["model"] = model
+        times: list[float] = []
+        usage: dict[str, Any] = {}
+        async with client.stream("POST", base + "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{base} answered {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"{base} streamed an error: {chunk['error']}")
+                if chunk.get("choices"):
+                    times.append(time.perf_counter())
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        if progress is not None:
+            progress.update(1)
+        n = int(usage.get("completion_tokens", len(times)))
+        details = usage.get("prompt_tokens_details") or {}
+        return {"ttft": times[0] - arrival if times else None,
+                "tpot": (times[-1] - times[0]) / (n - 1) if len(times) > 1 and n > 1 else None, "tokens": n,
+                "prompt_tokens": int(usage.get("prompt_tokens", len(prompt))),
+                "cached_tokens": int(details.get("cached_tokens") or 0)}
+
+    async def main() -> tuple[list[dict[str, Any]], float, list[float], list[float]]:
+        limits = httpx.Limits(max_connections=cfg.requests + 4, max_keepalive_connections=cfg.requests + 4)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+            await one(client, work.prompts[0][:8], 2, time.perf_counter())  # warm-up, untimed
+            start = time.perf_counter()
+
+            async def at(arrival: float, prompt: list[int]) -> dict[str, Any]:
+                await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
+                return await one(client, prompt, cfg.output_len, start + arrival)
+
+            results = await asyncio.gather(*(at(a, p) for a, p in zip(work.arrivals, work.prompts)))
+            seconds = time.perf_counter() - start
+            rng = random.Random(cfg.seed + 1)
+            cold: list[float] = []
+            hit: list[float] = []
+            for _ in range(3):
+                fresh = [rng.randrange(15000, 30000) for _ in range(cfg.shared_len)]
+                for times in (cold, hit):
+                    prompt = fresh + [rng.randrange(15000, 30000) for _ in range(cfg.question_len)]
+                    r = await one(client, prompt, 1, time.perf_counter())
+                    times.append(r["ttft"] * 1e3)
+            return list(results), seconds, cold, hit
+
+    results, seconds, cold, hit = asyncio.run(main())
+    ttft = [r["ttft"] * 1e3 for r in results if r["ttft"] is not None]
+    tpot = [r["tpot"] * 1e3 for r in results if r["tpot"] is not None]
+    prompt_tokens = sum(r["prompt_tokens"] for r in results)
+    return {
+        "system": f"http:{base}", "sharing": None, "requests": len(results),
+        "output_tokens_per_s": round(sum(r["tokens"] for r in results) / seconds, 2),
+        "decode_tokens_per_s": None,
+        "ttft_p50_ms": round(_pct(ttft, 50), 1), "ttft_p99_ms": round(_pct(ttft, 99), 1),
+        "tpot_p50_ms": round(_pct(tpot, 50), 1), "tpot_p99_ms": round(_pct(tpot, 99), 1),
+        "peak_kv_bytes": None,
+        "prefix_hit_rate": round(sum(r["cached_tokens"] for r in results) / max(prompt_tokens, 1), 4),
+        "seconds": round(seconds, 2),
+        "ttft_cold_ms": round(_pct(cold, 50), 1), "ttft_hit_ms": round(_pct(hit, 50), 1),
+    }
+
+
+def run_serve_url(url: str, cfg: ServeConfig, model: str | None = None, api_key: str | None = None,
+                  vocab_size: int = 32000, progress: bool = True) -> dict[str, Any]:
+    """:func:`run_url` on the benchmark's workload (token ids below ``vocab_size``, skipping the first 100
+    ids where tokenizers keep their special tokens)."""
+    from tqdm import tqdm
+
+    work = make_workload(cfg, vocab_size, set(range(100)))
+    result: dict[str, Any] = {"model": model or "(server default)", "url": url, "torch": torch.__version__,
+                              "device": "server", "dtype": "server", "config": dict(cfg.__dict__),
+                              "date": time.strftime("%Y-%m-%d"), "rows": []}
+    with tqdm(total=cfg.requests + 1, disable=not progress, desc=f"bench serve: {url}", unit="req") as bar:
+        result["rows"].append(run_url(url, cfg, work, model, api_key, bar))
+    return result
+
+
 def run_serve(loaded: LoadedModel, cfg: ServeConfig, systems: list[str], progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -215,9 +315,11 @@ def format_table(result: dict[str, Any]) -> str:
              "prefix hit | TTFT idle cold / hit ms |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         idle = f"{r['ttft_cold_ms']} / {r['ttft_hit_ms']}" if "ttft_cold_ms" in r else "-"
-        lines.append(f"| {r['system']} | {r['output_tokens_per_s']} | {r['decode_tokens_per_s']} | "
+        kv = "-" if r["peak_kv_bytes"] is None else f"{r['peak_kv_bytes'] / 2**20:.1f}"
+        decode = "-" if r["decode_tokens_per_s"] is None else r["decode_tokens_per_s"]
+        lines.append(f"| {r['system']} | {r['output_tokens_per_s']} | {decode} | "
                      f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']} | {r['tpot_p50_ms']} / {r['tpot_p99_ms']} | "
-                     f"{r['peak_kv_bytes'] / 2**20:.1f} | {r['prefix_hit_rate']:.1%} | {idle} |")
+                     f"{kv} | {r['prefix_hit_rate']:.1%} | {idle} |")
     return "\n".join(lines)
 
 
@@ -229,11 +331,11 @@ def plot(result: dict[str, Any], path: str) -> None:
 
     rows = result["rows"]
     names = [r["system"] for r in rows]
-    panels = [("decode_tokens_per_s", "decode tokens/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
-              ("peak_kv_bytes", "peak KV (MiB)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.8))
+    panels = [("output_tokens_per_s", "output tokens/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
+              ("tpot_p50_ms", "TPOT p50 (ms)"), ("peak_kv_bytes", "peak KV (MiB)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8))
     for ax, (key, label) in zip(axes, panels):
-        values = [r[key] / 2**20 if key == "peak_kv_bytes" else r[key] for r in rows]
+        values = [0 if r[key] is None else r[key] / 2**20 if key == "peak_kv_bytes" else r[key] for r in rows]
         ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:gray"][: len(names)])
         ax.set_title(label)
     fig.suptitle(f"chunkattn bench serve: {result['config']['requests']} requests, "

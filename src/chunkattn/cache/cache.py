@@ -218,7 +218,6 @@ class PrefixKVCache:
         self._id = next(_cache_ids)
         self._next_seq_id = 0
         self._live: dict[int, Sequence] = {}
-        self._root_users: dict[int, int] = {}  # private root id -> live sequences under it (sharing off)
         self._pins: list[PinnedPrefix] = []
         self._last_plan: AttentionPlan | None = None
         # store() scatters with a Triton kernel on CUDA (head_dim a power of two), with index_copy_ elsewhere.
@@ -254,33 +253,43 @@ class PrefixKVCache:
         seq = Sequence(self._next_seq_id, self._id, end, tokens, num_cached)
         self._next_seq_id += 1
         self._live[seq.seq_id] = seq
-        if not self.share_prefixes:
-            root = _root_of(end)
-            self._root_users[root.id] = self._root_users.get(root.id, 0) + 1
+        self._tree.enter_root(_root_of(end))
         self._tree.lock(end)
         self._tree.touch(end)
         return seq
 
-    def match_prefix(self, token_ids: Any) -> int:
-        """How many leading tokens of ``token_ids`` the cache holds (live or retained). Changes nothing."""
-        tokens = _as_token_list(token_ids, "token_ids")
-        return self._tree.match(self._tree.root, tokens)[2]
+    def _root(self, namespace: str | None, create: bool = True) -> Node | None:
+        if namespace is not None and not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str or None, got {type(namespace).__name__}")
+        return self._tree.namespace_root(namespace, create)
 
-    def add_sequence(self, token_ids: Any, reuse_prefix: bool = True) -> Sequence:
+    def match_prefix(self, token_ids: Any, namespace: str | None = None) -> int:
+        """How many leading tokens of ``token_ids`` the cache holds (live or retained) in ``namespace``.
+        Changes nothing."""
+        tokens = _as_token_list(token_ids, "token_ids")
+        if not self.share_prefixes:
+            return 0
+        root = self._root(namespace, create=False)
+        return 0 if root is None else self._tree.match(root, tokens)[2]
+
+    def add_sequence(self, token_ids: Any, reuse_prefix: bool = True, namespace: str | None = None) -> Sequence:
         """Start a sequence holding the longest cached prefix of ``token_ids``, at most ``len - 1`` tokens.
 
         The last prompt token is never taken from the cache so that the caller computes its logits. Extend
         the returned sequence with ``token_ids[seq.num_cached_tokens:]``. ``reuse_prefix=False`` starts it
         empty, so that every token is computed again (when the logits of every prompt token are wanted);
-        its K/V still lands in (and shares) the cached chunks.
+        its K/V still lands in (and shares) the cached chunks. ``namespace`` (e.g. a tenant's cache salt):
+        sequences share chunks only with sequences of the same namespace (None is the common one).
         """
         tokens = _as_token_list(token_ids, "token_ids")
         tree = self._tree
         if not self.share_prefixes:
             return self._new_seq(tree.new_root(), [], 0)
+        root = self._root(namespace)
+        assert root is not None
         if not reuse_prefix:
-            return self._new_seq(tree.root, [], 0)
-        node, offset, matched = tree.match(tree.root, tokens[:-1])
+            return self._new_seq(root, [], 0)
+        node, offset, matched = tree.match(root, tokens[:-1])
         if 0 < offset < len(node):
             node = tree.split(node, offset)
         return self._new_seq(node, tokens[:matched], matched)
@@ -299,11 +308,7 @@ class PrefixKVCache:
         tree.unlock(seq._end)
         if not self.retain_prefixes:
             tree.evict_unreferenced(seq._end)
-        if not self.share_prefixes:
-            self._root_users[root.id] -= 1
-            if not self._root_users[root.id]:
-                del self._root_users[root.id]
-                tree.drop_root(root)
+        tree.leave_root(root)
         seq.released = True
         del self._live[seq.seq_id]
 
@@ -313,7 +318,7 @@ class PrefixKVCache:
         return self._tree.evict_all()
 
     # ------------------------------------------------------------------ pins
-    def pin(self, token_ids: Any) -> PinnedPrefix:
+    def pin(self, token_ids: Any, namespace: str | None = None) -> PinnedPrefix:
         """Keep the longest cached prefix of ``token_ids`` resident (never evicted) until :meth:`unpin`.
 
         Pin a system prompt after computing it once so that no burst of other requests pushes it out. The
@@ -324,9 +329,12 @@ class PrefixKVCache:
             raise ValueError("pinning needs share_prefixes=True: without sharing no prefix is reused")
         tokens = _as_token_list(token_ids, "token_ids")
         tree = self._tree
-        node, offset, matched = tree.match(tree.root, tokens)
+        root = self._root(namespace)
+        assert root is not None
+        node, offset, matched = tree.match(root, tokens)
         if 0 < offset < len(node):
             node = tree.split(node, offset)
+        tree.enter_root(root)
         tree.lock(node)
         tree.touch(node)
         pin = PinnedPrefix(tuple(tokens[:matched]), node, self._id)
@@ -340,6 +348,7 @@ class PrefixKVCache:
         if not pin.active:
             raise ValueError(f"{pin} was already unpinned")
         self._tree.unlock(pin._node)
+        self._tree.leave_root(_root_of(pin._node))
         pin.active = False
         self._pins.remove(pin)
 
@@ -363,13 +372,13 @@ class PrefixKVCache:
         """Chunks holding a token of a live sequence or a pinned prefix."""
         return self._tree.num_live_slots
 
-    def chunks_to_add(self, token_ids: Any) -> int:
-        """Worst-case chunks that adding a sequence of ``token_ids`` and computing it needs: its tokens
-        the cache does not hold, plus one for a tail that starts inside a chunk."""
+    def chunks_to_add(self, token_ids: Any, namespace: str | None = None) -> int:
+        """Worst-case chunks that adding a sequence of ``token_ids`` (in ``namespace``) and computing it
+        needs: its tokens the cache does not hold, plus one for a tail that starts inside a chunk."""
         tokens = _as_token_list(token_ids, "token_ids")
         if not self.share_prefixes:
             return -(-len(tokens) // self.chunk_size)
-        cached = min(self.match_prefix(tokens), len(tokens) - 1)
+        cached = min(self.match_prefix(tokens, namespace), len(tokens) - 1)
         return -(-(len(tokens) - cached) // self.chunk_size) + 1
 
     def can_allocate(self, num_chunks: int) -> bool:
@@ -550,14 +559,18 @@ class PrefixKVCache:
         ``cached_chunks``: held only for retained prefixes (evictable); ``shared_chunks``: tree chunks on the
         path of two or more live sequences; ``live_tokens``: distinct tokens referenced by live sequences;
         ``cached_tokens``: tokens held only for retention; ``kv_bytes``: K/V bytes of used + cached chunks
-        (all layers); ``num_sequences``.
+        (all layers); ``num_sequences``; ``shared_tokens``: tokens referenced by two or more live sequences
+        (or pins); ``saved_tokens``: tokens that private copies would add (each extra reference to a token).
         """
         tree = self._tree
-        live_tokens = cached_tokens = shared = 0
+        live_tokens = cached_tokens = shared = shared_tokens = saved_tokens = 0
         for node in tree.nodes():
             if node.ref_count:
                 live_tokens += len(node)
-                shared += node.ref_count >= 2
+                if node.ref_count >= 2:
+                    shared += 1
+                    shared_tokens += len(node)
+                    saved_tokens += (node.ref_count - 1) * len(node)
             else:
                 cached_tokens += len(node)
         used = tree.num_live_slots
@@ -572,6 +585,8 @@ class PrefixKVCache:
             "cached_tokens": cached_tokens,
             "kv_bytes": held * self.chunk_bytes,
             "num_sequences": len(self._live),
+            "shared_tokens": shared_tokens,
+            "saved_tokens": saved_tokens,
         }
 
     def check(self) -> None:

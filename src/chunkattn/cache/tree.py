@@ -99,7 +99,10 @@ class ChunkTree:
         self._slot_head: list[Node | None] = [None] * num_slots  # the chunk at row 0 of each held slot
         self._num_live_slots = 0  # held slots whose head chunk is referenced (so nothing in them is evictable)
         self._candidates: list[_HeapEntry] = []  # heap of (priority, id, leaf) of unreferenced leaves
-        self._private_roots: dict[int, Node] = {}  # roots of sequences that share with nobody (see new_root)
+        self._private_roots: dict[int, Node] = {}  # every root but the main one (see new_root), by id
+        self._namespaces: dict[str, Node] = {}  # named roots (see namespace_root)
+        self._namespace_of: dict[int, str] = {}  # named root id -> its name
+        self._root_users: dict[int, int] = {}  # root id -> live sequences and pins under it (not the main root)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -133,10 +136,43 @@ class ChunkTree:
         self._private_roots[root.id] = root
         return root
 
-    def drop_root(self, root: Node) -> None:
-        """Forget a private root once nothing hangs below it."""
-        if root is not self.root and not root.children:
-            self._private_roots.pop(root.id, None)
+    def namespace_root(self, namespace: str | None, create: bool = True) -> Node | None:
+        """The root of ``namespace``'s own tree (None: the main tree), created on first use unless
+        ``create=False`` (then None if it has none). Sequences under different roots never share a chunk, so
+        a tenant's cached prefixes are invisible to the others."""
+        if namespace is None:
+            return self.root
+        root = self._namespaces.get(namespace)
+        if root is None and create:
+            root = self._namespaces[namespace] = self.new_root()
+            self._namespace_of[root.id] = namespace
+        return root
+
+    @property
+    def num_roots(self) -> int:
+        """Roots besides the main one (private and namespace roots)."""
+        return len(self._private_roots)
+
+    def enter_root(self, root: Node) -> None:
+        """Count a live sequence or pin under ``root`` (a root stays while it has users or chunks)."""
+        if root is not self.root:
+            self._root_users[root.id] = self._root_users.get(root.id, 0) + 1
+
+    def leave_root(self, root: Node) -> None:
+        """Undo :meth:`enter_root`; the root is forgotten once it has neither users nor chunks."""
+        if root is not self.root:
+            self._root_users[root.id] -= 1
+            if not self._root_users[root.id]:
+                del self._root_users[root.id]
+            self._drop_root_if_unused(root)
+
+    def _drop_root_if_unused(self, root: Node) -> None:
+        if root is self.root or root.children or self._root_users.get(root.id):
+            return
+        self._private_roots.pop(root.id, None)
+        name = self._namespace_of.pop(root.id, None)
+        if name is not None:
+            del self._namespaces[name]
 
     def nodes(self) -> Iterator[Node]:
         """Every chunk of the tree (not the roots), parents before children."""
@@ -303,7 +339,9 @@ class ChunkTree:
             self._slot_head[leaf.slot] = None
             self._free_slots.append(leaf.slot)
         self.version += 1
-        if parent.parent is not None and not parent.children and parent.ref_count == 0:
+        if parent.parent is None:
+            self._drop_root_if_unused(parent)
+        elif not parent.children and parent.ref_count == 0:
             self._push_candidate(parent)
 
     def ensure_free(self, num_slots: int) -> None:
@@ -415,3 +453,12 @@ class ChunkTree:
             live += segs[0].ref_count > 0
         if live != self._num_live_slots:
             fail(f"live slot count {self._num_live_slots} != {live}")
+        for root_id, users in self._root_users.items():
+            if users < 1 or root_id not in self._private_roots:
+                fail(f"root {root_id} has {users} users but is not a known root")
+        for root in self._private_roots.values():
+            if not root.children and not self._root_users.get(root.id):
+                fail(f"root {root.id} has neither chunks nor users but was kept")
+        if any(self._private_roots.get(i) is not r for i, r in
+               ((r.id, r) for r in self._namespaces.values())) or len(self._namespace_of) != len(self._namespaces):
+            fail("namespace roots are out of step with the roots")

@@ -139,8 +139,10 @@ class LLMEngine:
         return None, ids
 
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                     arrival_time: float | None = None) -> Request:
-        """A validated request (not queued). Raises ``ValueError`` on bad input, naming the limit."""
+                     arrival_time: float | None = None, cache_salt: str | None = None) -> Request:
+        """A validated request (not queued). Raises ``ValueError`` on bad input, naming the limit.
+        ``cache_salt``: the request shares cached K/V only with requests of the same salt (None: the common
+        pool), so one tenant cannot learn another's prompts from cache-hit timing."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -171,10 +173,25 @@ class LLMEngine:
         for i in range(params.n):
             seed = (params.seed + i) if params.seed is not None else new_seed()
             completions.append(Completion(i, seed, logprobs=[] if params.logprobs is not None else None))
-        request = Request(request_id, text, ids, params, completions, StopStrings(params.stop))
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("cache_salt must be a non-empty string")
+        request = Request(request_id, text, ids, params, completions, StopStrings(params.stop),
+                          cache_salt=cache_salt)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         return request
+
+    @property
+    def max_model_len(self) -> int:
+        """The model's context in tokens (prompt + output)."""
+        return int(self.model.config.max_position_embeddings)
+
+    def max_tokens_limit(self, num_prompt_tokens: int, n: int = 1) -> int:
+        """The largest ``max_tokens`` a prompt of ``num_prompt_tokens`` with ``n`` completions may ask for:
+        within the model's context and what the K/V cache can hold (< 1: the prompt alone is too long)."""
+        c = self.cache.chunk_size
+        by_cache = c * ((self.cache.num_slots - -(-num_prompt_tokens // c)) // max(n, 1) - 1)
+        return min(self.max_model_len - num_prompt_tokens, by_cache)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:

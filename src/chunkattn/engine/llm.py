@@ -136,6 +136,31 @@ class LLM:
         return self.loop.call(self.engine.cache.evict_all).result()
 
 
+class RequestStream:
+    """The outputs of one submitted request as an async iterator (the last has ``finished`` set).
+    :meth:`abort` ends the request early; it is a no-op once the request finished."""
+
+    def __init__(self, loop: EngineLoop, request_id: str, outputs: asyncio.Queue[RequestOutput]):
+        self._loop = loop
+        self.request_id = request_id
+        self._outputs = outputs
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self._outputs.get()
+        self.finished = out.finished
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self._loop.abort(self.request_id)
+
+
 class AsyncLLM:
     """Asynchronous streaming over an :class:`LLM`: many concurrent ``generate`` calls share engine steps,
     which run on the engine's thread so the event loop stays responsive."""
@@ -147,26 +172,29 @@ class AsyncLLM:
     def engine(self) -> LLMEngine:
         return self.llm.engine
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output as it advances; the last one has ``finished`` set. Cancelling the
-        consumer (a client disconnect) aborts the request in the engine."""
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+               cache_salt: str | None = None) -> RequestStream:
+        """Queue a request now (raising ``ValueError`` at once on bad input) and return the stream of its
+        outputs. ``cache_salt``: share cached K/V only with requests of the same salt (tenant isolation)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def sink(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
-        rid = self.llm.loop.submit(prompt, params, sink, request_id)
-        finished = False
+        rid = self.llm.loop.submit(prompt, params, sink, request_id, cache_salt=cache_salt)
+        return RequestStream(self.llm.loop, rid, outputs)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output as it advances; the last one has ``finished`` set. Cancelling the
+        consumer (a client disconnect) aborts the request in the engine."""
+        stream = self.submit(prompt, params, request_id, cache_salt)
         try:
-            while not finished:
-                out = await outputs.get()
-                finished = out.finished
+            async for out in stream:
                 yield out
         finally:
-            if not finished:
-                self.llm.loop.abort(rid)
+            stream.abort()
 
     def abort(self, request_id: str) -> None:
         self.llm.loop.abort(request_id)

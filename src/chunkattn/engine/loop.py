@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from chunkattn.engine.engine import LLMEngine, Prompt
-from chunkattn.engine.request import RequestOutput
+from chunkattn.engine.request import Request, RequestOutput
 from chunkattn.engine.sampling import SamplingParams
 
 Sink = Callable[[RequestOutput], None]
@@ -43,16 +43,20 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ any thread
     def submit(self, prompt: Prompt, params: SamplingParams | None, sink: Sink, request_id: str | None = None,
-               arrival_time: float | None = None, start: bool = True) -> str:
+               arrival_time: float | None = None, start: bool = True, cache_salt: str | None = None) -> str:
         """Queue one request whose outputs go to ``sink``; returns its id (raises on bad input)."""
-        return self.submit_many([(prompt, params, request_id)], sink, arrival_time, start)[0]
+        request = self.engine.make_request(prompt, params, request_id, arrival_time, cache_salt)
+        return self._submit([request], sink, start)[0]
 
     def submit_many(self, requests: Sequence[tuple[Prompt, SamplingParams | None, str | None]], sink: Sink,
                     arrival_time: float | None = None, start: bool = True) -> list[str]:
         """Queue several requests at once (they reach the same step); all outputs go to ``sink``.
         ``start=False`` leaves driving to the caller (see :meth:`drive`)."""
+        made = [self.engine.make_request(p, sp, rid, arrival_time) for p, sp, rid in requests]
+        return self._submit(made, sink, start)
+
+    def _submit(self, made: list[Request], sink: Sink, start: bool) -> list[str]:
         engine = self.engine
-        made = [engine.make_request(p, sp, rid, arrival_time) for p, sp, rid in requests]
         ids = [r.request_id for r in made]
         with self._lock:
             for rid in ids:

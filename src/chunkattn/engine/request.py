@@ -88,6 +88,7 @@ class Request:
     num_preemptions: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
     error: str | None = None
+    cache_salt: str | None = None  # shares cached K/V only with requests of the same salt (tenant isolation)
 
     @property
     def finished(self) -> bool:

@@ -104,9 +104,10 @@ class Scheduler:
         if request.forked:
             for c in request.completions:
                 if not c.finished:
-                    c.seq = cache.add_sequence([*request.prompt_ids, *c.token_ids])
+                    c.seq = cache.add_sequence([*request.prompt_ids, *c.token_ids], namespace=request.cache_salt)
         else:
-            request.prompt_seq = cache.add_sequence(request.prompt_ids, reuse_prefix=reuse)
+            request.prompt_seq = cache.add_sequence(request.prompt_ids, reuse_prefix=reuse,
+                                                    namespace=request.cache_salt)
             if not request.admitted:
                 request.num_cached_tokens = request.prompt_seq.num_cached_tokens
                 self.admitted_prompt_tokens += len(request.prompt_ids)
@@ -120,17 +121,18 @@ class Scheduler:
     def _can_admit(self, request: Request) -> bool:
         """Whether the pool (free plus evictable chunks) could hold the request's uncomputed prompt tokens;
         admitting a request that cannot fit would only get it preempted again at once."""
-        needed = sum(self.cache.chunks_to_add(p) for p in self._prompts(request))
+        needed = sum(self.cache.chunks_to_add(p, request.cache_salt) for p in self._prompts(request))
         return self.cache.can_allocate(needed)
 
     def _defer(self, request: Request) -> bool:
         """Whether another request is prefilling a longer prefix of this prompt than the cache holds."""
         if not self.config.prefix_aware or request.forked:
             return False
-        cached = self.cache.match_prefix(request.prompt_ids)
+        cached = self.cache.match_prefix(request.prompt_ids, request.cache_salt)
         for other in self.running:
             seq = other.prompt_seq
-            if other.forked or seq is None or seq.num_tokens >= len(other.prompt_ids):
+            if (other.forked or seq is None or seq.num_tokens >= len(other.prompt_ids)
+                    or other.cache_salt != request.cache_salt):
                 continue
             if _common_prefix(request.prompt_ids, other.prompt_ids) > cached + self.cache.chunk_size:
                 return True

@@ -9,6 +9,7 @@ from chunkattn.model.loader import (
     build_model,
     default_model_path,
     load_model,
+    load_tokenizer,
     to_transformers,
 )
 from chunkattn.model.registry import (
@@ -20,5 +21,5 @@ from chunkattn.model.registry import (
 )
 
 __all__ = ["LlamaForCausalLM", "LoadedModel", "ModelConfig", "ModelFamily", "ModelNotFoundError",
-           "UnsupportedModelError", "build_model", "default_model_path", "family_for", "load_model",
+           "UnsupportedModelError", "build_model", "default_model_path", "family_for", "load_model", "load_tokenizer",
            "register_family", "supported_model_types", "to_transformers"]

@@ -139,6 +139,23 @@ def to_transformers(loaded: LoadedModel) -> Any:
     return hf.to(device=weight.device, dtype=weight.dtype).eval().requires_grad_(False)
 
 
+def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
+    """The tokenizer (with its chat template) of a ``.gguf`` file, a directory holding one, or a Hugging Face
+    directory; None: the default model's. Offline: nothing is downloaded."""
+    from transformers import AutoTokenizer
+
+    p = default_model_path() if path is None else Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"tokenizer path {p} does not exist")
+    if p.is_dir() and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            p = ggufs[0]
+    if p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
 def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", random_weights: bool = False) -> LoadedModel:
     """Load ``model`` (None: the default SmolLM2-135M-Instruct) with its tokenizer and chat template.
@@ -147,8 +164,6 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
     ``config.json``, safetensors weights (sharded too) and tokenizer files. ``random_weights``: only the
     shape is read (a ``config.json`` or a directory holding one), see :func:`random_model`.
     """
-    from transformers import AutoTokenizer
-
     path = default_model_path() if model is None else Path(model)
     if not path.exists():
         raise ModelNotFoundError(f"model path {path} does not exist")
@@ -164,12 +179,11 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         path = ggufs[0]
     if path.suffix == ".gguf":
         cfg, weights = _gguf_weights(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     else:
         cfg = json.loads((path / "config.json").read_text())
         ModelConfig.from_hf(cfg)
         weights = _safetensors_weights(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = load_tokenizer(path)
     config = ModelConfig.from_hf(cfg)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": (int(tokenizer.eos_token_id),)})

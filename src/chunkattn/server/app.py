@@ -1,0 +1,596 @@
+"""``chunkattn serve``: an OpenAI-compatible HTTP server over one engine (FastAPI + uvicorn).
+
+Endpoints: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/version``,
+``/metrics``, ``/tokenize``, ``/detokenize``, ``/tokenizer_info``, ``/reset_prefix_cache``. Streams are
+server-sent events (``data: {json}\\n\\n`` frames, then ``data: [DONE]\\n\\n``). Errors use OpenAI's
+``{"error": {...}}`` body: 400 for bad input (validation included), 401, 404, 413, 503 once the engine
+failed. A client that disconnects has its request aborted in the engine at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chunkattn.engine.engine import EngineDeadError
+from chunkattn.engine.llm import LLM, AsyncLLM, RequestStream
+from chunkattn.engine.request import RequestOutput, TokenLogprob
+from chunkattn.engine.sampling import SamplingParams
+from chunkattn.server.asgi import APIKeyMiddleware, BodyLimitMiddleware, EventStream, until_disconnect
+from chunkattn.server.metrics import ServerMetrics, engine_snapshot
+from chunkattn.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorType,
+    TokenizeRequest,
+    error_body,
+)
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ServerConfig:
+    """``model_name``: the id clients send as ``model`` (others get 404); ``api_key``: Bearer token needed on
+    every route but /health, /version and /metrics (None: open); ``max_body_bytes``: larger bodies get 413."""
+
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 16 * 2**20
+
+
+class APIError(Exception):
+    """An error returned to the client as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, type_: ErrorType = "invalid_request_error",
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.status, self.param), status_code=self.status)
+
+    def frame(self) -> str:
+        return f"data: {json.dumps(error_body(self.message, self.type, self.status, self.param))}\n\n"
+
+
+def _frame(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class _Job:
+    """The engine requests of one HTTP request (one per prompt, each with ``n`` completions)."""
+
+    def __init__(self, streams: list[RequestStream], prompt_texts: list[str], prompt_ids: list[list[int]]):
+        self.streams = streams
+        self.prompt_texts = prompt_texts
+        self.prompt_ids = prompt_ids
+
+    def abort(self) -> None:
+        for s in self.streams:
+            s.abort()
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``(prompt index, output)`` as the engine produces them, all prompts merged."""
+        if len(self.streams) == 1:
+            async for out in self.streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            async for out in stream:
+                await queue.put((i, out))
+            await queue.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def finals(self) -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(self.streams)
+        async for i, out in self.outputs():
+            if out.finished:
+                finals[i] = out
+        return [f for f in finals if f is not None]
+
+
+class Server:
+    """The HTTP layer over an :class:`LLM`; :meth:`app` builds the ASGI application."""
+
+    def __init__(self, llm: LLM, config: ServerConfig):
+        self.llm = llm
+        self.async_llm = AsyncLLM(llm)
+        self.engine = llm.engine
+        self.config = config
+        self.metrics = ServerMetrics(config.model_name)
+        self.created = int(time.time())
+        self.tokenizer = llm.tokenizer
+        self._token_text: Callable[[int], str] = lru_cache(maxsize=1 << 16)(self._decode_one)
+
+    # ------------------------------------------------------------------ helpers
+    def _decode_one(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return str(self.tokenizer.decode([token_id]))
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            raise APIError(404, f"The model `{model}` does not exist (this server serves "
+                                f"`{self.config.model_name}`).", "not_found_error", "model")
+
+    def _check_healthy(self) -> None:
+        if not self.engine.is_healthy:
+            raise APIError(503, f"the engine failed and serves no more requests: {self.engine.error}",
+                           "service_unavailable")
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt: the prompt is empty", param="prompt")
+            if self.tokenizer is None:
+                raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
+            _, ids = self.engine.tokenize(prompt)
+            return prompt, list(ids)
+        vocab = self.engine.model.config.vocab_size
+        bad = next((t for t in prompt if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        return (self.tokenizer.decode(prompt) if self.tokenizer is not None else ""), list(prompt)
+
+    def _chat_ids(self, body: ChatCompletionRequest | TokenizeRequest, add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
+        try:
+            messages = [m.as_template_input() for m in body.messages or []]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the messages is the client's input
+            raise APIError(400, f"messages: the chat template rejected them: {exc}", param="messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def _max_tokens(self, requested: int | None, num_prompt: int, n: int, param: str) -> int:
+        """``requested`` checked against the context and the cache, or the most that fits when None."""
+        context = self.engine.max_model_len
+        limit = self.engine.max_tokens_limit(num_prompt, n)
+        if num_prompt >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
+                                f"{num_prompt} tokens.", param="messages" if param != "max_tokens" else "prompt")
+        if requested is None:
+            if limit < 1:
+                raise APIError(400, f"the prompt ({num_prompt} tokens, n={n}) leaves no room in the K/V cache "
+                                    f"({self.engine.cache.num_slots * self.engine.cache.chunk_size} tokens)")
+            return limit
+        if num_prompt + requested > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} for the "
+                                f"completion). Reduce the prompt or {param}.", param=param)
+        if requested > limit:
+            cache_tokens = self.engine.cache.num_slots * self.engine.cache.chunk_size
+            raise APIError(400, f"{param}={requested} with a {num_prompt}-token prompt and n={n} needs more K/V "
+                                f"than the cache holds ({cache_tokens} tokens): at most {max(limit, 0)} fit.",
+                           param=param)
+        return requested
+
+    def _submit(self, prompts: Sequence[tuple[str, list[int]]], params: SamplingParams, salt: str | None,
+                request_id: str) -> _Job:
+        self._check_healthy()
+        streams: list[RequestStream] = []
+        try:
+            for i, (_, ids) in enumerate(prompts):
+                streams.append(self.async_llm.submit(ids, params, f"{request_id}-{i}", cache_salt=salt))
+        except EngineDeadError as exc:
+            for s in streams:
+                s.abort()
+            raise APIError(503, str(exc), "service_unavailable") from None
+        except (ValueError, TypeError) as exc:
+            for s in streams:
+                s.abort()
+            raise APIError(400, str(exc)) from None
+        return _Job(streams, [t for t, _ in prompts], [ids for _, ids in prompts])
+
+    def _finished(self, out: RequestOutput) -> None:
+        if out.finished and out.error is None and all(c.finish_reason != "abort" for c in out.outputs):
+            self.metrics.observe(out.metrics)
+
+    @staticmethod
+    def _error_of(out: RequestOutput) -> APIError | None:
+        if out.error is None:
+            return None
+        if out.error.startswith("the request needs more K/V"):
+            return APIError(400, out.error)
+        return APIError(500, f"the engine failed: {out.error}", "server_error")
+
+    # ------------------------------------------------------------------ logprobs formats
+    def _completion_logprobs(self, entries: Sequence[TokenLogprob | None], token_ids: Sequence[int],
+                             offset: int) -> dict[str, Any]:
+        tokens: list[str] = []
+        token_lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        for tid, e in zip(token_ids, entries):
+            text = self._token_text(tid)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if e is None:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            token_lps.append(e.logprob)
+            top = {self._token_text(t): lp for t, lp in e.top}
+            top.setdefault(text, e.logprob)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _chat_logprobs(self, entries: Sequence[TokenLogprob], num_top: int) -> dict[str, Any]:
+        def item(tid: int, lp: float) -> dict[str, Any]:
+            text = self._token_text(tid)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top[:num_top]]}
+                            for e in entries]}
+
+    # ------------------------------------------------------------------ /v1/completions
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        prompts = [self._tokenize(p) for p in body.prompts()]
+        max_tokens = max(self._max_tokens(body.max_tokens, len(ids), body.n, "max_tokens") for _, ids in prompts)
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        try:
+            params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, str(exc)) from None
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        job = self._submit(prompts, params, body.cache_salt, rid)
+        if body.stream:
+            return EventStream(self._completion_frames(body, job, rid), job.abort)
+        try:
+            finals = await until_disconnect(request, job.finals())
+        finally:
+            job.abort()
+        if finals is None:  # the client left
+            return Response(status_code=499)
+        return JSONResponse(self._completion_body(body, job, finals, rid))
+
+    def _completion_body(self, body: CompletionRequest, job: _Job, finals: list[RequestOutput],
+                         rid: str) -> dict[str, Any]:
+        choices = []
+        prompt_tokens = completion_tokens = cached = 0
+        for p, out in enumerate(finals):
+            err = self._error_of(out)
+            if err is not None:
+                raise err
+            self._finished(out)
+            prompt_tokens += len(out.prompt_token_ids)
+            cached += out.metrics.num_cached_tokens
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                text = (job.prompt_texts[p] if body.echo else "") + c.text
+                logprobs = None
+                if body.logprobs is not None:
+                    entries: list[TokenLogprob | None] = list(c.logprobs or [])
+                    ids = list(c.token_ids)
+                    if body.echo:
+                        entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
+                        ids = list(out.prompt_token_ids) + ids
+                    logprobs = self._completion_logprobs(entries, ids, 0)
+                choices.append({"index": p * body.n + c.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.config.model_name,
+                "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached)}
+
+    async def _completion_frames(self, body: CompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
+        created = int(time.time())
+        base = {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name}
+        usage = _UsageTracker(len(job.streams))
+        started: set[int] = set()
+        try:
+            async for p, out in job.outputs():
+                err = self._error_of(out)
+                if err is not None:
+                    yield err.frame()
+                    yield DONE
+                    return
+                usage.update(p, out)
+                for c in out.outputs:
+                    index = p * body.n + c.index
+                    first = index not in started
+                    if not (c.delta_token_ids or c.delta_text or c.finished):
+                        continue
+                    text = c.delta_text
+                    logprobs = None
+                    if body.logprobs is not None:
+                        entries: list[TokenLogprob | None] = list(c.delta_logprobs or [])
+                        ids = list(c.delta_token_ids)
+                        if first and body.echo:
+                            entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
+                            ids = list(out.prompt_token_ids) + ids
+                        logprobs = self._completion_logprobs(entries, ids, 0)
+                    if first and body.echo:
+                        text = job.prompt_texts[p] + text
+                    started.add(index)
+                    chunk: dict[str, Any] = {**base, "choices": [{
+                        "index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason}]}
+                    if body.include_usage:
+                        chunk["usage"] = usage.body() if body.continuous_usage else None
+                    yield _frame(chunk)
+                if out.finished:
+                    self._finished(out)
+            if body.include_usage:
+                yield _frame({**base, "choices": [], "usage": usage.body()})
+            yield DONE
+        finally:
+            job.abort()
+
+    # ------------------------------------------------------------------ /v1/chat/completions
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        ids = self._chat_ids(body, body.add_generation_prompt)
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self._max_tokens(requested, len(ids), body.n, param)
+        try:
+            params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, str(exc)) from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        job = self._submit([("", ids)], params, body.cache_salt, rid)
+        if body.stream:
+            return EventStream(self._chat_frames(body, job, rid), job.abort)
+        try:
+            finals = await until_disconnect(request, job.finals())
+        finally:
+            job.abort()
+        if finals is None:
+            return Response(status_code=499)
+        out = finals[0]
+        err = self._error_of(out)
+        if err is not None:
+            raise err
+        self._finished(out)
+        choices = []
+        for c in out.outputs:
+            logprobs = self._chat_logprobs(c.logprobs or [], body.top_logprobs or 0) if body.logprobs else None
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                             "model": self.config.model_name, "choices": choices,
+                             "usage": _usage(len(out.prompt_token_ids), completion_tokens,
+                                             out.metrics.num_cached_tokens)})
+
+    async def _chat_frames(self, body: ChatCompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
+        base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self.config.model_name}
+        usage = _UsageTracker(1)
+        started: set[int] = set()
+        try:
+            async for _, out in job.outputs():
+                err = self._error_of(out)
+                if err is not None:
+                    yield err.frame()
+                    yield DONE
+                    return
+                usage.update(0, out)
+                for c in out.outputs:
+                    if not (c.delta_token_ids or c.delta_text or c.finished):
+                        continue
+                    delta: dict[str, Any] = {"content": c.delta_text}
+                    if c.index not in started:
+                        delta = {"role": "assistant", **delta}
+                        started.add(c.index)
+                    logprobs = (self._chat_logprobs(c.delta_logprobs or [], body.top_logprobs or 0)
+                                if body.logprobs else None)
+                    chunk: dict[str, Any] = {**base, "choices": [{"index": c.index, "delta": delta,
+                                                                  "logprobs": logprobs,
+                                                                  "finish_reason": c.finish_reason}]}
+                    if body.include_usage:
+                        chunk["usage"] = usage.body() if body.continuous_usage else None
+                    yield _frame(chunk)
+                if out.finished:
+                    self._finished(out)
+            if body.include_usage:
+                yield _frame({**base, "choices": [], "usage": usage.body()})
+            yield DONE
+        finally:
+            job.abort()
+
+    # ------------------------------------------------------------------ the rest
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "chunkattn", "root": self.config.model_name,
+                                            "max_model_len": self.engine.max_model_len}]}
+
+    def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of prompt and messages")
+        if body.messages is not None:
+            ids = self._chat_ids(body)
+        else:
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer")
+            ids = [int(t) for t in self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]]
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self._check_model(body.model)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        vocab = self.engine.model.config.vocab_size
+        bad = next((t for t in body.tokens if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        if tok is None:
+            raise APIError(404, "this model has no tokenizer", "not_found_error")
+
+        def text(name: str) -> str | None:
+            value = getattr(tok, name, None)
+            return None if value is None else str(value)
+
+        return {"tokenizer_class": type(tok).__name__, "model_max_length": self.engine.max_model_len,
+                "vocab_size": len(tok), "chat_template": getattr(tok, "chat_template", None),
+                "eos_token": text("eos_token"), "eos_token_id": getattr(tok, "eos_token_id", None),
+                "bos_token": text("bos_token"), "bos_token_id": getattr(tok, "bos_token_id", None),
+                "pad_token": text("pad_token"), "pad_token_id": getattr(tok, "pad_token_id", None),
+                "unk_token": text("unk_token"), "add_bos_token": getattr(tok, "add_bos_token", None)}
+
+    async def render_metrics(self) -> bytes:
+        snapshot = None
+        try:
+            snapshot = await asyncio.wait_for(asyncio.wrap_future(self.llm.loop.call(
+                lambda: engine_snapshot(self.engine, self.metrics.snapshot))), timeout=10)
+        except (TimeoutError, asyncio.TimeoutError):
+            pass  # a long step: serve the previous snapshot rather than hang the scraper
+        return self.metrics.render(snapshot)
+
+    async def reset_prefix_cache(self) -> dict[str, Any]:
+        freed = await asyncio.wrap_future(self.llm.loop.call(self.engine.cache.evict_all))
+        return {"freed_chunks": freed}
+
+    # ------------------------------------------------------------------ the ASGI app
+    def app(self) -> Any:
+        from chunkattn import __version__
+
+        api = FastAPI(title="chunkattn", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+
+        @api.exception_handler(APIError)
+        async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+            return exc.response()
+
+        @api.exception_handler(RequestValidationError)
+        async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+            errors = exc.errors()
+            first = errors[0] if errors else {}
+            loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+            where = ".".join(loc) or "body"
+            if first.get("type") == "json_invalid":
+                message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            else:
+                message = f"{where}: {first.get('msg', 'invalid')}"
+                if "input" in first and first.get("type") != "missing":
+                    message += f" (got {json.dumps(first['input'], default=str)[:100]})"
+            return APIError(400, message, param=where).response()
+
+        @api.exception_handler(StarletteHTTPException)
+        async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+            type_: ErrorType = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            return APIError(exc.status_code, str(exc.detail), type_).response()
+
+        @api.exception_handler(Exception)
+        async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+            return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+        @api.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request) -> Response:
+            return await self.completions(body, request)
+
+        @api.post("/v1/chat/completions")
+        async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+            return await self.chat_completions(body, request)
+
+        @api.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return self.models()
+
+        @api.get("/health")
+        async def health() -> Response:
+            if self.engine.is_healthy:
+                return Response(status_code=200)
+            return APIError(503, f"the engine failed: {self.engine.error}", "service_unavailable").response()
+
+        @api.get("/version")
+        async def version() -> dict[str, str]:
+            return {"version": __version__}
+
+        @api.get("/metrics")
+        async def metrics() -> Response:
+            return PlainTextResponse(await self.render_metrics(), media_type="text/plain; version=0.0.4")
+
+        @api.post("/tokenize")
+        async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+            return self.tokenize(body)
+
+        @api.post("/detokenize")
+        async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+            return self.detokenize(body)
+
+        @api.get("/tokenizer_info")
+        async def tokenizer_info() -> dict[str, Any]:
+            return self.tokenizer_info()
+
+        @api.post("/reset_prefix_cache")
+        async def reset_prefix_cache() -> dict[str, Any]:
+            return await self.reset_prefix_cache()
+
+        app: Any = BodyLimitMiddleware(api, self.config.max_body_bytes)
+        if self.config.api_key:
+            app = APIKeyMiddleware(app, self.config.api_key)
+        return app
+
+
+class _UsageTracker:
+    """Token counts of a streamed job so far."""
+
+    def __init__(self, num_prompts: int):
+        self.prompt = [0] * num_prompts
+        self.cached = [0] * num_prompts
+        self.completion: list[dict[int, int]] = [{} for _ in range(num_prompts)]
+
+    def update(self, p: int, out: RequestOutput) -> None:
+        self.prompt[p] = len(out.prompt_token_ids)
+        self.cached[p] = out.metrics.num_cached_tokens
+        for c in out.outputs:
+            self.completion[p][c.index] = len(c.token_ids)
+
+    def body(self) -> dict[str, Any]:
+        return _usage(sum(self.prompt), sum(sum(d.values()) for d in self.completion), sum(self.cached))
+
+
+def build_app(llm: LLM, config: ServerConfig) -> Any:
+    """The ASGI application serving ``llm`` (run it with uvicorn)."""
+    return Server(llm, config).app()
+
+
+__all__ = ["APIError", "Server", "ServerConfig", "build_app"]

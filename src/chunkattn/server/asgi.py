@@ -1,0 +1,173 @@
+"""Pure ASGI pieces of the server: API-key check, request-body limit, a server-sent-events response that
+notices a client leaving, and :func:`until_disconnect` for plain responses.
+
+Pure ASGI (not Starlette's ``BaseHTTPMiddleware``) so that a client's ``http.disconnect`` reaches the
+endpoint: that is how an abandoned request is aborted in the engine within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chunkattn.server.protocol import error_body
+
+T = TypeVar("T")
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class APIKeyMiddleware:
+    """Every HTTP route except ``open_paths`` needs ``Authorization: Bearer <api_key>`` (compared in
+    constant time); otherwise 401 in OpenAI's error format."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = ("/health", "/version", "/metrics")):
+        self.app = app
+        self.expected = b"Bearer " + api_key.encode()
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        if not hmac.compare_digest(given, self.expected):
+            await send_json(send, 401, error_body("invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                                  "authentication_error", 401),
+                            [(b"www-authenticate", b"Bearer")])
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413, whether announced by ``content-length`` or
+    streamed chunked. The body is read here and replayed to the app; later ``receive`` calls go to the
+    server, so disconnects stay visible."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _too_large(self, send: Send) -> None:
+        await send_json(send, 413, error_body(f"the request body exceeds the server's limit of {self.max_bytes} "
+                                              f"bytes (--max-body-bytes)", "invalid_request_error", 413))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_bytes:
+                        await self._too_large(send)
+                        return
+                except ValueError:
+                    pass
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work`` unless the client disconnects first: then cancel it (its cleanup aborts the engine
+    request) and return None."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+class EventStream(Response):
+    """``text/event-stream`` of ``frames`` (each already formatted as ``data: ...\\n\\n``). Stops and closes
+    ``frames`` (whose cleanup aborts the engine request) as soon as the client disconnects."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, frames: AsyncIterator[str], on_close: Callable[[], None] | None = None):
+        self.frames = frames
+        self.on_close = on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for frame in self.frames:
+                await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        pumper = asyncio.ensure_future(pump())
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({pumper, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumper, watcher):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await task
+            aclose = getattr(self.frames, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+            if self.on_close is not None:
+                self.on_close()

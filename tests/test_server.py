@@ -1,0 +1,357 @@
+"""``chunkattn serve`` driven by real clients: a uvicorn process on 127.0.0.1, the official ``openai``
+package (sync and async), raw HTTP for what the client hides (framing, errors, disconnects)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import openai
+import pytest
+
+from chunkattn.model import default_model_path
+from server_helpers import TINY_CONFIG, ServerProcess
+
+KEY = "sk-test-key"
+MAX_BODY = 200_000
+KV_TOKENS = 8192
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small random-weight model with SmolLM2's tokenizer (fast; text in and out)."""
+    server = ServerProcess(str(TINY_CONFIG), "--random-weights", "--tokenizer", str(default_model_path()),
+                           "--served-model-name", "tiny", "--kv-cache-tokens", str(KV_TOKENS), "--chunk-size", "16",
+                           "--max-body-bytes", str(MAX_BODY), api_key=KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    with openai.OpenAI(base_url=tiny.url + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+        yield c
+
+
+def _wait_idle(server: ServerProcess, timeout: float = 30.0) -> dict[str, float]:
+    """Metrics once nothing runs or waits and no chunk is live (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if (m["chunkattn:num_requests_running"] == 0 and m["chunkattn:num_requests_waiting"] == 0
+                and m["chunkattn:kv_cache_live_chunks"] == 0):
+            return m
+        assert time.monotonic() < deadline, f"the server did not drain: {m}"
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- basics
+def test_open_routes_and_auth(tiny):
+    assert httpx.get(tiny.url + "/health").status_code == 200
+    assert httpx.get(tiny.url + "/version").json()["version"]
+    assert "chunkattn:kv_cache_usage_perc" in httpx.get(tiny.url + "/metrics").text
+    r = httpx.get(tiny.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(tiny.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    models = httpx.get(tiny.url + "/v1/models", headers=tiny.headers).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == 2048
+
+
+def test_completion_and_usage(client):
+    r = client.completions.create(model="tiny", prompt="Hello there, general", max_tokens=7, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 7 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+    assert r.usage.prompt_tokens_details.cached_tokens == 0 or r.usage.prompt_tokens_details.cached_tokens > 0
+    again = client.completions.create(model="tiny", prompt="Hello there, general", max_tokens=7, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the prompt was cached by the first request
+
+
+def test_default_max_tokens_is_16(client):
+    r = client.completions.create(model="tiny", prompt=[5, 6, 7], temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16
+
+
+def test_stream_matches_non_stream(client):
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=12, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.choices for c in chunks[:-1])
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == full.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_stream_framing_and_first_chunk(tiny):
+    body = {"prompt": "abc", "max_tokens": 5, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", tiny.url + "/v1/completions", json=body, headers=tiny.headers, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(r.iter_bytes()).decode()
+    assert "\r" not in raw and raw.endswith("data: [DONE]\n\n")
+    frames = [f for f in raw.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames)
+    payloads = [json.loads(f[6:]) for f in frames[:-1]]
+    assert "usage" not in payloads[0]  # no include_usage: no usage field, every chunk has choices[0]
+    tokens = sum(1 for _ in payloads)
+    assert tokens >= 1 and all(p["choices"] for p in payloads)
+
+
+def test_chat_stream_and_logprobs(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert c.message.role == "assistant" and r.usage.completion_tokens == 6
+    assert len(c.logprobs.content) == 6
+    for item in c.logprobs.content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-4  # greedy: the sampled token is the top one
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=6,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == c.message.content
+
+
+def test_n_stop_echo_and_completion_logprobs(client):
+    r = client.completions.create(model="tiny", prompt=["one two", "three"], n=3, max_tokens=5, temperature=1.0,
+                                  seed=7, extra_body={"ignore_eos": True})
+    assert sorted(ch.index for ch in r.choices) == list(range(6)) and r.usage.completion_tokens == 30
+    r2 = client.completions.create(model="tiny", prompt=["one two", "three"], n=3, max_tokens=5, temperature=1.0,
+                                   seed=7, extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == \
+        [c.text for c in sorted(r2.choices, key=lambda c: c.index)]  # seeded
+    base = client.completions.create(model="tiny", prompt="Count: 1, 2,", max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[2:5]
+    if stop.strip():
+        s = client.completions.create(model="tiny", prompt="Count: 1, 2,", max_tokens=10, temperature=0, stop=[stop],
+                                      extra_body={"ignore_eos": True}).choices[0]
+        assert s.finish_reason == "stop" and stop not in s.text and base.startswith(s.text)
+    e = client.completions.create(model="tiny", prompt="Count: 1, 2,", max_tokens=2, temperature=0, echo=True,
+                                  logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    assert e.text.startswith("Count: 1, 2,")
+    lp = e.logprobs
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert "".join(lp.tokens) == e.text
+
+
+def test_cache_salt_isolates_tenants(client):
+    prompt = "Tenant secret: " + " ".join(str(random.randrange(10**6)) for _ in range(40))
+
+    def cached(salt):
+        extra = {"ignore_eos": True, **({"cache_salt": salt} if salt else {})}
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("alice") > 0  # the same tenant hits its own prefix
+    assert cached("bob") == 0  # another tenant does not see it
+    assert cached(None) == 0  # nor does the common pool
+    assert cached(None) > 0
+
+
+async def _async_client_run(url: str) -> list[str]:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+        async def one(i: int) -> str:
+            stream = await c.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=4,
+                stream=True, temperature=0, extra_body={"ignore_eos": True})
+            return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+
+def test_async_client_concurrent(tiny):
+    texts = asyncio.run(_async_client_run(tiny.url))
+    assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
+
+
+def test_tokenizer_routes(tiny):
+    h = tiny.headers
+    t = httpx.post(tiny.url + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
+    assert t["count"] == len(t["tokens"]) > 0
+    assert httpx.post(tiny.url + "/detokenize", json={"tokens": t["tokens"]}, headers=h).json()["prompt"] == \
+        "Hello world"
+    info = httpx.get(tiny.url + "/tokenizer_info", headers=h).json()
+    assert info["eos_token"] and info["chat_template"]
+    chat = httpx.post(tiny.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=h)
+    assert chat.status_code == 200 and chat.json()["count"] > 2
+    assert httpx.post(tiny.url + "/reset_prefix_cache", headers=h).json()["freed_chunks"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------- errors
+BAD_INPUTS = [
+    # (body or raw bytes, status, words the message must contain)
+    (b"{not json", 400, "JSON"),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "2048"),
+    ({"prompt": "x", "max_tokens": 2000, "n": 5}, 400, "K/V"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 10**6}, 400, "n"),
+    ({"prompt": ""}, 400, "empty"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [1, 2, 10**7]}, 400, "vocabulary"),
+    ({"prompt": [1, -2]}, 400, "prompt"),
+    ({"prompt": list(range(2100))}, 400, "2048"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "logprobs": 100}, 400, "logprobs"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "stop_token_ids": [10**8]}, 400, "stop_token_ids"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "x" * (MAX_BODY + 10)}, 413, "limit"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD_INPUTS, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_then_good(tiny, body, status, words):
+    kw = {"content": body, "headers": {**tiny.headers, "content-type": "application/json"}} \
+        if isinstance(body, bytes) else {"json": body, "headers": tiny.headers}
+    r = httpx.post(tiny.url + "/v1/completions", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and words.lower() in err["message"].lower(), err
+    good = httpx.post(tiny.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}, headers=tiny.headers,
+                      timeout=60)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_errors_map_to_openai_exceptions(tiny, client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=10**9)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=tiny.url + "/v1", api_key="bad", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
+    r = httpx.get(tiny.url + "/v1/no-such-route", headers=tiny.headers)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# ---------------------------------------------------------------------------------------------- disconnects
+def test_disconnect_aborts_stream_and_plain_requests(tiny):
+    _wait_idle(tiny)
+    aborted_before = tiny.metrics().get('chunkattn:request_success_total{finished_reason="abort"}', 0)
+    body = {"prompt": "a long story", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", tiny.url + "/v1/completions", json=body, headers=tiny.headers, timeout=60) as r:
+        it = r.iter_lines()
+        assert next(it).startswith("data: ")  # the first token arrived, then the client leaves
+    body = {"prompt": "another long story", "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny.url + "/v1/completions", json=body, headers=tiny.headers, timeout=1.0)
+    m = _wait_idle(tiny, timeout=20)
+    assert m['chunkattn:request_success_total{finished_reason="abort"}'] >= aborted_before + 2
+    assert m["chunkattn:kv_cache_check_ok"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- load + faults
+async def _load(url: str, headers: dict[str, str], num: int, concurrency: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    systems = [f"System prompt {k}: " + " ".join(f"rule{k}-{j}" for j in range(60)) for k in range(3)]
+    sem = asyncio.Semaphore(concurrency)
+    counts = {"ok": 0, "left": 0, "5xx": 0, "wrong_tokens": 0, "other": 0}
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
+
+    async def one(i: int, client: httpx.AsyncClient) -> None:
+        tokens = rng.randint(4, 24)
+        leave = rng.random() < 0.2
+        stream = rng.random() < 0.5
+        body = {"prompt": f"{rng.choice(systems)}\nQuestion {i}: why?", "max_tokens": tokens, "ignore_eos": True,
+                "stream": stream, "temperature": rng.choice([0, 0.8]), "seed": i}
+        async with sem:
+            try:
+                if stream:
+                    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+                        if r.status_code >= 500:
+                            counts["5xx"] += 1
+                            return
+                        n = 0
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            n += 1  # one chunk per token (each step adds one)
+                            if leave and n >= rng.randint(1, 3):
+                                counts["left"] += 1
+                                return  # closing the response drops the connection mid-stream
+                        counts["ok" if n == tokens else "wrong_tokens"] += 1
+                elif leave:
+                    try:
+                        await client.post(url + "/v1/completions", json=body, headers=headers,
+                                          timeout=rng.uniform(0.01, 0.3))
+                        counts["ok"] += 1  # finished before the client gave up
+                    except httpx.TimeoutException:
+                        counts["left"] += 1
+                else:
+                    r = await client.post(url + "/v1/completions", json=body, headers=headers)
+                    if r.status_code >= 500:
+                        counts["5xx"] += 1
+                    elif r.status_code != 200:
+                        counts["other"] += 1
+                    elif r.json()["usage"]["completion_tokens"] != tokens:
+                        counts["wrong_tokens"] += 1
+                    else:
+                        counts["ok"] += 1
+            except httpx.HTTPError:
+                counts["other"] += 1
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        await asyncio.gather(*(one(i, client) for i in range(num)))
+    return counts
+
+
+def test_load_with_disconnects(tiny):
+    """Several hundred requests at concurrency 64 over a few shared system prompts, a fifth of the clients
+    leaving at random points: no 5xx, every other request complete, nothing live after the drain."""
+    counts = asyncio.run(_load(tiny.url, tiny.headers, num=300, concurrency=64, seed=3))
+    assert counts["5xx"] == 0 and counts["wrong_tokens"] == 0 and counts["other"] == 0, counts
+    assert counts["ok"] + counts["left"] == 300 and counts["left"] >= 20, counts
+    m = _wait_idle(tiny, timeout=30)
+    assert m["chunkattn:kv_cache_check_ok"] == 1 and m["chunkattn:engine_healthy"] == 1
+    assert m["chunkattn:prefix_cache_hits_total"] > 0.5 * m["chunkattn:prefix_cache_queries_total"] > 0
+    assert httpx.get(tiny.url + "/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+def test_smollm2_greedy_through_server_equals_llm_and_transformers():
+    import torch
+
+    from chunkattn import LLM, SamplingParams
+    from chunkattn.model import load_model, to_transformers
+
+    server = ServerProcess("--served-model-name", "smol")
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120) as c:
+            chat = c.chat.completions.create(model="smol", messages=[{"role": "user", "content":
+                                             "What is the capital of France?"}], max_tokens=12, temperature=0)
+            text = c.completions.create(model="smol", prompt="The quick brown fox", max_tokens=12, temperature=0)
+            tokens = c.completions.create(model="smol", prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                          logprobs=0)
+    finally:
+        server.stop()
+    smol = load_model(None)
+    llm = LLM(loaded=smol)
+    chat_ids = llm.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    fox_ids = llm.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    outs = llm.generate([chat_ids, fox_ids], SamplingParams(max_tokens=12, temperature=0))
+    assert chat.choices[0].message.content == outs[0].text and "Paris" in outs[0].text
+    assert text.choices[0].text == outs[1].text
+    assert chat.usage.completion_tokens == len(outs[0].token_ids)
+    hf = to_transformers(smol)
+    x = torch.tensor([fox_ids])
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)[0, len(fox_ids):]
+    assert outs[1].token_ids == ref.tolist()[: len(outs[1].token_ids)]
+    assert "".join(tokens.choices[0].logprobs.tokens) == text.choices[0].text
