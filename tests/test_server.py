@@ -355,3 +355,57 @@ def test_smollm2_greedy_through_server_equals_llm_and_transformers():
     ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)[0, len(fox_ids):]
     assert outs[1].token_ids == ref.tolist()[: len(outs[1].token_ids)]
     assert "".join(tokens.choices[0].logprobs.tokens) == text.choices[0].text
+
+
+# ---------------------------------------------------------------------------------------------- engine failure
+async def _fail_mid_stream() -> tuple[str, int, int, int]:
+    from helpers import tiny_model
+
+    from chunkattn import LLM
+    from chunkattn.server import Server, ServerConfig
+
+    llm = LLM(loaded=tiny_model(), chunk_size=16)
+    runner = llm.engine.runner
+    calls = {"n": 0}
+    real = runner.execute
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("injected device fault")
+        return real(sched)
+
+    runner.execute = flaky
+    app = Server(llm, ServerConfig("t")).app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 20, "stream": True,
+                                                  "ignore_eos": True})
+        health = (await c.get("/health")).status_code
+        after = await c.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
+        metrics = await c.get("/metrics")
+    assert "chunkattn:engine_healthy" in metrics.text
+    return r.text, r.status_code, health, after.status_code
+
+
+def test_engine_failure_mid_stream_is_an_error_frame_then_done():
+    text, status, health, after = asyncio.run(_fail_mid_stream())
+    frames = [f for f in text.split("\n\n") if f]
+    assert status == 200 and frames[-1] == "data: [DONE]"
+    err = json.loads(frames[-2][6:])["error"]
+    assert "injected device fault" in err["message"] and err["code"] == 500
+    assert len(frames) >= 4  # tokens were streamed before the failure
+    assert health == 503 and after == 503  # the engine refuses new work, clearly
+
+
+def test_continuous_usage_and_latency_histograms(client, tiny):
+    chunks = list(client.completions.create(model="tiny", prompt="usage please", max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True,
+                                                                         "continuous_usage_stats": True},
+                                            extra_body={"ignore_eos": True}))
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 5 and chunks[-1].usage.completion_tokens == 5
+    m = tiny.metrics()
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds"):
+        assert m[f"chunkattn:{name}_count"] > 0, name
+    assert m["chunkattn:generation_tokens_total"] > 0 and "chunkattn:kv_saved_bytes" in m
