@@ -359,10 +359,9 @@ def test_smollm2_greedy_through_server_equals_llm_and_transformers():
 
 # ---------------------------------------------------------------------------------------------- engine failure
 async def _fail_mid_stream() -> tuple[str, int, int, int]:
-    from helpers import tiny_model
-
     from chunkattn import LLM
     from chunkattn.server import Server, ServerConfig
+    from helpers import tiny_model
 
     llm = LLM(loaded=tiny_model(), chunk_size=16)
     runner = llm.engine.runner

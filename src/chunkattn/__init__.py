@@ -2,7 +2,8 @@
 
 Layout (each layer depends only on those below it)::
 
-    bench/      benchmarks (kernel micro-benchmark, end-to-end serving)
+    server/     the OpenAI-compatible HTTP server (chunkattn serve)
+    bench/      benchmarks (kernel micro-benchmark, end-to-end serving, in-process or over HTTP)
     engine/     requests, scheduler (continuous batching), sampling, LLM / AsyncLLM
     model/      Llama-family decoder and checkpoint loading
     attention/  attention backends: reference, torch (two-phase partition), triton
