@@ -589,6 +589,25 @@ class PrefixKVCache:
             "saved_tokens": saved_tokens,
         }
 
+    def block_hashes(self, block_size: int, limit: int | None = None) -> list[int]:
+        """Chained hashes (as :func:`chunkattn.cluster.router.block_hashes` computes them) of every full
+        ``block_size``-token block on the main tree's paths, shortest prefixes first; at most ``limit``. What a
+        replica reports to a prefix-aware router (namespaced prefixes are private and not reported)."""
+        out: list[int] = []
+        # (node, hash of the last full block, tokens since it) per pending path, breadth first
+        frontier: list[tuple[Node, int, tuple[int, ...]]] = [(c, 0, ()) for c in self._tree.root.children.values()]
+        while frontier and (limit is None or len(out) < limit):
+            nxt: list[tuple[Node, int, tuple[int, ...]]] = []
+            for node, h, pending in frontier:
+                tokens = pending + tuple(node.tokens)
+                while len(tokens) >= block_size:
+                    h = hash((h, tokens[:block_size]))
+                    out.append(h)
+                    tokens = tokens[block_size:]
+                nxt.extend((c, h, tokens) for c in node.children.values())
+            frontier = nxt
+        return out if limit is None else out[:limit]
+
     def check(self) -> None:
         """Validate every invariant of the tree, the pool and the live sequences; raise on violation."""
         from chunkattn.errors import CacheCorruptedError

@@ -1,0 +1,234 @@
+"""Routing requests among engine replicas so that requests sharing a prefix meet the replica that caches it.
+
+Plain Python, no Ray: the Ray Serve request router and the simulator both drive this core.
+
+A prompt is cut into blocks of ``block_size`` tokens, and block ``i`` is named by a hash chained over blocks
+``0..i`` (so equal hashes mean equal prefixes). Per replica the router keeps an approximate set of the block
+hashes it sent there (:class:`PrefixIndex`), least recently used first out, capped at the replica's K/V
+capacity in blocks, and replaced by what the replica reports it holds (:meth:`Router.report`).
+
+Policies: :class:`PrefixAwarePolicy` (the longest cached match, unless the load is imbalanced: then the least
+loaded, as SGLang's cache-aware router does), and the baselines :class:`RoundRobinPolicy` and
+:class:`PowerOfTwoPolicy`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks: ``h[i]`` identifies ``token_ids[: (i + 1) * block_size]``.
+    Deterministic across processes (tuples of ints hash without randomization)."""
+    hashes: list[int] = []
+    h = 0
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        h = hash((h, tuple(token_ids[start : start + block_size])))
+        hashes.append(h)
+    return hashes
+
+
+class PrefixIndex:
+    """The block hashes a replica (probably) holds, least recently used first, at most ``capacity``."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(0, capacity)
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self._blocks
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` held (a prefix is only usable up to its first missing block)."""
+        n = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            n += 1
+        return n
+
+    def insert(self, hashes: Iterable[int]) -> None:
+        """Record that these blocks are now cached (most recently used), evicting the oldest past capacity."""
+        blocks = self._blocks
+        for h in hashes:
+            if h in blocks:
+                blocks.move_to_end(h)
+            else:
+                blocks[h] = None
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+
+    def replace(self, hashes: Iterable[int]) -> None:
+        """What the replica reported it holds (its own order is unknown: keep the report's)."""
+        self._blocks = OrderedDict.fromkeys(hashes)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+
+@dataclass
+class ReplicaState:
+    """What the router knows of one replica. ``load``: requests sent and not finished (or as reported)."""
+
+    replica_id: str
+    capacity_blocks: int
+    index: PrefixIndex = field(init=False)
+    load: int = 0
+    free_blocks: int | None = None
+    routed: int = 0
+
+    def __post_init__(self) -> None:
+        self.index = PrefixIndex(self.capacity_blocks)
+
+
+@dataclass
+class RoutingStats:
+    """What a replica reports (``record_routing_stats`` in Ray Serve): its queue (waiting + running requests),
+    its free K/V blocks and the block hashes of the prefixes it holds (None: keep the router's estimate)."""
+
+    queue_len: int
+    free_blocks: int | None = None
+    held_blocks: list[int] | None = None
+
+
+class RoutingPolicy:
+    """Chooses a replica for a request; see :class:`Router`."""
+
+    name = "policy"
+
+    def choose(self, replicas: Sequence[ReplicaState], hashes: Sequence[int]) -> ReplicaState:
+        raise NotImplementedError
+
+
+def _least_loaded(replicas: Sequence[ReplicaState], rng: random.Random | None = None) -> ReplicaState:
+    """The least loaded replica; among equals the one caching least (room for a new prefix), then at random."""
+    low = min((r.load, len(r.index)) for r in replicas)
+    tied = [r for r in replicas if (r.load, len(r.index)) == low]
+    return tied[0] if rng is None or len(tied) == 1 else rng.choice(tied)
+
+
+class RoundRobinPolicy(RoutingPolicy):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, replicas: Sequence[ReplicaState], hashes: Sequence[int]) -> ReplicaState:
+        r = replicas[self._next % len(replicas)]
+        self._next += 1
+        return r
+
+
+class PowerOfTwoPolicy(RoutingPolicy):
+    """Two replicas at random, the less loaded of them (Ray Serve's default)."""
+
+    name = "power-of-two"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+
+    def choose(self, replicas: Sequence[ReplicaState], hashes: Sequence[int]) -> ReplicaState:
+        if len(replicas) == 1:
+            return replicas[0]
+        a, b = self.rng.sample(list(replicas), 2)
+        return a if a.load <= b.load else b
+
+
+class PrefixAwarePolicy(RoutingPolicy):
+    """The replica holding the longest prefix of the prompt; ties and misses go to the least loaded (then to
+    the one caching least).
+
+    When the load is imbalanced (the busiest replica has more than ``balance_abs`` requests more than the
+    idlest *and* more than ``balance_rel`` times as many), the least loaded replica gets the request whatever
+    it caches, so that one hot prefix cannot pile every request onto one replica. A match shorter than
+    ``min_match_blocks`` counts as a miss.
+    """
+
+    name = "prefix-aware"
+
+    def __init__(self, balance_abs: int = 8, balance_rel: float = 1.5, min_match_blocks: int = 1, seed: int = 0):
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self.min_match_blocks = min_match_blocks
+        self.rng = random.Random(seed)
+
+    def choose(self, replicas: Sequence[ReplicaState], hashes: Sequence[int]) -> ReplicaState:
+        loads = [r.load for r in replicas]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > self.balance_abs and hi > self.balance_rel * max(lo, 1):
+            return _least_loaded(replicas, self.rng)
+        matches = [r.index.match(hashes) for r in replicas]
+        best = max(matches)
+        if best < self.min_match_blocks:
+            return _least_loaded(replicas, self.rng)
+        return _least_loaded([r for r, m in zip(replicas, matches) if m == best], self.rng)
+
+
+POLICIES = {"prefix-aware": PrefixAwarePolicy, "round-robin": RoundRobinPolicy, "power-of-two": PowerOfTwoPolicy}
+
+
+def make_policy(name: str, **options: float) -> RoutingPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; choose from {sorted(POLICIES)}")
+    return POLICIES[name](**options)  # type: ignore[arg-type]
+
+
+class Router:
+    """Replicas, their prefix indexes and loads, and a policy. Not thread-safe: one caller at a time.
+
+    ``block_size``: tokens per hashed block (the engines' chunk size is a good choice).
+    """
+
+    def __init__(self, policy: RoutingPolicy | str = "prefix-aware", block_size: int = 64):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.block_size = block_size
+        self.replicas: dict[str, ReplicaState] = {}
+
+    def add_replica(self, replica_id: str, capacity_tokens: int) -> None:
+        """A replica whose K/V cache holds ``capacity_tokens`` tokens (its prefix index is capped there)."""
+        self.replicas[replica_id] = ReplicaState(replica_id, capacity_tokens // self.block_size)
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Forget a replica (it died or was scaled away) and its prefix index."""
+        self.replicas.pop(replica_id, None)
+
+    def route(self, token_ids: Sequence[int], exclude: Iterable[str] = ()) -> str:
+        """The replica for a prompt; records the prompt's blocks in its index and counts it as load.
+        ``exclude``: replicas not to use (e.g. one that just failed this request)."""
+        skip = set(exclude)
+        candidates = [r for r in self.replicas.values() if r.replica_id not in skip]
+        if not candidates:
+            raise LookupError("no replica is available")
+        hashes = block_hashes(token_ids, self.block_size)
+        chosen = self.policy.choose(candidates, hashes)
+        chosen.index.insert(hashes)
+        chosen.load += 1
+        chosen.routed += 1
+        return chosen.replica_id
+
+    def match(self, replica_id: str, token_ids: Sequence[int]) -> int:
+        """Tokens of the prompt's prefix the router believes ``replica_id`` caches."""
+        return self.replicas[replica_id].index.match(block_hashes(token_ids, self.block_size)) * self.block_size
+
+    def finished(self, replica_id: str) -> None:
+        """A request sent to ``replica_id`` finished (or failed)."""
+        r = self.replicas.get(replica_id)
+        if r is not None and r.load > 0:
+            r.load -= 1
+
+    def report(self, replica_id: str, stats: RoutingStats) -> None:
+        """Correct the estimate with what the replica says of itself."""
+        r = self.replicas.get(replica_id)
+        if r is None:
+            return
+        r.load = stats.queue_len
+        r.free_blocks = stats.free_blocks
+        if stats.held_blocks is not None:
+            r.index.replace(stats.held_blocks)

@@ -1,0 +1,98 @@
+"""The prefix-aware router core (no Ray): block hashing, per-replica indexes, policies, reports, removal."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from chunkattn import PrefixKVCache
+from chunkattn.cluster import PrefixIndex, Router, RoutingStats, block_hashes
+from helpers import store_prefix_kv
+
+
+def _prompt(system: int, question: int, shared: int = 256, own: int = 40) -> list[int]:
+    rng = random.Random(system)
+    head = [rng.randrange(1000) for _ in range(shared)]
+    rng = random.Random(10_000 + question)
+    return head + [rng.randrange(1000) for _ in range(own)]
+
+
+def test_block_hashes_name_prefixes():
+    a, b = list(range(100)), list(range(64)) + [7] * 36
+    ha, hb = block_hashes(a, 16), block_hashes(b, 16)
+    assert len(ha) == 6 and ha[:4] == hb[:4] and ha[4] != hb[4]
+    assert block_hashes(a[:15], 16) == []
+    assert block_hashes([1, 2] * 8, 16) != block_hashes([2, 1] * 8, 16)
+
+
+def test_index_is_lru_capped_and_matches_leading_blocks():
+    idx = PrefixIndex(capacity=3)
+    idx.insert([1, 2, 3])
+    assert idx.match([1, 2, 3, 4]) == 3 and idx.match([2, 3]) == 2 and idx.match([9, 1]) == 0
+    idx.insert([1, 4])  # 1 refreshed, 2 is now the oldest and goes
+    assert 2 not in idx and 1 in idx and len(idx) == 3
+
+
+def test_prefix_aware_sends_a_prefix_back_to_its_replica():
+    router = Router("prefix-aware", block_size=16)
+    for i in range(4):
+        router.add_replica(f"r{i}", capacity_tokens=4096)
+    homes = {}
+    for q in range(40):
+        s = q % 4
+        rid = router.route(_prompt(s, q))
+        homes.setdefault(s, set()).add(rid)
+        router.finished(rid)
+    assert all(len(h) == 1 for h in homes.values())  # each system prompt stays on one replica
+    assert len(set().union(*homes.values())) == 4  # misses spread over the least loaded replicas
+
+
+def test_round_robin_and_power_of_two_ignore_prefixes():
+    for policy in ("round-robin", "power-of-two"):
+        router = Router(policy, block_size=16)
+        for i in range(4):
+            router.add_replica(f"r{i}", 4096)
+        seen = {router.route(_prompt(0, q)) for q in range(20)}
+        assert len(seen) >= 3, policy
+
+
+def test_imbalance_overrides_affinity():
+    router = Router("prefix-aware", block_size=16)
+    router.add_replica("a", 4096)
+    router.add_replica("b", 4096)
+    first = router.route(_prompt(0, 0))
+    placed = [router.route(_prompt(0, q)) for q in range(1, 30)]  # none finish: load piles up
+    assert placed[0] == first
+    assert placed.count(first) < 29 and 0 < placed.count("b" if first == "a" else "a")
+
+
+def test_reports_correct_the_estimate_and_removal_reroutes():
+    router = Router("prefix-aware", block_size=16)
+    router.add_replica("a", 4096)
+    router.add_replica("b", 4096)
+    p = _prompt(3, 1)
+    home = router.route(p)
+    other = "b" if home == "a" else "a"
+    router.finished(home)
+    # the home replica evicted the prompt, the other one computed it meanwhile (as its report says)
+    router.report(home, RoutingStats(queue_len=0, held_blocks=[]))
+    router.report(other, RoutingStats(queue_len=0, held_blocks=block_hashes(p, 16)))
+    assert router.route(_prompt(3, 2)) == other
+    router.remove_replica(other)
+    assert router.route(p) == home and set(router.replicas) == {home}
+    assert router.route(p, exclude=[]) == home
+    with pytest.raises(LookupError):
+        router.route(p, exclude=[home])
+
+
+def test_a_cache_reports_the_hashes_the_router_computes():
+    cache = PrefixKVCache(1, 1, 8, chunk_size=16, max_tokens=2048, dtype=torch.float32)
+    prompts = [_prompt(1, 1), _prompt(1, 2), _prompt(2, 3)]
+    for p in prompts:
+        seq = cache.add_sequence(p)
+        store_prefix_kv(cache, cache.extend([seq], [p[seq.num_cached_tokens:]]))
+    want = set().union(*(block_hashes(p, 32) for p in prompts))
+    assert set(cache.block_hashes(32)) == want
+    assert len(cache.block_hashes(32, limit=3)) == 3
