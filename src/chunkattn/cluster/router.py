@@ -175,7 +175,7 @@ POLICIES = {"prefix-aware": PrefixAwarePolicy, "round-robin": RoundRobinPolicy, 
 def make_policy(name: str, **options: float) -> RoutingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; choose from {sorted(POLICIES)}")
-    return POLICIES[name](**options)  # type: ignore[arg-type]
+    return POLICIES[name](**options)
 
 
 class Router:
