@@ -96,3 +96,21 @@ def test_a_cache_reports_the_hashes_the_router_computes():
     want = set().union(*(block_hashes(p, 32) for p in prompts))
     assert set(cache.block_hashes(32)) == want
     assert len(cache.block_hashes(32, limit=3)) == 3
+
+
+def test_simulator_conserves_requests_and_ranks_prefix_routing_first():
+    from chunkattn.cluster.simulator import CostModel, Workload, simulate
+
+    cost = CostModel.cpu_smollm2_2core(kv_capacity_tokens=1152)  # 2 of the 8 system prompts per replica
+    w = Workload(requests=160, tenants=8, shared_len=512, question_len=32, output_len=8, rate=6.0, seed=5)
+    rows = {p: simulate(p, 4, w, cost) for p in ("prefix-aware", "round-robin", "power-of-two")}
+    for r in rows.values():
+        assert sum(r["requests_per_replica"]) == 160 and 0 <= r["hit_rate"] < 1
+        assert r["output_tokens_per_s"] > 0 and r["ttft_p50_s"] <= r["ttft_p90_s"]
+    pa, rr = rows["prefix-aware"], rows["round-robin"]
+    assert pa["hit_rate"] >= 2 * rr["hit_rate"] and pa["ttft_p50_s"] < rr["ttft_p50_s"]
+    assert pa["output_tokens_per_s"] >= 0.99 * rr["output_tokens_per_s"]
+    # no sharing across tenants at all: every router's hit rate is what repeats within a replica
+    one = simulate("round-robin", 1, Workload(requests=20, tenants=1, shared_len=256, question_len=16, output_len=4,
+                                              rate=1.0), cost)
+    assert one["hit_rate"] > 0.8  # one replica, one tenant: everything after the first request hits

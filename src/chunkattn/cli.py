@@ -148,6 +148,44 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_sim(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster-sim", help="simulate N replicas behind the routing policies (calibrated cost model)")
+    p.add_argument("--replicas", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256])
+    p.add_argument("--zipf", nargs="+", type=float, default=[0.0, 1.1], help="tenant popularity exponents")
+    p.add_argument("--rate-per-replica", nargs="+", type=float, default=[0.4, 1.5], help="arrivals/s per replica")
+    p.add_argument("--policies", nargs="+", default=["prefix-aware", "round-robin", "power-of-two"])
+    p.add_argument("--tenants-per-replica", type=float, default=2.0)
+    p.add_argument("--requests-per-replica", type=int, default=40)
+    p.add_argument("--kv-capacity-tokens", type=int, default=3072,
+                   help="K/V tokens per replica (default: room for ~3 of the 1K-token system prompts, "
+                        "while each replica has 2 tenants on average)")
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH")
+    p.set_defaults(func=_run_cluster_sim)
+
+
+def _run_cluster_sim(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from chunkattn.cluster.simulator import CostModel, plot_sweep, summarize, sweep
+
+    cost = CostModel.cpu_smollm2_2core(args.kv_capacity_tokens)
+    rows = sweep(args.replicas, args.zipf, args.policies, cost, args.rate_per_replica,
+                 tenants_per_replica=args.tenants_per_replica, requests_per_replica=args.requests_per_replica,
+                 output_len=args.output_len, seed=args.seed)
+    print(summarize(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "chunkattn bench cluster-sim", "date": time.strftime("%Y-%m-%d"),
+                       "cost_model": cost.__dict__, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot_sweep(rows, args.plot)
+    return 0
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a completion to the terminal")
     p.add_argument("prompt")
@@ -249,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _add_kernel_bench(bench)
     _add_serve_bench(bench)
+    _add_cluster_sim(bench)
     return parser
 
 

@@ -44,6 +44,10 @@ class PrefixIndex:
     def __contains__(self, h: int) -> bool:
         return h in self._blocks
 
+    def blocks(self) -> list[int]:
+        """The held block hashes, least recently used first."""
+        return list(self._blocks)
+
     def match(self, hashes: Sequence[int]) -> int:
         """Leading blocks of ``hashes`` held (a prefix is only usable up to its first missing block)."""
         n = 0
