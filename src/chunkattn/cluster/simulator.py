@@ -103,7 +103,7 @@ class _Replica:
 
     def step(self, now: float) -> tuple[float, list[_Req]]:
         """Run one step starting at ``now``: ``(its end, requests that finished in it)``."""
-        admitted = []
+        admitted: list[_Req] = []
         while self.waiting and len(self.running) + len(admitted) < self.cost.max_batch:
             admitted.append(self.waiting.popleft())
         prefill = 0
