@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkattn.engine.engine import EngineDeadError
 from chunkattn.engine.llm import LLM, AsyncLLM, RequestStream
-from chunkattn.engine.request import RequestOutput, TokenLogprob
+from chunkattn.engine.request import CompletionOutput, RequestOutput, TokenLogprob
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.server.asgi import APIKeyMiddleware, BodyLimitMiddleware, EventStream, until_disconnect
 from chunkattn.server.metrics import ServerMetrics, engine_snapshot
@@ -313,9 +313,31 @@ class Server:
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.config.model_name,
                 "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached)}
 
-    async def _completion_frames(self, body: CompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
-        created = int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name}
+    def _completion_frames(self, body: CompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
+        def choice(p: int, out: RequestOutput, c: CompletionOutput, first: bool) -> dict[str, Any]:
+            text = c.delta_text
+            logprobs = None
+            if body.logprobs is not None:
+                entries: list[TokenLogprob | None] = list(c.delta_logprobs or [])
+                ids = list(c.delta_token_ids)
+                if first and body.echo:
+                    entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
+                    ids = list(out.prompt_token_ids) + ids
+                logprobs = self._completion_logprobs(entries, ids, 0)
+            if first and body.echo:
+                text = job.prompt_texts[p] + text
+            return {"index": p * body.n + c.index, "text": text, "logprobs": logprobs,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+        return self._frames(body, job, {"id": rid, "object": "text_completion"}, body.n, choice)
+
+    async def _frames(self, body: CompletionRequest | ChatCompletionRequest, job: _Job, base: dict[str, Any], n: int,
+                      choice: Callable[[int, RequestOutput, CompletionOutput, bool], dict[str, Any]]
+                      ) -> AsyncIterator[str]:
+        """The server-sent events of a streamed job: a chunk per completion that has something new (its first
+        token always), an error frame if the engine fails, the usage chunk if asked for, ``[DONE]``. Leaving
+        early (a disconnect) aborts the job."""
+        base = {**base, "created": int(time.time()), "model": self.config.model_name}
         usage = _UsageTracker(len(job.streams))
         started: set[int] = set()
         try:
@@ -327,25 +349,11 @@ class Server:
                     return
                 usage.update(p, out)
                 for c in out.outputs:
-                    index = p * body.n + c.index
-                    first = index not in started
                     if not (c.delta_token_ids or c.delta_text or c.finished):
                         continue
-                    text = c.delta_text
-                    logprobs = None
-                    if body.logprobs is not None:
-                        entries: list[TokenLogprob | None] = list(c.delta_logprobs or [])
-                        ids = list(c.delta_token_ids)
-                        if first and body.echo:
-                            entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
-                            ids = list(out.prompt_token_ids) + ids
-                        logprobs = self._completion_logprobs(entries, ids, 0)
-                    if first and body.echo:
-                        text = job.prompt_texts[p] + text
+                    index = p * n + c.index
+                    chunk: dict[str, Any] = {**base, "choices": [choice(p, out, c, index not in started)]}
                     started.add(index)
-                    chunk: dict[str, Any] = {**base, "choices": [{
-                        "index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason}]}
                     if body.include_usage:
                         chunk["usage"] = usage.body() if body.continuous_usage else None
                     yield _frame(chunk)
@@ -396,41 +404,14 @@ class Server:
                              "usage": _usage(len(out.prompt_token_ids), completion_tokens,
                                              out.metrics.num_cached_tokens)})
 
-    async def _chat_frames(self, body: ChatCompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": self.config.model_name}
-        usage = _UsageTracker(1)
-        started: set[int] = set()
-        try:
-            async for _, out in job.outputs():
-                err = self._error_of(out)
-                if err is not None:
-                    yield err.frame()
-                    yield DONE
-                    return
-                usage.update(0, out)
-                for c in out.outputs:
-                    if not (c.delta_token_ids or c.delta_text or c.finished):
-                        continue
-                    delta: dict[str, Any] = {"content": c.delta_text}
-                    if c.index not in started:
-                        delta = {"role": "assistant", **delta}
-                        started.add(c.index)
-                    logprobs = (self._chat_logprobs(c.delta_logprobs or [], body.top_logprobs or 0)
-                                if body.logprobs else None)
-                    chunk: dict[str, Any] = {**base, "choices": [{"index": c.index, "delta": delta,
-                                                                  "logprobs": logprobs,
-                                                                  "finish_reason": c.finish_reason}]}
-                    if body.include_usage:
-                        chunk["usage"] = usage.body() if body.continuous_usage else None
-                    yield _frame(chunk)
-                if out.finished:
-                    self._finished(out)
-            if body.include_usage:
-                yield _frame({**base, "choices": [], "usage": usage.body()})
-            yield DONE
-        finally:
-            job.abort()
+    def _chat_frames(self, body: ChatCompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
+        def choice(p: int, out: RequestOutput, c: CompletionOutput, first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant", "content": c.delta_text} if first else \
+                {"content": c.delta_text}
+            logprobs = self._chat_logprobs(c.delta_logprobs or [], body.top_logprobs or 0) if body.logprobs else None
+            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+        return self._frames(body, job, {"id": rid, "object": "chat.completion.chunk"}, body.n, choice)
 
     # ------------------------------------------------------------------ the rest
     def models(self) -> dict[str, Any]:
