@@ -3,6 +3,7 @@
 Layout (each layer depends only on those below it)::
 
     server/     the OpenAI-compatible HTTP server (chunkattn serve)
+    cluster/    routing among replicas by cached prefix, and a simulator of many replicas
     bench/      benchmarks (kernel micro-benchmark, end-to-end serving, in-process or over HTTP)
     engine/     requests, scheduler (continuous batching), sampling, LLM / AsyncLLM
     model/      Llama-family decoder and checkpoint loading
