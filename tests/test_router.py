@@ -31,8 +31,9 @@ def test_index_is_lru_capped_and_matches_leading_blocks():
     idx = PrefixIndex(capacity=3)
     idx.insert([1, 2, 3])
     assert idx.match([1, 2, 3, 4]) == 3 and idx.match([2, 3]) == 2 and idx.match([9, 1]) == 0
-    idx.insert([1, 4])  # 1 refreshed, 2 is now the oldest and goes
-    assert 2 not in idx and 1 in idx and len(idx) == 3
+    idx.insert([1, 4])  # a prefix loses its end first: 3, the deepest block of the first prompt, goes
+    assert 3 not in idx and 1 in idx and 2 in idx and len(idx) == 3
+    assert idx.match([1, 2, 3]) == 2 and idx.match([1, 4]) == 2
 
 
 def test_prefix_aware_sends_a_prefix_back_to_its_replica():

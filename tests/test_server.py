@@ -272,6 +272,8 @@ async def _load(url: str, headers: dict[str, str], num: int, concurrency: int, s
         stream = rng.random() < 0.5
         body = {"prompt": f"{rng.choice(systems)}\nQuestion {i}: why?", "max_tokens": tokens, "ignore_eos": True,
                 "stream": stream, "temperature": rng.choice([0, 0.8]), "seed": i}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         async with sem:
             try:
                 if stream:
@@ -280,14 +282,18 @@ async def _load(url: str, headers: dict[str, str], num: int, concurrency: int, s
                             counts["5xx"] += 1
                             return
                         n = 0
+                        usage = None
                         async for line in r.aiter_lines():
                             if not line.startswith("data: ") or line == "data: [DONE]":
                                 continue
-                            n += 1  # one chunk per token (each step adds one)
+                            n += 1
                             if leave and n >= rng.randint(1, 3):
                                 counts["left"] += 1
                                 return  # closing the response drops the connection mid-stream
-                        counts["ok" if n == tokens else "wrong_tokens"] += 1
+                            usage = json.loads(line[6:]).get("usage") or usage
+                        # a chunk may carry several tokens when this client fell behind: count by usage
+                        ok = usage is not None and usage["completion_tokens"] == tokens
+                        counts["ok" if ok else "wrong_tokens"] += 1
                 elif leave:
                     try:
                         await client.post(url + "/v1/completions", json=body, headers=headers,
@@ -408,3 +414,35 @@ def test_continuous_usage_and_latency_histograms(client, tiny):
                  "request_queue_time_seconds"):
         assert m[f"chunkattn:{name}_count"] > 0, name
     assert m["chunkattn:generation_tokens_total"] > 0 and "chunkattn:kv_saved_bytes" in m
+
+
+def test_a_slow_reader_gets_merged_chunks_and_n_finishes_once(tiny):
+    """A client that reads late gets the tokens it missed merged into one chunk (the server holds one pending
+    output per request, not one per step); with n > 1 each choice's finish_reason comes exactly once."""
+    body = {"prompt": "slow reader", "max_tokens": 40, "n": 3, "stream": True, "ignore_eos": True,
+            "logprobs": 1, "temperature": 0.7, "seed": 11, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", tiny.url + "/v1/completions", json=body, headers=tiny.headers, timeout=60) as r:
+        time.sleep(1.0)  # the whole generation happens meanwhile
+        frames = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    chunks = [f for f in frames if f["choices"]]
+    finishes = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2]
+    assert frames[-1]["usage"]["completion_tokens"] == 120
+    for i in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        tokens = [t for c in mine for t in c["logprobs"]["tokens"]]
+        offsets = [o for c in mine for o in c["logprobs"]["text_offset"]]
+        assert len(tokens) == 40 and offsets == [sum(map(len, tokens[:k])) for k in range(40)]
+    assert len(chunks) < 3 * 40  # merged: fewer chunks than tokens
+
+
+def test_unencodable_prompt_and_too_many_prompts_are_400(tiny):
+    r = httpx.post(tiny.url + "/v1/completions", content=b'{"prompt": "a\\ud800b", "max_tokens": 2}',
+                   headers={**tiny.headers, "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    r = httpx.post(tiny.url + "/v1/completions", json={"prompt": [[1]] * 300, "max_tokens": 1}, headers=tiny.headers)
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    r = httpx.post(tiny.url + "/v1/completions", json={"prompt": [[1]] * 100, "n": 20, "max_tokens": 1},
+                   headers=tiny.headers)
+    assert r.status_code == 400 and "1024" in r.json()["error"]["message"]

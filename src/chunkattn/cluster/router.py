@@ -45,8 +45,8 @@ class PrefixIndex:
         return h in self._blocks
 
     def blocks(self) -> list[int]:
-        """The held block hashes, least recently used first."""
-        return list(self._blocks)
+        """The held block hashes, most recently used first (the order :meth:`replace` takes)."""
+        return list(reversed(self._blocks))
 
     def match(self, hashes: Sequence[int]) -> int:
         """Leading blocks of ``hashes`` held (a prefix is only usable up to its first missing block)."""
@@ -57,10 +57,12 @@ class PrefixIndex:
             n += 1
         return n
 
-    def insert(self, hashes: Iterable[int]) -> None:
-        """Record that these blocks are now cached (most recently used), evicting the oldest past capacity."""
+    def insert(self, hashes: Sequence[int]) -> None:
+        """Record that a prompt's blocks are now cached (most recently used), evicting the oldest past capacity.
+        The prompt's last block becomes the oldest of them and its first the newest: as in the engine's tree,
+        a prefix loses its end before its start (a start without its end still matches, not the reverse)."""
         blocks = self._blocks
-        for h in hashes:
+        for h in reversed(hashes):
             if h in blocks:
                 blocks.move_to_end(h)
             else:
@@ -68,9 +70,10 @@ class PrefixIndex:
         while len(blocks) > self.capacity:
             blocks.popitem(last=False)
 
-    def replace(self, hashes: Iterable[int]) -> None:
-        """What the replica reported it holds (its own order is unknown: keep the report's)."""
-        self._blocks = OrderedDict.fromkeys(hashes)
+    def replace(self, hashes: Sequence[int]) -> None:
+        """What the replica reported it holds, shortest prefixes first (as ``PrefixKVCache.block_hashes``
+        lists them): the deepest blocks become the first to go."""
+        self._blocks = OrderedDict.fromkeys(reversed(hashes))
         while len(self._blocks) > self.capacity:
             self._blocks.popitem(last=False)
 

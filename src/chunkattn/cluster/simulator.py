@@ -61,6 +61,12 @@ class Workload:
     zipf: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if min(self.requests, self.tenants, self.output_len) < 1 or self.shared_len + self.question_len < 1:
+            raise ValueError("requests, tenants, output_len and the prompt length must be >= 1")
+        if not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+
     def generate(self) -> list[tuple[float, int, list[int]]]:
         """``(arrival time, tenant, prompt token ids)`` in arrival order."""
         rng = random.Random(self.seed)
@@ -107,24 +113,24 @@ class _Replica:
         while self.waiting and len(self.running) + len(admitted) < self.cost.max_batch:
             admitted.append(self.waiting.popleft())
         prefill = 0
+        for r in admitted:  # matched before any of them is inserted: a prefix computed in this step is no hit
+            r.cached_tokens = min(self.cache.match(r.hashes) * self.block_size, len(r.prompt) - 1)
+            prefill += len(r.prompt) - r.cached_tokens
         for r in admitted:
-            matched = min(self.cache.match(r.hashes) * self.block_size, len(r.prompt) - 1)
-            r.cached_tokens = matched
-            prefill += len(r.prompt) - matched
             self.cache.insert(r.hashes)
         running = self.running + admitted
         context = len({h for r in running for h in r.hashes}) * self.block_size + \
             sum(len(r.prompt) % self.block_size + r.generated for r in running)
-        end = now + self.cost.step_seconds(len(self.running), prefill, context)
+        end = now + self.cost.step_seconds(len(running), prefill, context)
         for r in self.running:
             r.generated += 1
         for r in admitted:
             r.first_token = end
             r.generated = 1
-        self.running = [r for r in running if r.generated < r.output_len]
         finished = [r for r in running if r.generated >= r.output_len]
         for r in finished:
             r.finish = end
+        self.running = running  # the finished leave at the step's end (see simulate), not before
         return end, finished
 
 
@@ -170,6 +176,7 @@ def simulate(policy: str, replicas: int, workload: Workload, cost: CostModel, bl
             push(end, "step_end", (rep, finished))
         elif kind == "step_end":
             rep, finished = payload
+            rep.running = [r for r in rep.running if r.finish is None]
             for _ in finished:
                 router.finished(rep.name)
                 pending -= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, cast
 
@@ -138,13 +139,24 @@ class LLM:
 
 class RequestStream:
     """The outputs of one submitted request as an async iterator (the last has ``finished`` set).
-    :meth:`abort` ends the request early; it is a no-op once the request finished."""
+    :meth:`abort` ends the request early; it is a no-op once the request finished.
 
-    def __init__(self, loop: EngineLoop, request_id: str, outputs: asyncio.Queue[RequestOutput]):
+    Outputs the consumer has not taken yet are merged into one (their deltas joined, see
+    :meth:`RequestOutput.then`), so a slow consumer (a client that stopped reading) costs the memory of one
+    output, not one per step.
+    """
+
+    def __init__(self, loop: EngineLoop, request_id: str):
         self._loop = loop
         self.request_id = request_id
-        self._outputs = outputs
+        self._pending: RequestOutput | None = None
+        self._ready = asyncio.Event()
         self.finished = False
+
+    def push(self, out: RequestOutput) -> None:
+        """Hand over the next output (on the consumer's event loop)."""
+        self._pending = out if self._pending is None else self._pending.then(out)
+        self._ready.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -152,7 +164,10 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        out = await self._outputs.get()
+        while self._pending is None:
+            self._ready.clear()
+            await self._ready.wait()
+        out, self._pending = self._pending, None
         self.finished = out.finished
         return out
 
@@ -177,13 +192,13 @@ class AsyncLLM:
         """Queue a request now (raising ``ValueError`` at once on bad input) and return the stream of its
         outputs. ``cache_salt``: share cached K/V only with requests of the same salt (tenant isolation)."""
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        stream = RequestStream(self.llm.loop, request_id or f"async-{uuid.uuid4().hex}")
 
         def sink(out: RequestOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
+            loop.call_soon_threadsafe(stream.push, out)
 
-        rid = self.llm.loop.submit(prompt, params, sink, request_id, cache_salt=cache_salt)
-        return RequestStream(self.llm.loop, rid, outputs)
+        self.llm.loop.submit(prompt, params, sink, stream.request_id, cache_salt=cache_salt)
+        return stream
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -194,6 +194,20 @@ class RequestOutput:
     def token_ids(self) -> list[int]:
         return self.outputs[0].token_ids
 
+    def then(self, newer: RequestOutput) -> RequestOutput:
+        """``newer`` with this output's deltas prepended: one output standing for both, for a consumer that
+        fell behind (its memory stays that of one output however many steps it missed)."""
+        old = {c.index: c for c in self.outputs}
+        for c in newer.outputs:
+            o = old.get(c.index)
+            if o is None:
+                continue
+            c.delta_text = o.delta_text + c.delta_text
+            c.delta_token_ids = o.delta_token_ids + c.delta_token_ids
+            if c.delta_logprobs is not None and o.delta_logprobs is not None:
+                c.delta_logprobs = o.delta_logprobs + c.delta_logprobs
+        return newer
+
     @classmethod
     def of(cls, r: Request, report: bool = False) -> RequestOutput:
         """The request's state; ``report=True`` also marks it as sent (the next output's deltas start here)."""

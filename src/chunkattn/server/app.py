@@ -30,6 +30,7 @@ from chunkattn.engine.sampling import SamplingParams
 from chunkattn.server.asgi import APIKeyMiddleware, BodyLimitMiddleware, EventStream, until_disconnect
 from chunkattn.server.metrics import ServerMetrics, engine_snapshot
 from chunkattn.server.protocol import (
+    MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -157,7 +158,10 @@ class Server:
                 raise APIError(400, "prompt: the prompt is empty", param="prompt")
             if self.tokenizer is None:
                 raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
-            _, ids = self.engine.tokenize(prompt)
+            try:
+                _, ids = self.engine.tokenize(prompt)
+            except (TypeError, ValueError, UnicodeError) as exc:
+                raise APIError(400, f"prompt: the tokenizer rejected it: {exc}", param="prompt") from None
             return prompt, list(ids)
         vocab = self.engine.model.config.vocab_size
         bad = next((t for t in prompt if t >= vocab), None)
@@ -267,8 +271,11 @@ class Server:
         self._check_model(body.model)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
+        if len(body.prompts()) * body.n > MAX_CHOICES:
+            raise APIError(400, f"n: {len(body.prompts())} prompts x n={body.n} asks for more than {MAX_CHOICES} "
+                                f"completions in one request", param="n")
         prompts = [self._tokenize(p) for p in body.prompts()]
-        max_tokens = max(self._max_tokens(body.max_tokens, len(ids), body.n, "max_tokens") for _, ids in prompts)
+        max_tokens = min(self._max_tokens(body.max_tokens, len(ids), body.n, "max_tokens") for _, ids in prompts)
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         try:
             params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
@@ -314,7 +321,10 @@ class Server:
                 "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached)}
 
     def _completion_frames(self, body: CompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}  # per choice: characters of logprob tokens sent so far (text_offset)
+
         def choice(p: int, out: RequestOutput, c: CompletionOutput, first: bool) -> dict[str, Any]:
+            index = p * body.n + c.index
             text = c.delta_text
             logprobs = None
             if body.logprobs is not None:
@@ -323,11 +333,12 @@ class Server:
                 if first and body.echo:
                     entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
                     ids = list(out.prompt_token_ids) + ids
-                logprobs = self._completion_logprobs(entries, ids, 0)
+                logprobs = self._completion_logprobs(entries, ids, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
             if first and body.echo:
                 text = job.prompt_texts[p] + text
-            return {"index": p * body.n + c.index, "text": text, "logprobs": logprobs,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason}
 
         return self._frames(body, job, {"id": rid, "object": "text_completion"}, body.n, choice)
 
@@ -340,6 +351,7 @@ class Server:
         base = {**base, "created": int(time.time()), "model": self.config.model_name}
         usage = _UsageTracker(len(job.streams))
         started: set[int] = set()
+        done: set[int] = set()
         try:
             async for p, out in job.outputs():
                 err = self._error_of(out)
@@ -349,11 +361,13 @@ class Server:
                     return
                 usage.update(p, out)
                 for c in out.outputs:
-                    if not (c.delta_token_ids or c.delta_text or c.finished):
-                        continue
                     index = p * n + c.index
+                    if index in done or not (c.delta_token_ids or c.delta_text or c.finished):
+                        continue  # (a finished completion is reported once, whatever its siblings do)
                     chunk: dict[str, Any] = {**base, "choices": [choice(p, out, c, index not in started)]}
                     started.add(index)
+                    if c.finished:
+                        done.add(index)
                     if body.include_usage:
                         chunk["usage"] = usage.body() if body.continuous_usage else None
                     yield _frame(chunk)
@@ -428,7 +442,11 @@ class Server:
         else:
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer")
-            ids = [int(t) for t in self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]]
+            try:
+                ids = [int(t) for t in self.tokenizer(body.prompt,
+                                                      add_special_tokens=body.add_special_tokens)["input_ids"]]
+            except (TypeError, ValueError, UnicodeError) as exc:
+                raise APIError(400, f"prompt: the tokenizer rejected it: {exc}", param="prompt") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
 
     def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chunkattn.server.protocol import error_body
 
 T = TypeVar("T")
+log = logging.getLogger("chunkattn.server")
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
@@ -163,8 +165,12 @@ class EventStream(Response):
             for task in (pumper, watcher):
                 if not task.done():
                     task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
+                try:
                     await task
+                except (asyncio.CancelledError, OSError):
+                    pass  # cancelled, or the client is gone
+                except Exception:  # noqa: BLE001 - a broken stream must still be cleaned up below
+                    log.exception("streaming a response failed")
             aclose = getattr(self.frames, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from chunkattn.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # completions per prompt
+MAX_PROMPTS = 256  # prompts per completions request
+MAX_CHOICES = 1024  # prompts x n per request
 MAX_STOP = 16  # stop strings per request
 
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
@@ -89,8 +91,8 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``. ``prompt``: a string, a list of strings, token ids or lists of token ids."""
 
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds | \
-        Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
