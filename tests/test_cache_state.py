@@ -41,10 +41,14 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache = PrefixKVCache(2, 2, 4, chunk_size=chunk_size, max_tokens=chunk_size * chunks,
                                    dtype=torch.float32, retain_prefixes=retain, share_prefixes=share)
         self.family: dict[int, int] = {}  # seq_id -> the add_sequence it descends from (sharing off: its group)
+        self.space: dict[int, str | None] = {}  # seq_id -> its namespace (tenant); forks inherit it
 
     def expected_live_tokens(self) -> int:
-        if self.cache.share_prefixes:
-            return trie_size([list(s.token_ids) for s in self.cache.sequences])
+        if self.cache.share_prefixes:  # namespaces share nothing: one trie each
+            spaces: dict[str | None, list[list[int]]] = {}
+            for s in self.cache.sequences:
+                spaces.setdefault(self.space[s.seq_id], []).append(list(s.token_ids))
+            return sum(trie_size(g) for g in spaces.values())
         groups: dict[int, list[list[int]]] = {}
         for s in self.cache.sequences:
             groups.setdefault(self.family[s.seq_id], []).append(list(s.token_ids))
@@ -60,10 +64,10 @@ class CacheMachine(RuleBasedStateMachine):
         store_prefix_kv(self.cache, batch)
         check_attention(self.cache, batch, 4, "torch")
 
-    @rule(target=seqs, prompt=tokens_st)
-    def add(self, prompt):
-        live = [list(s.token_ids) for s in self.cache.sequences]
-        seq = self.cache.add_sequence(prompt)
+    @rule(target=seqs, prompt=tokens_st, space=st.sampled_from([None, None, "a", "b"]))
+    def add(self, prompt, space):
+        live = [list(s.token_ids) for s in self.cache.sequences if self.space[s.seq_id] == space]
+        seq = self.cache.add_sequence(prompt, namespace=space)
         lcp = max((next((i for i, (x, y) in enumerate(zip(t, prompt)) if x != y), min(len(t), len(prompt)))
                    for t in live), default=0)
         lcp = min(lcp, len(prompt) - 1)
@@ -76,6 +80,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert lcp <= seq.num_cached_tokens
         assert list(seq.token_ids) == prompt[: seq.num_cached_tokens]
         self.family[seq.seq_id] = seq.seq_id
+        self.space[seq.seq_id] = space
         if seq.num_cached_tokens < len(prompt):
             self._extend([seq], [prompt[seq.num_cached_tokens :]])
         return seq
@@ -101,6 +106,7 @@ class CacheMachine(RuleBasedStateMachine):
         child = self.cache.fork(seq)
         assert child.token_ids == seq.token_ids
         self.family[child.seq_id] = self.family[seq.seq_id]
+        self.space[child.seq_id] = self.space[seq.seq_id]
         return child
 
     @rule(seq=consumes(seqs))
@@ -130,6 +136,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.evict_all()
         stats = self.cache.stats()
         assert stats["free_chunks"] == stats["total_chunks"] and stats["live_tokens"] == 0, "chunks leaked"
+        assert self.cache.tree.num_roots == 0, "a namespace or private root outlived its chunks and users"
         self.cache.check()
 
 
