@@ -80,10 +80,9 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
 class _Job:
     """The engine requests of one HTTP request (one per prompt, each with ``n`` completions)."""
 
-    def __init__(self, streams: list[RequestStream], prompt_texts: list[str], prompt_ids: list[list[int]]):
+    def __init__(self, streams: list[RequestStream], prompt_texts: list[str]):
         self.streams = streams
         self.prompt_texts = prompt_texts
-        self.prompt_ids = prompt_ids
 
     def abort(self) -> None:
         for s in self.streams:
@@ -184,13 +183,14 @@ class Server:
             ids = ids["input_ids"]
         return [int(t) for t in ids]
 
-    def _max_tokens(self, requested: int | None, num_prompt: int, n: int, param: str) -> int:
-        """``requested`` checked against the context and the cache, or the most that fits when None."""
+    def _max_tokens(self, requested: int | None, num_prompt: int, n: int, param: str, prompt_param: str) -> int:
+        """``requested`` (the body's field ``param``) checked against the context and the cache, or the most
+        that fits when None; ``prompt_param`` names the prompt's field in errors."""
         context = self.engine.max_model_len
         limit = self.engine.max_tokens_limit(num_prompt, n)
         if num_prompt >= context:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
-                                f"{num_prompt} tokens.", param="messages" if param != "max_tokens" else "prompt")
+                                f"{num_prompt} tokens.", param=prompt_param)
         if requested is None:
             if limit < 1:
                 raise APIError(400, f"the prompt ({num_prompt} tokens, n={n}) leaves no room in the K/V cache "
@@ -222,7 +222,7 @@ class Server:
             for s in streams:
                 s.abort()
             raise APIError(400, str(exc)) from None
-        return _Job(streams, [t for t, _ in prompts], [ids for _, ids in prompts])
+        return _Job(streams, [t for t, _ in prompts])
 
     def _finished(self, out: RequestOutput) -> None:
         if out.finished and out.error is None and all(c.finish_reason != "abort" for c in out.outputs):
@@ -275,7 +275,8 @@ class Server:
             raise APIError(400, f"n: {len(body.prompts())} prompts x n={body.n} asks for more than {MAX_CHOICES} "
                                 f"completions in one request", param="n")
         prompts = [self._tokenize(p) for p in body.prompts()]
-        max_tokens = min(self._max_tokens(body.max_tokens, len(ids), body.n, "max_tokens") for _, ids in prompts)
+        max_tokens = min(self._max_tokens(body.max_tokens, len(ids), body.n, "max_tokens", "prompt")
+                         for _, ids in prompts)
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         try:
             params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
@@ -387,7 +388,7 @@ class Server:
         ids = self._chat_ids(body, body.add_generation_prompt)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self._max_tokens(requested, len(ids), body.n, param)
+        max_tokens = self._max_tokens(requested, len(ids), body.n, param, "messages")
         try:
             params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         except (ValueError, TypeError) as exc:
