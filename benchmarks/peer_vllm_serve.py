@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -123,17 +122,15 @@ def load_workload(args: argparse.Namespace, vocab_size: int, special: set[int]) 
 
 
 def idle_ttft(driver: Driver, cfg: Any, vocab_size: int) -> tuple[float, float]:
-    """Cold and prefix-hit TTFT on an idle engine, median of 3 rounds, with chunkattn's prompts (same rng
-    stream as chunkattn's run_engine: seed + 1, ids from the upper half of the first 30000)."""
-    rng = random.Random(cfg.seed + 1)
-    vocab_hi = min(vocab_size, 30000)
+    """Cold and prefix-hit TTFT on an idle engine, median of 3 rounds, with chunkattn's own idle prompts
+    (``chunkattn.bench.serve.idle_prompts``: the very ids chunkattn's run is timed on)."""
+    from chunkattn.bench.serve import idle_prompts
+
     params = driver.params(1, ignore_eos=False)
     cold: list[float] = []
     hit: list[float] = []
-    for _ in range(3):
-        fresh = [rng.randrange(vocab_hi // 2, vocab_hi) for _ in range(cfg.shared_len)]
-        for times in (cold, hit):
-            prompt = fresh + [rng.randrange(vocab_hi // 2, vocab_hi) for _ in range(cfg.question_len)]
+    for pair in idle_prompts(cfg, vocab_size):
+        for times, prompt in zip((cold, hit), pair):
             r = driver.run([prompt], [0.0], params)["requests"][0]
             times.append((r["first"] - r["arrival"]) * 1e3)
     return round(pct(cold, 50), 1), round(pct(hit, 50), 1)

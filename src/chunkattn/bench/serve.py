@@ -65,6 +65,20 @@ def make_workload(cfg: ServeConfig, vocab_size: int, special: set[int]) -> Workl
     return Workload(prompts, arrivals)
 
 
+def idle_prompts(cfg: ServeConfig, vocab_size: int, rounds: int = 3) -> list[tuple[list[int], list[int]]]:
+    """``(cold, hit)`` prompt pairs for timing TTFT on an idle engine: a new system prompt with a question, then
+    the same system prompt with another question. Ids from the upper half of the first 30000 (unlike the
+    workload's), so nothing is cached before; the same for every system timed (chunkattn, HTTP, vLLM)."""
+    rng = random.Random(cfg.seed + 1)
+    hi = min(vocab_size, 30000)
+    pairs = []
+    for _ in range(rounds):
+        fresh = [rng.randrange(hi // 2, hi) for _ in range(cfg.shared_len)]
+        cold, hit = ([*fresh, *(rng.randrange(hi // 2, hi) for _ in range(cfg.question_len))] for _ in range(2))
+        pairs.append((cold, hit))
+    return pairs
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -139,14 +153,10 @@ def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: b
     row["phase_s"] = {k: round(v, 3) for k, v in engine.stats.phase_time.items()}
     # TTFT on an idle engine, median of 3 rounds: a new system prompt (cold), then the same one with
     # another question (a cache hit, when sharing is on).
-    rng = random.Random(cfg.seed + 1)
-    vocab_hi = min(loaded.config.vocab_size, 30000)
     cold: list[float] = []
     hit: list[float] = []
-    for _ in range(3):
-        fresh = [rng.randrange(vocab_hi // 2, vocab_hi) for _ in range(cfg.shared_len)]
-        for times in (cold, hit):
-            prompt = fresh + [rng.randrange(vocab_hi // 2, vocab_hi) for _ in range(cfg.question_len)]
+    for pair in idle_prompts(cfg, loaded.config.vocab_size):
+        for times, prompt in zip((cold, hit), pair):
             ttft = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))[0].metrics.ttft
             assert ttft is not None
             times.append(ttft * 1e3)
@@ -190,7 +200,7 @@ def run_hf(loaded: LoadedModel, cfg: ServeConfig, work: Workload) -> dict[str, A
 
 
 def run_url(url: str, cfg: ServeConfig, work: Workload, model: str | None = None, api_key: str | None = None,
-            progress: Any = None) -> dict[str, Any]:
+            progress: Any = None, vocab_size: int = 32000) -> dict[str, Any]:
     """The same workload through any OpenAI-compatible server at ``url`` (streamed ``/v1/completions`` with
     token-id prompts, ``ignore_eos``, greedy), timed by the client: TTFT at the first streamed token, TPOT
     over the rest; then a cold and a cache-hit request alone on the idle server."""
@@ -245,13 +255,10 @@ def run_url(url: str, cfg: ServeConfig, work: Workload, model: str | None = None
 
             results = await asyncio.gather(*(at(a, p) for a, p in zip(work.arrivals, work.prompts)))
             seconds = time.perf_counter() - start
-            rng = random.Random(cfg.seed + 1)
             cold: list[float] = []
             hit: list[float] = []
-            for _ in range(3):
-                fresh = [rng.randrange(15000, 30000) for _ in range(cfg.shared_len)]
-                for times in (cold, hit):
-                    prompt = fresh + [rng.randrange(15000, 30000) for _ in range(cfg.question_len)]
+            for pair in idle_prompts(cfg, vocab_size):
+                for times, prompt in zip((cold, hit), pair):
                     r = await one(client, prompt, 1, time.perf_counter())
                     times.append(r["ttft"] * 1e3)
             return list(results), seconds, cold, hit
@@ -284,7 +291,7 @@ def run_serve_url(url: str, cfg: ServeConfig, model: str | None = None, api_key:
                               "device": "server", "dtype": "server", "config": dict(cfg.__dict__),
                               "date": time.strftime("%Y-%m-%d"), "rows": []}
     with tqdm(total=cfg.requests + 1, disable=not progress, desc=f"bench serve: {url}", unit="req") as bar:
-        result["rows"].append(run_url(url, cfg, work, model, api_key, bar))
+        result["rows"].append(run_url(url, cfg, work, model, api_key, bar, vocab_size))
     return result
 
 

@@ -286,23 +286,37 @@ class Server:
         job = self._submit(prompts, params, body.cache_salt, rid)
         if body.stream:
             return EventStream(self._completion_frames(body, job, rid), job.abort)
+        return await self._respond(request, job, lambda finals: self._completion_body(body, job, finals, rid))
+
+    async def _respond(self, request: Request, job: _Job,
+                       make_body: Callable[[list[RequestOutput]], dict[str, Any]]) -> Response:
+        """A non-streamed job's JSON response once every request finished (499 if the client left first:
+        the job is aborted either way)."""
         try:
             finals = await until_disconnect(request, job.finals())
         finally:
             job.abort()
-        if finals is None:  # the client left
+        if finals is None:
             return Response(status_code=499)
-        return JSONResponse(self._completion_body(body, job, finals, rid))
+        for out in finals:
+            err = self._error_of(out)
+            if err is not None:
+                raise err
+            self._finished(out)
+        return JSONResponse(make_body(finals))
+
+    @staticmethod
+    def _with_prompt(out: RequestOutput, entries: Sequence[TokenLogprob | None], ids: Sequence[int]
+                     ) -> tuple[list[TokenLogprob | None], list[int]]:
+        """Logprob entries and token ids preceded by the prompt's (echo; the first prompt token has none)."""
+        prompt_entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return [*prompt_entries, *entries], [*out.prompt_token_ids, *ids]
 
     def _completion_body(self, body: CompletionRequest, job: _Job, finals: list[RequestOutput],
                          rid: str) -> dict[str, Any]:
         choices = []
         prompt_tokens = completion_tokens = cached = 0
         for p, out in enumerate(finals):
-            err = self._error_of(out)
-            if err is not None:
-                raise err
-            self._finished(out)
             prompt_tokens += len(out.prompt_token_ids)
             cached += out.metrics.num_cached_tokens
             for c in out.outputs:
@@ -313,8 +327,7 @@ class Server:
                     entries: list[TokenLogprob | None] = list(c.logprobs or [])
                     ids = list(c.token_ids)
                     if body.echo:
-                        entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
-                        ids = list(out.prompt_token_ids) + ids
+                        entries, ids = self._with_prompt(out, entries, ids)
                     logprobs = self._completion_logprobs(entries, ids, 0)
                 choices.append({"index": p * body.n + c.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
@@ -332,8 +345,7 @@ class Server:
                 entries: list[TokenLogprob | None] = list(c.delta_logprobs or [])
                 ids = list(c.delta_token_ids)
                 if first and body.echo:
-                    entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
-                    ids = list(out.prompt_token_ids) + ids
+                    entries, ids = self._with_prompt(out, entries, ids)
                 logprobs = self._completion_logprobs(entries, ids, offsets.get(index, 0))
                 offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
             if first and body.echo:
@@ -397,27 +409,18 @@ class Server:
         job = self._submit([("", ids)], params, body.cache_salt, rid)
         if body.stream:
             return EventStream(self._chat_frames(body, job, rid), job.abort)
-        try:
-            finals = await until_disconnect(request, job.finals())
-        finally:
-            job.abort()
-        if finals is None:
-            return Response(status_code=499)
-        out = finals[0]
-        err = self._error_of(out)
-        if err is not None:
-            raise err
-        self._finished(out)
+        return await self._respond(request, job, lambda finals: self._chat_body(body, finals[0], rid))
+
+    def _chat_body(self, body: ChatCompletionRequest, out: RequestOutput, rid: str) -> dict[str, Any]:
         choices = []
         for c in out.outputs:
             logprobs = self._chat_logprobs(c.logprobs or [], body.top_logprobs or 0) if body.logprobs else None
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                             "model": self.config.model_name, "choices": choices,
-                             "usage": _usage(len(out.prompt_token_ids), completion_tokens,
-                                             out.metrics.num_cached_tokens)})
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                "model": self.config.model_name, "choices": choices,
+                "usage": _usage(len(out.prompt_token_ids), completion_tokens, out.metrics.num_cached_tokens)}
 
     def _chat_frames(self, body: ChatCompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
         def choice(p: int, out: RequestOutput, c: CompletionOutput, first: bool) -> dict[str, Any]:
