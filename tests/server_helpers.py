@@ -22,6 +22,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def metrics(url: str) -> dict[str, float]:
+    """``/metrics`` as {name{labels}: value} (labels dropped when only model_name)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        name = re.sub(r'model_name="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
+        out[name] = float(value)
+    return out
+
+
 class ServerProcess:
     """``chunkattn serve ARGS`` in a subprocess; ``url`` is its base URL once healthy."""
 
@@ -60,16 +73,7 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def metrics(self) -> dict[str, float]:
-        """``/metrics`` as {name{labels}: value} (labels dropped when only model_name)."""
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            name, value = line.rsplit(" ", 1)
-            name = re.sub(r'model_name="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
-            out[name] = float(value)
-        return out
+        return metrics(self.url)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

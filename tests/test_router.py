@@ -115,3 +115,36 @@ def test_simulator_conserves_requests_and_ranks_prefix_routing_first():
     one = simulate("round-robin", 1, Workload(requests=20, tenants=1, shared_len=256, question_len=16, output_len=4,
                                               rate=1.0), cost)
     assert one["hit_rate"] > 0.8  # one replica, one tenant: everything after the first request hits
+
+
+def test_late_reports_neither_forget_recent_prompts_nor_undo_inflight_load():
+    """A report taken before the latest requests reached the replica: the prompts sent since stay in the index
+    (within ``recent_s``) and the requests still in flight still count as load."""
+    now = [0.0]
+    router = Router("prefix-aware", block_size=16, recent_s=2.0, clock=lambda: now[0])
+    router.add_replica("a", 4096)
+    router.add_replica("b", 4096)
+    p = _prompt(3, 1)
+    home = router.route(p)
+    for i in range(3):
+        router.route(_prompt(4 + i, 1))
+    loads = {k: r.load for k, r in router.replicas.items()}
+    now[0] = 1.0
+    router.report(home, RoutingStats(queue_len=0, held_blocks=[], taken_at=0.0))  # before anything arrived
+    assert router.replicas[home].load == loads[home]
+    assert router.route(_prompt(3, 2)) == home
+    router.finished(home)
+    now[0] = 5.0  # a report newer than the prompt, which the replica then no longer held
+    router.report(home, RoutingStats(queue_len=7, held_blocks=[], taken_at=4.5))
+    assert router.match(home, p) == 0
+    # seven requests queued there, some from elsewhere: those beyond this router's own count as load too
+    assert router.replicas[home].load == 7 and router.replicas[home].others == 7 - router.replicas[home].inflight
+    # a late report of a long queue (taken while this router had 20 requests there, all finished since)
+    for _ in range(20):
+        router.record(home, p)
+    now[0] = 6.0
+    while router.replicas[home].inflight:
+        router.finished(home)
+    now[0] = 7.0
+    router.report(home, RoutingStats(queue_len=20, taken_at=5.5))
+    assert router.replicas[home].load == 0

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _add_kernel_bench(sub: argparse._SubParsersAction) -> None:
@@ -249,6 +250,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-sharing", action="store_true", help="every request its own K/V (a baseline)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="larger request bodies get 413")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("replicas on Ray Serve (needs the cluster extra: pip install 'chunkattn[cluster]')")
+    g.add_argument("--replicas", type=int, help="serve this many engine replicas behind one ingress and a router")
+    g.add_argument("--router", default="prefix-aware",
+                   choices=["prefix-aware", "round-robin", "power-of-two", "ray-prefix"],
+                   help="how requests are spread over replicas (default: to the replica caching their prefix)")
+    g.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    g.add_argument("--replica-threads", type=int, help="torch threads per replica (default: cores / replicas)")
     p.set_defaults(func=_run_serve)
 
 
@@ -264,17 +272,35 @@ def _run_serve(args: argparse.Namespace) -> int:
         if args.model is not None and args.model != args.model_path:
             raise ValueError("give the model once: as MODEL or as --model")
         args.model = args.model_path
-    loaded = _load(args)
-    if args.tokenizer is not None:
-        loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(args.tokenizer))
     name = args.served_model_name
     if name is None:
         name = "SmolLM2-135M-Instruct" if args.model is None else Path(args.model).stem
+    config = ServerConfig(name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
+    if args.replicas is not None:
+        return _run_cluster(args, config)
+    loaded = _load(args)
+    if args.tokenizer is not None:
+        loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(args.tokenizer))
     llm = LLM(loaded=loaded, kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size,
               prefix_sharing=not args.no_prefix_sharing, backend=args.backend,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
-    run_server(llm, ServerConfig(name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes),
-               host=args.host, port=args.port, log_level=args.log_level)
+    run_server(llm, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _run_cluster(args: argparse.Namespace, config: Any) -> int:
+    if args.device != "cpu":
+        raise ValueError("--replicas: replicas run on the CPU in this version")
+    try:
+        from chunkattn.cluster.serve import ClusterConfig, EngineSpec, run_cluster
+    except ImportError as exc:
+        raise ValueError(f"--replicas needs Ray Serve: pip install 'chunkattn[cluster]' ({exc})") from None
+    spec = EngineSpec(model=args.model, tokenizer=args.tokenizer, random_weights=args.random_weights,
+                      dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size,
+                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                      backend=args.backend, prefix_sharing=not args.no_prefix_sharing, threads=args.replica_threads)
+    run_cluster(spec, ClusterConfig(replicas=args.replicas, router=args.router), config, host=args.host,
+                port=args.port, address=args.ray_address)
     return 0
 
 

@@ -15,8 +15,9 @@ loaded, as SGLang's cache-aware router does), and the baselines :class:`RoundRob
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -80,17 +81,44 @@ class PrefixIndex:
 
 @dataclass
 class ReplicaState:
-    """What the router knows of one replica. ``load``: requests sent and not finished (or as reported)."""
+    """What the router knows of one replica.
+
+    ``inflight``: requests this router sent there and that have not finished (exact); ``others``: requests
+    the replica had from elsewhere (other routers) at its last report, i.e. its reported queue beyond this
+    router's in-flight requests *when the report was taken* (``changes`` remembers them). ``load`` is their
+    sum. (A report replacing the load outright is stale by whatever was sent or finished since it was taken:
+    a burst would pile onto a replica that reported an empty queue a moment ago.)
+    """
 
     replica_id: str
     capacity_blocks: int
     index: PrefixIndex = field(init=False)
-    load: int = 0
+    recent: deque[tuple[float, list[int]]] = field(default_factory=deque)  # (time, block hashes) sent lately
+    changes: deque[tuple[float, int, int]] = field(default_factory=deque)  # (time, inflight before, after)
+    inflight: int = 0
+    others: int = 0
     free_blocks: int | None = None
     routed: int = 0
 
     def __post_init__(self) -> None:
         self.index = PrefixIndex(self.capacity_blocks)
+
+    @property
+    def load(self) -> int:
+        return self.inflight + self.others
+
+    def set_inflight(self, value: int, now: float, keep_s: float) -> None:
+        self.changes.append((now, self.inflight, value))
+        self.inflight = value
+        while len(self.changes) > 1 and self.changes[0][0] < now - keep_s:
+            self.changes.popleft()
+
+    def inflight_at(self, t: float) -> int:
+        """This router's in-flight requests there at time ``t`` (as far back as ``changes`` reach)."""
+        for when, _, after in reversed(self.changes):
+            if when <= t:
+                return after
+        return self.changes[0][1] if self.changes else self.inflight
 
 
 @dataclass
@@ -101,6 +129,7 @@ class RoutingStats:
     queue_len: int
     free_blocks: int | None = None
     held_blocks: list[int] | None = None
+    taken_at: float | None = None  # when (the router's ``clock``; None: now)
 
 
 class RoutingPolicy:
@@ -188,14 +217,20 @@ def make_policy(name: str, **options: float) -> RoutingPolicy:
 class Router:
     """Replicas, their prefix indexes and loads, and a policy. Not thread-safe: one caller at a time.
 
-    ``block_size``: tokens per hashed block (the engines' chunk size is a good choice).
+    ``block_size``: tokens per hashed block (the engines' chunk size is a good choice). ``recent_s``: how
+    old a report may be when it arrives (seconds of ``clock``): prompts sent within that time are kept in the
+    index when a report replaces it, as the report may predate them (0: reports are current, as in the
+    simulator). ``clock``: seconds, comparable with the reports' ``taken_at`` (wall time across machines).
     """
 
-    def __init__(self, policy: RoutingPolicy | str = "prefix-aware", block_size: int = 64):
+    def __init__(self, policy: RoutingPolicy | str = "prefix-aware", block_size: int = 64, recent_s: float = 0.0,
+                 clock: Callable[[], float] = time.time):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.block_size = block_size
+        self.recent_s = recent_s
+        self.clock = clock
         self.replicas: dict[str, ReplicaState] = {}
 
     def add_replica(self, replica_id: str, capacity_tokens: int) -> None:
@@ -207,18 +242,34 @@ class Router:
         self.replicas.pop(replica_id, None)
 
     def route(self, token_ids: Sequence[int], exclude: Iterable[str] = ()) -> str:
-        """The replica for a prompt; records the prompt's blocks in its index and counts it as load.
+        """The replica for a prompt (:meth:`choose`), recorded as sent there (:meth:`record`)."""
+        replica_id = self.choose(token_ids, exclude)
+        self.record(replica_id, token_ids)
+        return replica_id
+
+    def choose(self, token_ids: Sequence[int], exclude: Iterable[str] = ()) -> str:
+        """The replica the policy picks for a prompt, without recording anything (a caller that may not send
+        the request there, such as Ray Serve's router when the replica turns out full, records later).
         ``exclude``: replicas not to use (e.g. one that just failed this request)."""
         skip = set(exclude)
         candidates = [r for r in self.replicas.values() if r.replica_id not in skip]
         if not candidates:
             raise LookupError("no replica is available")
+        return self.policy.choose(candidates, block_hashes(token_ids, self.block_size)).replica_id
+
+    def record(self, replica_id: str, token_ids: Sequence[int]) -> None:
+        """The prompt was sent to ``replica_id``: its blocks join that replica's index and it counts as load
+        until :meth:`finished`."""
+        r = self.replicas.get(replica_id)
+        if r is None:
+            return
         hashes = block_hashes(token_ids, self.block_size)
-        chosen = self.policy.choose(candidates, hashes)
-        chosen.index.insert(hashes)
-        chosen.load += 1
-        chosen.routed += 1
-        return chosen.replica_id
+        r.index.insert(hashes)
+        now = self.clock()
+        if self.recent_s > 0:
+            r.recent.append((now, hashes))
+        r.set_inflight(r.inflight + 1, now, self.recent_s)
+        r.routed += 1
 
     def match(self, replica_id: str, token_ids: Sequence[int]) -> int:
         """Tokens of the prompt's prefix the router believes ``replica_id`` caches."""
@@ -227,15 +278,21 @@ class Router:
     def finished(self, replica_id: str) -> None:
         """A request sent to ``replica_id`` finished (or failed)."""
         r = self.replicas.get(replica_id)
-        if r is not None and r.load > 0:
-            r.load -= 1
+        if r is not None and r.inflight > 0:
+            r.set_inflight(r.inflight - 1, self.clock(), self.recent_s)
 
     def report(self, replica_id: str, stats: RoutingStats) -> None:
         """Correct the estimate with what the replica says of itself."""
         r = self.replicas.get(replica_id)
         if r is None:
             return
-        r.load = stats.queue_len
+        then = r.inflight if stats.taken_at is None else r.inflight_at(stats.taken_at)
+        r.others = max(0, stats.queue_len - then)
         r.free_blocks = stats.free_blocks
         if stats.held_blocks is not None:
             r.index.replace(stats.held_blocks)
+            since = self.clock() - self.recent_s
+            while r.recent and r.recent[0][0] < since:
+                r.recent.popleft()
+            for _, hashes in r.recent:
+                r.index.insert(hashes)

@@ -41,6 +41,15 @@ class EngineError(ChunkAttnError, RuntimeError):
     """The engine cannot go on."""
 
 
+def max_tokens_limit(max_model_len: int, num_chunks: int, chunk_size: int, num_prompt_tokens: int,
+                     n: int = 1) -> int:
+    """The largest ``max_tokens`` for a prompt of ``num_prompt_tokens`` with ``n`` completions: within the
+    context and a cache of ``num_chunks`` chunks (the prompt's chunks, then per completion its tokens and one
+    chunk of slack). Below 1: the prompt alone does not fit."""
+    by_cache = chunk_size * ((num_chunks - -(-num_prompt_tokens // chunk_size)) // max(n, 1) - 1)
+    return min(max_model_len - num_prompt_tokens, by_cache)
+
+
 class EngineDeadError(EngineError):
     """A step failed earlier; the engine refuses new work (see :attr:`LLMEngine.error`)."""
 
@@ -189,9 +198,8 @@ class LLMEngine:
     def max_tokens_limit(self, num_prompt_tokens: int, n: int = 1) -> int:
         """The largest ``max_tokens`` a prompt of ``num_prompt_tokens`` with ``n`` completions may ask for:
         within the model's context and what the K/V cache can hold (< 1: the prompt alone is too long)."""
-        c = self.cache.chunk_size
-        by_cache = c * ((self.cache.num_slots - -(-num_prompt_tokens // c)) // max(n, 1) - 1)
-        return min(self.max_model_len - num_prompt_tokens, by_cache)
+        return max_tokens_limit(self.max_model_len, self.cache.num_slots, self.cache.chunk_size,
+                                num_prompt_tokens, n)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None) -> str:

@@ -24,11 +24,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkattn.engine.engine import EngineDeadError
-from chunkattn.engine.llm import LLM, AsyncLLM, RequestStream
+from chunkattn.engine.llm import LLM
 from chunkattn.engine.request import CompletionOutput, RequestOutput, TokenLogprob
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.server.asgi import APIKeyMiddleware, BodyLimitMiddleware, EventStream, until_disconnect
-from chunkattn.server.metrics import ServerMetrics, engine_snapshot
+from chunkattn.server.engine_client import EngineClient, LocalEngine, OutputStream
+from chunkattn.server.metrics import ServerMetrics
 from chunkattn.server.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -80,7 +81,7 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
 class _Job:
     """The engine requests of one HTTP request (one per prompt, each with ``n`` completions)."""
 
-    def __init__(self, streams: list[RequestStream], prompt_texts: list[str]):
+    def __init__(self, streams: list[OutputStream], prompt_texts: list[str]):
         self.streams = streams
         self.prompt_texts = prompt_texts
 
@@ -96,7 +97,7 @@ class _Job:
             return
         queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
 
-        async def pump(i: int, stream: RequestStream) -> None:
+        async def pump(i: int, stream: OutputStream) -> None:
             async for out in stream:
                 await queue.put((i, out))
             await queue.put((i, None))
@@ -123,16 +124,15 @@ class _Job:
 
 
 class Server:
-    """The HTTP layer over an :class:`LLM`; :meth:`app` builds the ASGI application."""
+    """The HTTP layer over an engine: an :class:`LLM` in this process or any :class:`EngineClient` (e.g. the
+    replicas of a cluster); :meth:`app` builds the ASGI application."""
 
-    def __init__(self, llm: LLM, config: ServerConfig):
-        self.llm = llm
-        self.async_llm = AsyncLLM(llm)
-        self.engine = llm.engine
+    def __init__(self, engine: LLM | EngineClient, config: ServerConfig):
+        self.engine: EngineClient = LocalEngine(engine) if isinstance(engine, LLM) else engine
         self.config = config
         self.metrics = ServerMetrics(config.model_name)
         self.created = int(time.time())
-        self.tokenizer = llm.tokenizer
+        self.tokenizer = self.engine.tokenizer
         self._token_text: Callable[[int], str] = lru_cache(maxsize=1 << 16)(self._decode_one)
 
     # ------------------------------------------------------------------ helpers
@@ -147,7 +147,7 @@ class Server:
                                 f"`{self.config.model_name}`).", "not_found_error", "model")
 
     def _check_healthy(self) -> None:
-        if not self.engine.is_healthy:
+        if self.engine.error is not None:
             raise APIError(503, f"the engine failed and serves no more requests: {self.engine.error}",
                            "service_unavailable")
 
@@ -158,11 +158,11 @@ class Server:
             if self.tokenizer is None:
                 raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
             try:
-                _, ids = self.engine.tokenize(prompt)
+                ids = self.engine.tokenize(prompt)
             except (TypeError, ValueError, UnicodeError) as exc:
                 raise APIError(400, f"prompt: the tokenizer rejected it: {exc}", param="prompt") from None
-            return prompt, list(ids)
-        vocab = self.engine.model.config.vocab_size
+            return prompt, ids
+        vocab = self.engine.vocab_size
         bad = next((t for t in prompt if t >= vocab), None)
         if bad is not None:
             raise APIError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
@@ -194,26 +194,26 @@ class Server:
         if requested is None:
             if limit < 1:
                 raise APIError(400, f"the prompt ({num_prompt} tokens, n={n}) leaves no room in the K/V cache "
-                                    f"({self.engine.cache.num_slots * self.engine.cache.chunk_size} tokens)")
+                                    f"({self.engine.cache_tokens} tokens)")
             return limit
         if num_prompt + requested > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} for the "
                                 f"completion). Reduce the prompt or {param}.", param=param)
         if requested > limit:
-            cache_tokens = self.engine.cache.num_slots * self.engine.cache.chunk_size
             raise APIError(400, f"{param}={requested} with a {num_prompt}-token prompt and n={n} needs more K/V "
-                                f"than the cache holds ({cache_tokens} tokens): at most {max(limit, 0)} fit.",
+                                f"than the cache holds ({self.engine.cache_tokens} tokens): at most "
+                                f"{max(limit, 0)} fit.",
                            param=param)
         return requested
 
     def _submit(self, prompts: Sequence[tuple[str, list[int]]], params: SamplingParams, salt: str | None,
                 request_id: str) -> _Job:
         self._check_healthy()
-        streams: list[RequestStream] = []
+        streams: list[OutputStream] = []
         try:
             for i, (_, ids) in enumerate(prompts):
-                streams.append(self.async_llm.submit(ids, params, f"{request_id}-{i}", cache_salt=salt))
+                streams.append(self.engine.submit(ids, params, f"{request_id}-{i}", salt))
         except EngineDeadError as exc:
             for s in streams:
                 s.abort()
@@ -457,7 +457,7 @@ class Server:
         self._check_model(body.model)
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
-        vocab = self.engine.model.config.vocab_size
+        vocab = self.engine.vocab_size
         bad = next((t for t in body.tokens if t >= vocab), None)
         if bad is not None:
             raise APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
@@ -480,17 +480,10 @@ class Server:
                 "unk_token": text("unk_token"), "add_bos_token": getattr(tok, "add_bos_token", None)}
 
     async def render_metrics(self) -> bytes:
-        snapshot = None
-        try:
-            snapshot = await asyncio.wait_for(asyncio.wrap_future(self.llm.loop.call(
-                lambda: engine_snapshot(self.engine, self.metrics.snapshot))), timeout=10)
-        except (TimeoutError, asyncio.TimeoutError):
-            pass  # a long step: serve the previous snapshot rather than hang the scraper
-        return self.metrics.render(snapshot)
+        return self.metrics.render(await self.engine.snapshot(self.metrics.snapshot))
 
     async def reset_prefix_cache(self) -> dict[str, Any]:
-        freed = await asyncio.wrap_future(self.llm.loop.call(self.engine.cache.evict_all))
-        return {"freed_chunks": freed}
+        return {"freed_chunks": await self.engine.reset_prefix_cache()}
 
     # ------------------------------------------------------------------ the ASGI app
     def app(self) -> Any:
@@ -539,7 +532,7 @@ class Server:
 
         @api.get("/health")
         async def health() -> Response:
-            if self.engine.is_healthy:
+            if self.engine.error is None:
                 return Response(status_code=200)
             return APIError(503, f"the engine failed: {self.engine.error}", "service_unavailable").response()
 
@@ -591,9 +584,9 @@ class _UsageTracker:
         return _usage(sum(self.prompt), sum(sum(d.values()) for d in self.completion), sum(self.cached))
 
 
-def build_app(llm: LLM, config: ServerConfig) -> Any:
-    """The ASGI application serving ``llm`` (run it with uvicorn)."""
-    return Server(llm, config).app()
+def build_app(engine: LLM | EngineClient, config: ServerConfig) -> Any:
+    """The ASGI application serving ``engine`` (run it with uvicorn)."""
+    return Server(engine, config).app()
 
 
 __all__ = ["APIError", "Server", "ServerConfig", "build_app"]

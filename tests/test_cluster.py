@@ -1,0 +1,223 @@
+"""Engine replicas on Ray Serve (``chunkattn serve --replicas``): a real local Ray cluster started by the test,
+driven over HTTP on 127.0.0.1 by the official ``openai`` client. Needs the ``cluster`` extra (Ray Serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray", reason="the cluster extra (Ray Serve) is not installed")
+
+from chunkattn.cluster.serve import ClusterConfig, EngineSpec, start_cluster, stop_cluster  # noqa: E402
+from chunkattn.engine import LLM, SamplingParams  # noqa: E402
+from chunkattn.model import default_model_path, load_model, load_tokenizer  # noqa: E402
+from chunkattn.server import ServerConfig  # noqa: E402
+from server_helpers import TINY_CONFIG, ServerProcess, free_port, metrics  # noqa: E402
+
+KEY = "sk-cluster"
+KV_TOKENS = 4096
+CHUNK = 16
+
+
+def _wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if m["chunkattn:num_requests_running"] == 0 and m["chunkattn:kv_cache_live_chunks"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"the replicas did not drain: {m}"
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------------- the command line
+def test_cli_starts_replicas_and_stops_on_sigterm():
+    """``chunkattn serve --replicas 2`` starts its own Ray cluster, serves, and shuts everything down."""
+    server = ServerProcess(str(TINY_CONFIG), "--random-weights", "--tokenizer", str(default_model_path()),
+                           "--served-model-name", "tiny", "--kv-cache-tokens", "2048", "--replicas", "2",
+                           "--router", "round-robin", "--replica-threads", "1", api_key=KEY, timeout=240)
+    try:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+            assert [m.id for m in c.models.list().data] == ["tiny"]
+            r = c.completions.create(model="tiny", prompt=["one two", "three four"], max_tokens=4,
+                                     extra_body={"ignore_eos": True})
+            assert [ch.index for ch in r.choices] == [0, 1] and r.usage.completion_tokens == 8
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+    finally:
+        server.proc.terminate()
+        assert server.proc.wait(60) == 0, server.output()
+
+
+# ------------------------------------------------------------------------------------- one cluster, many tests
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    spec = EngineSpec(model=str(TINY_CONFIG), random_weights=True, tokenizer=str(default_model_path()),
+                      kv_cache_tokens=KV_TOKENS, chunk_size=CHUNK, threads=1)
+    try:
+        start_cluster(spec, ClusterConfig(replicas=2, stats_period_s=0.5), ServerConfig("tiny", api_key=KEY),
+                      port=port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_cluster()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with openai.OpenAI(base_url=cluster + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The same random weights in this process: what every replica must answer."""
+    loaded = load_model(TINY_CONFIG, random_weights=True)
+    loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(default_model_path()))
+    return LLM(loaded=loaded, kv_cache_tokens=KV_TOKENS, chunk_size=CHUNK)
+
+
+def test_outputs_equal_one_engine(client, local):
+    """Greedy text through the cluster (plain, several prompts in one request, streamed chat, logprobs with
+    echo) equals the local engine's."""
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,"]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [o.text for o in local.generate(prompts, greedy)]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == want
+    assert r.usage.completion_tokens == 30
+
+    messages = [{"role": "user", "content": "Say something."}]
+    ids = local.apply_chat_template(messages)
+    chat_want = local.generate([ids], greedy)[0].text
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat_want
+
+    lp = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=3, temperature=0, logprobs=2,
+                                   echo=True, extra_body={"ignore_eos": True})
+    out = local.generate(prompts[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2,
+                                                    prompt_logprobs=2))[0]
+    got = lp.choices[0].logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(out.prompt_token_ids) + 3
+    expect = [e.logprob for e in out.prompt_logprobs[1:]] + [e.logprob for e in out.outputs[0].logprobs]
+    assert got[1:] == pytest.approx(expect, abs=1e-4)
+
+
+def test_requests_follow_their_prefix(client, cluster):
+    """Two system prompts, several questions each, one at a time: after its first request, every request
+    finds its whole system prompt cached (the router sent it to the replica holding it), including after the
+    replicas' reports replaced the router's estimates."""
+    rng = random.Random(7)
+    systems = [[rng.randrange(1000, 40000) for _ in range(6 * CHUNK)] for _ in range(2)]
+    cached = []
+    for i in range(8):
+        system = systems[i % 2]
+        question = [rng.randrange(1000, 40000) for _ in range(5)]
+        r = client.completions.create(model="tiny", prompt=system + question, max_tokens=2,
+                                      extra_body={"ignore_eos": True})
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        if i == 3:
+            time.sleep(1.5)  # a few reports (every 0.5 s) replace the estimates
+    assert all(c >= len(systems[0]) for c in cached[2:]), cached
+
+
+def test_errors_and_auth_as_one_server(client, cluster):
+    assert httpx.get(cluster + "/v1/models").status_code == 401
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model="tiny", prompt=[[1, 2, 10**6]], max_tokens=2)
+    assert client.completions.create(model="tiny", prompt="fine", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_concurrent_requests_none_lost_or_duplicated(cluster):
+    """40 concurrent streams over both replicas: each gets its own tokens exactly once, all complete, and the
+    replicas' finish counters add up to the requests sent."""
+    before = metrics(cluster)['chunkattn:request_success_total{finished_reason="length"}']
+
+    async def main() -> list[tuple[str, int, str]]:
+        async with openai.AsyncOpenAI(base_url=cluster + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+            async def one(i: int) -> tuple[str, int, str]:
+                stream = await c.completions.create(model="tiny", prompt=f"request number {i}:", max_tokens=8,
+                                                    stream=True, extra_body={"ignore_eos": True})
+                ids, text, n = set(), "", 0
+                async for ch in stream:
+                    ids.add(ch.id)
+                    for choice in ch.choices:
+                        text += choice.text
+                        n += 1 if choice.text or choice.finish_reason is None else 0
+                assert len(ids) == 1
+                return ids.pop(), n, text
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+    results = asyncio.run(main())
+    assert len({rid for rid, _, _ in results}) == 40
+    m = _wait_idle(cluster)
+    assert m['chunkattn:request_success_total{finished_reason="length"}'] - before == 40
+    assert m["chunkattn:kv_cache_check_ok"] == 1
+
+
+def test_disconnect_aborts_on_the_replica(cluster):
+    with httpx.stream("POST", cluster + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "go on and on", "max_tokens": 2000, "stream": True,
+                            "ignore_eos": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    before = time.monotonic()
+    m = _wait_idle(cluster)
+    assert time.monotonic() - before < 30
+    assert m['chunkattn:request_success_total{finished_reason="abort"}'] >= 1
+
+
+def _engine_replica_actors() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "#engine#" in a["name"]]
+
+
+def test_dead_replica_is_routed_around(cluster):
+    """Kill a replica while requests stream from both: requests on it end with an error frame (nothing
+    hangs), the others finish; new requests all succeed (routed to the survivor, or retried there when their
+    replica died before answering) while Ray replaces the dead one."""
+    names = _engine_replica_actors()
+    assert len(names) == 2
+
+    started: list[int] = []
+
+    async def stream_one(c: openai.AsyncOpenAI, i: int, max_tokens: int) -> str:
+        try:
+            stream = await c.completions.create(model="tiny", prompt=f"long story {i}:", max_tokens=max_tokens,
+                                                stream=True, extra_body={"ignore_eos": True})
+            async for _ in stream:
+                if i not in started:
+                    started.append(i)
+            return "ok"
+        except openai.APIError as exc:
+            return f"error: {exc}"
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with openai.AsyncOpenAI(base_url=cluster + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+            running = [asyncio.ensure_future(stream_one(c, i, 1900)) for i in range(6)]
+            while len(started) < len(running):
+                await asyncio.sleep(0.05)
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+            after = await asyncio.gather(*(stream_one(c, 100 + i, 4) for i in range(10)))
+            return list(await asyncio.gather(*running)), list(after)
+
+    during, after = asyncio.run(asyncio.wait_for(main(), 150))
+    assert after == ["ok"] * 10, after
+    failed = [d for d in during if d != "ok"]
+    assert 0 < len(failed) < len(during), during
+    assert all("replica" in f for f in failed), failed
+    deadline = time.monotonic() + 90
+    while len(_engine_replica_actors()) < 2 or names[0] in _engine_replica_actors():
+        assert time.monotonic() < deadline, "Ray did not replace the dead replica"
+        time.sleep(1)
