@@ -149,6 +149,47 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="N replicas on Ray Serve: routing policies compared on a shared-prefix "
+                                       "workload through HTTP, beside the simulator's prediction")
+    _add_model_args(p)
+    p.add_argument("--tokenizer", help="tokenizer path, e.g. for --random-weights")
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--routers", nargs="+", default=["prefix-aware", "round-robin", "power-of-two", "ray-prefix"])
+    p.add_argument("--runs", type=int, default=2, help="runs of every router (alternated)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--rate", type=float, default=1.0, help="requests/s (Poisson)")
+    p.add_argument("--system-prompts", type=int, default=8, help="tenants, each with its own system prompt")
+    p.add_argument("--zipf", type=float, default=0.0, help="tenant popularity exponent (0: uniform)")
+    p.add_argument("--shared-len", type=int, default=1024)
+    p.add_argument("--question-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--kv-cache-tokens", type=int, default=3072,
+                   help="K/V tokens per replica (default: a quarter of 8 1K-token prompts, plus room to run)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(func=_run_cluster_bench)
+
+
+def _run_cluster_bench(args: argparse.Namespace) -> int:
+    from chunkattn.bench.cluster import ClusterBenchConfig, format_table, plot, run_cluster_bench
+    from chunkattn.cluster.simulator import Workload
+
+    work = Workload(requests=args.requests, tenants=args.system_prompts, shared_len=args.shared_len,
+                    question_len=args.question_len, output_len=args.output_len, rate=args.rate, zipf=args.zipf,
+                    seed=args.seed)
+    cfg = ClusterBenchConfig(replicas=args.replicas, routers=tuple(args.routers), runs=args.runs,
+                             kv_cache_tokens=args.kv_cache_tokens, threads=args.threads, port=args.port,
+                             cores=os.cpu_count() or 1)
+    result = run_cluster_bench(args.model, work, cfg, args.dtype, args.random_weights, args.tokenizer)
+    print(format_table(result))
+    _write_outputs(args, result, plot)
+    return 0
+
+
 def _add_cluster_sim(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster-sim", help="simulate N replicas behind the routing policies (calibrated cost model)")
     p.add_argument("--replicas", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256])
@@ -314,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kernel_bench(bench)
     _add_serve_bench(bench)
     _add_cluster_sim(bench)
+    _add_cluster_bench(bench)
     return parser
 
 

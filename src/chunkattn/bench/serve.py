@@ -200,10 +200,10 @@ def run_hf(loaded: LoadedModel, cfg: ServeConfig, work: Workload) -> dict[str, A
 
 
 def run_url(url: str, cfg: ServeConfig, work: Workload, model: str | None = None, api_key: str | None = None,
-            progress: Any = None, vocab_size: int = 32000) -> dict[str, Any]:
+            progress: Any = None, vocab_size: int = 32000, idle: bool = True) -> dict[str, Any]:
     """The same workload through any OpenAI-compatible server at ``url`` (streamed ``/v1/completions`` with
     token-id prompts, ``ignore_eos``, greedy), timed by the client: TTFT at the first streamed token, TPOT
-    over the rest; then a cold and a cache-hit request alone on the idle server."""
+    over the rest; then (``idle``) a cold and a cache-hit request alone on the idle server."""
     import asyncio
 
     import httpx
@@ -257,7 +257,7 @@ def run_url(url: str, cfg: ServeConfig, work: Workload, model: str | None = None
             seconds = time.perf_counter() - start
             cold: list[float] = []
             hit: list[float] = []
-            for pair in idle_prompts(cfg, vocab_size):
+            for pair in idle_prompts(cfg, vocab_size) if idle else []:
                 for times, prompt in zip((cold, hit), pair):
                     r = await one(client, prompt, 1, time.perf_counter())
                     times.append(r["ttft"] * 1e3)
@@ -271,12 +271,13 @@ def run_url(url: str, cfg: ServeConfig, work: Workload, model: str | None = None
         "system": f"http:{base}", "sharing": None, "requests": len(results),
         "output_tokens_per_s": round(sum(r["tokens"] for r in results) / seconds, 2),
         "decode_tokens_per_s": None,
-        "ttft_p50_ms": round(_pct(ttft, 50), 1), "ttft_p99_ms": round(_pct(ttft, 99), 1),
+        "ttft_p50_ms": round(_pct(ttft, 50), 1), "ttft_p90_ms": round(_pct(ttft, 90), 1),
+        "ttft_p99_ms": round(_pct(ttft, 99), 1),
         "tpot_p50_ms": round(_pct(tpot, 50), 1), "tpot_p99_ms": round(_pct(tpot, 99), 1),
         "peak_kv_bytes": None,
         "prefix_hit_rate": round(sum(r["cached_tokens"] for r in results) / max(prompt_tokens, 1), 4),
         "seconds": round(seconds, 2),
-        "ttft_cold_ms": round(_pct(cold, 50), 1), "ttft_hit_ms": round(_pct(hit, 50), 1),
+        **({"ttft_cold_ms": round(_pct(cold, 50), 1), "ttft_hit_ms": round(_pct(hit, 50), 1)} if idle else {}),
     }
 
 

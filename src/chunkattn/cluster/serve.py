@@ -164,9 +164,9 @@ class EngineReplica:
         return ReplicaInfo(self.replica_id, int(engine.model.config.vocab_size), engine.max_model_len,
                            engine.cache.chunk_size, engine.cache.num_slots)
 
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput]:
-        """The request's outputs, slimmed (:func:`~chunkattn.cluster.wire.slim`). Cancelling the call (the
-        client left) aborts the request in the engine."""
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[tuple[str, RequestOutput]]:
+        """``(this replica's id, output)`` per output of the request, slimmed (:func:`~chunkattn.cluster.wire.slim`).
+        Cancelling the call (the client left) aborts the request in the engine."""
         from chunkattn.engine.llm import AsyncLLM
 
         stream = AsyncLLM(self.llm).submit(request.token_ids, request.params, request.request_id,
@@ -174,7 +174,7 @@ class EngineReplica:
         first = True
         try:
             async for out in stream:
-                yield slim(out, first)
+                yield self.replica_id, slim(out, first)
                 first = False
         finally:
             stream.abort()
@@ -240,8 +240,10 @@ class _ReplicaStream:
     """One request's outputs from whichever replica the router picks; retried elsewhere if that replica dies
     before sending anything, failed with an error output otherwise."""
 
-    def __init__(self, handle: DeploymentHandle, request: ReplicaRequest, retries: int):
+    def __init__(self, handle: DeploymentHandle, request: ReplicaRequest, retries: int,
+                 served: dict[str, int]):
         self._handle = handle
+        self._served = served
         self._request = request
         self._retries = retries
         self._call: Any = None
@@ -254,7 +256,9 @@ class _ReplicaStream:
             received = False
             self._call = _call(self._handle.options(stream=True).generate, self._request)
             try:
-                async for out in self._call:
+                async for replica_id, out in self._call:
+                    if not received:
+                        self._served[replica_id] = self._served.get(replica_id, 0) + 1
                     received = True
                     yield assemble(out)
                     if out.finished:
@@ -294,6 +298,7 @@ class ClusterEngine(EngineClient):
         self.num_replicas = num_replicas
         self.retries = retries
         self.replica_snapshots: dict[str, EngineSnapshot] = {}
+        self.served: dict[str, int] = {}  # replica id -> requests it answered (through this ingress)
 
     @property
     def error(self) -> str | None:
@@ -309,7 +314,7 @@ class ClusterEngine(EngineClient):
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
         return _ReplicaStream(self.handle, ReplicaRequest(list(token_ids), params, request_id, cache_salt),
-                              self.retries)
+                              self.retries, self.served)
 
     async def _each_replica(self, method: str, timeout: float = 10.0) -> list[Any]:
         """``method`` called on every replica (as far as they answer within ``timeout``)."""
@@ -326,7 +331,9 @@ class ClusterEngine(EngineClient):
         if not answers:
             return None
         self.replica_snapshots = dict(answers)
-        return sum_snapshots(list(self.replica_snapshots.values()))
+        total = sum_snapshots(list(self.replica_snapshots.values()))
+        total.replica_requests = dict(self.served)
+        return total
 
     async def reset_prefix_cache(self) -> int:
         return sum(await self._each_replica("reset_prefix_cache"))

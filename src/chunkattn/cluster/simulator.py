@@ -14,7 +14,7 @@ import heapq
 import math
 import random
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from chunkattn.cluster.router import PrefixIndex, Router, RoutingStats, block_hashes, make_policy
@@ -41,6 +41,13 @@ class CostModel:
         return cls(step_base=0.0125, per_seq=0.00095, per_prefill_token=0.00055, per_context_token=3.5e-6,
                    kv_capacity_tokens=kv_capacity_tokens,
                    source="cpu-smollm2-2core (chunkattn bench serve / peer runs, 2026-11-28)")
+
+    def scaled(self, slowdown: float) -> CostModel:
+        """The same machine ``slowdown`` times slower (e.g. replicas sharing its cores)."""
+        return replace(self, step_base=self.step_base * slowdown, per_seq=self.per_seq * slowdown,
+                       per_prefill_token=self.per_prefill_token * slowdown,
+                       per_context_token=self.per_context_token * slowdown,
+                       source=f"{self.source} x{slowdown:g} slower")
 
     def step_seconds(self, running: int, prefill_tokens: int, context_tokens: int) -> float:
         return (self.step_base + self.per_seq * running + self.per_prefill_token * prefill_tokens

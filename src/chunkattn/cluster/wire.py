@@ -38,7 +38,7 @@ class ToReplica:
     for /metrics): :class:`~chunkattn.cluster.ray_router.PrefixRouter` sends it there whatever the policy."""
 
     index: int
-    prompt: str = ""  # (Ray's prefix router reads it)
+    prompt: str = "\x00"  # (Ray's prefix router reads it, and divides by its length)
 
 
 def slim(out: RequestOutput, first: bool) -> RequestOutput:

@@ -41,6 +41,7 @@ class EngineSnapshot:
     kv_saved_bytes: int = 0
     healthy: bool = True
     cache_ok: bool | None = None  # PrefixKVCache.check() passed (run when the engine was idle); None: not run
+    replica_requests: dict[str, int] = field(default_factory=dict)  # several replicas: requests each answered
 
 
 def engine_snapshot(engine: LLMEngine, previous: EngineSnapshot | None = None) -> EngineSnapshot:
@@ -106,6 +107,12 @@ class _EngineCollector(Collector):
         yield counter("prompt_tokens", "Prompt tokens of admitted requests.", s.prompt_tokens)
         yield counter("generation_tokens", "Generated tokens.", s.generation_tokens)
         yield counter("num_preemptions", "Requests preempted (their K/V freed, to be recomputed).", s.preemptions)
+        if s.replica_requests:
+            routed = CounterMetricFamily(PREFIX + "replica_requests", "Requests each replica answered.",
+                                         labels=["model_name", "replica"])
+            for replica, count in sorted(s.replica_requests.items()):
+                routed.add_metric([name, replica], count)
+            yield routed
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished completions by finish reason.",
                                        labels=["model_name", "finished_reason"])
         for reason in ("stop", "length", "abort", "error"):
