@@ -148,3 +148,22 @@ def test_late_reports_neither_forget_recent_prompts_nor_undo_inflight_load():
     now[0] = 7.0
     router.report(home, RoutingStats(queue_len=20, taken_at=5.5))
     assert router.replicas[home].load == 0
+
+
+def test_new_prefixes_spread_like_tenants_whatever_the_momentary_load():
+    """8 system prompts arriving while 4 replicas are unevenly (but not overly) busy: 2 prompts each, so no
+    replica ends up with 3 busy prefixes while another has 1."""
+    rng = random.Random(3)
+    router = Router("prefix-aware", block_size=16)
+    for name in "abcd":
+        router.add_replica(name, 1 << 16)
+    homes = {}
+    for tenant in range(8):
+        for r in router.replicas.values():  # some requests in flight, some finished: loads 0..4
+            r.inflight = rng.randrange(5)
+        homes[tenant] = router.route(_prompt(tenant, 0))
+    assert sorted(list(homes.values()).count(n) for n in "abcd") == [2, 2, 2, 2]
+    for tenant, home in homes.items():  # and each tenant's later requests go home
+        for r in router.replicas.values():
+            r.inflight = rng.randrange(5)
+        assert router.route(_prompt(tenant, 1)) == home

@@ -298,6 +298,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="how requests are spread over replicas (default: to the replica caching their prefix)")
     g.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     g.add_argument("--replica-threads", type=int, help="torch threads per replica (default: cores / replicas)")
+    g.add_argument("--replica-cpus", type=float, default=0.0,
+                   help="logical CPUs Ray reserves per replica (on a multi-node cluster: what spreads them)")
     p.set_defaults(func=_run_serve)
 
 
@@ -340,7 +342,8 @@ def _run_cluster(args: argparse.Namespace, config: Any) -> int:
                       dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size,
                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                       backend=args.backend, prefix_sharing=not args.no_prefix_sharing, threads=args.replica_threads)
-    run_cluster(spec, ClusterConfig(replicas=args.replicas, router=args.router), config, host=args.host,
+    run_cluster(spec, ClusterConfig(replicas=args.replicas, router=args.router, replica_cpus=args.replica_cpus),
+                config, host=args.host,
                 port=args.port, address=args.ray_address)
     return 0
 

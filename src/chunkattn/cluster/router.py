@@ -176,13 +176,17 @@ class PowerOfTwoPolicy(RoutingPolicy):
 
 
 class PrefixAwarePolicy(RoutingPolicy):
-    """The replica holding the longest prefix of the prompt; ties and misses go to the least loaded (then to
-    the one caching least).
+    """The replica holding the longest prefix of the prompt; ties go to the least loaded of them.
+
+    A miss (a new prefix, or a match shorter than ``min_match_blocks``) goes to the replica that was sent the
+    fewest requests so far among those within ``balance_abs`` requests of the least loaded: new prefixes
+    spread over the replicas like tenants, and a replica already serving busy prefixes does not take more
+    (sending a miss merely to the least loaded replica of the moment piles prefixes on whichever replica
+    happened to be idle: with 8 prompts on 4 replicas, 3/3/1/1 instead of 2/2/2/2).
 
     When the load is imbalanced (the busiest replica has more than ``balance_abs`` requests more than the
     idlest *and* more than ``balance_rel`` times as many), the least loaded replica gets the request whatever
-    it caches, so that one hot prefix cannot pile every request onto one replica. A match shorter than
-    ``min_match_blocks`` counts as a miss.
+    it caches, so that one hot prefix cannot pile every request onto one replica.
     """
 
     name = "prefix-aware"
@@ -201,7 +205,9 @@ class PrefixAwarePolicy(RoutingPolicy):
         matches = [r.index.match(hashes) for r in replicas]
         best = max(matches)
         if best < self.min_match_blocks:
-            return _least_loaded(replicas, self.rng)
+            near = [r for r in replicas if r.load <= lo + self.balance_abs]
+            fewest = min(r.routed for r in near)
+            return _least_loaded([r for r in near if r.routed == fewest], self.rng)
         return _least_loaded([r for r, m in zip(replicas, matches) if m == best], self.rng)
 
 

@@ -153,7 +153,11 @@ class EngineReplica:
             self._ready.set()
             return
         self._ready.set()
-        self.llm.loop.drive(self._stop.is_set)
+        try:
+            self.llm.loop.drive(self._stop.is_set)
+        except BaseException:  # (a step's own failures fail its requests; this is a bug: fail the health check)
+            log.exception("the engine thread stopped")
+            raise
 
     def __del__(self) -> None:
         self._stop.set()
@@ -206,9 +210,12 @@ class EngineReplica:
         return await self._on_engine(read)
 
     def check_health(self) -> None:
+        """Ray Serve calls it periodically and replaces the replica when it raises."""
         engine = self.llm.engine
         if not engine.is_healthy:
             raise RuntimeError(f"the engine failed: {engine.error}")
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine thread stopped")
 
 
 def _call(method: Any, *args: Any) -> Any:
@@ -269,6 +276,7 @@ class _ReplicaStream:
             except Exception as exc:  # noqa: BLE001 - becomes the request's error
                 if _is_replica_gone(exc) and not received and attempt < self._retries and not self._aborted:
                     attempt += 1
+                    self._call.cancel()  # (in case it was only unreachable: no duplicate keeps running)
                     log.warning("request %s: replica gone before it answered (%s); retrying",
                                 self._request.request_id, type(exc).__name__)
                     continue
