@@ -178,11 +178,11 @@ class PowerOfTwoPolicy(RoutingPolicy):
 class PrefixAwarePolicy(RoutingPolicy):
     """The replica holding the longest prefix of the prompt; ties go to the least loaded of them.
 
-    A miss (a new prefix, or a match shorter than ``min_match_blocks``) goes to the replica that was sent the
-    fewest requests so far among those within ``balance_abs`` requests of the least loaded: new prefixes
-    spread over the replicas like tenants, and a replica already serving busy prefixes does not take more
-    (sending a miss merely to the least loaded replica of the moment piles prefixes on whichever replica
-    happened to be idle: with 8 prompts on 4 replicas, 3/3/1/1 instead of 2/2/2/2).
+    A miss (a new prefix, or a match shorter than ``min_match_blocks``) goes to the replica caching the
+    fewest blocks among those within ``balance_abs`` requests of the least loaded (then the least loaded of
+    them): new prefixes spread over the replicas like tenants, as Ray's prefix router sends them to its
+    "smallest tenant". (Sending a miss to the least loaded replica of the moment piles prefixes onto whichever
+    replica happened to be idle: 8 prompts on 4 replicas went 3/3/1/1 instead of 2/2/2/2.)
 
     When the load is imbalanced (the busiest replica has more than ``balance_abs`` requests more than the
     idlest *and* more than ``balance_rel`` times as many), the least loaded replica gets the request whatever
@@ -206,8 +206,8 @@ class PrefixAwarePolicy(RoutingPolicy):
         best = max(matches)
         if best < self.min_match_blocks:
             near = [r for r in replicas if r.load <= lo + self.balance_abs]
-            fewest = min(r.routed for r in near)
-            return _least_loaded([r for r in near if r.routed == fewest], self.rng)
+            least = min(len(r.index) for r in near)
+            return _least_loaded([r for r in near if len(r.index) == least], self.rng)
         return _least_loaded([r for r, m in zip(replicas, matches) if m == best], self.rng)
 
 
