@@ -94,8 +94,12 @@ def test_a_cache_reports_the_hashes_the_router_computes():
     for p in prompts:
         seq = cache.add_sequence(p)
         store_prefix_kv(cache, cache.extend([seq], [p[seq.num_cached_tokens:]]))
+    salted = _prompt(1, 4)  # a tenant's copy of a common prompt: its own names, not the common ones
+    seq = cache.add_sequence(salted, namespace="tenant-a")
+    store_prefix_kv(cache, cache.extend([seq], [salted]))
     want = set().union(*(block_hashes(p, 32) for p in prompts))
-    assert set(cache.block_hashes(32)) == want
+    assert set(cache.block_hashes(32)) == want | set(block_hashes(salted, 32, "tenant-a"))
+    assert not set(block_hashes(salted, 32, "tenant-a")) & set(block_hashes(salted, 32))
     assert len(cache.block_hashes(32, limit=3)) == 3
 
 
@@ -167,3 +171,14 @@ def test_new_prefixes_spread_like_tenants_whatever_the_momentary_load():
         for r in router.replicas.values():
             r.inflight = rng.randrange(5)
         assert router.route(_prompt(tenant, 1)) == home
+
+
+def test_a_salted_prompt_matches_only_its_own_salt():
+    router = Router("prefix-aware", block_size=16)
+    router.add_replica("a", 4096)
+    router.add_replica("b", 4096)
+    p = _prompt(5, 1)
+    home = router.route(p, namespace="t1")
+    assert router.match(home, p, namespace="t1") >= 256 and router.match(home, p) == 0
+    assert router.match(home, p, namespace="t2") == 0
+    assert router.route(_prompt(5, 2), namespace="t1") == home

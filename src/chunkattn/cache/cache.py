@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from chunkattn.cache.block_hash import chain, namespace_seed
 from chunkattn.cache.eviction import EvictionPolicy, make_policy
 from chunkattn.cache.tree import ChunkTree, Node
 from chunkattn.errors import SequenceError
@@ -590,18 +591,21 @@ class PrefixKVCache:
         }
 
     def block_hashes(self, block_size: int, limit: int | None = None) -> list[int]:
-        """Chained hashes (as :func:`chunkattn.cluster.router.block_hashes` computes them) of every full
-        ``block_size``-token block on the main tree's paths, shortest prefixes first; at most ``limit``. What a
-        replica reports to a prefix-aware router (namespaced prefixes are private and not reported)."""
+        """Names (:func:`chunkattn.cache.block_hash.block_hashes`) of every full ``block_size``-token block on
+        the paths of the main tree and of each namespace's (seeded with its name), shortest prefixes first; at
+        most ``limit``. What a replica reports to a prefix-aware router: a name reveals nothing of the tokens
+        but lets a request with the same prefix (and salt) be sent here."""
         out: list[int] = []
         # (node, hash of the last full block, tokens since it) per pending path, breadth first
-        frontier: list[tuple[Node, int, tuple[int, ...]]] = [(c, 0, ()) for c in self._tree.root.children.values()]
+        roots = [(None, self._tree.root), *self._tree.namespaces()]
+        frontier: list[tuple[Node, int, tuple[int, ...]]] = [
+            (c, namespace_seed(name), ()) for name, root in roots for c in root.children.values()]
         while frontier and (limit is None or len(out) < limit):
             nxt: list[tuple[Node, int, tuple[int, ...]]] = []
             for node, h, pending in frontier:
                 tokens = pending + tuple(node.tokens)
                 while len(tokens) >= block_size:
-                    h = hash((h, tokens[:block_size]))
+                    h = chain(h, tokens[:block_size])
                     out.append(h)
                     tokens = tokens[block_size:]
                 nxt.extend((c, h, tokens) for c in node.children.values())

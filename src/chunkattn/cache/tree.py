@@ -148,6 +148,10 @@ class ChunkTree:
             self._namespace_of[root.id] = namespace
         return root
 
+    def namespaces(self) -> list[tuple[str, Node]]:
+        """``(name, root)`` of every namespace that has a tree now."""
+        return list(self._namespaces.items())
+
     @property
     def num_roots(self) -> int:
         """Roots besides the main one (private and namespace roots)."""

@@ -3,9 +3,10 @@
 Plain Python, no Ray: the Ray Serve request router and the simulator both drive this core.
 
 A prompt is cut into blocks of ``block_size`` tokens, and block ``i`` is named by a hash chained over blocks
-``0..i`` (so equal hashes mean equal prefixes). Per replica the router keeps an approximate set of the block
-hashes it sent there (:class:`PrefixIndex`), least recently used first out, capped at the replica's K/V
-capacity in blocks, and replaced by what the replica reports it holds (:meth:`Router.report`).
+``0..i`` (so equal hashes mean equal prefixes; see :mod:`chunkattn.cache.block_hash`). Per replica the
+router keeps an approximate set of the block hashes it sent there (:class:`PrefixIndex`), least recently used
+first out, capped at the replica's K/V capacity in blocks, and replaced by what the replica reports it holds
+(:meth:`Router.report`).
 
 Policies: :class:`PrefixAwarePolicy` (the longest cached match, unless the load is imbalanced: then the least
 loaded, as SGLang's cache-aware router does), and the baselines :class:`RoundRobinPolicy` and
@@ -20,16 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the prompt's full blocks: ``h[i]`` identifies ``token_ids[: (i + 1) * block_size]``.
-    Deterministic across processes (tuples of ints hash without randomization)."""
-    hashes: list[int] = []
-    h = 0
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        h = hash((h, tuple(token_ids[start : start + block_size])))
-        hashes.append(h)
-    return hashes
+from chunkattn.cache.block_hash import block_hashes
 
 
 class PrefixIndex:
@@ -247,29 +239,30 @@ class Router:
         """Forget a replica (it died or was scaled away) and its prefix index."""
         self.replicas.pop(replica_id, None)
 
-    def route(self, token_ids: Sequence[int], exclude: Iterable[str] = ()) -> str:
+    def route(self, token_ids: Sequence[int], exclude: Iterable[str] = (), namespace: str | None = None) -> str:
         """The replica for a prompt (:meth:`choose`), recorded as sent there (:meth:`record`)."""
-        replica_id = self.choose(token_ids, exclude)
-        self.record(replica_id, token_ids)
+        replica_id = self.choose(token_ids, exclude, namespace)
+        self.record(replica_id, token_ids, namespace)
         return replica_id
 
-    def choose(self, token_ids: Sequence[int], exclude: Iterable[str] = ()) -> str:
+    def choose(self, token_ids: Sequence[int], exclude: Iterable[str] = (), namespace: str | None = None) -> str:
         """The replica the policy picks for a prompt, without recording anything (a caller that may not send
         the request there, such as Ray Serve's router when the replica turns out full, records later).
-        ``exclude``: replicas not to use (e.g. one that just failed this request)."""
+        ``exclude``: replicas not to use (e.g. one that just failed this request); ``namespace``: the
+        request's cache salt (its prefixes match only the same salt's, as in the engines' caches)."""
         skip = set(exclude)
         candidates = [r for r in self.replicas.values() if r.replica_id not in skip]
         if not candidates:
             raise LookupError("no replica is available")
-        return self.policy.choose(candidates, block_hashes(token_ids, self.block_size)).replica_id
+        return self.policy.choose(candidates, block_hashes(token_ids, self.block_size, namespace)).replica_id
 
-    def record(self, replica_id: str, token_ids: Sequence[int]) -> None:
+    def record(self, replica_id: str, token_ids: Sequence[int], namespace: str | None = None) -> None:
         """The prompt was sent to ``replica_id``: its blocks join that replica's index and it counts as load
         until :meth:`finished`."""
         r = self.replicas.get(replica_id)
         if r is None:
             return
-        hashes = block_hashes(token_ids, self.block_size)
+        hashes = block_hashes(token_ids, self.block_size, namespace)
         r.index.insert(hashes)
         now = self.clock()
         if self.recent_s > 0:
@@ -277,9 +270,10 @@ class Router:
         r.set_inflight(r.inflight + 1, now, self.recent_s)
         r.routed += 1
 
-    def match(self, replica_id: str, token_ids: Sequence[int]) -> int:
+    def match(self, replica_id: str, token_ids: Sequence[int], namespace: str | None = None) -> int:
         """Tokens of the prompt's prefix the router believes ``replica_id`` caches."""
-        return self.replicas[replica_id].index.match(block_hashes(token_ids, self.block_size)) * self.block_size
+        hashes = block_hashes(token_ids, self.block_size, namespace)
+        return self.replicas[replica_id].index.match(hashes) * self.block_size
 
     def finished(self, replica_id: str) -> None:
         """A request sent to ``replica_id`` finished (or failed)."""

@@ -1,0 +1,35 @@
+"""Names for prefixes across processes: chained hashes of fixed-size token blocks.
+
+Block ``i`` of a prompt is named by a hash chained over blocks ``0..i``, so equal names mean equal prefixes.
+A replica's cache reports the names of what it holds (:meth:`PrefixKVCache.block_hashes`) and a router
+computes them for a request (:func:`block_hashes`); both must agree bit for bit, in any process: tuples of
+ints hash without randomization, and a namespace (a tenant's cache salt) seeds the chain with a stable digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+
+def namespace_seed(namespace: str | None) -> int:
+    """The chain's starting value: 0 for the common namespace, a stable 64-bit digest of a named one."""
+    if namespace is None:
+        return 0
+    return int.from_bytes(hashlib.blake2b(namespace.encode(), digest_size=8).digest(), "little")
+
+
+def chain(previous: int, block: tuple[int, ...]) -> int:
+    """The name of a block following the prefix named ``previous``."""
+    return hash((previous, block))
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, namespace: str | None = None) -> list[int]:
+    """Chained hashes of the prompt's full blocks: ``h[i]`` names ``token_ids[: (i + 1) * block_size]`` in
+    ``namespace``."""
+    hashes: list[int] = []
+    h = namespace_seed(namespace)
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        h = chain(h, tuple(token_ids[start : start + block_size]))
+        hashes.append(h)
+    return hashes
