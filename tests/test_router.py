@@ -182,3 +182,14 @@ def test_a_salted_prompt_matches_only_its_own_salt():
     assert router.match(home, p, namespace="t1") >= 256 and router.match(home, p) == 0
     assert router.match(home, p, namespace="t2") == 0
     assert router.route(_prompt(5, 2), namespace="t1") == home
+
+
+def test_prompts_shorter_than_a_block_spread_by_load():
+    router = Router("prefix-aware", block_size=16)
+    for name in "ab":
+        router.add_replica(name, 4096)
+    router.route(_prompt(1, 1))  # one replica caches something, the other nothing
+    for i in range(6):
+        router.route(list(range(5 + i)))
+    loads = sorted(r.load for r in router.replicas.values())
+    assert loads == [3, 4]  # 7 requests in flight, spread by load (not all to the replica caching least)

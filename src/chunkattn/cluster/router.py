@@ -170,7 +170,8 @@ class PowerOfTwoPolicy(RoutingPolicy):
 class PrefixAwarePolicy(RoutingPolicy):
     """The replica holding the longest prefix of the prompt; ties go to the least loaded of them.
 
-    A miss (a new prefix, or a match shorter than ``min_match_blocks``) goes to the replica caching the
+    A prompt shorter than a block goes to the least loaded replica. A miss (a new prefix, or a match shorter
+    than ``min_match_blocks``) goes to the replica caching the
     fewest blocks among those within ``balance_abs`` requests of the least loaded (then the least loaded of
     them): new prefixes spread over the replicas like tenants, as Ray's prefix router sends them to its
     "smallest tenant". (Sending a miss to the least loaded replica of the moment piles prefixes onto whichever
@@ -193,6 +194,8 @@ class PrefixAwarePolicy(RoutingPolicy):
         loads = [r.load for r in replicas]
         hi, lo = max(loads), min(loads)
         if hi - lo > self.balance_abs and hi > self.balance_rel * max(lo, 1):
+            return _least_loaded(replicas, self.rng)
+        if not hashes:  # nothing to cache (shorter than a block): only the load matters
             return _least_loaded(replicas, self.rng)
         matches = [r.index.match(hashes) for r in replicas]
         best = max(matches)
