@@ -53,6 +53,56 @@ def test_cli_starts_replicas_and_stops_on_sigterm():
         assert server.proc.wait(60) == 0, server.output()
 
 
+def _replica_counts(url: str) -> dict[str, float]:
+    return {k.split('replica="')[1].rstrip('"}'): v for k, v in metrics(url).items()
+            if k.startswith("chunkattn:replica_requests_total{")}
+
+
+def test_a_removed_node_is_routed_around_and_replaced():
+    """Two nodes with one replica each (``ray.cluster_utils.Cluster``): remove one node and every request
+    still completes, once, on the other replica; add a node and Ray's replacement replica takes requests."""
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spec = EngineSpec(model=str(TINY_CONFIG), random_weights=True, kv_cache_tokens=2048, chunk_size=CHUNK, threads=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        start_cluster(spec, ClusterConfig(replicas=2, replica_cpus=1, stats_period_s=0.5), ServerConfig("tiny"),
+                      port=port)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+        def ask(n: int, offset: int) -> list[int]:
+            return [client.completions.create(model="tiny", prompt=[[1000 + i, 2000 + i]], max_tokens=3,
+                                              extra_body={"ignore_eos": True}).usage.completion_tokens
+                    for i in range(offset, offset + n)]
+
+        assert ask(6, 0) == [3] * 6
+        before = _replica_counts(url)
+        assert len(before) == 2 and sum(before.values()) == 6, before
+        cluster.remove_node(nodes[0])
+        assert ask(10, 100) == [3] * 10
+        after = _replica_counts(url)
+        if set(after) <= set(before) and sum(after.values()) == 16:  # the same ingress counted before and after
+            grew = sorted(after[k] - before[k] for k in before)
+        else:  # the ingress was on the removed node: Ray restarted it, and its counts with it
+            assert sum(after.values()) == 10 and set(after) < set(before), (before, after)
+            grew = sorted([0, *after.values()])
+        assert grew == [0, 10], (before, after)  # one replica gone, the other answered all, each once
+        cluster.add_node(num_cpus=1)
+        deadline = time.monotonic() + 120
+        while not set(_replica_counts(url)) - set(before):  # a new replica answers (an id not seen before)
+            assert time.monotonic() < deadline, f"no replacement replica: {serve.status()}"
+            assert ask(2, 200) == [3, 3]
+            time.sleep(0.5)
+    finally:
+        stop_cluster()
+        cluster.shutdown()
+
+
 # ------------------------------------------------------------------------------------- one cluster, many tests
 @pytest.fixture(scope="module")
 def cluster():
