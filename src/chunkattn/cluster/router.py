@@ -171,11 +171,11 @@ class PrefixAwarePolicy(RoutingPolicy):
     """The replica holding the longest prefix of the prompt; ties go to the least loaded of them.
 
     A prompt shorter than a block goes to the least loaded replica. A miss (a new prefix, or a match shorter
-    than ``min_match_blocks``) goes to the replica caching the
-    fewest blocks among those within ``balance_abs`` requests of the least loaded (then the least loaded of
-    them): new prefixes spread over the replicas like tenants, as Ray's prefix router sends them to its
-    "smallest tenant". (Sending a miss to the least loaded replica of the moment piles prefixes onto whichever
-    replica happened to be idle: 8 prompts on 4 replicas went 3/3/1/1 instead of 2/2/2/2.)
+    than ``min_match_blocks``) goes to the replica caching the fewest blocks among those within
+    ``balance_abs`` requests of the least loaded (then the least loaded of them): new prefixes spread over
+    the replicas like tenants, as Ray's prefix router sends them to its "smallest tenant". (Sending a miss to
+    the least loaded replica of the moment piles prefixes onto whichever replica happened to be idle: 8
+    prompts on 4 replicas went 3/3/1/1 instead of 2/2/2/2.)
 
     When the load is imbalanced (the busiest replica has more than ``balance_abs`` requests more than the
     idlest *and* more than ``balance_rel`` times as many), the least loaded replica gets the request whatever
