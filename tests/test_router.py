@@ -145,7 +145,7 @@ def test_late_reports_neither_forget_recent_prompts_nor_undo_inflight_load():
     assert router.replicas[home].load == 7 and router.replicas[home].others == 7 - router.replicas[home].inflight
     # a late report of a long queue (taken while this router had 20 requests there, all finished since)
     for _ in range(20):
-        router.record(home, p)
+        router.record(home, router.blocks(p))
     now[0] = 6.0
     while router.replicas[home].inflight:
         router.finished(home)

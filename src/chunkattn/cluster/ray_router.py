@@ -45,6 +45,11 @@ class PrefixRouter(RequestRouter):
                 core.report(rid, RoutingStats(int(stats["queue_len"]), stats.get("free_blocks"),
                                               stats.get("held_blocks"), stats["time"]))
 
+    def _blocks(self, request: Any) -> list[int]:
+        if not isinstance(request, ReplicaRequest):
+            return []
+        return self.core.blocks(request.token_ids, request.cache_salt)
+
     @staticmethod
     def _request(pending_request: PendingRequest | None) -> Any:
         return pending_request.args[0] if pending_request is not None and pending_request.args else None
@@ -58,17 +63,16 @@ class PrefixRouter(RequestRouter):
         request = self._request(pending_request)
         if isinstance(request, ToReplica):
             return [[by_id[sorted(by_id)[request.index % len(by_id)]]]]
-        ids = request.token_ids if isinstance(request, ReplicaRequest) else []
-        salt = request.cache_salt if isinstance(request, ReplicaRequest) else None
+        blocks = self._blocks(request)
         exclude = [rid for rid in self.core.replicas if rid not in by_id]
-        chosen = self.core.choose(ids, exclude, salt)
+        chosen = self.core.choose(blocks, exclude)
         if isinstance(request, ReplicaRequest) and pending_request is not None:
             # Counted at once, so that a burst of requests routed before any is sent spreads by load.
             key = pending_request.metadata.internal_request_id
             previous = self._sent.pop(key, None)
             if previous is not None:  # Ray asks again (the replica was full): undo the earlier choice's load
                 self.core.finished(previous)
-            self.core.record(chosen, ids, salt)
+            self.core.record(chosen, blocks)
             self._sent[key] = chosen
         # If the chosen replica turns out full, Ray tries the next rank: the rest, least loaded first.
         loads = {rid: r.load for rid, r in self.core.replicas.items()}
@@ -84,7 +88,7 @@ class PrefixRouter(RequestRouter):
         if isinstance(request, ReplicaRequest) and chosen != replica_id.unique_id:
             if chosen is not None:  # sent elsewhere than chosen (the fallback rank)
                 self.core.finished(chosen)
-            self.core.record(replica_id.unique_id, request.token_ids, request.cache_salt)
+            self.core.record(replica_id.unique_id, self._blocks(request))
             self._sent[key] = replica_id.unique_id
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

@@ -90,7 +90,6 @@ class ReplicaState:
     inflight: int = 0
     others: int = 0
     free_blocks: int | None = None
-    routed: int = 0
 
     def __post_init__(self) -> None:
         self.index = PrefixIndex(self.capacity_blocks)
@@ -242,41 +241,44 @@ class Router:
         """Forget a replica (it died or was scaled away) and its prefix index."""
         self.replicas.pop(replica_id, None)
 
+    def blocks(self, token_ids: Sequence[int], namespace: str | None = None) -> list[int]:
+        """The names of a prompt's blocks (:func:`~chunkattn.cache.block_hash.block_hashes`); ``namespace``:
+        the request's cache salt (its prefixes match only the same salt's, as in the engines' caches)."""
+        return block_hashes(token_ids, self.block_size, namespace)
+
     def route(self, token_ids: Sequence[int], exclude: Iterable[str] = (), namespace: str | None = None) -> str:
         """The replica for a prompt (:meth:`choose`), recorded as sent there (:meth:`record`)."""
-        replica_id = self.choose(token_ids, exclude, namespace)
-        self.record(replica_id, token_ids, namespace)
+        blocks = self.blocks(token_ids, namespace)
+        replica_id = self.choose(blocks, exclude)
+        self.record(replica_id, blocks)
         return replica_id
 
-    def choose(self, token_ids: Sequence[int], exclude: Iterable[str] = (), namespace: str | None = None) -> str:
-        """The replica the policy picks for a prompt, without recording anything (a caller that may not send
-        the request there, such as Ray Serve's router when the replica turns out full, records later).
-        ``exclude``: replicas not to use (e.g. one that just failed this request); ``namespace``: the
-        request's cache salt (its prefixes match only the same salt's, as in the engines' caches)."""
+    def choose(self, blocks: Sequence[int], exclude: Iterable[str] = ()) -> str:
+        """The replica the policy picks for a prompt's :meth:`blocks`, without recording anything (a caller
+        that may not send the request there, such as Ray Serve's router when the replica turns out full,
+        records later). ``exclude``: replicas not to use (e.g. one that just failed this request)."""
         skip = set(exclude)
         candidates = [r for r in self.replicas.values() if r.replica_id not in skip]
         if not candidates:
             raise LookupError("no replica is available")
-        return self.policy.choose(candidates, block_hashes(token_ids, self.block_size, namespace)).replica_id
+        return self.policy.choose(candidates, blocks).replica_id
 
-    def record(self, replica_id: str, token_ids: Sequence[int], namespace: str | None = None) -> None:
-        """The prompt was sent to ``replica_id``: its blocks join that replica's index and it counts as load
-        until :meth:`finished`."""
+    def record(self, replica_id: str, blocks: Sequence[int]) -> None:
+        """A prompt was sent to ``replica_id``: its :meth:`blocks` join that replica's index and it counts as
+        load until :meth:`finished`."""
         r = self.replicas.get(replica_id)
         if r is None:
             return
-        hashes = block_hashes(token_ids, self.block_size, namespace)
+        hashes = list(blocks)
         r.index.insert(hashes)
         now = self.clock()
         if self.recent_s > 0:
             r.recent.append((now, hashes))
         r.set_inflight(r.inflight + 1, now, self.recent_s)
-        r.routed += 1
 
     def match(self, replica_id: str, token_ids: Sequence[int], namespace: str | None = None) -> int:
         """Tokens of the prompt's prefix the router believes ``replica_id`` caches."""
-        hashes = block_hashes(token_ids, self.block_size, namespace)
-        return self.replicas[replica_id].index.match(hashes) * self.block_size
+        return self.replicas[replica_id].index.match(self.blocks(token_ids, namespace)) * self.block_size
 
     def finished(self, replica_id: str) -> None:
         """A request sent to ``replica_id`` finished (or failed)."""

@@ -43,6 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from chunkattn.cluster.ray_router import PrefixRouter
 from chunkattn.cluster.router import make_policy
 from chunkattn.cluster.wire import OutputAssembler, ReplicaRequest, ToReplica, slim
+from chunkattn.engine.engine import check_cache_salt, encode
 from chunkattn.engine.request import RequestMetrics, RequestOutput
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.server.app import Server, ServerConfig
@@ -103,7 +104,6 @@ class ClusterConfig:
 class ReplicaInfo:
     """A replica's engine as the ingress needs it."""
 
-    replica_id: str
     vocab_size: int
     max_model_len: int
     chunk_size: int
@@ -165,7 +165,7 @@ class EngineReplica:
     # ------------------------------------------------------------------ called by the ingress
     def info(self, _: ToReplica | None = None) -> ReplicaInfo:
         engine = self.llm.engine
-        return ReplicaInfo(self.replica_id, int(engine.model.config.vocab_size), engine.max_model_len,
+        return ReplicaInfo(int(engine.model.config.vocab_size), engine.max_model_len,
                            engine.cache.chunk_size, engine.cache.num_slots)
 
     async def generate(self, request: ReplicaRequest) -> AsyncIterator[tuple[str, RequestOutput]]:
@@ -305,7 +305,6 @@ class ClusterEngine(EngineClient):
         self.num_chunks = info.num_chunks
         self.num_replicas = num_replicas
         self.retries = retries
-        self.replica_snapshots: dict[str, EngineSnapshot] = {}
         self.served: dict[str, int] = {}  # replica id -> requests it answered (through this ingress)
 
     @property
@@ -313,21 +312,18 @@ class ClusterEngine(EngineClient):
         return None  # a failed replica fails Ray's health check and is replaced; requests on it get errors
 
     def tokenize(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids")
-        return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return list(encode(self.tokenizer, text))
 
     def submit(self, token_ids: list[int], params: SamplingParams, request_id: str,
                cache_salt: str | None) -> _ReplicaStream:
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ValueError("cache_salt must be a non-empty string")
+        check_cache_salt(cache_salt)
         return _ReplicaStream(self.handle, ReplicaRequest(list(token_ids), params, request_id, cache_salt),
                               self.retries, self.served)
 
     async def _each_replica(self, method: str, timeout: float = 10.0) -> list[Any]:
         """``method`` called on every replica (as far as they answer within ``timeout``)."""
         calls = [_call(getattr(self.handle, method), ToReplica(i)) for i in range(self.num_replicas)]
-        done = await asyncio.gather(*(asyncio.wait_for(_awaited(c), timeout) for c in calls),
+        done = await asyncio.gather(*(asyncio.wait_for(c, timeout) for c in calls),
                                     return_exceptions=True)
         for d in done:
             if isinstance(d, BaseException):
@@ -338,17 +334,12 @@ class ClusterEngine(EngineClient):
         answers = await self._each_replica("snapshot")
         if not answers:
             return None
-        self.replica_snapshots = dict(answers)
-        total = sum_snapshots(list(self.replica_snapshots.values()))
+        total = sum_snapshots([snapshot for _, snapshot in answers])
         total.replica_requests = dict(self.served)
         return total
 
     async def reset_prefix_cache(self) -> int:
         return sum(await self._each_replica("reset_prefix_cache"))
-
-
-async def _awaited(call: Any) -> Any:
-    return await call
 
 
 def sum_snapshots(snapshots: Sequence[EngineSnapshot]) -> EngineSnapshot:

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from chunkattn.cluster.router import PrefixIndex, Router, RoutingStats, block_hashes, make_policy
+from chunkattn.cluster.router import PrefixIndex, Router, RoutingStats, make_policy
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def simulate(policy: str, replicas: int, workload: Workload, cost: CostModel, bl
 
     reqs = []
     for t, _, prompt in arrivals:
-        r = _Req(t, prompt, block_hashes(prompt, block_size), workload.output_len)
+        r = _Req(t, prompt, router.blocks(prompt), workload.output_len)
         reqs.append(r)
         push(t, "arrive", r)
     if report_interval > 0:
@@ -169,7 +169,8 @@ def simulate(policy: str, replicas: int, workload: Workload, cost: CostModel, bl
     while events and pending:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrive":
-            name = router.route(payload.prompt)
+            name = router.choose(payload.hashes)
+            router.record(name, payload.hashes)
             payload.replica = name
             rep = reps[name]
             rep.waiting.append(payload)

@@ -41,6 +41,20 @@ class EngineError(ChunkAttnError, RuntimeError):
     """The engine cannot go on."""
 
 
+def check_cache_salt(cache_salt: Any) -> None:
+    """Raise ``ValueError`` unless ``cache_salt`` is None or a non-empty string."""
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise ValueError("cache_salt must be a non-empty string")
+
+
+def encode(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """A prompt's token ids as the engine computes them (no special tokens added: chat templates and callers
+    add their own). Raises ``ValueError`` without a tokenizer."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass token ids")
+    return tuple(int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def max_tokens_limit(max_model_len: int, num_chunks: int, chunk_size: int, num_prompt_tokens: int,
                      n: int = 1) -> int:
     """The largest ``max_tokens`` for a prompt of ``num_prompt_tokens`` with ``n`` completions: within the
@@ -132,11 +146,8 @@ class LLMEngine:
     def tokenize(self, prompt: Prompt) -> tuple[str | None, tuple[int, ...]]:
         """``(text or None, token ids)`` of a prompt given as text or token ids (validated)."""
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass token ids")
             with self._encode_lock:
-                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            return prompt, tuple(int(t) for t in ids)
+                return prompt, encode(self.tokenizer, prompt)
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         try:
@@ -182,8 +193,7 @@ class LLMEngine:
         for i in range(params.n):
             seed = (params.seed + i) if params.seed is not None else new_seed()
             completions.append(Completion(i, seed, logprobs=[] if params.logprobs is not None else None))
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ValueError("cache_salt must be a non-empty string")
+        check_cache_salt(cache_salt)
         request = Request(request_id, text, ids, params, completions, StopStrings(params.stop),
                           cache_salt=cache_salt)
         if arrival_time is not None:
