@@ -40,7 +40,6 @@ using namespace chunkattn;
 
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
-constexpr int kPrefetchKeys = 32;  // private tasks ask for the K/V of keys this far ahead
 
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
 struct Scratch {
@@ -591,33 +590,6 @@ struct Plan {
   int64_t num_private, num_shared, num_wide, num_rows;
 };
 
-// Walks the storage rows of a list of chunks, in order: prefetching keys a block ahead of their use hides the
-// memory latency of a task whose keys nothing else reads (a sequence's own chunks).
-struct RowCursor {
-  const int64_t *begin, *len;
-  int64_t chunk, end, offset = 0;
-  RowCursor(const int64_t* b, const int64_t* l, int64_t c0, int64_t c1) : begin(b), len(l), chunk(c0), end(c1) {}
-  bool next(int64_t& row) {
-    while (chunk < end && offset >= len[chunk]) {
-      ++chunk;
-      offset = 0;
-    }
-    if (chunk >= end) return false;
-    row = begin[chunk] + offset++;
-    return true;
-  }
-};
-
-template <typename T>
-inline void prefetch_row(const Layout& L, const T* kh, const T* vh, int64_t row) {
-  const char* kp = reinterpret_cast<const char*>(kh + row * L.kv_row);
-  const char* vp = reinterpret_cast<const char*>(vh + row * L.kv_row);
-  for (int64_t b = 0; b < L.d * (int64_t)sizeof(T); b += 64) {
-    __builtin_prefetch(kp + b, 0, 3);
-    __builtin_prefetch(vp + b, 0, 3);
-  }
-}
-
 template <typename T>
 void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const T* q, const T* k, const T* v,
                  T* out, float* lse, float* o_part, float* ml_part, Scratch& ws, std::vector<int64_t>& tokens) {
@@ -644,16 +616,12 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
     attend_block(L, n * g, kh, vh, nk, ws);
     nk = 0;
   };
-  RowCursor ahead(P.private_kv_begin, P.private_len, P.pt_chunk_begin[task], P.pt_chunk_end[task]);
-  int64_t row;
-  for (int64_t t = 0; t < kPrefetchKeys && ahead.next(row); ++t) prefetch_row(L, kh, vh, row);
   for (int64_t c = P.pt_chunk_begin[task]; c < P.pt_chunk_end[task]; ++c) {
     const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
     const int64_t len = std::min(P.private_len[c], hi_pos - pos0 + 1);  // keys past every row are skipped
     for (int64_t t = 0; t < len; ++t) {
       ws.krow[nk] = kv0 + t;
       ws.kpos[nk] = pos0 + t;
-      if (ahead.next(row)) prefetch_row(L, kh, vh, row);
       if (++nk == kKeyBlock) flush();
     }
   }
@@ -703,17 +671,12 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
   std::fill(ws.acc.begin(), ws.acc.begin() + hq * d, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + hq, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + hq, 0.f);
-  Layout all = L;  // prefetch whole rows (every head)
-  all.d = L.hkv * L.d;
-  RowCursor ahead(P.private_kv_begin, P.private_len, P.wt_chunk_begin[task], P.wt_chunk_end[task]);
-  int64_t row, nk = 0;
-  for (int64_t t = 0; t < kPrefetchKeys && ahead.next(row); ++t) prefetch_row(all, k, v, row);
+  int64_t nk = 0;
   for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
     const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
     const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
     for (int64_t t = 0; t < len; ++t) {
       ws.krow[nk] = kv0 + t;
-      if (ahead.next(row)) prefetch_row(all, k, v, row);
       if (++nk == kKeyBlock) {
         attend_block_wide(L, k, v, nk, ws);
         nk = 0;
