@@ -115,6 +115,16 @@ def test_cpu_kernel_long_and_wide_batches(dtype, chunk_size, shared, private, ba
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,kv_heads,q_heads", [(128, 4, 4), (128, 2, 6), (64, 5, 5), (96, 3, 3)])
+def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, q_heads):
+    """Decode tokens with small GQA groups run "wide" tasks (every head at once, in blocks of keys): many
+    blocks, a partial last one, chunks not a multiple of the block, and head sizes with and without a fixed path."""
+    cache, batch = shared_prompt_batch(batch=3, shared=5, private=203, chunk_size=24, head_dim=head_dim,
+                                       kv_heads=kv_heads, dtype=dtype, decode=True)
+    check_attention(cache, batch, q_heads, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_prefill_after_an_unaligned_cached_prefix(dtype):
     """Rows of a tile that precede a key block see none of it (a cached prefix of 300 tokens puts tile and block
     boundaries out of step): their probabilities must be zero, not a previous block's."""

@@ -40,6 +40,7 @@ using namespace chunkattn;
 
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
+constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2)
 
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
 struct Scratch {
@@ -536,6 +537,52 @@ void attend_block_wide(const Layout& L, const T* k, const T* v, int64_t nk, Scra
   }
 }
 
+// attend_block_wide for d = 16 * DV, head by head: each head's query (scores) and accumulator (values) stay in
+// registers across the block's keys, so a (key, head) costs DV multiply-adds and loads of K or V, with no
+// accumulator traffic through memory. The block is short (kWideBlock keys) so that its rows stay in L2 while
+// every head passes over them.
+template <int DV, typename T>
+void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk, Scratch& ws) {
+  constexpr int64_t d = 16 * DV, kbp = kKeyBlock;
+  const int64_t g = L.group, hq = L.hq;
+  float* s = ws.s.data();
+  const float* q = ws.q.data();
+  for (int64_t h = 0, i = 0; h < L.hkv; ++h) {
+    const T* kh = k + h * d;
+    for (int64_t j = 0; j < g; ++j, ++i) {
+      v16 qv[DV];
+#pragma GCC unroll 16
+      for (int x = 0; x < DV; ++x) qv[x] = load(q + i * d + 16 * x);
+      for (int64_t t = 0; t < nk; ++t) {
+        const T* kr = kh + ws.krow[t] * L.kv_row;
+        v16 a = qv[0] * load(kr);
+#pragma GCC unroll 16
+        for (int x = 1; x < DV; ++x) a += qv[x] * load(kr + 16 * x);
+        s[i * kbp + t] = hsum(a);
+      }
+    }
+  }
+  std::fill(ws.vis.begin(), ws.vis.begin() + hq, (int32_t)nk);
+  const int64_t used = update_softmax(L, hq, nk, ws, false);
+  float* acc = ws.acc.data();
+  for (int64_t h = 0, i = 0; h < L.hkv; ++h) {
+    const T* vh = v + h * d;
+    for (int64_t j = 0; j < g; ++j, ++i) {
+      v16 a[DV];
+#pragma GCC unroll 16
+      for (int x = 0; x < DV; ++x) a[x] = load(acc + i * d + 16 * x);
+      for (int64_t t = 0; t < used; ++t) {
+        const T* vr = vh + ws.krow[t] * L.kv_row;
+        const v16 p = splat(s[i * kbp + t]);
+#pragma GCC unroll 16
+        for (int x = 0; x < DV; ++x) a[x] += p * load(vr + 16 * x);
+      }
+#pragma GCC unroll 16
+      for (int x = 0; x < DV; ++x) store(acc + i * d + 16 * x, a[x]);
+    }
+  }
+}
+
 // Pack the query rows of `tokens` (GQA group of K/V head h) scaled into ws.q; reset the softmax state.
 template <typename T>
 void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t num_tokens, int64_t h, Scratch& ws) {
@@ -671,19 +718,27 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
   std::fill(ws.acc.begin(), ws.acc.begin() + hq * d, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + hq, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + hq, 0.f);
+  auto wide_block = [&](int64_t n) {
+    switch (d) {
+      case 64: return attend_block_wide_fixed<4>(L, k, v, n, ws);
+      case 128: return attend_block_wide_fixed<8>(L, k, v, n, ws);
+      default: return attend_block_wide(L, k, v, n, ws);
+    }
+  };
+  const int64_t block = d == 64 || d == 128 ? kWideBlock : kKeyBlock;
   int64_t nk = 0;
   for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
     const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
     const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
     for (int64_t t = 0; t < len; ++t) {
       ws.krow[nk] = kv0 + t;
-      if (++nk == kKeyBlock) {
-        attend_block_wide(L, k, v, nk, ws);
+      if (++nk == block) {
+        wide_block(nk);
         nk = 0;
       }
     }
   }
-  if (nk) attend_block_wide(L, k, v, nk, ws);
+  if (nk) wide_block(nk);
   const int64_t slot = P.wt_slot[task];
   for (int64_t i = 0; i < hq; ++i) {
     const float* acc = ws.acc.data() + i * d;
