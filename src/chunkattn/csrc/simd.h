@@ -21,8 +21,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// All lanes = x, as one broadcast (from memory when x comes from memory). Not `v16{} + x`: to keep the sign of
-// -0.0 that is an add before the broadcast, on the same ports as the multiply-adds it feeds (half their rate).
+// All lanes = x, one broadcast (a load when x comes from memory). Not `v16{} + x`: the compiler must keep that add
+// (0 + -0.0 is +0.0), so each splat became a scalar add plus a register broadcast on the multiply-add ports,
+// which halved the rate of the products they fed.
 inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 // Keep a value in a register: stops the compiler from folding its load into every instruction that uses it
 // (each folded copy is another load, and loads, not multiplies, would then bound the products).
