@@ -11,7 +11,7 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
 * private tasks: each sequence's new tokens in tiles, over its private chunks, causally masked, one K/V head
   per task; except a decode token with a small GQA group (<= ``WIDE_MAX_GROUP`` query heads per K/V head),
   whose "wide" task takes all heads at once so that each key's row (every head) is read once and in order
-  (in blocks of 16 keys that stay in L2 while each head passes over them, its query and accumulator in registers),
+  (at d = 64 and 128: blocks of 16 keys that stay in L2 while each head passes over them, in registers),
   split over several tasks when its private list is long (flash-decoding);
 * a row whose only contribution is its private task gets its output written directly; the others get one
   partial (o, m, l) slot per task and a merge pass combines them.
