@@ -48,6 +48,7 @@ struct Scratch {
   std::vector<int32_t> vis;
   std::vector<uint16_t> qb, pb;  // bfloat16 storage with bf16 dot products: raw queries, probabilities
   std::vector<uint32_t> ktb;     // keys as bf16 pairs: ktb[x / 2][t] holds dims x, x + 1 of key t
+  std::vector<uint32_t> vpb;     // values as bf16 pairs of keys: see pack_values_bf16
   int64_t krow[kKeyBlock];  // storage row of each key of the current block
   int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
   void reserve(int64_t rows, int64_t d) {
@@ -67,6 +68,7 @@ struct Scratch {
     if ((int64_t)qb.size() < rows * d) qb.resize(rows * d);
     if ((int64_t)pb.size() < rows * kbp) pb.resize(rows * kbp);
     if ((int64_t)ktb.size() < d / 2 * kbp) ktb.resize(d / 2 * kbp);
+    if ((int64_t)vpb.size() < d / 2 * kbp) vpb.resize(d / 2 * kbp);
   }
 };
 
@@ -338,35 +340,47 @@ inline void scores_bf16(const Layout& L, int64_t rows, const c10::BFloat16* k, i
   }
 }
 
-// acc[RB rows, 16 * DV] += P . V over key pairs: V rows t, t+1 interleaved into bf16 pairs, one dot per pair.
-template <int RB, int DV>
-inline void pv_tile_bf16(const uint32_t* pb, const c10::BFloat16* v, const int64_t* krow, int64_t kv_row, int64_t nk,
-                         float* acc) {
-  constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
+// vpb[t / 2][x]: dims of keys t and t + 1 as bf16 pairs, per 32 dims first the pairs of the lower 16 dims, then
+// those of the upper 16 (the operands of vdpbf16ps), for the block's keys (the odd one out pairs with zeros).
+// Done once per block, so that each tile of query rows reads ready pairs instead of interleaving them again.
+template <int DV>
+inline void pack_values_bf16(const c10::BFloat16* v, const int64_t* krow, int64_t kv_row, int64_t nk, uint32_t* vpb) {
+  constexpr int64_t d = 16 * DV;
   static_assert(DV % 2 == 0, "pairs of 16-dim blocks");
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
                                       22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
-  __m512 a[RB][DV];
-  for (int i = 0; i < RB; ++i)
-    for (int x = 0; x < DV; ++x) a[i][x] = _mm512_loadu_ps(acc + i * d + 16 * x);
   for (int64_t t = 0; t < nk; t += 2) {
     const c10::BFloat16* v0 = v + krow[t] * kv_row;
     const c10::BFloat16* v1 = t + 1 < nk ? v + krow[t + 1] * kv_row : nullptr;
-    __m512i pp[RB];
-    for (int i = 0; i < RB; ++i) pp[i] = _mm512_set1_epi32((int)pb[i * kbp2 + t / 2]);
+    uint32_t* dst = vpb + t / 2 * d;
 #pragma GCC unroll 8
     for (int x = 0; x < DV; x += 2) {  // 32 dims of both keys -> two 16-lane vectors of pairs
       const __m512i r0 = _mm512_loadu_si512(v0 + 16 * x);
       const __m512i r1 = v1 ? _mm512_loadu_si512(v1 + 16 * x) : _mm512_setzero_si512();
-      const __m512i plo = _mm512_permutex2var_epi16(r0, lo, r1);
-      const __m512i phi = _mm512_permutex2var_epi16(r0, hi, r1);
+      _mm512_storeu_si512(dst + 16 * x, _mm512_permutex2var_epi16(r0, lo, r1));
+      _mm512_storeu_si512(dst + 16 * (x + 1), _mm512_permutex2var_epi16(r0, hi, r1));
+    }
+  }
+}
+
+// acc[RB rows, 16 * DV] += P . V over key pairs, from packed values: per pair of keys DV loads, RB broadcasts and
+// RB x DV dot products into RB x DV accumulators that stay in registers.
+template <int RB, int DV>
+inline void pv_tile_bf16(const uint32_t* pb, const uint32_t* vpb, int64_t nk, float* acc) {
+  constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
+  __m512 a[RB][DV];
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < DV; ++x) a[i][x] = _mm512_loadu_ps(acc + i * d + 16 * x);
+  for (int64_t t2 = 0; t2 < (nk + 1) / 2; ++t2) {
+    __m512i pp[RB];
+    for (int i = 0; i < RB; ++i) pp[i] = _mm512_set1_epi32((int)pb[i * kbp2 + t2]);
+#pragma GCC unroll 16
+    for (int x = 0; x < DV; ++x) {
+      const __m512i vx = _mm512_loadu_si512(vpb + t2 * d + 16 * x);
 #pragma GCC unroll 8
-      for (int i = 0; i < RB; ++i) {
-        a[i][x] = _mm512_dpbf16_ps(a[i][x], as_bh(pp[i]), as_bh(plo));
-        a[i][x + 1] = _mm512_dpbf16_ps(a[i][x + 1], as_bh(pp[i]), as_bh(phi));
-      }
+      for (int i = 0; i < RB; ++i) a[i][x] = _mm512_dpbf16_ps(a[i][x], as_bh(pp[i]), as_bh(vx));
     }
   }
   for (int i = 0; i < RB; ++i)
@@ -378,17 +392,19 @@ void accumulate_bf16_fixed(const Layout& L, int64_t rows, const c10::BFloat16* v
   constexpr int RB = DV >= 16 ? 1 : DV >= 8 ? 3 : 6;
   constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
   const uint32_t* pb = reinterpret_cast<const uint32_t*>(ws.pb.data());
+  pack_values_bf16<DV>(v, ws.krow, L.kv_row, nk, ws.vpb.data());
+  const uint32_t* vpb = ws.vpb.data();
   float* acc = ws.acc.data();
   int64_t i0 = 0;
-  for (; i0 + RB <= rows; i0 += RB) pv_tile_bf16<RB, DV>(pb + i0 * kbp2, v, ws.krow, L.kv_row, nk, acc + i0 * d);
+  for (; i0 + RB <= rows; i0 += RB) pv_tile_bf16<RB, DV>(pb + i0 * kbp2, vpb, nk, acc + i0 * d);
   const uint32_t* pt = pb + i0 * kbp2;
   float* at = acc + i0 * d;
   switch (rows - i0) {
-    case 5: if constexpr (RB > 5) pv_tile_bf16<5, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 4: if constexpr (RB > 4) pv_tile_bf16<4, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 3: if constexpr (RB > 3) pv_tile_bf16<3, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 2: if constexpr (RB > 2) pv_tile_bf16<2, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 1: if constexpr (RB > 1) pv_tile_bf16<1, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 5: if constexpr (RB > 5) pv_tile_bf16<5, DV>(pt, vpb, nk, at); break;
+    case 4: if constexpr (RB > 4) pv_tile_bf16<4, DV>(pt, vpb, nk, at); break;
+    case 3: if constexpr (RB > 3) pv_tile_bf16<3, DV>(pt, vpb, nk, at); break;
+    case 2: if constexpr (RB > 2) pv_tile_bf16<2, DV>(pt, vpb, nk, at); break;
+    case 1: if constexpr (RB > 1) pv_tile_bf16<1, DV>(pt, vpb, nk, at); break;
     default: break;
   }
 }
