@@ -178,3 +178,28 @@ def test_sampling_params_validate_with_clear_messages():
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(logit_bias={"7": 1}).logit_bias == {7: 1.0}
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 100, 49155])
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "all_-inf", "max_last"])
+def test_greedy_argmax_equals_torch_argmax(vocab, case):
+    """The native CPU argmax (greedy sampling) gives torch.argmax's index: the first maximum, NaN the largest."""
+    from chunkattn import native
+    from chunkattn.engine.sampler import argmax
+
+    if not native.available():
+        pytest.skip("native CPU kernels unavailable (no compiler): the torch path is used")
+    g = torch.Generator().manual_seed(vocab * 7 + len(case))
+    x = torch.randn(9, vocab, generator=g)
+    if case == "ties":  # few distinct values: the maximum repeats across lanes and tail
+        x = torch.randint(0, 3, (9, vocab), generator=g).float()
+    elif case == "nan":
+        x[::2, torch.randint(0, vocab, (1,), generator=g)] = float("nan")
+        x[1, -1] = float("nan")
+    elif case == "all_-inf":
+        x[:] = float("-inf")
+        x[3, vocab // 2] = -1e30
+    elif case == "max_last":
+        x[:, -1] = 1e9
+    assert torch.equal(argmax(x), x.argmax(dim=-1))
+    assert torch.equal(argmax(x[:, : max(1, vocab - 1)]), x[:, : max(1, vocab - 1)].argmax(dim=-1))  # a view

@@ -1,6 +1,6 @@
 // Fused elementwise layers of the decoder on the CPU, one pass over memory each (vLLM's CPU build has the same
 // set): rotary embedding in place, SiLU-and-multiply, residual add + RMSNorm. float32 and bfloat16 storage,
-// float32 arithmetic.
+// float32 arithmetic. Also greedy sampling's argmax over the vocabulary, in one pass per row.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -167,10 +167,57 @@ void add_rms_norm_(at::Tensor x, c10::optional<at::Tensor> residual, const at::T
     TORCH_CHECK(false, "add_rms_norm_: float32 or bfloat16, got ", x.scalar_type());
 }
 
+// x: [R, V] float32 -> [R] int64: per row the index of the first maximum, a NaN counting as the largest (as
+// torch.argmax). One pass: each of 16 lanes keeps its largest value and where it first saw it (strict >).
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "argmax_rows: x must be a contiguous non-empty [rows, n] float32");
+  const int64_t rows = x.size(0), n = x.size(1), nv = n / 16 * 16;
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * n;
+      v16 best = splat(kNegInf);
+      i16v at_ = i16v{} - 1, nan = i16v{};
+      for (int64_t i = 0; i < nv; i += 16) {
+        const v16 v = load(xr + i);
+        const i16v gt = v > best;
+        best = gt ? v : best;
+        at_ = gt ? lane + (int32_t)i : at_;
+        nan |= v != v;
+      }
+      float m = kNegInf;
+      int64_t idx = -1;
+      for (int j = 0; j < 16; ++j) {  // the largest lane; among equals the earliest index
+        if (at_[j] >= 0 && (best[j] > m || (best[j] == m && at_[j] < idx))) m = best[j], idx = at_[j];
+      }
+      bool has_nan = false;
+      for (int j = 0; j < 16; ++j) has_nan |= nan[j] != 0;
+      for (int64_t i = nv; i < n; ++i) {
+        if (xr[i] != xr[i]) has_nan = true;
+        else if (xr[i] > m) m = xr[i], idx = i;
+      }
+      if (has_nan) {
+        for (int64_t i = 0; i < n; ++i)
+          if (xr[i] != xr[i]) {
+            idx = i;
+            break;
+          }
+      }
+      op[r] = idx < 0 ? 0 : idx;  // every value -inf: the first
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chunkattn_layers, m) {
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> ()", &rope_);
   m.def("silu_and_mul(Tensor x) -> Tensor", &silu_and_mul);
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!)? residual, Tensor weight, float eps) -> ()", &add_rms_norm_);
+  m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
 }

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from chunkattn import native
+
 if TYPE_CHECKING:
     from chunkattn.engine.sampling import SamplingParams
 
@@ -25,6 +27,16 @@ def _i64(x: int) -> int:
     """An unsigned 64-bit constant as the int64 with the same bits."""
     x &= _MASK64
     return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``[R, V]`` -> ``[R]`` int64, torch.argmax's answer (first maximum; NaN the largest). On the CPU in float32
+    one native pass per row: ~15x faster than torch.argmax over a 49152-token vocabulary (which costs ~2% of a
+    SmolLM2 decode step at 32 rows)."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]
+            and native.available()):
+        return torch.ops.chunkattn_layers.argmax_rows(logits.contiguous())
+    return logits.argmax(dim=-1)
 
 
 _GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
@@ -153,7 +165,7 @@ class Sampler:
         if meta.num_logprobs >= 0:
             raw = torch.log_softmax(logits, dim=-1)  # [R, V]
         logits = self.process(logits, meta)
-        out.token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
+        out.token_ids = argmax(logits) if meta.all_greedy else self._sample(logits, meta)
         if meta.num_logprobs >= 0:
             out.logprobs = raw.gather(1, out.token_ids[:, None])[:, 0]
             if meta.num_logprobs:
@@ -202,7 +214,7 @@ class Sampler:
         u = uniform_from_counter(meta.seeds, meta.counters).to(logits.device)
         index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)[:, 0]
         tokens = index if order is None else order.gather(1, index[:, None])[:, 0]
-        return torch.where(greedy, logits.argmax(dim=-1), tokens)
+        return torch.where(greedy, argmax(logits), tokens)
 
 
 def prompt_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, k: int
