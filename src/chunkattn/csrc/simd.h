@@ -60,6 +60,24 @@ inline float hsum(v16 x) {
   for (int step = 8; step; step >>= 1) x += fold(x, step);
   return x[0];
 }
+// Sixteen sums at once: lane t of the result = hsum(a[t]). A tree of 15 two-input shuffles-and-adds (each halves
+// the lanes per input and pairs two inputs), then one permute that undoes the tree's bit-reversed lane order:
+// 46 vector operations instead of 16 x 8 for sixteen hsum calls.
+inline v16 hsum16(const v16* a) {
+  v16 b[8], c[4], e[2];
+  for (int m = 0; m < 8; ++m)  // lanes 0-7: a[2m], 8-15: a[2m + 1]
+    b[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], i16v{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(a[2 * m], a[2 * m + 1], i16v{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int n = 0; n < 4; ++n)  // quarters: keys 4n, 4n + 2, 4n + 1, 4n + 3
+    c[n] = __builtin_shuffle(b[2 * n], b[2 * n + 1], i16v{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
+           __builtin_shuffle(b[2 * n], b[2 * n + 1], i16v{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  for (int p = 0; p < 2; ++p)
+    e[p] = __builtin_shuffle(c[2 * p], c[2 * p + 1], i16v{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
+           __builtin_shuffle(c[2 * p], c[2 * p + 1], i16v{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  const v16 f = __builtin_shuffle(e[0], e[1], i16v{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
+                __builtin_shuffle(e[0], e[1], i16v{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  return __builtin_shuffle(f, i16v{0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15});  // lane l held key rev(l)
+}
 inline float hmax(v16 x) {
   for (int step = 8; step; step >>= 1) {
     const v16 y = fold(x, step);

@@ -40,7 +40,7 @@ using namespace chunkattn;
 
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
-constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2)
+constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2; hsum16)
 
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
 struct Scratch {
@@ -563,18 +563,59 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
   const int64_t g = L.group, hq = L.hq;
   float* s = ws.s.data();
   const float* q = ws.q.data();
-  for (int64_t h = 0, i = 0; h < L.hkv; ++h) {
+  bool scored = false;
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bf16 dot products of the stored query and key (32 dims per instruction, no conversions), scaled after
+    // (as the shared path's scores_bf16)
+    const c10::BFloat16* qb = reinterpret_cast<const c10::BFloat16*>(ws.qb.data());
+    for (int64_t h = 0, i = 0; h < L.hkv; ++h) {
+      const T* kh = k + h * d;
+      for (int64_t j = 0; j < g; ++j, ++i) {
+        __m512i qv[DV / 2];
+#pragma GCC unroll 8
+        for (int x = 0; x < DV / 2; ++x) qv[x] = _mm512_loadu_si512(qb + i * d + 32 * x);
+        auto dot = [&](int64_t t) {
+          const T* kr = kh + ws.krow[t] * L.kv_row;
+          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(qv[0]), as_bh(_mm512_loadu_si512(kr)));
+#pragma GCC unroll 8
+          for (int x = 1; x < DV / 2; ++x)
+            a = _mm512_dpbf16_ps(a, as_bh(qv[x]), as_bh(_mm512_loadu_si512(kr + 32 * x)));
+          return (v16)a;
+        };
+        if (nk == 16) {
+          v16 a[16];
+#pragma GCC unroll 16
+          for (int t = 0; t < 16; ++t) a[t] = dot(t);
+          store(s + i * kbp, hsum16(a) * L.qk_scale);
+        } else {
+          for (int64_t t = 0; t < nk; ++t) s[i * kbp + t] = hsum(dot(t)) * L.qk_scale;
+        }
+      }
+    }
+    scored = true;
+  }
+#endif
+  for (int64_t h = 0, i = 0; h < L.hkv && !scored; ++h) {
     const T* kh = k + h * d;
     for (int64_t j = 0; j < g; ++j, ++i) {
       v16 qv[DV];
 #pragma GCC unroll 16
       for (int x = 0; x < DV; ++x) qv[x] = load(q + i * d + 16 * x);
-      for (int64_t t = 0; t < nk; ++t) {
+      auto dot = [&](int64_t t) {
         const T* kr = kh + ws.krow[t] * L.kv_row;
         v16 a = qv[0] * load(kr);
 #pragma GCC unroll 16
         for (int x = 1; x < DV; ++x) a += qv[x] * load(kr + 16 * x);
-        s[i * kbp + t] = hsum(a);
+        return a;
+      };
+      if (nk == 16) {
+        v16 a[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) a[t] = dot(t);
+        store(s + i * kbp, hsum16(a));
+      } else {
+        for (int64_t t = 0; t < nk; ++t) s[i * kbp + t] = hsum(dot(t));
       }
     }
   }
@@ -731,6 +772,15 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
     float* dst = ws.q.data() + i * d;
     for (int64_t x = 0; x < d; ++x) dst[x] = to_float(src[x]) * L.qk_scale;
   }
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // the stored query, for the bf16 dot products of d = 64, 128
+    if (d == 64 || d == 128) {
+      ws.reserve_bf16(hq, d);
+      for (int64_t i = 0; i < hq; ++i)
+        std::memcpy(ws.qb.data() + i * d, q + r * L.q_row + i * L.q_head, d * sizeof(T));
+    }
+  }
+#endif
   std::fill(ws.acc.begin(), ws.acc.begin() + hq * d, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + hq, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + hq, 0.f);
