@@ -75,6 +75,17 @@ log() { echo "[peer_vllm_cpu $(date +%T)] $*" >&2; }
 
 # Both systems use both cores with OpenMP: another busy process makes their threads wait on each other and
 # inflates every number many times over (seen here: 5x on vLLM's op, 45x on tpp-torch). Warn, don't stop.
+# vLLM force-kills its engine process at exit; wait until none of its processes is left (its OpenMP threads
+# spin), so that the next run does not share the cores with them.
+wait_vllm_gone() {
+    local i
+    for ((i = 0; i < 60; i++)); do
+        pgrep -f 'VLLM::' >/dev/null || return 0
+        sleep 1
+    done
+    log "WARNING: vLLM processes still running after 60 s: $(pgrep -fa 'VLLM::' | head -3)"
+}
+
 check_idle() {
     local load
     load=$(cut -d' ' -f1 /proc/loadavg)
@@ -202,6 +213,7 @@ PY
                     --model "$HF_DIR" --dtype "$dtype" $flags --json "$v" >"$v.log" 2>&1 \
                     || { log "vLLM run failed, see $v.log"; tail -30 "$v.log" >&2; exit 1; }
                 grep '^{"system"' "$v.log" >&2 || true   # the row it measured
+                wait_vllm_gone
                 log "row $row $dtype run $run/$RUNS: chunkattn"
                 # shellcheck disable=SC2086
                 "$PYTHON" -m chunkattn.cli bench serve --systems chunkattn $flags --dtype "$dtype" \
@@ -236,6 +248,7 @@ kernel() {
                 "$VPY" "$REPO/benchmarks/peer_vllm_kernel.py" --batch "$b" --shared "$ns" --private "$nc" \
                     --heads "$h" --kv-heads "$hkv" --head-dim "$d" --dtype "$dtype" \
                     --json "$scratch/vllm-$tag.json" 2>"$scratch/vllm-$tag.log"
+                wait_vllm_gone
                 log "kernel $tag: chunkattn ($providers)"
                 local clog=$scratch/chunkattn-$tag.log
                 # shellcheck disable=SC2086
