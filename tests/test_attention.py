@@ -115,7 +115,8 @@ def test_cpu_kernel_long_and_wide_batches(dtype, chunk_size, shared, private, ba
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim,kv_heads,q_heads", [(128, 4, 4), (128, 2, 6), (64, 5, 5), (96, 3, 3)])
+@pytest.mark.parametrize("head_dim,kv_heads,q_heads", [(128, 4, 4), (128, 2, 6), (64, 5, 5), (64, 3, 6),
+                                                       (96, 3, 3)])
 def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, q_heads):
     """Decode tokens with small GQA groups run "wide" tasks (every head at once, in blocks of keys): many
     blocks, a partial last one, chunks not a multiple of the block, and head sizes with and without a fixed path."""

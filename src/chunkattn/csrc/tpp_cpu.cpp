@@ -553,6 +553,48 @@ void attend_block_wide(const Layout& L, const T* k, const T* v, int64_t nk, Scra
   }
 }
 
+#ifdef CHUNKATTN_BF16_DOT
+// The value product of a wide block in bf16 dot products: for each K/V head, each pair of keys' value rows is
+// interleaved into bf16 pairs once and multiplied by the G query heads of the group (their probabilities as bf16
+// pairs in ws.pb, as the shared path), G x DV accumulators in registers.
+template <int DV, int G>
+inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Scratch& ws) {
+  constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
+  static_assert(DV % 2 == 0, "pairs of 16-dim blocks");
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                      22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  const uint32_t* pb = reinterpret_cast<const uint32_t*>(ws.pb.data());
+  for (int64_t h = 0; h < L.hkv; ++h) {
+    const c10::BFloat16* vh = v + h * d;
+    float* acc = ws.acc.data() + h * G * d;
+    __m512 a[G][DV];
+    for (int j = 0; j < G; ++j)
+      for (int x = 0; x < DV; ++x) a[j][x] = _mm512_loadu_ps(acc + j * d + 16 * x);
+    for (int64_t t2 = 0; t2 < (nk + 1) / 2; ++t2) {
+      const c10::BFloat16* v0 = vh + ws.krow[2 * t2] * L.kv_row;
+      const c10::BFloat16* v1 = 2 * t2 + 1 < nk ? vh + ws.krow[2 * t2 + 1] * L.kv_row : nullptr;
+      __m512i pp[G];
+      for (int j = 0; j < G; ++j) pp[j] = _mm512_set1_epi32((int)pb[(h * G + j) * kbp2 + t2]);
+#pragma GCC unroll 8
+      for (int x = 0; x < DV; x += 2) {
+        const __m512i r0 = _mm512_loadu_si512(v0 + 16 * x);
+        const __m512i r1 = v1 ? _mm512_loadu_si512(v1 + 16 * x) : _mm512_setzero_si512();
+        const __m512i plo = _mm512_permutex2var_epi16(r0, lo, r1);
+        const __m512i phi = _mm512_permutex2var_epi16(r0, hi, r1);
+        for (int j = 0; j < G; ++j) {
+          a[j][x] = _mm512_dpbf16_ps(a[j][x], as_bh(pp[j]), as_bh(plo));
+          a[j][x + 1] = _mm512_dpbf16_ps(a[j][x + 1], as_bh(pp[j]), as_bh(phi));
+        }
+      }
+    }
+    for (int j = 0; j < G; ++j)
+      for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + j * d + 16 * x, a[j][x]);
+  }
+}
+#endif
+
 // attend_block_wide for d = 16 * DV, head by head: each head's query (scores) and accumulator (values) stay in
 // registers across the block's keys, so a (key, head) costs DV multiply-adds and loads of K or V, with no
 // accumulator traffic through memory. The block is short (kWideBlock keys) so that its rows stay in L2 while
@@ -620,6 +662,19 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
     }
   }
   std::fill(ws.vis.begin(), ws.vis.begin() + hq, (int32_t)nk);
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (g <= 3) {
+      const int64_t used = update_softmax(L, hq, nk, ws, true);  // also the probabilities as bf16 pairs
+      if (!used) return;
+      switch (g) {
+        case 1: return pv_wide_bf16<DV, 1>(L, v, used, ws);
+        case 2: return pv_wide_bf16<DV, 2>(L, v, used, ws);
+        default: return pv_wide_bf16<DV, 3>(L, v, used, ws);
+      }
+    }
+  }
+#endif
   const int64_t used = update_softmax(L, hq, nk, ws, false);
   float* acc = ws.acc.data();
   for (int64_t h = 0, i = 0; h < L.hkv; ++h) {
