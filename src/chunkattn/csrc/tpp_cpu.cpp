@@ -343,24 +343,33 @@ inline void scores_bf16(const Layout& L, int64_t rows, const c10::BFloat16* k, i
 // vpb[t / 2][x]: dims of keys t and t + 1 as bf16 pairs, per 32 dims first the pairs of the lower 16 dims, then
 // those of the upper 16 (the operands of vdpbf16ps), for the block's keys (the odd one out pairs with zeros).
 // Done once per block, so that each tile of query rows reads ready pairs instead of interleaving them again.
+// Dims 16 x .. 16 x + 31 of the value rows of two keys (v1 null: zeros) as bf16 pairs (key t, key t + 1) per dim:
+// `lo` holds dims 16 x .. 16 x + 15, `hi` the next 16 (the operands of vdpbf16ps).
+inline void value_pairs_bf16(const c10::BFloat16* v0, const c10::BFloat16* v1, int x, __m512i& lo, __m512i& hi) {
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23,
+                                          54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  const __m512i r0 = _mm512_loadu_si512(v0 + 16 * x);
+  const __m512i r1 = v1 ? _mm512_loadu_si512(v1 + 16 * x) : _mm512_setzero_si512();
+  lo = _mm512_permutex2var_epi16(r0, lo_idx, r1);
+  hi = _mm512_permutex2var_epi16(r0, hi_idx, r1);
+}
+
 template <int DV>
 inline void pack_values_bf16(const c10::BFloat16* v, const int64_t* krow, int64_t kv_row, int64_t nk, uint32_t* vpb) {
   constexpr int64_t d = 16 * DV;
   static_assert(DV % 2 == 0, "pairs of 16-dim blocks");
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
-                                      22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   for (int64_t t = 0; t < nk; t += 2) {
     const c10::BFloat16* v0 = v + krow[t] * kv_row;
     const c10::BFloat16* v1 = t + 1 < nk ? v + krow[t + 1] * kv_row : nullptr;
     uint32_t* dst = vpb + t / 2 * d;
 #pragma GCC unroll 8
-    for (int x = 0; x < DV; x += 2) {  // 32 dims of both keys -> two 16-lane vectors of pairs
-      const __m512i r0 = _mm512_loadu_si512(v0 + 16 * x);
-      const __m512i r1 = v1 ? _mm512_loadu_si512(v1 + 16 * x) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + 16 * x, _mm512_permutex2var_epi16(r0, lo, r1));
-      _mm512_storeu_si512(dst + 16 * (x + 1), _mm512_permutex2var_epi16(r0, hi, r1));
+    for (int x = 0; x < DV; x += 2) {
+      __m512i lo, hi;
+      value_pairs_bf16(v0, v1, x, lo, hi);
+      _mm512_storeu_si512(dst + 16 * x, lo);
+      _mm512_storeu_si512(dst + 16 * (x + 1), hi);
     }
   }
 }
@@ -561,10 +570,6 @@ template <int DV, int G>
 inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Scratch& ws) {
   constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
   static_assert(DV % 2 == 0, "pairs of 16-dim blocks");
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
-                                      22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   const uint32_t* pb = reinterpret_cast<const uint32_t*>(ws.pb.data());
   for (int64_t h = 0; h < L.hkv; ++h) {
     const c10::BFloat16* vh = v + h * d;
@@ -579,10 +584,8 @@ inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Sc
       for (int j = 0; j < G; ++j) pp[j] = _mm512_set1_epi32((int)pb[(h * G + j) * kbp2 + t2]);
 #pragma GCC unroll 8
       for (int x = 0; x < DV; x += 2) {
-        const __m512i r0 = _mm512_loadu_si512(v0 + 16 * x);
-        const __m512i r1 = v1 ? _mm512_loadu_si512(v1 + 16 * x) : _mm512_setzero_si512();
-        const __m512i plo = _mm512_permutex2var_epi16(r0, lo, r1);
-        const __m512i phi = _mm512_permutex2var_epi16(r0, hi, r1);
+        __m512i plo, phi;
+        value_pairs_bf16(v0, v1, x, plo, phi);
         for (int j = 0; j < G; ++j) {
           a[j][x] = _mm512_dpbf16_ps(a[j][x], as_bh(pp[j]), as_bh(plo));
           a[j][x + 1] = _mm512_dpbf16_ps(a[j][x + 1], as_bh(pp[j]), as_bh(phi));
@@ -595,6 +598,20 @@ inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Sc
 }
 #endif
 
+// One head's scores over a wide block, si[t] = scale * sum of the lanes of dot(t): a full block of 16 keys reduced
+// at once (hsum16), a partial one key by key. (scale = 1 is exact: float32 scores are pre-scaled.)
+template <typename Dot>
+inline void wide_scores(int64_t nk, float scale, float* si, Dot dot) {
+  if (nk == 16) {
+    v16 a[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) a[t] = dot(t);
+    store(si, hsum16(a) * scale);
+  } else {
+    for (int64_t t = 0; t < nk; ++t) si[t] = hsum(dot(t)) * scale;
+  }
+}
+
 // attend_block_wide for d = 16 * DV, head by head: each head's query (scores) and accumulator (values) stay in
 // registers across the block's keys, so a (key, head) costs DV multiply-adds and loads of K or V, with no
 // accumulator traffic through memory. The block is short (kWideBlock keys) so that its rows stay in L2 while
@@ -605,7 +622,6 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
   const int64_t g = L.group, hq = L.hq;
   float* s = ws.s.data();
   const float* q = ws.q.data();
-  bool scored = false;
 #ifdef CHUNKATTN_BF16_DOT
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // bf16 dot products of the stored query and key (32 dims per instruction, no conversions), scaled after
@@ -617,47 +633,32 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
         __m512i qv[DV / 2];
 #pragma GCC unroll 8
         for (int x = 0; x < DV / 2; ++x) qv[x] = _mm512_loadu_si512(qb + i * d + 32 * x);
-        auto dot = [&](int64_t t) {
+        wide_scores(nk, L.qk_scale, s + i * kbp, [&](int64_t t) {
           const T* kr = kh + ws.krow[t] * L.kv_row;
           __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(qv[0]), as_bh(_mm512_loadu_si512(kr)));
 #pragma GCC unroll 8
           for (int x = 1; x < DV / 2; ++x)
             a = _mm512_dpbf16_ps(a, as_bh(qv[x]), as_bh(_mm512_loadu_si512(kr + 32 * x)));
           return (v16)a;
-        };
-        if (nk == 16) {
-          v16 a[16];
-#pragma GCC unroll 16
-          for (int t = 0; t < 16; ++t) a[t] = dot(t);
-          store(s + i * kbp, hsum16(a) * L.qk_scale);
-        } else {
-          for (int64_t t = 0; t < nk; ++t) s[i * kbp + t] = hsum(dot(t)) * L.qk_scale;
-        }
+        });
       }
     }
-    scored = true;
-  }
+  } else
 #endif
-  for (int64_t h = 0, i = 0; h < L.hkv && !scored; ++h) {
-    const T* kh = k + h * d;
-    for (int64_t j = 0; j < g; ++j, ++i) {
-      v16 qv[DV];
+  {
+    for (int64_t h = 0, i = 0; h < L.hkv; ++h) {
+      const T* kh = k + h * d;
+      for (int64_t j = 0; j < g; ++j, ++i) {
+        v16 qv[DV];
 #pragma GCC unroll 16
-      for (int x = 0; x < DV; ++x) qv[x] = load(q + i * d + 16 * x);
-      auto dot = [&](int64_t t) {
-        const T* kr = kh + ws.krow[t] * L.kv_row;
-        v16 a = qv[0] * load(kr);
+        for (int x = 0; x < DV; ++x) qv[x] = load(q + i * d + 16 * x);
+        wide_scores(nk, 1.f, s + i * kbp, [&](int64_t t) {
+          const T* kr = kh + ws.krow[t] * L.kv_row;
+          v16 a = qv[0] * load(kr);
 #pragma GCC unroll 16
-        for (int x = 1; x < DV; ++x) a += qv[x] * load(kr + 16 * x);
-        return a;
-      };
-      if (nk == 16) {
-        v16 a[16];
-#pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t) a[t] = dot(t);
-        store(s + i * kbp, hsum16(a));
-      } else {
-        for (int64_t t = 0; t < nk; ++t) s[i * kbp + t] = hsum(dot(t));
+          for (int x = 1; x < DV; ++x) a += qv[x] * load(kr + 16 * x);
+          return a;
+        });
       }
     }
   }
