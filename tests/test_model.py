@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from chunkattn import PrefixKVCache
+from chunkattn import PrefixKVCache, native
 from chunkattn.model import ModelConfig, UnsupportedModelError, build_model, load_model
 from helpers import run_model
 
@@ -115,24 +115,51 @@ def test_load_hf_directory_with_sharded_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 32, 129])
-def test_prepacked_linear_equals_the_plain_product(dtype, rows):
+@pytest.mark.parametrize("rows", [0, 1, 7, 32, 129])
+@pytest.mark.parametrize(("fan_in", "fan_out", "bias"), [(96, 80, True), (33, 49, False), (576, 960, False),
+                                                          (7, 1, True)])
+def test_prepacked_linear_equals_the_plain_product(dtype, rows, fan_in, fan_out, bias):
+    """Every packed layout (chunkattn's float32 panels where the CPU has AVX-512, oneDNN's otherwise) against
+    F.linear in float64: row counts across the 8-row tiles, widths across the 48-column panels (the last one
+    partial), with and without bias."""
     from chunkattn.model.layers import Linear
 
-    lin = Linear(96, 80, bias=True)
+    torch.manual_seed(rows * 1000 + fan_in)
+    lin = Linear(fan_in, fan_out, bias=bias)
     torch.nn.init.normal_(lin.weight)
-    torch.nn.init.normal_(lin.bias)
+    if bias:
+        torch.nn.init.normal_(lin.bias)
     lin = lin.to(dtype)
-    x = torch.randn(rows, 96).to(dtype)
-    plain = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    x = torch.randn(rows, fan_in).to(dtype)
+    plain = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double() if bias else None)
     assert lin.prepack() == Linear.can_prepack(lin.weight)
+    assert lin._panels == (dtype == torch.float32 and native.available() and native.linear_supported())
     with torch.inference_mode():
         out = lin(x)
+        strided = lin(torch.cat([x, x], dim=1)[:, :fan_in])  # a view with a longer row stride
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert out.dtype == dtype and rel(out.float(), plain) < tol
-    assert "_packed" not in lin.state_dict() and list(lin.state_dict()) == ["weight", "bias"]
+    assert out.dtype == dtype and out.shape == (rows, fan_out)
+    assert (rows == 0 or rel(out.double(), plain) < tol) and torch.equal(strided, out)
+    assert "_packed" not in lin.state_dict() and list(lin.state_dict()) == ["weight", "bias"][: 1 + bias]
     lin.to(torch.float32)  # moving drops the packed copy instead of using a stale one
-    assert lin._packed is None
+    assert lin._packed is None and not lin._panels
+
+
+@pytest.mark.skipif(not (native.available() and native.linear_supported()), reason="needs AVX-512")
+def test_packed_linear_refuses_mismatched_operands():
+    ops = torch.ops.chunkattn_layers
+    packed = ops.pack_linear(torch.randn(50, 16))  # 2 panels
+    x = torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear(torch.randn(3, 17), packed, 50, None)  # K differs
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear(x, packed, 97, None)  # more columns than the panels hold
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear(x, packed, 48, None)  # fewer: a whole panel would be ignored
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear(x, packed, 50, torch.randn(49))
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.linear(x.double(), packed, 50, None)
 
 
 def test_fused_projections_round_trip_to_hugging_face_names():

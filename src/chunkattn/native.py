@@ -3,8 +3,9 @@
 ``torch.utils.cpp_extension`` builds them once per machine with its C++ compiler (about 20 s; cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the CPU it runs on (``-march=native``).
 Operators: ``torch.ops.chunkattn_cpu.tpp`` (attention, see :mod:`chunkattn.attention.cpu_tpp`) and
-``torch.ops.chunkattn_layers.*`` (fused decoder layers, see :mod:`chunkattn.model.layers`). When the build
-fails (no compiler), :func:`available` is False and every caller falls back to plain PyTorch, with a warning.
+``torch.ops.chunkattn_layers.*`` (packed float32 linear products and fused elementwise layers, see
+:mod:`chunkattn.model.layers`). When the build fails (no compiler), :func:`available` is False and every
+caller falls back to plain PyTorch, with a warning.
 Set ``CHUNKATTN_NATIVE=0`` to skip the native kernels altogether.
 """
 
@@ -72,3 +73,15 @@ def available() -> bool:
     except KernelBuildError:
         return False
     return True
+
+
+
+@functools.cache
+def linear_supported() -> bool:
+    """Whether ``chunkattn_layers.linear`` (float32 products from packed panels) suits this CPU: it was built
+    with AVX-512 (on narrower vector units its register tile would spill; oneDNN does better there)."""
+    if not available():
+        return False
+    import torch
+
+    return bool(torch.ops.chunkattn_layers.linear_supported())
