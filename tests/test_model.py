@@ -115,13 +115,13 @@ def test_load_hf_directory_with_sharded_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [0, 1, 7, 32, 129])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 13, 32, 129])
 @pytest.mark.parametrize(("fan_in", "fan_out", "bias"), [(96, 80, True), (33, 49, False), (576, 960, False),
-                                                          (7, 1, True)])
+                                                          (7, 1, True), (64, 95, True), (17, 47, True), (5, 96, False)])
 def test_prepacked_linear_equals_the_plain_product(dtype, rows, fan_in, fan_out, bias):
     """Every packed layout (chunkattn's float32 panels where the CPU has AVX-512, oneDNN's otherwise) against
-    F.linear in float64: row counts across the 8-row tiles, widths across the 48-column panels (the last one
-    partial), with and without bias."""
+    F.linear in float64: row counts through every size of the 8-row tile, widths across the 48-column panels
+    (the last one partial inside each of its three vectors, or whole), with and without bias."""
     from chunkattn.model.layers import Linear
 
     torch.manual_seed(rows * 1000 + fan_in)
@@ -133,19 +133,64 @@ def test_prepacked_linear_equals_the_plain_product(dtype, rows, fan_in, fan_out,
     x = torch.randn(rows, fan_in).to(dtype)
     plain = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double() if bias else None)
     assert lin.prepack() == Linear.can_prepack(lin.weight)
-    assert lin._panels == (dtype == torch.float32 and native.available() and native.linear_supported())
+    panels = dtype == torch.float32 and native.linear_supported()
+    assert lin.packed is not None and lin.packed.kind == ("panels" if panels else "onednn")
     with torch.inference_mode():
         out = lin(x)
         strided = lin(torch.cat([x, x], dim=1)[:, :fan_in])  # a view with a longer row stride
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and out.shape == (rows, fan_out)
     assert (rows == 0 or rel(out.double(), plain) < tol) and torch.equal(strided, out)
-    assert "_packed" not in lin.state_dict() and list(lin.state_dict()) == ["weight", "bias"][: 1 + bias]
+    assert "packed" not in lin.state_dict() and list(lin.state_dict()) == ["weight", "bias"][: 1 + bias]
     lin.to(torch.float32)  # moving drops the packed copy instead of using a stale one
-    assert lin._packed is None and not lin._panels
+    assert lin.packed is None
 
 
-@pytest.mark.skipif(not (native.available() and native.linear_supported()), reason="needs AVX-512")
+def test_prepacked_linear_follows_weight_changes_and_autograd():
+    """A weight changed in place after packing (load_state_dict) is repacked, not multiplied stale; with autograd
+    on, the product is F.linear's (the packed kernels have no backward); copies leave the pack behind."""
+    import copy
+    import pickle
+
+    from chunkattn.model.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(40, 50, bias=True)
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(9, 40)
+    if not lin.prepack():
+        pytest.skip("no CPU packing here")
+    new = {"weight": torch.randn(50, 40), "bias": torch.randn(50)}
+    lin.load_state_dict(new)
+    with torch.inference_mode():
+        out = lin(x)
+    assert rel(out.double(), torch.nn.functional.linear(x.double(), new["weight"].double(), new["bias"].double())) < 1e-5
+    y = lin(x.requires_grad_())  # grad mode: F.linear, so gradients reach the weight
+    y.sum().backward()
+    assert lin.weight.grad is not None and torch.allclose(lin.weight.grad, x.detach().sum(0).expand(50, 40))
+    assert copy.deepcopy(lin).packed is None and pickle.loads(pickle.dumps(lin)).packed is None
+    assert lin.packed is not None
+
+
+@pytest.mark.skipif(not native.linear_supported(), reason="needs AVX-512")
+def test_packed_linear_op_edges_and_uneven_threads():
+    """The op itself: K = 0, N = 0, and panels split unevenly over threads (3 threads, 7 panels)."""
+    ops = torch.ops.chunkattn_layers
+    torch.manual_seed(1)
+    assert torch.equal(ops.linear(torch.randn(5, 0), ops.pack_linear(torch.randn(7, 0)), 7, None), torch.zeros(5, 7))
+    assert ops.linear(torch.randn(5, 3), ops.pack_linear(torch.randn(0, 3)), 0, None).shape == (5, 0)
+    w, x, b = torch.randn(7 * 48 - 5, 31), torch.randn(21, 31), torch.randn(7 * 48 - 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = ops.linear(x, ops.pack_linear(w), w.shape[0], b)
+    finally:
+        torch.set_num_threads(threads)
+    assert rel(out.double(), torch.nn.functional.linear(x.double(), w.double(), b.double())) < 1e-5
+
+
+@pytest.mark.skipif(not native.linear_supported(), reason="needs AVX-512")
 def test_packed_linear_refuses_mismatched_operands():
     ops = torch.ops.chunkattn_layers
     packed = ops.pack_linear(torch.randn(50, 16))  # 2 panels
@@ -156,10 +201,16 @@ def test_packed_linear_refuses_mismatched_operands():
         ops.linear(x, packed, 97, None)  # more columns than the panels hold
     with pytest.raises(RuntimeError, match="packed must be"):
         ops.linear(x, packed, 48, None)  # fewer: a whole panel would be ignored
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear(x, packed.transpose(1, 2).contiguous().transpose(1, 2), 50, None)  # not contiguous
     with pytest.raises(RuntimeError, match="bias must be"):
         ops.linear(x, packed, 50, torch.randn(49))
     with pytest.raises(RuntimeError, match="x must be"):
         ops.linear(x.double(), packed, 50, None)
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        ops.linear(x.to("meta"), packed, 50, None)  # another device: refused, not read as host memory
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        ops.pack_linear(torch.randn(50, 16, device="meta"))
 
 
 def test_fused_projections_round_trip_to_hugging_face_names():

@@ -75,7 +75,6 @@ def available() -> bool:
     return True
 
 
-
 @functools.cache
 def linear_supported() -> bool:
     """Whether ``chunkattn_layers.linear`` (float32 products from packed panels) suits this CPU: it was built

@@ -8,8 +8,8 @@
 // over its row groups (group g fetches the rows k with k % groups == g): the weight stream then overlaps the
 // arithmetic instead of stalling the first group of every panel. Decoding reads every weight once per step with
 // few rows (M = the batch), so this stream is the step's memory traffic: on the 2-core Zen 5 dev VM, SmolLM2's
-// 121 products per decode step at M = 32, weights cold, took ~22 ms against ~31 ms through oneDNN's packed
-// linear (see benchmarks/results and the README).
+// 121 products per decode step at M = 32, weights cold, took 23.5 ms against 31.3 ms through oneDNN's packed
+// linear, and it was as fast or faster from 1 to 1984 rows (prefill); see the README's results.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,13 +33,15 @@ template <int RB>
 inline void panel_tile(const float* x, int64_t K, const float* w, const float* next, int64_t group, int64_t groups,
                        const float* bias, int64_t cols, float* y, int64_t ldy) {
   v16 a[RB][kVecs] = {};
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t wait = next != nullptr ? group : K;  // k until this group's next prefetch (a count, not k % groups)
+  for (int64_t k = 0; k < K; ++k, --wait) {
     v16 wk[kVecs];
 #pragma GCC unroll 3
     for (int j = 0; j < kVecs; ++j) wk[j] = load(w + k * kPanel + 16 * j);
-    if (next != nullptr && k % groups == group) {
+    if (wait == 0) {
 #pragma GCC unroll 3
       for (int j = 0; j < kVecs; ++j) __builtin_prefetch(next + k * kPanel + 16 * j, 0, 3);
+      wait = groups;
     }
 #pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) {
@@ -80,7 +82,9 @@ inline void tile_rows(int64_t rows, std::integer_sequence<int, RB...>, const flo
 
 // w: [N, K] -> [ceil(N / 48), K, 48], zero past N.
 at::Tensor pack_linear(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_linear: weight must be a float32 [N, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
+              "pack_linear: weight must be a float32 [N, K] CPU tensor, got ", w.scalar_type(), " ", w.sizes(), " on ",
+              w.device());
   const at::Tensor wc = w.contiguous();
   const int64_t n = wc.size(0), K = wc.size(1), panels = (n + kPanel - 1) / kPanel;
   at::Tensor packed = at::zeros({panels, K, kPanel}, wc.options());
@@ -96,15 +100,19 @@ at::Tensor pack_linear(const at::Tensor& w) {
 
 // x: [M, K] float32 (contiguous rows), packed: pack_linear of a [n, K] weight, bias: [n] or none -> [M, n].
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "linear: x must be a float32 [M, K]");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
-                  packed.size(2) == kPanel && packed.size(1) == x.size(1) && packed.size(0) * kPanel >= n &&
-                  (packed.size(0) - 1) * kPanel < n,
-              "linear: packed must be pack_linear of a [n, K] float32 weight with K = x.size(1)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "linear: x must be a float32 [M, K] CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kFloat && packed.device().is_cpu() &&
+                  packed.is_contiguous() && packed.size(2) == kPanel && packed.size(1) == x.size(1) &&
+                  n >= 0 && packed.size(0) == (n + kPanel - 1) / kPanel,
+              "linear: packed must be pack_linear of a float32 [n, K] weight with n = ", n, " and K = x.size(1) = ",
+              x.size(1), " (", (n + kPanel - 1) / kPanel, " panels), got ", packed.sizes());
   const float* bp = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
-                "linear: bias must be a contiguous float32 [n]");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
+                    bias->device().is_cpu() && bias->is_contiguous(),
+                "linear: bias must be a contiguous float32 [n = ", n, "] CPU tensor, got ", bias->scalar_type(), " ",
+                bias->sizes());
     bp = bias->data_ptr<float>();
   }
   const at::Tensor xc = x.contiguous();

@@ -5,6 +5,7 @@ single-pass native kernels (:mod:`chunkattn.native`); elsewhere as PyTorch ops."
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,16 +18,28 @@ def _native(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and native.available()
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """A linear layer's weight reordered for the CPU, and the weight version it was made from."""
+
+    kind: str  # "panels" (chunkattn_layers.linear, float32) or "onednn" (mkldnn._linear_pointwise)
+    tensor: torch.Tensor  # panels: [ceil(out / 48), in, 48]; onednn: its opaque blocked layout
+    version: tuple[int, int]  # (weight._version, weight.data_ptr()) when packed: a change makes it stale
+    batch_hint: int  # the rows oneDNN tuned its layout for
+
+
 class Linear(nn.Module):
     """``y = x W^T (+ b)`` whose weight can be prepacked for the CPU.
 
     On the CPU, :meth:`prepack` reorders the weight once: float32 on CPUs with AVX-512 into chunkattn's own
-    panels (``chunkattn_layers.linear``: 8-row x 48-column register tiles over sequential weight panels, the
-    next panel prefetched while one is used), bfloat16 (and float32 elsewhere) into oneDNN's blocked layout.
-    Both beat ``F.linear`` on the thin matrices of decoding by far (measured on the dev machines: 32 x 576 x
-    3072 fp32 ~415 vs ~146 GFLOP/s through oneDNN on a Xeon; SmolLM2's whole decode step of products at 32
-    rows, weights cold, ~23 ms through chunkattn's panels vs ~31 ms through oneDNN on a Zen 5). The dense
-    ``weight`` stays the parameter (state dicts, other devices); the packed copy is not part of the state dict.
+    panels (``chunkattn_layers.linear``, see ``csrc/linear_cpu.cpp``: 8-row x 48-column register tiles over
+    sequential weight panels, the next panel prefetched while one is used), bfloat16 (and float32 elsewhere)
+    into oneDNN's blocked layout. Both beat ``F.linear`` on the thin matrices of decoding by far (on the Zen 5 dev
+    VM ``F.linear`` runs fp32 at ~146 GFLOP/s, oneDNN's packed product at ~415 on 32 x 576 x 3072; the panels
+    against oneDNN: the README's results). The packed copy is used only without autograd (inference) and is
+    not part of the state dict; the dense ``weight`` stays the parameter. A weight changed in place after
+    packing (``load_state_dict``, ``weight.data.copy_``) is repacked on the next call; moving the module to
+    another device or dtype drops the packed copy.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -34,8 +47,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self._packed: torch.Tensor | None = None
-        self._panels = False  # whether _packed holds chunkattn's panels (else oneDNN's layout)
+        self.packed: PackedWeight | None = None
 
     @staticmethod
     def can_prepack(weight: torch.Tensor) -> bool:
@@ -45,40 +57,51 @@ class Linear(nn.Module):
     @staticmethod
     def uses_panels(weight: torch.Tensor) -> bool:
         """Whether :meth:`prepack` packs this weight into chunkattn's panels (float32 CPU, AVX-512)."""
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and native.available()
-                and native.linear_supported())
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and native.linear_supported()
+
+    def _weight_version(self) -> tuple[int, int]:
+        return self.weight._version, self.weight.data_ptr()
 
     def prepack(self, batch_hint: int = 32) -> bool:
         """Pack the weight for the CPU (fp32/bf16); returns whether it did. ``batch_hint``: the rows oneDNN
-        tunes its layout for. Call again after changing ``weight``; moving the module to another device or dtype
-        drops the packed copy."""
-        self._packed, self._panels = None, False
+        tunes its layout for."""
+        self.packed = None
         if not self.can_prepack(self.weight):
             return False
         with torch.no_grad():
-            if self.uses_panels(self.weight):
-                self._packed, self._panels = torch.ops.chunkattn_layers.pack_linear(self.weight.detach()), True
+            w = self.weight.detach()
+            if self.uses_panels(w):
+                self.packed = PackedWeight("panels", torch.ops.chunkattn_layers.pack_linear(w),
+                                           self._weight_version(), batch_hint)
             else:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+                self.packed = PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint),
+                                           self._weight_version(), batch_hint)
         return True
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
-        self._packed, self._panels = None, False
+        self.packed = None
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # pickles and deep copies leave the pack behind (it is per machine)
+        return {**super().__getstate__(), "packed": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[N, in_features]`` -> ``[N, out_features]``."""
-        packed = self._packed
-        if packed is not None and x.dtype == self.weight.dtype and x.device.type == "cpu":
-            if self._panels:
-                return torch.ops.chunkattn_layers.linear(x, packed, self.out_features, self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, self.bias, "none", [], "")
-        return nn.functional.linear(x, self.weight, self.bias)
+        packed = self.packed
+        if (packed is None or x.dtype != self.weight.dtype or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return nn.functional.linear(x, self.weight, self.bias)
+        if packed.version != self._weight_version():  # changed in place since packed
+            self.prepack(packed.batch_hint)
+            packed = self.packed
+            assert packed is not None
+        if packed.kind == "panels":
+            return torch.ops.chunkattn_layers.linear(x, packed.tensor, self.out_features, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        packed = "panels" if self._panels else "onednn" if self._packed is not None else "no"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-                f", prepacked={packed}")
+                f", prepacked={self.packed.kind if self.packed is not None else 'no'}")
 
 
 class RMSNorm(nn.Module):
