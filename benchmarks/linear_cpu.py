@@ -55,11 +55,11 @@ def main() -> None:
         onednn = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
         xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
 
-        def run_onednn() -> None:
+        def run_onednn(onednn: list[torch.Tensor] = onednn, xs: dict[int, torch.Tensor] = xs) -> None:
             for w, p in zip(weights, onednn):
                 torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
 
-        def run_panels() -> None:
+        def run_panels(xs: dict[int, torch.Tensor] = xs) -> None:
             for w, p in zip(weights, panels):
                 torch.ops.chunkattn_layers.linear(xs[w.shape[1]], p, w.shape[0], None)
 
