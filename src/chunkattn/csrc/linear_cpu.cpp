@@ -8,8 +8,9 @@
 // over its row groups (group g fetches the rows k with k % groups == g): the weight stream then overlaps the
 // arithmetic instead of stalling the first group of every panel. Decoding reads every weight once per step with
 // few rows (M = the batch), so this stream is the step's memory traffic: on the 2-core Zen 5 dev VM, SmolLM2's
-// 121 products per decode step at M = 32, weights cold, took 23.5 ms against 31.3 ms through oneDNN's packed
-// linear, and it was as fast or faster from 1 to 1984 rows (prefill); see the README's results.
+// 121 products per decode step at M = 32, weights cold, took 22.5 ms against 32.2 ms through oneDNN's packed
+// linear, 0.6-0.8x its time at 1-64 rows and even at 1088-2048 (prefill); benchmarks/linear_cpu.py, results in
+// benchmarks/results/linear-cpu-2026-12-02-zen5.json.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
