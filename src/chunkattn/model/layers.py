@@ -35,11 +35,11 @@ class Linear(nn.Module):
     panels (``chunkattn_layers.linear``, see ``csrc/linear_cpu.cpp``: 8-row x 48-column register tiles over
     sequential weight panels, the next panel prefetched while one is used), bfloat16 (and float32 elsewhere)
     into oneDNN's blocked layout. Both beat ``F.linear`` on the thin matrices of decoding by far (on the Zen 5 dev
-    VM ``F.linear`` runs fp32 at ~146 GFLOP/s, oneDNN's packed product at ~415 on 32 x 576 x 3072; the panels
-    against oneDNN: the README's results). The packed copy is used only without autograd (inference) and is
-    not part of the state dict; the dense ``weight`` stays the parameter. A weight changed in place after
-    packing (``load_state_dict``, ``weight.data.copy_``) is repacked on the next call; moving the module to
-    another device or dtype drops the packed copy.
+    VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed product at ~270-310 with 32 rows and the panels
+    at ~380; ``benchmarks/linear_cpu.py``, the README's results). The packed copy is used only without autograd
+    (inference) and is not part of the state dict; the dense ``weight`` stays the parameter. A weight changed in
+    place after packing (``load_state_dict``, ``weight.data.copy_``) is repacked on the next call; moving the
+    module to another device or dtype drops the packed copy.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
