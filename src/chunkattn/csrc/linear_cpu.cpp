@@ -1,16 +1,16 @@
 // The decoder's float32 linear layers on CPUs with AVX-512: y[M, N] = x[M, K] . W[N, K]^T (+ bias), with W packed
 // once into panels of 48 output columns, [P, K, 48] (zero past N), so that a panel is one sequential stream.
 //
-// Each thread takes a range of panels; for a panel it runs the query rows in groups of 8, each group a register
+// Each thread takes a range of panels; for a panel it runs the rows of x in groups of 8, each group a register
 // tile of 8 rows x 48 columns (24 accumulators; per k three weight vectors, eight broadcasts of x, 24
-// multiply-adds) over the whole K. The panel (48 K floats: 110 KB at K = 576) is read from DRAM by the first
+// multiply-adds) over the whole K. The panel (48 x K floats: 110 KB at K = 576) is read from DRAM by the first
 // group and from L2 by the others. While it works on one panel a thread prefetches the next one, spread evenly
 // over its row groups (group g fetches the rows k with k % groups == g): the weight stream then overlaps the
 // arithmetic instead of stalling the first group of every panel. Decoding reads every weight once per step with
 // few rows (M = the batch), so this stream is the step's memory traffic: on the 2-core Zen 5 dev VM, SmolLM2's
 // 121 products per decode step at M = 32, weights cold, took 22.5 ms against 32.2 ms through oneDNN's packed
-// linear, 0.6-0.8x its time at 1-64 rows and even at 1088-2048 (prefill); benchmarks/linear_cpu.py, results in
-// benchmarks/results/linear-cpu-2026-12-02-zen5.json.
+// linear: 0.6-0.8x its time at 1-64 rows, 0.96-1.01x at 1088-2048 (prefill); benchmarks/linear_cpu.py, results
+// in benchmarks/results/linear-cpu-2026-12-02-zen5.json.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
