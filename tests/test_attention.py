@@ -142,6 +142,25 @@ def test_cpu_kernel_prefill_after_an_unaligned_cached_prefix(dtype):
     check_attention(cache, batch, 9, "cpu")
 
 
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("kv_heads,q_heads,tokens", [(1, 1, 16), (2, 2, 37), (1, 3, 6), (3, 9, 150)])
+def test_cpu_kernel_key_major_prefill(head_dim, kv_heads, q_heads, tokens):
+    """float32 tasks of >= 16 query rows take the key-major path (scores transposed, rows along the vector
+    lanes, padded to a multiple of 16): exactly 16 rows, padded tiles, a prefill after a cached prefix (a
+    block that some rows precede), causal masks inside blocks, every head size with a fixed value path."""
+    rng = torch.Generator().manual_seed(head_dim * 31 + tokens)
+    prompt = torch.randint(0, 1000, (tokens + 45,), generator=rng).tolist()
+    cache = PrefixKVCache(1, kv_heads, head_dim, chunk_size=16, max_tokens=4096, dtype=torch.float32)
+    first = cache.add_sequence(prompt[:45] + [3])
+    random_store(cache, cache.extend([first], [prompt[:45] + [3]]))
+    cache.release(first)
+    seqs = [cache.add_sequence(prompt), cache.add_sequence(prompt[:40] + prompt[45:])]
+    batch = cache.extend(seqs, [prompt[s.num_cached_tokens:] if i == 0 else (prompt[:40] + prompt[45:])[
+        s.num_cached_tokens:] for i, s in enumerate(seqs)])
+    random_store(cache, batch)
+    check_attention(cache, batch, q_heads, "cpu")
+
+
 def test_cpu_kernel_decode_steps_keep_their_workspace():
     cache, batch = shared_prompt_batch(batch=6, shared=70, private=3, chunk_size=16, head_dim=32, kv_heads=2,
                                        dtype=torch.float32, decode=True)

@@ -8,7 +8,8 @@
 //     own chunks, causally masked; it writes the output directly when nothing else contributes to its rows,
 //     else a partial;
 //   * a merge pass combines the partials of each row by online softmax.
-// Scores are kept in base 2 (the scale is multiplied by log2(e)); the returned LSE is natural-log.
+// Scores are kept in base 2 (the scale is multiplied by log2(e)); the returned LSE is natural-log. float32
+// tasks of >= 16 rows compute them key-major (see attend_block_t).
 // Arithmetic is float32 for float32 and bfloat16 storage. SIMD through GCC/Clang vector extensions, so the
 // same source compiles to AVX-512, AVX2 or NEON.
 
@@ -41,10 +42,12 @@ using namespace chunkattn;
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
 constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2; hsum16)
+constexpr int kKeysT = 12;         // keys per score tile of the key-major path (12 x 2 vectors of rows)
 
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
 struct Scratch {
   std::vector<float> q, s, kt, acc, m, l;
+  std::vector<float> qt, alpha;  // key-major path: queries transposed [d, rows16], per-row rescale factors
   std::vector<int32_t> vis;
   std::vector<uint16_t> qb, pb;  // bfloat16 storage with bf16 dot products: raw queries, probabilities
   std::vector<uint32_t> ktb;     // keys as bf16 pairs: ktb[x / 2][t] holds dims x, x + 1 of key t
@@ -52,14 +55,17 @@ struct Scratch {
   int64_t krow[kKeyBlock];  // storage row of each key of the current block
   int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
   void reserve(int64_t rows, int64_t d) {
-    const int64_t kbp = kKeyBlock;
+    const int64_t kbp = kKeyBlock, rows16 = (rows + 15) / 16 * 16;  // per-row state padded to whole vectors
     if ((int64_t)q.size() < rows * d) {
       q.resize(rows * d);
       acc.resize(rows * d);
-      s.resize(rows * kbp);
-      m.resize(rows);
-      l.resize(rows);
-      vis.resize(rows);
+    }
+    if ((int64_t)m.size() < rows16) {
+      s.resize(rows16 * (kbp + kKeysT));  // the key-major path's last tile may run past the block
+      m.resize(rows16);
+      l.resize(rows16);
+      vis.resize(rows16);
+      alpha.resize(rows16);
     }
     if ((int64_t)kt.size() < d * kbp) kt.resize(d * kbp);
   }
@@ -196,9 +202,11 @@ void scores(const Layout& L, const float* q, int64_t rows, const T* k, int64_t n
 }
 
 // acc[R, d] += P[R, nk] . V[nk, d] for RB rows of d = 16 * DV: RB x DV accumulators stay in registers; each
-// value vector is loaded once per key and used by every row.
-template <int RB, int DV, typename T>
-inline void pv_tile(const float* p, const T* v, const int64_t* krow, int64_t kv_row, int64_t nk, float* acc) {
+// value vector is loaded once per key and used by every row. P is row-major (p[i * kKeyBlock + t]) or, with
+// KeyMajor, key-major (p[t * ld + i]: the transposed scores of attend_block_t).
+template <int RB, int DV, bool KeyMajor = false, typename T>
+inline void pv_tile(const float* p, const T* v, const int64_t* krow, int64_t kv_row, int64_t nk, float* acc,
+                    int64_t ld = 0) {
   constexpr int64_t kbp = kKeyBlock, d = 16 * DV;
   v16 a[RB][DV];
 #pragma GCC unroll 8
@@ -209,7 +217,7 @@ inline void pv_tile(const float* p, const T* v, const int64_t* krow, int64_t kv_
     const T* vr = v + krow[t] * kv_row;
     v16 pb[RB];
 #pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) pb[i] = splat(p[i * kbp + t]);
+    for (int i = 0; i < RB; ++i) pb[i] = splat(KeyMajor ? p[t * ld + i] : p[i * kbp + t]);
 #pragma GCC unroll 16
     for (int x = 0; x < DV; ++x) {
       v16 vx = load(vr + 16 * x);
@@ -224,24 +232,27 @@ inline void pv_tile(const float* p, const T* v, const int64_t* krow, int64_t kv_
     for (int x = 0; x < DV; ++x) store(acc + i * d + 16 * x, a[i][x]);
 }
 
-template <int DV, typename T>
-void accumulate_fixed(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& ws) {
+// ld = 0: probabilities row-major in ws.s (scores); ld > 0: key-major with that leading dimension.
+template <int DV, bool KeyMajor = false, typename T>
+void accumulate_fixed(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& ws, int64_t ld = 0) {
   constexpr int RB = DV >= 16 ? 1 : DV >= 8 ? 3 : DV >= 4 ? 6 : 8;
   constexpr int64_t kbp = kKeyBlock, d = 16 * DV;
   const float* p = ws.s.data();
   float* acc = ws.acc.data();
+  auto rows_at = [&](int64_t i) { return p + (KeyMajor ? i : i * kbp); };
   int64_t i0 = 0;
-  for (; i0 + RB <= rows; i0 += RB) pv_tile<RB, DV>(p + i0 * kbp, v, ws.krow, L.kv_row, nk, acc + i0 * d);
-  const float* pt = p + i0 * kbp;
+  for (; i0 + RB <= rows; i0 += RB)
+    pv_tile<RB, DV, KeyMajor>(rows_at(i0), v, ws.krow, L.kv_row, nk, acc + i0 * d, ld);
+  const float* pt = rows_at(i0);
   float* at = acc + i0 * d;
   switch (rows - i0) {  // the remaining rows, fewer than RB
-    case 7: if constexpr (RB > 7) pv_tile<7, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 6: if constexpr (RB > 6) pv_tile<6, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 5: if constexpr (RB > 5) pv_tile<5, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 4: if constexpr (RB > 4) pv_tile<4, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 3: if constexpr (RB > 3) pv_tile<3, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 2: if constexpr (RB > 2) pv_tile<2, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
-    case 1: if constexpr (RB > 1) pv_tile<1, DV>(pt, v, ws.krow, L.kv_row, nk, at); break;
+    case 7: if constexpr (RB > 7) pv_tile<7, DV, KeyMajor>(pt, v, ws.krow, L.kv_row, nk, at, ld); break;
+    case 6: if constexpr (RB > 6) pv_tile<6, DV, KeyMajor>(pt, v, ws.krow, L.kv_row, nk, at, ld); break;
+    case 5: if constexpr (RB > 5) pv_tile<5, DV, KeyMajor>(pt, v, ws.krow, L.kv_row, nk, at, ld); break;
+    case 4: if constexpr (RB > 4) pv_tile<4, DV, KeyMajor>(pt, v, ws.krow, L.kv_row, nk, at, ld); break;
+    case 3: if constexpr (RB > 3) pv_tile<3, DV, KeyMajor>(pt, v, ws.krow, L.kv_row, nk, at, ld); break;
+    case 2: if constexpr (RB > 2) pv_tile<2, DV, KeyMajor>(pt, v, ws.krow, L.kv_row, nk, at, ld); break;
+    case 1: if constexpr (RB > 1) pv_tile<1, DV, KeyMajor>(pt, v, ws.krow, L.kv_row, nk, at, ld); break;
     default: break;
   }
 }
@@ -490,10 +501,138 @@ inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch
   return used;
 }
 
+// The key-major float32 path (tasks of >= 16 query rows): scores are computed transposed, S^T[t, r] with the
+// rows along the vector lanes, from queries transposed once per task (ws.qt [d, rows16]) and keys used as
+// stored (broadcast element by element). So no block of keys is repacked, and the softmax runs down the key
+// axis 16 rows at a time: maxima, sums and rescale factors are plain vector operations, with no per-row
+// horizontal reductions.
+inline bool use_key_major(const Layout& L, int64_t rows) {
+  return rows >= 16 && (L.d == 16 || L.d == 32 || L.d == 64 || L.d == 128 || L.d == 256);
+}
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// ws.qt[x, r] = ws.q[r, x] for the task's rows, zero for the padding rows up to a multiple of 16, which also get
+// an empty softmax state and see no key.
+inline void transpose_queries(const Layout& L, int64_t rows, Scratch& ws) {
+  const int64_t d = L.d, ld = round16(rows);
+  if ((int64_t)ws.qt.size() < d * ld) ws.qt.resize(d * ld);
+  for (int64_t r = 0; r < ld; ++r)
+    for (int64_t x = 0; x < d; ++x) ws.qt[x * ld + r] = r < rows ? ws.q[r * d + x] : 0.f;
+  for (int64_t r = rows; r < ld; ++r) {
+    ws.m[r] = kNegInf;
+    ws.l[r] = 0.f;
+    ws.vis[r] = 0;
+  }
+}
+
+// S^T[t0 + i, 16 RV rows] for 8 keys (kr: their K rows): per head-dim element, RV query vectors times 8 key
+// broadcasts, 8 x RV accumulators in registers.
+template <int RV>
+inline void score_tile_t(const float* qt, int64_t ld, int64_t d, const float* const* kr, float* st) {
+  v16 a[kKeysT][RV] = {};
+  for (int64_t x = 0; x < d; ++x) {
+    v16 qv[RV];
+#pragma GCC unroll 4
+    for (int j = 0; j < RV; ++j) {
+      qv[j] = load(qt + x * ld + 16 * j);
+      pin(qv[j]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kKeysT; ++i) {
+      const v16 kb = splat(kr[i][x]);
+#pragma GCC unroll 4
+      for (int j = 0; j < RV; ++j) a[i][j] += kb * qv[j];
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kKeysT; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < RV; ++j) store(st + i * ld + 16 * j, a[i][j]);
+}
+
+// The running softmax of the rows over S^T (in ws.s, leading dimension ld): keys a row does not see (t >= vis)
+// become -inf, the block's probabilities replace its scores, the accumulators are rescaled. Returns the number
+// of keys the value product must read.
+inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d, ld = round16(rows);
+  float* s = ws.s.data();
+  int64_t used = 0, least = nk;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t seen = std::min<int64_t>(ws.vis[r], nk);
+    used = std::max(used, seen);
+    least = std::min(least, seen);
+  }
+  if (!used) return 0;
+  const bool masked = least < nk || rows < ld;
+  const v16 ninf = splat(kNegInf);
+  for (int64_t r0 = 0; r0 < ld; r0 += 16) {
+    i16v vis;
+    std::memcpy(&vis, ws.vis.data() + r0, sizeof(vis));
+    v16 mx = ninf;
+    for (int64_t t = 0; t < nk; ++t) {
+      v16 x = load(s + t * ld + r0);
+      if (masked) {
+        const i16v tv = i16v{} + (int32_t)t;
+        x = tv < vis ? x : ninf;
+        store(s + t * ld + r0, x);
+      }
+      mx = x > mx ? x : mx;
+    }
+    const v16 m_old = load(ws.m.data() + r0);
+    const v16 m_new = mx > m_old ? mx : m_old;
+    const v16 m_use = m_new == ninf ? v16{} : m_new;  // a row that has seen nothing yet: exp2(-inf) = 0, not NaN
+    const v16 alpha = exp2v(m_old - m_use);
+    v16 sum = v16{};
+    for (int64_t t = 0; t < nk; ++t) {
+      const v16 e = exp2v(load(s + t * ld + r0) - m_use);
+      store(s + t * ld + r0, e);
+      sum += e;
+    }
+    store(ws.l.data() + r0, load(ws.l.data() + r0) * alpha + sum);
+    store(ws.m.data() + r0, m_new);
+    store(ws.alpha.data() + r0, alpha);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float a = ws.alpha[r];
+    if (a == 1.f) continue;
+    float* ar = ws.acc.data() + r * d;
+    const v16 av = splat(a);
+    for (int64_t x = 0; x < d; x += 16) store(ar + x, load(ar + x) * av);
+  }
+  return used;
+}
+
+// attend_block for float32 on the key-major path (use_key_major).
+inline void attend_block_t(const Layout& L, int64_t rows, const float* k, const float* v, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d, ld = round16(rows);
+  const float* kr[kKeysT];
+  for (int64_t t0 = 0; t0 < nk; t0 += kKeysT) {
+    for (int i = 0; i < kKeysT; ++i)  // keys past the block repeat its last one: their scores are never read
+      kr[i] = k + ws.krow[std::min<int64_t>(t0 + i, nk - 1)] * L.kv_row;
+    float* st = ws.s.data() + t0 * ld;
+    int64_t r0 = 0;
+    for (; r0 + 32 <= ld; r0 += 32) score_tile_t<2>(ws.qt.data() + r0, ld, d, kr, st + r0);
+    if (r0 < ld) score_tile_t<1>(ws.qt.data() + r0, ld, d, kr, st + r0);
+  }
+  const int64_t used = update_softmax_t(L, rows, nk, ws);
+  if (!used) return;
+  switch (d) {
+    case 64: return accumulate_fixed<4, true>(L, rows, v, used, ws, ld);
+    case 128: return accumulate_fixed<8, true>(L, rows, v, used, ws, ld);
+    case 32: return accumulate_fixed<2, true>(L, rows, v, used, ws, ld);
+    case 256: return accumulate_fixed<16, true>(L, rows, v, used, ws, ld);
+    default: return accumulate_fixed<1, true>(L, rows, v, used, ws, ld);
+  }
+}
+
 // One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees.
 template <typename T>
 void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t nk, Scratch& ws) {
   const int64_t d = L.d;
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_key_major(L, rows)) return attend_block_t(L, rows, k, v, nk, ws);
+  }
   bool bf16_dot = false;
 #ifdef CHUNKATTN_BF16_DOT
   if constexpr (std::is_same_v<T, c10::BFloat16>) bf16_dot = use_bf16_dot(L, rows);
@@ -765,6 +904,9 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
   if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
 #endif
   load_queries(L, q, tokens.data(), n, h, ws);
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_key_major(L, n * g)) transpose_queries(L, n * g, ws);
+  }
   const T* kh = k + h * L.d;
   const T* vh = v + h * L.d;
   int64_t nk = 0;
@@ -799,6 +941,9 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
   if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
 #endif
   load_queries(L, q, tokens, n, h, ws);
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_key_major(L, n * g)) transpose_queries(L, n * g, ws);
+  }
   const T* kh = k + h * L.d;
   const T* vh = v + h * L.d;
   int64_t nk = 0;
