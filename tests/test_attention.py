@@ -142,13 +142,13 @@ def test_cpu_kernel_prefill_after_an_unaligned_cached_prefix(dtype):
     check_attention(cache, batch, 9, "cpu")
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("kv_heads,q_heads,tokens", [(1, 1, 16), (2, 2, 37), (1, 3, 6), (3, 9, 150), (8, 8, 20)])
 def test_cpu_kernel_key_major_prefill(head_dim, kv_heads, q_heads, tokens):
-    """float32 tasks of >= 16 query rows take the key-major path (scores transposed, rows along the vector
-    lanes, padded to a multiple of 16): exactly 16 rows, padded tiles, a prefill after a cached prefix (a
-    block that some rows precede), causal masks inside blocks, every head size with a fixed value path, and
-    key rows a multiple of 4 KB apart (8 heads x 128 dims)."""
+    """float32 tasks of >= 16 query rows take the key-major path on AVX-512 CPUs (scores transposed, rows along
+    the vector lanes, padded to a multiple of 16): exactly 16 rows, padded tiles, a prefill after a cached
+    prefix (a block that some rows precede), causal masks inside blocks, every head size with a fixed value
+    path, and key rows a multiple of 4 KB apart (8 heads x 128 dims)."""
     rng = torch.Generator().manual_seed(head_dim * 31 + tokens)
     prompt = torch.randint(0, 1000, (tokens + 45,), generator=rng).tolist()
     cache = PrefixKVCache(1, kv_heads, head_dim, chunk_size=16, max_tokens=4096, dtype=torch.float32)

@@ -17,9 +17,9 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
   partial (o, m, l) slot per task and a merge pass combines them.
 
 The kernel's inner products are register-blocked tiles over keys gathered in blocks of 128 across chunks. In
-float32, a task of 16 or more query rows computes its scores transposed (12 keys x 32 rows, the rows along the
-vector lanes, keys read as stored) and runs the softmax down the key axis 16 rows at a time; smaller tasks
-pack each block of keys transposed (8 rows x 32 keys). Values: 6 rows x 64 dims at d = 64. bfloat16 uses
+float32 on AVX-512 CPUs, a task of 16 or more query rows computes its scores transposed (12 keys x 32 rows, the
+rows along the vector lanes, keys read as stored) and runs the softmax down the key axis 16 rows at a time;
+other tasks pack each block of keys transposed (8 rows x 32 keys). Values: 6 rows x 64 dims at d = 64. bfloat16 uses
 AVX512-BF16 dot products where the CPU has them.
 """
 

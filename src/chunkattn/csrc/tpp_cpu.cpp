@@ -506,8 +506,16 @@ inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch
 // stored (broadcast element by element). So no block of keys is repacked, and the softmax runs down the key
 // axis 16 rows at a time: maxima, sums and rescale factors are plain vector operations, with no per-row
 // horizontal reductions.
+// AVX-512 only: its 12 x 2 score accumulators fill 24 of the 32 vector registers (AVX2 and NEON have 16, and a
+// 16-float vector takes two or four of them); elsewhere the packed path runs, as measured before.
 inline bool use_key_major(const Layout& L, int64_t rows) {
+#ifdef __AVX512F__
   return rows >= 16 && (L.d == 16 || L.d == 32 || L.d == 64 || L.d == 128 || L.d == 256);
+#else
+  (void)L;
+  (void)rows;
+  return false;
+#endif
 }
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -526,8 +534,8 @@ inline void transpose_queries(const Layout& L, int64_t rows, Scratch& ws) {
   }
 }
 
-// S^T[t0 + i, 16 RV rows] for 8 keys (kr: their K rows): per head-dim element, RV query vectors times 8 key
-// broadcasts, 8 x RV accumulators in registers.
+// S^T[t0 + i, 16 RV rows] for kKeysT keys (kr: their K rows): per head-dim element, RV query vectors times
+// kKeysT key broadcasts, kKeysT x RV accumulators in registers.
 template <int RV>
 inline void score_tile_t(const float* qt, int64_t ld, int64_t d, const float* const* kr, float* st) {
   v16 a[kKeysT][RV] = {};
