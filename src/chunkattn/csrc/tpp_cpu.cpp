@@ -8,8 +8,8 @@
 //     own chunks, causally masked; it writes the output directly when nothing else contributes to its rows,
 //     else a partial;
 //   * a merge pass combines the partials of each row by online softmax.
-// Scores are kept in base 2 (the scale is multiplied by log2(e)); the returned LSE is natural-log. float32
-// tasks of >= 16 rows compute them key-major (see attend_block_t).
+// Scores are kept in base 2 (the scale is multiplied by log2(e)); the returned LSE is natural-log. float32 on
+// AVX-512: tasks of >= 16 rows compute them key-major (see attend_block_t).
 // Arithmetic is float32 for float32 and bfloat16 storage. SIMD through GCC/Clang vector extensions, so the
 // same source compiles to AVX-512, AVX2 or NEON.
 
