@@ -155,9 +155,9 @@ def test_cpu_kernel_key_major_prefill(head_dim, kv_heads, q_heads, tokens):
     first = cache.add_sequence(prompt[:45] + [3])
     random_store(cache, cache.extend([first], [prompt[:45] + [3]]))
     cache.release(first)
-    seqs = [cache.add_sequence(prompt), cache.add_sequence(prompt[:40] + prompt[45:])]
-    batch = cache.extend(seqs, [prompt[s.num_cached_tokens:] if i == 0 else (prompt[:40] + prompt[45:])[
-        s.num_cached_tokens:] for i, s in enumerate(seqs)])
+    prompts = [prompt, prompt[:40] + prompt[45:]]
+    seqs = [cache.add_sequence(p) for p in prompts]
+    batch = cache.extend(seqs, [p[s.num_cached_tokens:] for s, p in zip(seqs, prompts)])
     random_store(cache, batch)
     check_attention(cache, batch, q_heads, "cpu")
 

@@ -44,6 +44,8 @@ constexpr int kPackRows = 4;       // from this many query rows on, scores use t
 constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2; hsum16)
 constexpr int kKeysT = 12;         // keys per score tile of the key-major path (12 x 2 vectors of rows)
 
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
 struct Scratch {
   std::vector<float> q, s, kt, acc, m, l;
@@ -55,7 +57,7 @@ struct Scratch {
   int64_t krow[kKeyBlock];  // storage row of each key of the current block
   int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
   void reserve(int64_t rows, int64_t d) {
-    const int64_t kbp = kKeyBlock, rows16 = (rows + 15) / 16 * 16;  // per-row state padded to whole vectors
+    const int64_t kbp = kKeyBlock, rows16 = round16(rows);  // per-row state padded to whole vectors
     if ((int64_t)q.size() < rows * d) {
       q.resize(rows * d);
       acc.resize(rows * d);
@@ -232,7 +234,7 @@ inline void pv_tile(const float* p, const T* v, const int64_t* krow, int64_t kv_
     for (int x = 0; x < DV; ++x) store(acc + i * d + 16 * x, a[i][x]);
 }
 
-// ld = 0: probabilities row-major in ws.s (scores); ld > 0: key-major with that leading dimension.
+// The probabilities are in ws.s, row-major, or with KeyMajor key-major with leading dimension ld.
 template <int DV, bool KeyMajor = false, typename T>
 void accumulate_fixed(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& ws, int64_t ld = 0) {
   constexpr int RB = DV >= 16 ? 1 : DV >= 8 ? 3 : DV >= 4 ? 6 : 8;
@@ -257,16 +259,19 @@ void accumulate_fixed(const Layout& L, int64_t rows, const T* v, int64_t nk, Scr
   }
 }
 
-template <typename T>
-void accumulate(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& ws) {
+// acc += P . V over the block's first nk keys. Key-major probabilities come only with the head sizes that have a
+// fixed path (use_key_major).
+template <bool KeyMajor = false, typename T>
+void accumulate(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& ws, int64_t ld = 0) {
   switch (L.d) {
-    case 64: return accumulate_fixed<4>(L, rows, v, nk, ws);
-    case 128: return accumulate_fixed<8>(L, rows, v, nk, ws);
-    case 32: return accumulate_fixed<2>(L, rows, v, nk, ws);
-    case 256: return accumulate_fixed<16>(L, rows, v, nk, ws);
-    case 16: return accumulate_fixed<1>(L, rows, v, nk, ws);
+    case 64: return accumulate_fixed<4, KeyMajor>(L, rows, v, nk, ws, ld);
+    case 128: return accumulate_fixed<8, KeyMajor>(L, rows, v, nk, ws, ld);
+    case 32: return accumulate_fixed<2, KeyMajor>(L, rows, v, nk, ws, ld);
+    case 256: return accumulate_fixed<16, KeyMajor>(L, rows, v, nk, ws, ld);
+    case 16: return accumulate_fixed<1, KeyMajor>(L, rows, v, nk, ws, ld);
     default: break;
   }
+  if constexpr (KeyMajor) TORCH_CHECK(false, "key-major value product for head size ", L.d);
   const int64_t d = L.d, kbp = kKeyBlock;
   const float* p = ws.s.data();
   float* acc = ws.acc.data();
@@ -518,8 +523,6 @@ inline bool use_key_major(const Layout& L, int64_t rows) {
 #endif
 }
 
-inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-
 // ws.qt[x, r] = ws.q[r, x] for the task's rows, zero for the padding rows up to a multiple of 16, which also get
 // an empty softmax state and see no key.
 inline void transpose_queries(const Layout& L, int64_t rows, Scratch& ws) {
@@ -624,14 +627,7 @@ inline void attend_block_t(const Layout& L, int64_t rows, const float* k, const 
     if (r0 < ld) score_tile_t<1>(ws.qt.data() + r0, ld, d, kr, st + r0);
   }
   const int64_t used = update_softmax_t(L, rows, nk, ws);
-  if (!used) return;
-  switch (d) {
-    case 64: return accumulate_fixed<4, true>(L, rows, v, used, ws, ld);
-    case 128: return accumulate_fixed<8, true>(L, rows, v, used, ws, ld);
-    case 32: return accumulate_fixed<2, true>(L, rows, v, used, ws, ld);
-    case 256: return accumulate_fixed<16, true>(L, rows, v, used, ws, ld);
-    default: return accumulate_fixed<1, true>(L, rows, v, used, ws, ld);
-  }
+  if (used) accumulate<true>(L, rows, v, used, ws, ld);
 }
 
 // One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees.
