@@ -147,6 +147,59 @@ def test_prepacked_linear_equals_the_plain_product(dtype, rows, fan_in, fan_out,
     assert lin.packed is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,fan_in,inner", [(1, 16, 24), (8, 64, 1), (9, 33, 25), (17, 576, 40), (3, 20, 48),
+                                               (0, 8, 5), (13, 7, 71)])
+def test_gate_up_linear_equals_silu_of_gate_times_up(dtype, rows, fan_in, inner):
+    """The MLP's fused gate/up layer (one float32 kernel with SiLU-and-multiply in its epilogue where the CPU has
+    AVX-512; the product, then silu_and_mul otherwise) against F.silu(x W_gate^T) * (x W_up^T) in float64: row
+    counts through the 8-row tile, I across the panels' 24 outputs (the last panel partial inside its first or
+    second vector, or whole), the sigmoid's saturated ends."""
+    from chunkattn.model.layers import GateUpLinear
+
+    torch.manual_seed(rows * 1000 + inner)
+    lin = GateUpLinear(fan_in, inner)
+    torch.nn.init.normal_(lin.weight, std=fan_in ** -0.5)
+    lin = lin.to(dtype)
+    with torch.no_grad():
+        lin.weight[0] *= 300  # gate 0 of every row far out on either side of zero: the sigmoid saturates
+    x = (torch.randn(rows, fan_in) * 3).to(dtype)
+    ref = torch.nn.functional.linear(x.double(), lin.weight.double())
+    ref = torch.nn.functional.silu(ref[:, :inner]) * ref[:, inner:]
+    assert lin.prepack() == GateUpLinear.can_prepack(lin.weight)
+    panels = dtype == torch.float32 and native.linear_supported()
+    assert lin.packed is None or lin.packed.kind == ("panels" if panels else "onednn")
+    with torch.inference_mode():
+        out = lin(x)
+        strided = lin(torch.cat([x, x], dim=1)[:, :fan_in])
+    assert out.dtype == dtype and out.shape == (rows, inner)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.equal(strided, out) and torch.isfinite(out).all()
+
+    def close(y: torch.Tensor) -> bool:  # the saturated column apart (its size would hide the others' errors)
+        y = y.detach().double()
+        return rows == 0 or (torch.allclose(y[:, 0], ref[:, 0], rtol=tol, atol=1e-6)  # silu(-400) * u ~ 0
+                             and (inner == 1 or rel(y[:, 1:], ref[:, 1:]) < tol))
+
+    assert close(out)
+    unpacked = GateUpLinear(fan_in, inner).to(dtype)
+    unpacked.load_state_dict(lin.state_dict())
+    assert close(unpacked(x))  # the dense path: the product, then silu_and_mul
+
+
+@pytest.mark.skipif(not native.linear_supported(), reason="needs AVX-512")
+def test_gate_up_op_refuses_mismatched_operands():
+    ops = torch.ops.chunkattn_layers
+    with pytest.raises(RuntimeError, match="gate; up"):
+        ops.pack_gate_up(torch.randn(7, 16))  # an odd number of rows is no [gate; up] pair
+    packed = ops.pack_gate_up(torch.randn(2 * 30, 16))  # I = 30: 2 panels of 24 outputs
+    with pytest.raises(RuntimeError, match="packed must be pack_gate_up"):
+        ops.linear_silu_mul(torch.randn(3, 16), packed, 49)  # 3 panels' worth
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear_silu_mul(torch.randn(3, 15), packed, 30)  # K mismatch
+    assert ops.linear_silu_mul(torch.randn(3, 16), packed, 30).shape == (3, 30)
+
+
 def test_prepacked_linear_follows_weight_changes_and_autograd():
     """A weight changed in place after packing (load_state_dict) is repacked, not multiplied stale; with autograd
     on, the product is F.linear's (the packed kernels have no backward); copies leave the pack behind."""

@@ -16,12 +16,6 @@ namespace {
 
 using namespace chunkattn;
 
-// 2^x for x <= 126 (clamped above), for the sigmoid.
-inline v16 exp2_clamped(v16 x) {
-  const v16 hi = splat(126.0f);
-  return exp2v(x > hi ? hi : x);
-}
-
 // x: [N, W]; the first `heads` heads of size d = 2 * cos.size(1) in each row rotate in place (rotate-half, as
 // Hugging Face's Llama): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. cos, sin: [N, d / 2] float32.
 template <typename T>
@@ -74,8 +68,7 @@ void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
       T* o = op + r * inner;
       int64_t i = 0;
       for (; i + 16 <= inner; i += 16) {
-        const v16 gv = load(g + i);
-        store(o + i, gv / (1.0f + exp2_clamped(gv * -kLog2e)) * load(u + i));
+        store(o + i, silu(load(g + i)) * load(u + i));
       }
       for (; i < inner; ++i) {
         const float gv = static_cast<float>(g[i]);

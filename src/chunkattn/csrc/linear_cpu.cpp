@@ -11,6 +11,10 @@
 // 121 products per decode step at M = 32, weights cold, took 22.5 ms against 32.2 ms through oneDNN's packed
 // linear: 0.6-0.8x its time at 1-64 rows, 0.96-1.01x at 1088-2048 (prefill); benchmarks/linear_cpu.py, results
 // in benchmarks/results/linear-cpu-2026-12-02-zen5.json.
+//
+// The MLP's gate and up projections run as one product whose panels interleave them (pack_gate_up: 24 gate and
+// the same 24 up columns per panel), and each register tile's epilogue writes silu(gate) * up: the [M, 2I]
+// product is never stored, only its [M, I] activation (linear_silu_mul).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,9 +32,14 @@ constexpr int kPanel = 48;  // output columns per panel: 3 vectors
 constexpr int kVecs = kPanel / 16;
 constexpr int kRows = 8;  // query rows per register tile
 
+// How a register tile's sums a[i, 0..47] become output: stored (the columns c < cols), or, for a gate/up panel
+// (pack_gate_up: lanes 0-23 gate, 24-47 up), y[i, c] = silu(a[i, c]) * a[i, 24 + c] for c < cols <= 24.
+enum class Epilogue { kStore, kSiluMul };
+constexpr int kHalf = kPanel / 2;
+
 // y[i, c] (+)= sum_k x[i, k] w[k, c] for RB rows and the panel's 48 columns c < cols (the rest are padding);
 // prefetches next[k, :] for the k with k % groups == group.
-template <int RB>
+template <int RB, Epilogue E>
 inline void panel_tile(const float* x, int64_t K, const float* w, const float* next, int64_t group, int64_t groups,
                        const float* bias, int64_t cols, float* y, int64_t ldy) {
   v16 a[RB][kVecs] = {};
@@ -61,6 +70,16 @@ inline void panel_tile(const float* x, int64_t K, const float* w, const float* n
       for (int i = 0; i < RB; ++i) a[i][j] += bv;
     }
   }
+  if constexpr (E == Epilogue::kSiluMul) {
+    for (int i = 0; i < RB; ++i) {
+      float row[kPanel + 16] = {}, out[2 * 16];  // row[48..63]: read past the up half by the second vector, unused
+      for (int j = 0; j < kVecs; ++j) store(row + 16 * j, a[i][j]);
+      store(out, silu(load(row)) * load(row + kHalf));
+      store(out + 16, silu(load(row + 16)) * load(row + kHalf + 16));
+      std::copy(out, out + cols, y + i * ldy);
+    }
+    return;
+  }
   if (cols == kPanel) {
     for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 3
@@ -74,48 +93,58 @@ inline void panel_tile(const float* x, int64_t K, const float* w, const float* n
   }
 }
 
-template <int... RB>
+template <Epilogue E, int... RB>
 inline void tile_rows(int64_t rows, std::integer_sequence<int, RB...>, const float* x, int64_t K, const float* w,
                       const float* next, int64_t group, int64_t groups, const float* bias, int64_t cols, float* y,
                       int64_t ldy) {
-  ((rows == RB + 1 ? panel_tile<RB + 1>(x, K, w, next, group, groups, bias, cols, y, ldy) : void()), ...);
+  ((rows == RB + 1 ? panel_tile<RB + 1, E>(x, K, w, next, group, groups, bias, cols, y, ldy) : void()), ...);
 }
 
-// w: [N, K] -> [ceil(N / 48), K, 48], zero past N.
-at::Tensor pack_linear(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
-              "pack_linear: weight must be a float32 [N, K] CPU tensor, got ", w.scalar_type(), " ", w.sizes(), " on ",
+// Columns of output per panel: 48 stored, or 24 of silu(gate) * up.
+template <Epilogue E>
+constexpr int64_t kOutCols = E == Epilogue::kStore ? kPanel : kHalf;
+
+// w: [N, K] -> panels [P, K, 48], zero padded. kStore: P = ceil(N / 48), panel p = rows 48p.. of w. kSiluMul:
+// w = [gate; up], [2I, K], P = ceil(I / 24), panel p = gate rows 24p.. in lanes 0-23 and up rows I + 24p.. in
+// lanes 24-47.
+template <Epilogue E>
+at::Tensor pack(const at::Tensor& w, const char* op) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), op,
+              ": weight must be a float32 [N, K] CPU tensor, got ", w.scalar_type(), " ", w.sizes(), " on ",
               w.device());
+  TORCH_CHECK(E == Epilogue::kStore || w.size(0) % 2 == 0, op, ": weight must be [gate; up], [2 I, K], got ",
+              w.sizes());
   const at::Tensor wc = w.contiguous();
-  const int64_t n = wc.size(0), K = wc.size(1), panels = (n + kPanel - 1) / kPanel;
+  const int64_t K = wc.size(1), n = E == Epilogue::kStore ? wc.size(0) : wc.size(0) / 2;
+  const int64_t panels = (n + kOutCols<E> - 1) / kOutCols<E>;
   at::Tensor packed = at::zeros({panels, K, kPanel}, wc.options());
   const float* src = wc.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
-      for (int64_t c = 0; c < kPanel && p * kPanel + c < n; ++c)
-        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kPanel + c] = src[(p * kPanel + c) * K + k];
+      for (int64_t c = 0; c < kPanel; ++c) {
+        // the weight row in lane c: output column i of this panel, of the gate or the up half
+        const int64_t i = E == Epilogue::kStore ? p * kPanel + c : p * kHalf + c % kHalf;
+        if (i >= n) continue;
+        const int64_t r = E == Epilogue::kSiluMul && c >= kHalf ? n + i : i;
+        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kPanel + c] = src[r * K + k];
+      }
   });
   return packed;
 }
 
-// x: [M, K] float32 (contiguous rows), packed: pack_linear of a [n, K] weight, bias: [n] or none -> [M, n].
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "linear: x must be a float32 [M, K] CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+// x: [M, K] float32 (contiguous rows), packed: pack<E> of a weight with n output columns -> [M, n].
+template <Epilogue E>
+at::Tensor run(const at::Tensor& x, const at::Tensor& packed, int64_t n, const float* bias, const char* op,
+               const char* pack_op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), op,
+              ": x must be a float32 [M, K] CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  const int64_t want = n >= 0 ? (n + kOutCols<E> - 1) / kOutCols<E> : -1;
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kFloat && packed.device().is_cpu() &&
                   packed.is_contiguous() && packed.size(2) == kPanel && packed.size(1) == x.size(1) &&
-                  n >= 0 && packed.size(0) == (n + kPanel - 1) / kPanel,
-              "linear: packed must be pack_linear of a float32 [n, K] weight with n = ", n, " and K = x.size(1) = ",
-              x.size(1), " (", (n + kPanel - 1) / kPanel, " panels), got ", packed.sizes());
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
-                    bias->device().is_cpu() && bias->is_contiguous(),
-                "linear: bias must be a contiguous float32 [n = ", n, "] CPU tensor, got ", bias->scalar_type(), " ",
-                bias->sizes());
-    bp = bias->data_ptr<float>();
-  }
+                  n >= 0 && packed.size(0) == want,
+              op, ": packed must be ", pack_op, " of a float32 weight with n = ", n, " outputs and K = x.size(1) = ",
+              x.size(1), " (", want, " panels of ", kOutCols<E>, " outputs), got ", packed.sizes());
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), panels = packed.size(0);
   at::Tensor y = at::empty({M, n}, xc.options());
@@ -128,16 +157,41 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
     for (int64_t p = begin; p < end; ++p) {
       const float* w = wp + p * K * kPanel;
       const float* next = p + 1 < end ? w + K * kPanel : nullptr;
-      const int64_t cols = std::min<int64_t>(kPanel, n - p * kPanel);
-      const float* b = bp != nullptr ? bp + p * kPanel : nullptr;
+      const int64_t c0 = p * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
+      const float* b = bias != nullptr ? bias + c0 : nullptr;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t r0 = g * kRows, rows = std::min<int64_t>(kRows, M - r0);
-        tile_rows(rows, std::make_integer_sequence<int, kRows>{}, xp + r0 * K, K, w, next, g, groups, b, cols,
-                  yp + r0 * n + p * kPanel, n);
+        tile_rows<E>(rows, std::make_integer_sequence<int, kRows>{}, xp + r0 * K, K, w, next, g, groups, b, cols,
+                     yp + r0 * n + c0, n);
       }
     }
   });
   return y;
+}
+
+// w: [N, K] -> [ceil(N / 48), K, 48].
+at::Tensor pack_linear(const at::Tensor& w) { return pack<Epilogue::kStore>(w, "pack_linear"); }
+
+// x . w^T (+ bias): x [M, K], packed: pack_linear of a [n, K] weight, bias: [n] or none -> [M, n].
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
+                    bias->device().is_cpu() && bias->is_contiguous(),
+                "linear: bias must be a contiguous float32 [n = ", n, "] CPU tensor, got ", bias->scalar_type(), " ",
+                bias->sizes());
+    bp = bias->data_ptr<float>();
+  }
+  return run<Epilogue::kStore>(x, packed, n, bp, "linear", "pack_linear");
+}
+
+// w = [gate; up]: [2I, K] -> [ceil(I / 24), K, 48].
+at::Tensor pack_gate_up(const at::Tensor& w) { return pack<Epilogue::kSiluMul>(w, "pack_gate_up"); }
+
+// silu(x . gate^T) * (x . up^T): x [M, K], packed: pack_gate_up of [gate; up], [2I, K] -> [M, I]. The [M, 2I]
+// product is never stored.
+at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t inner) {
+  return run<Epilogue::kSiluMul>(x, packed, inner, nullptr, "linear_silu_mul", "pack_gate_up");
 }
 
 bool linear_supported() {
@@ -153,5 +207,7 @@ bool linear_supported() {
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("pack_linear(Tensor w) -> Tensor", &pack_linear);
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor", &linear);
+  m.def("pack_gate_up(Tensor w) -> Tensor", &pack_gate_up);
+  m.def("linear_silu_mul(Tensor x, Tensor packed, int inner) -> Tensor", &linear_silu_mul);
   m.def("linear_supported() -> bool", &linear_supported);
 }

@@ -71,12 +71,14 @@ class Linear(nn.Module):
         with torch.no_grad():
             w = self.weight.detach()
             if self.uses_panels(w):
-                self.packed = PackedWeight("panels", torch.ops.chunkattn_layers.pack_linear(w),
-                                           self._weight_version(), batch_hint)
+                self.packed = PackedWeight("panels", self._pack_panels(w), self._weight_version(), batch_hint)
             else:
                 self.packed = PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint),
                                            self._weight_version(), batch_hint)
         return True
+
+    def _pack_panels(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.chunkattn_layers.pack_linear(w)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
         self.packed = None
@@ -85,16 +87,24 @@ class Linear(nn.Module):
     def __getstate__(self) -> dict:  # pickles and deep copies leave the pack behind (it is per machine)
         return {**super().__getstate__(), "packed": None}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[N, in_features]`` -> ``[N, out_features]``."""
+    def _usable_pack(self, x: torch.Tensor) -> PackedWeight | None:
+        """The pack to multiply ``x`` with (repacked first if the weight changed in place), or None: use the
+        dense weight (no pack, another dtype or device, or autograd)."""
         packed = self.packed
         if (packed is None or x.dtype != self.weight.dtype or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return nn.functional.linear(x, self.weight, self.bias)
+            return None
         if packed.version != self._weight_version():  # changed in place since packed
             self.prepack(packed.batch_hint)
             packed = self.packed
             assert packed is not None
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, in_features]`` -> ``[N, out_features]``."""
+        packed = self._usable_pack(x)
+        if packed is None:
+            return nn.functional.linear(x, self.weight, self.bias)
         if packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear(x, packed.tensor, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, self.bias, "none", [], "")
@@ -142,6 +152,32 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return torch.ops.chunkattn_layers.silu_and_mul(gate_up)
     half = gate_up.shape[-1] // 2
     return nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
+
+
+class GateUpLinear(Linear):
+    """An MLP's gate and up projections and its activation as one layer: ``x: [N, in_features]`` ->
+    ``silu(x W_gate^T) * (x W_up^T)``, ``[N, intermediate_size]``.
+
+    ``weight`` is ``[W_gate; W_up]``, ``[2 intermediate_size, in_features]``, as for a plain fused gate/up
+    projection (checkpoints load the same way). On chunkattn's float32 panels the product and the activation are
+    one kernel (``chunkattn_layers.linear_silu_mul``: each panel holds 24 gate and the same 24 up columns, and the
+    register tile's epilogue applies SiLU-and-multiply), so the ``[N, 2 intermediate_size]`` product is never
+    stored; elsewhere it is the product, then :func:`silu_and_mul`.
+    """
+
+    def __init__(self, in_features: int, intermediate_size: int):
+        super().__init__(in_features, 2 * intermediate_size, bias=False)
+        self.intermediate_size = intermediate_size
+
+    def _pack_panels(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.chunkattn_layers.pack_gate_up(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, in_features]`` -> ``[N, intermediate_size]``."""
+        packed = self._usable_pack(x)
+        if packed is not None and packed.kind == "panels":
+            return torch.ops.chunkattn_layers.linear_silu_mul(x, packed.tensor, self.intermediate_size)
+        return silu_and_mul(super().forward(x))
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from chunkattn.attention.backend import AttentionBackend
 from chunkattn.model.config import ModelConfig
-from chunkattn.model.layers import Linear, RMSNorm, apply_rope_, rope_cos_sin, rope_inv_freq, silu_and_mul
+from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, apply_rope_, rope_cos_sin, rope_inv_freq
 
 
 class Attention(nn.Module):
@@ -40,11 +40,11 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size)  # SiLU-and-multiply included
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [N, 2 I] -> [N, I] -> [N, hidden]
+        return self.down_proj(self.gate_up_proj(x))  # [N, hidden] -> [N, I] -> [N, hidden]
 
 
 class DecoderLayer(nn.Module):
