@@ -127,8 +127,8 @@ inline v16 exp2v(v16 x) {
 
 inline float exp2s(float x) { return x < -126.0f ? 0.0f : __builtin_exp2f(x); }
 
-// silu(g) = g * sigmoid(g) = g / (1 + e^-g), e^-g as 2^(-g log2 e) clamped at 2^126: g far below zero gives -0,
-// not NaN (inf / inf).
+// silu(g) = g * sigmoid(g) = g / (1 + e^-g), e^-g as 2^(-g log2 e) clamped at 2^126 (~8.5e37), so g far below
+// zero gives g / 8.5e37 (~0 for any activation a model produces) instead of NaN (inf / inf).
 inline v16 silu(v16 g) {
   const v16 t = g * -kLog2e, hi = splat(126.0f);
   return g / (1.0f + exp2v(t > hi ? hi : t));

@@ -22,8 +22,8 @@ def _native(x: torch.Tensor) -> bool:
 class PackedWeight:
     """A linear layer's weight reordered for the CPU, and the weight version it was made from."""
 
-    kind: str  # "panels" (chunkattn_layers.linear, float32) or "onednn" (mkldnn._linear_pointwise)
-    tensor: torch.Tensor  # panels: [ceil(out / 48), in, 48]; onednn: its opaque blocked layout
+    kind: str  # "panels" (chunkattn_layers.linear / linear_silu_mul, float32) or "onednn" (mkldnn._linear_pointwise)
+    tensor: torch.Tensor  # panels: [ceil(out / 48), in, 48] (GateUpLinear: [ceil(I / 24), in, 48]); onednn: opaque
     version: tuple[int, int]  # (weight._version, weight.data_ptr()) when packed: a change makes it stale
     batch_hint: int  # the rows oneDNN tuned its layout for
 
