@@ -72,11 +72,23 @@ inline void panel_tile(const float* x, int64_t K, const float* w, const float* n
   }
   if constexpr (E == Epilogue::kSiluMul) {
     for (int i = 0; i < RB; ++i) {
-      float row[kPanel + 16] = {}, out[2 * 16];  // row[48..63]: read past the up half by the second vector, unused
-      for (int j = 0; j < kVecs; ++j) store(row + 16 * j, a[i][j]);
-      store(out, silu(load(row)) * load(row + kHalf));
-      store(out + 16, silu(load(row + 16)) * load(row + kHalf + 16));
-      std::copy(out, out + cols, y + i * ldy);
+      // gate = lanes 0-23 (a[i][0], a[i][1] lanes 0-7), up = lanes 24-47 (a[i][1] lanes 8-15, a[i][2]): the up
+      // halves are two permutes of the registers, not a round trip through memory
+      const v16 up0 = __builtin_shufflevector(a[i][1], a[i][2], 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+                                              21, 22, 23);
+      const v16 up1 = __builtin_shufflevector(a[i][2], a[i][2], 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13,
+                                              14, 15);
+      const v16 o0 = silu(a[i][0]) * up0, o1 = silu(a[i][1]) * up1;  // o1: lanes 0-7 are outputs 16-23
+      float* yi = y + i * ldy;
+      if (cols == kHalf) {
+        store(yi, o0);
+        for (int c = 0; c < 8; ++c) yi[16 + c] = o1[c];
+        continue;
+      }
+      float out[2 * 16];  // the last panel of an I that is not a multiple of 24
+      store(out, o0);
+      store(out + 16, o1);
+      std::copy(out, out + cols, yi);
     }
     return;
   }
