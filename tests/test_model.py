@@ -200,6 +200,26 @@ def test_gate_up_op_refuses_mismatched_operands():
     assert ops.linear_silu_mul(torch.randn(3, 16), packed, 30).shape == (3, 30)
 
 
+@pytest.mark.skipif(not native.linear_supported(), reason="needs AVX-512")
+def test_gate_up_op_edges_and_uneven_threads():
+    """The fused op itself: K = 0 (silu(0) * 0), I = 0, and 7 panels split unevenly over 3 threads."""
+    ops = torch.ops.chunkattn_layers
+    torch.manual_seed(2)
+    assert torch.equal(ops.linear_silu_mul(torch.randn(5, 0), ops.pack_gate_up(torch.randn(14, 0)), 7),
+                       torch.zeros(5, 7))
+    assert ops.linear_silu_mul(torch.randn(5, 3), ops.pack_gate_up(torch.randn(0, 3)), 0).shape == (5, 0)
+    inner = 7 * 24 - 5
+    w, x = torch.randn(2 * inner, 31), torch.randn(21, 31)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = ops.linear_silu_mul(x, ops.pack_gate_up(w), inner)
+    finally:
+        torch.set_num_threads(threads)
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    assert rel(out.double(), torch.nn.functional.silu(ref[:, :inner]) * ref[:, inner:]) < 1e-5
+
+
 def test_prepacked_linear_follows_weight_changes_and_autograd():
     """A weight changed in place after packing (load_state_dict) is repacked, not multiplied stale; with autograd
     on, the product is F.linear's (the packed kernels have no backward); copies leave the pack behind."""
