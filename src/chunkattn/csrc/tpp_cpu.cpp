@@ -839,7 +839,8 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
   }
 }
 
-// Pack the query rows of `tokens` (GQA group of K/V head h) scaled into ws.q; reset the softmax state.
+// Pack the query rows of `tokens` (GQA group of K/V head h) scaled into ws.q (and, for the key-major path,
+// transposed into ws.qt); reset the softmax state.
 template <typename T>
 void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t num_tokens, int64_t h, Scratch& ws) {
   const int64_t d = L.d, g = L.group;
@@ -856,6 +857,9 @@ void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t nu
   std::fill(ws.acc.begin(), ws.acc.begin() + rows * d, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + rows, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + rows, 0.f);
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_key_major(L, rows)) transpose_queries(L, rows, ws);  // attend_block will take the key-major path
+  }
 }
 
 // Write each row's result: normalised output + natural-log LSE, or the raw partial (o, m, l) of a slot.
@@ -908,9 +912,6 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
   if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
 #endif
   load_queries(L, q, tokens.data(), n, h, ws);
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_key_major(L, n * g)) transpose_queries(L, n * g, ws);
-  }
   const T* kh = k + h * L.d;
   const T* vh = v + h * L.d;
   int64_t nk = 0;
@@ -945,9 +946,6 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
   if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
 #endif
   load_queries(L, q, tokens, n, h, ws);
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_key_major(L, n * g)) transpose_queries(L, n * g, ws);
-  }
   const T* kh = k + h * L.d;
   const T* vh = v + h * L.d;
   int64_t nk = 0;

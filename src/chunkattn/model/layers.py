@@ -102,7 +102,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[N, in_features]`` -> ``[N, out_features]``."""
-        packed = self._usable_pack(x)
+        return self._product(x, self._usable_pack(x))
+
+    def _product(self, x: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
+        """``x W^T (+ b)`` from ``packed`` (a pack of :meth:`_usable_pack`), or the dense weight when None."""
         if packed is None:
             return nn.functional.linear(x, self.weight, self.bias)
         if packed.kind == "panels":
@@ -177,7 +180,7 @@ class GateUpLinear(Linear):
         packed = self._usable_pack(x)
         if packed is not None and packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear_silu_mul(x, packed.tensor, self.intermediate_size)
-        return silu_and_mul(super().forward(x))
+        return silu_and_mul(self._product(x, packed))
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
