@@ -162,6 +162,44 @@ def test_cpu_kernel_key_major_prefill(head_dim, kv_heads, q_heads, tokens):
     check_attention(cache, batch, q_heads, "cpu")
 
 
+def _amx_active() -> bool:
+    from chunkattn import native
+
+    return native.available() and bool(torch.ops.chunkattn_cpu.amx_active())
+
+
+@pytest.mark.skipif(not _amx_active(), reason="needs a CPU with AMX (amx_bf16) and a kernel that grants tile state")
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("kv_heads,q_heads", [(3, 9), (2, 2), (1, 4)])
+@pytest.mark.parametrize("chunk_size,shared,private,batch_size,decode", [
+    (16, 97, 5, 17, True),  # shared chunks 16 keys in a row (read in place), a partial last one (gathered)
+    (24, 300, 40, 5, True),  # 16-key groups across chunk boundaries (gathered), several key blocks
+    (64, 1030, 140, 6, False),  # prefill after a cached prefix: causal masks inside blocks, padded row tiles
+    (16, 0, 150, 2, False),  # nothing shared: private tasks only
+])
+def test_cpu_kernel_bf16_amx_path(head_dim, kv_heads, q_heads, chunk_size, shared, private, batch_size, decode):
+    """bfloat16 tasks of >= 4 query rows run on AMX tiles (scores transposed from keys read in place, a key-major
+    softmax, transposed values): against the reference, and against the AVX512-BF16 path on the same inputs."""
+    ops = torch.ops.chunkattn_cpu
+    torch.manual_seed(head_dim * 7 + q_heads + shared)
+    cache, batch = shared_prompt_batch(batch=batch_size, shared=shared, private=private, chunk_size=chunk_size,
+                                       head_dim=head_dim, kv_heads=kv_heads, dtype=torch.bfloat16, decode=decode)
+    q = torch.randn(batch.num_new_tokens, q_heads, head_dim).to(torch.bfloat16)
+    ref = chunkattn.attention(q, cache, batch, 0, backend="reference")
+    tasks = ops.amx_tasks()
+    amx = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+    assert ops.amx_tasks() > tasks, "no task took the AMX path"
+    try:
+        assert ops.set_amx(False) is False
+        tasks = ops.amx_tasks()
+        dot = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+        assert ops.amx_tasks() == tasks
+    finally:
+        assert ops.set_amx(True) is True
+    assert rel_err(amx, ref) <= REL_TOL[torch.bfloat16]
+    assert rel_err(amx, dot) <= REL_TOL[torch.bfloat16] / 2  # both round the probabilities to bf16 the same way
+
+
 def test_cpu_kernel_decode_steps_keep_their_workspace():
     cache, batch = shared_prompt_batch(batch=6, shared=70, private=3, chunk_size=16, head_dim=32, kv_heads=2,
                                        dtype=torch.float32, decode=True)

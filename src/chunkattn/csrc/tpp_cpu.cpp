@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -33,6 +34,11 @@
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define CHUNKATTN_BF16_DOT 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define CHUNKATTN_AMX 1
+#endif
 #endif
 
 namespace {
@@ -44,6 +50,8 @@ constexpr int kPackRows = 4;       // from this many query rows on, scores use t
 constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2; hsum16)
 constexpr int kKeysT = 12;         // keys per score tile of the key-major path (12 x 2 vectors of rows)
 
+constexpr int64_t kAmxMinRows = 4;  // bf16 tasks with fewer query rows waste most of a 16-row AMX tile
+
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // Per-thread scratch of a task: packed queries, scores, transposed keys, accumulators.
@@ -54,14 +62,20 @@ struct Scratch {
   std::vector<uint16_t> qb, pb;  // bfloat16 storage with bf16 dot products: raw queries, probabilities
   std::vector<uint32_t> ktb;     // keys as bf16 pairs: ktb[x / 2][t] holds dims x, x + 1 of key t
   std::vector<uint32_t> vpb;     // values as bf16 pairs of keys: see pack_values_bf16
+  // AMX path (attend_block_amx): queries and probabilities as pairs, transposed values, gathered keys,
+  // transposed accumulators
+  std::vector<uint32_t> qv, pv;
+  std::vector<c10::BFloat16> vt, kst;
+  std::vector<float> acc_t;
+  std::vector<v16> vw;      // pack_values_t's interleaved pairs, [d / 16][16 pairs]
+  bool amx_task = false;    // the current task runs on AMX tiles (decided once, in load_queries)
+  bool tiles = false;       // this thread's AMX tile configuration is loaded (released at the end of the call)
   int64_t krow[kKeyBlock];  // storage row of each key of the current block
   int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
   void reserve(int64_t rows, int64_t d) {
     const int64_t kbp = kKeyBlock, rows16 = round16(rows);  // per-row state padded to whole vectors
-    if ((int64_t)q.size() < rows * d) {
-      q.resize(rows * d);
-      acc.resize(rows * d);
-    }
+    if ((int64_t)q.size() < rows * d) q.resize(rows * d);
+    if ((int64_t)acc.size() < round16(rows) * d) acc.resize(round16(rows) * d);  // AMX: whole 16-row tiles
     if ((int64_t)m.size() < rows16) {
       s.resize(rows16 * (kbp + kKeysT));  // the key-major path's last tile may run past the block
       m.resize(rows16);
@@ -73,6 +87,7 @@ struct Scratch {
   }
   void reserve_bf16(int64_t rows, int64_t d) {
     const int64_t kbp = kKeyBlock;
+    rows = round16(rows);  // AMX: whole 16-row tiles of queries and probabilities
     if ((int64_t)qb.size() < rows * d) qb.resize(rows * d);
     if ((int64_t)pb.size() < rows * kbp) pb.resize(rows * kbp);
     if ((int64_t)ktb.size() < d / 2 * kbp) ktb.resize(d / 2 * kbp);
@@ -445,10 +460,12 @@ inline void round_probs(const float* si, int64_t nk, uint16_t* pbi) {
 }
 #endif
 
-// The running softmax of `rows` rows over a new block of scores (in ws.s): row i sees its first vis[i] keys.
+// The running softmax of `rows` rows over a new block of scores (in ws.s, multiplied by `scale` as they are
+// read; the AMX path leaves them unscaled): row i sees its first vis[i] keys.
 // The block's probabilities replace its scores (zero where not seen; also as bf16 pairs in ws.pb when
 // `bf16_pairs`), the accumulators are rescaled. Returns the largest vis (keys the value product must read).
-inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, bool bf16_pairs) {
+inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, bool bf16_pairs,
+                              float scale = 1.f) {
   const int64_t d = L.d, kbp = kKeyBlock;
   float* s = ws.s.data();
   int64_t used = 0;
@@ -474,21 +491,22 @@ inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch
       mb = hmax(mv);
     }
     for (; t < vis; ++t) mb = std::max(mb, si[t]);
+    mb *= scale;  // scale > 0: the largest scaled score is the scaled largest
     const float m_old = ws.m[i];
     const float m_new = std::max(m_old, mb);
     const float alpha = m_old == kNegInf ? 0.f : exp2s(m_old - m_new);
     float sum = 0.f;
     t = 0;
     v16 sv = v16{};
-    const v16 mn = splat(m_new);
+    const v16 mn = splat(m_new), sc = splat(scale);
     for (; t + 16 <= vis; t += 16) {
-      v16 e = exp2v(load(si + t) - mn);
+      v16 e = exp2v(load(si + t) * sc - mn);
       store(si + t, e);
       sv += e;
     }
     sum = hsum(sv);
     for (; t < vis; ++t) {
-      si[t] = exp2s(si[t] - m_new);
+      si[t] = exp2s(si[t] * scale - m_new);
       sum += si[t];
     }
     for (; t < nk; ++t) si[t] = 0.f;
@@ -505,6 +523,7 @@ inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch
   (void)bf16_pairs;
   return used;
 }
+
 
 // The key-major float32 path (tasks of >= 16 query rows): scores are computed transposed, S^T[t, r] with the
 // rows along the vector lanes, from queries transposed once per task (ws.qt [d, rows16]) and keys used as
@@ -562,10 +581,22 @@ inline void score_tile_t(const float* qt, int64_t ld, int64_t d, const float* co
     for (int j = 0; j < RV; ++j) store(st + i * ld + 16 * j, a[i][j]);
 }
 
-// The running softmax of the rows over S^T (in ws.s, leading dimension ld): keys a row does not see (t >= vis)
-// become -inf, the block's probabilities replace its scores, the accumulators are rescaled. Returns the number
-// of keys the value product must read.
-inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws) {
+#ifdef CHUNKATTN_BF16_DOT
+// Lanes 0-15 of a and b interleaved as bf16 pairs: word r = (bf16(a[r]), bf16(b[r])).
+inline __m512i bf16_pairs(__m512 a, __m512 b) {
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a));  // cvt: lanes 0-15 a, 16-31 b
+}
+#endif
+
+// The running softmax of the rows over S^T (in ws.s, leading dimension ld; multiplied by `scale` as they are
+// read): keys a row does not see (t >= vis) become -inf, the accumulators are rescaled: ws.acc [rows, d], or with
+// `acc_t` the transposed ones [d, ld] of the AMX path. The block's probabilities replace its scores, or with `pv`
+// (the AMX path) go there as bf16 pairs of keys per row, pv[t / 2, r], zero past nk up to a multiple of 32 keys.
+// Returns the number of keys the value product must read.
+inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, float scale = 1.f,
+                                float* acc_t = nullptr, uint32_t* pv = nullptr) {
   const int64_t d = L.d, ld = round16(rows);
   float* s = ws.s.data();
   int64_t used = 0, least = nk;
@@ -576,7 +607,7 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
   }
   if (!used) return 0;
   const bool masked = least < nk || rows < ld;
-  const v16 ninf = splat(kNegInf);
+  const v16 ninf = splat(kNegInf), sc = splat(scale);
   for (int64_t r0 = 0; r0 < ld; r0 += 16) {
     i16v vis;
     std::memcpy(&vis, ws.vis.data() + r0, sizeof(vis));
@@ -590,20 +621,37 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
       }
       mx = x > mx ? x : mx;
     }
+    mx *= sc;  // scale > 0: the largest scaled score is the scaled largest (and -inf stays -inf)
     const v16 m_old = load(ws.m.data() + r0);
     const v16 m_new = mx > m_old ? mx : m_old;
     const v16 m_use = m_new == ninf ? v16{} : m_new;  // a row that has seen nothing yet: exp2(-inf) = 0, not NaN
     const v16 alpha = exp2v(m_old - m_use);
     v16 sum = v16{};
-    for (int64_t t = 0; t < nk; ++t) {
-      const v16 e = exp2v(load(s + t * ld + r0) - m_use);
-      store(s + t * ld + r0, e);
-      sum += e;
+    if (pv == nullptr) {
+      for (int64_t t = 0; t < nk; ++t) {
+        const v16 e = exp2v(load(s + t * ld + r0) * sc - m_use);
+        store(s + t * ld + r0, e);
+        sum += e;
+      }
+    } else {
+#ifdef CHUNKATTN_BF16_DOT
+      for (int64_t t = 0; t < nk; t += 2) {
+        const v16 e0 = exp2v(load(s + t * ld + r0) * sc - m_use);
+        const v16 e1 = t + 1 < nk ? exp2v(load(s + (t + 1) * ld + r0) * sc - m_use) : v16{};
+        sum += e0 + e1;
+        _mm512_storeu_si512(pv + t / 2 * ld + r0, bf16_pairs((__m512)e0, (__m512)e1));
+      }
+      for (int64_t t = (nk + 1) / 2 * 2; t < (nk + 31) / 32 * 32; t += 2)
+        _mm512_storeu_si512(pv + t / 2 * ld + r0, _mm512_setzero_si512());
+#endif
     }
     store(ws.l.data() + r0, load(ws.l.data() + r0) * alpha + sum);
     store(ws.m.data() + r0, m_new);
     store(ws.alpha.data() + r0, alpha);
+    if (acc_t != nullptr)  // row r's accumulators are column r of acc_t: one vector of 16 rows per dim
+      for (int64_t x = 0; x < d; ++x) store(acc_t + x * ld + r0, load(acc_t + x * ld + r0) * alpha);
   }
+  if (acc_t != nullptr) return used;
   for (int64_t r = 0; r < rows; ++r) {
     const float a = ws.alpha[r];
     if (a == 1.f) continue;
@@ -613,6 +661,223 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
   }
   return used;
 }
+
+#ifdef CHUNKATTN_AMX
+// bfloat16 tasks on CPUs with AMX: both products of a block as tile products (tdpbf16ps: 16 x 16 float32
+// accumulators from 16 x 32 bf16 A tiles and 16 x 16 pair B tiles), computed transposed so that nothing per
+// block is repacked but the values:
+//   S^T[keys, rows] = K[keys, d] . Q^T: K is A as stored (16 keys of a chunk are 16 rows at the cache's row
+//     stride; keys not 16 in a row are gathered), Q^T is B (pairs of dims per query row, packed once per task);
+//   the running softmax then runs down the key axis, 16 rows per vector (update_softmax_t), and rounds the
+//   probabilities to bf16 pairs of keys per query row: P^T as B;
+//   O^T[d, rows] += V^T[d, keys] . P^T: V^T is A, transposed from the block's value rows (the one repacking),
+//     and the accumulators stay transposed ([d, rows16]) until the task ends.
+// Query rows are padded to whole tiles of 16 (zero queries, scores nobody reads) and keys to 32 (zero
+// probabilities and zero values, so that 0 * garbage cannot make a NaN). Tiles 0-3 accumulate 2 x 2 blocks of
+// 16 x 16, tiles 4-5 hold A operands, 6-7 B operands.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); a tile instruction
+// without it raises SIGILL. Asked once; a kernel that refuses leaves every task on the AVX512-BF16 path.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+std::atomic<int64_t> g_amx_tasks{0};     // tasks run on AMX tiles so far (tests check that the path ran)
+std::atomic<bool> g_amx_enabled{true};  // chunkattn_cpu.set_amx: off for A/B runs and tests of the other path
+
+inline bool use_amx(const Layout& L, int64_t rows) {
+  return rows >= kAmxMinRows && L.d % 32 == 0 && L.d <= 256 && g_amx_enabled.load(std::memory_order_relaxed) &&
+         amx_permitted();
+}
+
+inline void load_tiles(Scratch& ws) {
+  if (ws.tiles) return;
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  ws.tiles = true;
+}
+
+// The task's queries as B operands: qv[x / 2][r] = (Q[r, x], Q[r, x + 1]) as stored, zero for the padding rows;
+// softmax state and transposed accumulators reset.
+template <typename T>
+void load_queries_amx(const Layout& L, const T* q, const int64_t* tokens, int64_t num_tokens, int64_t h,
+                      Scratch& ws) {
+  const int64_t d = L.d, g = L.group, rows = num_tokens * g, ld = round16(rows);
+  if ((int64_t)ws.qv.size() < d / 2 * ld) ws.qv.resize(d / 2 * ld);
+  if ((int64_t)ws.acc_t.size() < d * ld) ws.acc_t.resize(d * ld);
+  uint32_t* qv = ws.qv.data();
+  for (int64_t a = 0; a < num_tokens; ++a)
+    for (int64_t j = 0; j < g; ++j) {
+      const T* src = q + tokens[a] * L.q_row + (h * g + j) * L.q_head;
+      const int64_t r = a * g + j;
+      for (int64_t w = 0; w < d / 2; ++w) std::memcpy(qv + w * ld + r, src + 2 * w, 4);
+    }
+  for (int64_t w = 0; w < d / 2; ++w) std::fill(qv + w * ld + rows, qv + w * ld + ld, 0u);
+  std::fill(ws.acc_t.begin(), ws.acc_t.begin() + d * ld, 0.f);
+  std::fill(ws.m.begin(), ws.m.begin() + ld, kNegInf);
+  std::fill(ws.l.begin(), ws.l.begin() + ld, 0.f);
+  std::fill(ws.vis.begin() + rows, ws.vis.begin() + ld, 0);
+}
+
+// S^T[t, r] (unscaled, leading dimension ld) for the block's keys, 32 keys x 32 rows at a time.
+inline void scores_amx(const c10::BFloat16* const* kt, const int64_t* kstride, int64_t ngroups, int64_t d,
+                       const uint32_t* qv, int64_t ld, float* s) {
+  for (int64_t g0 = 0; g0 < ngroups; g0 += 2) {
+    const bool two_k = g0 + 1 < ngroups;
+    for (int64_t r0 = 0; r0 < ld; r0 += 32) {
+      const bool two_r = r0 + 16 < ld;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t x0 = 0; x0 < d; x0 += 32) {
+        _tile_loadd(6, qv + x0 / 2 * ld + r0, ld * 4);
+        _tile_loadd(4, kt[g0] + x0, kstride[g0]);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_r) {
+          _tile_loadd(7, qv + x0 / 2 * ld + r0 + 16, ld * 4);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two_k) {
+          _tile_loadd(5, kt[g0 + 1] + x0, kstride[g0 + 1]);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two_r) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* c = s + g0 * 16 * ld + r0;
+      _tile_stored(0, c, ld * 4);
+      if (two_r) _tile_stored(1, c + 16, ld * 4);
+      if (two_k) {
+        _tile_stored(2, c + 16 * ld, ld * 4);
+        if (two_r) _tile_stored(3, c + 16 * ld + 16, ld * 4);
+      }
+    }
+  }
+}
+
+// acc_t[d, ld] += V^T[d, k32] . P^T[k32, ld] from vt (rows of kKeyBlock bf16) and pv (pairs of keys per row).
+inline void pv_amx(const c10::BFloat16* vt, int64_t d, const uint32_t* pv, int64_t k32, int64_t ld, float* acc_t) {
+  constexpr int64_t kbp = kKeyBlock;
+  for (int64_t x0 = 0; x0 < d; x0 += 32) {
+    for (int64_t r0 = 0; r0 < ld; r0 += 32) {
+      const bool two_r = r0 + 16 < ld;
+      float* c0 = acc_t + x0 * ld + r0;
+      float* c1 = c0 + 16 * ld;
+      _tile_loadd(0, c0, ld * 4);
+      _tile_loadd(2, c1, ld * 4);
+      if (two_r) {
+        _tile_loadd(1, c0 + 16, ld * 4);
+        _tile_loadd(3, c1 + 16, ld * 4);
+      }
+      for (int64_t t0 = 0; t0 < k32; t0 += 32) {
+        _tile_loadd(6, pv + t0 / 2 * ld + r0, ld * 4);
+        _tile_loadd(4, vt + x0 * kbp + t0, kbp * 2);
+        _tile_loadd(5, vt + (x0 + 16) * kbp + t0, kbp * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two_r) {
+          _tile_loadd(7, pv + t0 / 2 * ld + r0 + 16, ld * 4);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c0, ld * 4);
+      _tile_stored(2, c1, ld * 4);
+      if (two_r) {
+        _tile_stored(1, c0 + 16, ld * 4);
+        _tile_stored(3, c1 + 16, ld * 4);
+      }
+    }
+  }
+}
+
+// vt[x, t] = V[t, x] for the block's keys t < k32 (zero from `used` on). Per 32 keys: each pair of keys' value
+// rows is read once, whole, and interleaved into 32-bit words (t, t + 1) per dim, 16 dims a vector, into
+// ws.vw[x / 16][pair]; then a 16 x 16 word transpose per 16 dims puts the 32 keys of one dim in a row.
+inline void pack_values_t(const c10::BFloat16* v, const int64_t* krow, int64_t kv_row, int64_t used, int64_t k32,
+                          int64_t d, c10::BFloat16* vt, v16* vw) {
+  constexpr int64_t kbp = kKeyBlock;
+  const int64_t groups = d / 16;
+  auto dims16 = [](const c10::BFloat16* row, int64_t x0) {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + x0)));
+  };
+  for (int64_t t0 = 0; t0 < k32; t0 += 32) {
+    for (int p = 0; p < 16; ++p) {
+      const int64_t t = t0 + 2 * p;
+      const c10::BFloat16* r0 = t < used ? v + krow[t] * kv_row : nullptr;
+      const c10::BFloat16* r1 = t + 1 < used ? v + krow[t + 1] * kv_row : nullptr;
+      for (int64_t x = 0; x < groups; ++x) {
+        const __m512i a = r0 ? dims16(r0, 16 * x) : _mm512_setzero_si512();
+        const __m512i b = r1 ? dims16(r1, 16 * x) : _mm512_setzero_si512();
+        vw[x * 16 + p] = (v16)_mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+      }
+    }
+    for (int64_t x = 0; x < groups; ++x) {
+      v16* tile = vw + x * 16;
+      transpose16(tile);  // bit moves only
+      for (int i = 0; i < 16; ++i) store(reinterpret_cast<float*>(vt + (16 * x + i) * kbp + t0), tile[i]);
+    }
+  }
+}
+
+// One block of keys on AMX tiles (use_amx; the task's queries from load_queries_amx).
+inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16* k, const c10::BFloat16* v,
+                             int64_t nk, Scratch& ws) {
+  constexpr int64_t kbp = kKeyBlock;
+  const int64_t d = L.d, ld = round16(rows), ngroups = (nk + 15) / 16;
+  load_tiles(ws);
+  // A operands of the scores: 16 keys in a row of storage are read in place, others gathered (zero past nk)
+  const c10::BFloat16* kt[kbp / 16];
+  int64_t kstride[kbp / 16];
+  if ((int64_t)ws.kst.size() < kbp * d) ws.kst.resize(kbp * d);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t t0 = 16 * g, n = std::min<int64_t>(16, nk - t0);
+    if (n == 16 && ws.krow[t0 + 15] - ws.krow[t0] == 15) {
+      kt[g] = k + ws.krow[t0] * L.kv_row;
+      kstride[g] = L.kv_row * 2;
+      continue;
+    }
+    c10::BFloat16* dst = ws.kst.data() + t0 * d;
+    for (int64_t i = 0; i < 16; ++i) {
+      if (i < n)
+        std::memcpy(dst + i * d, k + ws.krow[t0 + i] * L.kv_row, d * sizeof(c10::BFloat16));
+      else
+        std::memset(dst + i * d, 0, d * sizeof(c10::BFloat16));
+    }
+    kt[g] = dst;
+    kstride[g] = d * 2;
+  }
+  scores_amx(kt, kstride, ngroups, d, ws.qv.data(), ld, ws.s.data());
+  if ((int64_t)ws.pv.size() < kbp / 2 * ld) ws.pv.resize(kbp / 2 * ld);
+  const int64_t used = update_softmax_t(L, rows, nk, ws, L.qk_scale, ws.acc_t.data(), ws.pv.data());
+  if (!used) return;
+  const int64_t k32 = (used + 31) / 32 * 32;
+  if ((int64_t)ws.vt.size() < d * kbp) ws.vt.resize(d * kbp);
+  if ((int64_t)ws.vw.size() < d) ws.vw.resize(d);
+  pack_values_t(v, ws.krow, L.kv_row, used, k32, d, ws.vt.data(), ws.vw.data());
+  pv_amx(ws.vt.data(), d, ws.pv.data(), k32, ld, ws.acc_t.data());
+}
+
+// The task's transposed accumulators back into ws.acc [rows, d] for finish_rows.
+inline void unload_acc_amx(const Layout& L, int64_t rows, Scratch& ws) {
+  const int64_t d = L.d, ld = round16(rows);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t x = 0; x < d; ++x) ws.acc[r * d + x] = ws.acc_t[x * ld + r];
+}
+#endif
 
 // attend_block for float32 on the key-major path (use_key_major).
 inline void attend_block_t(const Layout& L, int64_t rows, const float* k, const float* v, int64_t nk, Scratch& ws) {
@@ -638,6 +903,11 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
     if (use_key_major(L, rows)) return attend_block_t(L, rows, k, v, nk, ws);
   }
   bool bf16_dot = false;
+#ifdef CHUNKATTN_AMX
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (ws.amx_task) return attend_block_amx(L, rows, k, v, nk, ws);
+  }
+#endif
 #ifdef CHUNKATTN_BF16_DOT
   if constexpr (std::is_same_v<T, c10::BFloat16>) bf16_dot = use_bf16_dot(L, rows);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -844,6 +1114,16 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
 template <typename T>
 void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t num_tokens, int64_t h, Scratch& ws) {
   const int64_t d = L.d, g = L.group;
+  ws.amx_task = false;
+#ifdef CHUNKATTN_AMX
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (use_amx(L, num_tokens * g)) {
+      ws.amx_task = true;  // every block of this task goes to attend_block_amx
+      g_amx_tasks.fetch_add(1, std::memory_order_relaxed);
+      return load_queries_amx(L, q, tokens, num_tokens, h, ws);
+    }
+  }
+#endif
   for (int64_t a = 0; a < num_tokens; ++a)
     for (int64_t j = 0; j < g; ++j) {
       const T* src = q + tokens[a] * L.q_row + (h * g + j) * L.q_head;
@@ -933,6 +1213,9 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
     }
   }
   if (nk) flush();
+#ifdef CHUNKATTN_AMX
+  if (ws.amx_task) unload_acc_amx(L, n * g, ws);
+#endif
   finish_rows(L, tokens.data(), n, h, P.pt_slot[task], out, lse, o_part, ml_part, ws);
 }
 
@@ -962,6 +1245,9 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
     }
   }
   if (nk) flush();
+#ifdef CHUNKATTN_AMX
+  if (ws.amx_task) unload_acc_amx(L, n * g, ws);
+#endif
   finish_rows<T>(L, tokens, n, h, P.st_slot[task], nullptr, nullptr, o_part, ml_part, ws);
 }
 
@@ -1081,8 +1367,11 @@ void tpp_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    Scratch ws;
-    std::vector<int64_t> tokens;
+    // Scratch buffers live as long as the thread: reallocating (and zero-filling) them on every call cost
+    // more than a whole small decode step's work.
+    static thread_local Scratch ws;
+    static thread_local std::vector<int64_t> tokens;
+    ws.tiles = false;
     for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) {
       if (t >= wide0 && t < wide0 + P.num_wide) {
         run_wide(L, P, t - wide0, qp, kp, vp, op, lp, opart, mlpart, ws);
@@ -1095,6 +1384,9 @@ void tpp_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       else
         run_private(L, P, item - P.num_shared, h, qp, kp, vp, op, lp, opart, mlpart, ws, tokens);
     }
+#ifdef CHUNKATTN_AMX
+    if (ws.tiles) _tile_release();
+#endif
   });
   if (P.row_slots != nullptr) merge_rows(L, P, op, lp, opart, mlpart);
 }
@@ -1150,9 +1442,54 @@ void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
     TORCH_CHECK(false, "tpp_cpu supports float32 and bfloat16, got ", q.scalar_type());
 }
 
+// Whether bfloat16 tasks of >= kAmxMinRows query rows run on AMX tiles here (built for a CPU with AMX, the OS
+// granted the tile state, not switched off).
+bool amx_active() {
+#ifdef CHUNKATTN_AMX
+  return g_amx_enabled.load() && amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// Switch the AMX path on or off (tests and A/B timings of the AVX512-BF16 path on an AMX CPU); returns
+// amx_active() afterwards.
+bool set_amx(bool enabled) {
+#ifdef CHUNKATTN_AMX
+  g_amx_enabled.store(enabled);
+#endif
+  (void)enabled;
+  return amx_active();
+}
+
+// Which instruction path each kind of task takes on this build and CPU, for logs and `chunkattn info`.
+std::string attention_paths() {
+  std::string bf16 = "scalar float32";
+#ifdef CHUNKATTN_BF16_DOT
+  bf16 = "avx512-bf16 dot products";
+#endif
+  if (amx_active()) bf16 = "amx tiles (>= " + std::to_string(kAmxMinRows) + " rows), avx512-bf16 otherwise";
+#ifdef __AVX512F__
+  const std::string fp32 = "avx512 (key-major from 16 rows)";
+#else
+  const std::string fp32 = "portable vectors";
+#endif
+  return "float32: " + fp32 + "; bfloat16: " + bf16;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chunkattn_cpu, m) {
+  m.def("amx_active() -> bool", &amx_active);
+  m.def("amx_tasks() -> int", []() -> int64_t {
+#ifdef CHUNKATTN_AMX
+    return g_amx_tasks.load();
+#else
+    return 0;
+#endif
+  });
+  m.def("set_amx(bool enabled) -> bool", &set_amx);
+  m.def("attention_paths() -> str", &attention_paths);
   m.def("tpp(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) o_part, "
         "Tensor(d!) ml_part, Tensor[] idx, float scale, int group) -> ()",
         &tpp_cpu);
