@@ -38,6 +38,16 @@ def _machine_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _source_tag() -> str:
+    """A short hash of every file in csrc/: torch's JIT build notices a changed .cpp but not a changed header
+    (simd.h), so the header's version is part of the extension's name."""
+    h = hashlib.sha1()
+    for path in sorted((Path(__file__).parent / "csrc").iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:8]
+
+
 @functools.cache
 def _build() -> None:
     if os.environ.get("CHUNKATTN_NATIVE", "1") == "0":
@@ -46,7 +56,7 @@ def _build() -> None:
 
     # -fopenmp: at::parallel_for is inline OpenMP, so without it every kernel would run on one thread; the
     # library it links (libgomp.so.1) is the one torch already loaded.
-    load(name=f"chunkattn_cpu_{_machine_tag()}", sources=[str(s) for s in SOURCES], is_python_module=False,
+    load(name=f"chunkattn_cpu_{_machine_tag()}_{_source_tag()}", sources=[str(s) for s in SOURCES], is_python_module=False,
          verbose=False, extra_cflags=["-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp"],
          extra_ldflags=["-fopenmp"])
 

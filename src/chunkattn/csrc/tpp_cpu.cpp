@@ -611,16 +611,26 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
   for (int64_t r0 = 0; r0 < ld; r0 += 16) {
     i16v vis;
     std::memcpy(&vis, ws.vis.data() + r0, sizeof(vis));
-    v16 mx = ninf;
-    for (int64_t t = 0; t < nk; ++t) {
+    auto seen = [&](int64_t t) {  // S^T[t, r0..r0 + 15], -inf (also stored) where the row does not see key t
       v16 x = load(s + t * ld + r0);
       if (masked) {
         const i16v tv = i16v{} + (int32_t)t;
         x = tv < vis ? x : ninf;
         store(s + t * ld + r0, x);
       }
-      mx = x > mx ? x : mx;
+      return x;
+    };
+    auto vmax = [](v16 a, v16 b) { return a > b ? a : b; };
+    v16 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // four chains: one would wait on vmaxps's latency per key
+    int64_t t = 0;
+    for (; t + 4 <= nk; t += 4) {
+      m0 = vmax(m0, seen(t));
+      m1 = vmax(m1, seen(t + 1));
+      m2 = vmax(m2, seen(t + 2));
+      m3 = vmax(m3, seen(t + 3));
     }
+    for (; t < nk; ++t) m0 = vmax(m0, seen(t));
+    v16 mx = vmax(vmax(m0, m1), vmax(m2, m3));
     mx *= sc;  // scale > 0: the largest scaled score is the scaled largest (and -inf stays -inf)
     const v16 m_old = load(ws.m.data() + r0);
     const v16 m_new = mx > m_old ? mx : m_old;
