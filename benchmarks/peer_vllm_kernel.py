@@ -197,6 +197,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
+    # vLLM's CPU attention op runs AMX tile instructions where the CPU has them; Linux grants a process the tile
+    # state only on request, which vLLM's engine makes and a bare op call does not: without it, SIGILL.
+    init_amx = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    if init_amx is not None:
+        init_amx()
 
     if args.batch is not None:
         if args.shared is None or args.private is None:
