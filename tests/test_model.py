@@ -114,14 +114,24 @@ def test_load_hf_directory_with_sharded_safetensors(tmp_path):
         load_model(tmp_path / "nope")
 
 
+def packed_kind(dtype: torch.dtype) -> str:
+    """The layout Linear.prepack picks for a CPU weight of this dtype on this machine."""
+    if dtype == torch.float32 and native.linear_supported():
+        return "panels"
+    if dtype == torch.bfloat16 and native.amx_linear_supported():
+        return "amx"
+    return "onednn"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 13, 32, 129])
 @pytest.mark.parametrize(("fan_in", "fan_out", "bias"), [(96, 80, True), (33, 49, False), (576, 960, False),
                                                           (7, 1, True), (64, 95, True), (17, 47, True), (5, 96, False)])
 def test_prepacked_linear_equals_the_plain_product(dtype, rows, fan_in, fan_out, bias):
-    """Every packed layout (chunkattn's float32 panels where the CPU has AVX-512, oneDNN's otherwise) against
-    F.linear in float64: row counts through every size of the 8-row tile, widths across the 48-column panels
-    (the last one partial inside each of its three vectors, or whole), with and without bias."""
+    """Every packed layout (chunkattn's float32 panels where the CPU has AVX-512, bfloat16 AMX tile panels where
+    it has AMX, oneDNN's otherwise) against F.linear in float64: row counts through every size of the 8-row tile
+    and pairs of 16-row tiles, widths across the 48- and 32-column panels (the last one partial inside each of its
+    vectors, or whole), with and without bias."""
     from chunkattn.model.layers import Linear
 
     torch.manual_seed(rows * 1000 + fan_in)
@@ -133,9 +143,8 @@ def test_prepacked_linear_equals_the_plain_product(dtype, rows, fan_in, fan_out,
     x = torch.randn(rows, fan_in).to(dtype)
     plain = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double() if bias else None)
     assert lin.prepack() == Linear.can_prepack(lin.weight)
-    panels = dtype == torch.float32 and native.linear_supported()
     assert (lin.packed is not None) == Linear.can_prepack(lin.weight)  # no oneDNN and no AVX-512: F.linear
-    assert lin.packed is None or lin.packed.kind == ("panels" if panels else "onednn")
+    assert lin.packed is None or lin.packed.kind == packed_kind(dtype)
     with torch.inference_mode():
         out = lin(x)
         strided = lin(torch.cat([x, x], dim=1)[:, :fan_in])  # a view with a longer row stride
@@ -167,8 +176,7 @@ def test_gate_up_linear_equals_silu_of_gate_times_up(dtype, rows, fan_in, inner)
     ref = torch.nn.functional.linear(x.double(), lin.weight.double())
     ref = torch.nn.functional.silu(ref[:, :inner]) * ref[:, inner:]
     assert lin.prepack() == GateUpLinear.can_prepack(lin.weight)
-    panels = dtype == torch.float32 and native.linear_supported()
-    assert lin.packed is None or lin.packed.kind == ("panels" if panels else "onednn")
+    assert lin.packed is None or lin.packed.kind == packed_kind(dtype)
     with torch.inference_mode():
         out = lin(x)
         strided = lin(torch.cat([x, x], dim=1)[:, :fan_in])
@@ -327,3 +335,64 @@ def test_a_new_family_is_one_registration(tmp_path):
         assert loaded.config.qkv_bias and loaded.model.model.layers[0].self_attn.qkv_proj.bias is not None
     finally:
         _FAMILIES.pop("toyllama")
+
+
+needs_amx = pytest.mark.skipif(not native.amx_linear_supported(),
+                               reason="needs a CPU with AMX (amx_bf16) and a kernel that grants tile state")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows,fan_in,fan_out", [(1, 576, 960), (17, 40, 33), (33, 96, 64), (100, 1536, 576),
+                                                 (3, 31, 1), (64, 64, 32), (50, 2048, 95)])
+def test_amx_linear_ops_against_float64(rows, fan_in, fan_out):
+    """The bf16 AMX panel kernels alone: row counts off the 16-row tiles, K off the 32-deep steps (zero-padded
+    copies of x), N off the 32-column panels, bias; and the gate/up kernel's silu(gate) * up epilogue."""
+    ops = torch.ops.chunkattn_layers
+    torch.manual_seed(rows + fan_in)
+    x, w, b = (torch.randn(rows, fan_in).bfloat16(), torch.randn(fan_out, fan_in).bfloat16(),
+               torch.randn(fan_out).bfloat16())
+    out = ops.linear_amx(x, ops.pack_linear_amx(w), fan_out, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, fan_out)
+    assert rel(out.double(), x.double() @ w.double().T + b.double()) < 5e-3
+    strided = ops.linear_amx(torch.cat([x, x], dim=1)[:, :fan_in], ops.pack_linear_amx(w), fan_out, b)
+    assert torch.equal(strided, out)
+    wg = torch.randn(2 * fan_out, fan_in).bfloat16()
+    g = ops.linear_silu_mul_amx(x, ops.pack_gate_up_amx(wg), fan_out)
+    prod = x.double() @ wg.double().T
+    assert rel(g.double(), torch.nn.functional.silu(prod[:, :fan_out]) * prod[:, fan_out:]) < 5e-3
+
+
+@needs_amx
+def test_amx_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
+    from chunkattn.model.layers import GateUpLinear, Linear
+
+    ops = torch.ops.chunkattn_layers
+    assert torch.equal(ops.linear_amx(torch.randn(5, 0).bfloat16(), ops.pack_linear_amx(torch.randn(7, 0).bfloat16()),
+                                      7, None), torch.zeros(5, 7, dtype=torch.bfloat16))
+    assert ops.linear_amx(torch.randn(5, 3).bfloat16(), ops.pack_linear_amx(torch.randn(0, 3).bfloat16()), 0,
+                          None).shape == (5, 0)
+    assert ops.linear_amx(torch.randn(0, 3).bfloat16(), ops.pack_linear_amx(torch.randn(4, 3).bfloat16()), 4,
+                          None).shape == (0, 4)
+    packed = ops.pack_linear_amx(torch.randn(40, 64).bfloat16())  # 2 panels of 32, 2 steps of 32
+    with pytest.raises(RuntimeError, match="packed must be pack_linear_amx"):
+        ops.linear_amx(torch.randn(3, 64).bfloat16(), packed, 65, None)  # 3 panels' worth
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.linear_amx(torch.randn(3, 96).bfloat16(), packed, 40, None)  # K mismatch
+    with pytest.raises(RuntimeError, match="x must be a bfloat16"):
+        ops.linear_amx(torch.randn(3, 64), packed, 40, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear_amx(torch.randn(3, 64).bfloat16(), packed, 40, torch.randn(40))
+    with pytest.raises(RuntimeError, match=r"\[gate; up\]"):
+        ops.pack_gate_up_amx(torch.randn(7, 16).bfloat16())
+    # above AMX_MAX_ROWS the layers use F.linear (oneDNN's large-matrix kernels): the same values either side
+    monkeypatch.setattr(Linear, "AMX_MAX_ROWS", 8)
+    torch.manual_seed(5)
+    lin, gate_up = Linear(64, 40, bias=True).bfloat16(), GateUpLinear(64, 24).bfloat16()
+    for m in (lin, gate_up):
+        torch.nn.init.normal_(m.weight, std=0.1)
+        assert m.prepack() and m.packed is not None and m.packed.kind == "amx"
+    x = torch.randn(20, 64).bfloat16()
+    with torch.inference_mode():
+        for m in (lin, gate_up):
+            small, large = m(x[:8]), m(x)  # 8 rows: the AMX panels; 20: F.linear
+            assert rel(small.double(), large[:8].double()) < 1e-2

@@ -3,8 +3,8 @@
 ``torch.utils.cpp_extension`` builds them once per machine with its C++ compiler (about 20 s; cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the CPU it runs on (``-march=native``).
 Operators: ``torch.ops.chunkattn_cpu.tpp`` (attention, see :mod:`chunkattn.attention.cpu_tpp`) and
-``torch.ops.chunkattn_layers.*`` (packed float32 linear products and fused elementwise layers, see
-:mod:`chunkattn.model.layers`). When the build fails (no compiler), :func:`available` is False and every
+``torch.ops.chunkattn_layers.*`` (packed float32 and AMX bfloat16 linear products and fused elementwise layers,
+see :mod:`chunkattn.model.layers`). When the build fails (no compiler), :func:`available` is False and every
 caller falls back to plain PyTorch, with a warning.
 Set ``CHUNKATTN_NATIVE=0`` to skip the native kernels altogether.
 """
@@ -83,6 +83,17 @@ def available() -> bool:
     except KernelBuildError:
         return False
     return True
+
+
+@functools.cache
+def amx_linear_supported() -> bool:
+    """Whether ``chunkattn_layers.linear_amx`` (bfloat16 products on AMX tiles from packed panels) runs here: built
+    for a CPU with AMX (amx_tile, amx_bf16) and the OS granted the process the tile state."""
+    if not available():
+        return False
+    import torch
+
+    return bool(torch.ops.chunkattn_layers.amx_linear_supported())
 
 
 @functools.cache

@@ -29,16 +29,12 @@
 #include <utility>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define CHUNKATTN_BF16_DOT 1
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define CHUNKATTN_AMX 1
-#endif
 #endif
 
 namespace {
@@ -685,22 +681,6 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
 // Query rows are padded to whole tiles of 16 (zero queries, scores nobody reads) and keys to 32 (zero
 // probabilities and zero values, so that 0 * garbage cannot make a NaN). Tiles 0-3 accumulate 2 x 2 blocks of
 // 16 x 16, tiles 4-5 hold A operands, 6-7 B operands.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); a tile instruction
-// without it raises SIGILL. Asked once; a kernel that refuses leaves every task on the AVX512-BF16 path.
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
 std::atomic<int64_t> g_amx_tasks{0};     // tasks run on AMX tiles so far (tests check that the path ran)
 std::atomic<bool> g_amx_enabled{true};  // chunkattn_cpu.set_amx: off for A/B runs and tests of the other path
 
@@ -711,12 +691,7 @@ inline bool use_amx(const Layout& L, int64_t rows) {
 
 inline void load_tiles(Scratch& ws) {
   if (ws.tiles) return;
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) {
-    cfg.rows[i] = 16;
-    cfg.colsb[i] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   ws.tiles = true;
 }
 

@@ -22,8 +22,12 @@ def _native(x: torch.Tensor) -> bool:
 class PackedWeight:
     """A linear layer's weight reordered for the CPU, and the weight version it was made from."""
 
-    kind: str  # "panels" (chunkattn_layers.linear / linear_silu_mul, float32) or "onednn" (mkldnn._linear_pointwise)
-    tensor: torch.Tensor  # panels: [ceil(out / 48), in, 48] (GateUpLinear: [ceil(I / 24), in, 48]); onednn: opaque
+    # "panels" (chunkattn_layers.linear / linear_silu_mul, float32), "amx" (chunkattn_layers.linear_amx /
+    # linear_silu_mul_amx, bfloat16) or "onednn" (mkldnn._linear_pointwise)
+    kind: str
+    # panels: [ceil(out / 48), in, 48] (GateUpLinear: [ceil(I / 24), in, 48]); amx: [ceil(out / 32),
+    # ceil(in / 32), 2, 16, 32] (GateUpLinear: ceil(I / 16) panels); onednn: opaque
+    tensor: torch.Tensor
     version: tuple[int, int]  # (weight._version, weight.data_ptr()) when packed: a change makes it stale
     batch_hint: int  # the rows oneDNN tuned its layout for
 
@@ -33,14 +37,20 @@ class Linear(nn.Module):
 
     On the CPU, :meth:`prepack` reorders the weight once: float32 on CPUs with AVX-512 into chunkattn's own
     panels (``chunkattn_layers.linear``, see ``csrc/linear_cpu.cpp``: 8-row x 48-column register tiles over
-    sequential weight panels, the next panel prefetched while one is used), bfloat16 (and float32 elsewhere)
-    into oneDNN's blocked layout. Both beat ``F.linear`` on the thin matrices of decoding by far (on the Zen 5 dev
-    VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed product at ~270-310 with 32 rows and the panels
-    at ~380; ``benchmarks/linear_cpu.py``, the README's results). The packed copy is used only without autograd
+    sequential weight panels, the next panel prefetched while one is used), bfloat16 on CPUs with AMX into
+    panels of AMX tiles (``chunkattn_layers.linear_amx``, ``csrc/linear_amx.cpp``; up to
+    :attr:`AMX_MAX_ROWS` rows, ``F.linear`` above, where oneDNN's large-matrix kernels win), bfloat16 (and
+    float32) elsewhere into oneDNN's blocked layout. All beat ``F.linear`` on the thin matrices of decoding by far
+    (on the Zen 5 dev VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed product at ~270-310 with 32 rows
+    and the panels at ~380; on the AMX Xeon VM SmolLM2's bf16 decode products at 32 rows took 14.9 ms through
+    oneDNN's packed product and 10.8 through the AMX panels; ``benchmarks/linear_cpu.py``, the README's results).
+    The packed copy is used only without autograd
     (inference) and is not part of the state dict; the dense ``weight`` stays the parameter. A weight changed in
     place after packing (``load_state_dict``, ``weight.data.copy_``) is repacked on the next call; moving the
     module to another device or dtype drops the packed copy.
     """
+
+    AMX_MAX_ROWS = 1536  # bf16 rows up to which the AMX panels beat F.linear (oneDNN) on the AMX Xeon VM
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -52,12 +62,17 @@ class Linear(nn.Module):
     @staticmethod
     def can_prepack(weight: torch.Tensor) -> bool:
         return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-                and (torch.backends.mkldnn.is_available() or Linear.uses_panels(weight)))
+                and (torch.backends.mkldnn.is_available() or Linear.uses_panels(weight) or Linear.uses_amx(weight)))
 
     @staticmethod
     def uses_panels(weight: torch.Tensor) -> bool:
         """Whether :meth:`prepack` packs this weight into chunkattn's panels (float32 CPU, AVX-512)."""
         return weight.device.type == "cpu" and weight.dtype == torch.float32 and native.linear_supported()
+
+    @staticmethod
+    def uses_amx(weight: torch.Tensor) -> bool:
+        """Whether :meth:`prepack` packs this weight into AMX tile panels (bfloat16 CPU with AMX)."""
+        return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native.amx_linear_supported()
 
     def _weight_version(self) -> tuple[int, int]:
         return self.weight._version, self.weight.data_ptr()
@@ -72,6 +87,8 @@ class Linear(nn.Module):
             w = self.weight.detach()
             if self.uses_panels(w):
                 self.packed = PackedWeight("panels", self._pack_panels(w), self._weight_version(), batch_hint)
+            elif self.uses_amx(w):
+                self.packed = PackedWeight("amx", self._pack_amx(w), self._weight_version(), batch_hint)
             else:
                 self.packed = PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint),
                                            self._weight_version(), batch_hint)
@@ -79,6 +96,9 @@ class Linear(nn.Module):
 
     def _pack_panels(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.chunkattn_layers.pack_linear(w)
+
+    def _pack_amx(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.chunkattn_layers.pack_linear_amx(w)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
         self.packed = None
@@ -110,6 +130,10 @@ class Linear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         if packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear(x, packed.tensor, self.out_features, self.bias)
+        if packed.kind == "amx":
+            if x.shape[0] > self.AMX_MAX_ROWS:
+                return nn.functional.linear(x, self.weight, self.bias)
+            return torch.ops.chunkattn_layers.linear_amx(x, packed.tensor, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -165,7 +189,8 @@ class GateUpLinear(Linear):
     projection (checkpoints load the same way). On chunkattn's float32 panels the product and the activation are
     one kernel (``chunkattn_layers.linear_silu_mul``: each panel holds 24 gate and the same 24 up columns, and the
     register tile's epilogue applies SiLU-and-multiply), so the ``[N, 2 intermediate_size]`` product is never
-    stored; elsewhere it is the product, then :func:`silu_and_mul`.
+    stored; likewise on the bfloat16 AMX panels (16 gate and 16 up columns a panel,
+    ``chunkattn_layers.linear_silu_mul_amx``); elsewhere it is the product, then :func:`silu_and_mul`.
     """
 
     def __init__(self, in_features: int, intermediate_size: int):
@@ -175,11 +200,16 @@ class GateUpLinear(Linear):
     def _pack_panels(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.chunkattn_layers.pack_gate_up(w)
 
+    def _pack_amx(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.chunkattn_layers.pack_gate_up_amx(w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[N, in_features]`` -> ``[N, intermediate_size]``."""
         packed = self._usable_pack(x)
         if packed is not None and packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear_silu_mul(x, packed.tensor, self.intermediate_size)
+        if packed is not None and packed.kind == "amx" and x.shape[0] <= self.AMX_MAX_ROWS:
+            return torch.ops.chunkattn_layers.linear_silu_mul_amx(x, packed.tensor, self.intermediate_size)
         return silu_and_mul(self._product(x, packed))
 
 

@@ -1,0 +1,236 @@
+// bfloat16 linear layers on AMX tiles: y[M, N] = x[M, K] . W[N, K]^T (+ bias), with W packed once into panels of
+// 32 output columns laid out as the B operands of tdpbf16ps, so that a panel is one sequential stream of 1 KB
+// tiles: packed[p, s, j] is the 16 x 16 tile of pairs (W[32p + 16j + c, 32s + 2r], W[32p + 16j + c, 32s + 2r + 1])
+// at row r, column c (zero past N and K).
+//
+// Decoding multiplies every weight once per step by a few rows (M = the batch), so the weight stream is the step's
+// memory traffic and the arithmetic is nearly free on tiles: a thread takes a range of panels, runs the rows in
+// pairs of 16-row tiles over each panel (2 x 2 accumulator tiles; x's rows are the A operands, read in place),
+// and prefetches the next panel while it works on one, spread over the K steps. oneDNN's packed product streamed
+// SmolLM2's bf16 decode weights at ~15 GB/s on the 2-core Xeon VM; see benchmarks/linear_cpu.py for this one.
+//
+// The MLP's gate and up projections can run as one product whose panels hold 16 gate and the same 16 up columns
+// (pack_gate_up_amx): the epilogue writes silu(gate) * up, and the [M, 2I] product is never stored.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "amx.h"
+#include "simd.h"
+
+namespace {
+
+using namespace chunkattn;
+
+constexpr int64_t kCols = 32;   // output columns per panel: two 16-column tiles
+constexpr int64_t kDepth = 32;  // K per tile step: 16 pairs
+constexpr int64_t kTile = 16 * 32;  // bf16 elements per packed tile
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead in the weight stream each step prefetches
+constexpr int64_t kXBlockBytes = 256 * 1024;  // rows of x per block: as many as fit this (they stay in L2)
+
+enum class Epilogue { kStore, kSiluMul };
+
+// Output columns per panel: 32 stored, or 16 of silu(gate) * up.
+template <Epilogue E>
+constexpr int64_t kOutCols = E == Epilogue::kStore ? kCols : kCols / 2;
+
+bool amx_linear_supported() {
+#ifdef CHUNKATTN_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// w: [N, K] bf16 -> [P, S, 2, 16, 32] bf16, S = ceil(K / 32). kStore: P = ceil(N / 32), tile j of panel p holds
+// output columns 32p + 16j ... kSiluMul: w = [gate; up], [2I, K], P = ceil(I / 16), tile 0 holds gate columns
+// 16p ..., tile 1 the same up columns.
+template <Epilogue E>
+at::Tensor pack_amx(const at::Tensor& w, const char* op) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.device().is_cpu(), op,
+              ": weight must be a bfloat16 [N, K] CPU tensor, got ", w.scalar_type(), " ", w.sizes(), " on ",
+              w.device());
+  TORCH_CHECK(E == Epilogue::kStore || w.size(0) % 2 == 0, op, ": weight must be [gate; up], [2 I, K], got ",
+              w.sizes());
+  const at::Tensor wc = w.contiguous();
+  const int64_t K = wc.size(1), n = E == Epilogue::kStore ? wc.size(0) : wc.size(0) / 2;
+  const int64_t panels = (n + kOutCols<E> - 1) / kOutCols<E>, steps = (K + kDepth - 1) / kDepth;
+  at::Tensor packed = at::zeros({panels, steps, 2, 16, 32}, wc.options());
+  const c10::BFloat16* src = wc.data_ptr<c10::BFloat16>();
+  c10::BFloat16* dst = packed.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t j = 0; j < 2; ++j)
+        for (int64_t c = 0; c < 16; ++c) {
+          // the weight row in column c of tile j: an output column, of the gate or the up half
+          const int64_t i = E == Epilogue::kStore ? p * kCols + 16 * j + c : p * 16 + c;
+          if (i >= n) continue;
+          const int64_t row = E == Epilogue::kSiluMul && j == 1 ? n + i : i;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t s = k / kDepth, r = (k % kDepth) / 2;
+            dst[((p * steps + s) * 2 + j) * kTile + r * 32 + 2 * c + k % 2] = src[row * K + k];
+          }
+        }
+  });
+  return packed;
+}
+
+#ifdef CHUNKATTN_AMX
+// One panel for the row tiles r0 and r0 + 16 (the second when `two`): C = x[r0.., :] . panel, float32, into
+// c[32][32] (rows, columns of the panel). x: bf16 rows of ldx elements, K a multiple of 32 in steps. With `limit`
+// (the end of this thread's panels) each step prefetches the weights kPrefetchBytes ahead. Measured on the 2-core
+// Xeon VM (1B-shape MLP weights, 805 MB): 4 KB ahead streamed 26 GB/s at one row (oneDNN 25.6), 16 KB 25.7, 64
+// KB 21.7, none 24.2; at 32 rows 23.8 GB/s (oneDNN 20.5).
+inline void panel_tiles(const c10::BFloat16* x, int64_t ldx, int64_t steps, const c10::BFloat16* w,
+                        const char* limit, bool two, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    const c10::BFloat16* ws = w + s * 2 * kTile;
+    if (limit != nullptr) {  // the weight stream kPrefetchBytes ahead, across panel ends
+      const char* pf = reinterpret_cast<const char*>(ws) + kPrefetchBytes;
+      if (pf + 2 * kTile * 2 <= limit)
+        for (int b = 0; b < 2 * kTile * 2; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+    }
+    _tile_loadd(6, ws, 64);
+    _tile_loadd(7, ws + kTile, 64);
+    _tile_loadd(4, x + s * kDepth, ldx * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, x + 16 * ldx + s * kDepth, ldx * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, kCols * 4);
+  _tile_stored(1, c + 16, kCols * 4);
+  if (two) {
+    _tile_stored(2, c + 16 * kCols, kCols * 4);
+    _tile_stored(3, c + 16 * kCols + 16, kCols * 4);
+  }
+}
+
+// y[rows, cols] (row stride ldy) from the panel's float32 sums c[32][32]: + bias, rounded to bf16; or
+// silu(gate) * up of the two halves.
+template <Epilogue E>
+inline void panel_out(const float* c, int64_t rows, int64_t cols, const c10::BFloat16* bias, c10::BFloat16* y,
+                      int64_t ldy) {
+  float b[kCols] = {};
+  if (bias != nullptr)
+    for (int64_t j = 0; j < cols; ++j) b[j] = static_cast<float>(bias[j]);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* ci = c + i * kCols;
+    c10::BFloat16* yi = y + i * ldy;
+    if constexpr (E == Epilogue::kSiluMul) {
+      const v16 o = silu(load(ci)) * load(ci + 16);
+      if (cols == 16) {
+        store(yi, o);
+      } else {
+        float out[16];
+        store(out, o);
+        for (int64_t j = 0; j < cols; ++j) yi[j] = static_cast<c10::BFloat16>(out[j]);
+      }
+    } else if (cols == kCols) {
+      store(yi, load(ci) + load(b));
+      store(yi + 16, load(ci + 16) + load(b + 16));
+    } else {
+      for (int64_t j = 0; j < cols; ++j) yi[j] = static_cast<c10::BFloat16>(ci[j] + b[j]);
+    }
+  }
+}
+#endif
+
+// x: [M, K] bf16, packed: pack_amx<E> of a weight with n output columns -> [M, n] bf16.
+template <Epilogue E>
+at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::BFloat16* bias,
+                   const char* op, const char* pack_op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), op,
+              ": x must be a bfloat16 [M, K] CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  const int64_t K = x.size(1), steps = (K + kDepth - 1) / kDepth;
+  const int64_t want = n >= 0 ? (n + kOutCols<E> - 1) / kOutCols<E> : -1;
+  TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == at::kBFloat16 && packed.device().is_cpu() &&
+                  packed.is_contiguous() && packed.size(1) == steps && packed.size(2) == 2 && packed.size(3) == 16 &&
+                  packed.size(4) == 32 && n >= 0 && packed.size(0) == want,
+              op, ": packed must be ", pack_op, " of a bfloat16 weight with n = ", n, " outputs and K = x.size(1) = ",
+              K, " (", want, " panels of ", kOutCols<E>, " outputs, ", steps, " steps), got ", packed.sizes());
+  TORCH_CHECK(amx_linear_supported(), op, ": this CPU or build has no AMX tiles (use oneDNN's product)");
+  const int64_t M = x.size(0), panels = packed.size(0);
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+#ifdef CHUNKATTN_AMX
+  // A operands read in place need whole tiles: 16-row groups and K a multiple of 32; otherwise a zero-padded
+  // copy (a decode step's few rows: microseconds).
+  const int64_t m16 = (M + 15) / 16 * 16, k32 = steps * kDepth;
+  at::Tensor xa = x;
+  if (m16 != M || k32 != K || x.stride(1) != 1) {
+    xa = at::zeros({m16, k32}, x.options());
+    xa.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
+  }
+  const c10::BFloat16* xp = xa.data_ptr<c10::BFloat16>();
+  const int64_t ldx = xa.stride(0);
+  const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  // rows per block: kXBlockBytes of x, whole pairs of row tiles
+  const int64_t block = std::max<int64_t>(32, (kXBlockBytes / (std::max(k32, kDepth) * 2)) / 32 * 32);
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    load_tile_config();
+    alignas(64) float c[kCols * kCols];
+    const char* limit = reinterpret_cast<const char*>(wp + end * steps * 2 * kTile);
+    for (int64_t rb = 0; rb < M; rb += block) {  // rows of x that stay in L2 while the panels pass
+      for (int64_t p = begin; p < end; ++p) {
+        const c10::BFloat16* w = wp + p * steps * 2 * kTile;
+        const int64_t c0 = p * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
+        for (int64_t r0 = rb; r0 < std::min(M, rb + block); r0 += 32) {
+          const bool two = r0 + 16 < M;
+          panel_tiles(xp + r0 * ldx, ldx, steps, w, r0 == rb ? limit : nullptr, two, c);
+          panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
+                       yp + r0 * n + c0, n);
+        }
+      }
+    }
+    _tile_release();
+  });
+#else
+  (void)bias;
+#endif
+  return y;
+}
+
+const c10::BFloat16* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t n, const char* op) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kBFloat16 &&
+                  bias->device().is_cpu() && bias->is_contiguous(),
+              op, ": bias must be a contiguous bfloat16 [n = ", n, "] CPU tensor, got ", bias->scalar_type(), " ",
+              bias->sizes());
+  return bias->data_ptr<c10::BFloat16>();
+}
+
+at::Tensor pack_linear_amx(const at::Tensor& w) { return pack_amx<Epilogue::kStore>(w, "pack_linear_amx"); }
+
+at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
+  return run_amx<Epilogue::kStore>(x, packed, n, bias_ptr(bias, n, "linear_amx"), "linear_amx", "pack_linear_amx");
+}
+
+at::Tensor pack_gate_up_amx(const at::Tensor& w) { return pack_amx<Epilogue::kSiluMul>(w, "pack_gate_up_amx"); }
+
+at::Tensor linear_silu_mul_amx(const at::Tensor& x, const at::Tensor& packed, int64_t inner) {
+  return run_amx<Epilogue::kSiluMul>(x, packed, inner, nullptr, "linear_silu_mul_amx", "pack_gate_up_amx");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
+  m.def("amx_linear_supported() -> bool", &amx_linear_supported);
+  m.def("pack_linear_amx(Tensor w) -> Tensor", &pack_linear_amx);
+  m.def("linear_amx(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor", &linear_amx);
+  m.def("pack_gate_up_amx(Tensor w) -> Tensor", &pack_gate_up_amx);
+  m.def("linear_silu_mul_amx(Tensor x, Tensor packed, int inner) -> Tensor", &linear_silu_mul_amx);
+}
