@@ -56,8 +56,9 @@ def _build() -> None:
 
     # -fopenmp: at::parallel_for is inline OpenMP, so without it every kernel would run on one thread; the
     # library it links (libgomp.so.1) is the one torch already loaded.
-    load(name=f"chunkattn_cpu_{_machine_tag()}_{_source_tag()}", sources=[str(s) for s in SOURCES], is_python_module=False,
-         verbose=False, extra_cflags=["-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp"],
+    load(name=f"chunkattn_cpu_{_machine_tag()}_{_source_tag()}", sources=[str(s) for s in SOURCES],
+         is_python_module=False, verbose=False,
+         extra_cflags=["-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp"],
          extra_ldflags=["-fopenmp"])
 
 
