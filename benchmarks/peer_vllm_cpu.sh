@@ -14,6 +14,8 @@
 #   PEER_DIR=/work/peer  VENV=$PEER_DIR/vllm-venv  HF_DIR=$PEER_DIR/smollm2-hf  PYTHON=python (chunkattn's)
 #   RUNS=2  DTYPES="float32 bfloat16"  ROWS="a b c"   (a: 1 prompt x 1024, b: 1 x 4096, c: 8 x 1024)
 #   REQUESTS=32  QUESTION_LEN=64  OUTPUT_LEN=64        (lower them only for smoke runs)
+#   MODEL_CONFIG=benchmarks/configs/llama-3.2-1b.json  serve: that shape with random weights on both sides (vLLM's
+#                            load_format=dummy without a tokenizer; chunkattn's --random-weights), instead of SmolLM2
 #   VLLM_OMP_WAIT_POLICY=PASSIVE                       (OMP_WAIT_POLICY of vLLM's serving runs; empty: unset)
 #   OUT_JSON=benchmarks/results/peer-vllm-cpu-<date>.json  (the PNG goes beside it)
 #   KERNEL_POINTS="32/1024/64 ..."  KERNEL_PROVIDERS="sdpa cascade-torch tpp-torch tpp-cpu"  KERNEL_ARGS=...
@@ -192,17 +194,25 @@ row_flags() {
 
 serve() {
     vllm_works || { log "no working vLLM venv at $VENV: run '$0 setup' first"; exit 1; }
-    [[ -f $HF_DIR/config.json ]] || { log "no HF directory at $HF_DIR: run '$0 convert' first"; exit 1; }
+    local vmodel="--model $HF_DIR" cmodel=""
+    if [[ -n ${MODEL_CONFIG:-} ]]; then
+        [[ -f $MODEL_CONFIG ]] || { log "no config at MODEL_CONFIG=$MODEL_CONFIG"; exit 1; }
+        vmodel="--model $(realpath "$MODEL_CONFIG") --random-weights"
+        cmodel="--model $(realpath "$MODEL_CONFIG") --random-weights"
+    else
+        [[ -f $HF_DIR/config.json ]] || { log "no HF directory at $HF_DIR: run '$0 convert' first"; exit 1; }
+    fi
     local scratch
     scratch=$PEER_DIR/runs/$(date +%Y%m%d-%H%M%S)
     mkdir -p "$scratch" "$(dirname "$OUT_JSON")"
     log "per-run JSON and logs in $scratch; chunkattn: $CHUNKATTN_DESC"
     check_idle
     # What the report states about this sweep: which chunkattn, the knobs, the environment vLLM ran in.
+    MODEL_CONFIG=${MODEL_CONFIG:-} \
     VLLM_OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY CHUNKATTN_DESC=$CHUNKATTN_DESC RUNS=$RUNS DTYPES=$DTYPES ROWS=$ROWS \
         "$PYTHON" - "$scratch/meta.json" <<'PY'
 import json, os, sys, time
-keys = ("CHUNKATTN_DESC", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+keys = ("CHUNKATTN_DESC", "MODEL_CONFIG", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
         "VLLM_OMP_WAIT_POLICY",
         "HF_HUB_OFFLINE", "PYTHONPATH", "LD_PRELOAD")
 with open(sys.argv[1], "w") as f:
@@ -222,13 +232,13 @@ PY
                 log "row $row ($flags) $dtype run $run/$RUNS: vLLM"
                 # shellcheck disable=SC2086
                 vllm_env "$VPY" "$REPO/benchmarks/peer_vllm_serve.py" \
-                    --model "$HF_DIR" --dtype "$dtype" $flags --json "$v" >"$v.log" 2>&1 \
+                    $vmodel --dtype "$dtype" $flags --json "$v" >"$v.log" 2>&1 \
                     || { log "vLLM run failed, see $v.log"; tail -30 "$v.log" >&2; exit 1; }
                 grep '^{"system"' "$v.log" >&2 || true   # the row it measured
                 wait_vllm_gone
                 log "row $row $dtype run $run/$RUNS: chunkattn"
                 # shellcheck disable=SC2086
-                "$PYTHON" -m chunkattn.cli bench serve --systems chunkattn $flags --dtype "$dtype" \
+                "$PYTHON" -m chunkattn.cli bench serve --systems chunkattn $cmodel $flags --dtype "$dtype" \
                     --json "$c" --no-progress >"$c.log" 2>&1 \
                     || { log "chunkattn run failed, see $c.log"; tail -30 "$c.log" >&2; exit 1; }
                 grep '^| chunkattn' "$c.log" >&2 || true

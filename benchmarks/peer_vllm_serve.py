@@ -21,7 +21,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,11 @@ def pct(values: list[float], q: float) -> float:
 class Driver:
     """Steps a vLLM engine and timestamps each request's tokens as they come back to this process."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, detokenize: bool = True) -> None:
         from vllm.sampling_params import RequestOutputKind
 
         self.llm = llm
+        self.detokenize = detokenize  # False: no tokenizer (--random-weights), token ids only
         self.engine = llm.llm_engine
         self.delta = RequestOutputKind.DELTA  # each step returns only the new tokens: no cumulative copies
         self.counter = 0
@@ -61,7 +64,7 @@ class Driver:
         from vllm import SamplingParams
 
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos,
-                              output_kind=self.delta)
+                              output_kind=self.delta, detokenize=self.detokenize)
 
     def add(self, prompt: list[int], params: Any) -> str:
         from vllm.inputs import TokensPrompt
@@ -161,7 +164,11 @@ def machine() -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="Hugging Face directory (peer_vllm_cpu.sh convert makes one)")
+    p.add_argument("--model", required=True, help="Hugging Face directory (peer_vllm_cpu.sh convert makes one), or "
+                   "with --random-weights a config.json (benchmarks/configs/)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model is a config.json: vLLM's dummy weights of that shape, no tokenizer (token ids in, "
+                        "token ids out), as `chunkattn bench serve --random-weights` runs it")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--rate", type=float, default=float("inf"))
@@ -180,29 +187,43 @@ def main() -> int:
     # Token ids first (cheap, and a mismatch should fail before vLLM's minute-long start-up).
     from transformers import AutoConfig, AutoTokenizer
 
-    hf_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    # chunkattn passes set(tokenizer.all_special_ids) and config.vocab_size; the HF directory was written from
-    # the same GGUF tokenizer, so these are the same ids (peer_vllm_cpu.sh's convert step checks it).
-    special = set(tokenizer.all_special_ids or [])
-    vocab_size = int(hf_config.vocab_size)
+    kwargs: dict[str, Any] = {}
+    model = args.model
+    if args.random_weights:
+        # A directory holding just the config: vLLM builds the model from it and fills it with dummy weights;
+        # with no tokenizer, chunkattn's workload has no special ids to avoid (bench serve --random-weights).
+        config_json = Path(args.model)
+        model_dir = Path(tempfile.mkdtemp(prefix="vllm-shape-"))
+        shutil.copy(config_json, model_dir / "config.json")
+        model = str(model_dir)
+        vocab_size = int(json.loads(config_json.read_text())["vocab_size"])
+        special: set[int] = set()
+        # The Llama 3 shapes allow 131072 positions, more than vLLM's KV space holds for one request: cap the
+        # length at what the workloads need (4096 shared + question + output at most).
+        kwargs.update(load_format="dummy", skip_tokenizer_init=True, max_model_len=8192)
+    else:
+        hf_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        # chunkattn passes set(tokenizer.all_special_ids) and config.vocab_size; the HF directory was written from
+        # the same GGUF tokenizer, so these are the same ids (peer_vllm_cpu.sh's convert step checks it).
+        special = set(tokenizer.all_special_ids or [])
+        vocab_size = int(hf_config.vocab_size)
     cfg, work = load_workload(args, vocab_size, special)
 
     from vllm import LLM
 
-    kwargs: dict[str, Any] = {}
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.max_num_seqs:
         kwargs["max_num_seqs"] = args.max_num_seqs
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, enable_prefix_caching=True, seed=args.seed, **kwargs)
+    llm = LLM(model=model, dtype=args.dtype, enable_prefix_caching=True, seed=args.seed, **kwargs)
     startup_s = time.perf_counter() - t0
-    vllm_special = set(getattr(llm.get_tokenizer(), "all_special_ids", []) or [])
+    vllm_special = set() if args.random_weights else set(getattr(llm.get_tokenizer(), "all_special_ids", []) or [])
     if vllm_special and vllm_special != special:
         print(f"warning: vLLM's tokenizer special ids {sorted(vllm_special)} != {sorted(special)}", file=sys.stderr)
 
-    driver = Driver(llm)
+    driver = Driver(llm, detokenize=not args.random_weights)
     run = driver.run(work.prompts, work.arrivals, driver.params(cfg.output_len, ignore_eos=True))
     reqs = run["requests"]
     seconds = run["seconds"]
