@@ -348,12 +348,29 @@ def _run_cluster(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="this machine's CPU, its features and the kernel path each part takes here")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from chunkattn.system import format_info, info
+
+    data = info()
+    print(json.dumps(data, indent=1) if args.json else format_info(data))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chunkattn", description="Prefix-aware KV cache, attention and engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_demo(sub)
     _add_serve(sub)
+    _add_info(sub)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _add_kernel_bench(bench)
     _add_serve_bench(bench)

@@ -134,6 +134,9 @@ class Server:
         self.created = int(time.time())
         self.tokenizer = self.engine.tokenizer
         self._token_text: Callable[[int], str] = lru_cache(maxsize=1 << 16)(self._decode_one)
+        from chunkattn.system import info
+
+        self.system = info()  # the machine and kernel paths, for /version
 
     # ------------------------------------------------------------------ helpers
     def _decode_one(self, token_id: int) -> str:
@@ -537,8 +540,8 @@ class Server:
             return APIError(503, f"the engine failed: {self.engine.error}", "service_unavailable").response()
 
         @api.get("/version")
-        async def version() -> dict[str, str]:
-            return {"version": __version__}
+        async def version() -> dict[str, Any]:
+            return {"version": __version__, "system": self.system}
 
         @api.get("/metrics")
         async def metrics() -> Response:

@@ -28,7 +28,16 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
 
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", host)
-    app = Server(llm, config).app()
+    server = Server(llm, config)
+    app = server.app()
+    system = server.system
+    model, cache = llm.engine.model, llm.engine.cache
+    log.info("chunkattn %s: model %s (%d layers, %s, K/V pool %d tokens) on %s, %d torch threads; auth %s; "
+             "listening on http://%s:%d", system["chunkattn"], config.model_name, model.config.num_layers,
+             str(cache.dtype).removeprefix("torch."), cache.num_slots * cache.chunk_size, system["cpu"]["model"],
+             system["torch_threads"], "on (API key)" if config.api_key else "off", host, port)
+    for part, path in system["paths"].items():
+        log.info("kernel path, %s: %s", part, path)
     http = uvicorn.Server(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
         access_log=os.environ.get("CHUNKATTN_ACCESS_LOG", "0") == "1", **uvicorn_options))

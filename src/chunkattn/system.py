@@ -1,0 +1,80 @@
+"""What this machine is and which kernel path each part of chunkattn takes on it: the CPU, the instruction-set
+features the kernels dispatch on, threads, library versions. ``chunkattn info`` prints it, ``/version`` returns
+it and ``chunkattn serve`` logs it once at start-up, so that every number can be traced to the path that made it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from typing import Any
+
+import torch
+
+from chunkattn import native
+
+# CPU features the kernels dispatch on (Linux /proc/cpuinfo flag names), from the widest down.
+FEATURES = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512bw", "avx512f",
+            "avx2", "fma", "asimd", "sve")
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU model, its logical CPUs (and those this process may use) and which of :data:`FEATURES` it has."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        model = found.group(1).strip() if found else model
+        line = re.search(r"^(flags|Features)\s*:\s*(.+)$", text, re.M)
+        flags = set(line.group(2).split()) if line else set()
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "arch": platform.machine(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "features": [f for f in FEATURES if f in flags]}
+
+
+def onednn_version() -> str | None:
+    found = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
+    return found.group(1) if found else None
+
+
+def kernel_paths() -> dict[str, str]:
+    """Which implementation runs each part on this machine, per dtype (``native`` kernels built here or not)."""
+    if not native.available():
+        reason = "native kernels unavailable (no compiler, or CHUNKATTN_NATIVE=0)"
+        return {"attention": f"torch (vectorized PyTorch): {reason}",
+                "linear float32": "oneDNN packed" if torch.backends.mkldnn.is_available() else "F.linear",
+                "linear bfloat16": "oneDNN packed" if torch.backends.mkldnn.is_available() else "F.linear",
+                "elementwise": "PyTorch ops"}
+    fp32_linear = ("chunkattn panels (AVX-512 register tiles)" if native.linear_supported()
+                   else "oneDNN packed")
+    from chunkattn.model.layers import Linear
+
+    bf16_linear = (f"chunkattn AMX panels up to {Linear.AMX_MAX_ROWS} rows, F.linear (oneDNN) above"
+                   if native.amx_linear_supported() else "oneDNN packed")
+    return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
+            "linear float32": fp32_linear, "linear bfloat16": bf16_linear,
+            "elementwise": "chunkattn native (RMSNorm, RoPE, SiLU-and-multiply)"}
+
+
+def info() -> dict[str, Any]:
+    """Everything above as one JSON-able dict."""
+    from chunkattn import __version__
+
+    return {"chunkattn": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onednn": onednn_version(), "cpu": cpu(), "torch_threads": torch.get_num_threads(),
+            "native_kernels": native.available(), "paths": kernel_paths()}
+
+
+def format_info(data: dict[str, Any]) -> str:
+    c = data["cpu"]
+    lines = [f"chunkattn {data['chunkattn']}  (python {data['python']}, torch {data['torch']}, "
+             f"oneDNN {data['onednn'] or 'none'})",
+             f"cpu:      {c['model']} ({c['arch']}), {c['usable_cpus']} of {c['logical_cpus']} logical CPUs usable, "
+             f"torch threads {data['torch_threads']}",
+             f"features: {' '.join(c['features']) or 'none of ' + ', '.join(FEATURES)}"]
+    lines += [f"{k + ':':<17} {v}" for k, v in data["paths"].items()]
+    return "\n".join(lines)
