@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "amx.h"
 #include "simd.h"
@@ -86,8 +87,16 @@ at::Tensor pack_amx(const at::Tensor& w, const char* op) {
 // (the end of this thread's panels) each step prefetches the weights kPrefetchBytes ahead. Measured on the 2-core
 // Xeon VM (1B-shape MLP weights, 805 MB): 4 KB ahead streamed 26 GB/s at one row (oneDNN 25.6), 16 KB 25.7, 64
 // KB 21.7, none 24.2; at 32 rows 23.8 GB/s (oneDNN 20.5).
-inline void panel_tiles(const c10::BFloat16* x, int64_t ldx, int64_t steps, const c10::BFloat16* w,
-                        const char* limit, bool two, float* c) {
+// The A operands of the two row tiles: rows of x (bf16, ldx elements apart), each tile from its own buffer (the
+// last, partial tile of rows comes from a zero-padded copy).
+struct RowTiles {
+  const c10::BFloat16* x0;
+  const c10::BFloat16* x1;
+  int64_t ld0, ld1;
+};
+
+inline void panel_tiles(const RowTiles& a, int64_t steps, const c10::BFloat16* w, const char* limit, bool two,
+                        float* c) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -101,11 +110,11 @@ inline void panel_tiles(const c10::BFloat16* x, int64_t ldx, int64_t steps, cons
     }
     _tile_loadd(6, ws, 64);
     _tile_loadd(7, ws + kTile, 64);
-    _tile_loadd(4, x + s * kDepth, ldx * 2);
+    _tile_loadd(4, a.x0 + s * kDepth, a.ld0 * 2);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (two) {
-      _tile_loadd(5, x + 16 * ldx + s * kDepth, ldx * 2);
+      _tile_loadd(5, a.x1 + s * kDepth, a.ld1 * 2);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -166,16 +175,25 @@ at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, con
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
 #ifdef CHUNKATTN_AMX
-  // A operands read in place need whole tiles: 16-row groups and K a multiple of 32; otherwise a zero-padded
-  // copy (a decode step's few rows: microseconds).
-  const int64_t m16 = (M + 15) / 16 * 16, k32 = steps * kDepth;
+  // A operands are read in place, in whole tiles of 16 rows x 32 of K: with K not a multiple of 32 (or x not
+  // row-major) from a zero-padded copy of x; the last 16-row tile, when M is not a multiple of 16, from a
+  // zero-padded copy of its rows (a tile load would read past x).
+  const int64_t k32 = steps * kDepth, full = M / 16 * 16;
   at::Tensor xa = x;
-  if (m16 != M || k32 != K || x.stride(1) != 1) {
-    xa = at::zeros({m16, k32}, x.options());
-    xa.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
+  if (k32 != K || x.stride(1) != 1) {
+    xa = at::zeros({M, k32}, x.options());
+    xa.narrow(1, 0, K).copy_(x);
+  }
+  at::Tensor tail;
+  if (full < M) {
+    tail = at::zeros({16, k32}, x.options());
+    tail.narrow(0, 0, M - full).narrow(1, 0, K).copy_(xa.narrow(0, full, M - full).narrow(1, 0, K));
   }
   const c10::BFloat16* xp = xa.data_ptr<c10::BFloat16>();
   const int64_t ldx = xa.stride(0);
+  auto rows_at = [&](int64_t r) -> std::pair<const c10::BFloat16*, int64_t> {
+    return r < full ? std::make_pair(xp + r * ldx, ldx) : std::make_pair(tail.data_ptr<c10::BFloat16>(), k32);
+  };
   const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   // rows per block: kXBlockBytes of x, whole pairs of row tiles
@@ -190,7 +208,9 @@ at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, con
         const int64_t c0 = p * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
         for (int64_t r0 = rb; r0 < std::min(M, rb + block); r0 += 32) {
           const bool two = r0 + 16 < M;
-          panel_tiles(xp + r0 * ldx, ldx, steps, w, r0 == rb ? limit : nullptr, two, c);
+          const auto [x0, ld0] = rows_at(r0);
+          const auto [x1, ld1] = two ? rows_at(r0 + 16) : std::make_pair(x0, ld0);
+          panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w, r0 == rb ? limit : nullptr, two, c);
           panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
                        yp + r0 * n + c0, n);
         }
