@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "amx.h"
 #include "simd.h"
@@ -184,15 +185,17 @@ at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, con
     xa = at::zeros({M, k32}, x.options());
     xa.narrow(1, 0, K).copy_(x);
   }
-  at::Tensor tail;
-  if (full < M) {
-    tail = at::zeros({16, k32}, x.options());
-    tail.narrow(0, 0, M - full).narrow(1, 0, K).copy_(xa.narrow(0, full, M - full).narrow(1, 0, K));
-  }
   const c10::BFloat16* xp = xa.data_ptr<c10::BFloat16>();
   const int64_t ldx = xa.stride(0);
+  // a plain buffer, not a tensor: at one row (single-stream decoding) tensor ops cost more than the copy
+  static thread_local std::vector<c10::BFloat16> tail;
+  if (full < M) {
+    tail.assign(16 * k32, c10::BFloat16(0.f));
+    for (int64_t r = full; r < M; ++r) std::memcpy(tail.data() + (r - full) * k32, xp + r * ldx, k32 * 2);
+  }
+  const c10::BFloat16* tp = tail.data();
   auto rows_at = [&](int64_t r) -> std::pair<const c10::BFloat16*, int64_t> {
-    return r < full ? std::make_pair(xp + r * ldx, ldx) : std::make_pair(tail.data_ptr<c10::BFloat16>(), k32);
+    return r < full ? std::make_pair(xp + r * ldx, ldx) : std::make_pair(tp, k32);
   };
   const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
