@@ -1,11 +1,17 @@
-"""A decode step's linear layers on the CPU: chunkattn's float32 panels vs oneDNN's packed product.
+"""A step's linear layers on the CPU: chunkattn's packed panels against oneDNN's packed product and F.linear.
 
 Every linear layer of the model (fused q/k/v, o, fused gate/up, down in every decoder layer, then the LM head),
 in model order, as one engine step runs them: each weight is read once per step, so from DRAM (cold), not from
-cache. Both layouts are made from the same weights and timed alternately, ``--repeats`` passes each; prints one
+cache. Every layout is made from the same weights and timed alternately, ``--repeats`` passes each; prints one
 line per row count and writes JSON.
 
+* ``--dtype float32``: chunkattn's float32 panels (AVX-512) vs oneDNN's packed product;
+* ``--dtype bfloat16``: what ``Linear`` runs (the AMX tile panels up to ``Linear.AMX_MAX_ROWS`` rows on CPUs with
+  AMX, F.linear above; oneDNN's packed product elsewhere) vs oneDNN's packed product vs torch's own
+  ``F.linear`` on the dense weights.
+
     python benchmarks/linear_cpu.py --rows 1 8 32 64 1088 --out benchmarks/results/linear-cpu-<date>.json
+    python benchmarks/linear_cpu.py --dtype bfloat16 --rows 1 8 32 64 1088 4096 [--model cfg.json --random-weights]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from chunkattn import native
 from chunkattn.bench.kernel import device_name
 from chunkattn.model import load_model
 from chunkattn.model.layers import Linear
+from chunkattn.model.loader import random_model
 
 
 def cpu_model() -> str:
@@ -41,48 +48,72 @@ def cpu_model() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 1088])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--model", help="model path, or a config.json with --random-weights (default: SmolLM2)")
+    ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    if not native.linear_supported():
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.float32 and not native.linear_supported():
         raise SystemExit("chunkattn's float32 panels need the native kernels built with AVX-512 on this CPU")
-    model = load_model(dtype=torch.float32).model
-    weights = [m.weight.detach() for m in model.modules() if isinstance(m, Linear)]  # model order, LM head last
-    panels = [torch.ops.chunkattn_layers.pack_linear(w) for w in weights]
+    if args.random_weights:
+        model = random_model(Path(args.model), dtype, "cpu").model
+    else:
+        model = load_model(args.model, dtype=dtype).model
+    layers = [m for m in model.modules() if isinstance(m, Linear)]  # model order, LM head last
+    weights = [m.weight.detach() for m in layers]
     flop_per_row = sum(2 * w.numel() for w in weights)
     points = []
     for rows in args.rows:
         onednn = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
-        xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
+        xs = {k: torch.randn(rows, k).to(dtype) for k in {w.shape[1] for w in weights}}
 
         def run_onednn(onednn: list[torch.Tensor] = onednn, xs: dict[int, torch.Tensor] = xs) -> None:
             for w, p in zip(weights, onednn):
                 torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
 
-        def run_panels(xs: dict[int, torch.Tensor] = xs) -> None:
-            for w, p in zip(weights, panels):
-                torch.ops.chunkattn_layers.linear(xs[w.shape[1]], p, w.shape[0], None)
+        def run_chunkattn(xs: dict[int, torch.Tensor] = xs) -> None:  # Linear's own path, the pack prepack made
+            for m in layers:
+                Linear._product(m, xs[m.in_features], m.packed)
 
-        times: dict[str, list[float]] = {"onednn": [], "panels": []}
-        for i in range(args.repeats + 1):  # alternated; the first pass of each is a warm-up
-            for name, fn in (("onednn", run_onednn), ("panels", run_panels)):
-                t = time.perf_counter()
-                fn()
-                if i:
-                    times[name].append(time.perf_counter() - t)
+        def run_torch(xs: dict[int, torch.Tensor] = xs) -> None:
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+
+        fns = {"onednn": run_onednn, "panels": run_chunkattn}
+        if dtype == torch.bfloat16:
+            fns["torch"] = run_torch
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        with torch.inference_mode():
+            for i in range(args.repeats + 1):  # alternated; the first pass of each is a warm-up
+                for name, fn in fns.items():
+                    t = time.perf_counter()
+                    fn()
+                    if i:
+                        times[name].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         point = {"rows": rows, **{f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()},
                  **{f"{k}_min_ms": round(min(times[k]) * 1e3, 2) for k in times},
                  **{f"{k}_gflops": round(flop_per_row * rows / v / 1e9, 1) for k, v in med.items()},
                  "ratio": round(med["panels"] / med["onednn"], 3)}
+        if "torch" in med:
+            point["rate_vs_torch"] = round(med["torch"] / med["panels"], 3)  # >= 0.9: the issue's target
         points.append(point)
-        print(f"rows {rows:5d}: oneDNN {point['onednn_ms']:8.2f} ms ({point['onednn_gflops']} GFLOP/s), panels "
-              f"{point['panels_ms']:8.2f} ms ({point['panels_gflops']} GFLOP/s), ratio {point['ratio']}")
+        print(f"rows {rows:5d}: " + ", ".join(f"{k} {point[k + '_ms']:8.2f} ms ({point[k + '_gflops']} GFLOP/s)"
+                                               for k in fns)
+              + f", time vs oneDNN {point['ratio']}"
+              + (f", rate vs F.linear {point['rate_vs_torch']}" if "rate_vs_torch" in point else ""))
     if args.out:
+        from chunkattn.system import info
+
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        meta = {"device": device_name(torch.device("cpu")), "cpu": cpu_model(),
+        meta = {"device": device_name(torch.device("cpu")), "cpu": cpu_model(), "dtype": args.dtype,
+                "model": args.model or "SmolLM2-135M-Instruct", "panels": sorted({m.packed.kind for m in layers
+                                                                                   if m.packed is not None}),
                 "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
-                "products": len(weights), "weights_mb": round(sum(w.numel() for w in weights) * 4 / 2**20, 1)}
+                "system": info(), "products": len(weights),
+                "weights_mb": round(sum(w.numel() * w.element_size() for w in weights) / 2**20, 1)}
         args.out.write_text(json.dumps({"meta": meta, "points": points}, indent=1) + "\n")
         print(f"wrote {args.out}")
 

@@ -45,6 +45,7 @@ constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across ch
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
 constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2; hsum16)
 constexpr int kKeysT = 12;         // keys per score tile of the key-major path (12 x 2 vectors of rows)
+constexpr float kLazyMax = 8.f;    // AMX path: a row's reference maximum moves when exceeded by this (log2 units)
 
 constexpr int64_t kAmxMinRows = 4;  // bf16 tasks with fewer query rows waste most of a 16-row AMX tile
 
@@ -629,7 +630,10 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
     v16 mx = vmax(vmax(m0, m1), vmax(m2, m3));
     mx *= sc;  // scale > 0: the largest scaled score is the scaled largest (and -inf stays -inf)
     const v16 m_old = load(ws.m.data() + r0);
-    const v16 m_new = mx > m_old ? mx : m_old;
+    // On the AMX path the reference maximum moves only when a block's exceeds it by kLazyMax (in log2 units):
+    // probabilities then stay below 2^kLazyMax (exact in bf16's range, summed in float32) and most blocks need no
+    // rescaling of the accumulators at all. The partials (o, m, l) are exact for any reference m.
+    const v16 m_new = mx > m_old + (acc_t != nullptr ? kLazyMax : 0.f) ? mx : m_old;
     const v16 m_use = m_new == ninf ? v16{} : m_new;  // a row that has seen nothing yet: exp2(-inf) = 0, not NaN
     const v16 alpha = exp2v(m_old - m_use);
     v16 sum = v16{};
@@ -654,8 +658,13 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
     store(ws.l.data() + r0, load(ws.l.data() + r0) * alpha + sum);
     store(ws.m.data() + r0, m_new);
     store(ws.alpha.data() + r0, alpha);
-    if (acc_t != nullptr)  // row r's accumulators are column r of acc_t: one vector of 16 rows per dim
-      for (int64_t x = 0; x < d; ++x) store(acc_t + x * ld + r0, load(acc_t + x * ld + r0) * alpha);
+    // row r's accumulators are column r of acc_t: one vector of 16 rows per dim, untouched where every alpha is 1
+    if (acc_t != nullptr) {
+      bool rescale = false;
+      for (int i = 0; i < 16; ++i) rescale |= alpha[i] != 1.f;
+      if (rescale)
+        for (int64_t x = 0; x < d; ++x) store(acc_t + x * ld + r0, load(acc_t + x * ld + r0) * alpha);
+    }
   }
   if (acc_t != nullptr) return used;
   for (int64_t r = 0; r < rows; ++r) {
