@@ -26,6 +26,7 @@ OUT_JSON=${OUT_JSON:-$REPO/benchmarks/results/contention-$(date +%F).json}
 SCRATCH=$PEER_DIR/runs/contention-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$SCRATCH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # vLLM's side takes chunkattn's workload generator
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1}
 VLLM_OMP_WAIT_POLICY=${VLLM_OMP_WAIT_POLICY-PASSIVE}
 FLAGS="--requests 32 --rate inf --system-prompts 1 --shared-len 1024 --question-len 64 --output-len 64"
