@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--model", help="model path, or a config.json with --random-weights (default: SmolLM2)")
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--layers", type=int, help="with --random-weights: only this many decoder layers of the shape "
+                    "(each layer's products are the same; an 8B shape's 32 layers do not fit 24 GB twice over)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -58,7 +61,13 @@ def main() -> None:
     if dtype == torch.float32 and not native.linear_supported():
         raise SystemExit("chunkattn's float32 panels need the native kernels built with AVX-512 on this CPU")
     if args.random_weights:
-        model = random_model(Path(args.model), dtype, "cpu").model
+        config = Path(args.model)
+        if args.layers:
+            cfg = json.loads(config.read_text())
+            cfg["num_hidden_layers"] = args.layers
+            config = Path(tempfile.mkdtemp()) / "config.json"
+            config.write_text(json.dumps(cfg))
+        model = random_model(config, dtype, "cpu").model
     else:
         model = load_model(args.model, dtype=dtype).model
     layers = [m for m in model.modules() if isinstance(m, Linear)]  # model order, LM head last
@@ -109,8 +118,8 @@ def main() -> None:
 
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {"device": device_name(torch.device("cpu")), "cpu": cpu_model(), "dtype": args.dtype,
-                "model": args.model or "SmolLM2-135M-Instruct", "panels": sorted({m.packed.kind for m in layers
-                                                                                   if m.packed is not None}),
+                "model": args.model or "SmolLM2-135M-Instruct", "layers": args.layers,
+                "panels": sorted({m.packed.kind for m in layers if m.packed is not None}),
                 "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
                 "system": info(), "products": len(weights),
                 "weights_mb": round(sum(w.numel() * w.element_size() for w in weights) / 2**20, 1)}

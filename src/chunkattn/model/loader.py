@@ -117,7 +117,8 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in family_for(config.model_type).build(config).state_dict().items()}
-    weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
+    # each tensor cast as it is made: an 8B shape's float32 draws at once would need 32 GB
+    weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02).to(dtype)
                for k, s in shapes.items()}
     return LoadedModel(build_model(config, weights, dtype, device), None, config, f"random:{config_json}", cfg)
 
