@@ -101,31 +101,6 @@ def test_identical_sequences_share_everything_even_within_one_batch():
     assert_consistent(cache)
 
 
-def test_a_sequence_added_after_an_extend_joins_its_batch_on_the_tokens_being_computed():
-    """The scheduler's in-flight join: a prompt extended (not yet stored), then a second sequence added on that
-    path and extended with its own tokens, the two batches concatenated: one store and one attention over both
-    (the second reads the first's K/V written by the same store), equal to the reference; the second stores
-    only its own tokens. Concatenation refuses a sequence in both batches and another cache's batch."""
-    cache = make_cache(chunk_size=4)
-    prompt = list(range(100, 122))  # 22 tokens: the join point 22 - 1 = 21 lies inside a chunk (split)
-    a = cache.add_sequence(prompt)
-    first = cache.extend([a], [prompt])
-    b = cache.add_sequence(prompt[:21] + [7, 8, 9])
-    assert b.num_cached_tokens == 21  # the in-flight tokens count: their K/V is written in this same step
-    second = cache.extend([b], [[7, 8, 9]])
-    batch = cache.concat_batches(first, second)
-    assert batch.num_new == (22, 3) and batch.q_indptr == [0, 22, 25] and batch.seq_lens == (22, 24)
-    assert batch.store_rows.tolist() == list(range(25)) and batch.all_rows_stored
-    store_prefix_kv(cache, batch)
-    check_attention(cache, batch, 4, "torch")
-    check_attention(cache, batch, 4, "reference")
-    assert_consistent(cache)
-    with pytest.raises(ValueError, match="in both"):
-        cache.concat_batches(batch, second)
-    with pytest.raises(ValueError, match="another PrefixKVCache"):
-        make_cache().concat_batches(first, second)
-
-
 def test_divergence_at_the_first_token_shares_nothing():
     cache = make_cache(chunk_size=4)
     a, _ = add_prompt(cache, [1, 2, 3, 4, 5])

@@ -46,36 +46,6 @@ def test_sharing_on_equals_off_and_hits_the_cache(tiny):
     assert on.engine.stats.peak_live_kv_bytes < off.engine.stats.peak_live_kv_bytes / 2
 
 
-@pytest.mark.parametrize("own", [5, 40])
-def test_requests_join_the_step_that_computes_their_shared_prompt(tiny, own):
-    """Submitted together, the first request prefills the shared prompt and the others join that very step with
-    only their own tokens (each layer stores the step's K/V before it attends): after one step every request has
-    its first token, all but the first hit the prompt, and the greedy outputs are those without sharing. With too
-    little budget left for all of them, the rest follow in the next step, still hitting the prompt."""
-    prompts = prompts_sharing(6, shared=150, own=own, seed=7)
-    greedy = SamplingParams(max_tokens=6, temperature=0)
-    budget = 300  # own=5: the prompt and every other request's tokens; own=40: only some of them
-    llm = LLM(loaded=tiny, chunk_size=16, max_num_batched_tokens=budget)
-    engine = llm.engine
-    engine.add_requests([(p, greedy, None) for p in prompts])
-    first = {o.request_id: o for o in engine.step()}
-    own_tokens = [len(p) - 150 for p in prompts[1:]]
-    joined = len(first) - 1
-    if own == 5:
-        assert joined == 5 and engine.stats.computed_tokens == len(prompts[0]) + sum(own_tokens)
-    else:  # 190 + 41 fits, a third one does not
-        assert 1 <= joined < 5 and engine.stats.computed_tokens <= budget
-    assert all(len(o.token_ids) == 1 for o in first.values())
-    outs = {o.request_id: o for o in first.values()}
-    while engine.num_unfinished:
-        outs.update({o.request_id: o for o in engine.step()})
-    assert all(o.metrics.num_cached_tokens == 150 for o in list(outs.values())[1:])
-    off = LLM(loaded=tiny, chunk_size=16, max_num_batched_tokens=budget, prefix_sharing=False)
-    assert [o.token_ids for o in outs.values()] == [o.token_ids for o in off.generate(prompts, greedy)]
-    engine.cache.check()
-    assert engine.cache.stats()["live_tokens"] == 0
-
-
 def test_greedy_matches_transformers_on_tiny_model(tiny):
     hf = to_transformers(tiny)
     prompts = prompts_sharing(3, shared=40, own=3, seed=5)

@@ -468,26 +468,6 @@ class PrefixKVCache:
             cache_id=self._id,
         )
 
-    def concat_batches(self, first: Batch, second: Batch) -> Batch:
-        """One batch of ``first``'s new tokens then ``second``'s, as if one ``extend`` call had made both: a
-        scheduler that admits a request after extending the others (to share a prefix they are computing in
-        this very step) runs one forward pass over all of them. The sequences must differ."""
-        self.check_batch(first)
-        self.check_batch(second)
-        if {s.seq_id for s in first.seqs} & {s.seq_id for s in second.seqs}:
-            raise ValueError("concat_batches: a sequence is in both batches")
-        offset = first.num_new_tokens
-        return Batch(
-            seqs=first.seqs + second.seqs,
-            num_new=first.num_new + second.num_new,
-            q_indptr=first.q_indptr + [offset + i for i in second.q_indptr[1:]],
-            seq_lens=first.seq_lens + second.seq_lens,
-            store_rows=torch.cat([first.store_rows, second.store_rows + offset]),
-            store_kv=torch.cat([first.store_kv, second.store_kv]),
-            all_rows_stored=first.all_rows_stored and second.all_rows_stored,
-            cache_id=self._id,
-        )
-
     def check_batch(self, batch: Batch) -> None:
         """Raise if ``batch`` does not belong to this cache or one of its sequences changed since."""
         if not isinstance(batch, Batch):

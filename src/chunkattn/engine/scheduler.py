@@ -2,13 +2,10 @@
 
 Every step: running decodes first (one token each), then running prefills in chunks within the token budget,
 then new requests in arrival order while budget, sequence slots and cache room last. A waiting request
-whose prompt another request is prefilling (a new shared prompt) is held back, so that it hits that prefill
-instead of computing it again. The scheduler then makes room for the step's tokens in the cache; when the pool
-is short it preempts the newest request (releases its sequences; it goes back to the front of the queue and
-recomputes later). Preemption happens only here. Once the step's other tokens have their room, the held-back
-requests whose shared prefix is now entirely in this step join it with only their own tokens: each layer
-stores the step's K/V before it attends, so they read the prefix computed in the same forward pass (rather
-than waiting a whole step for it).
+whose prompt another request is prefilling (a new shared prompt) waits until that prefill is in the cache,
+so that it hits it. The scheduler then makes room for the step's tokens in the cache; when the pool is
+short it preempts the newest request (releases its sequences; it goes back to the front of the queue and
+recomputes later). Preemption happens only here.
 """
 
 from __future__ import annotations
@@ -183,40 +180,7 @@ class Scheduler:
                     break
                 budget -= self._prefill_chunk(units, r, uc, useq, budget)
         self.waiting.extendleft(reversed(deferred))
-        out = self._allocate(units)
-        if deferred and out.batch is not None and budget > 0:
-            self._join_in_flight(out, deferred, budget)
-        return out
-
-    def _join_in_flight(self, out: SchedulerOutput, deferred: list[Request], budget: int) -> None:
-        """Admit held-back requests (at the front of the queue) whose shared prefix is now wholly in the cache,
-        the step's other tokens included, and add their own tokens to the step; stop at the first that still
-        waits, does not fit or finds the pool short (never preempting for them)."""
-        assert out.batch is not None
-        held = {id(r) for r in deferred}
-        units: list[ScheduledUnit] = []
-        while self.waiting and budget > 0 and id(self.waiting[0]) in held:
-            r = self.waiting[0]
-            if (self._defer(r) or self._num_running_seqs() + r.params.n > self.config.max_num_seqs
-                    or not self._can_admit(r)):
-                break
-            self.waiting.popleft()
-            self._admit(r)
-            assert r.prompt_seq is not None
-            budget -= self._prefill_chunk(units, r, None, r.prompt_seq, budget)
-        if not units:
-            return
-        try:
-            joined = self.cache.extend([u.seq for u in units], [u.tokens for u in units])
-        except CacheFullError:  # the pool could not take them after all: back to the queue, nothing else changes
-            for u in reversed(units):
-                self._release(u.request)
-                self.running.remove(u.request)
-                u.request.state = RequestState.WAITING
-                self.waiting.appendleft(u.request)
-            return
-        out.units.extend(units)
-        out.batch = self.cache.concat_batches(out.batch, joined)
+        return self._allocate(units)
 
     @staticmethod
     def _prefill_chunk(units: list[ScheduledUnit], r: Request, c: Completion | None, seq: Sequence,
