@@ -99,6 +99,7 @@ def _row(system: str, sharing: bool, outputs: list[RequestOutput], seconds: floa
         "decode_tokens_per_s": round(stats.get("decode_tokens_per_s", 0.0), 2),
         "ttft_p50_ms": round(_pct(ttft, 50), 1),
         "ttft_p99_ms": round(_pct(ttft, 99), 1),
+        "ttft_mean_ms": round(sum(ttft) / len(ttft), 1) if ttft else float("nan"),
         "tpot_p50_ms": round(_pct(tpot, 50), 1),
         "tpot_p99_ms": round(_pct(tpot, 99), 1),
         "peak_kv_bytes": int(peak_kv),
