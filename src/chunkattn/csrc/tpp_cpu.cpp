@@ -457,12 +457,10 @@ inline void round_probs(const float* si, int64_t nk, uint16_t* pbi) {
 }
 #endif
 
-// The running softmax of `rows` rows over a new block of scores (in ws.s, multiplied by `scale` as they are
-// read; the AMX path leaves them unscaled): row i sees its first vis[i] keys.
+// The running softmax of `rows` rows over a new block of scores (in ws.s): row i sees its first vis[i] keys.
 // The block's probabilities replace its scores (zero where not seen; also as bf16 pairs in ws.pb when
 // `bf16_pairs`), the accumulators are rescaled. Returns the largest vis (keys the value product must read).
-inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, bool bf16_pairs,
-                              float scale = 1.f) {
+inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, bool bf16_pairs) {
   const int64_t d = L.d, kbp = kKeyBlock;
   float* s = ws.s.data();
   int64_t used = 0;
@@ -488,22 +486,21 @@ inline int64_t update_softmax(const Layout& L, int64_t rows, int64_t nk, Scratch
       mb = hmax(mv);
     }
     for (; t < vis; ++t) mb = std::max(mb, si[t]);
-    mb *= scale;  // scale > 0: the largest scaled score is the scaled largest
     const float m_old = ws.m[i];
     const float m_new = std::max(m_old, mb);
     const float alpha = m_old == kNegInf ? 0.f : exp2s(m_old - m_new);
     float sum = 0.f;
     t = 0;
     v16 sv = v16{};
-    const v16 mn = splat(m_new), sc = splat(scale);
+    const v16 mn = splat(m_new);
     for (; t + 16 <= vis; t += 16) {
-      v16 e = exp2v(load(si + t) * sc - mn);
+      v16 e = exp2v(load(si + t) - mn);
       store(si + t, e);
       sv += e;
     }
     sum = hsum(sv);
     for (; t < vis; ++t) {
-      si[t] = exp2s(si[t] * scale - m_new);
+      si[t] = exp2s(si[t] - m_new);
       sum += si[t];
     }
     for (; t < nk; ++t) si[t] = 0.f;
@@ -580,20 +577,17 @@ inline void score_tile_t(const float* qt, int64_t ld, int64_t d, const float* co
 
 #ifdef CHUNKATTN_BF16_DOT
 // Lanes 0-15 of a and b interleaved as bf16 pairs: word r = (bf16(a[r]), bf16(b[r])).
-inline __m512i bf16_pairs(__m512 a, __m512 b) {
+inline __m512i interleave_bf16(__m512 a, __m512 b) {
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   return _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a));  // cvt: lanes 0-15 a, 16-31 b
 }
 #endif
 
-// The running softmax of the rows over S^T (in ws.s, leading dimension ld; multiplied by `scale` as they are
-// read): keys a row does not see (t >= vis) become -inf, the accumulators are rescaled: ws.acc [rows, d], or with
-// `acc_t` the transposed ones [d, ld] of the AMX path. The block's probabilities replace its scores, or with `pv`
-// (the AMX path) go there as bf16 pairs of keys per row, pv[t / 2, r], zero past nk up to a multiple of 32 keys.
-// Returns the number of keys the value product must read.
-inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, float scale = 1.f,
-                                float* acc_t = nullptr, uint32_t* pv = nullptr) {
+// The running softmax of the rows over S^T (in ws.s, leading dimension ld): keys a row does not see (t >= vis)
+// become -inf, the block's probabilities replace its scores, the accumulators are rescaled. Returns the number
+// of keys the value product must read.
+inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws) {
   const int64_t d = L.d, ld = round16(rows);
   float* s = ws.s.data();
   int64_t used = 0, least = nk;
@@ -604,69 +598,34 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
   }
   if (!used) return 0;
   const bool masked = least < nk || rows < ld;
-  const v16 ninf = splat(kNegInf), sc = splat(scale);
+  const v16 ninf = splat(kNegInf);
   for (int64_t r0 = 0; r0 < ld; r0 += 16) {
     i16v vis;
     std::memcpy(&vis, ws.vis.data() + r0, sizeof(vis));
-    auto seen = [&](int64_t t) {  // S^T[t, r0..r0 + 15], -inf (also stored) where the row does not see key t
+    v16 mx = ninf;
+    for (int64_t t = 0; t < nk; ++t) {
       v16 x = load(s + t * ld + r0);
       if (masked) {
         const i16v tv = i16v{} + (int32_t)t;
         x = tv < vis ? x : ninf;
         store(s + t * ld + r0, x);
       }
-      return x;
-    };
-    auto vmax = [](v16 a, v16 b) { return a > b ? a : b; };
-    v16 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // four chains: one would wait on vmaxps's latency per key
-    int64_t t = 0;
-    for (; t + 4 <= nk; t += 4) {
-      m0 = vmax(m0, seen(t));
-      m1 = vmax(m1, seen(t + 1));
-      m2 = vmax(m2, seen(t + 2));
-      m3 = vmax(m3, seen(t + 3));
+      mx = x > mx ? x : mx;
     }
-    for (; t < nk; ++t) m0 = vmax(m0, seen(t));
-    v16 mx = vmax(vmax(m0, m1), vmax(m2, m3));
-    mx *= sc;  // scale > 0: the largest scaled score is the scaled largest (and -inf stays -inf)
     const v16 m_old = load(ws.m.data() + r0);
-    // On the AMX path the reference maximum moves only when a block's exceeds it by kLazyMax (in log2 units):
-    // probabilities then stay below 2^kLazyMax (exact in bf16's range, summed in float32) and most blocks need no
-    // rescaling of the accumulators at all. The partials (o, m, l) are exact for any reference m.
-    const v16 m_new = mx > m_old + (acc_t != nullptr ? kLazyMax : 0.f) ? mx : m_old;
+    const v16 m_new = mx > m_old ? mx : m_old;
     const v16 m_use = m_new == ninf ? v16{} : m_new;  // a row that has seen nothing yet: exp2(-inf) = 0, not NaN
     const v16 alpha = exp2v(m_old - m_use);
     v16 sum = v16{};
-    if (pv == nullptr) {
-      for (int64_t t = 0; t < nk; ++t) {
-        const v16 e = exp2v(load(s + t * ld + r0) * sc - m_use);
-        store(s + t * ld + r0, e);
-        sum += e;
-      }
-    } else {
-#ifdef CHUNKATTN_BF16_DOT
-      for (int64_t t = 0; t < nk; t += 2) {
-        const v16 e0 = exp2v(load(s + t * ld + r0) * sc - m_use);
-        const v16 e1 = t + 1 < nk ? exp2v(load(s + (t + 1) * ld + r0) * sc - m_use) : v16{};
-        sum += e0 + e1;
-        _mm512_storeu_si512(pv + t / 2 * ld + r0, bf16_pairs((__m512)e0, (__m512)e1));
-      }
-      for (int64_t t = (nk + 1) / 2 * 2; t < (nk + 31) / 32 * 32; t += 2)
-        _mm512_storeu_si512(pv + t / 2 * ld + r0, _mm512_setzero_si512());
-#endif
+    for (int64_t t = 0; t < nk; ++t) {
+      const v16 e = exp2v(load(s + t * ld + r0) - m_use);
+      store(s + t * ld + r0, e);
+      sum += e;
     }
     store(ws.l.data() + r0, load(ws.l.data() + r0) * alpha + sum);
     store(ws.m.data() + r0, m_new);
     store(ws.alpha.data() + r0, alpha);
-    // row r's accumulators are column r of acc_t: one vector of 16 rows per dim, untouched where every alpha is 1
-    if (acc_t != nullptr) {
-      bool rescale = false;
-      for (int i = 0; i < 16; ++i) rescale |= alpha[i] != 1.f;
-      if (rescale)
-        for (int64_t x = 0; x < d; ++x) store(acc_t + x * ld + r0, load(acc_t + x * ld + r0) * alpha);
-    }
   }
-  if (acc_t != nullptr) return used;
   for (int64_t r = 0; r < rows; ++r) {
     const float a = ws.alpha[r];
     if (a == 1.f) continue;
@@ -827,6 +786,81 @@ inline void pack_values_t(const c10::BFloat16* v, const int64_t* krow, int64_t k
   }
 }
 
+// The running softmax of the AMX path over S^T (ws.s, leading dimension ld, unscaled): as update_softmax_t with
+// `acc_t` and `pv` (lazy reference maximum, probabilities as bf16 key pairs per row, transposed accumulators),
+// in one pass over the scores where it can: once a 16-row group has a reference maximum, its block is
+// exponentiated against it directly while the block's maximum is found on the way; only a group whose maximum
+// then exceeds the reference by kLazyMax (rare after a row's first blocks) makes the second pass. Probabilities
+// from a degree-4 exp2 (relative error < 5e-5 before their rounding to bf16's 8 bits).
+inline int64_t update_softmax_amx(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, float* acc_t, uint32_t* pv) {
+  const int64_t d = L.d, ld = round16(rows), k32 = (nk + 31) / 32 * 32;
+  float* s = ws.s.data();
+  int64_t used = 0, least = nk;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t seen = std::min<int64_t>(ws.vis[r], nk);
+    used = std::max(used, seen);
+    least = std::min(least, seen);
+  }
+  if (!used) return 0;
+  const bool masked = least < nk || rows < ld;
+  const v16 ninf = splat(kNegInf), sc = splat(L.qk_scale);
+  auto vmax = [](v16 a, v16 b) { return a > b ? a : b; };
+  for (int64_t r0 = 0; r0 < ld; r0 += 16) {
+    i16v vis;
+    std::memcpy(&vis, ws.vis.data() + r0, sizeof(vis));
+    auto seen = [&](int64_t t) {  // S^T[t, r0..r0 + 15], -inf where the row does not see key t
+      const v16 x = load(s + t * ld + r0);
+      if (!masked) return x;
+      const i16v tv = i16v{} + (int32_t)t;
+      return tv < vis ? x : ninf;
+    };
+    // exponentiate against m_use, packing pairs; returns the sum, and the raw maximum in *mx
+    auto exp_pass = [&](v16 m_use, v16* mx) {
+      v16 sum = v16{}, m0 = ninf, m1 = ninf;
+      for (int64_t t = 0; t < nk; t += 2) {
+        const v16 x0 = seen(t), x1 = t + 1 < nk ? seen(t + 1) : ninf;
+        m0 = vmax(m0, x0);
+        m1 = vmax(m1, x1);
+        const v16 e0 = exp2v<4>(x0 * sc - m_use), e1 = exp2v<4>(x1 * sc - m_use);
+        sum += e0 + e1;
+        _mm512_storeu_si512(pv + t / 2 * ld + r0, interleave_bf16((__m512)e0, (__m512)e1));
+      }
+      *mx = vmax(m0, m1) * sc;
+      return sum;
+    };
+    const v16 m_old = load(ws.m.data() + r0);
+    bool fresh = false;  // some row of the group has no reference maximum yet
+    for (int i = 0; i < 16; ++i) fresh |= m_old[i] == kNegInf;
+    v16 mx, sum = v16{};
+    if (!fresh) {
+      sum = exp_pass(m_old, &mx);  // optimistic: against the reference the group has
+    } else {
+      v16 m0 = ninf, m1 = ninf;
+      for (int64_t t = 0; t + 1 < nk; t += 2) {
+        m0 = vmax(m0, seen(t));
+        m1 = vmax(m1, seen(t + 1));
+      }
+      if (nk % 2) m0 = vmax(m0, seen(nk - 1));
+      mx = vmax(m0, m1) * sc;
+    }
+    const v16 m_new = mx > m_old + kLazyMax ? mx : m_old;
+    bool moved = fresh;
+    for (int i = 0; i < 16; ++i) moved |= m_new[i] != m_old[i];
+    const v16 m_use = m_new == ninf ? v16{} : m_new;  // a row that has seen nothing yet: exp2(-inf) = 0, not NaN
+    if (moved) sum = exp_pass(m_use, &mx);  // (again) against the new reference
+    for (int64_t t = (nk + 1) / 2 * 2; t < k32; t += 2)
+      _mm512_storeu_si512(pv + t / 2 * ld + r0, _mm512_setzero_si512());
+    const v16 alpha = exp2v(m_old - m_use);
+    store(ws.l.data() + r0, load(ws.l.data() + r0) * alpha + sum);
+    store(ws.m.data() + r0, m_new);
+    bool rescale = false;
+    for (int i = 0; i < 16; ++i) rescale |= alpha[i] != 1.f;
+    if (rescale)  // row r's accumulators are column r of acc_t: one vector of 16 rows per dim
+      for (int64_t x = 0; x < d; ++x) store(acc_t + x * ld + r0, load(acc_t + x * ld + r0) * alpha);
+  }
+  return used;
+}
+
 // One block of keys on AMX tiles (use_amx; the task's queries from load_queries_amx).
 inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16* k, const c10::BFloat16* v,
                              int64_t nk, Scratch& ws) {
@@ -856,7 +890,7 @@ inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16*
   }
   scores_amx(kt, kstride, ngroups, d, ws.qv.data(), ld, ws.s.data());
   if ((int64_t)ws.pv.size() < kbp / 2 * ld) ws.pv.resize(kbp / 2 * ld);
-  const int64_t used = update_softmax_t(L, rows, nk, ws, L.qk_scale, ws.acc_t.data(), ws.pv.data());
+  const int64_t used = update_softmax_amx(L, rows, nk, ws, ws.acc_t.data(), ws.pv.data());
   if (!used) return;
   const int64_t k32 = (used + 31) / 32 * 32;
   if ((int64_t)ws.vt.size() < d * kbp) ws.vt.resize(d * kbp);
