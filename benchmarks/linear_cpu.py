@@ -6,7 +6,7 @@ cache. Every layout is made from the same weights and timed alternately, ``--rep
 line per row count and writes JSON.
 
 * ``--dtype float32``: chunkattn's float32 panels (AVX-512) vs oneDNN's packed product;
-* ``--dtype bfloat16``: what ``Linear`` runs (the AMX tile panels up to ``Linear.AMX_MAX_ROWS`` rows on CPUs with
+* ``--dtype bfloat16``: what ``Linear`` runs (the AMX tile panels up to ``Linear.amx_max_rows()`` rows on CPUs with
   AMX, F.linear above; oneDNN's packed product elsewhere) vs oneDNN's packed product vs torch's own
   ``F.linear`` on the dense weights.
 

@@ -384,8 +384,9 @@ def test_amx_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
         ops.linear_amx(torch.randn(3, 64).bfloat16(), packed, 40, torch.randn(40))
     with pytest.raises(RuntimeError, match=r"\[gate; up\]"):
         ops.pack_gate_up_amx(torch.randn(7, 16).bfloat16())
-    # above AMX_MAX_ROWS the layers use F.linear (oneDNN's large-matrix kernels): the same values either side
-    monkeypatch.setattr(Linear, "AMX_MAX_ROWS", 8)
+    # above amx_max_rows the layers use F.linear (oneDNN's large-matrix kernels): the same values either side
+    monkeypatch.setattr(Linear, "AMX_MIN_ROWS_LIMIT", 8)
+    monkeypatch.setattr(Linear, "AMX_BLOCK_BYTES", 8 * 2 * 64)  # 8 rows of K = 64
     torch.manual_seed(5)
     lin, gate_up = Linear(64, 40, bias=True).bfloat16(), GateUpLinear(64, 24).bfloat16()
     for m in (lin, gate_up):
@@ -394,5 +395,6 @@ def test_amx_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
     x = torch.randn(20, 64).bfloat16()
     with torch.inference_mode():
         for m in (lin, gate_up):
+            assert m.amx_max_rows() == 8
             small, large = m(x[:8]), m(x)  # 8 rows: the AMX panels; 20: F.linear
             assert rel(small.double(), large[:8].double()) < 1e-2

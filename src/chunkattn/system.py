@@ -53,7 +53,8 @@ def kernel_paths() -> dict[str, str]:
                    else "oneDNN packed")
     from chunkattn.model.layers import Linear
 
-    bf16_linear = (f"chunkattn AMX panels up to {Linear.AMX_MAX_ROWS} rows, F.linear (oneDNN) above"
+    bf16_linear = (f"chunkattn AMX panels while x is within {Linear.AMX_BLOCK_BYTES >> 20} MB (at least "
+                   f"{Linear.AMX_MIN_ROWS_LIMIT} rows), F.linear (oneDNN) above"
                    if native.amx_linear_supported() else "oneDNN packed")
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
             "linear float32": fp32_linear, "linear bfloat16": bf16_linear,

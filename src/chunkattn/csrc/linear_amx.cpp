@@ -33,7 +33,7 @@ constexpr int64_t kCols = 32;   // output columns per panel: two 16-column tiles
 constexpr int64_t kDepth = 32;  // K per tile step: 16 pairs
 constexpr int64_t kTile = 16 * 32;  // bf16 elements per packed tile
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead in the weight stream each step prefetches
-constexpr int64_t kXBlockBytes = 256 * 1024;  // rows of x per block: as many as fit this (they stay in L2)
+constexpr int64_t kXBlockBytes = 1 << 20;  // rows of x per block: as many as fit this (they stay in L2)
 
 enum class Epilogue { kStore, kSiluMul };
 

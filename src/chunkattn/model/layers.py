@@ -39,7 +39,7 @@ class Linear(nn.Module):
     panels (``chunkattn_layers.linear``, see ``csrc/linear_cpu.cpp``: 8-row x 48-column register tiles over
     sequential weight panels, the next panel prefetched while one is used), bfloat16 on CPUs with AMX into
     panels of AMX tiles (``chunkattn_layers.linear_amx``, ``csrc/linear_amx.cpp``; up to
-    :attr:`AMX_MAX_ROWS` rows, ``F.linear`` above, where oneDNN's large-matrix kernels win), bfloat16 (and
+    :meth:`amx_max_rows` rows (x within one 1 MB row block), ``F.linear`` above, where oneDNN's large-matrix kernels win), bfloat16 (and
     float32) elsewhere into oneDNN's blocked layout. All beat ``F.linear`` on the thin matrices of decoding by far
     (on the Zen 5 dev VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed product at ~270-310 with 32 rows
     and the panels at ~380; on the AMX Xeon VM SmolLM2's bf16 decode products at 32 rows took 14.9 ms through
@@ -50,7 +50,12 @@ class Linear(nn.Module):
     module to another device or dtype drops the packed copy.
     """
 
-    AMX_MAX_ROWS = 1536  # bf16 rows up to which the AMX panels beat F.linear (oneDNN) on the AMX Xeon VM
+    # bf16 rows up to which the AMX panels run: while x fits one of the kernel's 1 MB row blocks, every weight is
+    # read once; past that the panels are read again per block and oneDNN's blocking wins (F.linear). On the AMX
+    # Xeon VM at 1088 rows: SmolLM2 (K 576-1536) about even, Llama-3.2-1B's shape 0.83x and 8B's 0.52x of
+    # F.linear's rate when the panels ran every row count; at 1-32 rows the panels win everywhere (1.3-1.7x).
+    AMX_MIN_ROWS_LIMIT = 64
+    AMX_BLOCK_BYTES = 1 << 20  # kXBlockBytes in csrc/linear_amx.cpp
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -131,10 +136,14 @@ class Linear(nn.Module):
         if packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear(x, packed.tensor, self.out_features, self.bias)
         if packed.kind == "amx":
-            if x.shape[0] > self.AMX_MAX_ROWS:
+            if x.shape[0] > self.amx_max_rows():
                 return nn.functional.linear(x, self.weight, self.bias)
             return torch.ops.chunkattn_layers.linear_amx(x, packed.tensor, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, self.bias, "none", [], "")
+
+    def amx_max_rows(self) -> int:
+        """Rows up to which the bfloat16 AMX panels multiply this layer (F.linear above)."""
+        return max(self.AMX_MIN_ROWS_LIMIT, self.AMX_BLOCK_BYTES // (2 * (-(-self.in_features // 32) * 32)))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -208,7 +217,7 @@ class GateUpLinear(Linear):
         packed = self._usable_pack(x)
         if packed is not None and packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear_silu_mul(x, packed.tensor, self.intermediate_size)
-        if packed is not None and packed.kind == "amx" and x.shape[0] <= self.AMX_MAX_ROWS:
+        if packed is not None and packed.kind == "amx" and x.shape[0] <= self.amx_max_rows():
             return torch.ops.chunkattn_layers.linear_silu_mul_amx(x, packed.tensor, self.intermediate_size)
         return silu_and_mul(self._product(x, packed))
 
