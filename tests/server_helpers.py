@@ -22,9 +22,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def metrics(url: str) -> dict[str, float]:
+def metrics(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
     """``/metrics`` as {name{labels}: value} (labels dropped when only model_name)."""
-    text = httpx.get(url + "/metrics", timeout=30).text
+    text = httpx.get(url + "/metrics", timeout=30, headers=headers).text
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#") or not line.strip():
@@ -64,9 +64,10 @@ class ServerProcess:
                 raise RuntimeError(f"the server did not become healthy in {timeout} s:\n{self.output()}")
             time.sleep(0.2)
 
-    def output(self) -> str:
+    def output(self, whole: bool = False) -> str:
         self.log.seek(0)
-        return self.log.read()[-5000:]
+        text = self.log.read()
+        return text if whole else text[-5000:]
 
     @property
     def headers(self) -> dict[str, str]:

@@ -302,3 +302,48 @@ def test_pinned_system_prompt_stays_cached_through_a_flood(tiny):
     assert llm.reset_prefix_cache() > 0
     miss = llm.generate(system + [1, 2, 4], SamplingParams(max_tokens=2, temperature=0))[0]
     assert miss.metrics.num_cached_tokens == 0
+
+
+# ---------------------------------------------------------------------------------------------- what users get wrong
+def test_llm_takes_dtype_names_and_checks_the_device(tiny):
+    from chunkattn.engine.llm import resolve_device, resolve_dtype
+
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("fp16") is torch.float16 and resolve_dtype(torch.bfloat16) is torch.bfloat16
+    assert resolve_dtype("auto", "cpu") is torch.float32 and resolve_dtype("auto", "cuda") is torch.bfloat16
+    with pytest.raises(ValueError, match="auto, float32, bfloat16, float16; got 'int8'"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="must be 'cpu', 'cuda'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            LLM(device="cuda")
+    with pytest.raises(ValueError, match="dtype must be"):
+        LLM(dtype="float8")
+
+
+def test_bad_calls_say_what_is_accepted(tiny):
+    llm = LLM(loaded=tiny, kv_cache_tokens=1024, chunk_size=16)
+    with pytest.raises(TypeError, match="prompts must be a prompt"):
+        llm.generate(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prompts must be a prompt"):
+        llm.generate(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="no field.*tempreature"):
+        llm.generate([1, 2, 3], {"tempreature": 0})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="params must be a SamplingParams, a dict"):
+        llm.generate([1, 2, 3], "greedy")  # type: ignore[arg-type]
+    out = llm.generate([1, 2, 3], {"temperature": 0, "max_tokens": 3, "ignore_eos": True})  # type: ignore[arg-type]
+    assert len(out[0].token_ids) == 3
+    with pytest.raises(TypeError, match="conversations must be"):
+        llm.chat(None)  # type: ignore[arg-type]
+
+
+def test_chat_messages_are_checked_before_the_template():
+    from chunkattn.engine.llm import check_messages
+
+    check_messages([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    for messages, words in [([{"role": "user"}], "content must be a string; got NoneType"),
+                            ([{"role": "robot", "content": "x"}], "role must be one of"),
+                            (["hi"], "is a str, not a"), ([], "non-empty list")]:
+        with pytest.raises(ValueError, match=words):
+            check_messages(messages)

@@ -8,15 +8,17 @@ import json
 import random
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from chunkattn.model import default_model_path
-from server_helpers import TINY_CONFIG, ServerProcess
+from server_helpers import TINY_CONFIG, ServerProcess, metrics
 
 KEY = "sk-test-key"
+SMOLLM2_SHAPE = Path(__file__).parents[1] / "benchmarks" / "configs" / "smollm2-135m.json"
 MAX_BODY = 200_000
 KV_TOKENS = 8192
 
@@ -193,43 +195,96 @@ def test_tokenizer_routes(tiny):
 
 
 # ---------------------------------------------------------------------------------------------- errors
+ANY = object()  # any param
 BAD_INPUTS = [
-    # (body or raw bytes, status, words the message must contain)
-    (b"{not json", 400, "JSON"),
-    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 10**9}, 400, "2048"),
-    ({"prompt": "x", "max_tokens": 2000, "n": 5}, 400, "K/V"),
-    ({"prompt": "x", "n": 0}, 400, "n"),
-    ({"prompt": "x", "n": 10**6}, 400, "n"),
-    ({"prompt": ""}, 400, "empty"),
-    ({"prompt": []}, 400, "prompt"),
-    ({"prompt": [1, 2, 10**7]}, 400, "vocabulary"),
-    ({"prompt": [1, -2]}, 400, "prompt"),
-    ({"prompt": list(range(2100))}, 400, "2048"),
-    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"prompt": "x", "logprobs": 100}, 400, "logprobs"),
-    ({"prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
-    ({"prompt": "x", "stop_token_ids": [10**8]}, 400, "stop_token_ids"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
-    ({"max_tokens": 3}, 400, "prompt"),
-    ({"prompt": "x" * (MAX_BODY + 10)}, 413, "limit"),
+    # (body or raw bytes, status, words the message must contain, the error's param); docs/serving.md lists them
+    (b"{not json", 400, "not valid JSON", None),
+    (b"[1, 2]", 400, "JSON object", None),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "2048", "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2000, "n": 5}, 400, "K/V", "max_tokens"),
+    ({"prompt": "x", "n": 0}, 400, "n", "n"),
+    ({"prompt": "x", "n": 10**6}, 400, "n", "n"),
+    ({"prompt": ""}, 400, "empty", "prompt"),
+    ({"prompt": []}, 400, "empty", "prompt"),
+    ({"prompt": [[]]}, 400, "empty", "prompt"),
+    ({"prompt": [-1]}, 400, "non-negative integers; prompt[0] is -1", "prompt"),
+    ({"prompt": [1, -2]}, 400, "prompt[1] is -2", "prompt"),
+    ({"prompt": [1.5]}, 400, "prompt[0] is 1.5", "prompt"),
+    ({"prompt": [1, "a"]}, 400, "not a mix", "prompt"),
+    ({"prompt": {"text": "x"}}, 400, "got dict", "prompt"),
+    ({"prompt": ["x"] * 300}, 400, "at most 256 prompts", "prompt"),
+    ({"prompt": [[1]] * 300}, 400, "at most 256 prompts", "prompt"),
+    ({"prompt": [1, 2, 10**7]}, 400, "vocabulary", "prompt"),
+    ({"prompt": list(range(2100))}, 400, "2048", "prompt"),
+    (b'{"prompt": "a\\ud800b"}', 400, "lone UTF-16 surrogate", "prompt"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature", "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
+    ({"prompt": "x", "logprobs": 100}, 400, "logprobs", "logprobs"),
+    ({"prompt": "x", "stop": [""]}, 400, "must not be empty", "stop"),
+    ({"prompt": "x", "stop": ["s"] * 17}, 400, "at most 16 stop strings", "stop"),
+    ({"prompt": "x", "stop": [3]}, 400, "stop[0] is 3", "stop"),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "outside the vocabulary", "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias", "logit_bias"),
+    ({"prompt": "x", "stop_token_ids": [10**8]}, 400, "outside the vocabulary", "stop_token_ids"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4", "model"),
+    ({"max_tokens": 3}, 400, "prompt", "prompt"),
+    ({"prompt": "x" * (MAX_BODY + 10)}, 413, "limit", None),
 ]
 
 
-@pytest.mark.parametrize("body,status,words", BAD_INPUTS, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_INPUTS)])
-def test_bad_input_then_good(tiny, body, status, words):
+@pytest.mark.parametrize("body,status,words,param", BAD_INPUTS,
+                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_then_good(tiny, body, status, words, param):
     kw = {"content": body, "headers": {**tiny.headers, "content-type": "application/json"}} \
         if isinstance(body, bytes) else {"json": body, "headers": tiny.headers}
     r = httpx.post(tiny.url + "/v1/completions", timeout=60, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and words.lower() in err["message"].lower(), err
+    assert param is ANY or err["param"] == param, err
     good = httpx.post(tiny.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}, headers=tiny.headers,
                       timeout=60)
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_bodies_that_are_not_json_say_so(tiny):
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        r = httpx.post(tiny.url + "/v1/completions", content=b"prompt=hi", timeout=30,
+                       headers={**tiny.headers, "content-type": content_type})
+        assert r.status_code == 400, r.text
+        assert "Content-Type: application/json" in r.json()["error"]["message"] and content_type in r.text
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool"])
+def test_chat_roles_accepted(tiny, role):
+    messages = [{"role": role, "content": "hello"}]
+    if role != "user":
+        messages.append({"role": "user", "content": "and?"})
+    r = httpx.post(tiny.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2},
+                   headers=tiny.headers, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_chat_unknown_role_and_bad_content_are_400(tiny):
+    for messages, words in [([{"role": "bot", "content": "x"}], "unknown role 'bot'"),
+                            ([{"role": "user", "content": "a\ud800"}], "surrogate"),
+                            ([{"content": "x"}], "role")]:
+        body = json.dumps({"messages": messages, "max_tokens": 2}).encode()  # (escapes the lone surrogate)
+        r = httpx.post(tiny.url + "/v1/chat/completions", content=body, timeout=30,
+                       headers={**tiny.headers, "content-type": "application/json"})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "messages"
+
+
+def test_bearer_scheme_is_case_insensitive(tiny):
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = httpx.get(tiny.url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert r.status_code == 200, (scheme, r.text)
+    for value in (KEY, f"Basic {KEY}", f"Bearer {KEY}x", "Bearer"):
+        assert httpx.get(tiny.url + "/v1/models", headers={"Authorization": value}).status_code == 401, value
 
 
 def test_errors_map_to_openai_exceptions(tiny, client):
@@ -267,6 +322,8 @@ def test_disconnect_aborts_stream_and_plain_requests(tiny):
     m = _wait_idle(tiny, timeout=20)
     assert m['chunkattn:request_success_total{finished_reason="abort"}'] >= aborted_before + 2
     assert m["chunkattn:kv_cache_check_ok"] == 1
+    log = tiny.output(whole=True)  # (it was "Exception in ASGI application ... InvalidStateError")
+    assert "Traceback" not in log and "Exception" not in log, log
 
 
 # ---------------------------------------------------------------------------------------------- load + faults
@@ -482,3 +539,87 @@ def test_unencodable_prompt_and_too_many_prompts_are_400(tiny):
     r = httpx.post(tiny.url + "/v1/completions", json={"prompt": [[1]] * 100, "n": 20, "max_tokens": 1},
                    headers=tiny.headers)
     assert r.status_code == 400 and "1024" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- shutdown
+def _sse(url: str, body: dict, headers: dict, out: dict, name: str) -> None:
+    """The data lines of a streamed request, into ``out[name]`` (an exception's repr if it broke)."""
+    lines: list[str] = []
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=120) as r:
+            lines.append(f"status {r.status_code}")
+            lines += [line for line in r.iter_lines() if line]
+    except httpx.HTTPError as exc:
+        lines.append(f"broken: {exc!r}")
+    out[name] = lines
+
+
+def test_sigterm_drains_then_ends_the_rest_with_an_error_and_exits_0():
+    """SIGTERM under load: /health 503 "draining" and new requests 503 at once; the requests that finish
+    within --shutdown-timeout end normally; the rest get an error frame and [DONE] (a plain request: a 503
+    JSON error); the process exits 0 with no traceback. /metrics needs --metrics-api-key, case-insensitive."""
+    import signal
+    import threading
+
+    # SmolLM2's shape (random weights): ~20-40 ms a step here, so that 40 tokens surely fit in the grace period
+    # and 1900 surely do not
+    server = ServerProcess(str(SMOLLM2_SHAPE), "--random-weights", "--tokenizer", str(default_model_path()),
+                           "--served-model-name", "tiny", "--kv-cache-tokens", "32768", "--chunk-size", "16",
+                           "--shutdown-timeout", "4", "--metrics-api-key", "metrics-key", api_key=KEY)
+    try:
+        assert httpx.get(server.url + "/metrics").status_code == 401
+        assert httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
+        r = httpx.get(server.url + "/metrics", headers={"Authorization": "bearer metrics-key"})
+        assert r.status_code == 200 and "chunkattn:num_requests_running" in r.text
+        assert httpx.get(server.url + "/health").status_code == 200
+        out: dict = {}
+        plain: dict = {}
+        jobs = [("long", 1900, 3), ("short", 40, 3)]
+        threads = [threading.Thread(target=_sse, args=(server.url, {"prompt": f"story {i}", "max_tokens": n,
+                                                                    "ignore_eos": True, "stream": True},
+                                                       server.headers, out, f"{kind}{i}"))
+                   for kind, n, count in jobs for i in range(count)]
+
+        def long_plain() -> None:
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1900, "ignore_eos": True},
+                           headers=server.headers, timeout=120)
+            plain["status"], plain["body"] = r.status_code, r.json()
+
+        threads.append(threading.Thread(target=long_plain))
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while metrics_with_key(server.url)["chunkattn:num_requests_running"] < 7:
+            assert time.monotonic() < deadline, "the requests never all ran"
+            time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and "draining" in health.json()["error"]["message"]
+        late = httpx.post(server.url + "/v1/completions", json={"prompt": "late", "max_tokens": 2},
+                          headers=server.headers)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+        for t in threads:
+            t.join(60)
+        assert server.proc.wait(30) == 0, server.output()
+        took = time.monotonic() - t0
+        log = server.output(whole=True)
+    finally:
+        server.stop()
+    for name, lines in out.items():
+        assert lines[0] == "status 200" and lines[-1] == "data: [DONE]", (name, lines[-3:])
+        chunks = [json.loads(line[6:]) for line in lines[1:-1]]
+        if name.startswith("short"):  # finished within the grace period, normally
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length", (name, lines[-3:])
+            assert "".join(c["choices"][0]["text"] for c in chunks)
+        else:  # cut at the deadline: tokens, then an error frame
+            assert "error" in chunks[-1] and chunks[-1]["error"]["code"] == 503, (name, lines[-3:])
+            assert "shut down" in chunks[-1]["error"]["message"] and len(chunks) > 1
+    assert plain["status"] == 503 and "shut down" in plain["body"]["error"]["message"]
+    assert took < 15, took
+    assert "Traceback" not in log and "terminate called" not in log and "CancelledError" not in log, log
+    assert "ended 4 request(s)" in log, log  # (the server logs at warning here)
+
+
+def metrics_with_key(url: str) -> dict[str, float]:
+    return metrics(url, {"Authorization": "Bearer metrics-key"})

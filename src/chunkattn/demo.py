@@ -47,7 +47,7 @@ def run_demo(loaded: LoadedModel, num_requests: int = 8, max_tokens: int = 32) -
         results[sharing] = (outs, seconds, llm.engine.stats)
         if sharing:
             print(f"{num_requests} requests, system prompt of {len(prompts[0]) - 20}+ tokens shared by all\n")
-            for c, o in list(zip(convs, outs))[:3]:
+            for c, o in zip(convs, outs):
                 print(f"Q: {c[1]['content']}\nA: {o.text.strip()}\n")
     print("| prefix sharing | wall s | prompt tokens computed | decode tok/s | peak KV MiB | prefix hit |")
     print("|---|---|---|---|---|---|")

@@ -20,3 +20,12 @@ class SequenceError(ChunkAttnError, ValueError):
 
 class CacheCorruptedError(ChunkAttnError, AssertionError):
     """``PrefixKVCache.check()`` found a broken invariant (a bug in chunkattn, please report it)."""
+
+
+class InvalidParamError(ChunkAttnError, ValueError):
+    """A request's parameter is invalid; ``param`` names it (as the OpenAI API spells it), so that a server
+    can report it in its error body."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

@@ -29,6 +29,7 @@ class PrefixRouter(RequestRouter):
         self.capacity_tokens = capacity_tokens
         self._reported: dict[str, float] = {}  # replica -> time of the report applied
         self._sent: dict[str, str] = {}  # Ray's internal request id -> the replica counted as serving it
+        self._routing: dict[str, Any] = {}  # Ray's internal request id -> the routing future being watched
 
     def _sync(self, replicas: Iterable[RunningReplica]) -> None:
         core = self.core
@@ -74,6 +75,7 @@ class PrefixRouter(RequestRouter):
                 self.core.finished(previous)
             self.core.record(chosen, blocks)
             self._sent[key] = chosen
+            self._watch(key, pending_request)
         # If the chosen replica turns out full, Ray tries the next rank: the rest, least loaded first.
         loads = {rid: r.load for rid, r in self.core.replicas.items()}
         rest = sorted((r for rid, r in by_id.items() if rid != chosen),
@@ -92,8 +94,27 @@ class PrefixRouter(RequestRouter):
             self._sent[key] = replica_id.unique_id
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._routing.pop(internal_request_id, None)
         if self._sent.pop(internal_request_id, None) is not None:
             self.core.finished(replica_id.unique_id)
+
+    def _watch(self, key: str, pending_request: PendingRequest) -> None:
+        """Undo a choice's load if the request is cancelled while Ray is still routing it (the client left
+        before a replica had room): Ray then never routes it, so neither hook above would."""
+        future = pending_request.future
+        if self._routing.get(key) is future:
+            return
+        self._routing[key] = future
+
+        def done(f: Any) -> None:
+            if self._routing.get(key) is f:
+                del self._routing[key]
+            if f.cancelled():
+                chosen = self._sent.pop(key, None)
+                if chosen is not None:
+                    self.core.finished(chosen)
+
+        future.add_done_callback(done)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

@@ -44,7 +44,7 @@ from chunkattn.cluster.ray_router import PrefixRouter
 from chunkattn.cluster.router import make_policy
 from chunkattn.cluster.wire import OutputAssembler, ReplicaRequest, ToReplica, slim
 from chunkattn.engine.engine import check_cache_salt, encode
-from chunkattn.engine.request import RequestMetrics, RequestOutput
+from chunkattn.engine.request import ErrorCode, RequestMetrics, RequestOutput
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.server.app import Server, ServerConfig
 from chunkattn.server.engine_client import EngineClient
@@ -209,6 +209,14 @@ class EngineReplica:
 
         return await self._on_engine(read)
 
+    def health(self, _: ToReplica | None = None) -> str | None:
+        """Why this replica serves no requests (None: it does); what the ingress's /health reports."""
+        if not self.llm.engine.is_healthy:
+            return f"the engine failed: {self.llm.engine.error}"
+        if not self._thread.is_alive():
+            return "the engine thread stopped"
+        return None
+
     def check_health(self) -> None:
         """Ray Serve calls it periodically and replaces the replica when it raises."""
         engine = self.llm.engine
@@ -233,10 +241,11 @@ def _call(method: Any, *args: Any) -> Any:
     return contextvars.copy_context().run(fresh)
 
 
-def _error_output(request: ReplicaRequest, message: str) -> RequestOutput:
+def _error_output(request: ReplicaRequest, message: str, code: ErrorCode = ErrorCode.ENGINE) -> RequestOutput:
     now = time.perf_counter()
     metrics = RequestMetrics(now, time.time(), None, None, None, now, len(request.token_ids), 0, 0, 0)
-    return RequestOutput(request.request_id, None, tuple(request.token_ids), [], True, metrics, error=message)
+    return RequestOutput(request.request_id, None, tuple(request.token_ids), [], True, metrics, error=message,
+                         error_code=code)
 
 
 def _is_replica_gone(exc: BaseException) -> bool:
@@ -281,6 +290,10 @@ class _ReplicaStream:
                                 self._request.request_id, type(exc).__name__)
                     continue
                 cause = exc.as_instanceof_cause() if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                if isinstance(cause, (ValueError, TypeError)):  # the replica's engine refused the request
+                    message = str(exc.cause) if isinstance(exc, ray.exceptions.RayTaskError) else str(exc)
+                    yield _error_output(self._request, message, ErrorCode.INVALID_REQUEST)
+                    return
                 what = "the replica serving it failed" if _is_replica_gone(exc) else "the replica raised"
                 yield _error_output(self._request, f"{what}: {type(cause).__name__}: {cause}")
                 return
@@ -306,10 +319,23 @@ class ClusterEngine(EngineClient):
         self.num_replicas = num_replicas
         self.retries = retries
         self.served: dict[str, int] = {}  # replica id -> requests it answered (through this ingress)
+        self._health: tuple[float, str | None] = (-1e9, None)  # (when, what /health said)
 
     @property
     def error(self) -> str | None:
         return None  # a failed replica fails Ray's health check and is replaced; requests on it get errors
+
+    async def health(self) -> str | None:
+        """None while at least one replica answers that it is healthy (cached for a second)."""
+        now = time.monotonic()
+        if now - self._health[0] < 1.0:
+            return self._health[1]
+        answers = await self._each_replica("health", timeout=5.0)
+        ok = sum(a is None for a in answers)
+        problem = None if ok else (f"no replica of {self.num_replicas} is healthy: {answers[0]}" if answers else
+                                   f"no replica of {self.num_replicas} answered")
+        self._health = (time.monotonic(), problem)
+        return problem
 
     def tokenize(self, text: str) -> list[int]:
         return list(encode(self.tokenizer, text))
@@ -378,9 +404,20 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self) -> Any:
         return self.server.app()
 
+    async def drain(self, timeout: float) -> int:
+        """Graceful shutdown of the HTTP side (see :meth:`chunkattn.server.Server.drain`)."""
+        return await self.server.drain(timeout)
 
-def build_app(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig) -> Any:
-    """The Serve application: ``cluster.replicas`` engine replicas behind one ingress."""
+    def end_now(self) -> None:
+        """End a :meth:`drain`'s wait: the requests still in flight end with an error."""
+        self.server.end_now = True
+
+
+def build_app(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig, shutdown_timeout: float = 30.0) -> Any:
+    """The Serve application: ``cluster.replicas`` engine replicas behind one ingress. ``shutdown_timeout``:
+    how long Ray Serve lets a stopping ingress or replica finish its requests (its graceful shutdown)."""
+    graceful: dict[str, Any] = {"graceful_shutdown_timeout_s": shutdown_timeout + 5.0,
+                                "graceful_shutdown_wait_loop_s": 0.5}
     router: dict[str, Any] = {"request_routing_stats_period_s": cluster.stats_period_s}
     if cluster.router == "ray-prefix":
         router["request_router_class"] = RAY_PREFIX_ROUTER
@@ -393,20 +430,21 @@ def build_app(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig) ->
     replica = serve.deployment(name="engine", num_replicas=cluster.replicas,
                                max_ongoing_requests=cluster.max_ongoing_requests,
                                ray_actor_options={"num_cpus": cluster.replica_cpus},
-                               request_router_config=RequestRouterConfig(**router))(EngineReplica)
+                               request_router_config=RequestRouterConfig(**router), **graceful)(EngineReplica)
     ingress = serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=100_000,
-                               ray_actor_options={"num_cpus": 0})(OpenAIIngress)
+                               ray_actor_options={"num_cpus": 0}, **graceful)(OpenAIIngress)
     return ingress.bind(replica.bind(spec, spec.chunk_size, cluster.replicas), spec, config, cluster.replicas,
                         cluster.retries)
 
 
 def start_cluster(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig, host: str = "127.0.0.1",
-                  port: int = 8000, address: str | None = None, app_name: str = "chunkattn") -> DeploymentHandle:
+                  port: int = 8000, address: str | None = None, app_name: str = "chunkattn",
+                  shutdown_timeout: float = 30.0) -> DeploymentHandle:
     """Start (or join, with ``address``) a Ray cluster, deploy the application and serve HTTP on
     ``host:port``; returns the ingress's handle once every replica is up. Stop with :func:`stop_cluster`."""
     _init_ray(address)
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(spec, cluster, config), name=app_name, route_prefix="/")
+    return serve.run(build_app(spec, cluster, config, shutdown_timeout), name=app_name, route_prefix="/")
 
 
 def _init_ray(address: str | None) -> None:
@@ -421,26 +459,60 @@ def stop_cluster() -> None:
 
 
 def run_cluster(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig, host: str = "127.0.0.1",
-                port: int = 8000, address: str | None = None) -> None:
-    """:func:`start_cluster`, then serve until interrupted (Ctrl-C or SIGTERM)."""
+                port: int = 8000, address: str | None = None, shutdown_timeout: float = 30.0) -> None:
+    """:func:`start_cluster`, then serve until SIGTERM or Ctrl-C; then shut down gracefully as
+    :func:`chunkattn.server.run_server` does (the ingress drains: new requests 503, those in flight get
+    ``shutdown_timeout`` seconds, then an error; a second signal ends them at once), and stop Serve."""
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", host)
     stop = threading.Event()
-    previous = None
+    signals = [0]
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, _: Any) -> None:
+        signals[0] += 1
+        stop.set()
+
     try:
         _init_ray(address)  # (it installs a SIGTERM handler of its own, which would end us uncleanly: ours after)
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        start_cluster(spec, cluster, config, host, port, address)
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        ingress = start_cluster(spec, cluster, config, host, port, address, shutdown_timeout=shutdown_timeout)
+        log.info("ready: %d replicas (%s router) serving on http://%s:%d", cluster.replicas, cluster.router, host,
+                 port)
         print(f"chunkattn: {cluster.replicas} replicas ({cluster.router} router) serving on http://{host}:{port}",
               flush=True)
         while not stop.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        pass
+        log.info("shutting down: the requests in flight get up to %g s to finish (--shutdown-timeout); new "
+                 "requests get 503", shutdown_timeout)
+        _drain(ingress, shutdown_timeout, lambda: signals[0] > 1)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop_cluster()
+    log.info("stopped")
+
+
+def _drain(ingress: DeploymentHandle, timeout: float, hurry: Any) -> None:
+    """The ingress's graceful shutdown, from the driver; ``hurry()`` (a second signal) ends it early."""
+    response = ingress.drain.remote(timeout)
+    deadline = time.monotonic() + timeout + 30.0
+    hurried = False
+    while time.monotonic() < deadline:
+        if hurry() and not hurried:
+            hurried = True
+            ingress.end_now.remote()
+        try:
+            ended = response.result(timeout_s=0.5)
+        except TimeoutError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - shutting down regardless
+            log.warning("the ingress could not drain: %s: %s", type(exc).__name__, exc)
+            return
+        if ended:
+            log.warning("ended %d request(s) still running after %g s with an error", ended, timeout)
+        return
+    log.warning("the ingress did not drain in time")
 
 
 __all__ = ["ROUTERS", "ClusterConfig", "ClusterEngine", "EngineReplica", "EngineSpec", "OpenAIIngress",

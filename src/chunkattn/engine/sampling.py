@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from chunkattn.errors import InvalidParamError
 
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI's limit)
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
+def _check_range(name: str, value: float, low: float, high: float, param: str | None = None) -> None:
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        raise InvalidParamError(f"{name} must be in [{low}, {high}], got {value}", param or name)
 
 
 @dataclass
@@ -63,31 +66,33 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise InvalidParamError(f"n must be >= 1, got {self.n}", "n")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidParamError(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise InvalidParamError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
+                                    "min_tokens")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise InvalidParamError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}", "temperature")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be >= 1, or 0 / -1 for no limit, got {self.top_k}")
+            raise InvalidParamError(f"top_k must be >= 1, or 0 / -1 for no limit, got {self.top_k}", "top_k")
         if self.top_k == -1:
             self.top_k = 0
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidParamError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         _check_range("min_p", self.min_p, 0.0, 1.0)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if not 0 < self.repetition_penalty <= 10:
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+            raise InvalidParamError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
+                                    "repetition_penalty")
         bias: dict[int, float] = {}
         for token, value in dict(self.logit_bias or {}).items():
             try:
                 token_id = int(token)
             except (TypeError, ValueError):
-                raise ValueError(f"logit_bias keys must be token ids, got {token!r}") from None
-            _check_range(f"logit_bias[{token_id}]", float(value), -100.0, 100.0)
+                raise InvalidParamError(f"logit_bias keys must be token ids, got {token!r}", "logit_bias") from None
+            _check_range(f"logit_bias[{token_id}]", float(value), -100.0, 100.0, "logit_bias")
             bias[token_id] = float(value)
         self.logit_bias = bias
         for name in ("logprobs", "prompt_logprobs"):
@@ -97,7 +102,17 @@ class SamplingParams:
                     raise TypeError(f"{name} must be an int or None, got {value!r}")
                 _check_range(name, value, 0, MAX_LOGPROBS)
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise InvalidParamError("stop strings must be non-empty strings", "stop")
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:
+        """``SamplingParams(**fields)``, naming the unknown fields if there are any."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in fields if k not in known)
+        if unknown:
+            raise TypeError(f"SamplingParams has no field(s) {', '.join(unknown)}; its fields: "
+                            f"{', '.join(sorted(known))}")
+        return cls(**fields)
 
     @property
     def greedy(self) -> bool:

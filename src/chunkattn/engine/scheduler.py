@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from chunkattn.cache.cache import Batch, PrefixKVCache, Sequence
-from chunkattn.engine.request import Completion, Request, RequestState
+from chunkattn.engine.request import Completion, ErrorCode, Request, RequestState
 from chunkattn.errors import CacheFullError
 
 
@@ -210,6 +210,7 @@ class Scheduler:
                     self._release(victim)
                     self.running.remove(victim)
                     victim.state = RequestState.FINISHED
+                    victim.error_code = ErrorCode.INVALID_REQUEST
                     failed.append((victim, f"the request needs more K/V than the cache holds ({exc}); raise "
                                            f"the cache size or lower max_tokens"))
                 units = [u for u in units if u.request is not victim]

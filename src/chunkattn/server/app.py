@@ -10,6 +10,7 @@ failed. A client that disconnects has its request aborted in the engine at the n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkattn.engine.engine import EngineDeadError
 from chunkattn.engine.llm import LLM
-from chunkattn.engine.request import CompletionOutput, RequestOutput, TokenLogprob
+from chunkattn.engine.request import CompletionOutput, ErrorCode, RequestOutput, TokenLogprob
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.server.asgi import APIKeyMiddleware, BodyLimitMiddleware, EventStream, until_disconnect
 from chunkattn.server.engine_client import EngineClient, LocalEngine, OutputStream
@@ -46,11 +47,13 @@ DONE = "data: [DONE]\n\n"
 @dataclass
 class ServerConfig:
     """``model_name``: the id clients send as ``model`` (others get 404); ``api_key``: Bearer token needed on
-    every route but /health, /version and /metrics (None: open); ``max_body_bytes``: larger bodies get 413."""
+    every route but /health, /version and /metrics (None: open); ``metrics_api_key``: Bearer token /metrics
+    needs (None: /metrics is open); ``max_body_bytes``: larger bodies get 413."""
 
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 16 * 2**20
+    metrics_api_key: str | None = None
 
 
 class APIError(Exception):
@@ -60,6 +63,11 @@ class APIError(Exception):
                  param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
+
+    @classmethod
+    def of(cls, exc: Exception) -> APIError:
+        """A 400 for a rejected input (``param`` from :class:`~chunkattn.errors.InvalidParamError`)."""
+        return cls(400, str(exc), param=getattr(exc, "param", None))
 
     def response(self) -> JSONResponse:
         return JSONResponse(error_body(self.message, self.type, self.status, self.param), status_code=self.status)
@@ -84,6 +92,7 @@ class _Job:
     def __init__(self, streams: list[OutputStream], prompt_texts: list[str]):
         self.streams = streams
         self.prompt_texts = prompt_texts
+        self.ended: APIError | None = None  # set when the server ended the job (shutdown): the client gets it
 
     def abort(self) -> None:
         for s in self.streams:
@@ -137,6 +146,10 @@ class Server:
         from chunkattn.system import info
 
         self.system = info()  # the machine and kernel paths, for /version
+        self.jobs: set[_Job] = set()  # the jobs whose responses are not complete (on the event loop's thread)
+        self.draining = False  # set by :meth:`drain`: new requests get 503, /health says "draining"
+        self.end_now = False  # set (any thread) to end a drain's wait early
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving the app, once it started
 
     # ------------------------------------------------------------------ helpers
     def _decode_one(self, token_id: int) -> str:
@@ -150,6 +163,8 @@ class Server:
                                 f"`{self.config.model_name}`).", "not_found_error", "model")
 
     def _check_healthy(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down and takes no new requests", "service_unavailable")
         if self.engine.error is not None:
             raise APIError(503, f"the engine failed and serves no more requests: {self.engine.error}",
                            "service_unavailable")
@@ -224,8 +239,36 @@ class Server:
         except (ValueError, TypeError) as exc:
             for s in streams:
                 s.abort()
-            raise APIError(400, str(exc)) from None
-        return _Job(streams, [t for t, _ in prompts])
+            raise APIError.of(exc) from None
+        job = _Job(streams, [t for t, _ in prompts])
+        self.jobs.add(job)
+        return job
+
+    def _close(self, job: _Job) -> None:
+        """The job's response is complete (or its client gone): abort what still runs, stop tracking it."""
+        job.abort()
+        self.jobs.discard(job)
+
+    async def drain(self, timeout: float) -> int:
+        """Graceful shutdown, on the serving event loop: take no new requests (503; /health 503 "draining"),
+        wait up to ``timeout`` seconds (or until :attr:`end_now`) for the requests in flight to finish, then end
+        the rest: a stream gets an error frame and ``[DONE]``, a plain request a 503. Returns how many were
+        ended that way."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.jobs and loop.time() < deadline and not self.end_now:
+            await asyncio.sleep(0.05)
+        left = list(self.jobs)
+        error = APIError(503, f"the server shut down before this request finished (it waited {timeout:g} s for "
+                              f"the requests in flight)", "service_unavailable")
+        for job in left:
+            job.ended = error
+            job.abort()
+        deadline = loop.time() + 10.0  # their responses end as soon as the engine has aborted them
+        while self.jobs and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return len(left)
 
     def _finished(self, out: RequestOutput) -> None:
         if out.finished and out.error is None and all(c.finish_reason != "abort" for c in out.outputs):
@@ -235,7 +278,7 @@ class Server:
     def _error_of(out: RequestOutput) -> APIError | None:
         if out.error is None:
             return None
-        if out.error.startswith("the request needs more K/V"):
+        if out.error_code is ErrorCode.INVALID_REQUEST:
             return APIError(400, out.error)
         return APIError(500, f"the engine failed: {out.error}", "server_error")
 
@@ -284,11 +327,11 @@ class Server:
         try:
             params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
         except (ValueError, TypeError) as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError.of(exc) from None
         rid = f"cmpl-{uuid.uuid4().hex}"
         job = self._submit(prompts, params, body.cache_salt, rid)
         if body.stream:
-            return EventStream(self._completion_frames(body, job, rid), job.abort)
+            return EventStream(self._completion_frames(body, job, rid), lambda: self._close(job))
         return await self._respond(request, job, lambda finals: self._completion_body(body, job, finals, rid))
 
     async def _respond(self, request: Request, job: _Job,
@@ -298,9 +341,11 @@ class Server:
         try:
             finals = await until_disconnect(request, job.finals())
         finally:
-            job.abort()
+            self._close(job)
         if finals is None:
             return Response(status_code=499)
+        if job.ended is not None:
+            raise job.ended
         for out in finals:
             err = self._error_of(out)
             if err is not None:
@@ -370,7 +415,7 @@ class Server:
         done: set[int] = set()
         try:
             async for p, out in job.outputs():
-                err = self._error_of(out)
+                err = job.ended or self._error_of(out)
                 if err is not None:
                     yield err.frame()
                     yield DONE
@@ -389,11 +434,15 @@ class Server:
                     yield _frame(chunk)
                 if out.finished:
                     self._finished(out)
+            if job.ended is not None:
+                yield job.ended.frame()
+                yield DONE
+                return
             if body.include_usage:
                 yield _frame({**base, "choices": [], "usage": usage.body()})
             yield DONE
         finally:
-            job.abort()
+            self._close(job)
 
     # ------------------------------------------------------------------ /v1/chat/completions
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -407,11 +456,11 @@ class Server:
         try:
             params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         except (ValueError, TypeError) as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError.of(exc) from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         job = self._submit([("", ids)], params, body.cache_salt, rid)
         if body.stream:
-            return EventStream(self._chat_frames(body, job, rid), job.abort)
+            return EventStream(self._chat_frames(body, job, rid), lambda: self._close(job))
         return await self._respond(request, job, lambda finals: self._chat_body(body, finals[0], rid))
 
     def _chat_body(self, body: ChatCompletionRequest, out: RequestOutput, rid: str) -> dict[str, Any]:
@@ -492,25 +541,21 @@ class Server:
     def app(self) -> Any:
         from chunkattn import __version__
 
-        api = FastAPI(title="chunkattn", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            self.loop = asyncio.get_running_loop()
+            yield
+
+        api = FastAPI(title="chunkattn", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+                      lifespan=lifespan)
 
         @api.exception_handler(APIError)
         async def _api_error(_: Request, exc: APIError) -> JSONResponse:
             return exc.response()
 
         @api.exception_handler(RequestValidationError)
-        async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-            errors = exc.errors()
-            first = errors[0] if errors else {}
-            loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-            where = ".".join(loc) or "body"
-            if first.get("type") == "json_invalid":
-                message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
-            else:
-                message = f"{where}: {first.get('msg', 'invalid')}"
-                if "input" in first and first.get("type") != "missing":
-                    message += f" (got {json.dumps(first['input'], default=str)[:100]})"
-            return APIError(400, message, param=where).response()
+        async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+            return _validation_error(request, exc).response()
 
         @api.exception_handler(StarletteHTTPException)
         async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -535,9 +580,12 @@ class Server:
 
         @api.get("/health")
         async def health() -> Response:
-            if self.engine.error is None:
+            if self.draining:
+                return APIError(503, "draining: the server is shutting down", "service_unavailable").response()
+            problem = await self.engine.health()
+            if problem is None:
                 return Response(status_code=200)
-            return APIError(503, f"the engine failed: {self.engine.error}", "service_unavailable").response()
+            return APIError(503, f"unhealthy: {problem}", "service_unavailable").response()
 
         @api.get("/version")
         async def version() -> dict[str, Any]:
@@ -564,9 +612,37 @@ class Server:
             return await self.reset_prefix_cache()
 
         app: Any = BodyLimitMiddleware(api, self.config.max_body_bytes)
-        if self.config.api_key:
-            app = APIKeyMiddleware(app, self.config.api_key)
+        if self.config.api_key or self.config.metrics_api_key:
+            keys = {"/metrics": self.config.metrics_api_key} if self.config.metrics_api_key else None
+            app = APIKeyMiddleware(app, self.config.api_key, path_keys=keys)
         return app
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> APIError:
+    """pydantic's first complaint about a body as an :class:`APIError` naming the field (its ``param``)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    kind = first.get("type")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    content_type = request.headers.get("content-type", "")
+    if kind == "json_invalid":  # (its loc is a character offset: not a field)
+        at = first.get("loc", ("body", None))[-1]
+        return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+                             f" (at character {at})", param=None)
+    if not loc and kind in ("model_attributes_type", "dict_type", "missing", "model_type"):
+        if "json" not in content_type.lower():
+            return APIError(400, f"the body must be a JSON object sent with 'Content-Type: application/json' (got "
+                                 f"{content_type or 'no content type'!r})")
+        return APIError(400, "the body must be a JSON object (got "
+                             f"{json.dumps(first.get('input'), default=str)[:60]})")
+    where = ".".join(loc) or "body"
+    param = loc[0] if loc else None
+    if kind == "invalid":  # our own validators' messages say what is wrong and show the value
+        return APIError(400, f"{where}: {first.get('msg')}", param=param)
+    message = f"{where}: {first.get('msg', 'invalid')}"
+    if "input" in first and kind != "missing":
+        message += f" (got {json.dumps(first['input'], default=str)[:100]})"
+    return APIError(400, message, param=param)
 
 
 class _UsageTracker:

@@ -34,24 +34,34 @@ async def send_json(send: Send, status: int, body: dict[str, Any], headers: Iter
 
 
 class APIKeyMiddleware:
-    """Every HTTP route except ``open_paths`` needs ``Authorization: Bearer <api_key>`` (compared in
-    constant time); otherwise 401 in OpenAI's error format."""
+    """Every HTTP route except ``open_paths`` needs ``Authorization: Bearer <api_key>`` (the scheme in any
+    case, as RFC 7235 has it; the key compared in constant time); otherwise 401 in OpenAI's error format.
+    ``path_keys`` gives some paths a key of their own (e.g. ``/metrics``: ``--metrics-api-key``)."""
 
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = ("/health", "/version", "/metrics")):
+    def __init__(self, app: ASGIApp, api_key: str | None,
+                 open_paths: Iterable[str] = ("/health", "/version", "/metrics"),
+                 path_keys: dict[str, str] | None = None):
         self.app = app
-        self.expected = b"Bearer " + api_key.encode()
-        self.open_paths = frozenset(open_paths)
+        self.expected = api_key.encode() if api_key else None
+        self.path_keys = {path: key.encode() for path, key in (path_keys or {}).items()}
+        self.open_paths = frozenset(open_paths) - set(self.path_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
+        expected = self.path_keys.get(scope["path"], self.expected)
+        if expected is None:
+            await self.app(scope, receive, send)
+            return
         given = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
-                given = value
+                scheme, _, credentials = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = credentials.strip()
                 break
-        if not hmac.compare_digest(given, self.expected):
+        if not hmac.compare_digest(given, expected):
             await send_json(send, 401, error_body("invalid or missing API key (send 'Authorization: Bearer <key>')",
                                                   "authentication_error", 401),
                             [(b"www-authenticate", b"Bearer")])
@@ -125,14 +135,12 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not task.done():
-            task.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        # (a cancelled task is only done once its cancellation ran: wait for both, which raises nothing)
+        await asyncio.wait({task, watcher})
     if task.cancelled():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         return None
     return task.result()
 

@@ -51,6 +51,10 @@ class EngineClient(ABC):
     def error(self) -> str | None:
         """Why the engine serves no more requests (None: it does)."""
 
+    async def health(self) -> str | None:
+        """What ``/health`` reports: None when requests can be served, else why not."""
+        return None if self.error is None else f"the engine failed: {self.error}"
+
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a prompt's text (no special tokens added). Raises ``ValueError`` if it cannot."""

@@ -10,17 +10,82 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
 
+from chunkattn.engine.llm import CHAT_ROLES
 from chunkattn.engine.sampling import MAX_LOGPROBS, SamplingParams
+from chunkattn.errors import InvalidParamError
 
 MAX_N = 128  # completions per prompt
 MAX_PROMPTS = 256  # prompts per completions request
 MAX_CHOICES = 1024  # prompts x n per request
 MAX_STOP = 16  # stop strings per request
 
+ROLES = CHAT_ROLES
+
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is ``message`` as is (the server prefixes the field's name)."""
+    return PydanticCustomError("invalid", message)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_text(text: str) -> str:
+    """``text`` if it is valid Unicode (no lone UTF-16 surrogate, which JSON's ``\\ud800`` escapes can carry
+    but UTF-8 and tokenizers cannot); otherwise a validation error saying where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid(f"the text holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X} at character "
+                       f"{exc.start}), which is not valid Unicode") from None
+    return text
+
+
+def _check_token_ids(ids: list[Any], where: str) -> None:
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            kind = "a number with a fraction" if isinstance(t, float) else type(t).__name__
+            raise _invalid(f"token ids must be non-negative integers; {where}[{i}] is {_describe(t)} ({kind})")
+        if t < 0:
+            raise _invalid(f"token ids must be non-negative integers; {where}[{i}] is {t}")
+
+
+def check_prompt(value: Any) -> Any:
+    """The ``prompt`` of /v1/completions checked with messages that name the real problem (a union type's
+    own errors would all say "should be a valid string")."""
+    shapes = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str):
+        return check_text(value)
+    if not isinstance(value, list):
+        raise _invalid(f"must be {shapes}; got {type(value).__name__}")
+    if not value:
+        raise _invalid("the prompt is empty (an empty list)")
+    if all(isinstance(x, str) for x in value):
+        if len(value) > MAX_PROMPTS:
+            raise _invalid(f"at most {MAX_PROMPTS} prompts per request; got {len(value)}")
+        for x in value:
+            check_text(x)
+        return value
+    if all(isinstance(x, list) for x in value):
+        if len(value) > MAX_PROMPTS:
+            raise _invalid(f"at most {MAX_PROMPTS} prompts per request; got {len(value)}")
+        for i, ids in enumerate(value):
+            if not ids:
+                raise _invalid(f"prompt {i} is empty (an empty list of token ids)")
+            _check_token_ids(ids, f"prompt[{i}]")
+        return value
+    if any(isinstance(x, (str, list, dict)) for x in value):
+        raise _invalid(f"must be {shapes}, not a mix; got {_describe(value)}")
+    _check_token_ids(value, "prompt")
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -58,16 +123,34 @@ class _SamplingFields(BaseModel):
     user: StrictStr | None = None
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) > MAX_STOP:
+                raise _invalid(f"at most {MAX_STOP} stop strings; got {len(value)}")
+            for i, s in enumerate(value):
+                if not isinstance(s, str):
+                    raise _invalid(f"stop strings must be strings; stop[{i}] is {_describe(s)}")
+                if not s:
+                    raise _invalid(f"stop strings must not be empty; stop[{i}] is \"\"")
+                check_text(s)
+        elif isinstance(value, str):
+            if not value:
+                raise _invalid("stop strings must not be empty")
+            check_text(value)
+        elif value is not None:
+            raise _invalid(f"must be a string or a list of at most {MAX_STOP} strings; got {type(value).__name__}")
+        return value
+
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
             try:
                 bias[int(key)] = value
             except ValueError:
-                raise ValueError(f"logit_bias: keys must be token ids, got {key!r}") from None
+                raise InvalidParamError(f"logit_bias: keys must be token ids, got {key!r}", "logit_bias") from None
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not s for s in stop):
-            raise ValueError("stop: stop strings must not be empty")
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens),
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -98,6 +181,11 @@ class CompletionRequest(_SamplingFields):
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: StrictStr | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        return check_prompt(value)
+
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str):
@@ -108,10 +196,31 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
+    """A chat message: ``role`` one of :data:`ROLES`; ``content`` text or OpenAI's text parts (None only where
+    the turn carries something else, e.g. an assistant's ``tool_calls``). Other fields go to the template."""
+
     model_config = ConfigDict(extra="allow")
 
     role: StrictStr
     content: StrictStr | list[dict[str, Any]] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise _invalid(f"unknown role {_describe(value)}; one of {', '.join(ROLES)}")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            check_text(value)
+        elif isinstance(value, list):
+            for part in value:
+                if isinstance(part.get("text"), str):
+                    check_text(part["text"])
+        return value
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
@@ -145,6 +254,11 @@ class TokenizeRequest(BaseModel):
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value)
 
 
 class DetokenizeRequest(BaseModel):

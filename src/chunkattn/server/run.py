@@ -8,6 +8,7 @@ and formats. (Stepping on a fresh background thread made decode steps ~25% slowe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -21,9 +22,12 @@ log = logging.getLogger("chunkattn.server")
 
 
 def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info", **uvicorn_options: Any) -> None:
+               log_level: str = "info", shutdown_timeout: float = 30.0, **uvicorn_options: Any) -> None:
     """Serve ``llm`` on ``host:port`` (loopback by default: pass ``host="0.0.0.0"`` to expose it, and set an
-    API key when you do). Blocks until interrupted (Ctrl-C or SIGTERM) or the HTTP server stops."""
+    API key when you do). Blocks until SIGTERM or Ctrl-C (or the HTTP server stops), then shuts down
+    gracefully: new requests get 503 and ``/health`` says "draining", the requests in flight get up to
+    ``shutdown_timeout`` seconds to finish, the rest end with an error (a stream: an error frame and
+    ``[DONE]``); a second signal ends them at once."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
@@ -32,10 +36,11 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
     app = server.app()
     system = server.system
     model, cache = llm.engine.model, llm.engine.cache
-    log.info("chunkattn %s: model %s (%d layers, %s, K/V pool %d tokens) on %s, %d torch threads; auth %s; "
-             "listening on http://%s:%d", system["chunkattn"], config.model_name, model.config.num_layers,
+    log.info("chunkattn %s: model %s (%d layers, %s, K/V pool %d tokens) on %s, %d torch threads; auth %s%s",
+             system["chunkattn"], config.model_name, model.config.num_layers,
              str(cache.dtype).removeprefix("torch."), cache.num_slots * cache.chunk_size, system["cpu"]["model"],
-             system["torch_threads"], "on (API key)" if config.api_key else "off", host, port)
+             system["torch_threads"], "on (API key)" if config.api_key else "off",
+             "; /metrics needs its own key" if config.metrics_api_key else "")
     for part, path in system["paths"].items():
         log.info("kernel path, %s: %s", part, path)
     http = uvicorn.Server(uvicorn.Config(
@@ -43,15 +48,32 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
         access_log=os.environ.get("CHUNKATTN_ACCESS_LOG", "0") == "1", **uvicorn_options))
     thread = threading.Thread(target=http.run, name="chunkattn-http", daemon=True)
     stop = threading.Event()
+
+    def on_signal(signum: int, _: Any) -> None:
+        if stop.is_set():
+            server.end_now = True  # a second signal: end the requests in flight now
+        server.draining = True  # at once (new requests 503); the drain itself starts after the current step
+        stop.set()
+
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if on_main else None
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
     thread.start()
     try:
+        llm.loop.drive(lambda: stop.is_set() or not thread.is_alive() or http.started)
+        if http.started:
+            log.info("ready: serving on http://%s:%d", host, port)
         llm.loop.drive(lambda: stop.is_set() or not thread.is_alive())
-    except KeyboardInterrupt:
-        pass
+        if thread.is_alive() and server.loop is not None:
+            log.info("shutting down: %d request(s) in flight get up to %g s to finish (--shutdown-timeout); new "
+                     "requests get 503", len(server.jobs), shutdown_timeout)
+            drained = asyncio.run_coroutine_threadsafe(server.drain(shutdown_timeout), server.loop)
+            llm.loop.drive(lambda: drained.done() or not thread.is_alive())
+            if drained.done() and not drained.cancelled() and drained.exception() is None and drained.result():
+                log.warning("ended %d request(s) still running after %g s with an error", drained.result(),
+                            shutdown_timeout)
     finally:
         http.should_exit = True
         thread.join(timeout=15)
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")

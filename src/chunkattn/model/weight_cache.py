@@ -1,0 +1,177 @@
+"""An on-disk cache of converted GGUF checkpoints, so that only the first start pays for the conversion.
+
+Reading a GGUF file means dequantizing every tensor through transformers' GGUF reader and building its
+tokenizer from the file's vocabulary: ~20 s for SmolLM2-135M on a 2-core machine, at every start. The first
+load writes what it produced as a Hugging Face directory (``config.json``, ``model.safetensors`` in float32,
+the tokenizer's files) under ``$CHUNKATTN_CACHE_DIR`` (default ``~/.cache/chunkattn``, or
+``$XDG_CACHE_HOME/chunkattn``), in ``gguf/<sha256 of the file>-v<format>-tf<transformers version>/``; later
+loads read that directory (memory-mapped safetensors) instead.
+
+The key is the file's content hash (memoized per path, size and modification time in ``gguf/index.json``,
+so an unchanged file is not hashed again), the cache's format and the transformers version (the converter).
+A directory appears atomically (written aside, then renamed), so a crash leaves no half entry.
+``CHUNKATTN_WEIGHT_CACHE=0`` turns the cache off. A cache that cannot be written costs a warning, not the
+load. Disk: float32 weights, 4 bytes per parameter (SmolLM2-135M: ~540 MB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("chunkattn.load")
+
+FORMAT = 1  # bump when what is written changes
+
+
+def cache_root() -> Path | None:
+    """Where converted checkpoints go (None: the cache is off)."""
+    if os.environ.get("CHUNKATTN_WEIGHT_CACHE", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    root = os.environ.get("CHUNKATTN_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "chunkattn"
+
+
+def file_digest(path: Path, root: Path | None = None) -> str:
+    """SHA-256 of ``path``'s content, memoized in ``root/gguf/index.json`` by path, size and mtime."""
+    st = path.stat()
+    memo_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index_path = root / "gguf" / "index.json" if root is not None else None
+    index: dict[str, str] = {}
+    if index_path is not None and index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+        if memo_key in index:
+            return index[memo_key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    if index_path is not None:
+        index[memo_key] = digest
+        try:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(index_path, json.dumps(index, indent=1))
+        except OSError as exc:
+            log.warning("could not update %s: %s", index_path, exc)
+    return digest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def entry_dir(gguf: Path) -> Path | None:
+    """The cache directory for ``gguf`` (it may not exist yet); None when the cache is off."""
+    root = cache_root()
+    if root is None:
+        return None
+    import transformers
+
+    return root / "gguf" / f"{file_digest(gguf, root)[:32]}-v{FORMAT}-tf{transformers.__version__}"
+
+
+def lookup(gguf: Path) -> Path | None:
+    """The cached HF directory of ``gguf``, if a complete one exists."""
+    try:
+        entry = entry_dir(gguf)
+    except OSError as exc:
+        log.warning("the weight cache is unusable (%s): converting %s", exc, gguf.name)
+        return None
+    if entry is not None and (entry / "complete").exists():
+        return entry
+    return None
+
+
+def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor], tokenizer: Any) -> Path | None:
+    """Write the converted checkpoint of ``gguf``; returns its directory (None: the cache is off or the
+    write failed, with a warning)."""
+    from safetensors.torch import save_file
+
+    entry = None
+    try:
+        entry = entry_dir(gguf)
+        if entry is None:
+            return None
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp"))
+        try:
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
+            tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in weights.items()}
+            seen: dict[int, str] = {}
+            for k, v in tensors.items():  # safetensors refuses tensors that share memory
+                if v.data_ptr() in seen:
+                    tensors[k] = v.clone()
+                seen[v.data_ptr()] = k
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"source": gguf.name, "format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": FORMAT}))
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process wrote it first
+                if not (entry / "complete").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.warning("could not cache the converted weights of %s (%s): the next start converts again",
+                    gguf.name, exc)
+        return None
+    size = sum(f.stat().st_size for f in entry.iterdir()) / 2**20
+    log.info("cached the converted checkpoint in %s (%.0f MiB; CHUNKATTN_WEIGHT_CACHE=0 turns this off)", entry,
+             size)
+    return entry
+
+
+def lookup_tokenizer(gguf: Path) -> Path | None:
+    """A cached directory holding ``gguf``'s tokenizer (a whole checkpoint's, or a tokenizer-only entry)."""
+    found = lookup(gguf)
+    if found is not None:
+        return found
+    entry = entry_dir(gguf)
+    if entry is not None and (entry.parent / (entry.name + "-tokenizer") / "complete").exists():
+        return entry.parent / (entry.name + "-tokenizer")
+    return None
+
+
+def store_tokenizer(gguf: Path, tokenizer: Any) -> None:
+    """Cache ``gguf``'s tokenizer alone (when only the tokenizer was read from it, e.g. ``--tokenizer``)."""
+    try:
+        entry = entry_dir(gguf)
+        if entry is None:
+            return
+        final = entry.parent / (entry.name + "-tokenizer")
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=final.name + ".tmp"))
+        try:
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": FORMAT}))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.warning("could not cache the tokenizer of %s (%s)", gguf.name, exc)
+
+
+__all__ = ["cache_root", "entry_dir", "file_digest", "lookup", "lookup_tokenizer", "store", "store_tokenizer"]

@@ -1,0 +1,68 @@
+"""The on-disk cache of converted GGUF checkpoints: a second load reads the cache and gives the same model
+and tokenizer; the cache can be turned off; a damaged entry is not used."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from chunkattn.model import default_model_path, load_model, load_tokenizer, weight_cache
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("chunkattn-cache")
+
+
+def test_second_load_reads_the_cache_and_equals_the_first(cache_dir, monkeypatch, caplog):
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(cache_dir))
+    monkeypatch.delenv("CHUNKATTN_WEIGHT_CACHE", raising=False)
+    gguf = default_model_path()
+    caplog.set_level(logging.INFO, logger="chunkattn.load")
+    first = load_model()
+    entry = weight_cache.lookup(gguf)
+    assert entry is not None and (entry / "model.safetensors").exists() and "converting" in caplog.text
+    caplog.clear()
+    second = load_model()
+    assert "from the weight cache" in caplog.text and "converting" not in caplog.text
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first.config == second.config and first.source == second.source == str(gguf)
+    tok1, tok2 = first.tokenizer, second.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, wörld! 1234 <tag>"}]
+    assert tok1.apply_chat_template(messages, tokenize=False) == tok2.apply_chat_template(messages, tokenize=False)
+    text = "The quick brown fox — jumps over 13 lazy dogs.\n\tdef f(x): return x**2"
+    assert tok1(text)["input_ids"] == tok2(text)["input_ids"]
+    assert (tok1.eos_token_id, tok1.bos_token_id) == (tok2.eos_token_id, tok2.bos_token_id)
+    # the tokenizer alone (e.g. serve --tokenizer) comes from the same entry
+    assert load_tokenizer(gguf)(text)["input_ids"] == tok1(text)["input_ids"]
+
+
+def test_incomplete_entry_is_ignored_and_cache_can_be_off(cache_dir, tmp_path, monkeypatch):
+    gguf = default_model_path()
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
+    entry = weight_cache.entry_dir(gguf)
+    assert entry is not None
+    shutil.copytree(cache_dir / "gguf" / entry.name, entry)  # (the first test's entry, same key)
+    assert weight_cache.lookup(gguf) == entry
+    (entry / "complete").unlink()  # as if a writer died before finishing
+    assert weight_cache.lookup(gguf) is None
+    monkeypatch.setenv("CHUNKATTN_WEIGHT_CACHE", "0")
+    assert weight_cache.cache_root() is None and weight_cache.lookup(gguf) is None
+    assert weight_cache.store(gguf, {}, {}, None) is None
+
+
+def test_digest_is_of_the_content_and_memoized(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"abc" * 1000)
+    root = weight_cache.cache_root()
+    import hashlib
+
+    assert weight_cache.file_digest(f, root) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert (tmp_path / "cache" / "gguf" / "index.json").exists()
+    f.write_bytes(b"abde" * 1000)  # changed content (and size, so the memo's key): a new digest
+    assert weight_cache.file_digest(f, root) == hashlib.sha256(b"abde" * 1000).hexdigest()
