@@ -4,8 +4,10 @@ and to ``chunkattn serve`` answering ``/health`` with 200, on the default model 
     python benchmarks/startup.py [--src DIR] [--runs 2] [--json PATH]
 
 The first run of each starts with an empty weight cache (``CHUNKATTN_CACHE_DIR`` set to a fresh directory),
-the later ones reuse it. ``--src`` runs another checkout's ``src`` (e.g. the commit before the cache, for a
-before/after in one sweep).
+the later ones reuse it (a row's ``cache``: an earlier start filled that directory; it means nothing for code
+without the weight cache). The first start of a checkout may also rebuild the native extension (alternating
+checkouts invalidate its build): compare the later starts. ``--src`` runs another checkout's ``src`` (e.g.
+the commit before the cache, for a before/after in one sweep).
 """
 
 from __future__ import annotations

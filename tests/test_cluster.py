@@ -37,10 +37,16 @@ def _wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------- the command line
 def test_cli_starts_replicas_and_stops_on_sigterm():
-    """``chunkattn serve --replicas 2`` starts its own Ray cluster, serves, and shuts everything down."""
+    """``chunkattn serve --replicas 2`` starts its own Ray cluster, serves, and on SIGTERM drains as one
+    server does (/health and new requests 503, a stream still running at the deadline ends with an error
+    frame and [DONE]), then shuts everything down and exits 0."""
+    import threading
+
     server = ServerProcess(str(TINY_CONFIG), "--random-weights", "--tokenizer", str(default_model_path()),
-                           "--served-model-name", "tiny", "--kv-cache-tokens", "2048", "--replicas", "2",
-                           "--router", "round-robin", "--replica-threads", "1", api_key=KEY, timeout=240)
+                           "--served-model-name", "tiny", "--kv-cache-tokens", "8192", "--replicas", "2",
+                           "--router", "round-robin", "--replica-threads", "1", "--shutdown-timeout", "1",
+                           api_key=KEY, timeout=240)
+    lines: list[str] = []
     try:
         with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
             assert [m.id for m in c.models.list().data] == ["tiny"]
@@ -48,9 +54,34 @@ def test_cli_starts_replicas_and_stops_on_sigterm():
                                      extra_body={"ignore_eos": True})
             assert [ch.index for ch in r.choices] == [0, 1] and r.usage.completion_tokens == 8
         assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200  # (the replicas answered)
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                              json={"prompt": "go", "max_tokens": 2000, "stream": True, "ignore_eos": True},
+                              timeout=60) as resp:
+                for line in resp.iter_lines():
+                    if line:
+                        lines.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60)
+        server.proc.terminate()
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/health").status_code != 503:  # (the driver tells the ingress)
+            assert time.monotonic() < deadline, "/health never said draining"
+            time.sleep(0.05)
+        late = httpx.post(server.url + "/v1/completions", json={"prompt": "late", "max_tokens": 2},
+                          headers={"Authorization": f"Bearer {KEY}"})
+        assert late.status_code == 503, late.text
+        reader.join(60)
     finally:
         server.proc.terminate()
-        assert server.proc.wait(60) == 0, server.output()
+        assert server.proc.wait(90) == 0, server.output()
+    assert lines[-1] == "data: [DONE]" and "shut down" in lines[-2], lines[-3:]
 
 
 def _replica_counts(url: str) -> dict[str, float]:
@@ -186,6 +217,15 @@ def test_errors_and_auth_as_one_server(client, cluster):
         client.completions.create(model="tiny", prompt="hi", max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         client.completions.create(model="tiny", prompt=[[1, 2, 10**6]], max_tokens=2)
+    # checked by the replica's engine, not the ingress: still a 400 (it was a 500 "the replica raised")
+    with pytest.raises(openai.BadRequestError, match="logit_bias: token id 99999999 is outside the vocabulary"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, logit_bias={"99999999": 1})
+    with httpx.stream("POST", cluster + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"prompt": "hi", "max_tokens": 2, "stream": True, "logit_bias": {"99999999": 1}}) as r:
+        frames = [line for line in r.iter_lines() if line]
+    assert frames[-1] == "data: [DONE]" and '"code": 400' in frames[-2] and "logit_bias" in frames[-2], frames
+    assert httpx.get(cluster + "/health").status_code == 200
+    assert httpx.get(cluster + "/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
     assert client.completions.create(model="tiny", prompt="fine", max_tokens=2).usage.completion_tokens >= 1
 
 
@@ -271,3 +311,38 @@ def test_dead_replica_is_routed_around(cluster):
     while len(_engine_replica_actors()) < 2 or names[0] in _engine_replica_actors():
         assert time.monotonic() < deadline, "Ray did not replace the dead replica"
         time.sleep(1)
+
+
+def test_a_request_cancelled_while_routed_leaves_no_load():
+    """Ray Serve's router may hold a request (no replica has room) and the client leave before it is routed:
+    Ray then never calls on_request_routed / on_request_completed, so the load counted when the replica was
+    chosen must be undone when the routing future is cancelled (it drifted up before)."""
+    import types
+
+    from chunkattn.cluster.ray_router import PrefixRouter
+
+    router = object.__new__(PrefixRouter)  # (its Ray-side state is not needed for these hooks)
+    router.initialize_state(policy="prefix-aware", block_size=4, capacity_tokens=1024)
+    router.core.add_replica("r1", 1024)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def pending(key: str) -> types.SimpleNamespace:
+            return types.SimpleNamespace(future=loop.create_future(),
+                                         metadata=types.SimpleNamespace(internal_request_id=key))
+
+        left, served = pending("left"), pending("served")
+        for p in (left, served):
+            router.core.record("r1", [1, 2])
+            router._sent[p.metadata.internal_request_id] = "r1"
+            router._watch(p.metadata.internal_request_id, p)
+        assert router.core.replicas["r1"].inflight == 2
+        left.future.cancel()  # the client left while the request waited for a replica
+        served.future.set_result("r1")  # routed: its load stays until it completes
+        await asyncio.sleep(0)
+        assert router.core.replicas["r1"].inflight == 1 and set(router._sent) == {"served"}
+        router.on_request_completed(types.SimpleNamespace(unique_id="r1"), "served")
+        assert router.core.replicas["r1"].inflight == 0 and not router._sent and not router._routing
+
+    asyncio.run(main())

@@ -419,13 +419,26 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
     if args.command not in ("generate", "demo", "serve"):
         return
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is now (main() may run in-process, e.g. in tests)."""
+
+        @property
+        def stream(self) -> Any:
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _: Any) -> None:
+            pass
+
     level = "warning" if getattr(args, "quiet", False) else getattr(args, "log_level", "info")
-    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("chunkattn")
+    for old in [h for h in logger.handlers if getattr(h, "chunkattn_cli", False)]:
+        logger.removeHandler(old)  # (one handler however often main() runs)
+    handler = StderrHandler()
+    handler.chunkattn_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("chunkattn")
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

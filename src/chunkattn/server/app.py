@@ -195,6 +195,8 @@ class Server:
                                                      tokenize=True)
         except APIError:
             raise
+        except ValueError as exc:  # (ours: unsupported content parts)
+            raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # noqa: BLE001 - a template that rejects the messages is the client's input
             raise APIError(400, f"messages: the chat template rejected them: {exc}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -558,9 +560,13 @@ class Server:
             return _validation_error(request, exc).response()
 
         @api.exception_handler(StarletteHTTPException)
-        async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
             type_: ErrorType = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-            return APIError(exc.status_code, str(exc.detail), type_).response()
+            message = str(exc.detail)
+            if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+                message = f"{message}: {request.method} {request.url.path} (see GET /v1/models, POST " \
+                          f"/v1/completions, POST /v1/chat/completions)"
+            return APIError(exc.status_code, message, type_).response()
 
         @api.exception_handler(Exception)
         async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
