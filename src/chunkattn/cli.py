@@ -419,6 +419,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
     if args.command not in ("generate", "demo", "serve"):
         return
+
     class StderrHandler(logging.StreamHandler):
         """Writes to whatever ``sys.stderr`` is now (main() may run in-process, e.g. in tests)."""
 
