@@ -373,8 +373,10 @@ def sum_snapshots(snapshots: Sequence[EngineSnapshot]) -> EngineSnapshot:
     total = EngineSnapshot()
     for s in snapshots:
         for f in ("running", "waiting", "prompt_tokens", "cached_prompt_tokens", "generation_tokens",
-                  "preemptions", "live_chunks", "cached_chunks", "free_chunks", "kv_shared_bytes", "kv_saved_bytes"):
+                  "preemptions", "live_chunks", "cached_chunks", "free_chunks", "kv_shared_bytes", "kv_saved_bytes",
+                  "structured_requests", "mask_seconds", "mask_steps", "forced_tokens"):
             setattr(total, f, getattr(total, f) + getattr(s, f))
+        total.grammar_compile_seconds += s.grammar_compile_seconds
         for reason, count in s.finished.items():
             total.finished[reason] = total.finished.get(reason, 0) + count
     total.kv_usage = sum(s.kv_usage for s in snapshots) / max(len(snapshots), 1)

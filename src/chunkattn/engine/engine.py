@@ -30,6 +30,7 @@ from chunkattn.engine.model_runner import ModelRunner, RunnerOutput, new_seed
 from chunkattn.engine.request import Completion, Request, RequestOutput, RequestState, describe
 from chunkattn.engine.sampling import SamplingParams
 from chunkattn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from chunkattn.engine.structured import GrammarCompiler
 from chunkattn.errors import ChunkAttnError, InvalidParamError
 from chunkattn.model.llama import LlamaForCausalLM
 
@@ -103,8 +104,12 @@ class EngineStats:
 
 @dataclass
 class EngineConfig:
+    """``jump_forward``: append the tokens a structured output's grammar forces in one step (see
+    :mod:`chunkattn.engine.structured`)."""
+
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     backend: str = "auto"
+    jump_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in backend_names():
@@ -127,7 +132,8 @@ class LLMEngine:
             keep_freed_memory()
         self.scheduler = Scheduler(cache, self.config.scheduler)
         self.eos_token_ids = tuple(mc.eos_token_ids)
-        self.runner = ModelRunner(model, cache, self.config.backend, self.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, int(mc.vocab_size), self.eos_token_ids)
+        self.runner = ModelRunner(model, cache, self.config.backend, self.eos_token_ids, self.grammars)
         self.stats = EngineStats()
         self.error: BaseException | None = None
         self._detok_tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None  # loop thread's own
@@ -198,6 +204,10 @@ class LLMEngine:
         for i in range(params.n):
             seed = (params.seed + i) if params.seed is not None else new_seed()
             completions.append(Completion(i, seed, logprobs=[] if params.logprobs is not None else None))
+        if params.structured is not None:
+            for comp in completions:  # (compiled once per distinct spec; invalid specs raise here)
+                comp.grammar = self.grammars.matcher(params.structured)
+            self.grammars.stats.requests += 1
         check_cache_salt(cache_salt)
         request = Request(request_id, text, ids, params, completions, StopStrings(params.stop),
                           cache_salt=cache_salt)
@@ -376,6 +386,8 @@ class LLMEngine:
                 c.logprobs.append(entry)
             self.stats.output_tokens += 1
             self._check_stop(r, c, token)
+            if c.grammar is not None and not c.finished:
+                self._advance_grammar(r, c, token, now)
             if c.finished and c.seq is not None:
                 self.cache.release(c.seq)
                 c.seq = None
@@ -400,6 +412,36 @@ class LLMEngine:
                                                        r.params.skip_special_tokens)
         r.prompt_seq = None
         r.forked = True
+
+    def _advance_grammar(self, r: Request, c: Completion, token: int, now: float) -> None:
+        """Advance a structured completion's matcher by its sampled token; finish it once the structure is
+        complete; append the tokens the grammar then forces (jump-forward: computed in the next step as one
+        prefill). Not with logprobs: forced tokens have none."""
+        m = c.grammar
+        if not m.consume_token(token):
+            r.error = f"structured outputs: the grammar rejected token {token} ({m.get_error()})"
+            c.finish("error")
+            return
+        if m.is_stopped():
+            c.finish("stop")
+            return
+        if not self.config.jump_forward or r.params.logprobs is not None:
+            return
+        for forced in m.compute_ff_tokens():
+            if not m.consume_token(forced):
+                r.error = f"structured outputs: a forced token was rejected ({m.get_error()})"
+                c.finish("error")
+                return
+            c.token_ids.append(forced)
+            c.token_times.append(now)
+            self.stats.output_tokens += 1
+            self.grammars.stats.forced_tokens += 1
+            self._check_stop(r, c, forced)
+            if c.finished:
+                return
+            if m.is_stopped():
+                c.finish("stop")
+                return
 
     def _check_stop(self, r: Request, c: Completion, token: int) -> None:
         p = r.params

@@ -4,6 +4,8 @@ runs the model, samples every completion in one batched pass and computes the lo
 from __future__ import annotations
 
 import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +15,7 @@ from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.engine.request import Completion, Request, TokenLogprob
 from chunkattn.engine.sampler import Sampler, SamplingMetadata, prompt_logprobs
 from chunkattn.engine.scheduler import SchedulerOutput
+from chunkattn.engine.structured import GrammarCompiler, apply_masks, fill_masks
 from chunkattn.model.llama import LlamaForCausalLM
 
 
@@ -38,8 +41,10 @@ class ModelRunner:
     """Runs scheduled steps of ``model`` on ``cache`` with the attention backend ``backend``."""
 
     def __init__(self, model: LlamaForCausalLM, cache: PrefixKVCache, backend: str = "auto",
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), grammars: GrammarCompiler | None = None):
         self.model = model
+        self.grammars = grammars
+        self._mask_pool: ThreadPoolExecutor | None = None
         self.cache = cache
         self.attn = get_backend(backend, cache)
         self.sampler = Sampler()
@@ -74,12 +79,13 @@ class ModelRunner:
                 for c in targets:
                     sample_rows.append(len(logit_rows) - 1)
                     sampled.append((r, c))
+        masks = self._start_masks(sampled)
         self.attn.plan(step.batch)
         logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.attn,
                             torch.tensor(logit_rows, dtype=torch.int64, device=dev))  # [len(logit_rows), V]
         out = RunnerOutput()
         if sampled:
-            out.samples = self._sample(logits, sample_rows, sampled)
+            out.samples = self._sample(logits, sample_rows, sampled, masks)
         for r, row, first, nxt in prompt_rows:
             k = r.params.prompt_logprobs or 0
             chosen, top_lp, top_ids = prompt_logprobs(logits[row : row + len(nxt)],
@@ -87,10 +93,37 @@ class ModelRunner:
             out.prompt_logprobs.append((r, first, _entries(nxt, chosen, top_ids, top_lp, k)))
         return out
 
-    def _sample(self, logits: torch.Tensor, sample_rows: list[int], sampled: list[tuple[Request, Completion]]
+    def _start_masks(self, sampled: list[tuple[Request, Completion]]) -> Future[tuple[torch.Tensor, float]] | None:
+        """The allowed-token bitmask of the structured rows, computed on a worker thread while the model runs
+        (llguidance drops the GIL); None when no row is structured."""
+        constrained = [(c.grammar, i) for i, (_, c) in enumerate(sampled) if c.grammar is not None]
+        if not constrained or self.grammars is None:
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="chunkattn-masks")
+        grammars, rows = self.grammars, len(sampled)
+
+        def fill() -> tuple[torch.Tensor, float]:
+            start = time.perf_counter()
+            return fill_masks(grammars, constrained, rows), time.perf_counter() - start
+
+        return self._mask_pool.submit(fill)
+
+    def _sample(self, logits: torch.Tensor, sample_rows: list[int], sampled: list[tuple[Request, Completion]],
+                masks: Future[tuple[torch.Tensor, float]] | None = None
                 ) -> list[tuple[Request, Completion, int, TokenLogprob | None]]:
         rows = logits if sample_rows == list(range(logits.shape[0])) else \
             logits.index_select(0, torch.tensor(sample_rows, device=logits.device))  # [R, V]
+        raw = rows
+        if masks is not None:
+            assert self.grammars is not None
+            start = time.perf_counter()
+            bitmask, fill_seconds = masks.result()
+            structured = torch.tensor([i for i, (_, c) in enumerate(sampled) if c.grammar is not None])
+            rows = apply_masks(rows, bitmask, structured)
+            stats = self.grammars.stats
+            stats.mask_seconds += fill_seconds + time.perf_counter() - start
+            stats.mask_steps += 1
         params = [r.params for r, _ in sampled]
         penalties = any(p.uses_penalties for p in params)
         meta = SamplingMetadata.from_rows(
@@ -101,7 +134,7 @@ class ModelRunner:
             prompt_ids=[list(r.prompt_ids) for r, _ in sampled] if penalties else [],
             blocked=[self._blocked(r, c) for r, c in sampled],
             vocab_size=self.vocab_size, device=logits.device)
-        result = self.sampler(rows, meta)
+        result = self.sampler(rows, meta, raw)
         tokens = result.token_ids.tolist()
         entries: list[TokenLogprob | None] = [None] * len(tokens)
         if result.logprobs is not None:
@@ -118,9 +151,10 @@ class ModelRunner:
         return [(r, c, t, e) for (r, c), t, e in zip(sampled, tokens, entries)]
 
     def _blocked(self, r: Request, c: Completion) -> list[int]:
-        """Tokens that may not be sampled yet: end-of-sequence and stop tokens before ``min_tokens``."""
+        """Tokens that may not be sampled yet: end-of-sequence and stop tokens before ``min_tokens`` (not for a
+        structured completion: its grammar says when it may end)."""
         p = r.params
-        if len(c.token_ids) >= p.min_tokens:
+        if len(c.token_ids) >= p.min_tokens or c.grammar is not None:
             return []
         return [*(() if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids]
 

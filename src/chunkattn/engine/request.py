@@ -59,6 +59,7 @@ class Completion:
     detokenizer: IncrementalDetokenizer | None = None
     num_reported_tokens: int = 0
     num_reported_chars: int = 0
+    grammar: Any = None  # llguidance matcher of a structured completion (see chunkattn.engine.structured)
 
     @property
     def finished(self) -> bool:

@@ -159,11 +159,14 @@ class SamplerOutput:
 class Sampler:
     """Samples one token per row of ``[R, V]`` logits according to a :class:`SamplingMetadata`."""
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """logits: ``[R, V]`` float32 (the model's). Returns the sampled tokens (and logprobs if asked)."""
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata,
+                 model_logits: torch.Tensor | None = None) -> SamplerOutput:
+        """logits: ``[R, V]`` float32 (the model's, or with structured outputs' masks applied:
+        ``model_logits`` are then the model's, which logprobs report). Returns the sampled tokens (and
+        logprobs if asked)."""
         out = SamplerOutput(torch.empty(0, dtype=torch.int64))
         if meta.num_logprobs >= 0:
-            raw = torch.log_softmax(logits, dim=-1)  # [R, V]
+            raw = torch.log_softmax(logits if model_logits is None else model_logits, dim=-1)  # [R, V]
         logits = self.process(logits, meta)
         out.token_ids = argmax(logits) if meta.all_greedy else self._sample(logits, meta)
         if meta.num_logprobs >= 0:

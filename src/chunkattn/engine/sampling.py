@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from chunkattn.engine.structured import StructuredOutputs
 from chunkattn.errors import InvalidParamError
 
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI's limit)
@@ -31,6 +32,9 @@ class SamplingParams:
     unless ``include_stop_str_in_output``). Neither end-of-sequence nor stop tokens end a completion before
     ``min_tokens`` tokens.
 
+    Structure: ``structured`` (:class:`~chunkattn.engine.structured.StructuredOutputs`) constrains the output to
+    a JSON schema, a regex, a choice or a grammar; the completion stops when the structure is complete.
+
     Logprobs: ``logprobs=k`` returns, for every generated token, its log-probability and the ``k`` most likely
     alternatives (0: only the sampled token's); ``prompt_logprobs=k`` the same for every prompt token after the
     first. Log-probabilities are of the model's distribution (before temperature, penalties and filters).
@@ -55,6 +59,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,6 +108,11 @@ class SamplingParams:
                 _check_range(name, value, 0, MAX_LOGPROBS)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidParamError("stop strings must be non-empty strings", "stop")
+        if isinstance(self.structured, dict):
+            self.structured = StructuredOutputs(**self.structured)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise TypeError(f"structured must be a StructuredOutputs (or a dict of its fields), got "
+                            f"{type(self.structured).__name__}")
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:

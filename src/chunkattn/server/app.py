@@ -40,6 +40,7 @@ from chunkattn.server.protocol import (
     TokenizeRequest,
     error_body,
 )
+from chunkattn.server.tools import ToolPlan, template_message
 
 DONE = "data: [DONE]\n\n"
 
@@ -186,13 +187,16 @@ class Server:
             raise APIError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         return (self.tokenizer.decode(prompt) if self.tokenizer is not None else ""), list(prompt)
 
-    def _chat_ids(self, body: ChatCompletionRequest | TokenizeRequest, add_generation_prompt: bool = True) -> list[int]:
+    def _chat_ids(self, body: ChatCompletionRequest | TokenizeRequest, add_generation_prompt: bool = True,
+                  tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
+        renders_tools = "tools" in self.tokenizer.chat_template
         try:
-            messages = [m.as_template_input() for m in body.messages or []]
+            messages = [template_message(m.as_template_input(), renders_tools) for m in body.messages or []]
+            extra = {"tools": tools} if tools else {}
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
+                                                     tokenize=True, **extra)
         except APIError:
             raise
         except ValueError as exc:  # (ours: unsupported content parts)
@@ -451,37 +455,79 @@ class Server:
         self._check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        ids = self._chat_ids(body, body.add_generation_prompt)
+        try:
+            plan = ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls,
+                               getattr(self.tokenizer, "chat_template", None))
+        except ValueError as exc:
+            raise APIError.of(exc) from None
+        ids = self._chat_ids(body, body.add_generation_prompt, plan.template_tools())
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(requested, len(ids), body.n, param, "messages")
         try:
             params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+            tool_structure = plan.structured()
+            if tool_structure is not None:
+                if params.structured is not None:
+                    raise APIError(400, "tool_choice 'required' or a named function constrains the output "
+                                        "itself: drop response_format / structured_outputs", param="tool_choice")
+                params = params.replace(structured=tool_structure)
         except (ValueError, TypeError) as exc:
             raise APIError.of(exc) from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         job = self._submit([("", ids)], params, body.cache_salt, rid)
         if body.stream:
-            return EventStream(self._chat_frames(body, job, rid), lambda: self._close(job))
-        return await self._respond(request, job, lambda finals: self._chat_body(body, finals[0], rid))
+            return EventStream(self._chat_frames(body, job, rid, plan), lambda: self._close(job))
+        return await self._respond(request, job, lambda finals: self._chat_body(body, finals[0], rid, plan))
 
-    def _chat_body(self, body: ChatCompletionRequest, out: RequestOutput, rid: str) -> dict[str, Any]:
+    @staticmethod
+    def _tool_message(plan: ToolPlan, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        """``(message, finish_reason)`` of a finished completion under a tool plan."""
+        calls, content = plan.calls(c.text) if plan.active else ([], c.text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+        return message, reason
+
+    def _chat_body(self, body: ChatCompletionRequest, out: RequestOutput, rid: str, plan: ToolPlan
+                   ) -> dict[str, Any]:
         choices = []
         for c in out.outputs:
             logprobs = self._chat_logprobs(c.logprobs or [], body.top_logprobs or 0) if body.logprobs else None
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            message, reason = self._tool_message(plan, c)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": self.config.model_name, "choices": choices,
                 "usage": _usage(len(out.prompt_token_ids), completion_tokens, out.metrics.num_cached_tokens)}
 
-    def _chat_frames(self, body: ChatCompletionRequest, job: _Job, rid: str) -> AsyncIterator[str]:
+    def _chat_frames(self, body: ChatCompletionRequest, job: _Job, rid: str, plan: ToolPlan) -> AsyncIterator[str]:
+        call_ids: dict[int, str] = {}  # (named function) completion index -> its call's id
+
         def choice(p: int, out: RequestOutput, c: CompletionOutput, first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant", "content": c.delta_text} if first else \
-                {"content": c.delta_text}
             logprobs = self._chat_logprobs(c.delta_logprobs or [], body.top_logprobs or 0) if body.logprobs else None
-            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            reason = c.finish_reason
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if plan.mode == "named":  # the output is the arguments: stream them
+                assert plan.name is not None
+                call: dict[str, Any] = {"index": 0, "function": {"arguments": c.delta_text}}
+                if c.index not in call_ids:
+                    call_ids[c.index] = f"call_{uuid.uuid4().hex[:24]}"
+                    call.update(id=call_ids[c.index], type="function")
+                    call["function"]["name"] = plan.name
+                delta.update(content=None, tool_calls=[call])
+                reason = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+            elif plan.buffered:  # calls are parsed from the whole output
+                if c.finished:
+                    message, reason = self._tool_message(plan, c)
+                    delta["content"] = message["content"]
+                    if "tool_calls" in message:
+                        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            else:
+                delta["content"] = c.delta_text
+            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
         return self._frames(body, job, {"id": rid, "object": "chat.completion.chunk"}, body.n, choice)
 

@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from chunkattn.engine.engine import LLMEngine
 from chunkattn.engine.request import RequestMetrics
 
 PREFIX = "chunkattn:"
+_COMPILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0, 160.0, 640.0)
 
@@ -42,6 +43,11 @@ class EngineSnapshot:
     healthy: bool = True
     cache_ok: bool | None = None  # PrefixKVCache.check() passed (run when the engine was idle); None: not run
     replica_requests: dict[str, int] = field(default_factory=dict)  # several replicas: requests each answered
+    structured_requests: int = 0  # requests with structured outputs (JSON schema, regex, choice, grammar, tools)
+    grammar_compile_seconds: list[float] = field(default_factory=list)  # each distinct spec's compilation
+    mask_seconds: float = 0.0  # computing and applying the allowed-token masks, summed over steps
+    mask_steps: int = 0
+    forced_tokens: int = 0  # tokens jump-forward appended (a decode step each, saved)
 
 
 def engine_snapshot(engine: LLMEngine, previous: EngineSnapshot | None = None) -> EngineSnapshot:
@@ -50,6 +56,7 @@ def engine_snapshot(engine: LLMEngine, previous: EngineSnapshot | None = None) -
     from chunkattn.errors import CacheCorruptedError
 
     cache, stats, sched = engine.cache, engine.stats, engine.scheduler
+    g = engine.grammars.stats
     cache_ok = previous.cache_ok if previous is not None else None
     if not cache.sequences:
         try:
@@ -65,14 +72,16 @@ def engine_snapshot(engine: LLMEngine, previous: EngineSnapshot | None = None) -
         generation_tokens=stats.output_tokens, preemptions=sched.num_preemptions, finished=dict(stats.finished),
         live_chunks=s["used_chunks"], cached_chunks=s["cached_chunks"], free_chunks=s["free_chunks"],
         kv_shared_bytes=s["shared_tokens"] * per_token, kv_saved_bytes=s["saved_tokens"] * per_token,
-        healthy=engine.is_healthy, cache_ok=cache_ok)
+        healthy=engine.is_healthy, cache_ok=cache_ok, structured_requests=g.requests,
+        grammar_compile_seconds=list(g.compile_seconds or []), mask_seconds=g.mask_seconds, mask_steps=g.mask_steps,
+        forced_tokens=g.forced_tokens)
 
 
 class _EngineCollector(Collector):
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self.metrics.snapshot
         name = self.metrics.model_name
 
@@ -113,6 +122,20 @@ class _EngineCollector(Collector):
             for replica, count in sorted(s.replica_requests.items()):
                 routed.add_metric([name, replica], count)
             yield routed
+        yield counter("structured_requests", "Requests with structured outputs (schema, regex, choice, grammar, "
+                      "tools).", s.structured_requests)
+        yield counter("structured_mask_seconds", "Seconds computing and applying structured outputs' token masks.",
+                      s.mask_seconds)
+        yield counter("structured_mask_steps", "Engine steps that computed token masks.", s.mask_steps)
+        yield counter("structured_forced_tokens", "Tokens appended by jump-forward (each a decode step saved).",
+                      s.forced_tokens)
+        compile_hist = HistogramMetricFamily(PREFIX + "structured_grammar_compile_seconds",
+                                             "Seconds compiling each distinct structured-output spec.",
+                                             labels=["model_name"])
+        times = s.grammar_compile_seconds
+        compile_hist.add_metric([name], [(str(b), sum(t <= b for t in times)) for b in _COMPILE_BUCKETS] +
+                                [("+Inf", len(times))], sum(times))
+        yield compile_hist
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished completions by finish reason.",
                                        labels=["model_name", "finished_reason"])
         for reason in ("stop", "length", "abort", "error"):

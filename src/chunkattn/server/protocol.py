@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from chunkattn.engine.llm import CHAT_ROLES
 from chunkattn.engine.sampling import MAX_LOGPROBS, SamplingParams
+from chunkattn.engine.structured import StructuredOutputs
 from chunkattn.errors import InvalidParamError
 
 MAX_N = 128  # completions per prompt
@@ -122,6 +123,48 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: StrictBool = True
     user: StrictStr | None = None
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    response_format: dict[str, Any] | None = None  # OpenAI's: text, json_object, json_schema
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar (+ whitespace)
+    guided_json: dict[str, Any] | StrictStr | None = None  # vLLM's older spellings of the same
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+
+    def structured(self) -> StructuredOutputs | None:
+        """The output structure the body asks for (``response_format``, ``structured_outputs`` or the
+        ``guided_*`` fields; at most one of them), or None. Raises ``InvalidParamError`` naming the field."""
+        guided = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
+                  if getattr(self, f"guided_{k}") is not None}
+        given = [name for name, present in (("response_format", self._format_constrains()),
+                                            ("structured_outputs", self.structured_outputs is not None),
+                                            ("guided_*", bool(guided))) if present]
+        if len(given) > 1:
+            raise InvalidParamError(f"give at most one of response_format, structured_outputs and guided_*; got "
+                                    f"{' and '.join(given)}", given[1])
+        if guided:
+            return _structured(guided, "guided_" + next(iter(guided)))
+        if self.structured_outputs is not None:
+            return _structured(self.structured_outputs, "structured_outputs")
+        if self._format_constrains():
+            assert self.response_format is not None
+            if self.response_format["type"] == "json_object":
+                return StructuredOutputs(json=True)
+            spec = self.response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise InvalidParamError("response_format.json_schema must be an object {name, schema, strict}",
+                                        "response_format")
+            return _structured({"json": spec.get("schema", {"type": "object"})}, "response_format")
+        return None
+
+    def _format_constrains(self) -> bool:
+        fmt = self.response_format
+        if fmt is None:
+            return False
+        kind = fmt.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise InvalidParamError(f"response_format.type must be text, json_object or json_schema; got {kind!r}",
+                                    "response_format")
+        return kind != "text"
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -160,7 +203,8 @@ class _SamplingFields(BaseModel):
             seed=None if self.seed is None else self.seed % 2**64, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+            structured=self.structured())
 
     @property
     def include_usage(self) -> bool:
@@ -169,6 +213,33 @@ class _SamplingFields(BaseModel):
     @property
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+def _structured(fields: dict[str, Any], param: str) -> StructuredOutputs:
+    known = {"json", "regex", "choice", "grammar", "whitespace"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise InvalidParamError(f"{param}: unknown field(s) {', '.join(unknown)}; it takes one of json, regex, "
+                                f"choice, grammar (and whitespace)", param.removesuffix("_json"))
+    try:
+        return StructuredOutputs(**fields)
+    except InvalidParamError as exc:
+        raise InvalidParamError(str(exc), param) from None
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: ToolFunction
 
 
 class CompletionRequest(_SamplingFields):
@@ -243,6 +314,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: StrictBool = True
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class TokenizeRequest(BaseModel):

@@ -1,0 +1,143 @@
+"""Tool calling for ``/v1/chat/completions``: how ``tools`` + ``tool_choice`` become a constraint on the output,
+and how the output becomes ``message.tool_calls``.
+
+* ``"none"`` (the default without tools): plain text.
+* a named function (``{"type": "function", "function": {"name": ...}}``): the output is constrained to the
+  function's parameter schema; it *is* the call's ``arguments`` (streamed as argument deltas). Works with any
+  model, whether or not its chat template knows tools.
+* ``"required"``: the output is constrained to a JSON array of ``{"name": <one of the tools>, "arguments":
+  <its parameters>}`` (at most one call when ``parallel_tool_calls`` is false, else at most
+  :data:`MAX_PARALLEL_CALLS`); sent as ``tool_calls`` once complete. Works with any model.
+* ``"auto"`` (the default with tools): only where the model's chat template renders tools (it gets them); the
+  model then chooses between text and calls in the Hermes / Qwen format, ``<tool_call>{"name": ...,
+  "arguments": {...}}</tool_call>``, parsed once the output is complete. A template that does not render
+  tools gets a 400 saying so (the model would never know the tools exist).
+
+A finished call has ``finish_reason: "tool_calls"``; one cut by ``max_tokens`` keeps ``"length"``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from chunkattn.engine.structured import StructuredOutputs
+from chunkattn.errors import InvalidParamError
+
+MAX_PARALLEL_CALLS = 8
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+@dataclass
+class ToolPlan:
+    """What a chat request's ``tools`` / ``tool_choice`` mean for this request."""
+
+    mode: str  # "none", "named", "required", "auto"
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's tool objects (for the template)
+    name: str | None = None  # the named function
+
+    @classmethod
+    def of(cls, tools: list[Any] | None, tool_choice: Any, parallel: bool, template: str | None) -> ToolPlan:
+        """Raises ``InvalidParamError`` for a choice that cannot be honoured."""
+        specs = [t.model_dump() for t in tools or []]
+        names = [t["function"]["name"] for t in specs]
+        if len(set(names)) != len(names):
+            raise InvalidParamError("tools: function names must be unique", "tools")
+        choice = tool_choice if tool_choice is not None else ("auto" if specs else "none")
+        if choice == "none":
+            return cls("none")
+        if not specs:
+            raise InvalidParamError(f"tool_choice {choice!r} needs tools", "tool_choice")
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if name is None:
+                raise InvalidParamError('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                        '"function": {"name": ...}}', "tool_choice")
+            if name not in names:
+                raise InvalidParamError(f"tool_choice names {name!r}, which is not among the tools "
+                                        f"({', '.join(names)})", "tool_choice")
+            return cls("named", specs, name)
+        if choice == "required":
+            plan = cls("required", specs)
+            plan.max_calls = 1 if not parallel else MAX_PARALLEL_CALLS
+            return plan
+        if "tools" not in (template or ""):
+            raise InvalidParamError('tool_choice "auto" needs a chat template that renders tools, and this '
+                                    'model\'s does not; use "required" or a named function, which work with any '
+                                    'model', "tool_choice")
+        return cls("auto", specs)
+
+    max_calls: int = MAX_PARALLEL_CALLS
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def buffered(self) -> bool:
+        """Whether a stream must wait for the whole output (calls are parsed once complete)."""
+        return self.mode in ("required", "auto")
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """What the chat template gets as ``tools``."""
+        return self.tools if self.active else None
+
+    def structured(self) -> StructuredOutputs | None:
+        """The constraint on the output (None: free text)."""
+        by_name = {t["function"]["name"]: t["function"] for t in self.tools}
+        if self.mode == "named":
+            assert self.name is not None
+            return StructuredOutputs(json=by_name[self.name]["parameters"])
+        if self.mode == "required":
+            calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": fn["parameters"]},
+                      "required": ["name", "arguments"], "additionalProperties": False}
+                     for name, fn in by_name.items()]
+            return StructuredOutputs(json={"type": "array", "minItems": 1, "maxItems": self.max_calls,
+                                           "items": {"anyOf": calls}})
+        return None
+
+    def calls(self, text: str) -> tuple[list[dict[str, Any]], str | None]:
+        """``(tool_calls, content)`` of a complete output."""
+        if self.mode == "named":
+            assert self.name is not None
+            return [_call(self.name, text)], None
+        if self.mode == "required":
+            try:
+                items = json.loads(text)
+            except ValueError:
+                return [], text  # (cut by max_tokens: finish_reason says "length")
+            return [_call(i["name"], json.dumps(i["arguments"], ensure_ascii=False)) for i in items], None
+        if self.mode == "auto":
+            calls = []
+            for block in _HERMES.findall(text):
+                try:
+                    item = json.loads(block)
+                    calls.append(_call(str(item["name"]), json.dumps(item.get("arguments", {}), ensure_ascii=False)))
+                except (ValueError, KeyError, TypeError):
+                    continue
+            if calls:
+                content = _HERMES.sub("", text).strip()
+                return calls, content or None
+        return [], text
+
+
+def template_message(message: dict[str, Any], renders_tools: bool) -> dict[str, Any]:
+    """A chat message as the template gets it: an assistant turn that only called tools, for a template
+    that does not render ``tool_calls``, carries the calls as its content (so the model sees what it did)."""
+    if renders_tools or message.get("role") != "assistant" or message.get("content") or \
+            not message.get("tool_calls"):
+        return message
+    calls = [{"name": (c.get("function") or {}).get("name"), "arguments": (c.get("function") or {}).get("arguments")}
+             for c in message["tool_calls"] if isinstance(c, dict)]
+    return {**message, "content": json.dumps(calls, ensure_ascii=False)}
+
+
+__all__ = ["MAX_PARALLEL_CALLS", "ToolPlan", "template_message"]
