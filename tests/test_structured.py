@@ -270,3 +270,22 @@ def test_structured_errors_are_400_before_anything_runs(server):
     forced = re.search(r'chunkattn:structured_forced_tokens_total\{model_name="smol"\} (\S+)', text)
     assert requests and float(requests.group(1)) > 0 and forced and float(forced.group(1)) > 0
     assert "chunkattn:structured_grammar_compile_seconds_bucket" in text
+
+
+def test_apply_masks_matches_the_bits():
+    import torch
+
+    from chunkattn.engine.structured import apply_masks
+
+    gen = torch.Generator().manual_seed(11)
+    for rows_total, vocab in [(5, 70), (3, 64), (8, 1000)]:
+        width = (vocab + 31) // 32
+        bitmask = torch.randint(-2**31, 2**31 - 1, (rows_total, width), dtype=torch.int32, generator=gen)
+        logits = torch.randn(rows_total, vocab, generator=gen)
+        for rows in ([0, 2, rows_total - 1], list(range(rows_total))):
+            out = apply_masks(logits, bitmask, rows)
+            for r in range(rows_total):
+                for t in range(vocab):
+                    allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1 or r not in rows
+                    assert out[r, t] == (logits[r, t] if allowed else float("-inf")), (r, t)
+        assert not torch.isinf(logits).any()  # not in place unless asked

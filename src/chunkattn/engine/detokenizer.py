@@ -26,6 +26,13 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        # A prompt ending inside a character (byte-level tokens) would have its pending bytes, and the tokens
+        # before them, emitted with the first output: start the context at the last complete character.
+        for _ in range(4):
+            if not context or not tokenizer.decode(context, skip_special_tokens=skip_special_tokens
+                                                   ).endswith(REPLACEMENT):
+                break
+            context.pop()
         self._stream = None
         backend = getattr(tokenizer, "_tokenizer", None)
         if getattr(tokenizer, "is_fast", False) and backend is not None:

@@ -119,8 +119,9 @@ class ModelRunner:
             assert self.grammars is not None
             start = time.perf_counter()
             bitmask, fill_seconds = masks.result()
-            structured = torch.tensor([i for i, (_, c) in enumerate(sampled) if c.grammar is not None])
-            rows = apply_masks(rows, bitmask, structured)
+            structured = [i for i, (_, c) in enumerate(sampled) if c.grammar is not None]
+            logprobs = any(r.params.logprobs is not None for r, _ in sampled)
+            rows = apply_masks(rows, bitmask, structured, inplace=not logprobs)  # (raw kept for logprobs)
             stats = self.grammars.stats
             stats.mask_seconds += fill_seconds + time.perf_counter() - start
             stats.mask_steps += 1

@@ -215,16 +215,23 @@ def fill_masks(compiler: GrammarCompiler, matchers: list[tuple[Any, int]], rows:
     return bitmask
 
 
-def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], inplace: bool = False
+                ) -> torch.Tensor:
     """``logits [R, V]`` with the tokens that the packed ``bitmask [R, W]`` disallows set to -inf, on the
-    constrained ``rows`` only (one batched operation)."""
+    constrained ``rows`` only (one batched operation; in place when ``inplace``, else on a copy)."""
+    import numpy as np
+
     vocab = logits.shape[1]
-    packed = bitmask.index_select(0, rows)  # [C, W] int32
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((packed.unsqueeze(-1) >> bits) & 1).bool().reshape(packed.shape[0], -1)[:, :vocab]  # [C, V]
-    sub = logits.index_select(0, rows).masked_fill(~allowed.to(logits.device), float("-inf"))
-    out = logits.clone()
-    out.index_copy_(0, rows, sub)
+    every = rows == list(range(logits.shape[0]))
+    packed = bitmask if every else bitmask[rows]  # [C, W] int32
+    bits = np.unpackbits(packed.numpy().view(np.uint8), axis=1, bitorder="little")  # [C, 32 W] (LSB first)
+    blocked = torch.from_numpy(bits).view(torch.bool)[:, :vocab].logical_not().to(logits.device)
+    out = logits if inplace else logits.clone()
+    if every:
+        out.masked_fill_(blocked, float("-inf"))
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        out.index_copy_(0, index, out.index_select(0, index).masked_fill_(blocked, float("-inf")))
     return out
 
 
