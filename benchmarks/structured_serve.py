@@ -7,10 +7,12 @@ token ids (chunkattn's `bench serve` workload: 32 requests at once, one 1024-tok
         --model /work/peer/smollm2-hf --dtype bfloat16 --json b.json
     python benchmarks/structured_serve.py --report a.json b.json ... --json out.json     (merge the runs)
 
-Each request gets one of four bounded schemas (enums, integer ranges, string and array bounds, no extra
-properties), greedy, max_tokens 64. vLLM runs with ``disable_any_whitespace=True`` (its compact JSON, its best
-setting here: with whitespace allowed SmolLM2 emitted newlines until max_tokens). Reported per run: output
-tokens/s, TTFT and TPOT p50, engine steps (chunkattn), and how many outputs parse and validate.
+TPOT is only comparable between runs of equal output lengths: ``plain-matched`` gives each request as many
+tokens (unconstrained) as it had in the schema run before it. Each request gets one of four bounded schemas
+(enums, integer ranges, string and array bounds, no extra properties), greedy, max_tokens 64. vLLM runs with
+xgrammar and ``disable_any_whitespace=True`` (its compact JSON, its best setting here: with whitespace allowed
+SmolLM2 emitted newlines until max_tokens). Reported per run: output tokens/s, requests/s, TTFT and TPOT p50,
+engine steps and forced tokens (chunkattn), and how many outputs parse and validate.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def summarize(side: str, mode: str, seconds: float, reqs: list[dict[str, Any]], 
             "output_tok_s": round(tokens / seconds, 1), "requests_per_s": round(len(reqs) / seconds, 3),
             "ttft_p50_ms": round(pct([(r["first"] - r["arrival"]) * 1e3 for r in reqs], 50), 1),
             "tpot_p50_ms": round(pct(tpot, 50), 2), "valid": valid, "requests": len(reqs),
-            "sample": reqs[0]["text"][:120], "invalid": [r["text"][:200] for i, r in enumerate(reqs)
+            "outputs": [[r["tokens"], r["text"][:100]] for r in reqs[:12]], "invalid": [r["text"][:200] for i, r in enumerate(reqs)
                                                           if not _valid(r["text"], i)][:4], **extra}
 
 
@@ -99,10 +101,12 @@ def run_chunkattn(args: argparse.Namespace) -> list[dict[str, Any]]:
     llm.generate(work.prompts[0][:8], SamplingParams(max_tokens=2))  # warm-up, untimed
     llm.generate(work.prompts[0][:8], SamplingParams(max_tokens=4, structured=StructuredOutputs(json=SCHEMAS[0])))
     rows = []
+    lengths: list[int] = []  # the last schema run's output lengths (for plain-matched)
     for mode in args.modes:
-        params = [SamplingParams(max_tokens=64, temperature=0, ignore_eos=(mode == "plain"),
-                                 structured=None if mode == "plain" else
-                                 StructuredOutputs(json=SCHEMAS[i % len(SCHEMAS)]))
+        plain = mode.startswith("plain")
+        params = [SamplingParams(max_tokens=lengths[i] if mode == "plain-matched" else 64, temperature=0,
+                                 ignore_eos=plain,
+                                 structured=None if plain else StructuredOutputs(json=SCHEMAS[i % len(SCHEMAS)]))
                   for i in range(len(work.prompts))]
         llm.engine.config.jump_forward = mode != "schema-no-jump"
         llm.reset_prefix_cache()  # every mode starts cold, as the first did
@@ -111,6 +115,8 @@ def run_chunkattn(args: argparse.Namespace) -> list[dict[str, Any]]:
         start = time.perf_counter()
         outs = llm.generate(work.prompts, params)
         seconds = time.perf_counter() - start
+        if not plain:
+            lengths = [len(o.token_ids) for o in outs]
         reqs = []
         for o in outs:
             times = o.outputs[0].token_times
@@ -133,19 +139,21 @@ def run_vllm(args: argparse.Namespace) -> list[dict[str, Any]]:
     vocab = int(AutoConfig.from_pretrained(args.model, local_files_only=True).vocab_size)
     work = workload(vocab, set(tokenizer.all_special_ids or []), args.requests)
     llm = LLM(model=args.model, dtype=args.dtype, enable_prefix_caching=True, seed=0,
-              structured_outputs_config={"disable_any_whitespace": True})
+              structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
     driver = Driver(llm)
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], [SamplingParams(  # warm-up (xgrammar), untimed
         max_tokens=4, structured_outputs=StructuredOutputsParams(json=SCHEMAS[0]))], use_tqdm=False)
     rows = []
+    lengths: list[int] = []
     for mode in [m for m in args.modes if m != "schema-no-jump"]:
         llm.reset_prefix_cache()  # every mode starts cold, as the first did
         state: dict[str, dict[str, Any]] = {}
         start = time.perf_counter()
+        plain = mode.startswith("plain")
         for i, prompt in enumerate(work.prompts):
-            so = None if mode == "plain" else StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)])
-            params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=(mode == "plain"),
-                                    output_kind=driver.delta, structured_outputs=so)
+            so = None if plain else StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)])
+            params = SamplingParams(max_tokens=lengths[i] if mode == "plain-matched" else 64, temperature=0,
+                                    ignore_eos=plain, output_kind=driver.delta, structured_outputs=so)
             state[driver.add(prompt, params)] = {"arrival": start, "first": None, "finish": None, "ids": []}
         while driver.engine.has_unfinished_requests():
             outputs = driver.engine.step()
@@ -161,6 +169,8 @@ def run_vllm(args: argparse.Namespace) -> list[dict[str, Any]]:
         seconds = time.perf_counter() - start
         reqs = [{**s, "tokens": len(s["ids"]), "text": tokenizer.decode(s["ids"], skip_special_tokens=True)}
                 for s in state.values()]
+        if not plain:
+            lengths = [r["tokens"] for r in reqs]
         rows.append(summarize("vllm", mode, seconds, reqs, {}))
         print(rows[-1], flush=True)
     return rows
@@ -172,7 +182,10 @@ def main() -> None:
     ap.add_argument("--model", help="vLLM: the Hugging Face directory of SmolLM2 (peer_vllm_cpu.sh convert)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=["plain", "schema", "schema-no-jump"])
+    ap.add_argument("--modes", nargs="+", default=["plain", "schema", "schema-no-jump", "plain-matched"],
+                    help="plain: 64 tokens, no schema; schema; schema-no-jump (chunkattn only); plain-matched: no "
+                         "schema, each request as many tokens as in the schema run before it (TPOT on equal "
+                         "lengths)")
     ap.add_argument("--report", nargs="+", help="merge these JSON files of runs into --json")
     ap.add_argument("--json")
     args = ap.parse_args()
