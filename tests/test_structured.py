@@ -289,3 +289,26 @@ def test_apply_masks_matches_the_bits():
                     allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1 or r not in rows
                     assert out[r, t] == (logits[r, t] if allowed else float("-inf")), (r, t)
         assert not torch.isinf(logits).any()  # not in place unless asked
+
+
+def test_required_tools_with_defs_compile_and_validate(llm):
+    """Tool parameters with $defs (as pydantic writes them) nest into the "required" array schema."""
+    from chunkattn.server.protocol import Tool
+
+    params = {"type": "object", "$defs": {"Loc": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": False}},
+        "properties": {"where": {"$ref": "#/$defs/Loc"}}, "required": ["where"], "additionalProperties": False}
+    tools = [Tool.model_validate({"type": "function", "function": {"name": "weather", "parameters": params}}),
+             Tool.model_validate(TOOLS[0])]
+    plan = ToolPlan.of(tools, "required", False, None)
+    prompt = _chat(llm, "What is the weather in Oslo?")
+    (out,) = llm.generate([prompt], SamplingParams(max_tokens=60, temperature=0, structured=plan.structured()))
+    assert out.outputs[0].finish_reason == "stop", out.text
+    calls, _ = plan.calls(out.text)
+    schemas = {"weather": params, "book_room": TOOLS[0]["function"]["parameters"]}
+    for call in calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    with pytest.raises(InvalidParamError, match="tool_choice must be"):
+        ToolPlan.of(tools, {"type": "function", "function": "weather"}, True, None)
+    with pytest.raises(InvalidParamError, match="invalid grammar"):  # (gbnf_to_lark's own error: was a 500)
+        llm.generate([1, 2], SamplingParams(structured=StructuredOutputs(grammar="root ::= undefined_rule")))

@@ -17,6 +17,17 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("chunkattn-cache")
 
 
+def _entry_in(cache_dir, monkeypatch):
+    """The default model's entry name in ``cache_dir``, written there first if an earlier test did not."""
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(cache_dir))
+    monkeypatch.delenv("CHUNKATTN_WEIGHT_CACHE", raising=False)
+    if weight_cache.lookup(default_model_path()) is None:
+        load_model()
+    entry = weight_cache.lookup(default_model_path())
+    assert entry is not None
+    return entry.name
+
+
 def test_second_load_reads_the_cache_and_equals_the_first(cache_dir, monkeypatch, caplog):
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(cache_dir))
     monkeypatch.delenv("CHUNKATTN_WEIGHT_CACHE", raising=False)
@@ -43,10 +54,11 @@ def test_second_load_reads_the_cache_and_equals_the_first(cache_dir, monkeypatch
 
 def test_incomplete_entry_is_ignored_and_cache_can_be_off(cache_dir, tmp_path, monkeypatch):
     gguf = default_model_path()
+    name = _entry_in(cache_dir, monkeypatch)
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
     entry = weight_cache.entry_dir(gguf)
-    assert entry is not None
-    shutil.copytree(cache_dir / "gguf" / entry.name, entry)  # (the first test's entry, same key)
+    assert entry is not None and entry.name == name
+    shutil.copytree(cache_dir / "gguf" / name, entry)  # (the first test's entry, same key)
     assert weight_cache.lookup(gguf) == entry
     (entry / "complete").unlink()  # as if a writer died before finishing
     assert weight_cache.lookup(gguf) is None
@@ -66,3 +78,25 @@ def test_digest_is_of_the_content_and_memoized(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "gguf" / "index.json").exists()
     f.write_bytes(b"abde" * 1000)  # changed content (and size, so the memo's key): a new digest
     assert weight_cache.file_digest(f, root) == hashlib.sha256(b"abde" * 1000).hexdigest()
+
+
+def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, caplog):
+    """A truncated model.safetensors beside its "complete" mark (a crash of the disk, not of the writer):
+    the load warns, converts again, rewrites the entry and gives the same model."""
+    gguf = default_model_path()
+    name = _entry_in(cache_dir, monkeypatch)
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
+    entry = weight_cache.entry_dir(gguf)
+    assert entry is not None and entry.name == name
+    shutil.copytree(cache_dir / "gguf" / name, entry)
+    weights = entry / "model.safetensors"
+    full = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(full // 2)
+    caplog.set_level(logging.INFO, logger="chunkattn.load")
+    loaded = load_model()
+    assert "unreadable" in caplog.text and "converting" in caplog.text
+    assert weight_cache.lookup(gguf) == entry and (entry / "model.safetensors").stat().st_size == full
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(cache_dir))
+    reference = load_model().model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.model.state_dict().items())

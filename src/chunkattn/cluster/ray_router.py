@@ -107,9 +107,11 @@ class PrefixRouter(RequestRouter):
         self._routing[key] = future
 
         def done(f: Any) -> None:
-            if self._routing.get(key) is f:
-                del self._routing[key]
-            if f.cancelled():
+            cancelled = f.cancelled()
+            if self._routing.get(key) is not f:
+                return  # an earlier attempt's future (Ray retried the request): the newer one decides
+            del self._routing[key]
+            if cancelled:
                 chosen = self._sent.pop(key, None)
                 if chosen is not None:
                     self.core.finished(chosen)

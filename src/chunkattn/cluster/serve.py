@@ -172,7 +172,9 @@ class EngineReplica:
         """``(this replica's id, output)`` per output of the request, slimmed (:func:`~chunkattn.cluster.wire.slim`).
         Cancelling the call (the client left) aborts the request in the engine."""
         from chunkattn.engine.llm import AsyncLLM
+        from chunkattn.server.engine_client import compile_off_loop
 
+        await compile_off_loop(self.llm.engine, request.params)  # (not on Ray's event loop)
         stream = AsyncLLM(self.llm).submit(request.token_ids, request.params, request.request_id,
                                            request.cache_salt)
         first = True
@@ -290,7 +292,7 @@ class _ReplicaStream:
                                 self._request.request_id, type(exc).__name__)
                     continue
                 cause = exc.as_instanceof_cause() if isinstance(exc, ray.exceptions.RayTaskError) else exc
-                if isinstance(cause, (ValueError, TypeError)):  # the replica's engine refused the request
+                if not received and isinstance(cause, (ValueError, TypeError)):  # the replica's engine refused it
                     message = str(exc.cause) if isinstance(exc, ray.exceptions.RayTaskError) else str(exc)
                     yield _error_output(self._request, message, ErrorCode.INVALID_REQUEST)
                     return
@@ -468,17 +470,21 @@ def run_cluster(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig, 
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", host)
     stop = threading.Event()
+    ready = threading.Event()
     signals = [0]
     previous: dict[int, Any] = {}
 
     def on_signal(signum: int, _: Any) -> None:
         signals[0] += 1
+        if not ready.is_set() or signals[0] >= 3:  # starting up (nothing to drain), or a third signal
+            raise KeyboardInterrupt
         stop.set()
 
     try:
         _init_ray(address)  # (it installs a SIGTERM handler of its own, which would end us uncleanly: ours after)
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         ingress = start_cluster(spec, cluster, config, host, port, address, shutdown_timeout=shutdown_timeout)
+        ready.set()
         log.info("ready: %d replicas (%s router) serving on http://%s:%d", cluster.replicas, cluster.router, host,
                  port)
         print(f"chunkattn: {cluster.replicas} replicas ({cluster.router} router) serving on http://{host}:{port}",
@@ -488,6 +494,8 @@ def run_cluster(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig, 
         log.info("shutting down: the requests in flight get up to %g s to finish (--shutdown-timeout); new "
                  "requests get 503", shutdown_timeout)
         _drain(ingress, shutdown_timeout, lambda: signals[0] > 1)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping without draining")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -33,7 +33,8 @@ class SamplingParams:
     ``min_tokens`` tokens.
 
     Structure: ``structured`` (:class:`~chunkattn.engine.structured.StructuredOutputs`) constrains the output to
-    a JSON schema, a regex, a choice or a grammar; the completion stops when the structure is complete.
+    a JSON schema, a regex, a choice or a grammar; the completion stops when the structure is complete (the
+    grammar decides when it may end: ``min_tokens`` and ``ignore_eos`` do not apply).
 
     Logprobs: ``logprobs=k`` returns, for every generated token, its log-probability and the ``k`` most likely
     alternatives (0: only the sampled token's); ``prompt_logprobs=k`` the same for every prompt token after the

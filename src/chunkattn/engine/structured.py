@@ -135,30 +135,40 @@ class GrammarCompiler:
         self._tokenizer: Any = None
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()  # (requests are made on server threads, matchers used on the engine's)
+        self._tokenizer_lock = threading.Lock()
         self._executor: Any = None
 
     def _lltokenizer(self) -> Any:
-        if self._tokenizer is None:
-            try:
-                import llguidance
-                import llguidance.hf
-            except ImportError as exc:  # pragma: no cover - a declared dependency
-                raise InvalidParamError(f"structured outputs need llguidance: pip install llguidance ({exc})",
-                                        "structured_outputs") from None
-            if self.hf_tokenizer is None:
-                raise InvalidParamError("structured outputs need the model's tokenizer (this model has none)",
-                                        "structured_outputs")
-            start = time.perf_counter()
-            self._tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
-                                                           eos_token=list(self.eos_token_ids) or None)
-            warm = llguidance.LLMatcher(self._tokenizer, llguidance.LLMatcher.grammar_from_regex("a"), log_level=0)
-            fill_masks(self, [(warm, 0)], 1)  # (the first mask builds llguidance's token tables: ~2 s once)
-            log.info("structured outputs: llguidance tokenizer built in %.2f s", time.perf_counter() - start)
-        return self._tokenizer
+        with self._tokenizer_lock:  # (built once, ~2 s: a second caller waits for the first)
+            if self._tokenizer is None:
+                try:
+                    import llguidance
+                    import llguidance.hf
+                except ImportError as exc:  # pragma: no cover - a declared dependency
+                    raise InvalidParamError(f"structured outputs need llguidance: pip install llguidance ({exc})",
+                                            "structured_outputs") from None
+                if self.hf_tokenizer is None:
+                    raise InvalidParamError("structured outputs need the model's tokenizer (this model has none)",
+                                            "structured_outputs")
+                start = time.perf_counter()
+                tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
+                                                         eos_token=list(self.eos_token_ids) or None)
+                warm = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_regex("a"), log_level=0)
+                self._tokenizer = tokenizer
+                fill_masks(self, [(warm, 0)], 1)  # (the first mask builds llguidance's token tables: ~2 s once)
+                log.info("structured outputs: llguidance tokenizer built in %.2f s", time.perf_counter() - start)
+            return self._tokenizer
+
+    def is_compiled(self, spec: StructuredOutputs) -> bool:
+        """Whether :meth:`matcher` would only copy (no compilation): a server compiles off its event loop
+        first (:meth:`matcher` in a worker thread) when this is False."""
+        with self._lock:
+            return self._tokenizer is not None and spec.key() in self._compiled
 
     def matcher(self, spec: StructuredOutputs) -> Any:
         """A fresh matcher for ``spec`` (compiled once, then copied). Raises ``InvalidParamError`` naming the
-        problem when the spec is invalid."""
+        problem when the spec is invalid. Compiling holds no lock (two threads may compile the same new spec
+        once each; the cache keeps one)."""
         import llguidance
 
         key = spec.key()
@@ -167,29 +177,31 @@ class GrammarCompiler:
             if template is not None:
                 self._compiled.move_to_end(key)
                 return template.deep_copy()
-            tokenizer = self._lltokenizer()
-            start = time.perf_counter()
-            try:
-                grammar = spec.grammar_text()
-            except (ValueError, TypeError) as exc:
-                raise InvalidParamError(f"invalid {spec.kind} for structured outputs: {exc}",
-                                        "structured_outputs") from None
-            error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-            if error:
-                raise InvalidParamError(f"invalid {spec.kind} for structured outputs: {_short(error)}",
-                                        "structured_outputs")
-            template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-            if template.is_error():
-                raise InvalidParamError(f"invalid {spec.kind} for structured outputs: "
-                                        f"{_short(template.get_error())}", "structured_outputs")
+        tokenizer = self._lltokenizer()
+        start = time.perf_counter()
+        try:
+            grammar = spec.grammar_text()
+        except Exception as exc:  # noqa: BLE001 - e.g. gbnf_to_lark's own errors: all the client's input
+            raise InvalidParamError(f"invalid {spec.kind} for structured outputs: {_short(str(exc))}",
+                                    "structured_outputs") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        if error:
+            raise InvalidParamError(f"invalid {spec.kind} for structured outputs: {_short(error)}",
+                                    "structured_outputs")
+        template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise InvalidParamError(f"invalid {spec.kind} for structured outputs: "
+                                    f"{_short(template.get_error())}", "structured_outputs")
+        seconds = time.perf_counter() - start
+        with self._lock:
             self.stats.compiled += 1
             assert self.stats.compile_seconds is not None
             if len(self.stats.compile_seconds) < 100_000:  # (bounded: a histogram's input)
-                self.stats.compile_seconds.append(time.perf_counter() - start)
+                self.stats.compile_seconds.append(seconds)
             self._compiled[key] = template
             while len(self._compiled) > self.capacity:
                 self._compiled.popitem(last=False)
-            return template.deep_copy()
+        return template.deep_copy()
 
     def executor(self) -> Any:
         if self._executor is None:

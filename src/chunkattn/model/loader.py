@@ -193,6 +193,18 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
     start = time.perf_counter()
     if path.suffix == ".gguf":
         cached = weight_cache.lookup(path)
+        if cached is not None:
+            try:
+                log.info("reading %s from the weight cache %s", source.name, cached)
+                cfg = json.loads((cached / "config.json").read_text())
+                ModelConfig.from_hf(cfg)
+                weights = _safetensors_weights(cached)
+                tokenizer = load_tokenizer(cached)
+            except Exception as exc:  # noqa: BLE001 - a damaged entry: convert again (and rewrite it)
+                log.warning("the weight cache entry %s is unreadable (%s: %s): converting again", cached,
+                            type(exc).__name__, exc)
+                weight_cache.drop(cached)
+                cached = None
         if cached is None:
             log.info("converting %s (GGUF, dequantized by transformers' reader; once: the result is cached)",
                      path.name)
@@ -200,10 +212,8 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
             tokenizer = load_tokenizer(path, use_cache=False)
             log.info("converted %s in %.1f s", path.name, time.perf_counter() - start)
             weight_cache.store(path, cfg, weights, tokenizer)
-        else:
-            path = cached
-            log.info("reading %s from the weight cache %s", source.name, cached)
-    if path.suffix != ".gguf":
+        log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
+    else:
         cfg = json.loads((path / "config.json").read_text())
         ModelConfig.from_hf(cfg)
         weights = _safetensors_weights(path)

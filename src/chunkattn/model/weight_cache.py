@@ -92,7 +92,7 @@ def lookup(gguf: Path) -> Path | None:
     """The cached HF directory of ``gguf``, if a complete one exists."""
     try:
         entry = entry_dir(gguf)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - e.g. no home directory: the cache must never fail a load
         log.warning("the weight cache is unusable (%s): converting %s", exc, gguf.name)
         return None
     if entry is not None and (entry / "complete").exists():
@@ -111,6 +111,7 @@ def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor
         if entry is None:
             return None
         entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(entry.parent)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp"))
         try:
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
@@ -123,7 +124,11 @@ def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"source": gguf.name, "format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            _fsync(tmp / "model.safetensors")
             (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": FORMAT}))
+            _fsync(tmp / "complete")
+            if entry.exists() and not (entry / "complete").exists():
+                shutil.rmtree(entry, ignore_errors=True)  # (an incomplete entry from an older writer)
             try:
                 os.replace(tmp, entry)
             except OSError:  # another process wrote it first
@@ -133,7 +138,7 @@ def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - caching is best effort: never fail the load for it
         log.warning("could not cache the converted weights of %s (%s): the next start converts again",
                     gguf.name, exc)
         return None
@@ -143,12 +148,39 @@ def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor
     return entry
 
 
+def _fsync(path: Path) -> None:
+    """Data on disk before the entry is renamed into place (a crash must not leave ``complete`` beside a
+    truncated file)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sweep(directory: Path, older_than_s: float = 3600.0) -> None:
+    """Remove temporary directories of writers that died (an hour old: no live writer takes that long)."""
+    import time
+
+    for tmp in directory.glob("*.tmp*"):
+        try:
+            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def drop(entry: Path) -> None:
+    """Remove a cache entry that could not be read (it is converted and written again)."""
+    shutil.rmtree(entry, ignore_errors=True)
+
+
 def lookup_tokenizer(gguf: Path) -> Path | None:
     """A cached directory holding ``gguf``'s tokenizer (a whole checkpoint's, or a tokenizer-only entry)."""
     found = lookup(gguf)
     if found is not None:
         return found
-    entry = entry_dir(gguf)
+    try:
+        entry = entry_dir(gguf)
+    except Exception:  # noqa: BLE001 - (lookup warned already)
+        return None
     if entry is not None and (entry.parent / (entry.name + "-tokenizer") / "complete").exists():
         return entry.parent / (entry.name + "-tokenizer")
     return None
@@ -170,8 +202,9 @@ def store_tokenizer(gguf: Path, tokenizer: Any) -> None:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - best effort
         log.warning("could not cache the tokenizer of %s (%s)", gguf.name, exc)
 
 
-__all__ = ["cache_root", "entry_dir", "file_digest", "lookup", "lookup_tokenizer", "store", "store_tokenizer"]
+__all__ = ["cache_root", "drop", "entry_dir", "file_digest", "lookup", "lookup_tokenizer", "store",
+           "store_tokenizer"]

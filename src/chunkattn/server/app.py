@@ -231,6 +231,12 @@ class Server:
                            param=param)
         return requested
 
+    async def _prepare(self, params: SamplingParams) -> None:
+        try:
+            await self.engine.prepare(params)
+        except (ValueError, TypeError) as exc:
+            raise APIError.of(exc) from None
+
     def _submit(self, prompts: Sequence[tuple[str, list[int]]], params: SamplingParams, salt: str | None,
                 request_id: str) -> _Job:
         self._check_healthy()
@@ -335,6 +341,7 @@ class Server:
         except (ValueError, TypeError) as exc:
             raise APIError.of(exc) from None
         rid = f"cmpl-{uuid.uuid4().hex}"
+        await self._prepare(params)
         job = self._submit(prompts, params, body.cache_salt, rid)
         if body.stream:
             return EventStream(self._completion_frames(body, job, rid), lambda: self._close(job))
@@ -475,6 +482,7 @@ class Server:
         except (ValueError, TypeError) as exc:
             raise APIError.of(exc) from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        await self._prepare(params)
         job = self._submit([("", ids)], params, body.cache_salt, rid)
         if body.stream:
             return EventStream(self._chat_frames(body, job, rid, plan), lambda: self._close(job))

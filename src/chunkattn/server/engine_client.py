@@ -51,6 +51,10 @@ class EngineClient(ABC):
     def error(self) -> str | None:
         """Why the engine serves no more requests (None: it does)."""
 
+    async def prepare(self, params: SamplingParams) -> None:  # noqa: B027 - a no-op unless overridden
+        """Work a request needs before it is submitted that must not run on the event loop (compiling a new
+        structured-output spec: up to a second or two). Raises ``InvalidParamError`` for an invalid spec."""
+
     async def health(self) -> str | None:
         """What ``/health`` reports: None when requests can be served, else why not."""
         return None if self.error is None else f"the engine failed: {self.error}"
@@ -78,6 +82,14 @@ class EngineClient(ABC):
         """Drop every retained prefix; returns the chunks freed."""
 
 
+async def compile_off_loop(engine: Any, params: SamplingParams) -> None:
+    """Compile ``params``' structured-output spec in a worker thread unless it is cached (the engine's
+    ``make_request`` then only copies the compiled matcher, on whatever thread submits)."""
+    spec = params.structured
+    if spec is not None and not engine.grammars.is_compiled(spec):
+        await asyncio.to_thread(engine.grammars.matcher, spec)
+
+
 class LocalEngine(EngineClient):
     """The engine of an :class:`LLM` in this process."""
 
@@ -101,6 +113,9 @@ class LocalEngine(EngineClient):
     def submit(self, token_ids: list[int], params: SamplingParams, request_id: str,
                cache_salt: str | None) -> OutputStream:
         return self._async.submit(token_ids, params, request_id, cache_salt=cache_salt)
+
+    async def prepare(self, params: SamplingParams) -> None:
+        await compile_off_loop(self.engine, params)
 
     async def snapshot(self, previous: EngineSnapshot) -> EngineSnapshot | None:
         try:

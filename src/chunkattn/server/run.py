@@ -49,7 +49,12 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
     thread = threading.Thread(target=http.run, name="chunkattn-http", daemon=True)
     stop = threading.Event()
 
+    signals = [0]
+
     def on_signal(signum: int, _: Any) -> None:
+        signals[0] += 1
+        if signals[0] >= 3:  # a third: stop at once, whatever is running
+            raise KeyboardInterrupt
         if stop.is_set():
             server.end_now = True  # a second signal: end the requests in flight now
         server.draining = True  # at once (new requests 503); the drain itself starts after the current step
@@ -71,6 +76,8 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
             if drained.done() and not drained.cancelled() and drained.exception() is None and drained.result():
                 log.warning("ended %d request(s) still running after %g s with an error", drained.result(),
                             shutdown_timeout)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping without waiting for the requests in flight")
     finally:
         http.should_exit = True
         thread.join(timeout=15)

@@ -57,7 +57,8 @@ class ToolPlan:
         if not specs:
             raise InvalidParamError(f"tool_choice {choice!r} needs tools", "tool_choice")
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            function = choice.get("function")
+            name = function.get("name") if choice.get("type") == "function" and isinstance(function, dict) else None
             if name is None:
                 raise InvalidParamError('tool_choice must be "none", "auto", "required" or {"type": "function", '
                                         '"function": {"name": ...}}', "tool_choice")
@@ -97,11 +98,17 @@ class ToolPlan:
             assert self.name is not None
             return StructuredOutputs(json=by_name[self.name]["parameters"])
         if self.mode == "required":
-            calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": fn["parameters"]},
-                      "required": ["name", "arguments"], "additionalProperties": False}
-                     for name, fn in by_name.items()]
-            return StructuredOutputs(json={"type": "array", "minItems": 1, "maxItems": self.max_calls,
-                                           "items": {"anyOf": calls}})
+            calls, defs = [], {}
+            for name, fn in by_name.items():
+                parameters, own = _hoist_defs(name, fn["parameters"])
+                defs.update(own)
+                calls.append({"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+                              "required": ["name", "arguments"], "additionalProperties": False})
+            schema: dict[str, Any] = {"type": "array", "minItems": 1, "maxItems": self.max_calls,
+                                      "items": {"anyOf": calls}}
+            if defs:
+                schema["$defs"] = defs
+            return StructuredOutputs(json=schema)
         return None
 
     def calls(self, text: str) -> tuple[list[dict[str, Any]], str | None]:
@@ -127,6 +134,30 @@ class ToolPlan:
                 content = _HERMES.sub("", text).strip()
                 return calls, content or None
         return [], text
+
+
+def _hoist_defs(name: str, schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tool's parameter schema without its ``$defs`` / ``definitions`` (returned apart, renamed
+    ``<tool>__<def>``, references rewritten): nested inside the "required" array schema, its ``#/$defs/...``
+    references would point at that schema's root, which lacks them (pydantic-made schemas have them)."""
+    defs = {f"{name}__{k}": v for key in ("$defs", "definitions") for k, v in (schema.get(key) or {}).items()}
+    if not defs:
+        return schema, {}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for prefix in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(prefix):
+                        out["$ref"] = f"#/$defs/{name}__{ref[len(prefix):]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    return rewrite(schema), {k: rewrite(v) for k, v in defs.items()}
 
 
 def template_message(message: dict[str, Any], renders_tools: bool) -> dict[str, Any]:
