@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -11,5 +12,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(autouse=True)
 def _seed(request: pytest.FixtureRequest) -> None:
-    """A fresh but reproducible seed per test (derived from its id)."""
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    """A fresh but reproducible seed per test: the CRC-32 of its id (Python's ``hash`` of a string is salted
+    per process, so it was not reproducible across runs)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Markers, so that a quick subset runs in a minute or two (`python -m pytest -m "not slow"`); `.ci/run` runs all.
+_MARKERS = {
+    "slow": "starts a server process, a Ray cluster or the real model (tens of seconds)",
+    "cluster": "a real local Ray cluster (needs the cluster extra)",
+}
+_SLOW_MODULES = {"test_server.py", "test_cluster.py", "test_structured.py", "test_weight_cache.py",
+                 "test_bench_serve.py"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, doc in _MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.name
+        if module in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if module == "test_cluster.py":
+            item.add_marker(pytest.mark.cluster)
