@@ -19,6 +19,24 @@ def _prompt(system: int, question: int, shared: int = 256, own: int = 40) -> lis
     return head + [rng.randrange(1000) for _ in range(own)]
 
 
+def test_block_hash_values_are_a_contract():
+    """Routers and replicas in different processes, Python versions and machines must name a prefix alike:
+    the values are pinned (a change of the function is a change of the wire contract)."""
+    import os
+    import subprocess
+    import sys
+
+    from chunkattn.cache.block_hash import chain, namespace_seed
+
+    assert chain(0, (1, 2, 3)) == 16958249009808338657
+    assert block_hashes(list(range(10)), 4) == [2141542520064864664, 15377408733496924908]
+    assert block_hashes(list(range(8)), 4, "t")[0] == 2239441155294403982 and namespace_seed(None) == 0
+    other = subprocess.run([sys.executable, "-c", "from chunkattn.cluster import block_hashes; "
+                            "print(block_hashes(list(range(100)), 16, 'salt'))"], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.stdout.strip() == str(block_hashes(list(range(100)), 16, "salt"))
+
+
 def test_block_hashes_name_prefixes():
     a, b = list(range(100)), list(range(64)) + [7] * 36
     ha, hb = block_hashes(a, 16), block_hashes(b, 16)

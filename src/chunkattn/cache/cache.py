@@ -16,6 +16,7 @@ from chunkattn.cache.block_hash import chain, namespace_seed
 from chunkattn.cache.eviction import EvictionPolicy, make_policy
 from chunkattn.cache.tree import ChunkTree, Node
 from chunkattn.errors import SequenceError
+from chunkattn.utils import cdiv
 
 if TYPE_CHECKING:
     from chunkattn.cache.plan import AttentionPlan
@@ -378,9 +379,9 @@ class PrefixKVCache:
         needs: its tokens the cache does not hold, plus one for a tail that starts inside a chunk."""
         tokens = _as_token_list(token_ids, "token_ids")
         if not self.share_prefixes:
-            return -(-len(tokens) // self.chunk_size)
+            return cdiv(len(tokens), self.chunk_size)
         cached = min(self.match_prefix(tokens, namespace), len(tokens) - 1)
-        return -(-(len(tokens) - cached) // self.chunk_size) + 1
+        return cdiv(len(tokens) - cached, self.chunk_size) + 1
 
     def can_allocate(self, num_chunks: int) -> bool:
         """Whether ``num_chunks`` chunks can be had now, evicting retained prefixes if needed."""
@@ -422,7 +423,7 @@ class PrefixKVCache:
                 after = node if offset == len(node) else None
             rest = len(tokens) - matched
             if rest:
-                needed += tree.slots_needed(after, rest, claimed) if after is not None else -(-rest // self.chunk_size)
+                needed += tree.slots_needed(after, rest, claimed) if after is not None else cdiv(rest, self.chunk_size)
         try:
             tree.ensure_free(needed)  # raises CacheFullError before anything was changed for good
         except BaseException:

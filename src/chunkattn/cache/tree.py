@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 from chunkattn.cache.eviction import EvictionPolicy, LRUPolicy
 from chunkattn.errors import CacheCorruptedError, CacheFullError
+from chunkattn.utils import cdiv
 
 _HeapEntry = tuple[tuple[int, ...], int, "Node"]
 
@@ -290,7 +291,7 @@ class ChunkTree:
             if room:
                 claimed_slots.add(node.slot)
         rest = max(0, num_tokens - room)
-        return -(-rest // self.chunk_size)
+        return cdiv(rest, self.chunk_size)
 
     def _take_slot(self) -> int:
         if not self._free_slots:

@@ -33,6 +33,7 @@ from chunkattn.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutp
 from chunkattn.engine.structured import GrammarCompiler
 from chunkattn.errors import ChunkAttnError, InvalidParamError
 from chunkattn.model.llama import LlamaForCausalLM
+from chunkattn.utils import cdiv
 
 Prompt = str | Sequence[int]
 T = TypeVar("T")
@@ -61,7 +62,7 @@ def max_tokens_limit(max_model_len: int, num_chunks: int, chunk_size: int, num_p
     """The largest ``max_tokens`` for a prompt of ``num_prompt_tokens`` with ``n`` completions: within the
     context and a cache of ``num_chunks`` chunks (the prompt's chunks, then per completion its tokens and one
     chunk of slack). Below 1: the prompt alone does not fit."""
-    by_cache = chunk_size * ((num_chunks - -(-num_prompt_tokens // chunk_size)) // max(n, 1) - 1)
+    by_cache = chunk_size * ((num_chunks - cdiv(num_prompt_tokens, chunk_size)) // max(n, 1) - 1)
     return min(max_model_len - num_prompt_tokens, by_cache)
 
 
@@ -191,7 +192,7 @@ class LLMEngine:
         if len(ids) >= context:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} tokens")
         c = self.cache.chunk_size
-        worst = -(-len(ids) // c) + params.n * (-(-params.max_tokens // c) + 1)
+        worst = cdiv(len(ids), c) + params.n * (cdiv(params.max_tokens, c) + 1)
         if worst > self.cache.num_slots:
             raise ValueError(f"a prompt of {len(ids)} tokens with n={params.n}, max_tokens={params.max_tokens} "
                              f"needs up to {worst} chunks of {c} tokens; the cache has {self.cache.num_slots}: "

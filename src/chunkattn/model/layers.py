@@ -12,6 +12,7 @@ from torch import nn
 
 from chunkattn import native
 from chunkattn.model.config import ModelConfig
+from chunkattn.utils import cdiv
 
 
 def _native(x: torch.Tensor) -> bool:
@@ -144,7 +145,7 @@ class Linear(nn.Module):
 
     def amx_max_rows(self) -> int:
         """Rows up to which the bfloat16 AMX panels multiply this layer (F.linear above)."""
-        return max(self.AMX_MIN_ROWS_LIMIT, self.AMX_BLOCK_BYTES // (2 * (-(-self.in_features // 32) * 32)))
+        return max(self.AMX_MIN_ROWS_LIMIT, self.AMX_BLOCK_BYTES // (2 * (cdiv(self.in_features, 32) * 32)))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
