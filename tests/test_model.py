@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from chunkattn import PrefixKVCache, native
-from chunkattn.model import ModelConfig, UnsupportedModelError, build_model, load_model
+from chunkattn.model import ModelConfig, UnsupportedModelError, build_model, config_from_hf, load_model
 from helpers import run_model
 
 
@@ -73,11 +73,11 @@ def test_logits_match_transformers_prefill_and_decode_with_shared_prefixes(kw):
 
 def test_qwen2_style_bias_and_unsupported_architectures():
     cfg = hf_config().to_dict() | {"model_type": "qwen2"}
-    assert ModelConfig.from_hf(cfg).qkv_bias  # Qwen2's q/k/v projections always carry a bias
-    assert not ModelConfig.from_hf(hf_config().to_dict()).qkv_bias
-    assert ModelConfig.from_hf(hf_config(attention_bias=True).to_dict()).qkv_bias
+    assert config_from_hf(cfg).qkv_bias  # Qwen2's q/k/v projections always carry a bias
+    assert not config_from_hf(hf_config().to_dict()).qkv_bias
+    assert config_from_hf(hf_config(attention_bias=True).to_dict()).qkv_bias
     with pytest.raises(UnsupportedModelError, match="gpt2"):
-        ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+        config_from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(UnsupportedModelError, match="yarn"):
         ModelConfig.from_hf(hf_config().to_dict() | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 
@@ -312,7 +312,7 @@ def test_fused_projections_round_trip_to_hugging_face_names():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    ours = build_model(ModelConfig.from_hf(cfg), dict(hf.state_dict()), torch.float32, "cpu")
+    ours = build_model(config_from_hf(cfg), dict(hf.state_dict()), torch.float32, "cpu")
     assert ours.model.layers[0].self_attn.qkv_proj.bias is not None
     back = ours.hf_state_dict()
     want = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}
@@ -327,7 +327,7 @@ def test_a_new_family_is_one_registration(tmp_path):
     cfg = hf_config().to_dict() | {"model_type": "toyllama"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="toyllama.*llama"):
-        ModelConfig.from_hf(cfg)
+        config_from_hf(cfg)
     register_family(ModelFamily("toy", ("toyllama",), LlamaForCausalLM, qkv_bias=True))
     try:
         assert "toyllama" in supported_model_types()

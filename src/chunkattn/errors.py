@@ -7,6 +7,10 @@ class ChunkAttnError(Exception):
     """Base class of every error chunkattn raises on purpose."""
 
 
+class UnsupportedModelError(ChunkAttnError, ValueError):
+    """The checkpoint is not a decoder chunkattn can run."""
+
+
 class CacheFullError(ChunkAttnError, MemoryError):
     """The chunk pool cannot hold a request even after evicting every retained prefix.
 

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 import chunkattn
+from chunkattn.bench.workload import Provider, ProviderUnavailable, Workload
 from chunkattn.cache.plan import AttentionPlan
-
-if TYPE_CHECKING:
-    from chunkattn.bench.kernel import Provider, Workload
 
 RunFn = Callable[[], torch.Tensor]
 
 
 def _unavailable(why: str) -> Exception:
-    from chunkattn.bench.kernel import ProviderUnavailable
-
     return ProviderUnavailable(why)
 
 

@@ -15,11 +15,12 @@ from chunkattn.model.loader import (
 from chunkattn.model.registry import (
     ModelFamily,
     UnsupportedModelError,
+    config_from_hf,
     family_for,
     register_family,
     supported_model_types,
 )
 
 __all__ = ["LlamaForCausalLM", "LoadedModel", "ModelConfig", "ModelFamily", "ModelNotFoundError",
-           "UnsupportedModelError", "build_model", "default_model_path", "family_for", "load_model", "load_tokenizer",
-           "register_family", "supported_model_types", "to_transformers"]
+           "UnsupportedModelError", "build_model", "config_from_hf", "default_model_path", "family_for", "load_model",
+           "load_tokenizer", "register_family", "supported_model_types", "to_transformers"]

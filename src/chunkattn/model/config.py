@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from chunkattn.model.registry import UnsupportedModelError, family_for
+from chunkattn.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,11 @@ class ModelConfig:
         return str(scaling.get("rope_type", scaling.get("type", "default")))
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """From a Hugging Face ``config.json`` dict (transformers 4 or 5 style rope keys)."""
+    def from_hf(cls, cfg: dict[str, Any], qkv_bias: bool | None = None) -> ModelConfig:
+        """From a Hugging Face ``config.json`` dict (transformers 4 or 5 style rope keys). ``qkv_bias``: the
+        family's rule (None: ``attention_bias`` decides). Whether the ``model_type`` runs at all is the
+        registry's question: :func:`chunkattn.model.registry.config_from_hf` asks both."""
         model_type = cfg.get("model_type")
-        family = family_for(model_type, cfg.get("architectures"))
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {cfg['hidden_act']!r} is not supported (silu is)")
         rope = dict(cfg.get("rope_parameters") or {})
@@ -74,7 +75,7 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=dict(scaling) if scaling else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", False)) if family.qkv_bias is None else family.qkv_bias,
+            qkv_bias=bool(cfg.get("attention_bias", False)) if qkv_bias is None else qkv_bias,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             model_type=str(model_type),
             eos_token_ids=eos_ids,

