@@ -1,45 +1,19 @@
 """Model families: which Hugging Face ``model_type`` values chunkattn runs, and with which decoder.
 
-A family is a name, the ``model_type`` values it covers, the decoder class, and the config defaults in
-which it differs from Llama. A new Llama-like family is one file in ``chunkattn/model/families/`` that calls
-:func:`register_family`.
+A family (:class:`~chunkattn.model.family.ModelFamily`) is a name, the ``model_type`` values it covers, the
+decoder class, and the config defaults in which it differs from Llama. A new Llama-like family is one file in
+``chunkattn/model/families/`` defining ``FAMILY`` (listed in that package's ``__all__``); the registry registers
+them on first use. Code outside the package registers its own with :func:`register_family`.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chunkattn.errors import UnsupportedModelError
 from chunkattn.model.config import ModelConfig
-
-if TYPE_CHECKING:
-    from torch import nn
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """How to run one family of checkpoints.
-
-    Attributes
-    ----------
-    name : the family's name.
-    model_types : the ``model_type`` values of ``config.json`` it covers.
-    decoder : ``decoder(config)`` builds the model (an ``nn.Module`` with the interface of
-        :class:`~chunkattn.model.llama.LlamaForCausalLM`).
-    qkv_bias : whether the q/k/v projections have a bias: True or False for every checkpoint of the family,
-        None to read ``attention_bias`` from ``config.json`` (default False).
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    decoder: type[nn.Module]
-    qkv_bias: bool | None = None
-
-    def build(self, config: ModelConfig) -> Any:
-        return self.decoder(config)
-
+from chunkattn.model.family import ModelFamily
 
 _FAMILIES: dict[str, ModelFamily] = {}
 
@@ -50,8 +24,20 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
+_LOADED = False
+
+
 def _load_families() -> None:
-    importlib.import_module("chunkattn.model.families")
+    """Register the built-in families (the ``FAMILY`` of each module of ``chunkattn.model.families``), once."""
+    global _LOADED
+    if _LOADED:
+        return
+    package = importlib.import_module("chunkattn.model.families")
+    for name in package.__all__:
+        family = getattr(package, name).FAMILY
+        for t in family.model_types:
+            _FAMILIES.setdefault(t, family)  # (a family registered by hand earlier wins)
+    _LOADED = True
 
 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:

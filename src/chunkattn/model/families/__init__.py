@@ -1,4 +1,5 @@
-"""The supported model families; each module registers one (see :mod:`chunkattn.model.registry`)."""
+"""The supported model families: each module defines one ``FAMILY`` (registered by
+:mod:`chunkattn.model.registry` on first use)."""
 
 from chunkattn.model.families import llama, mistral, qwen2
 

@@ -1,6 +1,6 @@
 """Mistral: the Llama decoder (its sliding window equals its context length in the checkpoints we run)."""
 
+from chunkattn.model.family import ModelFamily
 from chunkattn.model.llama import LlamaForCausalLM
-from chunkattn.model.registry import ModelFamily, register_family
 
-FAMILY = register_family(ModelFamily("mistral", ("mistral",), LlamaForCausalLM))
+FAMILY = ModelFamily("mistral", ("mistral",), LlamaForCausalLM)
