@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import socket
 import time
@@ -624,3 +625,17 @@ def test_sigterm_drains_then_ends_the_rest_with_an_error_and_exits_0():
 
 def metrics_with_key(url: str) -> dict[str, float]:
     return metrics(url, {"Authorization": "Bearer metrics-key"})
+
+
+def test_a_port_in_use_is_an_error_exit():
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "chunkattn.cli", "serve", str(TINY_CONFIG), "--random-weights",
+                               "--port", str(port), "--log-level", "warning"], capture_output=True, text=True,
+                              timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "did not start" in proc.stderr, proc.stderr[-2000:]

@@ -65,6 +65,9 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
     thread.start()
     try:
         llm.loop.drive(lambda: stop.is_set() or not thread.is_alive() or http.started)
+        if not http.started and not stop.is_set():
+            log.error("the HTTP server did not start (see uvicorn's message above: e.g. the port is in use)")
+            raise SystemExit(1)
         if http.started:
             log.info("ready: serving on http://%s:%d", host, port)
         llm.loop.drive(lambda: stop.is_set() or not thread.is_alive())
