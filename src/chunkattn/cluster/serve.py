@@ -476,7 +476,9 @@ def run_cluster(spec: EngineSpec, cluster: ClusterConfig, config: ServerConfig, 
 
     def on_signal(signum: int, _: Any) -> None:
         signals[0] += 1
-        if not ready.is_set() or signals[0] >= 3:  # starting up (nothing to drain), or a third signal
+        # A third signal stops at once; so does a second while Serve is still starting (the first one waits for
+        # it: /health may already answer while serve.run has not returned, and requests may be in flight).
+        if signals[0] >= 3 or (signals[0] >= 2 and not ready.is_set()):
             raise KeyboardInterrupt
         stop.set()
 
