@@ -1,13 +1,13 @@
 """chunkattn: prefix-aware KV cache and two-phase-partition attention for LLM decoding.
 
-Layout (each layer depends only on those below it)::
+Layout (each layer depends only on those below it; docs/architecture.md has the whole map)::
 
-    server/     the OpenAI-compatible HTTP server (chunkattn serve)
-    cluster/    routing among replicas by cached prefix, and a simulator of many replicas
+    cluster/    replicas on Ray Serve, routing by cached prefix, a simulator of many replicas
+    server/     the OpenAI-compatible HTTP server (chunkattn serve), over an engine or the replicas
     bench/      benchmarks (kernel micro-benchmark, end-to-end serving, in-process or over HTTP)
-    engine/     requests, scheduler (continuous batching), sampling, LLM / AsyncLLM
-    model/      Llama-family decoder and checkpoint loading
-    attention/  attention backends: reference, torch (two-phase partition), triton
+    engine/     requests, scheduler (continuous batching), sampling, structured outputs, LLM / AsyncLLM
+    model/      Llama-family decoders, model families, checkpoint loading (and the GGUF weight cache)
+    attention/  attention backends: reference, native CPU (csrc/), torch (two-phase partition), triton
     cache/      prefix tree of chunks, K/V pool and sequences, batch plans
 """
 

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server (``chunkattn serve``): FastAPI routes over one engine, served by uvicorn.
 
-Needs the ``server`` extra's packages (FastAPI, uvicorn, prometheus-client), installed by default.
+Its packages (FastAPI, uvicorn, prometheus-client, llguidance for structured outputs) are core dependencies:
+``pip install chunkattn`` installs them. See docs/serving.md.
 """
 
 from chunkattn.server.app import APIError, Server, ServerConfig, build_app
