@@ -77,16 +77,18 @@ class Driver:
         return rid
 
     def run(self, prompts: list[list[int]], arrivals: list[float], params: Any) -> dict[str, Any]:
-        """All requests through the engine, each added once its arrival time has passed."""
-        pending = list(zip(arrivals, prompts))
+        """All requests through the engine, each added once its arrival time has passed; ``params``: one
+        SamplingParams for all, or a list of one per prompt."""
+        per_request = params if isinstance(params, list) else [params] * len(prompts)
+        pending = list(zip(arrivals, prompts, per_request))
         state: dict[str, dict[str, Any]] = {}
         order: list[str] = []
         start = time.perf_counter()
         while pending or self.engine.has_unfinished_requests():
             now = time.perf_counter() - start
             while pending and pending[0][0] <= now:
-                arrival, prompt = pending.pop(0)
-                rid = self.add(prompt, params)
+                arrival, prompt, request_params = pending.pop(0)
+                rid = self.add(prompt, request_params)
                 order.append(rid)
                 state[rid] = {"arrival": start + arrival, "first": None, "finish": None, "tokens": [],
                               "prompt_len": len(prompt), "cached": None}

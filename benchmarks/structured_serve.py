@@ -54,29 +54,18 @@ def workload(vocab_size: int, special: set[int], requests: int) -> Any:
     return make_workload(cfg, vocab_size, special)
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))] if values else float("nan")
-
-
 def summarize(side: str, mode: str, seconds: float, reqs: list[dict[str, Any]], extra: dict[str, Any]) -> dict:
-    import jsonschema
+    from chunkattn.bench.serve import _pct as pct  # (the serve benchmark's nearest-rank percentile)
 
     tokens = sum(r["tokens"] for r in reqs)
-    valid = 0
-    for i, r in enumerate(reqs):
-        try:
-            jsonschema.validate(json.loads(r["text"]), SCHEMAS[i % len(SCHEMAS)])
-            valid += 1
-        except (ValueError, jsonschema.ValidationError):
-            pass
+    valid = [_valid(r["text"], i) for i, r in enumerate(reqs)]
     tpot = [(r["finish"] - r["first"]) / (r["tokens"] - 1) * 1e3 for r in reqs if r["tokens"] > 1]
     return {"side": side, "mode": mode, "seconds": round(seconds, 3), "output_tokens": tokens,
             "output_tok_s": round(tokens / seconds, 1), "requests_per_s": round(len(reqs) / seconds, 3),
             "ttft_p50_ms": round(pct([(r["first"] - r["arrival"]) * 1e3 for r in reqs], 50), 1),
-            "tpot_p50_ms": round(pct(tpot, 50), 2), "valid": valid, "requests": len(reqs),
-            "outputs": [[r["tokens"], r["text"][:100]] for r in reqs[:12]], "invalid": [r["text"][:200] for i, r in enumerate(reqs)
-                                                          if not _valid(r["text"], i)][:4], **extra}
+            "tpot_p50_ms": round(pct(tpot, 50), 2), "valid": sum(valid), "requests": len(reqs),
+            "outputs": [[r["tokens"], r["text"][:100]] for r in reqs[:12]],
+            "invalid": [r["text"][:200] for r, ok in zip(reqs, valid) if not ok][:4], **extra}
 
 
 def _valid(text: str, i: int) -> bool:
@@ -147,28 +136,15 @@ def run_vllm(args: argparse.Namespace) -> list[dict[str, Any]]:
     lengths: list[int] = []
     for mode in [m for m in args.modes if m != "schema-no-jump"]:
         llm.reset_prefix_cache()  # every mode starts cold, as the first did
-        state: dict[str, dict[str, Any]] = {}
-        start = time.perf_counter()
         plain = mode.startswith("plain")
-        for i, prompt in enumerate(work.prompts):
-            so = None if plain else StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)])
-            params = SamplingParams(max_tokens=lengths[i] if mode == "plain-matched" else 64, temperature=0,
-                                    ignore_eos=plain, output_kind=driver.delta, structured_outputs=so)
-            state[driver.add(prompt, params)] = {"arrival": start, "first": None, "finish": None, "ids": []}
-        while driver.engine.has_unfinished_requests():
-            outputs = driver.engine.step()
-            t = time.perf_counter()
-            for out in outputs:
-                s = state[out.request_id]
-                new = list(out.outputs[0].token_ids) if out.outputs else []
-                if new and s["first"] is None:
-                    s["first"] = t
-                s["ids"] += new
-                if out.finished:
-                    s["finish"] = t
-        seconds = time.perf_counter() - start
-        reqs = [{**s, "tokens": len(s["ids"]), "text": tokenizer.decode(s["ids"], skip_special_tokens=True)}
-                for s in state.values()]
+        params = [SamplingParams(max_tokens=lengths[i] if mode == "plain-matched" else 64, temperature=0,
+                                 ignore_eos=plain, output_kind=driver.delta, structured_outputs=None if plain else
+                                 StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)]))
+                  for i in range(len(work.prompts))]
+        run = driver.run(work.prompts, [0.0] * len(work.prompts), params)  # (all at once, as chunkattn's side)
+        seconds = run["seconds"]
+        reqs = [{**r, "tokens": len(r["tokens"]), "text": tokenizer.decode(r["tokens"], skip_special_tokens=True)}
+                for r in run["requests"]]
         if not plain:
             lengths = [r["tokens"] for r in reqs]
         rows.append(summarize("vllm", mode, seconds, reqs, {}))
