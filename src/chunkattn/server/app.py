@@ -40,7 +40,7 @@ from chunkattn.server.protocol import (
     TokenizeRequest,
     error_body,
 )
-from chunkattn.server.tools import ToolPlan, template_message
+from chunkattn.server.tools import ToolPlan, new_call_id, template_message
 
 DONE = "data: [DONE]\n\n"
 
@@ -522,7 +522,7 @@ class Server:
                 assert plan.name is not None
                 call: dict[str, Any] = {"index": 0, "function": {"arguments": c.delta_text}}
                 if c.index not in call_ids:
-                    call_ids[c.index] = f"call_{uuid.uuid4().hex[:24]}"
+                    call_ids[c.index] = new_call_id()
                     call.update(id=call_ids[c.index], type="function")
                     call["function"]["name"] = plan.name
                 delta.update(content=None, tool_calls=[call])

@@ -31,9 +31,13 @@ MAX_PARALLEL_CALLS = 8
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
+def new_call_id() -> str:
+    """A tool call's id, as OpenAI's look (``call_`` and 24 hex digits)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def _call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 @dataclass
@@ -171,4 +175,4 @@ def template_message(message: dict[str, Any], renders_tools: bool) -> dict[str, 
     return {**message, "content": json.dumps(calls, ensure_ascii=False)}
 
 
-__all__ = ["MAX_PARALLEL_CALLS", "ToolPlan", "template_message"]
+__all__ = ["MAX_PARALLEL_CALLS", "ToolPlan", "new_call_id", "template_message"]
