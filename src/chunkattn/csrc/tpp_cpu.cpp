@@ -584,18 +584,24 @@ inline __m512i interleave_bf16(__m512 a, __m512 b) {
 }
 #endif
 
-// The running softmax of the rows over S^T (in ws.s, leading dimension ld): keys a row does not see (t >= vis)
-// become -inf, the block's probabilities replace its scores, the accumulators are rescaled. Returns the number
-// of keys the value product must read.
-inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws) {
-  const int64_t d = L.d, ld = round16(rows);
-  float* s = ws.s.data();
+// How far into a block of nk keys the rows see (ws.vis): (the most any of the rows sees, the fewest).
+inline std::pair<int64_t, int64_t> visible_keys(const Scratch& ws, int64_t rows, int64_t nk) {
   int64_t used = 0, least = nk;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t seen = std::min<int64_t>(ws.vis[r], nk);
     used = std::max(used, seen);
     least = std::min(least, seen);
   }
+  return {used, least};
+}
+
+// The running softmax of the rows over S^T (in ws.s, leading dimension ld): keys a row does not see (t >= vis)
+// become -inf, the block's probabilities replace its scores, the accumulators are rescaled. Returns the number
+// of keys the value product must read.
+inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws) {
+  const int64_t d = L.d, ld = round16(rows);
+  float* s = ws.s.data();
+  const auto [used, least] = visible_keys(ws, rows, nk);
   if (!used) return 0;
   const bool masked = least < nk || rows < ld;
   const v16 ninf = splat(kNegInf);
@@ -795,12 +801,7 @@ inline void pack_values_t(const c10::BFloat16* v, const int64_t* krow, int64_t k
 inline int64_t update_softmax_amx(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, float* acc_t, uint32_t* pv) {
   const int64_t d = L.d, ld = round16(rows), k32 = (nk + 31) / 32 * 32;
   float* s = ws.s.data();
-  int64_t used = 0, least = nk;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t seen = std::min<int64_t>(ws.vis[r], nk);
-    used = std::max(used, seen);
-    least = std::min(least, seen);
-  }
+  const auto [used, least] = visible_keys(ws, rows, nk);
   if (!used) return 0;
   const bool masked = least < nk || rows < ld;
   const v16 ninf = splat(kNegInf), sc = splat(L.qk_scale);
