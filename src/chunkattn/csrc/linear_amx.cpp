@@ -18,28 +18,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
-#include <utility>
-#include <vector>
 
-#include "amx.h"
-#include "simd.h"
+#include "linear_amx.h"
 
 namespace {
 
 using namespace chunkattn;
-
-constexpr int64_t kCols = 32;   // output columns per panel: two 16-column tiles
-constexpr int64_t kDepth = 32;  // K per tile step: 16 pairs
-constexpr int64_t kTile = 16 * 32;  // bf16 elements per packed tile
-constexpr int64_t kPrefetchBytes = 4096;  // how far ahead in the weight stream each step prefetches
-constexpr int64_t kXBlockBytes = 1 << 20;  // rows of x per block: as many as fit this (they stay in L2)
-
-enum class Epilogue { kStore, kSiluMul };
-
-// Output columns per panel: 32 stored, or 16 of silu(gate) * up.
-template <Epilogue E>
-constexpr int64_t kOutCols = E == Epilogue::kStore ? kCols : kCols / 2;
+using namespace chunkattn::panels;
 
 bool amx_linear_supported() {
 #ifdef CHUNKATTN_AMX
@@ -82,81 +67,6 @@ at::Tensor pack_amx(const at::Tensor& w, const char* op) {
   return packed;
 }
 
-#ifdef CHUNKATTN_AMX
-// One panel for the row tiles r0 and r0 + 16 (the second when `two`): C = x[r0.., :] . panel, float32, into
-// c[32][32] (rows, columns of the panel). x: bf16 rows of ldx elements, K a multiple of 32 in steps. With `limit`
-// (the end of this thread's panels) each step prefetches the weights kPrefetchBytes ahead. Measured on the 2-core
-// Xeon VM (1B-shape MLP weights, 805 MB): 4 KB ahead streamed 26 GB/s at one row (oneDNN 25.6), 16 KB 25.7, 64
-// KB 21.7, none 24.2; at 32 rows 23.8 GB/s (oneDNN 20.5).
-// The A operands of the two row tiles: rows of x (bf16, ldx elements apart), each tile from its own buffer (the
-// last, partial tile of rows comes from a zero-padded copy).
-struct RowTiles {
-  const c10::BFloat16* x0;
-  const c10::BFloat16* x1;
-  int64_t ld0, ld1;
-};
-
-inline void panel_tiles(const RowTiles& a, int64_t steps, const c10::BFloat16* w, const char* limit, bool two,
-                        float* c) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t s = 0; s < steps; ++s) {
-    const c10::BFloat16* ws = w + s * 2 * kTile;
-    if (limit != nullptr) {  // the weight stream kPrefetchBytes ahead, across panel ends
-      const char* pf = reinterpret_cast<const char*>(ws) + kPrefetchBytes;
-      if (pf + 2 * kTile * 2 <= limit)
-        for (int b = 0; b < 2 * kTile * 2; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
-    }
-    _tile_loadd(6, ws, 64);
-    _tile_loadd(7, ws + kTile, 64);
-    _tile_loadd(4, a.x0 + s * kDepth, a.ld0 * 2);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if (two) {
-      _tile_loadd(5, a.x1 + s * kDepth, a.ld1 * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c, kCols * 4);
-  _tile_stored(1, c + 16, kCols * 4);
-  if (two) {
-    _tile_stored(2, c + 16 * kCols, kCols * 4);
-    _tile_stored(3, c + 16 * kCols + 16, kCols * 4);
-  }
-}
-
-// y[rows, cols] (row stride ldy) from the panel's float32 sums c[32][32]: + bias, rounded to bf16; or
-// silu(gate) * up of the two halves.
-template <Epilogue E>
-inline void panel_out(const float* c, int64_t rows, int64_t cols, const c10::BFloat16* bias, c10::BFloat16* y,
-                      int64_t ldy) {
-  float b[kCols] = {};
-  if (bias != nullptr)
-    for (int64_t j = 0; j < cols; ++j) b[j] = static_cast<float>(bias[j]);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* ci = c + i * kCols;
-    c10::BFloat16* yi = y + i * ldy;
-    if constexpr (E == Epilogue::kSiluMul) {
-      const v16 o = silu(load(ci)) * load(ci + 16);
-      if (cols == 16) {
-        store(yi, o);
-      } else {
-        float out[16];
-        store(out, o);
-        for (int64_t j = 0; j < cols; ++j) yi[j] = static_cast<c10::BFloat16>(out[j]);
-      }
-    } else if (cols == kCols) {
-      store(yi, load(ci) + load(b));
-      store(yi + 16, load(ci + 16) + load(b + 16));
-    } else {
-      for (int64_t j = 0; j < cols; ++j) yi[j] = static_cast<c10::BFloat16>(ci[j] + b[j]);
-    }
-  }
-}
-#endif
 
 // x: [M, K] bf16, packed: pack_amx<E> of a weight with n output columns -> [M, n] bf16.
 template <Epilogue E>
@@ -176,27 +86,8 @@ at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, con
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
 #ifdef CHUNKATTN_AMX
-  // A operands are read in place, in whole tiles of 16 rows x 32 of K: with K not a multiple of 32 (or x not
-  // row-major) from a zero-padded copy of x; the last 16-row tile, when M is not a multiple of 16, from a
-  // zero-padded copy of its rows (a tile load would read past x).
-  const int64_t k32 = steps * kDepth, full = M / 16 * 16;
-  at::Tensor xa = x;
-  if (k32 != K || x.stride(1) != 1) {
-    xa = at::zeros({M, k32}, x.options());
-    xa.narrow(1, 0, K).copy_(x);
-  }
-  const c10::BFloat16* xp = xa.data_ptr<c10::BFloat16>();
-  const int64_t ldx = xa.stride(0);
-  // a plain buffer, not a tensor: at one row (single-stream decoding) tensor ops cost more than the copy
-  static thread_local std::vector<c10::BFloat16> tail;
-  if (full < M) {
-    tail.assign(16 * k32, c10::BFloat16(0.f));
-    for (int64_t r = full; r < M; ++r) std::memcpy(tail.data() + (r - full) * k32, xp + r * ldx, k32 * 2);
-  }
-  const c10::BFloat16* tp = tail.data();
-  auto rows_at = [&](int64_t r) -> std::pair<const c10::BFloat16*, int64_t> {
-    return r < full ? std::make_pair(xp + r * ldx, ldx) : std::make_pair(tp, k32);
-  };
+  const ARows rows(x);
+  const int64_t k32 = rows.k32();
   const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   // rows per block: kXBlockBytes of x, whole pairs of row tiles
@@ -211,8 +102,8 @@ at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, con
         const int64_t c0 = p * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
         for (int64_t r0 = rb; r0 < std::min(M, rb + block); r0 += 32) {
           const bool two = r0 + 16 < M;
-          const auto [x0, ld0] = rows_at(r0);
-          const auto [x1, ld1] = two ? rows_at(r0 + 16) : std::make_pair(x0, ld0);
+          const auto [x0, ld0] = rows.rows(r0);
+          const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
           panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w, r0 == rb ? limit : nullptr, two, c);
           panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
                        yp + r0 * n + c0, n);

@@ -40,15 +40,19 @@ class LLM:
     backend : attention backend ("auto": the fastest for the device; see ``chunkattn.attention``).
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
     eviction : which retained prefixes go first when the pool is full ("lru", "longest-first").
+    quantization : block-quantized weights ("auto": a GGUF file's Q4_0 / Q4_1 / Q8_0 weights kept as stored with
+        bfloat16 on CPUs with AVX512-BF16; "none", "gguf", "q8_0", "q4_0", "q4_1": see
+        :data:`chunkattn.model.loader.QUANTIZATIONS`).
     """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | str = torch.float32,
                  device: str | torch.device = "cpu", kv_cache_tokens: int = 32768, chunk_size: int = 64,
                  prefix_sharing: bool = True, backend: str = "auto", max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 64, eviction: str = "lru", loaded: LoadedModel | None = None):
+                 max_num_seqs: int = 64, eviction: str = "lru", loaded: LoadedModel | None = None,
+                 quantization: str = "auto"):
         if loaded is None:
             device = resolve_device(device)
-            loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+            loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device, quantization=quantization)
         self.loaded = loaded
         cfg = self.loaded.config
         weight = self.loaded.model.lm_head.weight

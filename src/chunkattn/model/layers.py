@@ -12,6 +12,7 @@ from torch import nn
 
 from chunkattn import native
 from chunkattn.model.config import ModelConfig
+from chunkattn.model.quant import QuantizedWeight
 from chunkattn.utils import cdiv
 
 
@@ -65,6 +66,24 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: PackedWeight | None = None
+        self.quant: QuantizedWeight | None = None
+
+    def set_quantized(self, quant: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Multiply by ``quant`` (block-quantized, see :mod:`chunkattn.model.quant`) from now on. ``weight``
+        becomes an empty placeholder of ``dtype`` (the dtype of the activations): the dense weight is not kept."""
+        want = (self.out_features, self.in_features)
+        have = (2 * quant.out_features if quant.gate_up else quant.out_features, quant.in_features)
+        if have != want or quant.gate_up != isinstance(self, GateUpLinear):
+            raise ValueError(f"a {type(self).__name__} of weight {list(want)} cannot take a quantized weight of "
+                             f"{list(have)} (gate_up={quant.gate_up})")
+        self.quant, self.packed = quant, None
+        self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense tensor (dequantized, in the placeholder's dtype, when quantized)."""
+        if self.quant is None:
+            return self.weight
+        return self.quant.dequantize().to(self.weight.dtype)
 
     @staticmethod
     def can_prepack(weight: torch.Tensor) -> bool:
@@ -88,7 +107,7 @@ class Linear(nn.Module):
         """Pack the weight for the CPU (fp32/bf16); returns whether it did. ``batch_hint``: the rows oneDNN
         tunes its layout for."""
         self.packed = None
-        if not self.can_prepack(self.weight):
+        if self.quant is not None or not self.can_prepack(self.weight):
             return False
         with torch.no_grad():
             w = self.weight.detach()
@@ -129,6 +148,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[N, in_features]`` -> ``[N, out_features]``."""
+        if self.quant is not None:
+            return self.quant.linear(x, self.bias)
         return self._product(x, self._usable_pack(x))
 
     def _product(self, x: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
@@ -148,8 +169,37 @@ class Linear(nn.Module):
         return max(self.AMX_MIN_ROWS_LIMIT, self.AMX_BLOCK_BYTES // (2 * (cdiv(self.in_features, 32) * 32)))
 
     def extra_repr(self) -> str:
+        packed = self.packed.kind if self.packed is not None else "no"
+        quant = f", quantized={self.quant.qtype}" if self.quant is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-                f", prepacked={self.packed.kind if self.packed is not None else 'no'}")
+                f", prepacked={packed}{quant}")
+
+
+class Embedding(nn.Embedding):
+    """Token embeddings whose table can be block-quantized (:meth:`set_quantized`; a tied LM head shares the
+    pack): then a lookup dequantizes the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.quant: QuantizedWeight | None = None
+
+    def set_quantized(self, quant: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> None:
+        if quant.gate_up or (quant.out_features, quant.in_features) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"an embedding of {[self.num_embeddings, self.embedding_dim]} cannot take a quantized "
+                             f"weight of {[quant.out_features, quant.in_features]}")
+        self.quant = quant
+        self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight if self.quant is None else self.quant.dequantize().to(self.weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is None:
+            return super().forward(input_ids)
+        return self.quant.rows(input_ids.reshape(-1)).to(self.weight.dtype).view(*input_ids.shape, -1)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", quantized={self.quant.qtype}" if self.quant is not None else "")
 
 
 class RMSNorm(nn.Module):
@@ -216,6 +266,8 @@ class GateUpLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[N, in_features]`` -> ``[N, intermediate_size]``."""
+        if self.quant is not None:
+            return self.quant.linear(x)
         packed = self._usable_pack(x)
         if packed is not None and packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear_silu_mul(x, packed.tensor, self.intermediate_size)

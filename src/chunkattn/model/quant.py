@@ -1,0 +1,251 @@
+"""Block-quantized weights (GGUF's Q4_0, Q4_1 and Q8_0), kept as stored and multiplied by chunkattn's kernels.
+
+A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
+bfloat16 spends 2 bytes a weight, Q4_1 20/32 and Q8_0 34/32. Instead of dequantizing a GGUF file to full
+precision at load (what transformers' reader does), its blocks stay as they are, repacked once into the
+kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in registers just
+before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16, so a quantized
+model computes what the same file dequantized at load and run in bfloat16 computes, up to float32 summation
+order.
+
+:class:`Blocks` is the plain form (per-row ``q``, per-block scale ``d`` and offset ``m``), read from a GGUF
+tensor (:meth:`Blocks.from_gguf`) or made from a float weight (:func:`quantize`, for ``--quantization q8_0``
+on checkpoints that are not quantized); :class:`QuantizedWeight` is its pack for a layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from chunkattn import native
+from chunkattn.errors import ChunkAttnError
+from chunkattn.utils import cdiv
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # weights per block along K, for every type here
+QTYPES = ("q4_0", "q4_1", "q8_0")
+# the kernel's two kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d) and q8 (w = d q)
+_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1}
+_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32}
+# bytes of one GGUF block
+_GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32}
+
+
+class QuantizationError(ChunkAttnError, ValueError):
+    """A weight cannot be quantized or multiplied as asked (its shape, the dtype, the CPU)."""
+
+
+@functools.cache
+def kernel_supported() -> bool:
+    """Whether ``chunkattn_layers.linear_quant`` runs here: the native kernels built for a CPU with AVX512-BF16
+    (Intel Xeon 3rd generation Cooper Lake, 4th and later; AMD Zen 4 and later). AMX is used where present."""
+    return native.available() and bool(torch.ops.chunkattn_layers.quant_linear_supported())
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types) or ``d q`` (q8_0).
+
+    ``q``: ``[N, K]`` uint8 (0..15) for q4 types, int8 for q8_0; ``d``, ``m``: ``[N, K / 32]`` float16 (``m`` is
+    None for q8_0; Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
+
+    qtype: str
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], self.q.shape[1]
+
+    @staticmethod
+    def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
+        """A GGUF tensor's rows of blocks, ``[N, K / 32 * block bytes]`` uint8 (``GGUFReader``'s ``data``)."""
+        if qtype not in _GGUF_BLOCK_BYTES:
+            raise QuantizationError(f"GGUF type {qtype} is not kept quantized (supported: {', '.join(QTYPES)})")
+        data = torch.from_numpy(np.array(raw, dtype=np.uint8)) if isinstance(raw, np.ndarray) else raw.contiguous()
+        n, nb = data.shape[0], k // BLOCK
+        if k % BLOCK or data.shape[1] != nb * _GGUF_BLOCK_BYTES[qtype]:
+            raise QuantizationError(f"a {qtype} tensor with K = {k} must be [N, {nb * _GGUF_BLOCK_BYTES[qtype]}] "
+                                    f"bytes, got {list(data.shape)}")
+        blocks = data.view(n, nb, _GGUF_BLOCK_BYTES[qtype])
+        d = blocks[..., 0:2].contiguous().view(torch.float16).view(n, nb)
+        if qtype == "q8_0":
+            return Blocks(qtype, blocks[..., 2:].contiguous().view(torch.int8).view(n, k), d, None)
+        start = 4 if qtype == "q4_1" else 2
+        qs = blocks[..., start:start + 16]  # byte i: element i (low nibble) and i + 16 (high)
+        q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)
+        if qtype == "q4_1":
+            m = blocks[..., 2:4].contiguous().view(torch.float16).view(n, nb)
+        else:
+            m = d * -8  # exact in float16 unless |d| > 8188 (checked)
+            if not torch.isfinite(m).all():
+                raise QuantizationError("a Q4_0 scale too large to store its offset -8 d in float16")
+        return Blocks(qtype, q, d, m)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[N, K]``: GGUF's reference values (``d q + m`` in float32, the product exact)."""
+        n, k = self.shape
+        w = self.q.view(n, k // BLOCK, BLOCK).float() * self.d.float()[..., None]
+        if self.m is not None:
+            w = w + self.m.float()[..., None]
+        return w.view(n, k)
+
+    @staticmethod
+    def cat(parts: list[Blocks]) -> Blocks:
+        """Blocks of the same kind stacked along N (a fused projection of separately stored ones)."""
+        kinds = {_KIND[p.qtype] for p in parts}
+        if len(kinds) != 1:
+            raise QuantizationError(f"cannot fuse {[p.qtype for p in parts]}: different kinds")
+        qtype = parts[0].qtype if len({p.qtype for p in parts}) == 1 else "q4_1"
+        m = None if parts[0].m is None else torch.cat([p.m for p in parts if p.m is not None])
+        return Blocks(qtype, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)
+
+    def permute_rows(self, order: torch.Tensor) -> Blocks:
+        return Blocks(self.qtype, self.q[order], self.d[order], None if self.m is None else self.m[order])
+
+
+def quantize(w: torch.Tensor, qtype: str) -> Blocks:
+    """A float weight ``[N, K]`` (K a multiple of 32) as blocks, round to nearest: q8_0 ``d = max|w| / 127``;
+    q4_1 ``d = (max - min) / 15, m = min``; q4_0 ``d = -w_absmax / 8`` (llama.cpp's choices). The scales are
+    rounded to float16 first, so ``q`` is chosen for the scale that is stored."""
+    if qtype not in QTYPES:
+        raise QuantizationError(f"unknown quantization {qtype!r}; choose one of {', '.join(QTYPES)}")
+    if w.dim() != 2 or w.shape[1] % BLOCK:
+        raise QuantizationError(f"quantizing needs a [N, K] weight with K a multiple of {BLOCK}, got "
+                                f"{list(w.shape)}")
+    n, k = w.shape
+    x = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+
+    def inverse(d: torch.Tensor) -> torch.Tensor:
+        return torch.where(d == 0, torch.zeros_like(d), 1.0 / d.float())[..., None]
+
+    if qtype == "q8_0":
+        d = (x.abs().amax(-1) / 127).to(torch.float16)
+        q = (x * inverse(d)).round().clamp(-127, 127).to(torch.int8)
+        return Blocks(qtype, q.view(n, k), d, None)
+    if qtype == "q4_1":
+        lo, hi = x.amin(-1), x.amax(-1)
+        d, m = ((hi - lo) / 15).to(torch.float16), lo.to(torch.float16)
+        q = ((x - m.float()[..., None]) * inverse(d)).round().clamp(0, 15).to(torch.uint8)
+        return Blocks(qtype, q.view(n, k), d, m)
+    signed_max = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]
+    d = (signed_max / -8).to(torch.float16)
+    q = (x * inverse(d) + 8).round().clamp(0, 15).to(torch.uint8)
+    return Blocks(qtype, q.view(n, k), d, d * -8)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A layer's weight packed for ``chunkattn_layers.linear_quant`` (see ``csrc/linear_quant.cpp`` for the
+    layout): panels of 32 output columns, or, ``gate_up``, of 16 gate and the same 16 up columns (the MLP's
+    fused ``silu(gate) * up``)."""
+
+    qtype: str
+    packed: torch.Tensor  # uint8 [P, K / 32, 2, tile bytes]
+    out_features: int
+    in_features: int
+    gate_up: bool = False
+
+    @property
+    def kind(self) -> int:
+        return _KIND[self.qtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    @staticmethod
+    def pack(blocks: Blocks, gate_up: bool = False) -> QuantizedWeight:
+        n, k = blocks.shape
+        if gate_up and n % 2:
+            raise QuantizationError(f"a gate/up weight must be [2 I, K], got {[n, k]}")
+        p, j, c = _panel_positions(n, gate_up, torch.arange(n))
+        panels, steps = _panels(n, gate_up), k // BLOCK
+        q = torch.zeros(panels, 2, 16, k, dtype=blocks.q.dtype)
+        d = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
+        q[p, j, c], d[p, j, c] = blocks.q, blocks.d
+        # [P, 2, 16 c, S, 16 r, 2 t] -> [P, S, 2, 16 r, 16 c, 2 t]: row r of a tile holds e = 2 c + t
+        e = q.view(panels, 2, 16, steps, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(panels, steps, 2, 16, 32)
+        scales = [d.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32)]
+        if blocks.m is not None:
+            m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
+            m[p, j, c] = blocks.m
+            scales.append(m.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32))
+            values = (e[..., :16] | (e[..., 16:] << 4)).reshape(panels, steps, 2, 256)
+        else:
+            values = e.contiguous().view(torch.uint8).reshape(panels, steps, 2, 512)
+        packed = torch.cat([*scales, values], dim=-1).contiguous()
+        return QuantizedWeight(blocks.qtype, packed, n // 2 if gate_up else n, k, gate_up)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[len(rows), K]``: rows of the weight (``[gate; up]`` order for ``gate_up``), dequantized as
+        the kernel does before its bf16 rounding (an embedding lookup; the reference in tests)."""
+        n = 2 * self.out_features if self.gate_up else self.out_features
+        p, j, c = _panel_positions(n, self.gate_up, rows.long().cpu())
+        tiles = self.packed[p, :, j]  # [R, S, tile bytes]
+        r, steps = len(rows), self.packed.shape[1]
+        d = tiles[..., :32].contiguous().view(torch.float16).view(r, steps, 16)
+        pick = c.view(r, 1, 1).expand(r, steps, 1)
+        scale = d.gather(2, pick).float()  # [R, S, 1]
+        if self.kind == 0:
+            m = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
+            b = tiles[..., 64:].reshape(r, steps, 16, 16)
+            e = torch.cat([b & 0xF, b >> 4], dim=-1)  # [R, S, 16 r, 32 e]
+        else:
+            m = None
+            e = tiles[..., 32:].contiguous().view(torch.int8).reshape(r, steps, 16, 32)
+        cols = (2 * c).view(r, 1, 1, 1) + torch.arange(2).view(1, 1, 1, 2)
+        q = e.gather(3, cols.expand(r, steps, 16, 2)).reshape(r, steps, BLOCK).float()
+        w = q * scale if m is None else q * scale + m
+        return w.reshape(r, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[N, K]``, the whole weight (``[gate; up]`` for ``gate_up``)."""
+        n = 2 * self.out_features if self.gate_up else self.out_features
+        return self.rows(torch.arange(n))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, path: int = 0) -> torch.Tensor:
+        """``x W^T (+ bias)`` (``silu(x W_gate^T) * x W_up^T`` for ``gate_up``). bfloat16 CPU ``x`` on a CPU with
+        AVX512-BF16 runs the kernel (``path``: 0 its choice, 1 AMX tiles, 2 vector); anything else multiplies by
+        the dequantized weight (slow: a warning says so once)."""
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernel_supported():
+            ops = torch.ops.chunkattn_layers
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            if self.gate_up:
+                return ops.linear_silu_mul_quant(x, self.packed, self.kind, self.out_features, path)
+            return ops.linear_quant(x, self.packed, self.kind, self.out_features, bias, path)
+        _warn_dense_fallback(str(x.dtype), x.device.type)
+        y = nn.functional.linear(x, self.dequantize().to(device=x.device, dtype=x.dtype), None)
+        if self.gate_up:
+            half = self.out_features
+            return nn.functional.silu(y[:, :half]) * y[:, half:]
+        return y if bias is None else y + bias
+
+
+@functools.cache
+def _warn_dense_fallback(dtype: str, device: str) -> None:
+    log.warning("quantized weights multiplied by dequantizing them on every call (%s on %s: the kernel needs "
+                "bfloat16 on a CPU with AVX512-BF16); load with --quantization none to dequantize once",
+                dtype, device)
+
+
+def _panels(n: int, gate_up: bool) -> int:
+    return cdiv(n // 2, 16) if gate_up else cdiv(n, 32)
+
+
+def _panel_positions(n: int, gate_up: bool, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(panel, tile, column) of each weight row in the pack."""
+    if gate_up:
+        half = n // 2
+        up = rows >= half
+        i = torch.where(up, rows - half, rows)
+        return i // 16, up.long(), i % 16
+    return rows // 32, (rows % 32) // 16, rows % 16
