@@ -1,0 +1,231 @@
+"""Block-quantized weights (GGUF Q4_0 / Q4_1 / Q8_0) kept as stored: packing, the kernel's paths against float64
+references on random inputs, GGUF's own dequantization, and the default model loaded that way."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from chunkattn import native
+from chunkattn.model import load_model
+from chunkattn.model.layers import GateUpLinear, Linear
+from chunkattn.model.loader import weight_bytes
+from chunkattn.model.quant import QTYPES, Blocks, QuantizationError, QuantizedWeight, kernel_supported, quantize
+
+needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
+                                  "(and the native build)")
+HAS_AMX = native.amx_linear_supported()
+# the kernel's paths: 1 AMX tiles, 2 vdpbf16ps on the dequantized panel, 3 direct from the nibbles (q4)
+PATHS = ([1] if HAS_AMX else []) + [2, 3]
+
+
+def paths_for(qtype: str) -> list[int]:
+    return [p for p in PATHS if p != 3 or qtype != "q8_0"]
+
+
+def test_kernel_paths_this_machine_runs():
+    """Says in the test log which paths ran here (the others are skipped with their reason)."""
+    print(f"quantized kernel: {'yes' if kernel_supported() else 'no'}; AMX tiles: {'yes' if HAS_AMX else 'no'}")
+    assert kernel_supported() == (native.available() and bool(torch.ops.chunkattn_layers.quant_linear_supported()))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantize_rounds_to_the_nearest_level(qtype):
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(37, 96, generator=gen) * torch.rand(37, 1, generator=gen)
+    w[3, :32] = 0  # an all-zero block: scale 0, values 0
+    b = quantize(w, qtype)
+    deq = b.dequantize()
+    step = b.d.float().abs().repeat_interleave(32, dim=1)
+    # within half a step (q4_0: one, its levels -8..7 reach only -8 steps toward the block's largest magnitude and
+    # +7 away from it), plus the float16 rounding of the scale over up to 16 steps and of q4_1's offset
+    half = 1.0 if qtype == "q4_0" else 0.5
+    offset = 0 if b.m is None or qtype == "q4_0" else b.m.float().abs().repeat_interleave(32, 1) * 2**-10
+    slack = half * step + 16 * step * 2**-10 + offset
+    assert ((deq - w).abs() <= slack + 1e-7).all()
+    assert torch.equal(deq[3, :32], torch.zeros(32))
+    with pytest.raises(QuantizationError, match="multiple of 32"):
+        quantize(torch.randn(4, 40), qtype)
+    with pytest.raises(QuantizationError, match="unknown quantization"):
+        quantize(w, "q5_k")
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_blocks_read_gguf_bytes_as_gguf_py_dequantizes_them(qtype):
+    gguf = pytest.importorskip("gguf")
+    gen = np.random.default_rng(5)
+    w = (gen.standard_normal((24, 160)) * 0.05).astype(np.float32)
+    kind = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    raw = gguf.quants.quantize(w, kind)  # GGUF's own blocks, [24, 5 * block bytes]
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    b = Blocks.from_gguf(raw, qtype, 160)
+    assert torch.equal(b.dequantize(), ref)
+    with pytest.raises(QuantizationError, match="must be"):
+        Blocks.from_gguf(raw[:, :-1], qtype, 160)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("n,k,gate_up", [(70, 96, False), (32, 32, False), (64, 576, True), (50, 64, True)])
+def test_pack_is_the_amx_panel_layout_of_the_dequantized_weight(qtype, n, k, gate_up):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    b = quantize(w, qtype)
+    qw = QuantizedWeight.pack(b, gate_up=gate_up)
+    ref = b.dequantize()
+    assert torch.equal(qw.dequantize(), ref)
+    rows = torch.tensor([n - 1, 0, n // 2, 1])
+    assert torch.equal(qw.rows(rows), ref[rows])
+    ops = torch.ops.chunkattn_layers
+    panels = ops.dequantize_panels(qw.packed, qw.kind)  # the kernel's own dequantization, rounded to bf16
+    want = (ops.pack_gate_up_amx if gate_up else ops.pack_linear_amx)(ref.bfloat16())
+    assert torch.equal(panels.view(torch.int16), want.view(torch.int16))
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
+    """float64 ``x w^T (+ bias)``, or ``silu(gate) * up`` of its halves."""
+    y = x.double() @ w.double().T
+    if gate_up:
+        half = w.shape[0] // 2
+        y = torch.nn.functional.silu(y[:, :half]) * y[:, half:]
+    return y if bias is None else y + bias.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 33])
+@pytest.mark.parametrize("n,k,gate_up,bias", [(70, 96, False, True), (48, 576, True, False), (33, 1536, False, False)])
+def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
+    seed = hash((qtype, rows, n, k)) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    blocks = quantize(w, qtype)
+    qw = QuantizedWeight.pack(blocks, gate_up=gate_up)
+    exact = qw.dequantize()
+    # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight
+    terms = blocks.d.double().abs().repeat_interleave(32, 1) * 143
+    if blocks.m is not None:
+        terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
+    for path in [0, *paths_for(qtype)]:
+        y = qw.linear(x, b, path=path)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
+        direct = path == 3 or (path == 0 and qtype != "q8_0" and rows <= 4)
+        # the dequantizing paths round each weight to bf16 (relative 2^-9); the direct one keeps them exact
+        weight = exact if direct else exact.bfloat16().float()
+        ref = _reference(x, weight, b, gate_up)
+        # float32 sums of k terms: each product off by at most k * eps * sum|x term|; then the bf16 output
+        summed = terms if direct else weight.double().abs()
+        pre = k * 2**-23 * (x.double().abs() @ summed.T)
+        if gate_up:  # through silu(g) u: |silu'| <= 1.1
+            g = x.double() @ weight.double().T
+            half = n // 2
+            eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
+            pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+        bound = pre + ref.abs() * 2**-8 + 1e-6
+        err = (y.double() - ref).abs()
+        assert (err <= bound).all(), (path, float((err - bound).max()))
+
+
+@needs_kernel
+@pytest.mark.skipif(not HAS_AMX, reason="the AMX tile path needs a CPU with AMX (amx_tile, amx_bf16)")
+def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights():
+    """Path 1 is linear_amx on the dequantized bf16 weight: the same tiles in the same order, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    ops = torch.ops.chunkattn_layers
+    for qtype in QTYPES:
+        w = torch.randn(96, 576, generator=gen) * 0.05
+        b = quantize(w, qtype)
+        x = torch.randn(40, 576, generator=gen).bfloat16()
+        dense = b.dequantize().bfloat16()
+        y = QuantizedWeight.pack(b).linear(x, path=1)
+        assert torch.equal(y, ops.linear_amx(x, ops.pack_linear_amx(dense), 96, None))
+        y = QuantizedWeight.pack(b, gate_up=True).linear(x, path=1)
+        assert torch.equal(y, ops.linear_silu_mul_amx(x, ops.pack_gate_up_amx(dense), 48))
+
+
+@needs_kernel
+def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
+    ops = torch.ops.chunkattn_layers
+    qw = QuantizedWeight.pack(quantize(torch.randn(64, 96), "q8_0"))
+    x = torch.randn(3, 96).bfloat16()
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.linear_quant(x.float(), qw.packed, qw.kind, 64, None, 0)
+    with pytest.raises(RuntimeError, match=r"packed must be"):
+        ops.linear_quant(torch.randn(3, 128).bfloat16(), qw.packed, qw.kind, 64, None, 0)
+    with pytest.raises(RuntimeError, match=r"packed must be"):
+        ops.linear_quant(x, qw.packed, 0, 64, None, 0)  # q8 tiles read as q4
+    with pytest.raises(RuntimeError, match="direct path multiplies q4"):
+        ops.linear_quant(x, qw.packed, qw.kind, 64, None, 3)
+    with pytest.raises(RuntimeError, match="path must be"):
+        ops.linear_quant(x, qw.packed, qw.kind, 64, None, 7)
+    assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)
+
+
+def test_float32_input_falls_back_to_the_dequantized_weight(caplog):
+    qw = QuantizedWeight.pack(quantize(torch.randn(40, 64), "q4_1"))
+    x = torch.randn(5, 64)
+    with caplog.at_level(logging.WARNING):
+        y = qw.linear(x)
+    torch.testing.assert_close(y, x @ qw.dequantize().T)
+
+
+def test_modules_take_a_quantized_weight_and_drop_the_dense_one():
+    lin, gu = Linear(64, 40), GateUpLinear(64, 24)
+    qw = QuantizedWeight.pack(quantize(torch.randn(40, 64), "q4_0"))
+    lin.set_quantized(qw)
+    assert lin.weight.numel() == 0 and lin.quant is qw and not lin.prepack()
+    assert "quantized=q4_0" in repr(lin)
+    with pytest.raises(ValueError, match="cannot take"):
+        gu.set_quantized(qw)  # not a gate/up pack
+    gu.set_quantized(QuantizedWeight.pack(quantize(torch.randn(48, 64), "q8_0"), gate_up=True))
+    x = torch.randn(3, 64).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), gu.dense_weight().float())
+    torch.testing.assert_close(gu(x).float(), torch.nn.functional.silu(ref[:, :24]) * ref[:, 24:], atol=0.05,
+                               rtol=0.02)
+
+
+def test_quantization_needs_bfloat16_on_the_cpu_and_a_known_type():
+    with pytest.raises(QuantizationError, match="dtype bfloat16"):
+        load_model(quantization="gguf", dtype=torch.float32)
+    with pytest.raises(QuantizationError, match="unknown quantization"):
+        load_model(quantization="int3")
+
+
+@needs_kernel
+def test_default_model_runs_as_stored_without_a_full_precision_copy():
+    """The Q4_1 file with its blocks kept: ~92 MiB of weights (bf16: 257), each weight exactly the bf16 of
+    GGUF's dequantization, the tied LM head sharing the Q8_0 embedding's pack, and prefill logits equal to the
+    dequantized bf16 model's (the same tile product on the same values)."""
+    q = load_model(dtype=torch.bfloat16)  # quantization "auto"
+    d = load_model(dtype=torch.bfloat16, quantization="none")
+    sizes = weight_bytes(q.model)
+    assert sizes["quantized"] > 0 and sizes["total"] < 0.4 * weight_bytes(d.model)["total"]
+    assert q.model.lm_head.quant is q.model.model.embed_tokens.quant is not None
+    assert q.model.lm_head.quant.qtype == "q8_0"
+    for name, module in q.model.named_modules():
+        if isinstance(module, Linear) and name != "lm_head":
+            assert module.quant is not None and module.quant.qtype == "q4_1", name
+            dense = d.model.get_submodule(name).weight
+            assert torch.equal(module.dense_weight().view(torch.int16), dense.view(torch.int16)), name
+    ids = torch.tensor(q.tokenizer.encode("The capital of France is"))
+    emb_q, emb_d = q.model.model.embed_tokens(ids), d.model.model.embed_tokens(ids)
+    assert torch.equal(emb_q.view(torch.int16), emb_d.view(torch.int16))
+    if HAS_AMX:
+        from chunkattn import PrefixKVCache
+        from chunkattn.attention import get_backend
+
+        outs = []
+        for m in (q, d):
+            cfg = m.config
+            cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=16, max_tokens=256,
+                                  dtype=torch.bfloat16)
+            seq = cache.add_sequence(ids.tolist())
+            attn = get_backend("auto", cache)
+            attn.plan(cache.extend([seq], [ids.tolist()]))
+            # more rows than the direct path takes, so both multiply by tiles (linear_amx / path 1)
+            outs.append(m.model(ids, torch.arange(len(ids)), attn))
+        assert len(ids) > 4 and torch.equal(outs[0], outs[1])
