@@ -8,7 +8,8 @@
 #   setup   llama-server and llama-bench built from the llama.cpp source vendored in the llama-cpp-python sdist
 #           (pip download --no-binary; cmake + ninja, -DGGML_NATIVE=ON, Release), under $PEER_DIR/llamacpp; skipped
 #           when the binaries are there (~15 min on 2 cores)
-#   bench   llama-bench -p 512 -n 128 -t 2 -r 3 and single_stream.py (bf16 and fp32) on $GGUF
+#   bench   llama-bench -p 512 -n 128 -t 2 -r 3 and single_stream.py (bf16 with the Q4_1 blocks kept, bf16 and fp32
+#           dequantized) on $GGUF
 #   serve   the shared-prompt workload (32 requests on one 1024-token system prompt + 64 own, 64 out, all at once)
 #           against llama-server (-np 32 -kvu -t 2 -c 32 x 1280) and chunkattn serve, one after the other
 #
@@ -56,10 +57,12 @@ bench() {
     mkdir -p "$SCRATCH"
     log "llama-bench on $GGUF (repack $LLAMA_REPACK)"
     "$BIN/llama-bench" -m "$GGUF" -t 2 -p 512 -n 128 -r 3 --repack "$LLAMA_REPACK" -o json >"$SCRATCH/llama-bench.json"
-    for dtype in bfloat16 float32; do
-        log "single_stream.py $dtype"
-        "$PYTHON" "$REPO/benchmarks/single_stream.py" --model "$GGUF" --dtype "$dtype" \
-            --json "$SCRATCH/chunkattn-single-$dtype.json" 2>"$SCRATCH/chunkattn-single-$dtype.log"
+    # bf16 with the file's Q4_1 / Q8_0 blocks kept as stored, bf16 and fp32 dequantized at load
+    for run in bfloat16:auto bfloat16:none float32:none; do
+        local dtype=${run%%:*} quant=${run##*:}
+        log "single_stream.py $dtype --quantization $quant"
+        "$PYTHON" "$REPO/benchmarks/single_stream.py" --model "$GGUF" --dtype "$dtype" --quantization "$quant" \
+            --json "$SCRATCH/chunkattn-single-$dtype-$quant.json" 2>"$SCRATCH/chunkattn-single-$dtype-$quant.log"
     done
 }
 
@@ -116,8 +119,9 @@ if lb.exists():
                                               "model_type": r.get("model_type"), "build": r.get("build_commit")}
 for p in sorted(d.glob("chunkattn-single-*.json")):
     r = json.loads(p.read_text())
-    out["rows"][f"chunkattn {r['dtype']} pp{r['prompt']}"] = {"tokens_per_s": r["pp_tokens_per_s"]}
-    out["rows"][f"chunkattn {r['dtype']} tg{r['gen']}"] = {"tokens_per_s": r["tg_tokens_per_s"]}
+    name = f"chunkattn {r['dtype']} {r.get('quantization', 'none')}"
+    out["rows"][f"{name} pp{r['prompt']}"] = {"tokens_per_s": r["pp_tokens_per_s"]}
+    out["rows"][f"{name} tg{r['gen']}"] = {"tokens_per_s": r["tg_tokens_per_s"]}
 for name in ("llama-server-serve", "chunkattn-serve"):
     p = d / f"{name}.json"
     if p.exists():

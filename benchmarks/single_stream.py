@@ -1,7 +1,8 @@
 """One request at a time, as `llama-bench` measures it: prompt processing of --prompt tokens (tokens/s of the
 prefill step) and text generation of --gen tokens (tokens/s of the decode steps), each the median of --repeats.
 
-    python benchmarks/single_stream.py [--model path.gguf] [--dtype bfloat16] [--prompt 512] [--gen 128] [--json OUT]
+    python benchmarks/single_stream.py [--model path.gguf] [--dtype bfloat16] [--quantization auto] [--prompt 512]
+        [--gen 128] [--json OUT]
 
 Random prompt ids below the vocabulary, no prefix shared between repeats (each repeat's prompt is new), greedy
 decoding that ignores end-of-sequence, like llama-bench's pp512 / tg128.
@@ -31,10 +32,12 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", default="auto", help="see `chunkattn serve --help` (auto: a GGUF file's "
+                    "Q4_0/Q4_1/Q8_0 blocks kept as stored in bfloat16; none: dequantized at load)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
 
-    loaded = load_model(args.model, dtype=getattr(torch, args.dtype))
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype), quantization=args.quantization)
     llm = LLM(loaded=loaded, kv_cache_tokens=4 * (args.prompt + args.gen + 64), max_num_batched_tokens=args.prompt)
     rng = random.Random(0)
     special = set(getattr(loaded.tokenizer, "all_special_ids", []) or [])
@@ -55,11 +58,13 @@ def main() -> int:
         t2 = time.perf_counter()
         pp.append(args.prompt / (t1 - t0))
         tg.append(steps / (t2 - t1))
-    result = {"system": "chunkattn", "model": loaded.source, "dtype": args.dtype, "prompt": args.prompt,
+    quantized = sorted({m.quant.qtype for m in loaded.model.modules() if getattr(m, "quant", None) is not None})
+    result = {"system": "chunkattn", "model": loaded.source, "dtype": args.dtype,
+              "quantization": "/".join(quantized) or "none", "prompt": args.prompt,
               "gen": args.gen, "pp_tokens_per_s": round(statistics.median(pp), 1),
               "tg_tokens_per_s": round(statistics.median(tg), 1), "date": time.strftime("%Y-%m-%d"),
               "system_info": info()}
-    print(f"chunkattn {args.dtype}: pp{args.prompt} {result['pp_tokens_per_s']} tok/s, tg{args.gen} "
+    print(f"chunkattn {args.dtype} {result['quantization']}: pp{args.prompt} {result['pp_tokens_per_s']} tok/s, tg{args.gen} "
           f"{result['tg_tokens_per_s']} tok/s")
     if args.json:
         with open(args.json, "w") as f:

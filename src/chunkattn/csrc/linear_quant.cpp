@@ -45,12 +45,12 @@ using namespace chunkattn::panels;
 
 enum Kind : int64_t { kQ4 = 0, kQ8 = 1 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
-// tiles / vdpbf16ps; kDirect (kQ4 only) multiplies the nibbles as they are (panel_q4_direct).
+// tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q4_direct, panel_q8_direct).
 enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3 };
 
 constexpr int64_t tile_bytes(int64_t kind) { return kind == kQ4 ? 64 + 16 * 16 : 32 + 16 * 32; }
 
-// Rows of x up to which kAuto takes kDirect for kQ4 weights (measured: benchmarks/linear_cpu.py --quantization).
+// Rows of x up to which kAuto takes kDirect (measured: benchmarks/linear_cpu.py --quantization).
 constexpr int64_t kDirectMaxRows = 4;
 
 bool quant_linear_supported() {
@@ -192,8 +192,71 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
   }
 }
 
-inline void panel_q4_direct_rows(const c10::BFloat16* const* x, const float* xsum, int64_t rows, int64_t steps,
-                                 const uint8_t* src, const uint8_t* limit, float* c) {
+// kQ8 likewise: u = q + 128 (0..255; the int8's sign bit flipped) is split into nibbles, u = 16 h + l, each a bf16
+// integer 128 + h / 128 + l as above, so sum_k q_k x_k = 16 A + B - 2304 X with A = sum (128 + h) x,
+// B = sum (128 + l) x, X = sum x: 5 operations per 32 weights and two vdpbf16ps per row of x (the dequantizing
+// vector path: ~8, plus a store and a load of the bf16 panel).
+template <int NR>
+inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, int64_t steps, const uint8_t* src,
+                            const uint8_t* limit, float* c) {
+  constexpr int64_t tb = tile_bytes(kQ8);
+  const __m256i sign = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  __m512 y[NR][2];
+  for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* t = src + 2 * tb * s;
+    const uint8_t* pf = t + kPrefetchBytes;
+    if (pf + 2 * tb <= limit)
+      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    __m512 hi_acc[NR][2], lo_acc[NR][2];
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < 2; ++j) hi_acc[i][j] = lo_acc[i][j] = _mm512_setzero_ps();
+    for (int r = 0; r < 16; ++r) {
+      __m512bh hi[2], lo[2];
+      for (int j = 0; j < 2; ++j) {
+        const __m256i b = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32 + 32 * r)), sign);
+        const __m512i u = _mm512_cvtepu8_epi16(b);
+        lo[j] = reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(u, low4, magic, 0xEA));
+        hi[j] = reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_srli_epi16(u, 4), magic));
+      }
+      for (int i = 0; i < NR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, x[i] + s * kDepth + 2 * r, 4);
+        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        for (int j = 0; j < 2; ++j) {
+          hi_acc[i][j] = _mm512_dpbf16_ps(hi_acc[i][j], hi[j], xb);
+          lo_acc[i][j] = _mm512_dpbf16_ps(lo_acc[i][j], lo[j], xb);
+        }
+      }
+    }
+    for (int j = 0; j < 2; ++j) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb)));
+      const __m512 offset = _mm512_mul_ps(d, _mm512_set1_ps(-2304.f));
+      for (int i = 0; i < NR; ++i) {
+        const __m512 sum = _mm512_fmadd_ps(hi_acc[i][j], _mm512_set1_ps(16.f), lo_acc[i][j]);
+        y[i][j] = _mm512_fmadd_ps(sum, d, y[i][j]);
+        y[i][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[i * steps + s]), y[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    _mm512_storeu_ps(c + i * kCols, y[i][0]);
+    _mm512_storeu_ps(c + i * kCols + 16, y[i][1]);
+  }
+}
+
+inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const float* xsum, int64_t rows,
+                              int64_t steps, const uint8_t* src, const uint8_t* limit, float* c) {
+  if (kind == kQ8) {
+    switch (rows) {
+      case 1: return panel_q8_direct<1>(x, xsum, steps, src, limit, c);
+      case 2: return panel_q8_direct<2>(x, xsum, steps, src, limit, c);
+      case 3: return panel_q8_direct<3>(x, xsum, steps, src, limit, c);
+      default: return panel_q8_direct<4>(x, xsum, steps, src, limit, c);
+    }
+  }
   switch (rows) {
     case 1: return panel_q4_direct<1>(x, xsum, steps, src, limit, c);
     case 2: return panel_q4_direct<2>(x, xsum, steps, src, limit, c);
@@ -242,10 +305,9 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
     b = bias->data_ptr<c10::BFloat16>();
   }
   TORCH_CHECK(path >= kAuto && path <= kDirect, op, ": path must be 0 (auto), 1 (AMX tiles), 2 (vector) or 3 ",
-              "(direct, q4 only), got ", path);
+              "(direct), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
-  TORCH_CHECK(path != kDirect || kind == kQ4, op, ": the direct path multiplies q4 weights only");
-  if (path == kAuto) path = kind == kQ4 && M <= kDirectMaxRows ? kDirect : tiles_usable() ? kTiles : kVector;
+  if (path == kAuto) path = M <= kDirectMaxRows ? kDirect : tiles_usable() ? kTiles : kVector;
   const bool tiles = path == kTiles, direct = path == kDirect;
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
@@ -287,7 +349,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
             const int64_t nr = std::min<int64_t>(4, rend - r0);
             const c10::BFloat16* xr[4];
             for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
-            panel_q4_direct_rows(xr, xsum.data() + r0 * steps, nr, steps, src, r0 == 0 ? limit : qp, c);
+            panel_direct_rows(kind, xr, xsum.data() + r0 * steps, nr, steps, src, r0 == 0 ? limit : qp, c);
             panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
           }
           continue;
