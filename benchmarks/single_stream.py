@@ -64,8 +64,8 @@ def main() -> int:
               "gen": args.gen, "pp_tokens_per_s": round(statistics.median(pp), 1),
               "tg_tokens_per_s": round(statistics.median(tg), 1), "date": time.strftime("%Y-%m-%d"),
               "system_info": info()}
-    print(f"chunkattn {args.dtype} {result['quantization']}: pp{args.prompt} {result['pp_tokens_per_s']} tok/s, tg{args.gen} "
-          f"{result['tg_tokens_per_s']} tok/s")
+    print(f"chunkattn {args.dtype} {result['quantization']}: pp{args.prompt} {result['pp_tokens_per_s']} tok/s, "
+          f"tg{args.gen} {result['tg_tokens_per_s']} tok/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
