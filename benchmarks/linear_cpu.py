@@ -8,7 +8,8 @@ line per row count and writes JSON.
 * ``--dtype float32``: chunkattn's float32 panels (AVX-512) vs oneDNN's packed product;
 * ``--dtype bfloat16``: what ``Linear`` runs (the AMX tile panels up to ``Linear.amx_max_rows()`` rows on CPUs with
   AMX, F.linear above; oneDNN's packed product elsewhere) vs oneDNN's packed product vs torch's own
-  ``F.linear`` on the dense weights.
+  ``F.linear`` on the dense weights; ``--quantization q8_0 q4_0 ...`` adds the same weights block-quantized
+  (``chunkattn.model.quant``: what ``--quantization`` loads), each as a row "<type>".
 
     python benchmarks/linear_cpu.py --rows 1 8 32 64 1088 --out benchmarks/results/linear-cpu-<date>.json
     python benchmarks/linear_cpu.py --dtype bfloat16 --rows 1 8 32 64 1088 4096 [--model cfg.json --random-weights]
@@ -29,8 +30,9 @@ import torch
 from chunkattn import native
 from chunkattn.bench.kernel import device_name
 from chunkattn.model import load_model
-from chunkattn.model.layers import Linear
+from chunkattn.model.layers import GateUpLinear, Linear
 from chunkattn.model.loader import random_model
+from chunkattn.model.quant import QuantizedWeight, quantize
 
 
 def cpu_model() -> str:
@@ -55,6 +57,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, help="with --random-weights: only this many decoder layers of the shape "
                     "(each layer's products are the same; an 8B shape's 32 layers do not fit 24 GB twice over)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quantization", nargs="*", default=[], choices=["q8_0", "q4_0", "q4_1"],
+                    help="with --dtype bfloat16: also time the weights quantized to these types")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -69,10 +73,14 @@ def main() -> None:
             config.write_text(json.dumps(cfg))
         model = random_model(config, dtype, "cpu").model
     else:
-        model = load_model(args.model, dtype=dtype).model
+        model = load_model(args.model, dtype=dtype, quantization="none").model
     layers = [m for m in model.modules() if isinstance(m, Linear)]  # model order, LM head last
     weights = [m.weight.detach() for m in layers]
     flop_per_row = sum(2 * w.numel() for w in weights)
+    if args.quantization and dtype != torch.bfloat16:
+        raise SystemExit("--quantization runs with --dtype bfloat16")
+    quantized = {qt: [QuantizedWeight.pack(quantize(w.float(), qt), gate_up=isinstance(m, GateUpLinear))
+                      for m, w in zip(layers, weights)] for qt in args.quantization}
     points = []
     for rows in args.rows:
         onednn = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
@@ -93,6 +101,12 @@ def main() -> None:
         fns = {"onednn": run_onednn, "panels": run_chunkattn}
         if dtype == torch.bfloat16:
             fns["torch"] = run_torch
+        for qt, packs in quantized.items():
+            def run_quant(packs: list[QuantizedWeight] = packs, xs: dict[int, torch.Tensor] = xs) -> None:
+                for q in packs:
+                    q.linear(xs[q.in_features])
+
+            fns[qt] = run_quant
         times: dict[str, list[float]] = {k: [] for k in fns}
         with torch.inference_mode():
             for i in range(args.repeats + 1):  # alternated; the first pass of each is a warm-up
@@ -122,7 +136,8 @@ def main() -> None:
                 "panels": sorted({m.packed.kind for m in layers if m.packed is not None}),
                 "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
                 "system": info(), "products": len(weights),
-                "weights_mb": round(sum(w.numel() * w.element_size() for w in weights) / 2**20, 1)}
+                "weights_mb": round(sum(w.numel() * w.element_size() for w in weights) / 2**20, 1),
+                **{f"{qt}_mb": round(sum(q.nbytes for q in packs) / 2**20, 1) for qt, packs in quantized.items()}}
         args.out.write_text(json.dumps({"meta": meta, "points": points}, indent=1) + "\n")
         print(f"wrote {args.out}")
 

@@ -19,6 +19,8 @@
 #   MODEL_CONFIG=benchmarks/configs/llama-3.2-1b.json  serve: that shape with random weights on both sides (vLLM's
 #                            load_format=dummy without a tokenizer; chunkattn's --random-weights), instead of SmolLM2
 #   VLLM_OMP_WAIT_POLICY=PASSIVE                       (OMP_WAIT_POLICY of vLLM's serving runs; empty: unset)
+#   CHUNKATTN_QUANTIZATION=auto                        (chunkattn's --quantization: auto keeps the GGUF file's
+#                            Q4_1 / Q8_0 blocks in bfloat16; none dequantizes them, as vLLM's HF directory is)
 #   OUT_JSON=benchmarks/results/peer-vllm-cpu-<date>.json  (the PNG goes beside it)
 #   KERNEL_POINTS="32/1024/64 ..."  KERNEL_PROVIDERS="sdpa cascade-torch tpp-torch tpp-cpu"  KERNEL_ARGS=...
 #   CHUNKATTN_REV=<commit>   benchmark that commit's src/ (extracted read-only with `git archive` into
@@ -42,6 +44,7 @@ ROWS=${ROWS:-"a b c"}
 REQUESTS=${REQUESTS:-32}
 QUESTION_LEN=${QUESTION_LEN:-64}
 OUTPUT_LEN=${OUTPUT_LEN:-64}
+export CHUNKATTN_QUANTIZATION=${CHUNKATTN_QUANTIZATION:-auto}
 OUT_JSON=${OUT_JSON:-$REPO/benchmarks/results/peer-vllm-cpu-$(date +%F).json}
 OUT_PNG=${OUT_PNG:-${OUT_JSON%.json}.png}
 VPY=$VENV/bin/python
@@ -215,7 +218,7 @@ serve() {
         "$PYTHON" - "$scratch/meta.json" <<'PY'
 import json, os, sys, time
 keys = ("CHUNKATTN_DESC", "MODEL_CONFIG", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-        "VLLM_OMP_WAIT_POLICY",
+        "VLLM_OMP_WAIT_POLICY", "CHUNKATTN_QUANTIZATION",
         "HF_HUB_OFFLINE", "PYTHONPATH", "LD_PRELOAD")
 with open(sys.argv[1], "w") as f:
     json.dump({"started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -241,7 +244,7 @@ PY
                 log "row $row $dtype run $run/$RUNS: chunkattn"
                 # shellcheck disable=SC2086
                 "$PYTHON" -m chunkattn.cli bench serve --systems chunkattn $cmodel $flags --dtype "$dtype" \
-                    --json "$c" --no-progress >"$c.log" 2>&1 \
+                    --quantization "$CHUNKATTN_QUANTIZATION" --json "$c" --no-progress >"$c.log" 2>&1 \
                     || { log "chunkattn run failed, see $c.log"; tail -30 "$c.log" >&2; exit 1; }
                 grep '^| chunkattn' "$c.log" >&2 || true
             done
