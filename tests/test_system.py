@@ -21,6 +21,11 @@ def test_info_reports_the_paths_that_run(capsys):
         assert ("amx tiles" in paths["attention"]) == amx
         assert ("AMX panels" in paths["linear bfloat16"]) == native.amx_linear_supported()
         assert ("chunkattn panels" in paths["linear float32"]) == native.linear_supported()
+        from chunkattn.model.quant import kernel_supported
+
+        assert ("as stored" in paths["linear quantized"]) == kernel_supported()
+        if kernel_supported():  # the quantized kernel is built only where the CPU has AVX512-BF16
+            assert "avx512_bf16" in cpu()["features"]
         if amx:  # the tile path runs only where the CPU says it has tiles
             assert {"amx_tile", "amx_bf16"} <= set(cpu()["features"])
     assert main(["info", "--json"]) == 0

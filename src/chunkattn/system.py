@@ -48,6 +48,7 @@ def kernel_paths() -> dict[str, str]:
         return {"attention": f"torch (vectorized PyTorch): {reason}",
                 "linear float32": "oneDNN packed" if torch.backends.mkldnn.is_available() else "F.linear",
                 "linear bfloat16": "oneDNN packed" if torch.backends.mkldnn.is_available() else "F.linear",
+                "linear quantized": f"not kept (dequantized at load): {reason}",
                 "elementwise": "PyTorch ops"}
     fp32_linear = ("chunkattn panels (AVX-512 register tiles)" if native.linear_supported()
                    else "oneDNN packed")
@@ -56,8 +57,14 @@ def kernel_paths() -> dict[str, str]:
     bf16_linear = (f"chunkattn AMX panels while x is within {Linear.AMX_BLOCK_BYTES >> 20} MB (at least "
                    f"{Linear.AMX_MIN_ROWS_LIMIT} rows), F.linear (oneDNN) above"
                    if native.amx_linear_supported() else "oneDNN packed")
+    from chunkattn.model.quant import kernel_supported
+
+    quantized = ("not kept (dequantized at load): the quantized kernel needs AVX512-BF16" if not kernel_supported()
+                 else "Q4_0/Q4_1/Q8_0 as stored (bfloat16): up to 4 rows from the integers directly (vdpbf16ps), "
+                 + ("more rows dequantized per panel into AMX tiles" if native.amx_linear_supported()
+                    else "more rows dequantized per panel (vdpbf16ps)"))
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
-            "linear float32": fp32_linear, "linear bfloat16": bf16_linear,
+            "linear float32": fp32_linear, "linear bfloat16": bf16_linear, "linear quantized": quantized,
             "elementwise": "chunkattn native (RMSNorm, RoPE, SiLU-and-multiply)"}
 
 

@@ -112,6 +112,48 @@ inline void dequant_panel(const uint8_t* src, int64_t kind, int64_t steps, const
   }
 }
 
+#ifdef CHUNKATTN_AMX
+// panel_tiles for up to 32 rows with each step dequantized just before its tile products (into w, the panel
+// buffer), so that the vector units dequantize step s + 1 while the tile unit multiplies step s (dequantizing the
+// whole panel first left one idle while the other worked).
+inline void panel_tiles_interleaved(const RowTiles& a, int64_t steps, const uint8_t* src, int64_t kind,
+                                    const uint8_t* limit, bool two, c10::BFloat16* w, float* c) {
+  const int64_t tb = tile_bytes(kind);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  auto dequant_step = [&](int64_t s) {
+    const uint8_t* pf = src + 2 * tb * s + kPrefetchBytes;
+    if (pf + 2 * tb <= limit)
+      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    dequant_tile(src + 2 * tb * s, kind, w + 2 * kTile * s);
+    dequant_tile(src + 2 * tb * s + tb, kind, w + 2 * kTile * s + kTile);
+  };
+  dequant_step(0);
+  for (int64_t s = 0; s < steps; ++s) {
+    if (s + 1 < steps) dequant_step(s + 1);  // a step ahead: the tile loads below read stores already done
+    const c10::BFloat16* ws = w + 2 * kTile * s;
+    _tile_loadd(6, ws, 64);
+    _tile_loadd(7, ws + kTile, 64);
+    _tile_loadd(4, a.x0 + s * kDepth, a.ld0 * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, a.x1 + s * kDepth, a.ld1 * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, kCols * 4);
+  _tile_stored(1, c + 16, kCols * 4);
+  if (two) {
+    _tile_stored(2, c + 16 * kCols, kCols * 4);
+    _tile_stored(3, c + 16 * kCols + 16, kCols * 4);
+  }
+}
+#endif
+
 // NR rows of x (row(i) for i < NR) times a dequantized panel -> c[NR][32] float32, by vdpbf16ps: row r of a tile is
 // 16 columns' (W[c, 2r], W[c, 2r + 1]) pairs, so broadcasting x's pair (x[2r], x[2r + 1]) gives 16 columns' sums.
 template <int NR>
@@ -352,6 +394,16 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
             panel_direct_rows(kind, xr, xsum.data() + r0 * steps, nr, steps, src, r0 == 0 ? limit : qp, c);
             panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
           }
+          continue;
+        }
+        if (tiles && rend - rb <= 32) {  // one pair of row tiles: dequantize step by step beside the products
+#ifdef CHUNKATTN_AMX
+          const bool two = rb + 16 < M;
+          const auto [x0, ld0] = rows.rows(rb);
+          const auto [x1, ld1] = two ? rows.rows(rb + 16) : std::make_pair(x0, ld0);
+          panel_tiles_interleaved(RowTiles{x0, x1, ld0, ld1}, steps, src, kind, limit, two, w, c);
+          panel_out<E>(c, rend - rb, cols, bp, yp + rb * n + c0, n);
+#endif
           continue;
         }
         dequant_panel(src, kind, steps, rb == 0 ? limit : qp, w);
