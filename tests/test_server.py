@@ -57,7 +57,8 @@ def test_open_routes_and_auth(tiny):
     assert httpx.get(tiny.url + "/health").status_code == 200
     version = httpx.get(tiny.url + "/version").json()
     assert version["version"] and version["system"]["cpu"]["model"]
-    assert set(version["system"]["paths"]) == {"attention", "linear float32", "linear bfloat16", "elementwise"}
+    assert set(version["system"]["paths"]) == {"attention", "linear float32", "linear bfloat16", "linear quantized",
+                                               "elementwise"}
     assert "chunkattn:kv_cache_usage_perc" in httpx.get(tiny.url + "/metrics").text
     r = httpx.get(tiny.url + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

@@ -100,3 +100,29 @@ def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, ca
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(cache_dir))
     reference = load_model().model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in loaded.model.state_dict().items())
+
+
+@pytest.mark.skipif(not __import__("chunkattn.model.quant", fromlist=["kernel_supported"]).kernel_supported(),
+                    reason="blocks are kept (and cached) only where the quantized kernel runs: AVX512-BF16")
+def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
+    """A bfloat16 load keeps the file's blocks; the first writes them to ``<entry>-blocks``, the second reads them
+    from there (not the GGUF file) and packs the same weights; a damaged entry is read from the file again."""
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CHUNKATTN_WEIGHT_CACHE", raising=False)
+    caplog.set_level(logging.INFO, logger="chunkattn.load")
+    first = load_model(dtype=torch.bfloat16)
+    assert "cached the blocks" in caplog.text
+    caplog.clear()
+    second = load_model(dtype=torch.bfloat16)
+    assert "blocks from the weight cache" in caplog.text
+    for (name, a), b in zip(first.model.named_modules(), second.model.modules()):
+        if getattr(a, "quant", None) is not None:
+            assert a.quant.qtype == b.quant.qtype and torch.equal(a.quant.packed, b.quant.packed), name
+    assert torch.equal(first.model.model.norm.weight, second.model.model.norm.weight)
+    entry = weight_cache.entry_dir(default_model_path())
+    blocks_dir = entry.parent / (entry.name + "-blocks")
+    (blocks_dir / "weights.safetensors").write_bytes(b"not safetensors")
+    caplog.clear()
+    third = load_model(dtype=torch.bfloat16)
+    assert "unreadable" in caplog.text and "cached the blocks" in caplog.text
+    assert torch.equal(third.model.lm_head.quant.packed, first.model.lm_head.quant.packed)

@@ -417,19 +417,25 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
                          start: float) -> LoadedModel | None:
     """A GGUF file with its Q4_0 / Q4_1 / Q8_0 weights kept as stored; None when its architecture is not
     supported that way (the caller dequantizes)."""
-    cached = weight_cache.lookup(path)
-    if cached is not None and (cached / "config.json").exists():
-        cfg = json.loads((cached / "config.json").read_text())
+    found = weight_cache.lookup_blocks(path)
+    if found is not None:
+        log.info("reading %s's blocks from the weight cache", path.name)
+        cfg, dense, blocks = found
     else:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        cached = weight_cache.lookup(path)
+        if cached is not None and (cached / "config.json").exists():
+            cfg = json.loads((cached / "config.json").read_text())
+        else:
+            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-    config_from_hf(cfg)
-    try:
-        dense, blocks = gguf_blocks(path, cfg)
-    except quant.QuantizationError as exc:
-        log.info("%s: dequantizing (%s)", path.name, exc)
-        return None
+            cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        config_from_hf(cfg)
+        try:
+            dense, blocks = gguf_blocks(path, cfg)
+        except quant.QuantizationError as exc:
+            log.info("%s: dequantizing (%s)", path.name, exc)
+            return None
+        weight_cache.store_blocks(path, cfg, dense, blocks)
     tokenizer = load_tokenizer(path)
     counts: dict[str, int] = {}
     for b in blocks.values():

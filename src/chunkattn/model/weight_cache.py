@@ -12,6 +12,9 @@ so an unchanged file is not hashed again), the cache's format and the transforme
 A directory appears atomically (written aside, then renamed), so a crash leaves no half entry.
 ``CHUNKATTN_WEIGHT_CACHE=0`` turns the cache off. A cache that cannot be written costs a warning, not the
 load. Disk: float32 weights, 4 bytes per parameter (SmolLM2-135M: ~540 MB).
+
+A quantized load (blocks kept as stored, :mod:`chunkattn.model.quant`) caches what it read beside it, in
+``<entry>-blocks/``: the blocks with one byte per value, the other tensors in float32 (SmolLM2: ~120 MB).
 """
 
 from __future__ import annotations
@@ -206,5 +209,80 @@ def store_tokenizer(gguf: Path, tokenizer: Any) -> None:
         log.warning("could not cache the tokenizer of %s (%s)", gguf.name, exc)
 
 
-__all__ = ["cache_root", "drop", "entry_dir", "file_digest", "lookup", "lookup_tokenizer", "store",
-           "store_tokenizer"]
+def _blocks_dir(gguf: Path) -> Path | None:
+    entry = entry_dir(gguf)
+    return None if entry is None else entry.parent / (entry.name + "-blocks")
+
+
+def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The config, dense tensors and quantized blocks (:class:`chunkattn.model.quant.Blocks`, Hugging Face names)
+    cached for ``gguf``'s quantized load (:func:`store_blocks`), or None. Reading the GGUF file itself takes
+    seconds: its tokenizer metadata is parsed with the tensors."""
+    from safetensors.torch import load_file
+
+    from chunkattn.model.quant import Blocks
+
+    try:
+        entry = _blocks_dir(gguf)
+    except Exception as exc:  # noqa: BLE001 - the cache must never fail a load
+        log.warning("the weight cache is unusable (%s)", exc)
+        return None
+    if entry is None or not (entry / "complete").exists():
+        return None
+    try:
+        cfg = json.loads((entry / "config.json").read_text())
+        types = json.loads((entry / "blocks.json").read_text())
+        tensors = load_file(str(entry / "weights.safetensors"))
+        blocks = {name: Blocks(qtype, tensors.pop(f"{name}@q"), tensors.pop(f"{name}@d"),
+                               tensors.pop(f"{name}@m", None)) for name, qtype in types.items()}
+        return cfg, tensors, blocks
+    except Exception as exc:  # noqa: BLE001 - a damaged entry: read the file again (and rewrite it)
+        log.warning("the weight cache entry %s is unreadable (%s: %s): reading %s again", entry, type(exc).__name__,
+                    exc, gguf.name)
+        drop(entry)
+        return None
+
+
+def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.Tensor],
+                 blocks: dict[str, Any]) -> None:
+    """Cache what :func:`chunkattn.model.loader.gguf_blocks` read from ``gguf`` (best effort, atomically): the
+    blocks as stored (one byte per q value), the other tensors in float32."""
+    from safetensors.torch import save_file
+
+    try:
+        entry = _blocks_dir(gguf)
+        if entry is None:
+            return
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(entry.parent)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp"))
+        try:
+            tensors = {k: v.detach().contiguous() for k, v in dense.items()}
+            for name, b in blocks.items():
+                tensors[f"{name}@q"], tensors[f"{name}@d"] = b.q.contiguous(), b.d.contiguous()
+                if b.m is not None:
+                    tensors[f"{name}@m"] = b.m.contiguous()
+            save_file(tensors, str(tmp / "weights.safetensors"), metadata={"source": gguf.name, "format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
+            (tmp / "blocks.json").write_text(json.dumps({name: b.qtype for name, b in blocks.items()}))
+            _fsync(tmp / "weights.safetensors")
+            (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": FORMAT}))
+            _fsync(tmp / "complete")
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process wrote it first
+                if not (entry / "complete").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except Exception as exc:  # noqa: BLE001 - best effort
+        log.warning("could not cache the blocks of %s (%s): the next start reads the file again", gguf.name, exc)
+        return
+    log.info("cached the blocks of %s in %s (%.0f MiB)", gguf.name, entry,
+             sum(f.stat().st_size for f in entry.iterdir()) / 2**20)
+
+
+__all__ = ["cache_root", "drop", "entry_dir", "file_digest", "lookup", "lookup_blocks", "lookup_tokenizer", "store",
+           "store_blocks", "store_tokenizer"]
