@@ -1,7 +1,7 @@
 """Start-up time of the command line: seconds from launch to the first token ``chunkattn generate`` prints,
 and to ``chunkattn serve`` answering ``/health`` with 200, on the default model (SmolLM2-135M GGUF).
 
-    python benchmarks/startup.py [--src DIR] [--runs 2] [--json PATH]
+    python benchmarks/startup.py [--src DIR] [--runs 2] [--json PATH] [--args "--dtype bfloat16"]
 
 The first run of each starts with an empty weight cache (``CHUNKATTN_CACHE_DIR`` set to a fresh directory),
 the later ones reuse it (a row's ``cache``: an earlier start filled that directory; it means nothing for code
@@ -32,11 +32,11 @@ def _env(src: str | None, cache: str) -> dict[str, str]:
     return env
 
 
-def time_generate(env: dict[str, str]) -> tuple[float, float]:
+def time_generate(env: dict[str, str], extra: list[str]) -> tuple[float, float]:
     """(seconds to the first byte on stdout, seconds to exit)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "chunkattn.cli", "generate", "The capital of France is",
-                             "--max-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+                             "--max-tokens", "8", *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     proc.stdout.read(1)
     first = time.perf_counter() - start
@@ -44,13 +44,13 @@ def time_generate(env: dict[str, str]) -> tuple[float, float]:
     return first, time.perf_counter() - start
 
 
-def time_serve(env: dict[str, str]) -> float:
+def time_serve(env: dict[str, str], extra: list[str]) -> float:
     """Seconds until /health answers 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "chunkattn.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "chunkattn.cli", "serve", "--port", str(port), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         while True:
@@ -75,24 +75,26 @@ def main() -> None:
     ap.add_argument("--src", nargs="+", default=[None], help="checkouts' src directories to time (default: this)")
     ap.add_argument("--runs", type=int, default=2, help="starts per command (the first with an empty cache)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--args", default="", help="more arguments for both commands, e.g. \"--dtype bfloat16\"")
     args = ap.parse_args()
+    extra = args.args.split()
     rows = []
     for src in args.src:
         with tempfile.TemporaryDirectory(prefix="chunkattn-cache-") as cache:
             env = _env(src, cache)
             for run in range(args.runs):
-                first, total = time_generate(env)
+                first, total = time_generate(env, extra)
                 rows.append({"src": src or "installed", "command": "generate", "run": run, "cache": run > 0,
                              "first_token_s": round(first, 2), "exit_s": round(total, 2)})
                 print(rows[-1], flush=True)
             for run in range(args.runs):
                 rows.append({"src": src or "installed", "command": "serve", "run": run, "cache": True,
-                             "healthy_s": round(time_serve(env), 2)})
+                             "healthy_s": round(time_serve(env, extra), 2)})
                 print(rows[-1], flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     result = {"benchmark": "benchmarks/startup.py", "date": time.strftime("%Y-%m-%d"), "cpu": cpu,
-              "cores": os.cpu_count(), "rows": rows}
+              "cores": os.cpu_count(), "args": args.args, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")

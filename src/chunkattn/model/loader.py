@@ -367,6 +367,11 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         loaded = _load_gguf_quantized(path, dtype, device, start)
         if loaded is not None:
             return loaded
+    elif path.suffix == ".gguf" and quantization == "auto":
+        why = ("the quantized kernel needs AVX512-BF16" if not quant.kernel_supported() else
+               f"they run with --dtype bfloat16 on the CPU (this load: {str(dtype).removeprefix('torch.')} on "
+               f"{device})")
+        log.info("%s: its quantized weights are dequantized at load (%s)", path.name, why)
     if path.suffix == ".gguf":
         cached = weight_cache.lookup(path)
         if cached is not None:
