@@ -128,15 +128,32 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
+def test_many_rows_span_several_row_blocks(qtype):
+    """650 rows of K = 1536 are three row blocks of the kernel (320 rows fit its 1 MB): whole blocks dequantize
+    each panel first, the last (10 rows) interleaves dequantization with the tiles; both against float64."""
+    gen = torch.Generator().manual_seed(650)
+    for gate_up, n in ((False, 40), (True, 48)):
+        w = torch.randn(n, 1536, generator=gen) * 0.05
+        qw = QuantizedWeight.pack(quantize(w, qtype), gate_up=gate_up)
+        x = torch.randn(650, 1536, generator=gen).bfloat16()
+        ref = _reference(x, qw.dequantize().bfloat16().float(), None, gate_up)
+        for path in [p for p in PATHS if p != 3]:
+            y = qw.linear(x, path=path).double()
+            assert y.shape == ref.shape
+            torch.testing.assert_close(y, ref, atol=2e-3 * float(ref.abs().max()), rtol=1e-2)
+
+
+@needs_kernel
 @pytest.mark.skipif(not HAS_AMX, reason="the AMX tile path needs a CPU with AMX (amx_tile, amx_bf16)")
 def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights():
     """Path 1 is linear_amx on the dequantized bf16 weight: the same tiles in the same order, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     ops = torch.ops.chunkattn_layers
-    for qtype in QTYPES:
+    for qtype, rows in [(q, r) for q in QTYPES for r in (20, 40)]:  # 20: dequantized step by step beside the tiles
         w = torch.randn(96, 576, generator=gen) * 0.05
         b = quantize(w, qtype)
-        x = torch.randn(40, 576, generator=gen).bfloat16()
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
         dense = b.dequantize().bfloat16()
         y = QuantizedWeight.pack(b).linear(x, path=1)
         assert torch.equal(y, ops.linear_amx(x, ops.pack_linear_amx(dense), 96, None))
