@@ -74,6 +74,9 @@ def test_pack_is_the_amx_panel_layout_of_the_dequantized_weight(qtype, n, k, gat
     assert torch.equal(qw.dequantize(), ref)
     rows = torch.tensor([n - 1, 0, n // 2, 1])
     assert torch.equal(qw.rows(rows), ref[rows])
+    for bad in (-1, n):  # an embedding lookup out of range raises, as nn.Embedding does
+        with pytest.raises(IndexError, match="out of range"):
+            qw.rows(torch.tensor([0, bad]))
     ops = torch.ops.chunkattn_layers
     panels = ops.dequantize_panels(qw.packed, qw.kind)  # the kernel's own dequantization, rounded to bf16
     want = (ops.pack_gate_up_amx if gate_up else ops.pack_linear_amx)(ref.bfloat16())

@@ -189,7 +189,11 @@ class QuantizedWeight:
         """float32 ``[len(rows), K]``: rows of the weight (``[gate; up]`` order for ``gate_up``), dequantized as
         the kernel does before its bf16 rounding (an embedding lookup; the reference in tests)."""
         n = 2 * self.out_features if self.gate_up else self.out_features
-        p, j, c = _panel_positions(n, self.gate_up, rows.long().cpu())
+        rows = rows.long().cpu()
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            raise IndexError(f"row index out of range: rows must be in [0, {n}), got {int(rows.min())} .. "
+                             f"{int(rows.max())}")
+        p, j, c = _panel_positions(n, self.gate_up, rows)
         tiles = self.packed[p, :, j]  # [R, S, tile bytes]
         r, steps = len(rows), self.packed.shape[1]
         d = tiles[..., :32].contiguous().view(torch.float16).view(r, steps, 16)
