@@ -13,7 +13,10 @@ from chunkattn import native
 from chunkattn.model import load_model
 from chunkattn.model.layers import GateUpLinear, Linear
 from chunkattn.model.loader import weight_bytes
-from chunkattn.model.quant import QTYPES, Blocks, QuantizationError, QuantizedWeight, kernel_supported, quantize
+from chunkattn.model.layers import Embedding
+from chunkattn.model.quant import (QTYPES, Blocks, QuantizationError, QuantizedWeight, _warn_dense_fallback,
+                                   kernel_supported, quantize)
+from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
                                   "(and the native build)")
@@ -22,10 +25,17 @@ HAS_AMX = native.amx_linear_supported()
 PATHS = ([1] if HAS_AMX else []) + [2, 3]
 
 
-def test_kernel_paths_this_machine_runs():
-    """Says in the test log which paths ran here (the others are skipped with their reason)."""
-    print(f"quantized kernel: {'yes' if kernel_supported() else 'no'}; AMX tiles: {'yes' if HAS_AMX else 'no'}")
-    assert kernel_supported() == (native.available() and bool(torch.ops.chunkattn_layers.quant_linear_supported()))
+@needs_kernel
+def test_the_tile_path_runs_exactly_where_the_cpu_has_amx():
+    """Says in the test log which paths ran here; the tile path refuses where the CPU has no AMX."""
+    print(f"quantized kernel: yes; AMX tiles: {'yes' if HAS_AMX else 'no'}; paths {PATHS}")
+    qw = QuantizedWeight.pack(quantize(torch.randn(32, 64), "q4_1"))
+    x = torch.randn(2, 64).bfloat16()
+    if HAS_AMX:
+        assert qw.linear(x, path=1).shape == (2, 32)
+    else:
+        with pytest.raises(RuntimeError, match="no AMX tiles"):
+            qw.linear(x, path=1)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -178,14 +188,21 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
     with pytest.raises(RuntimeError, match="path must be"):
         ops.linear_quant(x, qw.packed, qw.kind, 64, None, 7)
     assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)
+    with pytest.raises(RuntimeError, match="positive multiple of 32"):  # K = 0: refused, not a division by zero
+        ops.linear_quant(torch.empty(2, 0).bfloat16(), torch.empty(2, 0, 2, 544, dtype=torch.uint8), 1, 64, None, 0)
+    emb = Embedding(64, 96)
+    emb.set_quantized(QuantizedWeight.pack(quantize(torch.randn(64, 96), "q8_0")))
+    assert emb(torch.empty(0, dtype=torch.long)).shape == (0, 96) and emb(torch.tensor([[1, 2]])).shape == (1, 2, 96)
 
 
 def test_float32_input_falls_back_to_the_dequantized_weight(caplog):
     qw = QuantizedWeight.pack(quantize(torch.randn(40, 64), "q4_1"))
     x = torch.randn(5, 64)
+    _warn_dense_fallback.cache_clear()
     with caplog.at_level(logging.WARNING):
         y = qw.linear(x)
     torch.testing.assert_close(y, x @ qw.dequantize().T)
+    assert "dequantizing them on every call" in caplog.text
 
 
 def test_modules_take_a_quantized_weight_and_drop_the_dense_one():
@@ -209,6 +226,26 @@ def test_quantization_needs_bfloat16_on_the_cpu_and_a_known_type():
         load_model(quantization="gguf", dtype=torch.float32)
     with pytest.raises(QuantizationError, match="unknown quantization"):
         load_model(quantization="int3")
+    with pytest.raises(QuantizationError, match="random weights have none"):
+        load_model(TINY_CONFIG, random_weights=True, dtype=torch.bfloat16, quantization="gguf")
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantize_at_load_keeps_embeddings_and_head_at_8_bits(qtype):
+    """--quantization q4_0 / q4_1 / q8_0 on any checkpoint: every linear layer of that type, the (tied) embeddings
+    and LM head q8_0 as llama.cpp's 4-bit files keep them, and the model runs."""
+    loaded = load_model(TINY_CONFIG, random_weights=True, dtype=torch.bfloat16, quantization=qtype)
+    model = loaded.model
+    assert model.model.embed_tokens.quant.qtype == "q8_0" and model.lm_head.quant is model.model.embed_tokens.quant
+    layers = [m for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"]
+    assert layers and all(m.quant is not None and m.quant.qtype == qtype for m in layers)
+    assert weight_bytes(model)["dense"] < 0.05 * weight_bytes(model)["total"]
+    from chunkattn.engine.llm import LLM
+    from chunkattn.engine.sampling import SamplingParams
+
+    out = LLM(loaded=loaded, kv_cache_tokens=512).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0))
+    assert len(out[0].token_ids) == 4
 
 
 @needs_kernel

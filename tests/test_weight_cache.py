@@ -105,7 +105,7 @@ def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, ca
 @pytest.mark.skipif(not __import__("chunkattn.model.quant", fromlist=["kernel_supported"]).kernel_supported(),
                     reason="blocks are kept (and cached) only where the quantized kernel runs: AVX512-BF16")
 def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
-    """A bfloat16 load keeps the file's blocks; the first writes them to ``<entry>-blocks``, the second reads them
+    """A bfloat16 load keeps the file's blocks; the first writes them to ``<entry>-blocks-v1``, the second reads them
     from there (not the GGUF file) and packs the same weights; a damaged entry is read from the file again."""
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CHUNKATTN_WEIGHT_CACHE", raising=False)
@@ -120,7 +120,7 @@ def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
             assert a.quant.qtype == b.quant.qtype and torch.equal(a.quant.packed, b.quant.packed), name
     assert torch.equal(first.model.model.norm.weight, second.model.model.norm.weight)
     entry = weight_cache.entry_dir(default_model_path())
-    blocks_dir = entry.parent / (entry.name + "-blocks")
+    blocks_dir = entry.parent / f"{entry.name}-blocks-v{weight_cache.BLOCKS_FORMAT}"
     (blocks_dir / "weights.safetensors").write_bytes(b"not safetensors")
     caplog.clear()
     third = load_model(dtype=torch.bfloat16)

@@ -60,9 +60,11 @@ def kernel_paths() -> dict[str, str]:
     from chunkattn.model.quant import kernel_supported
 
     quantized = ("not kept (dequantized at load): the quantized kernel needs AVX512-BF16" if not kernel_supported()
-                 else "Q4_0/Q4_1/Q8_0 as stored (bfloat16): up to 4 rows from the integers directly (vdpbf16ps), "
-                 + ("more rows dequantized per panel into AMX tiles" if native.amx_linear_supported()
-                    else "more rows dequantized per panel (vdpbf16ps)"))
+                 else "Q4_0/Q4_1/Q8_0 as stored (bfloat16): "
+                 + ("up to 3 rows (q4) / 1 row (q8) from the integers directly (vdpbf16ps), more rows dequantized "
+                    "per panel into AMX tiles" if native.amx_linear_supported()
+                    else "up to 4 rows from the integers directly (vdpbf16ps), more rows dequantized per panel "
+                    "(vdpbf16ps)"))
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
             "linear float32": fp32_linear, "linear bfloat16": bf16_linear, "linear quantized": quantized,
             "elementwise": "chunkattn native (RMSNorm, RoPE, SiLU-and-multiply)"}

@@ -326,7 +326,8 @@ inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
   TORCH_CHECK(kind == kQ4 || kind == kQ8, op, ": kind must be 0 (q4: Q4_0 / Q4_1) or 1 (q8: Q8_0), got ", kind);
-  TORCH_CHECK(K % kDepth == 0, op, ": quantized weights need K a multiple of 32 (GGUF's block), got K = ", K);
+  TORCH_CHECK(K > 0 && K % kDepth == 0, op, ": quantized weights need K a positive multiple of 32 (GGUF's block), "
+              "got K = ", K);
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
                   packed.is_contiguous() && packed.size(0) == want && packed.size(1) == K / kDepth &&
                   packed.size(2) == 2 && packed.size(3) == tile_bytes(kind),

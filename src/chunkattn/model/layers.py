@@ -196,7 +196,9 @@ class Embedding(nn.Embedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
             return super().forward(input_ids)
-        return self.quant.rows(input_ids.reshape(-1)).to(self.weight.dtype).view(*input_ids.shape, -1)
+        rows = self.quant.rows(input_ids.reshape(-1))
+        return rows.to(device=self.weight.device, dtype=self.weight.dtype).reshape(*input_ids.shape,
+                                                                                  self.embedding_dim)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", quantized={self.quant.qtype}" if self.quant is not None else "")

@@ -111,7 +111,7 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     if blocks or quantize:
         _check_quantized_device(dtype, device)
     weights = model.from_hf_state_dict(weights, config)
-    quantized = _set_quantized(model, _fuse_blocks(model, config, blocks, weights), dtype)
+    quantized = _set_quantized(model, _fuse_blocks(model, config, blocks, weights), dtype, weights)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight") and m not in quantized]
     if missing or unexpected:
@@ -122,11 +122,11 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
         if model.model.embed_tokens.quant is not None:
             model.lm_head.set_quantized(model.model.embed_tokens.quant, dtype)
             model.lm_head.weight = model.model.embed_tokens.weight
+    if quantize:  # from the checkpoint's values, before the cast to dtype (one rounding, not two)
+        _quantize_model(model, quantize, dtype)
     model.inv_freq = rope_inv_freq(config)
     model = model.to(device=device, dtype=dtype).eval()
     model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32 in every dtype
-    if quantize:
-        _quantize_model(model, quantize, dtype)
     if prepack:
         model.prepack()
     return model
@@ -137,6 +137,10 @@ def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> N
         raise quant.QuantizationError(
             f"quantized weights run on the CPU with dtype bfloat16 (got {str(dtype).removeprefix('torch.')} on "
             f"{device}): pass --dtype bfloat16, or --quantization none to dequantize them at load")
+    if not quant.kernel_supported():
+        raise quant.QuantizationError(
+            "quantized weights need chunkattn's native kernel, built for a CPU with AVX512-BF16 (this CPU or build "
+            "has none: see `chunkattn info`): pass --quantization none to dequantize them at load")
 
 
 def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str, quant.Blocks],
@@ -159,25 +163,36 @@ def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str,
                     del out[n]
             except quant.QuantizationError as exc:
                 log.info("%s: dequantized (%s)", target, exc)
+                missing = [n for n in names if n not in out and n not in dense]
+                if missing:
+                    raise UnsupportedModelError(f"{target}: the checkpoint lacks {', '.join(missing)}") from None
                 parts_dense = [out.pop(n).dequantize() if n in out else dense.pop(n) for n in names]
                 dense[target] = torch.cat(parts_dense, dim=0)
     return out
 
 
-def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dtype: torch.dtype) -> set[str]:
-    """Pack ``blocks`` (model names) into their modules; returns the parameter names they replace."""
+def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dtype: torch.dtype,
+                   dense: dict[str, torch.Tensor]) -> set[str]:
+    """Pack ``blocks`` (model names) into their linear and embedding modules; returns the parameter names they
+    replace. Blocks of any other tensor are dequantized into ``dense``."""
+    kept = set()
     for name, b in blocks.items():
-        module = model.get_submodule(name.removesuffix(".weight"))
+        try:
+            module = model.get_submodule(name.removesuffix(".weight"))
+        except AttributeError:
+            module = None
         if not isinstance(module, (Linear, Embedding)) or not name.endswith(".weight"):
-            raise UnsupportedModelError(f"{name} is quantized in the checkpoint but is not a linear or embedding "
-                                        "weight here")
+            dense[name] = b.dequantize()  # (an unknown name is then reported by load_state_dict)
+            continue
         module.set_quantized(quant.QuantizedWeight.pack(b, gate_up=isinstance(module, GateUpLinear)), dtype)
-    return set(blocks)
+        kept.add(name)
+    return kept
 
 
 def _quantize_model(model: LlamaForCausalLM, qtype: str, dtype: torch.dtype) -> None:
     """Quantize every dense linear layer and the embeddings to ``qtype`` (those whose K is not a multiple of
-    32 stay dense); a tied LM head shares the embeddings' pack."""
+    32 stay dense); a tied LM head shares the embeddings' pack. With a 4-bit type the embeddings and the LM head
+    get q8_0, as llama.cpp's Q4 files keep them at 6-8 bits (the LM head's errors reach every logit)."""
     skipped = []
     embed = model.model.embed_tokens
     tied = model.lm_head.weight is embed.weight
@@ -187,7 +202,8 @@ def _quantize_model(model: LlamaForCausalLM, qtype: str, dtype: torch.dtype) -> 
         if module.weight.shape[-1] % quant.BLOCK:
             skipped.append(name)
             continue
-        blocks = quant.quantize(module.weight.detach(), qtype)
+        outer = module is embed or name == "lm_head"
+        blocks = quant.quantize(module.weight.detach().float(), "q8_0" if outer and qtype != "q8_0" else qtype)
         module.set_quantized(quant.QuantizedWeight.pack(blocks, gate_up=isinstance(module, GateUpLinear)), dtype)
     if tied and embed.quant is not None:
         model.lm_head.set_quantized(embed.quant, dtype)
@@ -220,8 +236,7 @@ def gguf_blocks(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor
     rows (the caller then dequantizes the whole file)."""
     import numpy as np
     from gguf import MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
-    from transformers import AutoConfig
-    from transformers import LlamaForCausalLM as HFLlama
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         LlamaTensorProcessor,
@@ -235,8 +250,8 @@ def gguf_blocks(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor
     if processor_class not in (TensorProcessor, LlamaTensorProcessor):
         raise quant.QuantizationError(f"GGUF architecture {arch!r}: its tensors are not kept quantized")
     processor = processor_class(config=cfg)
-    with torch.device("meta"):
-        skeleton = HFLlama(AutoConfig.for_model(**cfg))  # type: ignore[arg-type]
+    with torch.device("meta"):  # the checkpoint's own model class: only its parameter names are used
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
     # GGUF name -> Hugging Face name, as transformers' get_gguf_hf_weights_map finds it for these models (that
     # builds the name table again for every submodule: 5 s here)
     arch_enum = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
@@ -364,7 +379,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         and quant.kernel_supported()))
     if keep:
         _check_quantized_device(dtype, device)
-        loaded = _load_gguf_quantized(path, dtype, device, start)
+        loaded = _load_gguf_quantized(path, dtype, device, start, strict=quantization == "gguf")
         if loaded is not None:
             return loaded
     elif path.suffix == ".gguf" and quantization == "auto":
@@ -418,10 +433,10 @@ def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[
     return LoadedModel(built, tokenizer, config, str(source), cfg)
 
 
-def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.device,
-                         start: float) -> LoadedModel | None:
+def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.device, start: float,
+                         strict: bool = False) -> LoadedModel | None:
     """A GGUF file with its Q4_0 / Q4_1 / Q8_0 weights kept as stored; None when its architecture is not
-    supported that way (the caller dequantizes)."""
+    supported that way (the caller dequantizes), or with ``strict`` a :class:`quant.QuantizationError`."""
     found = weight_cache.lookup_blocks(path)
     if found is not None:
         log.info("reading %s's blocks from the weight cache", path.name)
@@ -438,6 +453,8 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
         try:
             dense, blocks = gguf_blocks(path, cfg)
         except quant.QuantizationError as exc:
+            if strict:
+                raise
             log.info("%s: dequantizing (%s)", path.name, exc)
             return None
         weight_cache.store_blocks(path, cfg, dense, blocks)

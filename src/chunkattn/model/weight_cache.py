@@ -14,7 +14,8 @@ A directory appears atomically (written aside, then renamed), so a crash leaves 
 load. Disk: float32 weights, 4 bytes per parameter (SmolLM2-135M: ~540 MB).
 
 A quantized load (blocks kept as stored, :mod:`chunkattn.model.quant`) caches what it read beside it, in
-``<entry>-blocks/``: the blocks with one byte per value, the other tensors in float32 (SmolLM2: ~120 MB).
+``<entry>-blocks-v<BLOCKS_FORMAT>/``: the blocks with one byte per value, the other tensors in float32
+(SmolLM2: ~120 MB).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 log = logging.getLogger("chunkattn.load")
 
 FORMAT = 1  # bump when what is written changes
+BLOCKS_FORMAT = 1  # the same for the quantized entries (<entry>-blocks-v<n>): chunkattn.model.quant.Blocks' layout
 
 
 def cache_root() -> Path | None:
@@ -211,7 +213,7 @@ def store_tokenizer(gguf: Path, tokenizer: Any) -> None:
 
 def _blocks_dir(gguf: Path) -> Path | None:
     entry = entry_dir(gguf)
-    return None if entry is None else entry.parent / (entry.name + "-blocks")
+    return None if entry is None else entry.parent / f"{entry.name}-blocks-v{BLOCKS_FORMAT}"
 
 
 def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -266,8 +268,10 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
             (tmp / "blocks.json").write_text(json.dumps({name: b.qtype for name, b in blocks.items()}))
             _fsync(tmp / "weights.safetensors")
-            (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": FORMAT}))
+            (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": BLOCKS_FORMAT}))
             _fsync(tmp / "complete")
+            if entry.exists() and not (entry / "complete").exists():
+                shutil.rmtree(entry, ignore_errors=True)  # (left incomplete by a writer or a partial drop)
             try:
                 os.replace(tmp, entry)
             except OSError:  # another process wrote it first
@@ -284,5 +288,5 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
              sum(f.stat().st_size for f in entry.iterdir()) / 2**20)
 
 
-__all__ = ["cache_root", "drop", "entry_dir", "file_digest", "lookup", "lookup_blocks", "lookup_tokenizer", "store",
-           "store_blocks", "store_tokenizer"]
+__all__ = ["BLOCKS_FORMAT", "FORMAT", "cache_root", "drop", "entry_dir", "file_digest", "lookup", "lookup_blocks",
+           "lookup_tokenizer", "store", "store_blocks", "store_tokenizer"]
