@@ -11,11 +11,17 @@ import torch
 
 from chunkattn import native
 from chunkattn.model import load_model
-from chunkattn.model.layers import GateUpLinear, Linear
+from chunkattn.model.layers import Embedding, GateUpLinear, Linear
 from chunkattn.model.loader import weight_bytes
-from chunkattn.model.layers import Embedding
-from chunkattn.model.quant import (QTYPES, Blocks, QuantizationError, QuantizedWeight, _warn_dense_fallback,
-                                   kernel_supported, quantize)
+from chunkattn.model.quant import (
+    QTYPES,
+    Blocks,
+    QuantizationError,
+    QuantizedWeight,
+    _warn_dense_fallback,
+    kernel_supported,
+    quantize,
+)
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
