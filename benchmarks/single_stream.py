@@ -32,15 +32,17 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--random-weights", action="store_true", help="--model is a config.json: random weights")
     ap.add_argument("--quantization", default="auto", help="see `chunkattn serve --help` (auto: a GGUF file's "
                     "Q4_0/Q4_1/Q8_0 blocks kept as stored in bfloat16; none: dequantized at load)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
 
-    loaded = load_model(args.model, dtype=getattr(torch, args.dtype), quantization=args.quantization)
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype), quantization=args.quantization,
+                        random_weights=args.random_weights)
     llm = LLM(loaded=loaded, kv_cache_tokens=4 * (args.prompt + args.gen + 64), max_num_batched_tokens=args.prompt)
     rng = random.Random(0)
-    special = set(getattr(loaded.tokenizer, "all_special_ids", []) or [])
+    special = set(getattr(loaded.tokenizer, "all_special_ids", []) or []) if loaded.tokenizer is not None else set()
     vocab = [t for t in range(loaded.config.vocab_size) if t not in special]
     engine = llm.engine
     llm.generate([rng.choice(vocab) for _ in range(16)], SamplingParams(max_tokens=4))  # warm-up
