@@ -20,7 +20,9 @@
 //
 // Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles) or, where the CPU lacks AMX
 // (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
-// tile layout already is.
+// tile layout already is. For a few rows of x (decoding one to three sequences) a third skips the bf16 panel:
+// panel_q4_direct / panel_q8_direct multiply the stored integers exactly (as bf16 integers 128 + q) and apply
+// each block's scale to the float32 sums, so those weights are not rounded to bf16 at all.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
