@@ -73,26 +73,28 @@ struct RowTiles {
   int64_t ld0, ld1;
 };
 
-#ifdef CHUNKATTN_AMX
-// One panel for the row tiles r0 and r0 + 16 (the second when `two`): C = x[r0.., :] . panel, float32, into
-// c[32][32] (rows, columns of the panel). x: bf16 rows of ldx elements, K a multiple of 32 in steps. With `limit`
-// (the end of this thread's panels) each step prefetches the weights kPrefetchBytes ahead. Measured on the 2-core
-// Xeon VM (1B-shape MLP weights, 805 MB): 4 KB ahead streamed 26 GB/s at one row (oneDNN 25.6), 16 KB 25.7, 64
-// KB 21.7, none 24.2; at 32 rows 23.8 GB/s (oneDNN 20.5).
+// Prefetch a step's `bytes`, kPrefetchBytes ahead of `step` in a weight stream, when they lie before `limit`
+// (the end of this thread's panels).
+inline void prefetch_ahead(const void* step, int64_t bytes, const void* limit) {
+  const char* pf = static_cast<const char*>(step) + kPrefetchBytes;
+  if (pf + bytes <= static_cast<const char*>(limit))
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(pf + b, 0, 3);  // prefetcht0
+}
 
-inline void panel_tiles(const RowTiles& a, int64_t steps, const c10::BFloat16* w, const char* limit, bool two,
-                        float* c) {
+#ifdef CHUNKATTN_AMX
+
+// The tile products of one panel `w` (steps x 2 B tiles) for the row tiles of `a`, into c; before(s) runs ahead of
+// step s's tile loads (a prefetch of the weight stream; linear_quant.cpp dequantizes the next step there).
+template <class Before>
+inline void panel_tiles_with(const RowTiles& a, int64_t steps, const c10::BFloat16* w, bool two, float* c,
+                             Before before) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t s = 0; s < steps; ++s) {
+    before(s);
     const c10::BFloat16* ws = w + s * 2 * kTile;
-    if (limit != nullptr) {  // the weight stream kPrefetchBytes ahead, across panel ends
-      const char* pf = reinterpret_cast<const char*>(ws) + kPrefetchBytes;
-      if (pf + 2 * kTile * 2 <= limit)
-        for (int b = 0; b < 2 * kTile * 2; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
-    }
     _tile_loadd(6, ws, 64);
     _tile_loadd(7, ws + kTile, 64);
     _tile_loadd(4, a.x0 + s * kDepth, a.ld0 * 2);
@@ -110,6 +112,18 @@ inline void panel_tiles(const RowTiles& a, int64_t steps, const c10::BFloat16* w
     _tile_stored(2, c + 16 * kCols, kCols * 4);
     _tile_stored(3, c + 16 * kCols + 16, kCols * 4);
   }
+}
+
+// One panel for the row tiles r0 and r0 + 16 (the second when `two`): C = x[r0.., :] . panel, float32, into
+// c[32][32] (rows, columns of the panel). x: bf16 rows of ldx elements, K a multiple of 32 in steps. With `limit`
+// (the end of this thread's panels) each step prefetches the weights kPrefetchBytes ahead. Measured on the 2-core
+// Xeon VM (1B-shape MLP weights, 805 MB): 4 KB ahead streamed 26 GB/s at one row (oneDNN 25.6), 16 KB 25.7, 64
+// KB 21.7, none 24.2; at 32 rows 23.8 GB/s (oneDNN 20.5).
+inline void panel_tiles(const RowTiles& a, int64_t steps, const c10::BFloat16* w, const char* limit, bool two,
+                        float* c) {
+  panel_tiles_with(a, steps, w, two, c, [&](int64_t s) {
+    if (limit != nullptr) prefetch_ahead(w + s * 2 * kTile, 2 * kTile * 2, limit);  // across panel ends
+  });
 }
 #endif
 

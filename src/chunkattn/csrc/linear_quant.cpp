@@ -112,9 +112,7 @@ inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
 inline void dequant_panel(const uint8_t* src, int64_t kind, int64_t steps, const uint8_t* limit, c10::BFloat16* dst) {
   const int64_t tb = tile_bytes(kind);
   for (int64_t s = 0; s < steps; ++s) {
-    const uint8_t* pf = src + 2 * tb * s + kPrefetchBytes;
-    if (pf + 2 * tb <= limit)
-      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    prefetch_ahead(src + 2 * tb * s, 2 * tb, limit);
     dequant_tile(src + 2 * tb * s, kind, dst + 2 * kTile * s);
     dequant_tile(src + 2 * tb * s + tb, kind, dst + 2 * kTile * s + kTile);
   }
@@ -127,40 +125,34 @@ inline void dequant_panel(const uint8_t* src, int64_t kind, int64_t steps, const
 inline void panel_tiles_interleaved(const RowTiles& a, int64_t steps, const uint8_t* src, int64_t kind,
                                     const uint8_t* limit, bool two, c10::BFloat16* w, float* c) {
   const int64_t tb = tile_bytes(kind);
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
   auto dequant_step = [&](int64_t s) {
-    const uint8_t* pf = src + 2 * tb * s + kPrefetchBytes;
-    if (pf + 2 * tb <= limit)
-      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    prefetch_ahead(src + 2 * tb * s, 2 * tb, limit);
     dequant_tile(src + 2 * tb * s, kind, w + 2 * kTile * s);
     dequant_tile(src + 2 * tb * s + tb, kind, w + 2 * kTile * s + kTile);
   };
   dequant_step(0);
-  for (int64_t s = 0; s < steps; ++s) {
-    if (s + 1 < steps) dequant_step(s + 1);  // a step ahead: the tile loads below read stores already done
-    const c10::BFloat16* ws = w + 2 * kTile * s;
-    _tile_loadd(6, ws, 64);
-    _tile_loadd(7, ws + kTile, 64);
-    _tile_loadd(4, a.x0 + s * kDepth, a.ld0 * 2);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if (two) {
-      _tile_loadd(5, a.x1 + s * kDepth, a.ld1 * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c, kCols * 4);
-  _tile_stored(1, c + 16, kCols * 4);
-  if (two) {
-    _tile_stored(2, c + 16 * kCols, kCols * 4);
-    _tile_stored(3, c + 16 * kCols + 16, kCols * 4);
-  }
+  // a step ahead: the tile loads of step s read stores already done
+  panel_tiles_with(a, steps, w, two, c, [&](int64_t s) {
+    if (s + 1 < steps) dequant_step(s + 1);
+  });
 }
 #endif
+
+// x's pair (x[32s + 2r], x[32s + 2r + 1]) in every lane: the vdpbf16ps operand facing row r of step s's tiles.
+inline __m512bh x_pair(const c10::BFloat16* x, int64_t s, int r) {
+  int32_t pair;
+  std::memcpy(&pair, x + s * kDepth + 2 * r, 4);
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+}
+
+// NR rows' sums of a panel's two 16-column tiles -> c[NR][32].
+template <int NR>
+inline void store_sums(const __m512 (&sums)[NR][2], float* c) {
+  for (int i = 0; i < NR; ++i) {
+    _mm512_storeu_ps(c + i * kCols, sums[i][0]);
+    _mm512_storeu_ps(c + i * kCols + 16, sums[i][1]);
+  }
+}
 
 // NR rows of x (row(i) for i < NR) times a dequantized panel -> c[NR][32] float32, by vdpbf16ps: row r of a tile is
 // 16 columns' (W[c, 2r], W[c, 2r + 1]) pairs, so broadcasting x's pair (x[2r], x[2r + 1]) gives 16 columns' sums.
@@ -174,18 +166,13 @@ inline void panel_vector(const c10::BFloat16* const* x, int64_t steps, const c10
       const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + 32 * r));
       const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + kTile + 32 * r));
       for (int i = 0; i < NR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, x[i] + s * kDepth + 2 * r, 4);
-        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        const __m512bh xb = x_pair(x[i], s, r);
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
       }
     }
   }
-  for (int i = 0; i < NR; ++i) {
-    _mm512_storeu_ps(c + i * kCols, acc[i][0]);
-    _mm512_storeu_ps(c + i * kCols + 16, acc[i][1]);
-  }
+  store_sums<NR>(acc, c);
 }
 
 // kQ4 without dequantizing to bf16 first, for a few rows of x (decoding one or a few sequences, where the
@@ -205,9 +192,7 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
   for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
     const uint8_t* t = src + 2 * tb * s;
-    const uint8_t* pf = t + kPrefetchBytes;
-    if (pf + 2 * tb <= limit)
-      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    prefetch_ahead(t, 2 * tb, limit);
     __m512 acc[NR][2];
     for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int r = 0; r < 16; ++r) {
@@ -219,9 +204,7 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
         w[j] = reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(v, low4, magic, 0xEA));  // (v & 15) | 0x4300
       }
       for (int i = 0; i < NR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, x[i] + s * kDepth + 2 * r, 4);
-        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        const __m512bh xb = x_pair(x[i], s, r);
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w[0], xb);
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w[1], xb);
       }
@@ -236,10 +219,7 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
       }
     }
   }
-  for (int i = 0; i < NR; ++i) {
-    _mm512_storeu_ps(c + i * kCols, y[i][0]);
-    _mm512_storeu_ps(c + i * kCols + 16, y[i][1]);
-  }
+  store_sums<NR>(y, c);
 }
 
 // kQ8 likewise: u = q + 128 (0..255; the int8's sign bit flipped) is split into nibbles, u = 16 h + l, each a bf16
@@ -256,9 +236,7 @@ inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, in
   for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
     const uint8_t* t = src + 2 * tb * s;
-    const uint8_t* pf = t + kPrefetchBytes;
-    if (pf + 2 * tb <= limit)
-      for (int64_t b = 0; b < 2 * tb; b += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+    prefetch_ahead(t, 2 * tb, limit);
     __m512 hi_acc[NR][2], lo_acc[NR][2];
     for (int i = 0; i < NR; ++i)
       for (int j = 0; j < 2; ++j) hi_acc[i][j] = lo_acc[i][j] = _mm512_setzero_ps();
@@ -272,9 +250,7 @@ inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, in
         hi[j] = reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_srli_epi16(u, 4), magic));
       }
       for (int i = 0; i < NR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, x[i] + s * kDepth + 2 * r, 4);
-        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        const __m512bh xb = x_pair(x[i], s, r);
         for (int j = 0; j < 2; ++j) {
           hi_acc[i][j] = _mm512_dpbf16_ps(hi_acc[i][j], hi[j], xb);
           lo_acc[i][j] = _mm512_dpbf16_ps(lo_acc[i][j], lo[j], xb);
@@ -291,10 +267,7 @@ inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, in
       }
     }
   }
-  for (int i = 0; i < NR; ++i) {
-    _mm512_storeu_ps(c + i * kCols, y[i][0]);
-    _mm512_storeu_ps(c + i * kCols + 16, y[i][1]);
-  }
+  store_sums<NR>(y, c);
 }
 
 inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const float* xsum, int64_t rows,

@@ -20,12 +20,14 @@ A quantized load (blocks kept as stored, :mod:`chunkattn.model.quant`) caches wh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +117,7 @@ def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor
         entry = entry_dir(gguf)
         if entry is None:
             return None
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        _sweep(entry.parent)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp"))
-        try:
+        with _new_entry(entry, gguf, FORMAT, synced="model.safetensors") as tmp:
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
             tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in weights.items()}
             seen: dict[int, str] = {}
@@ -129,20 +128,6 @@ def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"source": gguf.name, "format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-            _fsync(tmp / "model.safetensors")
-            (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": FORMAT}))
-            _fsync(tmp / "complete")
-            if entry.exists() and not (entry / "complete").exists():
-                shutil.rmtree(entry, ignore_errors=True)  # (an incomplete entry from an older writer)
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process wrote it first
-                if not (entry / "complete").exists():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     except Exception as exc:  # noqa: BLE001 - caching is best effort: never fail the load for it
         log.warning("could not cache the converted weights of %s (%s): the next start converts again",
                     gguf.name, exc)
@@ -151,6 +136,33 @@ def store(gguf: Path, hf_config: dict[str, Any], weights: dict[str, torch.Tensor
     log.info("cached the converted checkpoint in %s (%.0f MiB; CHUNKATTN_WEIGHT_CACHE=0 turns this off)", entry,
              size)
     return entry
+
+
+@contextlib.contextmanager
+def _new_entry(entry: Path, gguf: Path, fmt: int, synced: str) -> Iterator[Path]:
+    """Write a cache entry atomically: the caller fills the yielded temporary directory; then ``synced`` (its big
+    file) and a ``complete`` marker reach the disk and the directory is renamed to ``entry``. An incomplete
+    ``entry`` (an older writer's, a partial drop) is replaced; a complete one another process wrote first is kept.
+    On any error the temporary directory goes."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(entry.parent)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp"))
+    try:
+        yield tmp
+        _fsync(tmp / synced)
+        (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": fmt}))
+        _fsync(tmp / "complete")
+        if entry.exists() and not (entry / "complete").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process wrote it first
+            if not (entry / "complete").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _fsync(path: Path) -> None:
@@ -255,10 +267,7 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
         entry = _blocks_dir(gguf)
         if entry is None:
             return
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        _sweep(entry.parent)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp"))
-        try:
+        with _new_entry(entry, gguf, BLOCKS_FORMAT, synced="weights.safetensors") as tmp:
             tensors = {k: v.detach().contiguous() for k, v in dense.items()}
             for name, b in blocks.items():
                 tensors[f"{name}@q"], tensors[f"{name}@d"] = b.q.contiguous(), b.d.contiguous()
@@ -267,20 +276,6 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
             save_file(tensors, str(tmp / "weights.safetensors"), metadata={"source": gguf.name, "format": "pt"})
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=1, default=str))
             (tmp / "blocks.json").write_text(json.dumps({name: b.qtype for name, b in blocks.items()}))
-            _fsync(tmp / "weights.safetensors")
-            (tmp / "complete").write_text(json.dumps({"source": str(gguf), "format": BLOCKS_FORMAT}))
-            _fsync(tmp / "complete")
-            if entry.exists() and not (entry / "complete").exists():
-                shutil.rmtree(entry, ignore_errors=True)  # (left incomplete by a writer or a partial drop)
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process wrote it first
-                if not (entry / "complete").exists():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     except Exception as exc:  # noqa: BLE001 - best effort
         log.warning("could not cache the blocks of %s (%s): the next start reads the file again", gguf.name, exc)
         return
