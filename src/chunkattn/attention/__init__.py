@@ -80,7 +80,7 @@ def attention(
     """
     if not isinstance(cache, PrefixKVCache):
         raise TypeError(f"cache must be a PrefixKVCache, got {type(cache).__name__}")
-    layer = cache._check_layer(layer)
+    layer = cache.pool.check_layer(layer)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if q.dim() != 3 or q.shape[0] != batch.num_new_tokens or q.shape[2] != cache.head_dim:

@@ -1,8 +1,8 @@
-"""``PrefixKVCache``: the public cache. A :class:`ChunkTree` plus per-layer K/V storage in one pool."""
+"""``PrefixKVCache``: the public cache. A :class:`ChunkTree` (which tokens each chunk holds, shared by prefix)
+plus a :class:`KVPool` (their keys and values), and the sequences that hold paths of the tree."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 from collections.abc import Iterable
@@ -14,6 +14,7 @@ import torch
 
 from chunkattn.cache.block_hash import chain, namespace_seed
 from chunkattn.cache.eviction import EvictionPolicy, make_policy
+from chunkattn.cache.pool import KVPool
 from chunkattn.cache.tree import ChunkTree, Node
 from chunkattn.errors import SequenceError
 from chunkattn.utils import cdiv
@@ -21,7 +22,6 @@ from chunkattn.utils import cdiv
 if TYPE_CHECKING:
     from chunkattn.cache.plan import AttentionPlan
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _cache_ids = itertools.count()
 
 
@@ -201,30 +201,22 @@ class PrefixKVCache:
                             ("chunk_size", chunk_size), ("max_tokens", max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.chunk_size = chunk_size
         self.dtype = dtype
-        self.device = torch.device(device)
         self.share_prefixes = share_prefixes
         self.retain_prefixes = retain_prefixes and share_prefixes
         self.num_slots = math.ceil(max_tokens / chunk_size)
+        self.pool = KVPool(num_layers, self.num_slots, chunk_size, num_kv_heads, head_dim, dtype, torch.device(device))
+        self.device = self.pool.device
         self._tree = ChunkTree(self.num_slots, chunk_size, make_policy(eviction))
-        rows = self.num_slots * chunk_size
-        # k_cache, v_cache: [num_layers, num_slots * chunk_size, num_kv_heads, head_dim]
-        self.k_cache = torch.zeros(num_layers, rows, num_kv_heads, head_dim, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros_like(self.k_cache)
         self._id = next(_cache_ids)
         self._next_seq_id = 0
         self._live: dict[int, Sequence] = {}
         self._pins: list[PinnedPrefix] = []
         self._last_plan: AttentionPlan | None = None
-        # store() scatters with a Triton kernel on CUDA (head_dim a power of two), with index_copy_ elsewhere.
-        self._triton_store = (self.device.type == "cuda" and head_dim & (head_dim - 1) == 0
-                              and importlib.util.find_spec("triton") is not None)
 
     # ------------------------------------------------------------------ sequences
     @property
@@ -233,9 +225,19 @@ class PrefixKVCache:
         return self._tree
 
     @property
+    def k_cache(self) -> torch.Tensor:
+        """``[num_layers, num_slots * chunk_size, num_kv_heads, head_dim]``: every chunk's keys (the pool's)."""
+        return self.pool.k
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        """Like :attr:`k_cache`, the values."""
+        return self.pool.v
+
+    @property
     def chunk_bytes(self) -> int:
         """K+V bytes of one chunk across all layers."""
-        return 2 * self.num_layers * self.chunk_size * self.num_kv_heads * self.head_dim * self.k_cache.element_size()
+        return self.pool.chunk_bytes
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -480,11 +482,6 @@ class PrefixKVCache:
             if seq.num_tokens != n:
                 raise ValueError(f"{seq} was extended after this batch was made; use the newest batch")
 
-    def _check_layer(self, layer: Any) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
-        return layer
-
     def store(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the new tokens' K/V of one layer.
 
@@ -493,35 +490,14 @@ class PrefixKVCache:
         k, v : torch.Tensor
             ``[batch.num_new_tokens, num_kv_heads, head_dim]``, the cache's dtype and device.
         """
-        layer = self._check_layer(layer)
+        layer = self.pool.check_layer(layer)
         self.check_batch(batch)
-        shape = (batch.num_new_tokens, self.num_kv_heads, self.head_dim)
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must be [num_new_tokens, num_kv_heads, head_dim] = {list(shape)}, "
-                                 f"got {list(t.shape)}")
-            if t.dtype != self.dtype:
-                raise TypeError(f"{name} must be {self.dtype} like the cache, got {t.dtype}")
-            if t.device != self.k_cache.device:
-                raise ValueError(f"{name} is on {t.device}, the cache on {self.k_cache.device}")
+        self.pool.check_kv(k, v, batch.num_new_tokens)
         self.write_kv(layer, batch, k, v)
 
     def write_kv(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         """:meth:`store` without validation, for attention backends that checked ``batch`` once per step."""
-        if not batch.store_kv.numel():
-            return
-        if self._triton_store:  # one launch for K and V, no intermediate copy
-            from chunkattn.cache.triton_store import triton_store
-
-            triton_store(self.k_cache[layer], self.v_cache[layer], k, v, batch.store_rows, batch.store_kv)
-            return
-        if not batch.all_rows_stored:
-            k = k.index_select(0, batch.store_rows)
-            v = v.index_select(0, batch.store_rows)
-        self.k_cache[layer].index_copy_(0, batch.store_kv, k)
-        self.v_cache[layer].index_copy_(0, batch.store_kv, v)
+        self.pool.write(layer, k, v, batch.store_rows, batch.store_kv, batch.all_rows_stored)
 
     # ------------------------------------------------------------------ plans and views
     def plan(self, batch: Batch) -> AttentionPlan:
