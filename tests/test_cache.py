@@ -301,6 +301,48 @@ def test_capacity_methods_answer_what_the_scheduler_asks():
     assert cache.num_evictable_chunks == 3 and cache.can_allocate(8)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_add_sequence_from_a_lookup_equals_walking_the_tree_again(seed):
+    """lookup() + add_sequence(match=) starts the same sequence as add_sequence() alone, on random trees: whole
+    prompts cached (the last token backs off, also across a chunk boundary), partial matches, namespaces,
+    prompt logprobs (no reuse), and matches made stale by a change of the tree in between."""
+    g = torch.Generator().manual_seed(seed)
+    twins = [make_cache(chunk_size=4, max_tokens=512), make_cache(chunk_size=4, max_tokens=512)]
+    base = torch.randint(0, 6, (24,), generator=g).tolist()
+    for step in range(40):
+        cut = int(torch.randint(1, len(base) + 1, (1,), generator=g))
+        prompt = base[:cut] + torch.randint(0, 6, (int(torch.randint(0, 5, (1,), generator=g)),), generator=g).tolist()
+        ns = None if step % 5 else "tenant"
+        reuse = step % 7 != 3
+        m = twins[0].lookup(prompt, ns)
+        assert m.num_cached_tokens == twins[1].match_prefix(prompt, ns)
+        assert m.chunks_needed == twins[1].chunks_to_add(prompt, ns)
+        if step % 4 == 1:  # the tree changes between the lookup and the add: the match is stale
+            add_prompt(twins[0], [7, 7, step])
+            add_prompt(twins[1], [7, 7, step])
+        a = twins[0].add_sequence(prompt, reuse_prefix=reuse, namespace=ns, match=m)
+        b = twins[1].add_sequence(prompt, reuse_prefix=reuse, namespace=ns)
+        assert a.num_cached_tokens == b.num_cached_tokens <= len(prompt) - 1
+        assert a.token_ids == b.token_ids == tuple(prompt[: a.num_cached_tokens])
+        for cache, seq in zip(twins, (a, b)):
+            batch = cache.extend([seq], [prompt[seq.num_cached_tokens :]])
+            store_prefix_kv(cache, batch)
+            if step % 3 == 0:
+                cache.release(seq)
+            cache.check()  # (not assert_consistent: its token count assumes one namespace)
+            assert_kv_intact(cache)
+        assert twins[0].stats() == twins[1].stats()
+
+
+def test_a_lookup_is_only_used_for_its_own_tokens_cache_and_namespace():
+    cache, other = make_cache(), make_cache()
+    m = cache.lookup([1, 2, 3])
+    for bad in (lambda: cache.add_sequence([1, 2, 4], match=m), lambda: cache.add_sequence([1, 2, 3], match=m,
+                namespace="x"), lambda: other.add_sequence([1, 2, 3], match=m)):
+        with pytest.raises(ValueError, match="lookup"):
+            bad()
+
+
 # ---------------------------------------------------------------------------- errors
 def test_bad_input_raises_clear_errors():
     cache = make_cache()

@@ -79,6 +79,44 @@ def test_n_completions_fork_the_prompt_and_are_seeded(tiny):
     assert b.metrics.num_cached_tokens == 29  # the second run reuses the first prompt from the cache
 
 
+def test_admission_walks_the_tree_once_per_lookup_and_the_scheduler_owns_every_sequence(tiny):
+    """Admission decides from one cache lookup per waiting request (room, deferral and the new sequence all
+    use it: no other walk of the tree from a root), and after the run every sequence the scheduler added,
+    forked or resumed is released: the cache holds no live sequence."""
+    llm = LLM(loaded=tiny, chunk_size=8, kv_cache_tokens=1024, max_num_batched_tokens=96)
+    cache, tree = llm.engine.cache, llm.engine.cache.tree
+    walks = lookups = 0
+    in_extend = False
+    match, lookup, extend = tree.match, cache.lookup, cache.extend
+
+    def counting_match(node, tokens):  # walks outside extend (which walks each sequence's new tokens)
+        nonlocal walks
+        walks += not in_extend
+        return match(node, tokens)
+
+    def counting_lookup(tokens, namespace=None):
+        nonlocal lookups
+        lookups += 1
+        return lookup(tokens, namespace)
+
+    def flagged_extend(seqs, tokens):
+        nonlocal in_extend
+        in_extend = True
+        try:
+            return extend(seqs, tokens)
+        finally:
+            in_extend = False
+
+    tree.match, cache.lookup, cache.extend = counting_match, counting_lookup, flagged_extend
+    prompts = prompts_sharing(6, shared=100, own=5, seed=3)
+    params = [SamplingParams(max_tokens=12, temperature=1.0, n=1 + i % 3, seed=i) for i in range(6)]
+    outs = llm.generate(prompts, params)
+    assert all(len(c.token_ids) == 12 for o in outs for c in o.outputs)
+    assert lookups >= 6 and walks == lookups
+    assert cache.stats()["num_sequences"] == 0 and llm.engine.scheduler.running == []
+    cache.check()
+
+
 def test_stop_token_ids_and_max_tokens(tiny):
     llm = LLM(loaded=tiny, chunk_size=8)
     free = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=10, temperature=0))[0]

@@ -86,6 +86,31 @@ class PinnedPrefix:
         return f"PinnedPrefix({self.num_tokens} tokens{'' if self.active else ', unpinned'})"
 
 
+class PrefixMatch:
+    """What a :class:`PrefixKVCache` holds of one token list, from one walk of its tree (:meth:`lookup`).
+
+    ``num_cached_tokens``: leading tokens the cache holds (live or retained); ``chunks_needed``: worst-case
+    chunks that adding a sequence of these tokens and computing it takes. Hand it to :meth:`add_sequence`
+    (``match=``) to start the sequence without walking the tree again; once the tree changed (a chunk added,
+    split or evicted) ``add_sequence`` walks it again, so a stale match is never wrong, only slower.
+    """
+
+    __slots__ = ("token_ids", "namespace", "num_cached_tokens", "chunks_needed", "_root", "_node", "_offset",
+                 "_version", "_cache_id")
+
+    def __init__(self, token_ids: list[int], namespace: str | None, num_cached_tokens: int, chunks_needed: int,
+                 root: Node | None, node: Node | None, offset: int, version: int, cache_id: int):
+        self.token_ids = token_ids
+        self.namespace = namespace
+        self.num_cached_tokens = num_cached_tokens
+        self.chunks_needed = chunks_needed
+        self._root, self._node, self._offset = root, node, offset  # where the match ends (None: no tree yet)
+        self._version, self._cache_id = version, cache_id
+
+    def __repr__(self) -> str:
+        return f"PrefixMatch({self.num_cached_tokens} of {len(self.token_ids)} tokens cached)"
+
+
 @dataclass(eq=False)
 class Batch:
     """The new tokens of one ``extend`` call: what ``store`` writes and ``attention`` computes.
@@ -267,16 +292,27 @@ class PrefixKVCache:
             raise TypeError(f"namespace must be a str or None, got {type(namespace).__name__}")
         return self._tree.namespace_root(namespace, create)
 
+    def lookup(self, token_ids: Any, namespace: str | None = None) -> PrefixMatch:
+        """How much of ``token_ids`` the cache holds in ``namespace``, and what adding it would take, from one
+        walk of the tree. Changes nothing; pass the result to :meth:`add_sequence` to start the sequence."""
+        tokens = _as_token_list(token_ids, "token_ids")
+        version, c = self._tree.version, self.chunk_size
+        root = self._root(namespace, create=False) if self.share_prefixes else None
+        if root is None:
+            needed = cdiv(len(tokens), c) + (1 if self.share_prefixes else 0)
+            return PrefixMatch(tokens, namespace, 0, needed, None, None, 0, version, self._id)
+        node, offset, matched = self._tree.match(root, tokens)
+        # the last token is always computed again; +1 for a tail that starts inside a chunk
+        needed = cdiv(len(tokens) - min(matched, len(tokens) - 1), c) + 1
+        return PrefixMatch(tokens, namespace, matched, needed, root, node, offset, version, self._id)
+
     def match_prefix(self, token_ids: Any, namespace: str | None = None) -> int:
         """How many leading tokens of ``token_ids`` the cache holds (live or retained) in ``namespace``.
         Changes nothing."""
-        tokens = _as_token_list(token_ids, "token_ids")
-        if not self.share_prefixes:
-            return 0
-        root = self._root(namespace, create=False)
-        return 0 if root is None else self._tree.match(root, tokens)[2]
+        return self.lookup(token_ids, namespace).num_cached_tokens
 
-    def add_sequence(self, token_ids: Any, reuse_prefix: bool = True, namespace: str | None = None) -> Sequence:
+    def add_sequence(self, token_ids: Any, reuse_prefix: bool = True, namespace: str | None = None,
+                     match: PrefixMatch | None = None) -> Sequence:
         """Start a sequence holding the longest cached prefix of ``token_ids``, at most ``len - 1`` tokens.
 
         The last prompt token is never taken from the cache so that the caller computes its logits. Extend
@@ -284,8 +320,12 @@ class PrefixKVCache:
         empty, so that every token is computed again (when the logits of every prompt token are wanted);
         its K/V still lands in (and shares) the cached chunks. ``namespace`` (e.g. a tenant's cache salt):
         sequences share chunks only with sequences of the same namespace (None is the common one).
+        ``match``: this cache's :meth:`lookup` of the same tokens and namespace, to skip walking the tree again.
         """
         tokens = _as_token_list(token_ids, "token_ids")
+        if match is not None and (not isinstance(match, PrefixMatch) or match._cache_id != self._id
+                                  or match.namespace != namespace or match.token_ids != tokens):
+            raise ValueError("match must be this cache's lookup() of the same token ids and namespace")
         tree = self._tree
         if not self.share_prefixes:
             return self._new_seq(tree.new_root(), [], 0)
@@ -293,10 +333,27 @@ class PrefixKVCache:
         assert root is not None
         if not reuse_prefix:
             return self._new_seq(root, [], 0)
-        node, offset, matched = tree.match(root, tokens[:-1])
+        if match is not None and match._root is root and match._version == tree.version:
+            node, offset, matched = self._without_last(match)
+        else:
+            node, offset, matched = tree.match(root, tokens[:-1])
         if 0 < offset < len(node):
             node = tree.split(node, offset)
         return self._new_seq(node, tokens[:matched], matched)
+
+    @staticmethod
+    def _without_last(match: PrefixMatch) -> tuple[Node, int, int]:
+        """``tree.match(root, tokens[:-1])`` from a current match of ``tokens``: the same unless every token
+        matched, then one token back."""
+        node, offset, matched = match._node, match._offset, match.num_cached_tokens
+        assert node is not None
+        if matched < len(match.token_ids):
+            return node, offset, matched
+        if offset > 1:
+            return node, offset - 1, matched - 1
+        parent = node.parent
+        assert parent is not None
+        return parent, len(parent), matched - 1
 
     def fork(self, seq: Sequence) -> Sequence:
         """A new sequence sharing every token of ``seq``. Both may then diverge; nothing is copied."""
@@ -379,11 +436,7 @@ class PrefixKVCache:
     def chunks_to_add(self, token_ids: Any, namespace: str | None = None) -> int:
         """Worst-case chunks that adding a sequence of ``token_ids`` (in ``namespace``) and computing it
         needs: its tokens the cache does not hold, plus one for a tail that starts inside a chunk."""
-        tokens = _as_token_list(token_ids, "token_ids")
-        if not self.share_prefixes:
-            return cdiv(len(tokens), self.chunk_size)
-        cached = min(self.match_prefix(tokens, namespace), len(tokens) - 1)
-        return cdiv(len(tokens) - cached, self.chunk_size) + 1
+        return self.lookup(token_ids, namespace).chunks_needed
 
     def can_allocate(self, num_chunks: int) -> bool:
         """Whether ``num_chunks`` chunks can be had now, evicting retained prefixes if needed."""

@@ -117,6 +117,23 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
 
 
+# What other threads put in the engine's inbox; the engine's thread applies them at the start of a step.
+@dataclass(frozen=True, slots=True)
+class _Add:
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
 class LLMEngine:
     """Continuous batching over a :class:`PrefixKVCache` (see the module doc for the threading contract)."""
 
@@ -140,7 +157,7 @@ class LLMEngine:
         self._detok_tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None  # loop thread's own
         self._encode_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._inbox: deque[tuple[str, Any]] = deque()  # ("add", Request) | ("abort", id) | ("call", (fn, future))
+        self._inbox: deque[_Add | _Abort | _Call] = deque()
         self._ids_in_use: set[str] = set()  # ids of requests in the inbox or the engine (guarded by _cond)
         self._requests: dict[str, Request] = {}  # loop thread only
         self._counter = itertools.count()
@@ -250,7 +267,7 @@ class LLMEngine:
             if taken:
                 raise ValueError(f"request id {taken[0]!r} is already in use")
             self._ids_in_use.update(ids)
-            self._inbox.extend(("add", r) for r in requests)
+            self._inbox.extend(_Add(r) for r in requests)
             self._cond.notify_all()
         return ids
 
@@ -258,7 +275,7 @@ class LLMEngine:
         """Finish a request now (``finish_reason="abort"``), whether waiting, running or preempted, and free
         its chunks. Idempotent: unknown or finished ids are ignored."""
         with self._cond:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(_Abort(request_id))
             self._cond.notify_all()
 
     def call_soon(self, fn: Callable[[], T]) -> Future[T]:
@@ -266,7 +283,7 @@ class LLMEngine:
         safely); the future holds its result."""
         future: Future[T] = Future()
         with self._cond:
-            self._inbox.append(("call", (fn, future)))
+            self._inbox.append(_Call(fn, future))
             self._cond.notify_all()
         return future
 
@@ -308,28 +325,31 @@ class LLMEngine:
             items = list(self._inbox)
             self._inbox.clear()
         outputs: list[RequestOutput] = []
-        for kind, item in items:
-            if kind == "add":
+        for item in items:
+            if isinstance(item, _Add):
+                r = item.request
                 if self.error is not None:
-                    outputs.append(self._finish_with_error(item, self.error))
+                    outputs.append(self._finish_with_error(r, self.error))
                     continue
-                self._requests[item.request_id] = item
-                self.scheduler.add(item)
-            elif kind == "abort":
-                r = self._requests.get(item)
-                if r is not None and not r.finished:
-                    self.scheduler.abort(r)
+                self._requests[r.request_id] = r
+                if self._detok_tokenizer is not None:  # (the loop thread's tokenizer: made here, not by callers)
                     for c in r.completions:
+                        c.detokenizer = IncrementalDetokenizer(self._detok_tokenizer, r.prompt_ids,
+                                                               r.params.skip_special_tokens)
+                self.scheduler.add(r)
+            elif isinstance(item, _Abort):
+                target = self._requests.get(item.request_id)
+                if target is not None and not target.finished:
+                    self.scheduler.abort(target)
+                    for c in target.completions:
                         if not c.finished:
                             c.finish("abort")
-                    outputs.append(self._retire(r, time.perf_counter()))
-            else:
-                fn, future = item
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:  # noqa: BLE001 - handed to the caller
-                        future.set_exception(exc)
+                    outputs.append(self._retire(target, time.perf_counter()))
+            elif item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_result(item.fn())
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    item.future.set_exception(exc)
         return outputs
 
     def _retire(self, r: Request, now: float) -> RequestOutput:
@@ -377,8 +397,6 @@ class LLMEngine:
                 r.prompt_logprobs = [None] * len(r.prompt_ids)
             r.prompt_logprobs[first : first + len(entries)] = entries
         for r, c, token, entry in result.samples:
-            if not r.forked:
-                self._fork(r)
             if r.first_token_time is None:
                 r.first_token_time = now
             c.token_ids.append(token)
@@ -389,30 +407,15 @@ class LLMEngine:
             self._check_stop(r, c, token)
             if c.grammar is not None and not c.finished:
                 self._advance_grammar(r, c, token, now)
-            if c.finished and c.seq is not None:
-                self.cache.release(c.seq)
-                c.seq = None
             changed[r.request_id] = r
+        self.scheduler.update_from_output(changed.values())  # forks, releases, finished requests leave
         outputs = []
         for r in changed.values():
             if all(c.finished for c in r.completions):
-                if r.state is RequestState.RUNNING:
-                    self.scheduler.finish(r)
                 outputs.append(self._retire(r, now))
             else:
                 outputs.append(RequestOutput.of(r, report=True))
         return outputs
-
-    def _fork(self, r: Request) -> None:
-        """The prompt is computed: completion 0 continues its sequence, the others fork it (no copy)."""
-        assert r.prompt_seq is not None
-        for i, c in enumerate(r.completions):
-            c.seq = r.prompt_seq if i == 0 else self.cache.fork(r.prompt_seq)
-            if self._detok_tokenizer is not None:
-                c.detokenizer = IncrementalDetokenizer(self._detok_tokenizer, r.prompt_ids,
-                                                       r.params.skip_special_tokens)
-        r.prompt_seq = None
-        r.forked = True
 
     def _advance_grammar(self, r: Request, c: Completion, token: int, now: float) -> None:
         """Advance a structured completion's matcher by its sampled token; finish it once the structure is

@@ -7,6 +7,7 @@ import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -19,17 +20,30 @@ from chunkattn.engine.structured import GrammarCompiler, apply_masks, fill_masks
 from chunkattn.model.llama import LlamaForCausalLM
 
 
+class Sample(NamedTuple):
+    """One sampled token of one completion."""
+
+    request: Request
+    completion: Completion
+    token: int
+    logprob: TokenLogprob | None  # when the request asked for logprobs
+
+
+class PromptLogprobs(NamedTuple):
+    """The logprobs of prompt tokens ``first .. first + len(entries) - 1`` of one request, computed this step."""
+
+    request: Request
+    first: int
+    entries: list[TokenLogprob]
+
+
 @dataclass
 class RunnerOutput:
-    """What one step produced.
+    """What one step produced: ``samples`` in the order of the scheduled units, ``prompt_logprobs`` per request
+    that asked for them."""
 
-    ``samples``: per sampled completion (request, completion, token id, its logprob entry or None), in the
-    order of the scheduled units; ``prompt_logprobs``: per request, (first prompt index, entries) of the
-    prompt tokens whose logprobs this step computed.
-    """
-
-    samples: list[tuple[Request, Completion, int, TokenLogprob | None]] = field(default_factory=list)
-    prompt_logprobs: list[tuple[Request, int, list[TokenLogprob]]] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 def new_seed() -> int:
@@ -90,7 +104,7 @@ class ModelRunner:
             k = r.params.prompt_logprobs or 0
             chosen, top_lp, top_ids = prompt_logprobs(logits[row : row + len(nxt)],
                                                       torch.tensor(nxt, device=logits.device), k)
-            out.prompt_logprobs.append((r, first, _entries(nxt, chosen, top_ids, top_lp, k)))
+            out.prompt_logprobs.append(PromptLogprobs(r, first, _entries(nxt, chosen, top_ids, top_lp, k)))
         return out
 
     def _start_masks(self, sampled: list[tuple[Request, Completion]]) -> Future[tuple[torch.Tensor, float]] | None:
@@ -110,8 +124,7 @@ class ModelRunner:
         return self._mask_pool.submit(fill)
 
     def _sample(self, logits: torch.Tensor, sample_rows: list[int], sampled: list[tuple[Request, Completion]],
-                masks: Future[tuple[torch.Tensor, float]] | None = None
-                ) -> list[tuple[Request, Completion, int, TokenLogprob | None]]:
+                masks: Future[tuple[torch.Tensor, float]] | None = None) -> list[Sample]:
         rows = logits if sample_rows == list(range(logits.shape[0])) else \
             logits.index_select(0, torch.tensor(sample_rows, device=logits.device))  # [R, V]
         raw = rows
@@ -149,7 +162,7 @@ class ModelRunner:
                 top = () if not want or top_ids is None or top_lp is None else \
                     tuple(zip(top_ids[i][:want], top_lp[i][:want]))
                 entries[i] = TokenLogprob(tokens[i], lp[i], top)
-        return [(r, c, t, e) for (r, c), t, e in zip(sampled, tokens, entries)]
+        return [Sample(r, c, t, e) for (r, c), t, e in zip(sampled, tokens, entries)]
 
     def _blocked(self, r: Request, c: Completion) -> list[int]:
         """Tokens that may not be sampled yet: end-of-sequence and stop tokens before ``min_tokens`` (not for a

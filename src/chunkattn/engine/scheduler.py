@@ -6,15 +6,21 @@ whose prompt another request is prefilling (a new shared prompt) waits until tha
 so that it hits it. The scheduler then makes room for the step's tokens in the cache; when the pool is
 short it preempts the newest request (releases its sequences; it goes back to the front of the queue and
 recomputes later). Preemption happens only here.
+
+The scheduler owns the K/V lifetimes of its requests: it adds their sequences (from one cache lookup per
+sequence), forks a computed prompt into its completions (:meth:`update_from_output`), releases a completion's
+sequence when it finishes, and a request's when it leaves, is preempted or aborted. The engine never calls
+the cache's ``add_sequence`` / ``fork`` / ``release`` itself.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from chunkattn.cache.cache import Batch, PrefixKVCache, Sequence
+from chunkattn.cache.cache import Batch, PrefixKVCache, PrefixMatch, Sequence
 from chunkattn.engine.request import Completion, ErrorCode, Request, RequestState
 from chunkattn.errors import CacheFullError
 
@@ -96,18 +102,23 @@ class Scheduler:
             return [[*request.prompt_ids, *c.token_ids] for c in request.completions if not c.finished]
         return [list(request.prompt_ids)]
 
-    def _admit(self, request: Request) -> None:
+    def _lookup(self, request: Request) -> list[PrefixMatch]:
+        """One cache lookup per sequence the request will hold: what admission decides from."""
+        return [self.cache.lookup(p, request.cache_salt) for p in self._prompts(request)]
+
+    def _admit(self, request: Request, matches: list[PrefixMatch]) -> None:
         """Give the request its sequences, reusing the longest cached prefix of each (unless it wants the
         logprobs of every prompt token, which must then be computed)."""
         cache = self.cache
-        reuse = request.params.prompt_logprobs is None
         if request.forked:
-            for c in request.completions:
-                if not c.finished:
-                    c.seq = cache.add_sequence([*request.prompt_ids, *c.token_ids], namespace=request.cache_salt)
+            live = [c for c in request.completions if not c.finished]
+            for c, m in zip(live, matches, strict=True):
+                c.seq = cache.add_sequence(m.token_ids, namespace=request.cache_salt, match=m)
         else:
-            request.prompt_seq = cache.add_sequence(request.prompt_ids, reuse_prefix=reuse,
-                                                    namespace=request.cache_salt)
+            (m,) = matches
+            reuse = request.params.prompt_logprobs is None
+            request.prompt_seq = cache.add_sequence(m.token_ids, reuse_prefix=reuse, namespace=request.cache_salt,
+                                                    match=m)
             if not request.admitted:
                 request.num_cached_tokens = request.prompt_seq.num_cached_tokens
                 self.admitted_prompt_tokens += len(request.prompt_ids)
@@ -118,17 +129,16 @@ class Scheduler:
         request.state = RequestState.RUNNING
         self.running.append(request)
 
-    def _can_admit(self, request: Request) -> bool:
+    def _can_admit(self, matches: list[PrefixMatch]) -> bool:
         """Whether the pool (free plus evictable chunks) could hold the request's uncomputed prompt tokens;
         admitting a request that cannot fit would only get it preempted again at once."""
-        needed = sum(self.cache.chunks_to_add(p, request.cache_salt) for p in self._prompts(request))
-        return self.cache.can_allocate(needed)
+        return self.cache.can_allocate(sum(m.chunks_needed for m in matches))
 
-    def _defer(self, request: Request) -> bool:
+    def _defer(self, request: Request, matches: list[PrefixMatch]) -> bool:
         """Whether another request is prefilling a longer prefix of this prompt than the cache holds."""
         if not self.config.prefix_aware or request.forked:
             return False
-        cached = self.cache.match_prefix(request.prompt_ids, request.cache_salt)
+        cached = matches[0].num_cached_tokens
         for other in self.running:
             seq = other.prompt_seq
             if (other.forked or seq is None or seq.num_tokens >= len(other.prompt_ids)
@@ -166,14 +176,16 @@ class Scheduler:
         while self.waiting and budget > 0:
             r = self.waiting[0]
             need = r.params.n if not r.forked else sum(not c.finished for c in r.completions)
-            if self.running and (self._num_running_seqs() + need > self.config.max_num_seqs
-                                 or not self._can_admit(r)):
+            if self.running and self._num_running_seqs() + need > self.config.max_num_seqs:
+                break
+            matches = self._lookup(r)
+            if self.running and not self._can_admit(matches):
                 break
             self.waiting.popleft()
-            if self._defer(r):
+            if self._defer(r, matches):
                 deferred.append(r)
                 continue
-            self._admit(r)
+            self._admit(r, matches)
             for uc, useq, _ in r.units():
                 assert useq is not None
                 if budget <= 0:
@@ -215,6 +227,31 @@ class Scheduler:
                                            f"the cache size or lower max_tokens"))
                 units = [u for u in units if u.request is not victim]
         return SchedulerOutput([], None, failed)
+
+    # ------------------------------------------------------------------ after the step
+    def update_from_output(self, requests: Iterable[Request]) -> None:
+        """After the engine appended a step's sampled tokens (and finished the completions that stopped):
+        a request whose prompt was just computed forks it into its completions' sequences (completion 0
+        continues it, the others share it; nothing is copied); a finished completion's sequence is released at
+        once; a request whose completions all finished leaves (its chunks stay cached for later prefixes)."""
+        for r in requests:
+            if r.state is not RequestState.RUNNING:  # failed this step: already released
+                continue
+            if not r.forked:
+                self._fork(r)
+            for c in r.completions:
+                if c.finished and c.seq is not None:
+                    self.cache.release(c.seq)
+                    c.seq = None
+            if all(c.finished for c in r.completions):
+                self.finish(r)
+
+    def _fork(self, r: Request) -> None:
+        assert r.prompt_seq is not None
+        for i, c in enumerate(r.completions):
+            c.seq = r.prompt_seq if i == 0 else self.cache.fork(r.prompt_seq)
+        r.prompt_seq = None
+        r.forked = True
 
     # ------------------------------------------------------------------ leaving
     def _release(self, request: Request) -> None:
