@@ -450,9 +450,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
+    from chunkattn.extras import MissingExtraError
+
     try:
         return int(args.func(args))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, MissingExtraError) as exc:
         print(f"chunkattn: error: {exc}", file=sys.stderr)
         return 2
 

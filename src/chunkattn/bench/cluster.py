@@ -22,6 +22,7 @@ import torch
 from chunkattn.bench.serve import ServeConfig, run_url
 from chunkattn.bench.serve import Workload as HttpWorkload
 from chunkattn.cluster.simulator import CostModel, Workload, simulate
+from chunkattn.extras import pyplot, require
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ClusterBenchConfig:
 
 
 def _replica_requests(url: str) -> list[int]:
+    require("bench", "the benchmark's HTTP client")
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=60).text
@@ -150,10 +152,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = result["summary"]
     routers = list(summary)

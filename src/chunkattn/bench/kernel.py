@@ -23,6 +23,7 @@ import torch
 
 import chunkattn
 from chunkattn.bench.workload import DTYPES, Config, Provider, ProviderUnavailable, Workload, build_workload
+from chunkattn.extras import pyplot
 
 CPU_PROVIDERS = ("naive", "sdpa", "reference", "cascade-torch", "tpp-torch", "tpp-cpu")
 GPU_PROVIDERS = ("tpp-triton", "paged-triton", "sdpa-flash", "flashinfer-paged", "flashinfer-cascade")
@@ -293,10 +294,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str | Path) -> None:
     """Grouped bars: median time per provider for each configuration (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     providers = list(dict.fromkeys(r["provider"] for r in rows))

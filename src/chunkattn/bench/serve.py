@@ -20,6 +20,7 @@ import torch
 from chunkattn.engine.llm import LLM
 from chunkattn.engine.request import RequestOutput
 from chunkattn.engine.sampling import SamplingParams
+from chunkattn.extras import pyplot, require
 from chunkattn.model.loader import LoadedModel, to_transformers
 
 SYSTEMS = ("chunkattn", "no-sharing", "hf")
@@ -207,6 +208,7 @@ def run_url(url: str, cfg: ServeConfig, work: Workload, model: str | None = None
     over the rest; then (``idle``) a cold and a cache-hit request alone on the idle server."""
     import asyncio
 
+    require("bench", "the benchmark's HTTP client")
     import httpx
 
     base = url.rstrip("/")
@@ -333,10 +335,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     names = [r["system"] for r in rows]

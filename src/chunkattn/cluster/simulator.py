@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from chunkattn.cluster.router import PrefixIndex, Router, RoutingStats, make_policy
+from chunkattn.extras import pyplot
 
 
 @dataclass(frozen=True)
@@ -247,10 +248,7 @@ def sweep(replica_counts: list[int], zipfs: list[float], policies: list[str], co
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("hit_rate", "prefix hit rate"), ("ttft_p50_s", "TTFT p50 (s)"),
               ("output_tokens_per_s", "output tokens/s per replica")]
