@@ -132,6 +132,10 @@ def machine_of(d: Json) -> str:
     if "chunkattn" in d and isinstance(d["chunkattn"], dict) and "device" in d["chunkattn"]:  # kernel peer
         c = d["chunkattn"]
         return f"{c['device']}, {c['copy_gbps']} GB/s copy bandwidth (CPU model and flags not recorded)"
+    if isinstance(d.get("cpu"), dict):  # ab_revs.py
+        c = d["cpu"]
+        return (f"{c['model']}, {c['cores']} CPUs, AVX512-BF16 {yn('avx512_bf16' in c['flags'])}, "
+                f"AMX-BF16 {yn('amx_bf16' in c['flags'])}")
     if "amx_bf16" in d:  # structured_serve.py
         return f"{d['cpu']}, {d['cores']} CPUs, AMX-BF16 {yn(d['amx_bf16'])}"
     if "cores" in d:  # startup.py
@@ -304,6 +308,10 @@ def command_single_stream(name: str, d: Json) -> str:
 def command_structured(name: str, d: Json) -> str:
     runs = sum(1 for r in d["rows"] if r["side"] == "chunkattn" and r["mode"] == "plain")
     return f"RUNS={runs} DTYPES={d['dtype']} benchmarks/peer_vllm_cpu.sh structured"
+
+
+def command_ab(name: str, d: Json) -> str:
+    return d["command"]
 
 
 def command_startup(name: str, d: Json) -> str:
@@ -517,6 +525,22 @@ def table_serve(files: list[tuple[str, Json]]) -> list[str]:
                   "peak K/V MiB", "prefix hit rate", "idle TTFT cold / hit ms"], rows)
 
 
+def table_ab(files: list[tuple[str, Json]]) -> list[str]:
+    """Before/after of two revisions (benchmarks/ab_revs.py): medians, ranges, after over before."""
+    (_name, d), = files
+    rows = []
+    for e in d["summary"]:
+        metrics = ["output_tokens_per_s", "ttft_p50_ms", "tpot_p50_ms"] if e["kind"] == "serve" else ["median_us"]
+        what = f"serve row {e['what']}" if e["kind"] == "serve" else f"kernel {e['what']}"
+        for m in metrics:
+            v = e[m]
+            rng = "{}: {:g}-{:g} / {:g}-{:g}".format("ranges", *v["before_range"], *v["after_range"])
+            rows.append([what, DTYPE[e["dtype"]], m.replace("_", " "), f"{v['before']:g} / {v['after']:g}",
+                         x(v["after_over_before"]), rng])
+    return table(["what", "dtype", "metric", f"median before / after ({d['runs_per_side']} runs each)",
+                  "after / before", "min-max before / after"], rows)
+
+
 def table_contention(files: list[tuple[str, Json]]) -> list[str]:
     (_name, d), = files
     rows = []
@@ -609,6 +633,7 @@ KINDS: list[tuple[str, Kind]] = [  # first match by file name wins
     (r"^lmeval-", Kind(table_lmeval, command_lmeval)),
     (r"^structured-", Kind(table_structured, command_structured)),
     (r"^startup-", Kind(table_startup, command_startup)),
+    (r"^ab-revs-", Kind(table_ab, command_ab)),
 ]
 
 
