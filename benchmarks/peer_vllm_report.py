@@ -80,7 +80,7 @@ def _chunkattn_tokens(vllm_json: dict[str, Any], n: int) -> tuple[list[list[int]
         from chunkattn import LLM, SamplingParams
         from chunkattn.bench.serve import ServeConfig, make_workload
 
-        cfg = ServeConfig(**vllm_json["config"])
+        cfg = ServeConfig.from_dict(vllm_json["config"])
         work = make_workload(cfg, vllm_json["vocab_size"], set(vllm_json["special_ids"]))
         llm = LLM(dtype=torch.float32)
         outs = llm.generate(work.prompts[:n], SamplingParams(max_tokens=cfg.output_len, temperature=0,

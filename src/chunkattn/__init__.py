@@ -13,7 +13,7 @@ Layout (each layer depends only on those below it; docs/architecture.md has the 
 
 from chunkattn.attention import attention
 from chunkattn.cache import AttentionPlan, Batch, PrefixKVCache, Sequence
-from chunkattn.engine import LLM, AsyncLLM, RequestOutput, SamplingParams
+from chunkattn.engine import LLM, AsyncLLM, EngineArgs, RequestOutput, SamplingParams
 from chunkattn.errors import CacheCorruptedError, CacheFullError, ChunkAttnError, SequenceError
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "CacheCorruptedError",
     "CacheFullError",
     "ChunkAttnError",
+    "EngineArgs",
     "PrefixKVCache",
     "RequestOutput",
     "SamplingParams",

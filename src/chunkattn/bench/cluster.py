@@ -62,11 +62,11 @@ def run_cluster_bench(model: str | None, work: Workload, cfg: ClusterBenchConfig
 
     arrivals = work.generate()
     http_work = HttpWorkload([p for _, _, p in arrivals], [t - arrivals[0][0] for t, _, _ in arrivals])
-    serve_cfg = ServeConfig(requests=work.requests, system_prompts=work.tenants, shared_len=work.shared_len,
-                            question_len=work.question_len, output_len=work.output_len, rate=work.rate,
-                            chunk_size=cfg.chunk_size, kv_cache_tokens=cfg.kv_cache_tokens, seed=work.seed)
     spec = EngineSpec(model=model, tokenizer=tokenizer, random_weights=random_weights, dtype=dtype,
                       kv_cache_tokens=cfg.kv_cache_tokens, chunk_size=cfg.chunk_size, threads=cfg.threads)
+    serve_cfg = ServeConfig(requests=work.requests, system_prompts=work.tenants, shared_len=work.shared_len,
+                            question_len=work.question_len, output_len=work.output_len, rate=work.rate,
+                            seed=work.seed, engine=spec)
     url = f"http://127.0.0.1:{cfg.port}"
     logging.getLogger("httpx").setLevel(logging.WARNING)  # (Ray's logging setup would print every request)
     rows: list[dict[str, Any]] = []

@@ -8,15 +8,17 @@ Face ``generate`` with one static batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
+from chunkattn.engine.args import SERVING_KV_CACHE_TOKENS, EngineArgs
 from chunkattn.engine.llm import LLM
 from chunkattn.engine.request import RequestOutput
 from chunkattn.engine.sampling import SamplingParams
@@ -26,24 +28,48 @@ from chunkattn.model.loader import LoadedModel, to_transformers
 SYSTEMS = ("chunkattn", "no-sharing", "hf")
 
 
+def _serving_engine() -> EngineArgs:
+    return EngineArgs(kv_cache_tokens=SERVING_KV_CACHE_TOKENS)
+
+
 @dataclass
 class ServeConfig:
+    """The workload, and ``engine``: the engine options of the chunkattn systems (``kv_cache_tokens``
+    defaults to :data:`~chunkattn.engine.args.SERVING_KV_CACHE_TOKENS`, as in ``chunkattn bench serve``;
+    ``prefix_sharing`` is set per system; ``max_num_seqs`` is raised to ``requests``)."""
+
     requests: int = 32
     rate: float = float("inf")  # requests per second (Poisson); inf = all at t=0
     system_prompts: int = 1
     shared_len: int = 1024
     question_len: int = 64
     output_len: int = 64
-    kv_cache_tokens: int = 65536
-    chunk_size: int = 64
-    max_num_batched_tokens: int = 2048
     seed: int = 0
+    engine: EngineArgs = field(default_factory=_serving_engine)
+
+    #: The engine options results record in their ``config`` (see :meth:`as_dict`).
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache_tokens", "chunk_size", "max_num_batched_tokens")
 
     def __post_init__(self) -> None:
         if min(self.requests, self.system_prompts, self.question_len, self.output_len) < 1 or self.shared_len < 0:
             raise ValueError("requests, system prompts, question and output lengths must be >= 1")
         if self.rate <= 0:
             raise ValueError("--rate must be > 0 (inf: all requests at once)")
+        if not isinstance(self.engine, EngineArgs):
+            raise TypeError(f"engine must be an EngineArgs, got {type(self.engine).__name__}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``config`` of a result: the workload and :data:`ENGINE_FIELDS`, flat (as results always had it)."""
+        return {"requests": self.requests, "rate": self.rate, "system_prompts": self.system_prompts,
+                "shared_len": self.shared_len, "question_len": self.question_len, "output_len": self.output_len,
+                **{name: getattr(self.engine, name) for name in self.ENGINE_FIELDS}, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ServeConfig:
+        """A result's ``config`` (:meth:`as_dict`) read back; other engine options take the defaults."""
+        config = dict(config)
+        engine = {name: config.pop(name) for name in cls.ENGINE_FIELDS if name in config}
+        return cls(**config, engine=dataclasses.replace(_serving_engine(), **engine))
 
 
 @dataclass
@@ -113,9 +139,9 @@ def run_engine(loaded: LoadedModel, cfg: ServeConfig, work: Workload, sharing: b
                progress: Any = None) -> dict[str, Any]:
     """Submit the workload at its arrival times through the engine's loop (the same driver as every other
     front end); then time a cold and a cache-hit request alone on the idle engine."""
-    llm = LLM(loaded=loaded, kv_cache_tokens=cfg.kv_cache_tokens, chunk_size=cfg.chunk_size,
-              prefix_sharing=sharing, max_num_batched_tokens=cfg.max_num_batched_tokens,
-              max_num_seqs=max(64, cfg.requests))
+    args = dataclasses.replace(cfg.engine, prefix_sharing=sharing,
+                               max_num_seqs=max(cfg.engine.max_num_seqs, cfg.requests))
+    llm = LLM.from_args(args, loaded=loaded)
     engine = llm.engine
     params = SamplingParams(max_tokens=cfg.output_len, temperature=0, ignore_eos=True)
     finals: dict[str, RequestOutput] = {}
@@ -292,7 +318,7 @@ def run_serve_url(url: str, cfg: ServeConfig, model: str | None = None, api_key:
 
     work = make_workload(cfg, vocab_size, set(range(100)))
     result: dict[str, Any] = {"model": model or "(server default)", "url": url, "torch": torch.__version__,
-                              "device": "server", "dtype": "server", "config": dict(cfg.__dict__),
+                              "device": "server", "dtype": "server", "config": cfg.as_dict(),
                               "date": time.strftime("%Y-%m-%d"), "rows": []}
     with tqdm(total=cfg.requests + 1, disable=not progress, desc=f"bench serve: {url}", unit="req") as bar:
         result["rows"].append(run_url(url, cfg, work, model, api_key, bar, vocab_size))
@@ -309,7 +335,7 @@ def run_serve(loaded: LoadedModel, cfg: ServeConfig, systems: list[str], progres
     work = make_workload(cfg, loaded.config.vocab_size, special)
     result: dict[str, Any] = {"model": loaded.source, "device": str(loaded.model.lm_head.weight.device),
                               "dtype": str(loaded.model.lm_head.weight.dtype), "torch": torch.__version__,
-                              "config": dict(cfg.__dict__), "date": time.strftime("%Y-%m-%d"), "rows": []}
+                              "config": cfg.as_dict(), "date": time.strftime("%Y-%m-%d"), "rows": []}
     for system in systems:
         with tqdm(total=cfg.requests, disable=not progress, desc=f"bench serve: {system}", unit="req") as bar:
             if system == "hf":

@@ -43,6 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from chunkattn.cluster.ray_router import PrefixRouter
 from chunkattn.cluster.router import make_policy
 from chunkattn.cluster.wire import OutputAssembler, ReplicaRequest, ToReplica, slim
+from chunkattn.engine.args import SERVING_KV_CACHE_TOKENS, EngineArgs
 from chunkattn.engine.engine import check_cache_salt, encode
 from chunkattn.engine.request import ErrorCode, RequestMetrics, RequestOutput
 from chunkattn.engine.sampling import SamplingParams
@@ -58,24 +59,26 @@ RAY_PREFIX_ROUTER = ("ray.llm._internal.serve.routing_policies.prefix_aware.pref
 ROUTERS = ("prefix-aware", "round-robin", "power-of-two", "ray-prefix")
 
 
-@dataclass
-class EngineSpec:
-    """What each replica loads and how its engine is sized (see :class:`chunkattn.LLM`). ``model``: a GGUF
-    file or HF directory (None: SmolLM2-135M-Instruct), or a ``config.json`` with ``random_weights``;
-    ``threads``: torch threads per replica (None: this machine's cores / replicas, at least 1)."""
+@dataclass(kw_only=True)
+class EngineSpec(EngineArgs):
+    """What each replica loads and how its engine is sized: an :class:`~chunkattn.engine.args.EngineArgs`
+    (``kv_cache_tokens`` defaults to :data:`~chunkattn.engine.args.SERVING_KV_CACHE_TOKENS` here, as in
+    ``chunkattn serve``) and ``threads``: torch threads per replica (None or 0: this machine's cores / replicas,
+    at least 1). Ray pickles it to every replica."""
 
-    model: str | None = None
-    tokenizer: str | None = None
-    random_weights: bool = False
-    dtype: str = "float32"
-    quantization: str = "auto"  # see chunkattn.model.loader.QUANTIZATIONS
-    kv_cache_tokens: int = 65536
-    chunk_size: int = 64
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    backend: str = "auto"
-    prefix_sharing: bool = True
+    kv_cache_tokens: int = SERVING_KV_CACHE_TOKENS
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 0):
+            raise ValueError(f"threads must be an int >= 0 or None (0: as None), got {self.threads!r}")
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, threads: int | None = None) -> EngineSpec:
+        """``args`` (every field, its ``kv_cache_tokens`` included) for replicas of ``threads`` threads."""
+        return cls(**args.engine_kwargs(), threads=threads)
 
 
 @dataclass
@@ -137,19 +140,11 @@ class EngineReplica:
         import torch
 
         from chunkattn.engine.llm import LLM
-        from chunkattn.model import load_model, load_tokenizer
 
         try:
             torch.set_num_threads(threads)
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            s = self.spec
-            loaded = load_model(s.model, dtype=getattr(torch, s.dtype), random_weights=s.random_weights,
-                                quantization=s.quantization)
-            if s.tokenizer is not None:
-                loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(s.tokenizer))
-            self.llm = LLM(loaded=loaded, kv_cache_tokens=s.kv_cache_tokens, chunk_size=s.chunk_size,
-                           prefix_sharing=s.prefix_sharing, backend=s.backend,
-                           max_num_batched_tokens=s.max_num_batched_tokens, max_num_seqs=s.max_num_seqs)
+            self.llm = LLM.from_args(self.spec)
         except BaseException as exc:  # noqa: BLE001 - reported by the constructor
             self._load_error = exc
             self._ready.set()

@@ -14,19 +14,26 @@ from typing import Any, cast
 
 import torch
 
-from chunkattn.cache.cache import PinnedPrefix, PrefixKVCache
-from chunkattn.engine.engine import EngineConfig, LLMEngine, Prompt
+from chunkattn.cache.cache import PinnedPrefix
+from chunkattn.engine.args import EngineArgs
+from chunkattn.engine.args import resolve_device as resolve_device  # noqa: F401 - (they were defined here)
+from chunkattn.engine.args import resolve_dtype as resolve_dtype  # noqa: F401
+from chunkattn.engine.engine import LLMEngine, Prompt
 from chunkattn.engine.loop import EngineLoop
 from chunkattn.engine.request import RequestOutput
 from chunkattn.engine.sampling import SamplingParams
-from chunkattn.engine.scheduler import SchedulerConfig
-from chunkattn.model.loader import LoadedModel, load_model
+from chunkattn.model.loader import LoadedModel
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles a chat message may have
+_DEFAULTS = EngineArgs()  # LLM's keyword defaults are EngineArgs' own (dtype: torch.float32 = "float32")
 
 
 class LLM:
     """Generate with a Llama-family model on a prefix-sharing K/V cache.
+
+    Two ways to make one, the same engine either way: keywords, ``LLM(model, dtype="bfloat16",
+    kv_cache_tokens=65536)``, or an :class:`~chunkattn.engine.args.EngineArgs` (every option, also those
+    without a keyword here: ``tokenizer``, ``random_weights``), ``LLM.from_args(EngineArgs(model, ...))``.
 
     Parameters
     ----------
@@ -40,28 +47,47 @@ class LLM:
     backend : attention backend ("auto": the fastest for the device; see ``chunkattn.attention``).
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
     eviction : which retained prefixes go first when the pool is full ("lru", "longest-first").
+    loaded : an already loaded model to run (then ``model``, ``dtype``, ``device`` and ``quantization`` are
+        only checked, not used).
     quantization : block-quantized weights ("auto": a GGUF file's Q4_0 / Q4_1 / Q8_0 weights kept as stored with
         bfloat16 on CPUs with AVX512-BF16; "none", "gguf", "q8_0", "q4_0", "q4_1": see
         :data:`chunkattn.model.loader.QUANTIZATIONS`).
+
+    ``args`` is the :class:`~chunkattn.engine.args.EngineArgs` it was built from.
     """
 
-    def __init__(self, model: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | str = torch.float32,
-                 device: str | torch.device = "cpu", kv_cache_tokens: int = 32768, chunk_size: int = 64,
-                 prefix_sharing: bool = True, backend: str = "auto", max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 64, eviction: str = "lru", loaded: LoadedModel | None = None,
-                 quantization: str = "auto"):
-        if loaded is None:
-            device = resolve_device(device)
-            loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device, quantization=quantization)
-        self.loaded = loaded
-        cfg = self.loaded.config
-        weight = self.loaded.model.lm_head.weight
-        cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=chunk_size,
-                              max_tokens=kv_cache_tokens, dtype=weight.dtype, device=weight.device,
-                              retain_prefixes=prefix_sharing, share_prefixes=prefix_sharing, eviction=eviction)
-        config = EngineConfig(SchedulerConfig(max_num_batched_tokens, max_num_seqs, prefix_aware=prefix_sharing),
-                              backend)
-        self.engine = LLMEngine(self.loaded.model, self.loaded.tokenizer, cache, config)
+    def __init__(self, model: str | os.PathLike[str] | None = None, *,
+                 dtype: torch.dtype | str = torch.float32,
+                 device: str | torch.device = _DEFAULTS.device,
+                 kv_cache_tokens: int = _DEFAULTS.kv_cache_tokens,
+                 chunk_size: int = _DEFAULTS.chunk_size,
+                 prefix_sharing: bool = _DEFAULTS.prefix_sharing,
+                 backend: str = _DEFAULTS.backend,
+                 max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens,
+                 max_num_seqs: int = _DEFAULTS.max_num_seqs,
+                 eviction: str = "lru",
+                 loaded: LoadedModel | None = None,
+                 quantization: str = _DEFAULTS.quantization):
+        args = EngineArgs(model, dtype=dtype, device=device, kv_cache_tokens=kv_cache_tokens, chunk_size=chunk_size,
+                          prefix_sharing=prefix_sharing, backend=backend,
+                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                          eviction=eviction, quantization=quantization)
+        self._start(args, loaded)
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, *, loaded: LoadedModel | None = None) -> LLM:
+        """The engine ``args`` describe; ``loaded``: an already loaded model to run instead of loading
+        ``args.model`` (the model options are then not used)."""
+        if not isinstance(args, EngineArgs):
+            raise TypeError(f"args must be an EngineArgs, got {type(args).__name__}")
+        llm = cls.__new__(cls)
+        llm._start(args, loaded)
+        return llm
+
+    def _start(self, args: EngineArgs, loaded: LoadedModel | None) -> None:
+        self.args = args
+        self.loaded = loaded if loaded is not None else args.load_model()
+        self.engine = args.create_engine(self.loaded)
         self.loop = EngineLoop(self.engine)
 
     @property
@@ -158,40 +184,6 @@ class LLM:
     def reset_prefix_cache(self) -> int:
         """Drop every retained prefix (live sequences and pins keep theirs); returns the chunks freed."""
         return self.loop.call(self.engine.cache.evict_all).result()
-
-
-def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device = "cpu") -> torch.dtype:
-    """A ``torch.dtype`` from itself or its name ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16",
-    "auto": float32 on the CPU, bfloat16 on a GPU)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if isinstance(dtype, str):
-        name = dtype.strip().lower().removeprefix("torch.")
-        if name == "auto":
-            return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-        if name in names:
-            return names[name]
-    raise ValueError(f"dtype must be a torch.dtype or one of auto, float32, bfloat16, float16; got {dtype!r}")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` checked: it must exist on this machine (a clear error rather than one from inside torch)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use (torch "
-                             f"{torch.__version__}); use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: chunkattn runs on 'cpu' or 'cuda'")
-    return dev
 
 
 def check_messages(messages: Any) -> None:
