@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
+
+import pytest
 
 from chunkattn.extras import EXTRAS
 
@@ -65,6 +66,7 @@ def test_a_feature_without_its_extra_names_the_install_command():
 
 
 def test_pyproject_extras_declare_what_extras_py_requires():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"]).replace("-", "_").lower()
     for extra, modules in EXTRAS.items():
