@@ -534,7 +534,7 @@ def table_ab(files: list[tuple[str, Json]]) -> list[str]:
         what = f"serve row {e['what']}" if e["kind"] == "serve" else f"kernel {e['what']}"
         for m in metrics:
             v = e[m]
-            rng = "{}: {:g}-{:g} / {:g}-{:g}".format("ranges", *v["before_range"], *v["after_range"])
+            rng = "{:g}-{:g} / {:g}-{:g}".format(*v["before_range"], *v["after_range"])
             rows.append([what, DTYPE[e["dtype"]], m.replace("_", " "), f"{v['before']:g} / {v['after']:g}",
                          x(v["after_over_before"]), rng])
     return table(["what", "dtype", "metric", f"median before / after ({d['runs_per_side']} runs each)",
