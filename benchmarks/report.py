@@ -803,7 +803,7 @@ VLLM_FILES = ["peer-vllm-cpu-2026-12-05-xeon-amx-bf16.json", "peer-vllm-cpu-2026
               "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-run1.json", "peer-llamacpp-2026-12-06-xeon-amx-q4-run2.json",
-                  "peer-llamacpp-2026-12-06-xeon-amx-q4.json"]
+                  "peer-llamacpp-2026-12-06-xeon-amx-q4.json", "peer-llamacpp-2026-12-06-xeon-amx-q4-run3.json"]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 KERNEL_FILES = ["peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json"]
 CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
