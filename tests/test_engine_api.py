@@ -179,6 +179,28 @@ def test_a_failing_step_fails_every_request_marks_the_engine_unhealthy_and_nothi
         llm.generate(prompt(5), SamplingParams(max_tokens=2))
 
 
+def test_a_tokenizer_failing_on_one_prompt_fails_that_request_only(tiny):
+    """The detokenizer of a request is made when it leaves the inbox (the engine's thread): a tokenizer that
+    raises there fails that request with the reason, and the engine and the other requests go on."""
+
+    class Picky:  # a slow-tokenizer stand-in that cannot decode token 99
+        is_fast = False
+
+        def decode(self, ids, skip_special_tokens=True):
+            if 99 in ids:
+                raise ValueError("token 99 has no text")
+            return "".join(chr(65 + t % 26) for t in ids)
+
+    llm = LLM(loaded=tiny, chunk_size=8)
+    llm.engine._detok_tokenizer = Picky()
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    bad, good = llm.generate([[5, 6, 99], [5, 6, 7]], greedy)
+    assert bad.outputs[0].finish_reason == "error" and "token 99 has no text" in (bad.error or "")
+    assert good.outputs[0].finish_reason == "length" and len(good.outputs[0].text) == 4
+    assert llm.engine.is_healthy and llm.engine.num_unfinished == 0
+    assert llm.generate([[1, 2, 3]], greedy)[0].outputs[0].finish_reason == "length"
+
+
 def test_stream_closed_early_aborts_and_frees(tiny):
     llm = LLM(loaded=tiny, chunk_size=8)
     stream = llm.stream(prompt(30), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))

@@ -92,15 +92,16 @@ class PrefixMatch:
     ``num_cached_tokens``: leading tokens the cache holds (live or retained); ``chunks_needed``: worst-case
     chunks that adding a sequence of these tokens and computing it takes. Hand it to :meth:`add_sequence`
     (``match=``) to start the sequence without walking the tree again; once the tree changed (a chunk added,
-    split or evicted) ``add_sequence`` walks it again, so a stale match is never wrong, only slower.
+    split or evicted) ``add_sequence`` walks it again, so a stale match is never wrong, only slower. (A leaf
+    that grew in place since keeps the match valid, only shorter than a new walk would find.)
     """
 
     __slots__ = ("token_ids", "namespace", "num_cached_tokens", "chunks_needed", "_root", "_node", "_offset",
                  "_version", "_cache_id")
 
-    def __init__(self, token_ids: list[int], namespace: str | None, num_cached_tokens: int, chunks_needed: int,
-                 root: Node | None, node: Node | None, offset: int, version: int, cache_id: int):
-        self.token_ids = token_ids
+    def __init__(self, token_ids: tuple[int, ...], namespace: str | None, num_cached_tokens: int,
+                 chunks_needed: int, root: Node | None, node: Node | None, offset: int, version: int, cache_id: int):
+        self.token_ids = token_ids  # (a tuple: what the match was made of cannot change under it)
         self.namespace = namespace
         self.num_cached_tokens = num_cached_tokens
         self.chunks_needed = chunks_needed
@@ -300,11 +301,11 @@ class PrefixKVCache:
         root = self._root(namespace, create=False) if self.share_prefixes else None
         if root is None:
             needed = cdiv(len(tokens), c) + (1 if self.share_prefixes else 0)
-            return PrefixMatch(tokens, namespace, 0, needed, None, None, 0, version, self._id)
+            return PrefixMatch(tuple(tokens), namespace, 0, needed, None, None, 0, version, self._id)
         node, offset, matched = self._tree.match(root, tokens)
         # the last token is always computed again; +1 for a tail that starts inside a chunk
         needed = cdiv(len(tokens) - min(matched, len(tokens) - 1), c) + 1
-        return PrefixMatch(tokens, namespace, matched, needed, root, node, offset, version, self._id)
+        return PrefixMatch(tuple(tokens), namespace, matched, needed, root, node, offset, version, self._id)
 
     def match_prefix(self, token_ids: Any, namespace: str | None = None) -> int:
         """How many leading tokens of ``token_ids`` the cache holds (live or retained) in ``namespace``.
@@ -324,7 +325,7 @@ class PrefixKVCache:
         """
         tokens = _as_token_list(token_ids, "token_ids")
         if match is not None and (not isinstance(match, PrefixMatch) or match._cache_id != self._id
-                                  or match.namespace != namespace or match.token_ids != tokens):
+                                  or match.namespace != namespace or match.token_ids != tuple(tokens)):
             raise ValueError("match must be this cache's lookup() of the same token ids and namespace")
         tree = self._tree
         if not self.share_prefixes:

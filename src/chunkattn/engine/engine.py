@@ -331,11 +331,13 @@ class LLMEngine:
                 if self.error is not None:
                     outputs.append(self._finish_with_error(r, self.error))
                     continue
+                try:  # (the loop thread's tokenizer: made here, not by the callers' threads)
+                    self._start_detokenizers(r)
+                except Exception as exc:  # noqa: BLE001 - this request fails; the engine goes on
+                    outputs.append(self._finish_with_error(r, f"the tokenizer failed on the prompt's end: "
+                                                              f"{describe(exc)}"))
+                    continue
                 self._requests[r.request_id] = r
-                if self._detok_tokenizer is not None:  # (the loop thread's tokenizer: made here, not by callers)
-                    for c in r.completions:
-                        c.detokenizer = IncrementalDetokenizer(self._detok_tokenizer, r.prompt_ids,
-                                                               r.params.skip_special_tokens)
                 self.scheduler.add(r)
             elif isinstance(item, _Abort):
                 target = self._requests.get(item.request_id)
@@ -351,6 +353,12 @@ class LLMEngine:
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     item.future.set_exception(exc)
         return outputs
+
+    def _start_detokenizers(self, r: Request) -> None:
+        if self._detok_tokenizer is not None:
+            for c in r.completions:
+                c.detokenizer = IncrementalDetokenizer(self._detok_tokenizer, r.prompt_ids,
+                                                       r.params.skip_special_tokens)
 
     def _retire(self, r: Request, now: float) -> RequestOutput:
         """A finished request's last output; its id becomes free again."""

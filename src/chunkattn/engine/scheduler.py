@@ -247,6 +247,7 @@ class Scheduler:
                 self.finish(r)
 
     def _fork(self, r: Request) -> None:
+        """The prompt is computed: completion 0 continues its sequence, the others fork it (no copy)."""
         assert r.prompt_seq is not None
         for i, c in enumerate(r.completions):
             c.seq = r.prompt_seq if i == 0 else self.cache.fork(r.prompt_seq)
