@@ -272,23 +272,36 @@ def test_structured_errors_are_400_before_anything_runs(server):
     assert "chunkattn:structured_grammar_compile_seconds_bucket" in text
 
 
-def test_apply_masks_matches_the_bits():
+@pytest.mark.parametrize("native_path", [True, False])
+def test_apply_masks_matches_the_bits(native_path, monkeypatch):
+    """Both paths (the native pass on CPU float32, the unpacked-bits fallback) against the bits one by one:
+    vocabularies ending inside a word, words all allowed or all blocked, a subset of rows, in place or not."""
     import torch
 
+    from chunkattn import native
     from chunkattn.engine.structured import apply_masks
 
+    if native_path and not native.available():
+        pytest.skip("the native CPU extension is not available here (no compiler)")
+    if not native_path:
+        monkeypatch.setattr(native, "available", lambda: False)
     gen = torch.Generator().manual_seed(11)
-    for rows_total, vocab in [(5, 70), (3, 64), (8, 1000)]:
+    for rows_total, vocab in [(5, 70), (3, 64), (8, 1000), (2, 33), (4, 49152)]:
         width = (vocab + 31) // 32
         bitmask = torch.randint(-2**31, 2**31 - 1, (rows_total, width), dtype=torch.int32, generator=gen)
+        bitmask[:, 0] = -1  # every token of the first word allowed ...
+        bitmask[:, -1] = 0  # ... none of the last
         logits = torch.randn(rows_total, vocab, generator=gen)
-        for rows in ([0, 2, rows_total - 1], list(range(rows_total))):
-            out = apply_masks(logits, bitmask, rows)
-            for r in range(rows_total):
-                for t in range(vocab):
-                    allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1 or r not in rows
-                    assert out[r, t] == (logits[r, t] if allowed else float("-inf")), (r, t)
-        assert not torch.isinf(logits).any()  # not in place unless asked
+        bits = torch.tensor([[(int(w) >> b) & 1 for w in row for b in range(32)][:vocab] for row in bitmask.tolist()],
+                            dtype=torch.bool)
+        for rows in ([0, rows_total - 1], list(range(rows_total))):
+            for inplace in (False, True):
+                source = logits.clone()
+                out = apply_masks(source, bitmask, rows, inplace=inplace)
+                allowed = bits.clone()
+                allowed[[r for r in range(rows_total) if r not in rows]] = True
+                assert torch.equal(out, torch.where(allowed, logits, float("-inf")))
+                assert (out is source) == inplace and (inplace or torch.equal(source, logits))
 
 
 def test_required_tools_with_defs_compile_and_validate(llm):

@@ -206,6 +206,47 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// Structured outputs: logits[rows[i], t] = -inf wherever bit t of bitmask[i] (LSB first in 32-bit words, as
+// llguidance packs them) is 0. logits: [R, V] float32 contiguous; bitmask: [C, ceil(V / 32)] int32 contiguous;
+// rows: [C] int64 distinct indices into logits' rows. One pass over each constrained row; whole words of allowed
+// tokens are skipped.
+void apply_token_bitmask_(at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+              "apply_token_bitmask_: logits must be a contiguous [rows, vocab] float32");
+  const int64_t vocab = logits.size(1), words = (vocab + 31) / 32, n = rows.numel();
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.is_contiguous() && bitmask.scalar_type() == at::kInt &&
+                  bitmask.size(0) == n && bitmask.size(1) == words,
+              "apply_token_bitmask_: bitmask must be a contiguous [len(rows), ceil(vocab / 32)] int32");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "apply_token_bitmask_: rows must be a contiguous 1-D int64");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < logits.size(0), "apply_token_bitmask_: row ", rp[i], " out of range");
+  float* lp = logits.data_ptr<float>();
+  const uint32_t* mp = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>());
+  const int64_t full = vocab / 32;  // words whose 32 tokens are all in the vocabulary
+  at::parallel_for(0, n * words, 4096, [&](int64_t begin, int64_t end) {
+    const i16v lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16 neg_inf = splat(kNegInf);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t i = k / words, w = k % words;
+      const uint32_t bits = mp[k];
+      if (bits == 0xFFFFFFFFu) continue;
+      float* x = lp + rp[i] * vocab + w * 32;
+      if (w < full) {
+        for (int half = 0; half < 2; ++half) {
+          const i16v keep = ((i16v{} + (int32_t)((bits >> (16 * half)) & 0xFFFFu)) >> lane) & 1;
+          const v16 v = load(x + 16 * half);
+          store(x + 16 * half, keep != 0 ? v : neg_inf);
+        }
+      } else {
+        for (int64_t j = 0; j < vocab - w * 32; ++j)
+          if (!((bits >> j) & 1u)) x[j] = kNegInf;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chunkattn_layers, m) {
@@ -213,4 +254,5 @@ TORCH_LIBRARY(chunkattn_layers, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor", &silu_and_mul);
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!)? residual, Tensor weight, float eps) -> ()", &add_rms_norm_);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
+  m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()", &apply_token_bitmask_);
 }

@@ -230,12 +230,20 @@ def fill_masks(compiler: GrammarCompiler, matchers: list[tuple[Any, int]], rows:
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], inplace: bool = False
                 ) -> torch.Tensor:
     """``logits [R, V]`` with the tokens that the packed ``bitmask [R, W]`` disallows set to -inf, on the
-    constrained ``rows`` only (one batched operation; in place when ``inplace``, else on a copy)."""
+    constrained ``rows`` only (one batched operation; in place when ``inplace``, else on a copy). On the CPU in
+    float32 one native pass (``chunkattn_layers::apply_token_bitmask_``), else unpacked bits and ``masked_fill``."""
     import numpy as np
+
+    from chunkattn import native
 
     vocab = logits.shape[1]
     every = rows == list(range(logits.shape[0]))
     packed = bitmask if every else bitmask[rows]  # [C, W] int32
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() and \
+            native.available():
+        out = logits if inplace else logits.clone()
+        torch.ops.chunkattn_layers.apply_token_bitmask_(out, packed.contiguous(), torch.tensor(rows, dtype=torch.int64))
+        return out
     bits = np.unpackbits(packed.numpy().view(np.uint8), axis=1, bitorder="little")  # [C, 32 W] (LSB first)
     blocked = torch.from_numpy(bits).view(torch.bool)[:, :vocab].logical_not().to(logits.device)
     out = logits if inplace else logits.clone()
