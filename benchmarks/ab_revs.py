@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from chunkattn.system import cpu  # (this checkout's: the machine, not a revision)
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_DIR = Path(os.environ.get("PEER_DIR", "/work/peer"))
@@ -55,18 +56,6 @@ def run(src: Path, args: list[str], out: Path) -> dict:
     if proc.returncode != 0 or not out.exists():
         sys.exit(f"failed: chunkattn {' '.join(args)} (PYTHONPATH={src})\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
-
-
-def cpu() -> dict:
-    info = {"machine": platform.machine(), "cores": os.cpu_count()}
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info["model"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
-        info["flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def main() -> None:
@@ -119,7 +108,7 @@ def main() -> None:
                         "after_range": [min(x[m] for x in sel["after"]), max(x[m] for x in sel["after"])]}
         summary.append(entry)
     after_commit = git("rev-parse", "--short", "HEAD" if a.after == "worktree" else a.after)
-    out = {"benchmark": "ab-revs", "date": time.strftime("%Y-%m-%d"), "started": started, "cpu": cpu(),
+    out = {"benchmark": "ab-revs", "date": time.strftime("%Y-%m-%d"), "started": started, "system": {"cpu": cpu()},
            "commit": after_commit,
            "before": sides["before"][1], "after": sides["after"][1], "runs_per_side": a.runs,
            "requests": a.requests, "command": "python benchmarks/ab_revs.py " + " ".join(sys.argv[1:]),

@@ -132,7 +132,7 @@ def machine_of(d: Json) -> str:
     if "chunkattn" in d and isinstance(d["chunkattn"], dict) and "device" in d["chunkattn"]:  # kernel peer
         c = d["chunkattn"]
         return f"{c['device']}, {c['copy_gbps']} GB/s copy bandwidth (CPU model and flags not recorded)"
-    if isinstance(d.get("cpu"), dict):  # ab_revs.py
+    if isinstance(d.get("cpu"), dict):  # ab_revs.py before it recorded chunkattn.system.cpu() as "system"
         c = d["cpu"]
         return (f"{c['model']}, {c['cores']} CPUs, AVX512-BF16 {yn('avx512_bf16' in c['flags'])}, "
                 f"AMX-BF16 {yn('amx_bf16' in c['flags'])}")
