@@ -678,13 +678,21 @@ void load_queries_amx(const Layout& L, const T* q, const int64_t* tokens, int64_
   if ((int64_t)ws.qv.size() < d / 2 * ld) ws.qv.resize(d / 2 * ld);
   if ((int64_t)ws.acc_t.size() < d * ld) ws.acc_t.resize(d * ld);
   uint32_t* qv = ws.qv.data();
-  for (int64_t a = 0; a < num_tokens; ++a)
-    for (int64_t j = 0; j < g; ++j) {
-      const T* src = q + tokens[a] * L.q_row + (h * g + j) * L.q_head;
-      const int64_t r = a * g + j;
-      for (int64_t w = 0; w < d / 2; ++w) std::memcpy(qv + w * ld + r, src + 2 * w, 4);
+  // 16 rows x 16 words at a time, transposed in registers (padding rows are zero)
+  const uint32_t* src[16];
+  for (int64_t r0 = 0; r0 < ld; r0 += 16) {
+    for (int i = 0; i < 16; ++i) {
+      const int64_t r = r0 + i;
+      src[i] = r < rows ? reinterpret_cast<const uint32_t*>(q + tokens[r / g] * L.q_row + (h * g + r % g) * L.q_head)
+                        : nullptr;
     }
-  for (int64_t w = 0; w < d / 2; ++w) std::fill(qv + w * ld + rows, qv + w * ld + ld, 0u);
+    for (int64_t w0 = 0; w0 < d / 2; w0 += 16) {
+      v16 tile[16];
+      for (int i = 0; i < 16; ++i) tile[i] = src[i] ? load(reinterpret_cast<const float*>(src[i] + w0)) : v16{};
+      transpose16(tile);  // bit moves only
+      for (int i = 0; i < 16; ++i) store(reinterpret_cast<float*>(qv + (w0 + i) * ld + r0), tile[i]);
+    }
+  }
   std::fill(ws.acc_t.begin(), ws.acc_t.begin() + d * ld, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + ld, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + ld, 0.f);
@@ -902,9 +910,14 @@ inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16*
 
 // The task's transposed accumulators back into ws.acc [rows, d] for finish_rows.
 inline void unload_acc_amx(const Layout& L, int64_t rows, Scratch& ws) {
-  const int64_t d = L.d, ld = round16(rows);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t x = 0; x < d; ++x) ws.acc[r * d + x] = ws.acc_t[x * ld + r];
+  const int64_t d = L.d, ld = round16(rows);  // ws.acc holds whole 16-row tiles (Scratch::reserve)
+  for (int64_t r0 = 0; r0 < ld; r0 += 16)
+    for (int64_t x0 = 0; x0 < d; x0 += 16) {
+      v16 tile[16];
+      for (int i = 0; i < 16; ++i) tile[i] = load(ws.acc_t.data() + (x0 + i) * ld + r0);
+      transpose16(tile);
+      for (int i = 0; i < 16; ++i) store(ws.acc.data() + (r0 + i) * d + x0, tile[i]);
+    }
 }
 #endif
 
