@@ -22,7 +22,8 @@ from server_helpers import TINY_CONFIG
 FIELDS = [f.name for f in dataclasses.fields(EngineArgs)]
 
 # a value other than the default for every field, as EngineArgs holds it and as the command line spells it
-OTHER = EngineArgs("some/model.gguf", tokenizer="some/tokenizer", device="cuda:1", dtype="bfloat16",
+OTHER = EngineArgs("some/model.gguf", tokenizer="some/tokenizer", chat_template="{{ messages[0]['content'] }}",
+                   device="cuda:1", dtype="bfloat16",
                    random_weights=True, quantization="q8_0", kv_cache_tokens=1000, chunk_size=16,
                    max_num_batched_tokens=128, max_num_seqs=7, backend="reference", prefix_sharing=False,
                    eviction="longest-first")
@@ -101,6 +102,8 @@ def test_the_cli_reports_a_bad_value_by_its_field(capsys):
     ({"prefix_sharing": "no"}, "prefix_sharing must be True or False"),
     ({"random_weights": None}, "random_weights must be True or False"),
     ({"model": 3}, "model must be a path"),
+    ({"chat_template": "no/such/template.jinja"}, "neither a file nor a Jinja template"),
+    ({"chat_template": "{% if %}x"}, "chat_template: the template does not parse"),
 ])
 def test_bad_values_raise_naming_the_field(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -162,6 +165,26 @@ def test_engine_args_load_the_model_they_name():
     assert llm.loaded.config.num_layers == 2 and llm.engine.cache.num_slots == 16
     out = llm.generate([[5, 6, 7]], {"max_tokens": 2, "temperature": 0, "ignore_eos": True})  # type: ignore[arg-type]
     assert len(out[0].token_ids) == 2
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path):
+    """``chat_template`` (a file or the template itself) goes on a copy of the loaded tokenizer; the loaded
+    model's own stays as it was (it may serve other engines); a model without a tokenizer cannot take one."""
+    from chunkattn.engine.args import read_chat_template
+    from chunkattn.model.loader import default_model_path, load_tokenizer
+
+    inline = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(inline)
+    assert read_chat_template(path) == read_chat_template(str(path)) == read_chat_template(inline) == inline
+    tiny = tiny_model()
+    with pytest.raises(ValueError, match="no tokenizer"):
+        LLM.from_args(EngineArgs(chat_template=inline), loaded=tiny)
+    loaded = dataclasses.replace(tiny, tokenizer=load_tokenizer(default_model_path()))
+    own = loaded.tokenizer.chat_template
+    llm = LLM.from_args(EngineArgs(chat_template=str(path)), loaded=loaded)
+    assert llm.tokenizer.chat_template == inline and loaded.tokenizer.chat_template == own
+    assert llm.tokenizer.decode(llm.apply_chat_template([{"role": "user", "content": "hi"}])) == "[user] hi\n"
 
 
 def test_engine_args_pickle():

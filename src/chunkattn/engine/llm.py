@@ -52,6 +52,8 @@ class LLM:
     quantization : block-quantized weights ("auto": a GGUF file's Q4_0 / Q4_1 / Q8_0 weights kept as stored with
         bfloat16 on CPUs with AVX512-BF16; "none", "gguf", "q8_0", "q4_0", "q4_1": see
         :data:`chunkattn.model.loader.QUANTIZATIONS`).
+    chat_template : a Jinja chat template (a file's path or the template) instead of the tokenizer's, for
+        :meth:`chat` and :meth:`apply_chat_template`.
 
     ``args`` is the :class:`~chunkattn.engine.args.EngineArgs` it was built from.
     """
@@ -67,11 +69,12 @@ class LLM:
                  max_num_seqs: int = _DEFAULTS.max_num_seqs,
                  eviction: str = "lru",
                  loaded: LoadedModel | None = None,
-                 quantization: str = _DEFAULTS.quantization):
+                 quantization: str = _DEFAULTS.quantization,
+                 chat_template: str | os.PathLike[str] | None = _DEFAULTS.chat_template):
         args = EngineArgs(model, dtype=dtype, device=device, kv_cache_tokens=kv_cache_tokens, chunk_size=chunk_size,
                           prefix_sharing=prefix_sharing, backend=backend,
                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                          eviction=eviction, quantization=quantization)
+                          eviction=eviction, quantization=quantization, chat_template=chat_template)
         self._start(args, loaded)
 
     @classmethod

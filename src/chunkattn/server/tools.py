@@ -8,10 +8,12 @@ and how the output becomes ``message.tool_calls``.
 * ``"required"``: the output is constrained to a JSON array of ``{"name": <one of the tools>, "arguments":
   <its parameters>}`` (at most one call when ``parallel_tool_calls`` is false, else at most
   :data:`MAX_PARALLEL_CALLS`); sent as ``tool_calls`` once complete. Works with any model.
-* ``"auto"`` (the default with tools): only where the model's chat template renders tools (it gets them); the
-  model then chooses between text and calls in the Hermes / Qwen format, ``<tool_call>{"name": ...,
-  "arguments": {...}}</tool_call>``, parsed once the output is complete. A template that does not render
-  tools gets a 400 saying so (the model would never know the tools exist).
+* ``"auto"`` (the default with tools): only where the model's chat template renders tools (it gets them; give
+  one with ``--chat-template``, e.g. ``examples/chat_templates/smollm2_tools.jinja``); the model then chooses
+  between text and calls, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes / Qwen: one
+  call a block) or ``<tool_call>[{...}, ...]</tool_call>`` (a list a block), parsed once the output is
+  complete. Only calls of the request's tools with object arguments count; anything else stays text. A
+  template that does not render tools gets a 400 saying so (the model would never know the tools exist).
 
 A finished call has ``finish_reason: "tool_calls"``; one cut by ``max_tokens`` keeps ``"length"``.
 """
@@ -83,6 +85,10 @@ class ToolPlan:
     max_calls: int = MAX_PARALLEL_CALLS
 
     @property
+    def names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+    @property
     def active(self) -> bool:
         return self.mode != "none"
 
@@ -130,10 +136,19 @@ class ToolPlan:
             calls = []
             for block in _HERMES.findall(text):
                 try:
-                    item = json.loads(block)
-                    calls.append(_call(str(item["name"]), json.dumps(item.get("arguments", {}), ensure_ascii=False)))
-                except (ValueError, KeyError, TypeError):
+                    parsed = json.loads(block)
+                except ValueError:
                     continue
+                for item in parsed if isinstance(parsed, list) else [parsed]:  # Hermes: one call; SmolLM2: a list
+                    if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] in self.names:
+                        arguments = item.get("arguments", {})
+                        if isinstance(arguments, str):  # (some models write the arguments as a JSON string)
+                            try:
+                                arguments = json.loads(arguments)
+                            except ValueError:
+                                continue
+                        if isinstance(arguments, dict):
+                            calls.append(_call(item["name"], json.dumps(arguments, ensure_ascii=False)))
             if calls:
                 content = _HERMES.sub("", text).strip()
                 return calls, content or None
