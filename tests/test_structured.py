@@ -299,6 +299,24 @@ def tools_client():
         s.stop()
 
 
+def test_the_tools_template_renders_as_the_models_own_without_tools():
+    from chunkattn.engine.args import read_chat_template
+    from chunkattn.model.loader import default_model_path, load_tokenizer
+
+    tok = load_tokenizer(default_model_path())
+    ours = read_chat_template(TOOLS_TEMPLATE)
+    for conv in ([{"role": "user", "content": "hi"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "x"}]):
+        for generation_prompt in (True, False):
+            assert tok.apply_chat_template(conv, add_generation_prompt=generation_prompt, tokenize=False,
+                                           chat_template=ours) == \
+                tok.apply_chat_template(conv, add_generation_prompt=generation_prompt, tokenize=False)
+    with_tools = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=TOOLS, tokenize=False,
+                                         add_generation_prompt=True, chat_template=ours)
+    assert '"name": "book_room"' in with_tools and "<tool_call>[" in with_tools
+
+
 def test_tool_choice_auto_end_to_end(tools_client):
     """tool_choice "auto" through a real server with a template that renders tools: the tools reach the prompt;
     the model's answer comes back as text or as calls; an output in the template's call format becomes
