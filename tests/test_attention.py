@@ -126,6 +126,31 @@ def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("min_piece,min_split", [(64, 64), (4096, 4096)])
+def test_cpu_kernel_shared_pieces_and_decode_splits(dtype, min_piece, min_split, monkeypatch):
+    """Shared runs cut into pieces of whole chunks (each a partial per row, merged) and long decode lists split
+    over several tasks, or neither: the same attention either way."""
+    import importlib
+
+    from chunkattn.attention import get_backend
+
+    cpu_tpp = importlib.import_module("chunkattn.attention.cpu_tpp")
+    monkeypatch.setattr(cpu_tpp, "MIN_PIECE_TOKENS", min_piece)
+    monkeypatch.setattr(cpu_tpp, "MIN_SPLIT_TOKENS", min_split)
+    torch.manual_seed(min_piece + 3)
+    for decode in (True, False):
+        cache, batch = shared_prompt_batch(batch=5, shared=700, private=300, chunk_size=32, head_dim=64,
+                                           kv_heads=3, dtype=dtype, decode=decode)
+        check_attention(cache, batch, 9, "cpu")
+        if decode:
+            backend = get_backend("cpu", cache)
+            backend.plan(batch)
+            ws = cpu_tpp.CpuWorkspace.build(backend.attention_plan, 9, 3, 64, threads=2)
+            split = min_piece < 700
+            assert (ws.num_shared_tasks > 1) == split and (ws.num_wide_tasks > 5) == split, ws
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_prefill_after_an_unaligned_cached_prefix(dtype):
     """Rows of a tile that precede a key block see none of it (a cached prefix of 300 tokens puts tile and block
     boundaries out of step): their probabilities must be zero, not a previous block's."""

@@ -37,7 +37,9 @@ from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.cache.plan import AttentionPlan
 
 ROWS_PER_TASK = 96  # query rows (tokens x group) one task multiplies at once: ~24 KB of fp32 queries at d=64
-MIN_PIECE_TOKENS = 256  # shared keys one task sweeps at least
+MIN_PIECE_TOKENS = 1024  # shared keys one task sweeps at least (each task packs its rows' queries, writes and
+# merges their partials: below ~1K keys that costs more than the balance it buys; measured in the module's note)
+MIN_SPLIT_TOKENS = 256  # private keys of one split of a long decode list (flash-decoding over the threads)
 TASKS_PER_THREAD = 8  # shared (and split decode) tasks per thread to aim for
 WIDE_MAX_GROUP = 3  # decode tokens with at most this many query heads per K/V head run all heads in one task
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class CpuWorkspace:
         want = math.ceil(TASKS_PER_THREAD * threads / max(1, len(wide_seqs)))
         for b in wide_seqs:
             r, chunks = qi[b], pi[b + 1] - pi[b]
-            splits = max(1, min(chunks, want, sum(plan.private_len[pi[b] : pi[b + 1]]) // MIN_PIECE_TOKENS or 1))
+            splits = max(1, min(chunks, want, sum(plan.private_len[pi[b] : pi[b + 1]]) // MIN_SPLIT_TOKENS or 1))
             bounds = [pi[b] + chunks * i // splits for i in range(splits + 1)]
             for c0, c1 in zip(bounds, bounds[1:]):
                 wt["row"].append(r)
