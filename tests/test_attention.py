@@ -126,6 +126,23 @@ def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_prefetch_changes_nothing_but_time(dtype):
+    """The K/V prefetch (on by default) only asks for memory: outputs are bit-identical with it off."""
+    ops = torch.ops.chunkattn_cpu
+    torch.manual_seed(5)
+    cache, batch = shared_prompt_batch(batch=6, shared=300, private=90, chunk_size=32, head_dim=64, kv_heads=3,
+                                       dtype=dtype, decode=True)
+    q = torch.randn(batch.num_new_tokens, 9, 64).to(dtype)
+    on = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+    assert ops.set_prefetch(False) is True
+    try:
+        off = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+    finally:
+        assert ops.set_prefetch(True) is False
+    assert torch.equal(on, off)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("min_piece,min_split", [(64, 64), (4096, 4096)])
 def test_cpu_kernel_shared_pieces_and_decode_splits(dtype, min_piece, min_split, monkeypatch):
     """Shared runs cut into pieces of whole chunks (each a partial per row, merged) and long decode lists split
