@@ -66,3 +66,37 @@ def test_rms_norm_with_and_without_the_residual_add(dtype, rows, hidden):
         out, res = norm(x.clone(), residual.clone())
     assert torch.equal(res, want_res)
     assert rel(out, ref_norm(want_res)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,gather", [(1, False), (37, False), (300, True), (0, False)])
+def test_store_kv_scatters_rows_as_index_copy_does(dtype, rows, gather):
+    """The K/V cache's native scatter: row views of a fused QKV tensor (their own row stride), with and without a
+    gather of source rows; the pool's write takes it on the CPU; a bad index raises before anything is written."""
+    from chunkattn.cache.pool import KVPool
+
+    gen = torch.Generator().manual_seed(rows * 7 + gather)
+    heads, head_dim, slots = 3, 64, 1024
+    qkv = torch.randn(rows + 5, (9 + 2 * heads) * head_dim, generator=gen).to(dtype)
+    k = qkv[:, 9 * head_dim:(9 + heads) * head_dim].view(-1, heads, head_dim)
+    v = qkv[:, (9 + heads) * head_dim:].view(-1, heads, head_dim)
+    dst = torch.randperm(slots, generator=gen)[:rows]
+    src = torch.randperm(rows + 5, generator=gen)[:rows] if gather else torch.arange(rows + 5)[:rows]
+    if not gather:
+        k, v = k[:rows], v[:rows]
+    pool = KVPool(2, slots // 16, 16, heads, head_dim, dtype, torch.device("cpu"))
+    want_k, want_v = pool.k[1].clone(), pool.v[1].clone()
+    want_k.index_copy_(0, dst, k.index_select(0, src))
+    want_v.index_copy_(0, dst, v.index_select(0, src))
+    pool.write(1, k, v, src, dst, all_rows=not gather)
+    assert pool._native_store or rows == 0  # (0 rows: nothing to write, nothing decided)
+    assert torch.equal(pool.k[1], want_k) and torch.equal(pool.v[1], want_v)
+    assert not pool.k[0].any() and not pool.v[0].any()  # the other layer untouched
+    if rows:
+        before = pool.k.clone()
+        with pytest.raises(RuntimeError, match="destination row"):
+            torch.ops.chunkattn_layers.store_kv_(pool.k[1], pool.v[1], k, v, torch.full_like(dst, slots),
+                                                 src if gather else None)
+        with pytest.raises(RuntimeError, match="source row"):
+            torch.ops.chunkattn_layers.store_kv_(pool.k[1], pool.v[1], k, v, dst, torch.full_like(dst, -1))
+        assert torch.equal(pool.k, before)

@@ -31,9 +31,11 @@ class KVPool:
         self.k = torch.zeros(num_layers, num_slots * chunk_size, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.device = self.k.device
-        # write() scatters with a Triton kernel on CUDA (head_dim a power of two), with index_copy_ elsewhere.
+        # write() scatters with a Triton kernel on CUDA (head_dim a power of two), with the native row copy on the
+        # CPU (decided at the first write: it builds the native kernels), with index_copy_ elsewhere.
         self._triton_store = (self.device.type == "cuda" and head_dim & (head_dim - 1) == 0
                               and importlib.util.find_spec("triton") is not None)
+        self._native_store: bool | None = None if self.device.type == "cpu" else False
 
     @property
     def chunk_bytes(self) -> int:
@@ -70,6 +72,14 @@ class KVPool:
             from chunkattn.cache.triton_store import triton_store
 
             triton_store(self.k[layer], self.v[layer], k, v, src_rows, dst_rows)
+            return
+        if self._native_store is None:
+            from chunkattn import native
+
+            self._native_store = native.available()
+        if self._native_store and all(t.stride(2) == 1 and t.stride(1) == self.head_dim for t in (k, v)):
+            torch.ops.chunkattn_layers.store_kv_(self.k[layer], self.v[layer], k, v, dst_rows.contiguous(),
+                                                 None if all_rows else src_rows.contiguous())
             return
         if not all_rows:
             k = k.index_select(0, src_rows)

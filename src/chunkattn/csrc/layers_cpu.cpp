@@ -6,7 +6,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -247,6 +249,54 @@ void apply_token_bitmask_(at::Tensor& logits, const at::Tensor& bitmask, const a
   });
 }
 
+// The K/V cache's scatter: kc[layer][dst[j]] = k[src[j]] (and V) for every j (src: None = j). kc, vc: one
+// layer's [slots, H, d] contiguous storage; k, v: [N, H, d] with contiguous rows (a row stride of their own, e.g.
+// views of the fused QKV projection). Every index is checked (a bad one would write outside the pool). For a
+// decode step's few rows: two index_copy_ calls cost ~20 us each, a row's memcpy ~nothing.
+void store_kv_(at::Tensor& kc, at::Tensor& vc, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dst,
+               const c10::optional<at::Tensor>& src) {
+  TORCH_CHECK(kc.dim() == 3 && kc.is_contiguous() && vc.is_contiguous() && vc.sizes() == kc.sizes() &&
+                  kc.device().is_cpu() && vc.device().is_cpu(),
+              "store_kv_: the caches must be contiguous [slots, heads, head_dim] CPU tensors of one shape");
+  const int64_t slots = kc.size(0), row = kc.size(1) * kc.size(2), n = dst.numel();
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&vc, &k, &v})
+    TORCH_CHECK(t->scalar_type() == kc.scalar_type(), "store_kv_: k, v and the caches must have one dtype");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k, &v})
+    TORCH_CHECK(t->dim() == 3 && t->size(1) == kc.size(1) && t->size(2) == kc.size(2) && t->stride(2) == 1 &&
+                    t->stride(1) == kc.size(2) && t->device().is_cpu(),
+                "store_kv_: k and v must be [rows, heads, head_dim] CPU tensors with contiguous rows");
+  TORCH_CHECK(dst.dim() == 1 && dst.scalar_type() == at::kLong && dst.is_contiguous(),
+              "store_kv_: dst must be a contiguous 1-D int64");
+  const int64_t* dp = dst.data_ptr<int64_t>();
+  const int64_t* sp = nullptr;
+  if (src.has_value()) {
+    TORCH_CHECK(src->dim() == 1 && src->scalar_type() == at::kLong && src->is_contiguous() && src->numel() == n,
+                "store_kv_: src must be a contiguous 1-D int64 as long as dst");
+    sp = src->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(k.size(0) == n && v.size(0) == n, "store_kv_: without src, k and v need one row per dst");
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(dp[j] >= 0 && dp[j] < slots, "store_kv_: destination row ", dp[j], " outside [0, ", slots, ")");
+    if (sp != nullptr)
+      TORCH_CHECK(sp[j] >= 0 && sp[j] < k.size(0) && sp[j] < v.size(0), "store_kv_: source row ", sp[j],
+                  " outside [0, ", std::min(k.size(0), v.size(0)), ")");
+  }
+  const int64_t elem = kc.element_size(), bytes = row * elem;
+  char* kd = static_cast<char*>(kc.data_ptr());
+  char* vd = static_cast<char*>(vc.data_ptr());
+  const char* ks = static_cast<const char*>(k.data_ptr());
+  const char* vs = static_cast<const char*>(v.data_ptr());
+  const int64_t ksr = k.stride(0) * elem, vsr = v.stride(0) * elem;
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t from = sp != nullptr ? sp[j] : j;
+      std::memcpy(kd + dp[j] * bytes, ks + from * ksr, bytes);
+      std::memcpy(vd + dp[j] * bytes, vs + from * vsr, bytes);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chunkattn_layers, m) {
@@ -255,4 +305,5 @@ TORCH_LIBRARY(chunkattn_layers, m) {
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!)? residual, Tensor weight, float eps) -> ()", &add_rms_norm_);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()", &apply_token_bitmask_);
+  m.def("store_kv_(Tensor(a!) kc, Tensor(b!) vc, Tensor k, Tensor v, Tensor dst, Tensor? src) -> ()", &store_kv_);
 }
