@@ -5,9 +5,10 @@ unavailable and ``auto`` falls back to ``torch``.
 
 Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a decode plan advances:
 
-* shared tasks: each run of shared chunks is cut into pieces of whole chunks (enough pieces to keep every
-  core busy) and the rows of its sequences into tiles of at most ``ROWS_PER_TASK`` query rows (tokens x GQA
-  group); every (piece, row tile) x K/V head reads the piece's K/V once for all of those rows;
+* shared tasks: each run of shared chunks is cut into pieces of whole chunks (at least ``MIN_PIECE_TOKENS``,
+  enough to keep every core busy) and the rows of its sequences into tiles of at most ``ROWS_PER_TASK`` query
+  rows (tokens x GQA group; ``ROWS_PER_TASK_AMX`` for bfloat16 on AMX tiles); every (piece, row tile) x K/V
+  head reads the piece's K/V once for all of those rows;
 * private tasks: each sequence's new tokens in tiles, over its private chunks, causally masked, one K/V head
   per task; except a decode token with a small GQA group (<= ``WIDE_MAX_GROUP`` query heads per K/V head),
   whose "wide" task takes all heads at once so that each key's row (every head) is read once and in order
@@ -37,6 +38,8 @@ from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.cache.plan import AttentionPlan
 
 ROWS_PER_TASK = 96  # query rows (tokens x group) one task multiplies at once: ~24 KB of fp32 queries at d=64
+ROWS_PER_TASK_AMX = 384  # bfloat16 on AMX tiles: a task passes over a block 32 rows at a time, so more rows only
+# share the block's transposed values (fewer tasks repack them); fewer while that leaves < 2 tasks per thread
 MIN_PIECE_TOKENS = 1024  # shared keys one task sweeps at least (each task packs its rows' queries, writes and
 # merges their partials: below ~1K keys that cost more than the balance it bought, e.g. 32 sequences decoding
 # after a 1K-token prompt took 15% longer with 256 on a 2-core Xeon with AMX)
@@ -49,6 +52,13 @@ log = logging.getLogger(__name__)
 def kernels_available() -> bool:
     """Whether the native CPU kernels are compiled and loaded (compiling them on the first call)."""
     return native.available()
+
+
+def amx_active() -> bool:
+    """Whether bfloat16 tasks run on AMX tiles here (the kernels built for a CPU with AMX, tile state granted,
+    not switched off by ``chunkattn_cpu.set_amx``)."""
+    load_kernels()
+    return bool(torch.ops.chunkattn_cpu.amx_active())
 
 
 def load_kernels() -> None:
@@ -76,10 +86,17 @@ class CpuWorkspace:
 
     @classmethod
     def build(cls, plan: AttentionPlan, num_q_heads: int, num_kv_heads: int, head_dim: int,
-              threads: int | None = None) -> CpuWorkspace:
+              threads: int | None = None, amx: bool = False) -> CpuWorkspace:
+        """``amx``: bfloat16 tasks run on AMX tiles (:func:`amx_active`), which take more rows per task."""
         group = num_q_heads // num_kv_heads
         threads = threads or torch.get_num_threads()
-        tile = max(1, ROWS_PER_TASK // group)  # tokens per task
+        rows_per_task = ROWS_PER_TASK
+        if amx:
+            total = plan.num_rows * group
+            rows_per_task = ROWS_PER_TASK_AMX
+            while rows_per_task > ROWS_PER_TASK and math.ceil(total / rows_per_task) * num_kv_heads < 2 * threads:
+                rows_per_task //= 2
+        tile = max(1, rows_per_task // group)  # tokens per task
         qi = plan.q_indptr
         slots = 0
         row_slots: list[list[int]] = [[] for _ in range(plan.num_rows)]
@@ -189,7 +206,8 @@ def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     key = f"cpu:{num_q_heads}:{num_kv_heads}:{head_dim}"
     ws = plan.workspaces.get(key)
     if not isinstance(ws, CpuWorkspace):
-        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim)
+        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim,
+                                amx=q.dtype == torch.bfloat16 and amx_active())
         plan.workspaces[key] = ws
     out = torch.empty(num_rows, num_q_heads, head_dim, dtype=q.dtype)
     lse = torch.empty(num_rows, num_q_heads, dtype=torch.float32)

@@ -48,6 +48,7 @@ constexpr int kKeysT = 12;         // keys per score tile of the key-major path 
 constexpr float kLazyMax = 8.f;    // AMX path: a row's reference maximum moves when exceeded by this (log2 units)
 
 constexpr int64_t kAmxMinRows = 4;  // bf16 tasks with fewer query rows waste most of a 16-row AMX tile
+constexpr int64_t kAmxGroup = 32;   // query rows per pass of the AMX path over a block (see attend_block_amx)
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -585,9 +586,9 @@ inline __m512i interleave_bf16(__m512 a, __m512 b) {
 #endif
 
 // How far into a block of nk keys the rows see (ws.vis): (the most any of the rows sees, the fewest).
-inline std::pair<int64_t, int64_t> visible_keys(const Scratch& ws, int64_t rows, int64_t nk) {
+inline std::pair<int64_t, int64_t> visible_keys(const Scratch& ws, int64_t row0, int64_t rows, int64_t nk) {
   int64_t used = 0, least = nk;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = row0; r < row0 + rows; ++r) {
     const int64_t seen = std::min<int64_t>(ws.vis[r], nk);
     used = std::max(used, seen);
     least = std::min(least, seen);
@@ -601,7 +602,7 @@ inline std::pair<int64_t, int64_t> visible_keys(const Scratch& ws, int64_t rows,
 inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scratch& ws) {
   const int64_t d = L.d, ld = round16(rows);
   float* s = ws.s.data();
-  const auto [used, least] = visible_keys(ws, rows, nk);
+  const auto [used, least] = visible_keys(ws, 0, rows, nk);
   if (!used) return 0;
   const bool masked = least < nk || rows < ld;
   const v16 ninf = splat(kNegInf);
@@ -699,23 +700,24 @@ void load_queries_amx(const Layout& L, const T* q, const int64_t* tokens, int64_
   std::fill(ws.vis.begin() + rows, ws.vis.begin() + ld, 0);
 }
 
-// S^T[t, r] (unscaled, leading dimension ld) for the block's keys, 32 keys x 32 rows at a time.
+// S^T[t, r] (unscaled, leading dimension lds) for the block's keys and the group's rows (qv: their queries as
+// pairs, leading dimension ldq; rows a multiple of 16), 32 keys x 32 rows at a time.
 inline void scores_amx(const c10::BFloat16* const* kt, const int64_t* kstride, int64_t ngroups, int64_t d,
-                       const uint32_t* qv, int64_t ld, float* s) {
+                       const uint32_t* qv, int64_t ldq, int64_t rows, float* s, int64_t lds) {
   for (int64_t g0 = 0; g0 < ngroups; g0 += 2) {
     const bool two_k = g0 + 1 < ngroups;
-    for (int64_t r0 = 0; r0 < ld; r0 += 32) {
-      const bool two_r = r0 + 16 < ld;
+    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+      const bool two_r = r0 + 16 < rows;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t x0 = 0; x0 < d; x0 += 32) {
-        _tile_loadd(6, qv + x0 / 2 * ld + r0, ld * 4);
+        _tile_loadd(6, qv + x0 / 2 * ldq + r0, ldq * 4);
         _tile_loadd(4, kt[g0] + x0, kstride[g0]);
         _tile_dpbf16ps(0, 4, 6);
         if (two_r) {
-          _tile_loadd(7, qv + x0 / 2 * ld + r0 + 16, ld * 4);
+          _tile_loadd(7, qv + x0 / 2 * ldq + r0 + 16, ldq * 4);
           _tile_dpbf16ps(1, 4, 7);
         }
         if (two_k) {
@@ -724,48 +726,50 @@ inline void scores_amx(const c10::BFloat16* const* kt, const int64_t* kstride, i
           if (two_r) _tile_dpbf16ps(3, 5, 7);
         }
       }
-      float* c = s + g0 * 16 * ld + r0;
-      _tile_stored(0, c, ld * 4);
-      if (two_r) _tile_stored(1, c + 16, ld * 4);
+      float* c = s + g0 * 16 * lds + r0;
+      _tile_stored(0, c, lds * 4);
+      if (two_r) _tile_stored(1, c + 16, lds * 4);
       if (two_k) {
-        _tile_stored(2, c + 16 * ld, ld * 4);
-        if (two_r) _tile_stored(3, c + 16 * ld + 16, ld * 4);
+        _tile_stored(2, c + 16 * lds, lds * 4);
+        if (two_r) _tile_stored(3, c + 16 * lds + 16, lds * 4);
       }
     }
   }
 }
 
-// acc_t[d, ld] += V^T[d, k32] . P^T[k32, ld] from vt (rows of kKeyBlock bf16) and pv (pairs of keys per row).
-inline void pv_amx(const c10::BFloat16* vt, int64_t d, const uint32_t* pv, int64_t k32, int64_t ld, float* acc_t) {
+// acc_t[d, lda] += V^T[d, k32] . P^T[k32, ldp] for the group's rows (a multiple of 16) from vt (rows of kKeyBlock
+// bf16) and pv (pairs of keys per row).
+inline void pv_amx(const c10::BFloat16* vt, int64_t d, const uint32_t* pv, int64_t k32, int64_t ldp, int64_t rows,
+                   float* acc_t, int64_t lda) {
   constexpr int64_t kbp = kKeyBlock;
   for (int64_t x0 = 0; x0 < d; x0 += 32) {
-    for (int64_t r0 = 0; r0 < ld; r0 += 32) {
-      const bool two_r = r0 + 16 < ld;
-      float* c0 = acc_t + x0 * ld + r0;
-      float* c1 = c0 + 16 * ld;
-      _tile_loadd(0, c0, ld * 4);
-      _tile_loadd(2, c1, ld * 4);
+    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+      const bool two_r = r0 + 16 < rows;
+      float* c0 = acc_t + x0 * lda + r0;
+      float* c1 = c0 + 16 * lda;
+      _tile_loadd(0, c0, lda * 4);
+      _tile_loadd(2, c1, lda * 4);
       if (two_r) {
-        _tile_loadd(1, c0 + 16, ld * 4);
-        _tile_loadd(3, c1 + 16, ld * 4);
+        _tile_loadd(1, c0 + 16, lda * 4);
+        _tile_loadd(3, c1 + 16, lda * 4);
       }
       for (int64_t t0 = 0; t0 < k32; t0 += 32) {
-        _tile_loadd(6, pv + t0 / 2 * ld + r0, ld * 4);
+        _tile_loadd(6, pv + t0 / 2 * ldp + r0, ldp * 4);
         _tile_loadd(4, vt + x0 * kbp + t0, kbp * 2);
         _tile_loadd(5, vt + (x0 + 16) * kbp + t0, kbp * 2);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
         if (two_r) {
-          _tile_loadd(7, pv + t0 / 2 * ld + r0 + 16, ld * 4);
+          _tile_loadd(7, pv + t0 / 2 * ldp + r0 + 16, ldp * 4);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(3, 5, 7);
         }
       }
-      _tile_stored(0, c0, ld * 4);
-      _tile_stored(2, c1, ld * 4);
+      _tile_stored(0, c0, lda * 4);
+      _tile_stored(2, c1, lda * 4);
       if (two_r) {
-        _tile_stored(1, c0 + 16, ld * 4);
-        _tile_stored(3, c1 + 16, ld * 4);
+        _tile_stored(1, c0 + 16, lda * 4);
+        _tile_stored(3, c1 + 16, lda * 4);
       }
     }
   }
@@ -800,23 +804,26 @@ inline void pack_values_t(const c10::BFloat16* v, const int64_t* krow, int64_t k
   }
 }
 
-// The running softmax of the AMX path over S^T (ws.s, leading dimension ld, unscaled): as update_softmax_t with
+// The running softmax of the AMX path for the task's rows row0 .. row0 + n (a group: S^T in ws.s with leading
+// dimension lds, a multiple of 16 >= n; probabilities into pv with the same; accumulators at acc_t[x * lda +
+// row0 + r]), unscaled scores: as update_softmax_t with
 // `acc_t` and `pv` (lazy reference maximum, probabilities as bf16 key pairs per row, transposed accumulators),
 // in one pass over the scores where it can: once a 16-row group has a reference maximum, its block is
 // exponentiated against it directly while the block's maximum is found on the way; only a group whose maximum
 // then exceeds the reference by kLazyMax (rare after a row's first blocks) makes the second pass. Probabilities
 // from a degree-4 exp2 (relative error < 5e-5 before their rounding to bf16's 8 bits).
-inline int64_t update_softmax_amx(const Layout& L, int64_t rows, int64_t nk, Scratch& ws, float* acc_t, uint32_t* pv) {
-  const int64_t d = L.d, ld = round16(rows), k32 = (nk + 31) / 32 * 32;
+inline int64_t update_softmax_amx(const Layout& L, int64_t row0, int64_t n, int64_t lds, int64_t nk, Scratch& ws,
+                                  float* acc_t, int64_t lda, uint32_t* pv) {
+  const int64_t d = L.d, ld = lds, k32 = (nk + 31) / 32 * 32;
   float* s = ws.s.data();
-  const auto [used, least] = visible_keys(ws, rows, nk);
+  const auto [used, least] = visible_keys(ws, row0, n, nk);
   if (!used) return 0;
-  const bool masked = least < nk || rows < ld;
+  const bool masked = least < nk || n < ld;
   const v16 ninf = splat(kNegInf), sc = splat(L.qk_scale);
   auto vmax = [](v16 a, v16 b) { return a > b ? a : b; };
   for (int64_t r0 = 0; r0 < ld; r0 += 16) {
     i16v vis;
-    std::memcpy(&vis, ws.vis.data() + r0, sizeof(vis));
+    std::memcpy(&vis, ws.vis.data() + row0 + r0, sizeof(vis));
     auto seen = [&](int64_t t) {  // S^T[t, r0..r0 + 15], -inf where the row does not see key t
       const v16 x = load(s + t * ld + r0);
       if (!masked) return x;
@@ -837,7 +844,7 @@ inline int64_t update_softmax_amx(const Layout& L, int64_t rows, int64_t nk, Scr
       *mx = vmax(m0, m1) * sc;
       return sum;
     };
-    const v16 m_old = load(ws.m.data() + r0);
+    const v16 m_old = load(ws.m.data() + row0 + r0);
     bool fresh = false;  // some row of the group has no reference maximum yet
     for (int i = 0; i < 16; ++i) fresh |= m_old[i] == kNegInf;
     v16 mx, sum = v16{};
@@ -860,21 +867,26 @@ inline int64_t update_softmax_amx(const Layout& L, int64_t rows, int64_t nk, Scr
     for (int64_t t = (nk + 1) / 2 * 2; t < k32; t += 2)
       _mm512_storeu_si512(pv + t / 2 * ld + r0, _mm512_setzero_si512());
     const v16 alpha = exp2v(m_old - m_use);
-    store(ws.l.data() + r0, load(ws.l.data() + r0) * alpha + sum);
-    store(ws.m.data() + r0, m_new);
+    store(ws.l.data() + row0 + r0, load(ws.l.data() + row0 + r0) * alpha + sum);
+    store(ws.m.data() + row0 + r0, m_new);
     bool rescale = false;
     for (int i = 0; i < 16; ++i) rescale |= alpha[i] != 1.f;
     if (rescale)  // row r's accumulators are column r of acc_t: one vector of 16 rows per dim
-      for (int64_t x = 0; x < d; ++x) store(acc_t + x * ld + r0, load(acc_t + x * ld + r0) * alpha);
+      for (int64_t x = 0; x < d; ++x) store(acc_t + x * lda + row0 + r0, load(acc_t + x * lda + row0 + r0) * alpha);
   }
   return used;
 }
 
-// One block of keys on AMX tiles (use_amx; the task's queries from load_queries_amx).
+// One block of keys on AMX tiles (use_amx; the task's queries from load_queries_amx): the values transposed once,
+// then the rows in groups of kAmxGroup, each group's scores, softmax and value products in turn, so that its
+// scores, probabilities and the block's values stay in L1 (with every row at once they did not: 96 rows x 128
+// keys of scores alone are 48 KB).
 inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16* k, const c10::BFloat16* v,
                              int64_t nk, Scratch& ws) {
   constexpr int64_t kbp = kKeyBlock;
   const int64_t d = L.d, ld = round16(rows), ngroups = (nk + 15) / 16;
+  const int64_t used = visible_keys(ws, 0, rows, nk).first;
+  if (!used) return;
   load_tiles(ws);
   // A operands of the scores: 16 keys in a row of storage are read in place, others gathered (zero past nk)
   const c10::BFloat16* kt[kbp / 16];
@@ -897,15 +909,16 @@ inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16*
     kt[g] = dst;
     kstride[g] = d * 2;
   }
-  scores_amx(kt, kstride, ngroups, d, ws.qv.data(), ld, ws.s.data());
-  if ((int64_t)ws.pv.size() < kbp / 2 * ld) ws.pv.resize(kbp / 2 * ld);
-  const int64_t used = update_softmax_amx(L, rows, nk, ws, ws.acc_t.data(), ws.pv.data());
-  if (!used) return;
-  const int64_t k32 = (used + 31) / 32 * 32;
   if ((int64_t)ws.vt.size() < d * kbp) ws.vt.resize(d * kbp);
   if ((int64_t)ws.vw.size() < d) ws.vw.resize(d);
-  pack_values_t(v, ws.krow, L.kv_row, used, k32, d, ws.vt.data(), ws.vw.data());
-  pv_amx(ws.vt.data(), d, ws.pv.data(), k32, ld, ws.acc_t.data());
+  pack_values_t(v, ws.krow, L.kv_row, used, (used + 31) / 32 * 32, d, ws.vt.data(), ws.vw.data());
+  if ((int64_t)ws.pv.size() < kbp / 2 * kAmxGroup) ws.pv.resize(kbp / 2 * kAmxGroup);
+  for (int64_t r0 = 0; r0 < ld; r0 += kAmxGroup) {
+    const int64_t lds = std::min(kAmxGroup, ld - r0), n = std::min(lds, rows - r0);
+    scores_amx(kt, kstride, ngroups, d, ws.qv.data() + r0, ld, lds, ws.s.data(), lds);
+    const int64_t seen = update_softmax_amx(L, r0, n, lds, nk, ws, ws.acc_t.data(), ld, ws.pv.data());
+    if (seen) pv_amx(ws.vt.data(), d, ws.pv.data(), (seen + 31) / 32 * 32, lds, lds, ws.acc_t.data() + r0, ld);
+  }
 }
 
 // The task's transposed accumulators back into ws.acc [rows, d] for finish_rows.
