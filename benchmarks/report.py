@@ -800,16 +800,20 @@ def doc_link(j: Journal, name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The README's blocks
 
-VLLM_FILES = ["peer-vllm-cpu-2026-12-05-xeon-amx-bf16.json", "peer-vllm-cpu-2026-12-06-xeon-amx-q4.json",
+VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-prefetch.json", "peer-vllm-cpu-2026-12-05-xeon-amx-bf16.json",
               "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-run1.json", "peer-llamacpp-2026-12-06-xeon-amx-q4-run2.json",
                   "peer-llamacpp-2026-12-06-xeon-amx-q4.json", "peer-llamacpp-2026-12-06-xeon-amx-q4-run3.json"]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
-KERNEL_FILES = ["peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json"]
+# each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
+KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-prefetch-kernel.json", ("bfloat16",)),
+                ("peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", ("float32",)),
+                ("peer-vllm-cpu-2026-12-02-zen5-final-kernel.json", ("bfloat16", "float32"))]
 CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
 # Files that record no CPU model or flags: the machine each ran on, from the run notes (journal.md).
 RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeon with AMX",
+                     "peer-vllm-cpu-2026-12-06-xeon-amx-prefetch-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json": "AMD EPYC without AMX",
                      CLUSTER_FILE: "AMD EPYC without AMX"}
 
@@ -887,9 +891,9 @@ def block_pitch_vllm(j: Journal) -> list[str]:
 
 
 def block_kernel(j: Journal) -> list[str]:
-    datas = [(n, load(n)) for n in KERNEL_FILES]
-    columns = [(n, dtype) for n, _ in datas for dtype in ("bfloat16", "float32")]
-    pts = {n: kernel_points(d) for n, d in datas}
+    datas = [(n, load(n), dtypes) for n, dtypes in KERNEL_FILES]
+    columns = [(n, dtype) for n, _, dtypes in datas for dtype in dtypes]
+    pts = {n: kernel_points(d) for n, d, _ in datas}
     keys = sorted({k[1:] for p in pts.values() for k in p},
                   key=lambda k: (-k[5], k[3], k[1] <= 16, k[0], k[1], k[2]))
     rows = []
@@ -902,9 +906,9 @@ def block_kernel(j: Journal) -> list[str]:
             else:
                 cells.append("-")
         rows.append(cells)
-    caption = "; ".join(f"{machine_label(n, d)}: {d['chunkattn']['date']}, commit {commit_of(d)}, median of "
-                        f"{max(len(r.get('runs_us', [0])) for r in d['rows'])} runs ([details]({doc_link(j, n)}))"
-                        for n, d in datas) + "."
+    caption = "; ".join(f"{machine_label(n, d)} ({', '.join(DTYPE[dt] for dt in dtypes)}): {d['chunkattn']['date']}, "
+                        f"commit {commit_of(d)}, median of {max(len(r.get('runs_us', [0])) for r in d['rows'])} "
+                        f"run(s) ([details]({doc_link(j, n)}))" for n, d, dtypes in datas) + "."
     header = ["B / n_s / n_c (H = 32, d = 128 unless noted)"]
     header += [f"{machine_label(n, load(n))}, {DTYPE[dt]}" for n, dt in columns]
     return [caption, "", *table(header, rows)]
