@@ -873,6 +873,7 @@ def block_pitch_vllm(j: Journal) -> list[str]:
         for r in d["rows"]:
             v, c = serve_ratios(r)
             g["dtypes"].add(DTYPE[r["dtype"]])
+            g["quantized"] = g.get("quantized", False) or bool(quant_note(d))
             g["tput"].append(c["output_tokens_per_s"] / v["output_tokens_per_s"])
             g["tpot"].append(c["tpot_p50_ms"] / v["tpot_p50_ms"])
             g["ttft"].append(c["ttft_p50_ms"] / v["ttft_p50_ms"])
@@ -884,7 +885,8 @@ def block_pitch_vllm(j: Journal) -> list[str]:
              "output throughput, time per output token and time to first token were, as ratios to vLLM's "
              "([Results](#results)):", ""]
     for m, g in groups.items():
-        lines.append(f"- {m} ({', '.join(sorted(g['dtypes']))}; {', '.join(sorted(g['dates']))}): "
+        weights = ", weights dequantized or the GGUF blocks as stored" if g.get("quantized") else ""
+        lines.append(f"- {m} ({', '.join(sorted(g['dtypes']))}{weights}; {', '.join(sorted(g['dates']))}): "
                      f"{rng(g['tput'])} the throughput, {rng(g['tpot'])} the time per output token, "
                      f"{rng(g['ttft'])} the time to first token.")
     return lines

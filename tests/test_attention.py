@@ -125,6 +125,23 @@ def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, 
     check_attention(cache, batch, q_heads, "cpu")
 
 
+def test_cpu_plan_takes_bigger_row_tiles_on_amx_while_every_thread_has_work():
+    """bf16 on AMX: tasks of up to ROWS_PER_TASK_AMX query rows, halved while fewer than 2 tasks per thread."""
+    import importlib
+
+    from chunkattn.attention import get_backend
+
+    cpu_tpp = importlib.import_module("chunkattn.attention.cpu_tpp")
+    for tokens, amx, want_tiles in [(2048, True, 2048 * 3 // 384), (2048, False, 2048 * 3 // 96), (64, True, 2)]:
+        cache = PrefixKVCache(1, 3, 64, chunk_size=64, max_tokens=4096, dtype=torch.bfloat16)
+        prompt = list(range(tokens))
+        seq = cache.add_sequence(prompt)
+        backend = get_backend("cpu", cache)
+        backend.plan(cache.extend([seq], [prompt]))
+        ws = cpu_tpp.CpuWorkspace.build(backend.attention_plan, 9, 3, 64, threads=2, amx=amx)
+        assert ws.num_private_tasks == want_tiles, (tokens, amx, ws)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_prefetch_changes_nothing_but_time(dtype):
     """The K/V prefetch (on by default) only asks for memory: outputs are bit-identical with it off."""

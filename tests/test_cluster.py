@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import random
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -42,10 +43,11 @@ def test_cli_starts_replicas_and_stops_on_sigterm():
     frame and [DONE]), then shuts everything down and exits 0."""
     import threading
 
+    template = Path(__file__).resolve().parent.parent / "examples" / "chat_templates" / "smollm2_tools.jinja"
     server = ServerProcess(str(TINY_CONFIG), "--random-weights", "--tokenizer", str(default_model_path()),
                            "--served-model-name", "tiny", "--kv-cache-tokens", "8192", "--replicas", "2",
                            "--router", "round-robin", "--replica-threads", "1", "--shutdown-timeout", "1",
-                           api_key=KEY, timeout=240)
+                           "--chat-template", str(template), api_key=KEY, timeout=240)
     lines: list[str] = []
     try:
         with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
@@ -53,6 +55,12 @@ def test_cli_starts_replicas_and_stops_on_sigterm():
             r = c.completions.create(model="tiny", prompt=["one two", "three four"], max_tokens=4,
                                      extra_body={"ignore_eos": True})
             assert [ch.index for ch in r.choices] == [0, 1] and r.usage.completion_tokens == 8
+            tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+            chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                             tools=tools, tool_choice="auto", max_tokens=2)  # (400 without it)
+            assert chat.choices[0].finish_reason in ("length", "stop", "tool_calls")
+        info = httpx.get(server.url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert info["chat_template"] == template.read_text()  # --chat-template reached the HTTP front
         assert httpx.get(server.url + "/v1/models").status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200  # (the replicas answered)
         started = threading.Event()

@@ -143,6 +143,17 @@ def test_tool_plans():
                  '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>',
                  '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', "<tool_call>[]</tool_call>"):
         assert auto.calls(text) == ([], text), text
+    # beside a valid block, what is not a call stays in the content as written (a block with an unknown entry
+    # whole); with parallel_tool_calls false, a second call stays text too
+    rome = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    mixed = ('<tool_call>[{"name": "get_weather", "arguments": {}}, {"name": "launch_rocket", "arguments": {}}]'
+             '</tool_call>')
+    calls, content = auto.calls(f"{rome} then {mixed} and <tool_call>{{broken</tool_call>")
+    assert len(calls) == 1 and content == f"then {mixed} and <tool_call>{{broken</tool_call>"
+    single = ToolPlan.of(tools, "auto", False, "{% if tools %}...{% endif %}")
+    calls, content = single.calls(rome + rome)
+    assert len(calls) == 1 and content == rome
+    assert len(auto.calls(rome + rome)[0]) == 2
 
 
 # ---------------------------------------------------------------------------------------------- the server

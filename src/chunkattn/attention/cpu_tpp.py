@@ -206,8 +206,9 @@ def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     key = f"cpu:{num_q_heads}:{num_kv_heads}:{head_dim}"
     ws = plan.workspaces.get(key)
     if not isinstance(ws, CpuWorkspace):
-        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim,
-                                amx=q.dtype == torch.bfloat16 and amx_active())
+        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim,  # (the kernel's use_amx condition)
+                                amx=q.dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256
+                                and amx_active())
         plan.workspaces[key] = ws
     out = torch.empty(num_rows, num_q_heads, head_dim, dtype=q.dtype)
     lse = torch.empty(num_rows, num_q_heads, dtype=torch.float32)

@@ -399,6 +399,7 @@ class OpenAIIngress:
         if spec.tokenizer is not None or not spec.random_weights:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             tokenizer = load_tokenizer(spec.tokenizer or spec.model)
+        tokenizer = spec.with_chat_template(tokenizer)  # (chat prompts are built here, not on the replicas)
         self.engine = ClusterEngine(replicas, info, tokenizer, num_replicas, retries)
         self.server = Server(self.engine, config)
 

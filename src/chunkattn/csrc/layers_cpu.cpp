@@ -251,7 +251,8 @@ void apply_token_bitmask_(at::Tensor& logits, const at::Tensor& bitmask, const a
 
 // The K/V cache's scatter: kc[layer][dst[j]] = k[src[j]] (and V) for every j (src: None = j). kc, vc: one
 // layer's [slots, H, d] contiguous storage; k, v: [N, H, d] with contiguous rows (a row stride of their own, e.g.
-// views of the fused QKV projection). Every index is checked (a bad one would write outside the pool). For a
+// views of the fused QKV projection). Every index is checked (a bad one would write outside the pool); dst holds
+// distinct rows (as the cache's slots are: with duplicates, which copy lands is unspecified). For a
 // decode step's few rows: two index_copy_ calls cost ~20 us each, a row's memcpy ~nothing.
 void store_kv_(at::Tensor& kc, at::Tensor& vc, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dst,
                const c10::optional<at::Tensor>& src) {
@@ -265,13 +266,14 @@ void store_kv_(at::Tensor& kc, at::Tensor& vc, const at::Tensor& k, const at::Te
     TORCH_CHECK(t->dim() == 3 && t->size(1) == kc.size(1) && t->size(2) == kc.size(2) && t->stride(2) == 1 &&
                     t->stride(1) == kc.size(2) && t->device().is_cpu(),
                 "store_kv_: k and v must be [rows, heads, head_dim] CPU tensors with contiguous rows");
-  TORCH_CHECK(dst.dim() == 1 && dst.scalar_type() == at::kLong && dst.is_contiguous(),
-              "store_kv_: dst must be a contiguous 1-D int64");
+  TORCH_CHECK(dst.dim() == 1 && dst.scalar_type() == at::kLong && dst.is_contiguous() && dst.device().is_cpu(),
+              "store_kv_: dst must be a contiguous 1-D int64 CPU tensor");
   const int64_t* dp = dst.data_ptr<int64_t>();
   const int64_t* sp = nullptr;
   if (src.has_value()) {
-    TORCH_CHECK(src->dim() == 1 && src->scalar_type() == at::kLong && src->is_contiguous() && src->numel() == n,
-                "store_kv_: src must be a contiguous 1-D int64 as long as dst");
+    TORCH_CHECK(src->dim() == 1 && src->scalar_type() == at::kLong && src->is_contiguous() && src->numel() == n &&
+                    src->device().is_cpu(),
+                "store_kv_: src must be a contiguous 1-D int64 CPU tensor as long as dst");
     sp = src->data_ptr<int64_t>();
   } else {
     TORCH_CHECK(k.size(0) == n && v.size(0) == n, "store_kv_: without src, k and v need one row per dst");

@@ -1242,12 +1242,14 @@ std::atomic<bool> g_prefetch{true};  // chunkattn_cpu.set_prefetch: off for A/B 
 template <typename T>
 inline void prefetch_row(const T* k, const T* v, int64_t row, int64_t row_stride, int64_t n) {
   if (!g_prefetch.load(std::memory_order_relaxed)) return;
-  const char* kr = reinterpret_cast<const char*>(k + row * row_stride);
-  const char* vr = reinterpret_cast<const char*>(v + row * row_stride);
-  for (int64_t b = 0; b < n * (int64_t)sizeof(T); b += 64) {
-    __builtin_prefetch(kr + b, 0, 3);
-    __builtin_prefetch(vr + b, 0, 3);
-  }
+  const int64_t bytes = n * (int64_t)sizeof(T);
+  const uintptr_t kr = reinterpret_cast<uintptr_t>(k + row * row_stride);
+  const uintptr_t vr = reinterpret_cast<uintptr_t>(v + row * row_stride);
+  // every 64-byte line the n elements touch, from the line the row starts in
+  for (uintptr_t b = kr & ~uintptr_t{63}; b < kr + bytes; b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
+  for (uintptr_t b = vr & ~uintptr_t{63}; b < vr + bytes; b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
 }
 
 template <typename T>

@@ -126,12 +126,7 @@ class EngineArgs:
         """An engine on ``loaded`` (whatever loaded it: the model options are not read here) with this K/V
         cache, scheduler and attention backend, and ``chat_template`` on (a copy of) its tokenizer: what
         :class:`~chunkattn.LLM` and the replicas run."""
-        tokenizer = loaded.tokenizer
-        if self.chat_template is not None:
-            if tokenizer is None:
-                raise ValueError("chat_template: this model has no tokenizer to give it to (add --tokenizer)")
-            tokenizer = copy.copy(tokenizer)  # (the loaded model may serve other engines with its own template)
-            tokenizer.chat_template = read_chat_template(self.chat_template)
+        tokenizer = self.with_chat_template(loaded.tokenizer)
         cfg = loaded.config
         weight = loaded.model.lm_head.weight
         cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=self.chunk_size,
@@ -141,6 +136,18 @@ class EngineArgs:
         config = EngineConfig(SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs,
                                               prefix_aware=self.prefix_sharing), self.backend)
         return LLMEngine(loaded.model, tokenizer, cache, config)
+
+    def with_chat_template(self, tokenizer: Any) -> Any:
+        """``tokenizer``, or with ``chat_template`` a copy of it carrying that template (a loaded model may serve
+        other engines with its own); what every front end that builds chat prompts (an engine, the replicas'
+        HTTP front) must use."""
+        if self.chat_template is None:
+            return tokenizer
+        if tokenizer is None:
+            raise ValueError("chat_template: this model has no tokenizer to give it to (add --tokenizer)")
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = read_chat_template(self.chat_template)
+        return tokenizer
 
     # ------------------------------------------------------------------ the command line
     @classmethod

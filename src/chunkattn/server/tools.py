@@ -12,8 +12,10 @@ and how the output becomes ``message.tool_calls``.
   one with ``--chat-template``, e.g. ``examples/chat_templates/smollm2_tools.jinja``); the model then chooses
   between text and calls, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes / Qwen: one
   call a block) or ``<tool_call>[{...}, ...]</tool_call>`` (a list a block), parsed once the output is
-  complete. Only calls of the request's tools with object arguments count; anything else stays text. A
-  template that does not render tools gets a 400 saying so (the model would never know the tools exist).
+  complete. A block becomes calls only when every entry in it names one of the request's tools with object
+  arguments and the calls stay within the limit (one with ``parallel_tool_calls: false``); any other block
+  stays in ``content`` as written. A template that does not render tools gets a 400 saying so (the model would
+  never know the tools exist).
 
 A finished call has ``finish_reason: "tool_calls"``; one cut by ``max_tokens`` keeps ``"length"``.
 """
@@ -80,7 +82,9 @@ class ToolPlan:
             raise InvalidParamError('tool_choice "auto" needs a chat template that renders tools, and this '
                                     'model\'s does not; use "required" or a named function, which work with any '
                                     'model', "tool_choice")
-        return cls("auto", specs)
+        plan = cls("auto", specs)
+        plan.max_calls = 1 if not parallel else MAX_PARALLEL_CALLS
+        return plan
 
     max_calls: int = MAX_PARALLEL_CALLS
 
@@ -133,26 +137,43 @@ class ToolPlan:
                 return [], text  # (cut by max_tokens: finish_reason says "length")
             return [_call(i["name"], json.dumps(i["arguments"], ensure_ascii=False)) for i in items], None
         if self.mode == "auto":
-            calls = []
-            for block in _HERMES.findall(text):
-                try:
-                    parsed = json.loads(block)
-                except ValueError:
-                    continue
-                for item in parsed if isinstance(parsed, list) else [parsed]:  # Hermes: one call; SmolLM2: a list
-                    if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] in self.names:
-                        arguments = item.get("arguments", {})
-                        if isinstance(arguments, str):  # (some models write the arguments as a JSON string)
-                            try:
-                                arguments = json.loads(arguments)
-                            except ValueError:
-                                continue
-                        if isinstance(arguments, dict):
-                            calls.append(_call(item["name"], json.dumps(arguments, ensure_ascii=False)))
+            calls: list[dict[str, Any]] = []
+
+            def convert(match: re.Match[str]) -> str:
+                """A block whose every entry is a call of these tools (within max_calls) becomes those calls and
+                leaves the text; any other block stays in the text as the model wrote it."""
+                block = self._block_calls(match.group(1))
+                if not block or len(calls) + len(block) > self.max_calls:
+                    return match.group(0)
+                calls.extend(block)
+                return ""
+
+            rest = _HERMES.sub(convert, text)
             if calls:
-                content = _HERMES.sub("", text).strip()
-                return calls, content or None
+                return calls, rest.strip() or None
         return [], text
+
+    def _block_calls(self, block: str) -> list[dict[str, Any]]:
+        """The calls in one ``<tool_call>`` block (Hermes: one object; SmolLM2: a list of them), or [] unless every
+        entry names one of the tools with object arguments (given as an object or as a JSON string)."""
+        try:
+            parsed = json.loads(block)
+        except ValueError:
+            return []
+        out = []
+        for item in parsed if isinstance(parsed, list) else [parsed]:
+            if not (isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] in self.names):
+                return []
+            arguments = item.get("arguments", {})
+            if isinstance(arguments, str):  # (some models write the arguments as a JSON string)
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    return []
+            if not isinstance(arguments, dict):
+                return []
+            out.append(_call(item["name"], json.dumps(arguments, ensure_ascii=False)))
+        return out
 
 
 def _hoist_defs(name: str, schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
