@@ -469,7 +469,10 @@ def test_engine_failure_mid_stream_is_an_error_frame_then_done():
     assert status == 200 and frames[-1] == "data: [DONE]"
     err = json.loads(frames[-2][6:])["error"]
     assert "injected device fault" in err["message"] and err["code"] == 500
-    assert len(frames) >= 4  # tokens were streamed before the failure
+    tokens = [json.loads(f[6:]) for f in frames[:-2]]
+    # tokens were streamed before the failure (how many frames carry them depends on how far the client lags:
+    # the stream sends what is pending in one frame)
+    assert tokens and all(t["choices"][0]["text"] is not None for t in tokens)
     assert health == 503 and after == 503  # the engine refuses new work, clearly
 
 
