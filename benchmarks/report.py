@@ -800,7 +800,7 @@ def doc_link(j: Journal, name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The README's blocks
 
-VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-prefetch.json", "peer-vllm-cpu-2026-12-05-xeon-amx-bf16.json",
+VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-prefetch.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
               "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-run4.json", "peer-llamacpp-2026-12-06-xeon-amx-q4-run5.json",
@@ -834,9 +834,10 @@ def machine_label(name: str, d: Json, vm: str = "") -> str:
     return f"{vm + ' ' if vm else ''}{model}{' VM' if vm else ''} {'with' if amx else 'without'} AMX"
 
 
-def quant_note(d: Json) -> str:
+def quant_note(d: Json, dtype: str = "bfloat16") -> str:
+    """", quantization auto" where the run kept quantized blocks (the loader keeps them only in bf16)."""
     q = d["sweep"].get("chunkattn_quantization")
-    return f", quantization {q}" if q else ""
+    return f", quantization {q}" if q and dtype == "bfloat16" else ""
 
 
 def serve_ratios(r: Json) -> tuple[dict[str, float], dict[str, float]]:
@@ -854,7 +855,7 @@ def block_cpu_vllm(j: Journal) -> list[str]:
             v, c = serve_ratios(r)
             machine = machine_label(name, d)
             rows.append([f"[{machine}]({doc_link(j, name)})" if i == 0 else machine, d["date"],
-                         DTYPE[r["dtype"]] + quant_note(d), r["row"], str(len(r["chunkattn"]["runs"])),
+                         DTYPE[r["dtype"]] + quant_note(d, r["dtype"]), r["row"], str(len(r["chunkattn"]["runs"])),
                          f"{v['output_tokens_per_s']:.0f} / {c['output_tokens_per_s']:.0f}",
                          f"**{x(c['output_tokens_per_s'] / v['output_tokens_per_s'])}**",
                          x(c["ttft_p50_ms"] / v["ttft_p50_ms"]), x(c["tpot_p50_ms"] / v["tpot_p50_ms"])])
@@ -873,7 +874,7 @@ def block_pitch_vllm(j: Journal) -> list[str]:
         for r in d["rows"]:
             v, c = serve_ratios(r)
             g["dtypes"].add(DTYPE[r["dtype"]])
-            g["quantized"] = g.get("quantized", False) or bool(quant_note(d))
+            g["quantized"] = g.get("quantized", False) or bool(quant_note(d, r["dtype"]))
             g["tput"].append(c["output_tokens_per_s"] / v["output_tokens_per_s"])
             g["tpot"].append(c["tpot_p50_ms"] / v["tpot_p50_ms"])
             g["ttft"].append(c["ttft_p50_ms"] / v["ttft_p50_ms"])
