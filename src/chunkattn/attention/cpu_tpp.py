@@ -54,11 +54,11 @@ def kernels_available() -> bool:
     return native.available()
 
 
-def amx_active() -> bool:
-    """Whether bfloat16 tasks run on AMX tiles here (the kernels built for a CPU with AMX, tile state granted,
-    not switched off by ``chunkattn_cpu.set_amx``)."""
+def amx_active(head_dim: int) -> bool:
+    """Whether bfloat16 tasks of this head size run on AMX tiles here (the kernels built for a CPU with AMX, tile
+    state granted, not switched off by ``chunkattn_cpu.set_amx``, a head size the tiles take)."""
     load_kernels()
-    return bool(torch.ops.chunkattn_cpu.amx_active())
+    return bool(torch.ops.chunkattn_cpu.amx_for_head_dim(head_dim))
 
 
 def load_kernels() -> None:
@@ -206,9 +206,8 @@ def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     key = f"cpu:{num_q_heads}:{num_kv_heads}:{head_dim}"
     ws = plan.workspaces.get(key)
     if not isinstance(ws, CpuWorkspace):
-        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim,  # (the kernel's use_amx condition)
-                                amx=q.dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256
-                                and amx_active())
+        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim,
+                                amx=q.dtype == torch.bfloat16 and amx_active(head_dim))
         plan.workspaces[key] = ws
     out = torch.empty(num_rows, num_q_heads, head_dim, dtype=q.dtype)
     lse = torch.empty(num_rows, num_q_heads, dtype=torch.float32)

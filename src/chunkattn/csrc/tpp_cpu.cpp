@@ -659,8 +659,11 @@ inline int64_t update_softmax_t(const Layout& L, int64_t rows, int64_t nk, Scrat
 std::atomic<int64_t> g_amx_tasks{0};     // tasks run on AMX tiles so far (tests check that the path ran)
 std::atomic<bool> g_amx_enabled{true};  // chunkattn_cpu.set_amx: off for A/B runs and tests of the other path
 
+// Head sizes the AMX tiles take (whole 32-dim depth steps, at most 8 of them).
+inline bool amx_head_dim(int64_t d) { return d % 32 == 0 && d <= 256; }
+
 inline bool use_amx(const Layout& L, int64_t rows) {
-  return rows >= kAmxMinRows && L.d % 32 == 0 && L.d <= 256 && g_amx_enabled.load(std::memory_order_relaxed) &&
+  return rows >= kAmxMinRows && amx_head_dim(L.d) && g_amx_enabled.load(std::memory_order_relaxed) &&
          amx_permitted();
 }
 
@@ -1560,6 +1563,14 @@ std::string attention_paths() {
 
 TORCH_LIBRARY(chunkattn_cpu, m) {
   m.def("amx_active() -> bool", &amx_active);
+  m.def("amx_for_head_dim(int head_dim) -> bool", [](int64_t d) -> bool {
+#ifdef CHUNKATTN_AMX
+    return amx_active() && amx_head_dim(d);
+#else
+    (void)d;
+    return false;
+#endif
+  });
   m.def("set_prefetch(bool enabled) -> bool", [](bool enabled) -> bool { return g_prefetch.exchange(enabled); });
   m.def("amx_tasks() -> int", []() -> int64_t {
 #ifdef CHUNKATTN_AMX

@@ -51,6 +51,7 @@ class ToolPlan:
     mode: str  # "none", "named", "required", "auto"
     tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's tool objects (for the template)
     name: str | None = None  # the named function
+    max_calls: int = MAX_PARALLEL_CALLS  # "required" and "auto": 1 with parallel_tool_calls false
 
     @classmethod
     def of(cls, tools: list[Any] | None, tool_choice: Any, parallel: bool, template: str | None) -> ToolPlan:
@@ -74,19 +75,14 @@ class ToolPlan:
                 raise InvalidParamError(f"tool_choice names {name!r}, which is not among the tools "
                                         f"({', '.join(names)})", "tool_choice")
             return cls("named", specs, name)
+        limit = MAX_PARALLEL_CALLS if parallel else 1
         if choice == "required":
-            plan = cls("required", specs)
-            plan.max_calls = 1 if not parallel else MAX_PARALLEL_CALLS
-            return plan
+            return cls("required", specs, max_calls=limit)
         if "tools" not in (template or ""):
             raise InvalidParamError('tool_choice "auto" needs a chat template that renders tools, and this '
                                     'model\'s does not; use "required" or a named function, which work with any '
                                     'model', "tool_choice")
-        plan = cls("auto", specs)
-        plan.max_calls = 1 if not parallel else MAX_PARALLEL_CALLS
-        return plan
-
-    max_calls: int = MAX_PARALLEL_CALLS
+        return cls("auto", specs, max_calls=limit)
 
     @property
     def names(self) -> list[str]:
