@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -257,6 +258,30 @@ def test_cpu_kernel_bf16_amx_path(head_dim, kv_heads, q_heads, chunk_size, share
         assert ops.set_amx(True) is True
     assert rel_err(amx, ref) <= REL_TOL[torch.bfloat16]
     assert rel_err(amx, dot) <= REL_TOL[torch.bfloat16] / 2  # both round the probabilities to bf16 the same way
+
+
+@pytest.mark.skipif(not _amx_active(), reason="needs a CPU with AMX (amx_bf16) and a kernel that grants tile state")
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("rise", [1, 12])
+def test_cpu_kernel_bf16_amx_rising_scores(decode, rise):
+    """Scores that rise block after block (keys along u growing with their row, queries along u: `rise` log2
+    units more per 128-key block): the AMX softmax's one-pass exponentiation against a row's reference maximum
+    must notice when a block's probabilities sum past 2^8 and redo it, keeping the reference while no key exceeds
+    it by 8 log2 units (rise 1) and moving it when one does (rise 12: ~140 units over 1500 keys, so a reference
+    that never moved would overflow float32); against the reference attention."""
+    torch.manual_seed(11 + decode + rise)
+    d = 64
+    cache, batch = shared_prompt_batch(batch=6, shared=1500, private=40, chunk_size=64, head_dim=d, kv_heads=1,
+                                       dtype=torch.bfloat16, decode=decode)
+    u = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    rows = cache.k_cache.shape[1]
+    scale = torch.arange(rows, dtype=torch.float32) * rise / 128
+    cache.k_cache[0] = (scale[:, None, None] * u).to(torch.bfloat16)
+    q = (u * (d**0.5 / math.log2(math.e)) + 0.05 * torch.randn(batch.num_new_tokens, 3, d)).to(torch.bfloat16)
+    ref = chunkattn.attention(q, cache, batch, 0, backend="reference")
+    out = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, ref) <= REL_TOL[torch.bfloat16]
 
 
 def test_cpu_kernel_decode_steps_keep_their_workspace():

@@ -43,8 +43,9 @@ class ARows {
     xp_ = xa_.data_ptr<c10::BFloat16>();
     ldx_ = xa_.stride(0);
     full_ = M_ / 16 * 16;
-    // a plain buffer, not a tensor: at one row (single-stream decoding) tensor ops cost more than the copy
-    static thread_local std::vector<c10::BFloat16> tail;
+    // a plain buffer, not a tensor: at one row (single-stream decoding) tensor ops cost more than the copy; on
+    // cache lines, as every operand of a tile load must be (see LineAllocator)
+    static thread_local line_vector<c10::BFloat16> tail;
     if (full_ < M_) {
       tail.assign(16 * k32_, c10::BFloat16(0.f));
       for (int64_t r = full_; r < M_; ++r) std::memcpy(tail.data() + (r - full_) * k32_, xp_ + r * ldx_, k32_ * 2);
