@@ -284,6 +284,44 @@ def test_cpu_kernel_bf16_amx_rising_scores(decode, rise):
     assert rel_err(out, ref) <= REL_TOL[torch.bfloat16]
 
 
+@pytest.mark.skipif(not _amx_active(), reason="needs a CPU with AMX (amx_bf16) and a kernel that grants tile state")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv_heads,q_heads", [(3, 9), (1, 4)])
+def test_cpu_kernel_bf16_amx_fused_private_tasks(head_dim, kv_heads, q_heads):
+    """On AMX tiles a shared task whose rows are whole sequences sharing only its keys also runs their private
+    tasks and writes their outputs (no partials, no merge): a prefill after a cached prompt with sequences of odd
+    lengths packed into tiles, beside one longer than a tile (split, merged as before) and two that also share a
+    few-shot prefix (two runs: merged as before). Against the reference, on AMX and, with the same plan, on the
+    other bf16 path (which must honour the fused tasks too)."""
+    ops = torch.ops.chunkattn_cpu
+    rng = random.Random(head_dim + q_heads)
+    torch.manual_seed(head_dim + q_heads)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(1000) for _ in range(n)]
+
+    shared, few = toks(300), toks(80)
+    cache = PrefixKVCache(1, kv_heads, head_dim, chunk_size=16, max_tokens=4096, dtype=torch.bfloat16)
+    warm = cache.add_sequence(shared + few + [1])
+    random_store(cache, cache.extend([warm], [shared + few + [1]]))
+    prompts = [shared + toks(n) for n in (20, 37, 60, 5, 200, 33, 1)] + [shared + few + toks(n) for n in (25, 40)]
+    seqs = [cache.add_sequence(p) for p in prompts]
+    batch = cache.extend(seqs, [p[s.num_cached_tokens:] for s, p in zip(seqs, prompts)])
+    random_store(cache, batch)
+    q = torch.randn(batch.num_new_tokens, q_heads, head_dim).to(torch.bfloat16)
+    ref = chunkattn.attention(q, cache, batch, 0, backend="reference")
+    out = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+    [ws] = [w for k, w in cache.plan(batch).workspaces.items() if k.startswith("cpu:")]
+    assert ws.num_fused_tasks >= 3, "no private task ran inside its shared task"
+    assert rel_err(out, ref) <= REL_TOL[torch.bfloat16]
+    try:
+        ops.set_amx(False)
+        other = chunkattn.attention(q, cache, batch, 0, backend="cpu")  # same plan, same fused tasks
+    finally:
+        ops.set_amx(True)
+    assert rel_err(other, ref) <= REL_TOL[torch.bfloat16]
+
+
 def test_cpu_kernel_decode_steps_keep_their_workspace():
     cache, batch = shared_prompt_batch(batch=6, shared=70, private=3, chunk_size=16, head_dim=32, kv_heads=2,
                                        dtype=torch.float32, decode=True)

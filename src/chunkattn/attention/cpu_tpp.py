@@ -15,7 +15,11 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
   (at d = 64 and 128: blocks of 16 keys that stay in L2 while each head passes over them, in registers),
   split over several tasks when its private list is long (flash-decoding);
 * a row whose only contribution is its private task gets its output written directly; the others get one
-  partial (o, m, l) slot per task and a merge pass combines them.
+  partial (o, m, l) slot per task and a merge pass combines them;
+* on AMX tiles, a shared task whose rows are whole sequences that share only its keys (one piece) also runs
+  those sequences' private tasks, each over its own tiles of rows, and writes their outputs directly: no
+  partials, no merge (a prefill after a cached prompt: 31 x 64 tokens after 1024 shared keys spent ~15% of
+  its attention writing and merging partials).
 
 The kernel's inner products are register-blocked tiles over keys gathered in blocks of 128 across chunks. In
 float32 on AVX-512 CPUs, a task of 16 or more query rows computes its scores transposed (12 keys x 32 rows, the
@@ -45,6 +49,7 @@ MIN_PIECE_TOKENS = 1024  # shared keys one task sweeps at least (each task packs
 # after a 1K-token prompt took 15% longer with 256 on a 2-core Xeon with AMX)
 MIN_SPLIT_TOKENS = 256  # private keys of one split of a long decode list (flash-decoding over the threads)
 TASKS_PER_THREAD = 8  # shared (and split decode) tasks per thread to aim for
+FUSE_PRIVATE = True  # AMX: shared tasks of whole sequences run their private tasks (off: for A/B runs)
 WIDE_MAX_GROUP = 3  # decode tokens with at most this many query heads per K/V head run all heads in one task
 log = logging.getLogger(__name__)
 
@@ -74,12 +79,13 @@ def _i64(values: list[int], device: torch.device) -> torch.Tensor:
 class CpuWorkspace:
     """Task lists (int64 tensors) and partial buffers of one plan, for given head counts and head size."""
 
-    idx: list[torch.Tensor]  # the 24 index tensors the kernel takes, in its order
+    idx: list[torch.Tensor]  # the 26 index tensors the kernel takes, in its order
     o_part: torch.Tensor  # [num_slots, num_q_heads, head_dim] float32
     ml_part: torch.Tensor  # [num_slots, num_q_heads, 2] float32: (max, sum of exp) in base 2
     num_shared_tasks: int
     num_private_tasks: int
     num_wide_tasks: int
+    num_fused_tasks: int = 0  # private tasks run inside a shared task (included in num_private_tasks)
 
     def advance(self, plan: AttentionPlan) -> None:
         """Nothing to do: lengths and positions live in the plan's tensors, which advance in place."""
@@ -98,17 +104,35 @@ class CpuWorkspace:
                 rows_per_task //= 2
         tile = max(1, rows_per_task // group)  # tokens per task
         qi = plan.q_indptr
+        pi = plan.private_indptr
         slots = 0
         row_slots: list[list[int]] = [[] for _ in range(plan.num_rows)]
+        # A decode token whose heads each have fewer rows than the packed-key path takes (group < 4) gets "wide"
+        # tasks: all heads at once, reading each key's row of every head in order; long private lists are
+        # split (flash-decoding) so that few sequences still keep every core busy. Other tiles get per-head
+        # private tasks. A row gets a partial slot when anything else also writes to it.
+        wide_seqs = [b for b in range(plan.num_seqs) if qi[b + 1] - qi[b] == 1 and group < WIDE_MAX_GROUP + 1
+                     and pi[b + 1] > pi[b]]
+        wide = set(wide_seqs)
         # shared tasks
         st: dict[str, list[int]] = {k: [] for k in ("chunk_begin", "chunk_end", "row_begin", "row_end", "slot")}
         st_rows: list[int] = []
         runs = plan.shared_runs()
         shared_tokens = sum(plan.shared_len)
+        runs_of: dict[int, int] = {}  # sequence -> how many shared runs it reads
+        for begin, _ in runs:
+            for b in plan.shared_users(begin):
+                runs_of[b] = runs_of.get(b, 0) + 1
+        fused: list[tuple[int, list[int]]] = []  # (shared task, the sequences whose private tasks it runs)
         for begin, end in runs:
-            rows = [r for b in plan.shared_users(begin) for r in range(qi[b], qi[b + 1])]
+            users = plan.shared_users(begin)
             run_tokens = sum(plan.shared_len[begin:end])
-            row_tiles = [rows[i : i + tile] for i in range(0, len(rows), tile)]
+            if amx:
+                row_tiles, tile_seqs = _sequence_tiles(users, qi, tile)
+            else:
+                rows = [r for b in users for r in range(qi[b], qi[b + 1])]
+                row_tiles = [rows[i : i + tile] for i in range(0, len(rows), tile)]
+                tile_seqs = [None] * len(row_tiles)
             # enough pieces for ~8 tasks per thread over all runs and heads (threads then finish within a
             # small task of each other), each >= MIN_PIECE_TOKENS keys
             want = math.ceil(TASKS_PER_THREAD * threads * run_tokens / max(1, shared_tokens)
@@ -116,24 +140,21 @@ class CpuWorkspace:
             pieces = max(1, min(end - begin, want, run_tokens // MIN_PIECE_TOKENS or 1))
             bounds = [begin + (end - begin) * i // pieces for i in range(pieces + 1)]
             for c0, c1 in zip(bounds, bounds[1:]):
-                for tile_rows in row_tiles:
+                for tile_rows, seqs in zip(row_tiles, tile_seqs):
                     st["chunk_begin"].append(c0)
                     st["chunk_end"].append(c1)
                     st["row_begin"].append(len(st_rows))
                     st_rows.extend(tile_rows)
                     st["row_end"].append(len(st_rows))
+                    if (FUSE_PRIVATE and pieces == 1 and seqs is not None
+                            and all(runs_of[b] == 1 and b not in wide for b in seqs)):
+                        st["slot"].append(-1)  # complete rows: the output directly
+                        fused.append((len(st["slot"]) - 1, seqs))
+                        continue
                     st["slot"].append(slots)
                     for i, r in enumerate(tile_rows):
                         row_slots[r].append(slots + i)
                     slots += len(tile_rows)
-        # A decode token whose heads each have fewer rows than the packed-key path takes (group < 4) gets "wide"
-        # tasks: all heads at once, reading each key's row of every head in order; long private lists are
-        # split (flash-decoding) so that few sequences still keep every core busy. Other tiles get per-head
-        # private tasks. A row gets a partial slot when anything else also writes to it.
-        pi = plan.private_indptr
-        wide_seqs = [b for b in range(plan.num_seqs) if qi[b + 1] - qi[b] == 1 and group < WIDE_MAX_GROUP + 1
-                     and pi[b + 1] > pi[b]]
-        wide = set(wide_seqs)
         wt: dict[str, list[int]] = {k: [] for k in ("row", "chunk_begin", "chunk_end", "slot")}
         want = math.ceil(TASKS_PER_THREAD * threads / max(1, len(wide_seqs)))
         for b in wide_seqs:
@@ -151,8 +172,9 @@ class CpuWorkspace:
                 else:
                     wt["slot"].append(-1)
         pt: dict[str, list[int]] = {k: [] for k in ("row_begin", "row_end", "chunk_begin", "chunk_end", "slot")}
+        fused_seqs = {b for _, seqs in fused for b in seqs}
         for b in range(plan.num_seqs):
-            if b in wide:
+            if b in wide or b in fused_seqs:
                 continue
             # a prefill's later tiles attend to more keys: largest first, so the last tasks are short
             for r0 in reversed(range(qi[b], qi[b + 1], tile)):
@@ -168,6 +190,18 @@ class CpuWorkspace:
                     slots += r1 - r0
                 else:
                     pt["slot"].append(-1)
+        # the fused private tasks, last: shared task i runs st_fused[i] (a range of them) after its shared keys
+        fused_begin, fused_end = [0] * len(st["slot"]), [0] * len(st["slot"])
+        for task, seqs in fused:
+            fused_begin[task] = len(pt["slot"])
+            for b in seqs:
+                if pi[b + 1] > pi[b]:
+                    pt["row_begin"].append(qi[b])
+                    pt["row_end"].append(qi[b + 1])
+                    pt["chunk_begin"].append(pi[b])
+                    pt["chunk_end"].append(pi[b + 1])
+                    pt["slot"].append(-1)
+            fused_end[task] = len(pt["slot"])
         dev = plan.device
         t = plan.tensors
         merge = any(row_slots)
@@ -180,12 +214,42 @@ class CpuWorkspace:
                *(_i64(st[k], dev) for k in ("chunk_begin", "chunk_end", "row_begin", "row_end", "slot")),
                _i64(st_rows, dev),
                _i64(indptr if merge else [], dev), _i64([s for ss in row_slots for s in ss] if merge else [], dev),
-               *(_i64(wt[k], dev) for k in ("row", "chunk_begin", "chunk_end", "slot"))]
+               *(_i64(wt[k], dev) for k in ("row", "chunk_begin", "chunk_end", "slot")),
+               _i64(fused_begin, dev), _i64(fused_end, dev)]
         return cls(idx=idx,
                    o_part=torch.empty(max(1, slots), num_q_heads, head_dim, dtype=torch.float32, device=dev),
                    ml_part=torch.empty(max(1, slots), num_q_heads, 2, dtype=torch.float32, device=dev),
                    num_shared_tasks=len(st["slot"]), num_private_tasks=len(pt["slot"]),
-                   num_wide_tasks=len(wt["slot"]))
+                   num_wide_tasks=len(wt["slot"]), num_fused_tasks=sum(e - b for b, e in zip(fused_begin, fused_end)))
+
+
+def _sequence_tiles(users: list[int], qi: list[int], tile: int) -> tuple[list[list[int]], list[list[int] | None]]:
+    """The rows (tokens) of a shared run's users in tiles of at most ``tile``: whole sequences packed in order, a
+    sequence longer than a tile in tiles of its own. Returns the tiles and, per tile, the sequences it holds
+    wholly (None for the tiles of a split sequence)."""
+    tiles: list[list[int]] = []
+    seqs: list[list[int] | None] = []
+    rows: list[int] = []
+    held: list[int] = []
+    for b in users:
+        n = qi[b + 1] - qi[b]
+        if n == 0:
+            continue
+        if rows and (len(rows) + n > tile):
+            tiles.append(rows)
+            seqs.append(held)
+            rows, held = [], []
+        if n > tile:
+            for r0 in range(qi[b], qi[b + 1], tile):
+                tiles.append(list(range(r0, min(qi[b + 1], r0 + tile))))
+                seqs.append(None)
+            continue
+        rows.extend(range(qi[b], qi[b + 1]))
+        held.append(b)
+    if rows:
+        tiles.append(rows)
+        seqs.append(held)
+    return tiles, seqs
 
 
 def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float

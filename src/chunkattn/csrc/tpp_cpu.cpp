@@ -910,7 +910,7 @@ inline int64_t update_softmax_amx(const Layout& L, int64_t row0, int64_t n, int6
 // of rows a group measured fastest: 0.93x the time of 32 rows (prefill after 1024 or 4096 shared keys, d = 64),
 // 0.96x for decode steps at d = 64, the same at d = 128.
 inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16* k, const c10::BFloat16* v,
-                             int64_t nk, Scratch& ws) {
+                             int64_t nk, Scratch& ws, int64_t lo, int64_t hi) {
   constexpr int64_t kbp = kKeyBlock;
   const int64_t d = L.d, ld = round16(rows), ngroups = (nk + 15) / 16;
   const int64_t used = visible_keys(ws, 0, rows, nk).first;
@@ -941,7 +941,7 @@ inline void attend_block_amx(const Layout& L, int64_t rows, const c10::BFloat16*
   if ((int64_t)ws.vw.size() < d) ws.vw.resize(d);
   pack_values_t(v, ws.krow, L.kv_row, used, (used + 31) / 32 * 32, d, ws.vt.data(), ws.vw.data());
   if ((int64_t)ws.pv.size() < kbp / 2 * kAmxGroup) ws.pv.resize(kbp / 2 * kAmxGroup);
-  for (int64_t r0 = 0; r0 < ld; r0 += kAmxGroup) {
+  for (int64_t r0 = lo / kAmxGroup * kAmxGroup; r0 < std::min(ld, round16(hi)); r0 += kAmxGroup) {
     const int64_t lds = std::min(kAmxGroup, ld - r0), n = std::min(lds, rows - r0);
     scores_amx(kt, kstride, ngroups, d, ws.qv.data() + r0, ld, lds, ws.s.data(), lds);
     const int64_t seen = update_softmax_amx(L, r0, n, lds, nk, ws, ws.acc_t.data(), ld, ws.pv.data());
@@ -978,17 +978,21 @@ inline void attend_block_t(const Layout& L, int64_t rows, const float* k, const 
   if (used) accumulate<true>(L, rows, v, used, ws, ld);
 }
 
-// One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees.
+// One block of keys into the running softmax state of `rows` rows. vis[i]: keys of the block row i sees. Only
+// rows lo .. hi - 1 may see any (the others have vis 0): the AMX path skips the other tiles of rows.
 template <typename T>
-void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t nk, Scratch& ws) {
+void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t nk, Scratch& ws, int64_t lo = 0,
+                  int64_t hi = -1) {
   const int64_t d = L.d;
   if constexpr (std::is_same_v<T, float>) {
     if (use_key_major(L, rows)) return attend_block_t(L, rows, k, v, nk, ws);
   }
+  (void)lo;
+  (void)hi;
   bool bf16_dot = false;
 #ifdef CHUNKATTN_AMX
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (ws.amx_task) return attend_block_amx(L, rows, k, v, nk, ws);
+    if (ws.amx_task) return attend_block_amx(L, rows, k, v, nk, ws, lo, hi < 0 ? rows : hi);
   }
 #endif
 #ifdef CHUNKATTN_BF16_DOT
@@ -1225,11 +1229,13 @@ void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t nu
   }
 }
 
-// Write each row's result: normalised output + natural-log LSE, or the raw partial (o, m, l) of a slot.
+// Write each row's result: normalised output + natural-log LSE, or the raw partial (o, m, l) of a slot. Head
+// sizes that are whole vectors are copied and converted 16 floats at a time.
 template <typename T>
 void finish_rows(const Layout& L, const int64_t* tokens, int64_t num_tokens, int64_t h, int64_t slot, T* out,
                  float* lse, float* o_part, float* ml_part, const Scratch& ws) {
   const int64_t d = L.d, g = L.group, hq = L.hq;
+  const bool vec = d % 16 == 0;
   for (int64_t a = 0; a < num_tokens; ++a)
     for (int64_t j = 0; j < g; ++j) {
       const int64_t i = a * g + j, head = h * g + j;
@@ -1237,11 +1243,20 @@ void finish_rows(const Layout& L, const int64_t* tokens, int64_t num_tokens, int
       if (slot < 0) {
         const float inv = ws.l[i] > 0.f ? 1.f / ws.l[i] : 0.f;
         T* dst = out + (tokens[a] * hq + head) * d;
-        for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+        if (vec) {
+          for (int64_t x = 0; x < d; x += 16) store(dst + x, load(acc + x) * inv);
+        } else {
+          for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+        }
         lse[tokens[a] * hq + head] = ws.l[i] > 0.f ? (ws.m[i] + std::log2(ws.l[i])) * kLn2 : kNegInf;
       } else {
         const int64_t s = slot + a;
-        std::memcpy(o_part + (s * hq + head) * d, acc, d * sizeof(float));
+        float* dst = o_part + (s * hq + head) * d;
+        if (vec) {
+          for (int64_t x = 0; x < d; x += 16) store(dst + x, load(acc + x));
+        } else {
+          std::memcpy(dst, acc, d * sizeof(float));
+        }
         ml_part[(s * hq + head) * 2] = ws.m[i];
         ml_part[(s * hq + head) * 2 + 1] = ws.l[i];
       }
@@ -1257,6 +1272,9 @@ struct Plan {
   const int64_t *st_chunk_begin, *st_chunk_end, *st_row_begin, *st_row_end, *st_slot, *st_rows;
   const int64_t *row_slot_indptr, *row_slots;
   const int64_t *wt_row, *wt_chunk_begin, *wt_chunk_end, *wt_slot;  // wide tasks: one decode token, all heads
+  // private tasks st_fused_begin[t] .. st_fused_end[t] - 1 run inside shared task t, after its shared keys (the
+  // private tasks from num_private on run only there)
+  const int64_t *st_fused_begin, *st_fused_end;
   int64_t num_private, num_shared, num_wide, num_rows;
 };
 
@@ -1280,30 +1298,26 @@ inline void prefetch_row(const T* k, const T* v, int64_t row, int64_t row_stride
     __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
 }
 
+// Private task `task`'s keys (its sequence's own chunks, causal) into the running state of a task whose rows are
+// `rows` (tokens x group); the private task's tokens are the task's rows a0 * g .. (a0 + n) * g - 1, and every
+// other row sees none of these keys.
 template <typename T>
-void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const T* q, const T* k, const T* v,
-                 T* out, float* lse, float* o_part, float* ml_part, Scratch& ws, std::vector<int64_t>& tokens) {
-  const int64_t r0 = P.pt_row_begin[task], r1 = P.pt_row_end[task], n = r1 - r0, g = L.group;
-  tokens.resize(n);
+void attend_private(const Layout& L, const Plan& P, int64_t task, int64_t a0, int64_t rows, const T* kh,
+                    const T* vh, Scratch& ws) {
+  const int64_t r0 = P.pt_row_begin[task], n = P.pt_row_end[task] - r0, g = L.group;
   int64_t hi_pos = -1;
-  for (int64_t a = 0; a < n; ++a) {
-    tokens[a] = r0 + a;
-    hi_pos = std::max(hi_pos, P.q_pos[r0 + a]);
+  for (int64_t a = 0; a < n; ++a) hi_pos = std::max(hi_pos, P.q_pos[r0 + a]);
+  if (rows > n * g) {
+    std::fill(ws.vis.begin(), ws.vis.begin() + a0 * g, 0);
+    std::fill(ws.vis.begin() + (a0 + n) * g, ws.vis.begin() + rows, 0);
   }
-  ws.reserve(n * g, L.d);
-#ifdef CHUNKATTN_BF16_DOT
-  if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
-#endif
-  load_queries(L, q, tokens.data(), n, h, ws);
-  const T* kh = k + h * L.d;
-  const T* vh = v + h * L.d;
   int64_t nk = 0;
   auto flush = [&]() {
     for (int64_t a = 0; a < n; ++a) {  // keys are in position order: a row sees a prefix of the block
       const int64_t seen = std::upper_bound(ws.kpos, ws.kpos + nk, P.q_pos[r0 + a]) - ws.kpos;
-      for (int64_t j = 0; j < g; ++j) ws.vis[a * g + j] = (int32_t)seen;
+      for (int64_t j = 0; j < g; ++j) ws.vis[(a0 + a) * g + j] = (int32_t)seen;
     }
-    attend_block(L, n * g, kh, vh, nk, ws);
+    attend_block(L, rows, kh, vh, nk, ws, a0 * g, (a0 + n) * g);
     nk = 0;
   };
   for (int64_t c = P.pt_chunk_begin[task]; c < P.pt_chunk_end[task]; ++c) {
@@ -1317,6 +1331,20 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
     }
   }
   if (nk) flush();
+}
+
+template <typename T>
+void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const T* q, const T* k, const T* v,
+                 T* out, float* lse, float* o_part, float* ml_part, Scratch& ws, std::vector<int64_t>& tokens) {
+  const int64_t r0 = P.pt_row_begin[task], r1 = P.pt_row_end[task], n = r1 - r0, g = L.group;
+  tokens.resize(n);
+  for (int64_t a = 0; a < n; ++a) tokens[a] = r0 + a;
+  ws.reserve(n * g, L.d);
+#ifdef CHUNKATTN_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) ws.reserve_bf16(n * g, L.d);
+#endif
+  load_queries(L, q, tokens.data(), n, h, ws);
+  attend_private(L, P, task, 0, n * g, k + h * L.d, v + h * L.d, ws);
 #ifdef CHUNKATTN_AMX
   if (ws.amx_task) unload_acc_amx(L, n * g, ws);
 #endif
@@ -1325,7 +1353,7 @@ void run_private(const Layout& L, const Plan& P, int64_t task, int64_t h, const 
 
 template <typename T>
 void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T* q, const T* k, const T* v,
-                float* o_part, float* ml_part, Scratch& ws) {
+                T* out, float* lse, float* o_part, float* ml_part, Scratch& ws) {
   const int64_t u0 = P.st_row_begin[task], n = P.st_row_end[task] - u0, g = L.group;
   const int64_t* tokens = P.st_rows + u0;
   ws.reserve(n * g, L.d);
@@ -1350,10 +1378,17 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
     }
   }
   if (nk) flush();
+  // fused private tasks: their sequences' own keys, for their rows of this task (the planner fuses only tasks
+  // whose every row's sequence lies wholly inside it and shares nothing else), then the rows are complete
+  for (int64_t f = P.st_fused_begin[task]; f < P.st_fused_end[task]; ++f) {
+    const int64_t a0 = std::find(tokens, tokens + n, P.pt_row_begin[f]) - tokens;
+    TORCH_CHECK(a0 + P.pt_row_end[f] - P.pt_row_begin[f] <= n, "tpp_cpu: a fused private task outside its rows");
+    attend_private(L, P, f, a0, n * g, kh, vh, ws);
+  }
 #ifdef CHUNKATTN_AMX
   if (ws.amx_task) unload_acc_amx(L, n * g, ws);
 #endif
-  finish_rows<T>(L, tokens, n, h, P.st_slot[task], nullptr, nullptr, o_part, ml_part, ws);
+  finish_rows<T>(L, tokens, n, h, P.st_slot[task], out, lse, o_part, ml_part, ws);
 }
 
 template <typename T>
@@ -1419,11 +1454,12 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
 template <typename T>
 void merge_rows(const Layout& L, const Plan& P, T* out, float* lse, const float* o_part, const float* ml_part) {
   const int64_t hq = L.hq, d = L.d;
+  const bool vec = d % 16 == 0;
   at::parallel_for(0, P.num_rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(d);
+    line_vector<float> acc(d);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t s0 = P.row_slot_indptr[r], s1 = P.row_slot_indptr[r + 1];
-      if (s0 == s1) continue;  // written directly by its private task
+      if (s0 == s1) continue;  // written directly by its task
       for (int64_t head = 0; head < hq; ++head) {
         float m = kNegInf;
         for (int64_t s = s0; s < s1; ++s) m = std::max(m, ml_part[(P.row_slots[s] * hq + head) * 2]);
@@ -1436,11 +1472,19 @@ void merge_rows(const Layout& L, const Plan& P, T* out, float* lse, const float*
           const float w = exp2s(ms - m);
           l += w * ls;
           const float* o = o_part + (slot * hq + head) * d;
-          for (int64_t x = 0; x < d; ++x) acc[x] += w * o[x];
+          if (vec) {
+            for (int64_t x = 0; x < d; x += 16) store(acc.data() + x, load(acc.data() + x) + w * load(o + x));
+          } else {
+            for (int64_t x = 0; x < d; ++x) acc[x] += w * o[x];
+          }
         }
         const float inv = l > 0.f ? 1.f / l : 0.f;
         T* dst = out + (r * hq + head) * d;
-        for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+        if (vec) {
+          for (int64_t x = 0; x < d; x += 16) store(dst + x, load(acc.data() + x) * inv);
+        } else {
+          for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+        }
         lse[r * hq + head] = l > 0.f ? (m + std::log2(l)) * kLn2 : kNegInf;
       }
     }
@@ -1486,7 +1530,7 @@ void tpp_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t u = t < wide0 ? t : t - P.num_wide;
       const int64_t item = u / L.hkv, h = u % L.hkv;
       if (item < P.num_shared)
-        run_shared(L, P, item, h, qp, kp, vp, opart, mlpart, ws);
+        run_shared(L, P, item, h, qp, kp, vp, op, lp, opart, mlpart, ws);
       else
         run_private(L, P, item - P.num_shared, h, qp, kp, vp, op, lp, opart, mlpart, ws, tokens);
     }
@@ -1507,7 +1551,7 @@ void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
                   v.stride(1) == v.size(2) && v.stride(0) == k.stride(0), "k, v must be [rows, heads, d] row-major");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat, "bad out / lse");
   TORCH_CHECK(o_part.scalar_type() == at::kFloat && ml_part.scalar_type() == at::kFloat, "partials are float32");
-  TORCH_CHECK(idx.size() == 24, "tpp_cpu expects 24 index tensors");
+  TORCH_CHECK(idx.size() == 26, "tpp_cpu expects 26 index tensors");
   TORCH_CHECK(q.size(1) == k.size(1) * group, "num_q_heads must be num_kv_heads * group");
   for (const auto& t : idx) TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), "indices are int64");
   auto ptr = [&](int i) { return idx[i].numel() ? idx[i].data_ptr<int64_t>() : nullptr; };
@@ -1536,9 +1580,20 @@ void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   P.wt_chunk_begin = ptr(21);
   P.wt_chunk_end = ptr(22);
   P.wt_slot = ptr(23);
+  P.st_fused_begin = ptr(24);
+  P.st_fused_end = ptr(25);
   P.num_wide = idx[20].numel();
-  P.num_private = idx[7].numel();
   P.num_shared = idx[12].numel();
+  TORCH_CHECK(idx[24].numel() == P.num_shared && idx[25].numel() == P.num_shared,
+              "tpp_cpu: one fused range per shared task");
+  int64_t fused = 0;
+  for (int64_t t = 0; t < P.num_shared; ++t) fused += P.st_fused_end[t] - P.st_fused_begin[t];
+  P.num_private = idx[7].numel() - fused;  // the fused private tasks come last
+  for (int64_t t = 0; t < P.num_shared; ++t)
+    TORCH_CHECK(P.st_fused_begin[t] == P.st_fused_end[t] ||
+                    (P.st_fused_begin[t] >= P.num_private && P.st_fused_begin[t] < P.st_fused_end[t] &&
+                     P.st_fused_end[t] <= idx[7].numel()),
+                "tpp_cpu: fused private tasks must be the last ones");
   P.num_rows = q.size(0);
   if (q.scalar_type() == at::kFloat)
     tpp_impl<float>(q, k, v, out, lse, o_part, ml_part, P, scale, group);
