@@ -93,6 +93,12 @@ def test_pack_is_the_amx_panel_layout_of_the_dequantized_weight(qtype, n, k, gat
     for bad in (-1, n):  # an embedding lookup out of range raises, as nn.Embedding does
         with pytest.raises(IndexError, match="out of range"):
             qw.rows(torch.tensor([0, bad]))
+        with pytest.raises(IndexError, match="out of range"):
+            qw.lookup(torch.tensor([0, bad]))
+    if not gate_up:  # the native lookup (an embedding's): the same values, bit for bit, for every row
+        every = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        assert torch.equal(qw.lookup(every), ref[every])
+        assert qw.lookup(torch.empty(0, dtype=torch.long)).shape == (0, k)
     ops = torch.ops.chunkattn_layers
     panels = ops.dequantize_panels(qw.packed, qw.kind)  # the kernel's own dequantization, rounded to bf16
     want = (ops.pack_gate_up_amx if gate_up else ops.pack_linear_amx)(ref.bfloat16())

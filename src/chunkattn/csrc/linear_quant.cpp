@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -451,6 +452,53 @@ at::Tensor dequantize_panels(const at::Tensor& packed, int64_t kind) {
   return out;
 }
 
+// Rows `ids` of a packed (not gate/up) weight with n rows, dequantized to float32 [len(ids), K] as GGUF does (d q,
+// or d q + m rounded after the product: exactly QuantizedWeight.rows, the reference): an embedding lookup. The
+// PyTorch gathers it replaces cost a 2048-token prefill ~70 ms (13% of the step) on the AMX Xeon VM.
+__attribute__((optimize("fp-contract=off"))) at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind,
+                                                                         const at::Tensor& ids, int64_t n) {
+  TORCH_CHECK(packed.dim() == 4, "embedding_quant: packed must be [P, S, 2, tile bytes], got ", packed.sizes());
+  check_packed(packed, kind, packed.size(1) * kDepth, packed.size(0), "embedding_quant");
+  TORCH_CHECK(n >= 0 && n <= packed.size(0) * 32, "embedding_quant: ", packed.size(0), " panels cannot hold n = ", n,
+              " rows");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.device().is_cpu(),
+              "embedding_quant: ids must be a 1-D int64 CPU tensor, got ", ids.scalar_type(), " ", ids.sizes());
+  const at::Tensor idc = ids.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  const int64_t count = idc.numel(), steps = packed.size(1), K = steps * kDepth, tb = tile_bytes(kind);
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < n, "embedding_quant: row index out of range: rows must be in [0, ", n,
+                      "), got ", id[i]);
+  at::Tensor out = at::empty({count, K}, packed.options().dtype(at::kFloat));
+  const uint8_t* qp = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = id[i], p = row / 32, j = (row % 32) / 16, c = row % 16;
+      float* dst = op + i * K;
+      for (int64_t s = 0; s < steps; ++s) {
+        const uint8_t* t = qp + ((p * steps + s) * 2 + j) * tb;
+        const float d = static_cast<float>(reinterpret_cast<const c10::Half*>(t)[c]);
+        if (kind == kQ4) {
+          const float m = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 32)[c]);
+          for (int64_t k = 0; k < kDepth; ++k) {
+            const int64_t e = 2 * c + k % 2;
+            const uint8_t b = t[64 + 16 * (k / 2) + e % 16];
+            const float prod = static_cast<float>(e < 16 ? b & 15 : b >> 4) * d;
+            dst[s * kDepth + k] = prod + m;
+          }
+        } else {
+          for (int64_t k = 0; k < kDepth; ++k) {
+            const int64_t e = 2 * c + k % 2;
+            dst[s * kDepth + k] = static_cast<float>(static_cast<int8_t>(t[32 + 32 * (k / 2) + e])) * d;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
@@ -459,4 +507,5 @@ TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("linear_silu_mul_quant(Tensor x, Tensor packed, int kind, int inner, int path=0) -> Tensor",
         &linear_silu_mul_quant);
   m.def("dequantize_panels(Tensor packed, int kind) -> Tensor", &dequantize_panels);
+  m.def("embedding_quant(Tensor packed, int kind, Tensor ids, int n) -> Tensor", &embedding_quant);
 }

@@ -196,7 +196,7 @@ class Embedding(nn.Embedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
             return super().forward(input_ids)
-        rows = self.quant.rows(input_ids.reshape(-1))
+        rows = self.quant.lookup(input_ids.reshape(-1))
         return rows.to(device=self.weight.device, dtype=self.weight.dtype).reshape(*input_ids.shape,
                                                                                   self.embedding_dim)
 

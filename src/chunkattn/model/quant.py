@@ -211,6 +211,17 @@ class QuantizedWeight:
         w = q * scale if m is None else q * scale + m
         return w.reshape(r, self.in_features)
 
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`rows` (same values) by the native kernels where they are built: an embedding lookup, which
+        :meth:`rows`' gathers made ~13% of a 2048-token prefill step."""
+        if self.gate_up or not native.available():
+            return self.rows(rows)
+        n = self.out_features
+        try:
+            return torch.ops.chunkattn_layers.embedding_quant(self.packed, self.kind, rows.long().cpu(), n)
+        except IndexError as exc:  # out of range: the same error as rows() (and nn.Embedding)
+            raise IndexError(str(exc).splitlines()[0]) from None
+
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``, the whole weight (``[gate; up]`` for ``gate_up``)."""
         n = 2 * self.out_features if self.gate_up else self.out_features
