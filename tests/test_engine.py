@@ -79,34 +79,6 @@ def test_n_completions_fork_the_prompt_and_are_seeded(tiny):
     assert b.metrics.num_cached_tokens == 29  # the second run reuses the first prompt from the cache
 
 
-@pytest.mark.parametrize("budget", [512, 120])
-def test_a_burst_on_a_new_prompt_joins_the_step_that_computes_it(tiny, budget):
-    """Requests arriving together on a shared prompt nobody has computed: the first computes it, and the
-    others join the step that completes it with only their own tokens (their sequences start from the shared
-    prompt, computed in the same step), so every first token comes with the first request's; with a budget
-    smaller than the prompt the others wait for the step that completes it. A later request whose longer
-    prefix a joiner computes waits for that joiner instead of computing it again. Tokens as without sharing."""
-    prompts = prompts_sharing(5, shared=100, own=6, seed=7)
-    prompts.append(prompts[4][:-2] + [1, 2, 3])  # shares 108 tokens with the last joiner, 100 with the rest
-    greedy = SamplingParams(max_tokens=6, temperature=0)
-    llm = LLM(loaded=tiny, chunk_size=16, max_num_batched_tokens=budget)
-    eng = llm.engine
-    for i, p in enumerate(prompts):
-        eng.add_request(p, greedy, str(i))
-    steps: list[set[str]] = []
-    while eng.has_work():
-        steps.append({o.request_id for o in eng.step() if o.outputs and len(o.outputs[0].token_ids) == 1})
-    first = next(i for i, s in enumerate(steps) if "0" in s)
-    if budget >= 106 + 4 * 7:  # the prompt and every joiner's own tokens fit one step
-        assert steps[first] == {"0", "1", "2", "3", "4"}, steps[:first + 2]
-    assert "5" not in steps[first] and any("5" in s for s in steps[first + 1:])
-    off = LLM(loaded=tiny, chunk_size=16, max_num_batched_tokens=budget, prefix_sharing=False)
-    assert [o.token_ids for o in llm.generate(prompts, greedy)] == [o.token_ids for o in off.generate(prompts, greedy)]
-    stats = eng.cache.stats()
-    assert stats["num_sequences"] == 0 and eng.scheduler.running == []
-    eng.cache.check()
-
-
 def test_admission_walks_the_tree_once_per_lookup_and_the_scheduler_owns_every_sequence(tiny):
     """Admission decides from one cache lookup per waiting request (room, deferral and the new sequence all
     use it: no other walk of the tree from a root), and after the run every sequence the scheduler added,

@@ -147,27 +147,6 @@ class Batch:
     def num_seqs(self) -> int:
         return len(self.seqs)
 
-    def then(self, later: Batch) -> Batch:
-        """This batch followed by ``later``, the batch of an ``extend`` made after this one's and before either
-        is computed (other sequences: rows of ``later`` follow this one's): one step's work. The scheduler
-        extends sequences that join a prompt another sequence computes in the same step this way, after that
-        prompt is in the tree."""
-        if later.cache_id != self.cache_id:
-            raise ValueError("batches of different caches cannot be joined")
-        if {s.seq_id for s in self.seqs} & {s.seq_id for s in later.seqs}:
-            raise ValueError("a sequence appears in both batches; extend it once")
-        rows = self.num_new_tokens
-        return Batch(
-            seqs=self.seqs + later.seqs,
-            num_new=self.num_new + later.num_new,
-            q_indptr=self.q_indptr + [rows + i for i in later.q_indptr[1:]],
-            seq_lens=self.seq_lens + later.seq_lens,
-            store_rows=torch.cat([self.store_rows, later.store_rows + rows]),
-            store_kv=torch.cat([self.store_kv, later.store_kv]),
-            all_rows_stored=self.all_rows_stored and later.all_rows_stored,
-            cache_id=self.cache_id,
-        )
-
     @property
     def num_new_tokens(self) -> int:
         return self.q_indptr[-1]

@@ -2,11 +2,8 @@
 
 Every step: running decodes first (one token each), then running prefills in chunks within the token budget,
 then new requests in arrival order while budget, sequence slots and cache room last. A waiting request
-whose prompt another request is prefilling (a new shared prompt) does not compute that prompt again: when
-this step computes the rest of the shared part, it joins the step after it (its sequence starts from that
-part, which the tree then holds, and only its own tokens are new rows, attending to the shared part computed
-in the same step); otherwise it waits until the prefill is in the cache. The scheduler then makes room for
-the step's tokens in the cache; when the pool is
+whose prompt another request is prefilling (a new shared prompt) waits until that prefill is in the cache,
+so that it hits it. The scheduler then makes room for the step's tokens in the cache; when the pool is
 short it preempts the newest request (releases its sequences; it goes back to the front of the queue and
 recomputes later). Preemption happens only here.
 
@@ -137,30 +134,19 @@ class Scheduler:
         admitting a request that cannot fit would only get it preempted again at once."""
         return self.cache.can_allocate(sum(m.chunks_needed for m in matches))
 
-    def _defer(self, request: Request, matches: list[PrefixMatch], ends: dict[int, int],
-               joiners: list[Request]) -> bool | None:
-        """Whether another request is prefilling a longer prefix of this prompt than the cache holds: True to
-        wait, None when this step computes all of that prefix (``ends``: where each request's prompt chunk of
-        this step ends), so that the request can join the step after it; False when no one is. A prefix that
-        an earlier joiner of this step (``joiners``) will compute further also means wait."""
+    def _defer(self, request: Request, matches: list[PrefixMatch]) -> bool:
+        """Whether another request is prefilling a longer prefix of this prompt than the cache holds."""
         if not self.config.prefix_aware or request.forked:
             return False
         cached = matches[0].num_cached_tokens
-        longest = covered = 0  # the longest prefix others are computing; how much of it this step completes
         for other in self.running:
             seq = other.prompt_seq
             if (other.forked or seq is None or seq.num_tokens >= len(other.prompt_ids)
                     or other.cache_salt != request.cache_salt):
                 continue
-            common = _common_prefix(request.prompt_ids, other.prompt_ids)
-            longest = max(longest, common)
-            covered = max(covered, min(common, ends.get(id(other), 0)))
-        for other in joiners:
-            if other.cache_salt == request.cache_salt:
-                longest = max(longest, _common_prefix(request.prompt_ids, other.prompt_ids))
-        if longest <= cached + self.cache.chunk_size:
-            return False
-        return None if covered >= min(longest, len(request.prompt_ids) - 1) else True
+            if _common_prefix(request.prompt_ids, other.prompt_ids) > cached + self.cache.chunk_size:
+                return True
+        return False
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
@@ -182,32 +168,21 @@ class Scheduler:
                     units.append(ScheduledUnit(r, c, c.seq, c.token_ids[-1:], True, c.seq.num_tokens))
                 else:
                     prefills.append((r, c, c.seq))
-        ends: dict[int, int] = {}  # id(request) -> where its prompt chunk of this step ends
         for r, pc, seq in prefills:
             if budget <= 0:
                 break
-            n = self._prefill_chunk(units, r, pc, seq, budget)
-            budget -= n
-            if pc is None:
-                ends[id(r)] = seq.num_tokens + n
+            budget -= self._prefill_chunk(units, r, pc, seq, budget)
         deferred: list[Request] = []
-        joiners: list[Request] = []
-        joining = 0  # sequences the joiners will take
         while self.waiting and budget > 0:
             r = self.waiting[0]
             need = r.params.n if not r.forked else sum(not c.finished for c in r.completions)
-            if self.running and self._num_running_seqs() + joining + need > self.config.max_num_seqs:
+            if self.running and self._num_running_seqs() + need > self.config.max_num_seqs:
                 break
             matches = self._lookup(r)
             if self.running and not self._can_admit(matches):
                 break
             self.waiting.popleft()
-            defer = self._defer(r, matches, ends, joiners)
-            if defer is None:
-                joiners.append(r)
-                joining += need
-                continue
-            if defer:
+            if self._defer(r, matches):
                 deferred.append(r)
                 continue
             self._admit(r, matches)
@@ -215,54 +190,9 @@ class Scheduler:
                 assert useq is not None
                 if budget <= 0:
                     break
-                n = self._prefill_chunk(units, r, uc, useq, budget)
-                budget -= n
-                ends[id(r)] = useq.num_tokens + n
-        self.waiting.extendleft(reversed(deferred))
-        out = self._allocate(units)
-        if joiners:
-            self._join(out, joiners, budget)
-        return out
-
-    def _join(self, out: SchedulerOutput, joiners: list[Request], budget: int) -> None:
-        """Admit the requests that join a shared prompt computed in this step, now that the tree holds it: each
-        sequence starts from the cached prefix (that prompt), and its own tokens follow the step's other rows
-        (``Batch.then``). A joiner that no longer fits (budget, room; or the prompt's request was preempted
-        while room was made) goes back to the front of the queue, in order."""
-        back: list[Request] = []
-        units: list[ScheduledUnit] = []
-        needed = 0
-        for r in joiners:
-            if out.batch is None or budget <= 0:
-                back.append(r)
-                continue
-            matches = self._lookup(r)
-            chunks = sum(m.chunks_needed for m in matches)
-            if not self.cache.can_allocate(needed + chunks):
-                back.append(r)
-                continue
-            needed += chunks
-            self._admit(r, matches)
-            for uc, useq, _ in r.units():
-                assert useq is not None
-                if budget <= 0:
-                    break
                 budget -= self._prefill_chunk(units, r, uc, useq, budget)
-        self.waiting.extendleft(reversed(back))
-        if not units:
-            return
-        assert out.batch is not None
-        try:
-            later = self.cache.extend([u.seq for u in units], [u.tokens for u in units])
-        except CacheFullError:  # (can_allocate said it would fit) they wait for the next step instead
-            for r in reversed([u.request for u in units]):
-                self._release(r)
-                r.state = RequestState.WAITING
-                self.running.remove(r)
-                self.waiting.appendleft(r)
-            return
-        out.batch = out.batch.then(later)
-        out.units.extend(units)
+        self.waiting.extendleft(reversed(deferred))
+        return self._allocate(units)
 
     @staticmethod
     def _prefill_chunk(units: list[ScheduledUnit], r: Request, c: Completion | None, seq: Sequence,
