@@ -800,19 +800,20 @@ def doc_link(j: Journal, name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The README's blocks
 
-VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-prefetch.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
+VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-fused.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
               "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-run4.json", "peer-llamacpp-2026-12-06-xeon-amx-q4-run5.json",
                   "peer-llamacpp-2026-12-06-xeon-amx-q4-run6.json"]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 # each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
-KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-prefetch-kernel.json", ("bfloat16",)),
+KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-fused-kernel.json", ("bfloat16",)),
                 ("peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", ("float32",)),
                 ("peer-vllm-cpu-2026-12-02-zen5-final-kernel.json", ("bfloat16", "float32"))]
 CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
 # Files that record no CPU model or flags: the machine each ran on, from the run notes (journal.md).
 RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeon with AMX",
+                     "peer-vllm-cpu-2026-12-06-xeon-amx-fused-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-prefetch-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json": "AMD EPYC without AMX",
                      CLUSTER_FILE: "AMD EPYC without AMX"}
