@@ -19,7 +19,9 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
 * on AMX tiles, a shared task whose rows are whole sequences that share only its keys (one piece) also runs
   those sequences' private tasks, each over its own tiles of rows, and writes their outputs directly: no
   partials, no merge (a prefill after a cached prompt: 31 x 64 tokens after 1024 shared keys spent ~15% of
-  its attention writing and merging partials).
+  its attention writing and merging partials); only while those tasks number at least two per thread. A 16-row
+  tile may hold two sequences' rows: the other's probabilities are exact zeros, so an inf in one sequence's
+  values (a broken model) would make NaN in its tile neighbour's output too.
 
 The kernel's inner products are register-blocked tiles over keys gathered in blocks of 128 across chunks. In
 float32 on AVX-512 CPUs, a task of 16 or more query rows computes its scores transposed (12 keys x 32 rows, the
@@ -42,7 +44,7 @@ from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.cache.plan import AttentionPlan
 
 ROWS_PER_TASK = 96  # query rows (tokens x group) one task multiplies at once: ~24 KB of fp32 queries at d=64
-ROWS_PER_TASK_AMX = 384  # bfloat16 on AMX tiles: a task passes over a block 32 rows at a time, so more rows only
+ROWS_PER_TASK_AMX = 384  # bfloat16 on AMX tiles: a task passes over a block 16 rows at a time, so more rows only
 # share the block's transposed values (fewer tasks repack them); fewer while that leaves < 2 tasks per thread
 MIN_PIECE_TOKENS = 1024  # shared keys one task sweeps at least (each task packs its rows' queries, writes and
 # merges their partials: below ~1K keys that cost more than the balance it bought, e.g. 32 sequences decoding
@@ -139,6 +141,8 @@ class CpuWorkspace:
                              / (num_kv_heads * len(row_tiles)))
             pieces = max(1, min(end - begin, want, run_tokens // MIN_PIECE_TOKENS or 1))
             bounds = [begin + (end - begin) * i // pieces for i in range(pieces + 1)]
+            # fusing takes the private tasks' work into these tasks: only while they still keep every thread busy
+            spread = len(row_tiles) * num_kv_heads >= 2 * threads
             for c0, c1 in zip(bounds, bounds[1:]):
                 for tile_rows, seqs in zip(row_tiles, tile_seqs):
                     st["chunk_begin"].append(c0)
@@ -146,7 +150,7 @@ class CpuWorkspace:
                     st["row_begin"].append(len(st_rows))
                     st_rows.extend(tile_rows)
                     st["row_end"].append(len(st_rows))
-                    if (FUSE_PRIVATE and pieces == 1 and seqs is not None
+                    if (FUSE_PRIVATE and pieces == 1 and seqs is not None and spread
                             and all(runs_of[b] == 1 and b not in wide for b in seqs)):
                         st["slot"].append(-1)  # complete rows: the output directly
                         fused.append((len(st["slot"]) - 1, seqs))

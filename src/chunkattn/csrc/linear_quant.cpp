@@ -455,8 +455,7 @@ at::Tensor dequantize_panels(const at::Tensor& packed, int64_t kind) {
 // Rows `ids` of a packed (not gate/up) weight with n rows, dequantized to float32 [len(ids), K] as GGUF does (d q,
 // or d q + m rounded after the product: exactly QuantizedWeight.rows, the reference): an embedding lookup. The
 // PyTorch gathers it replaces cost a 2048-token prefill ~70 ms (13% of the step) on the AMX Xeon VM.
-__attribute__((optimize("fp-contract=off"))) at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind,
-                                                                         const at::Tensor& ids, int64_t n) {
+at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Tensor& ids, int64_t n) {
   TORCH_CHECK(packed.dim() == 4, "embedding_quant: packed must be [P, S, 2, tile bytes], got ", packed.sizes());
   check_packed(packed, kind, packed.size(1) * kDepth, packed.size(0), "embedding_quant");
   TORCH_CHECK(n >= 0 && n <= packed.size(0) * 32, "embedding_quant: ", packed.size(0), " panels cannot hold n = ", n,
@@ -484,7 +483,8 @@ __attribute__((optimize("fp-contract=off"))) at::Tensor embedding_quant(const at
           for (int64_t k = 0; k < kDepth; ++k) {
             const int64_t e = 2 * c + k % 2;
             const uint8_t b = t[64 + 16 * (k / 2) + e % 16];
-            const float prod = static_cast<float>(e < 16 ? b & 15 : b >> 4) * d;
+            float prod = static_cast<float>(e < 16 ? b & 15 : b >> 4) * d;
+            asm("" : "+x"(prod));  // rounded here, as rows() does: never contracted into a fused multiply-add
             dst[s * kDepth + k] = prod + m;
           }
         } else {

@@ -865,7 +865,7 @@ inline int64_t update_softmax_amx(const Layout& L, int64_t row0, int64_t n, int6
         _mm512_storeu_si512(pv + t / 2 * ld + r0, interleave_bf16((__m512)e0, (__m512)e1));
       }
       bool over = false;
-      for (int i = 0; i < 16; ++i) over |= sum[i] > kLazyLimit;
+      for (int i = 0; i < 16; ++i) over |= !(sum[i] <= kLazyLimit);  // NaN or inf too: the general passes
       if (!over) {
         for (int64_t t = (nk + 1) / 2 * 2; t < k32; t += 2)
           _mm512_storeu_si512(pv + t / 2 * ld + r0, _mm512_setzero_si512());
@@ -1592,11 +1592,14 @@ void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   int64_t fused = 0;
   for (int64_t t = 0; t < P.num_shared; ++t) fused += P.st_fused_end[t] - P.st_fused_begin[t];
   P.num_private = idx[7].numel() - fused;  // the fused private tasks come last
-  for (int64_t t = 0; t < P.num_shared; ++t)
-    TORCH_CHECK(P.st_fused_begin[t] == P.st_fused_end[t] ||
-                    (P.st_fused_begin[t] >= P.num_private && P.st_fused_begin[t] < P.st_fused_end[t] &&
-                     P.st_fused_end[t] <= idx[7].numel()),
-                "tpp_cpu: fused private tasks must be the last ones");
+  // the non-empty ranges, in order, cover the last private tasks exactly once, each in a task writing outputs
+  for (int64_t t = 0, next = P.num_private; t < P.num_shared; ++t) {
+    if (P.st_fused_begin[t] == P.st_fused_end[t]) continue;
+    TORCH_CHECK(P.st_fused_begin[t] == next && P.st_fused_end[t] > next && P.st_fused_end[t] <= idx[7].numel() &&
+                    P.st_slot[t] < 0,
+                "tpp_cpu: fused private tasks must be the last ones, each run by one shared task without a slot");
+    next = P.st_fused_end[t];
+  }
   P.num_rows = q.size(0);
   if (q.scalar_type() == at::kFloat)
     tpp_impl<float>(q, k, v, out, lse, o_part, ml_part, P, scale, group);
