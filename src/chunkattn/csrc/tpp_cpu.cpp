@@ -1229,34 +1229,31 @@ void load_queries(const Layout& L, const T* q, const int64_t* tokens, int64_t nu
   }
 }
 
-// Write each row's result: normalised output + natural-log LSE, or the raw partial (o, m, l) of a slot. Head
-// sizes that are whole vectors are copied and converted 16 floats at a time.
+// dst[x] = src[x] * scale for x < d, rounded to T: 16 values a vector, then one by one (a scalar bf16 conversion per
+// value, and a memcpy call per row, cost a prefill's partials and merge several percent of its attention).
+template <typename T>
+inline void write_scaled(T* dst, const float* src, float scale, int64_t d) {
+  int64_t x = 0;
+  for (; x + 16 <= d; x += 16) store(dst + x, load(src + x) * scale);
+  for (; x < d; ++x) dst[x] = static_cast<T>(src[x] * scale);
+}
+
+// Write each row's result: normalised output + natural-log LSE, or the raw partial (o, m, l) of a slot.
 template <typename T>
 void finish_rows(const Layout& L, const int64_t* tokens, int64_t num_tokens, int64_t h, int64_t slot, T* out,
                  float* lse, float* o_part, float* ml_part, const Scratch& ws) {
   const int64_t d = L.d, g = L.group, hq = L.hq;
-  const bool vec = d % 16 == 0;
   for (int64_t a = 0; a < num_tokens; ++a)
     for (int64_t j = 0; j < g; ++j) {
       const int64_t i = a * g + j, head = h * g + j;
       const float* acc = ws.acc.data() + i * d;
       if (slot < 0) {
         const float inv = ws.l[i] > 0.f ? 1.f / ws.l[i] : 0.f;
-        T* dst = out + (tokens[a] * hq + head) * d;
-        if (vec) {
-          for (int64_t x = 0; x < d; x += 16) store(dst + x, load(acc + x) * inv);
-        } else {
-          for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
-        }
+        write_scaled(out + (tokens[a] * hq + head) * d, acc, inv, d);
         lse[tokens[a] * hq + head] = ws.l[i] > 0.f ? (ws.m[i] + std::log2(ws.l[i])) * kLn2 : kNegInf;
       } else {
         const int64_t s = slot + a;
-        float* dst = o_part + (s * hq + head) * d;
-        if (vec) {
-          for (int64_t x = 0; x < d; x += 16) store(dst + x, load(acc + x));
-        } else {
-          std::memcpy(dst, acc, d * sizeof(float));
-        }
+        write_scaled(o_part + (s * hq + head) * d, acc, 1.f, d);
         ml_part[(s * hq + head) * 2] = ws.m[i];
         ml_part[(s * hq + head) * 2 + 1] = ws.l[i];
       }
@@ -1443,11 +1440,10 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
     const float* acc = ws.acc.data() + i * d;
     if (slot < 0) {
       const float inv = ws.l[i] > 0.f ? 1.f / ws.l[i] : 0.f;
-      T* dst = out + (r * hq + i) * d;
-      for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+      write_scaled(out + (r * hq + i) * d, acc, inv, d);
       lse[r * hq + i] = ws.l[i] > 0.f ? (ws.m[i] + std::log2(ws.l[i])) * kLn2 : kNegInf;
     } else {
-      std::memcpy(o_part + (slot * hq + i) * d, acc, d * sizeof(float));
+      write_scaled(o_part + (slot * hq + i) * d, acc, 1.f, d);
       ml_part[(slot * hq + i) * 2] = ws.m[i];
       ml_part[(slot * hq + i) * 2 + 1] = ws.l[i];
     }
@@ -1457,7 +1453,6 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
 template <typename T>
 void merge_rows(const Layout& L, const Plan& P, T* out, float* lse, const float* o_part, const float* ml_part) {
   const int64_t hq = L.hq, d = L.d;
-  const bool vec = d % 16 == 0;
   at::parallel_for(0, P.num_rows, 8, [&](int64_t begin, int64_t end) {
     line_vector<float> acc(d);
     for (int64_t r = begin; r < end; ++r) {
@@ -1475,19 +1470,12 @@ void merge_rows(const Layout& L, const Plan& P, T* out, float* lse, const float*
           const float w = exp2s(ms - m);
           l += w * ls;
           const float* o = o_part + (slot * hq + head) * d;
-          if (vec) {
-            for (int64_t x = 0; x < d; x += 16) store(acc.data() + x, load(acc.data() + x) + w * load(o + x));
-          } else {
-            for (int64_t x = 0; x < d; ++x) acc[x] += w * o[x];
-          }
+          int64_t x = 0;
+          for (; x + 16 <= d; x += 16) store(acc.data() + x, load(acc.data() + x) + w * load(o + x));
+          for (; x < d; ++x) acc[x] += w * o[x];
         }
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        T* dst = out + (r * hq + head) * d;
-        if (vec) {
-          for (int64_t x = 0; x < d; x += 16) store(dst + x, load(acc.data() + x) * inv);
-        } else {
-          for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<T>(acc[x] * inv);
-        }
+        write_scaled(out + (r * hq + head) * d, acc.data(), inv, d);
         lse[r * hq + head] = l > 0.f ? (m + std::log2(l)) * kLn2 : kNegInf;
       }
     }
