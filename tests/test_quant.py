@@ -155,10 +155,11 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
 @needs_kernel
 @pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
 def test_many_rows_span_several_row_blocks(qtype):
-    """650 rows of K = 1536 are three row blocks of the kernel (320 rows fit its 1 MB): whole blocks dequantize
-    each panel first, the last (10 rows) interleaves dequantization with the tiles; both against float64."""
+    """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
+    tile path's ten blocks of 64 rows and a last of 10, over groups of 5 dequantized panels (480 KB) when a thread
+    has more (n = 360: 12 panels, 6 a thread on two); both against float64."""
     gen = torch.Generator().manual_seed(650)
-    for gate_up, n in ((False, 40), (True, 48)):
+    for gate_up, n in ((False, 40), (True, 48), (False, 360)):
         w = torch.randn(n, 1536, generator=gen) * 0.05
         qw = QuantizedWeight.pack(quantize(w, qtype), gate_up=gate_up)
         x = torch.randn(650, 1536, generator=gen).bfloat16()
@@ -175,15 +176,18 @@ def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights():
     """Path 1 is linear_amx on the dequantized bf16 weight: the same tiles in the same order, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     ops = torch.ops.chunkattn_layers
-    for qtype, rows in [(q, r) for q in QTYPES for r in (20, 40)]:  # 20: dequantized step by step beside the tiles
-        w = torch.randn(96, 576, generator=gen) * 0.05
+    # 20 rows: dequantized step by step beside the tiles; more: whole panels, a group at a time (14 of K = 576),
+    # then row blocks of 128; n = 1000 gives each of two threads 16 panels (two groups), the last one partial
+    cases = [(q, r, 96) for q in QTYPES for r in (20, 40)] + [("q4_1", 150, 1000), ("q8_0", 300, 1000)]
+    for qtype, rows, n in cases:
+        w = torch.randn(n, 576, generator=gen) * 0.05
         b = quantize(w, qtype)
         x = torch.randn(rows, 576, generator=gen).bfloat16()
         dense = b.dequantize().bfloat16()
         y = QuantizedWeight.pack(b).linear(x, path=1)
-        assert torch.equal(y, ops.linear_amx(x, ops.pack_linear_amx(dense), 96, None))
+        assert torch.equal(y, ops.linear_amx(x, ops.pack_linear_amx(dense), n, None))
         y = QuantizedWeight.pack(b, gate_up=True).linear(x, path=1)
-        assert torch.equal(y, ops.linear_silu_mul_amx(x, ops.pack_gate_up_amx(dense), 48))
+        assert torch.equal(y, ops.linear_silu_mul_amx(x, ops.pack_gate_up_amx(dense), n // 2))
 
 
 @needs_kernel

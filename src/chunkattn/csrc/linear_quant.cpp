@@ -300,6 +300,47 @@ inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64
 }
 #endif
 
+#ifdef CHUNKATTN_AMX
+// Bytes of dequantized panels a group holds, and of x's rows a row block (both stay in L2 while the other passes).
+constexpr int64_t kGroupBytes = 512 << 10, kGroupMaxPanels = 16, kRowBlockBytes = 256 << 10;
+
+// The AMX tile path for more than 32 rows of x (prefill): `count` panels from `src` (panel index `first` on),
+// dequantized a group at a time into a buffer and multiplied there by every block of x's rows. Each dequantized
+// panel is reused by all M rows, each row block by every panel of a group, and both stay in L2: with a whole x
+// block of 1 MB per panel (the earlier order, each panel dequantized once per block) the y rows written out evicted
+// x, and the tile loads waited on L2 misses. Measured on the AMX Xeon VM, Q4_1, in-process against that order:
+// SmolLM2 products at 1088 / 1984 rows 0.80-0.96x the time, Llama-3.2-1B-shaped products at 1088 rows 0.77-0.92x.
+template <Epilogue E>
+void tiles_grouped(const ARows& rows, int64_t M, int64_t n, int64_t steps, const uint8_t* src, int64_t kind,
+                   int64_t count, int64_t first, const uint8_t* limit, const c10::BFloat16* bias, c10::BFloat16* y,
+                   float* c) {
+  const int64_t tb = tile_bytes(kind), panel = steps * 2 * kTile;  // bf16 elements of a dequantized panel
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / (panel * 2), 1, kGroupMaxPanels);
+  const int64_t block = std::clamp<int64_t>(kRowBlockBytes / (steps * kDepth * 2) / 32 * 32, 32, 128);
+  static thread_local line_vector<c10::BFloat16> w;
+  if (static_cast<int64_t>(w.size()) < group * panel) w.resize(group * panel);
+  for (int64_t g0 = 0; g0 < count; g0 += group) {
+    const int64_t g1 = std::min(count, g0 + group);
+    for (int64_t p = g0; p < g1; ++p)
+      dequant_panel(src + p * steps * 2 * tb, kind, steps, limit, w.data() + (p - g0) * panel);
+    for (int64_t rb = 0; rb < M; rb += block) {
+      const int64_t rend = std::min(M, rb + block);
+      for (int64_t p = g0; p < g1; ++p) {
+        const int64_t c0 = (first + p) * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
+        for (int64_t r0 = rb; r0 < rend; r0 += 32) {
+          const bool two = r0 + 16 < M;
+          const auto [x0, ld0] = rows.rows(r0);
+          const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
+          panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w.data() + (p - g0) * panel, nullptr, two, c);
+          panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
+                       y + r0 * n + c0, n);
+        }
+      }
+    }
+  }
+}
+#endif
+
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
   TORCH_CHECK(kind == kQ4 || kind == kQ8, op, ": kind must be 0 (q4: Q4_0 / Q4_1) or 1 (q8: Q8_0), got ", kind);
   TORCH_CHECK(K > 0 && K % kDepth == 0, op, ": quantized weights need K a positive multiple of 32 (GGUF's block), "
@@ -363,6 +404,13 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
     if (tiles) load_tile_config();
 #endif
     const uint8_t* limit = qp + end * steps * 2 * tb;
+#ifdef CHUNKATTN_AMX
+    if (tiles && M > 32) {
+      tiles_grouped<E>(rows, M, n, steps, qp + begin * steps * 2 * tb, kind, end - begin, begin, limit, b, yp, c);
+      _tile_release();
+      return;
+    }
+#endif
     for (int64_t rb = 0; rb < M; rb += block) {
       const int64_t rend = std::min(M, rb + block);
       for (int64_t p = begin; p < end; ++p) {
@@ -379,7 +427,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
           }
           continue;
         }
-        if (tiles && rend - rb <= 32) {  // one pair of row tiles: dequantize step by step beside the products
+        if (tiles) {  // M <= 32, one pair of row tiles: dequantize step by step beside the products
 #ifdef CHUNKATTN_AMX
           const bool two = rb + 16 < M;
           const auto [x0, ld0] = rows.rows(rb);
@@ -390,24 +438,12 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
           continue;
         }
         dequant_panel(src, kind, steps, rb == 0 ? limit : qp, w);
-        if (tiles) {
-#ifdef CHUNKATTN_AMX
-          for (int64_t r0 = rb; r0 < rend; r0 += 32) {
-            const bool two = r0 + 16 < M;
-            const auto [x0, ld0] = rows.rows(r0);
-            const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
-            panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w, nullptr, two, c);
-            panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bp, yp + r0 * n + c0, n);
-          }
-#endif
-        } else {
-          for (int64_t r0 = rb; r0 < rend; r0 += 4) {
-            const int64_t nr = std::min<int64_t>(4, rend - r0);
-            const c10::BFloat16* xr[4];
-            for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
-            panel_vector_rows(xr, nr, steps, w, c);
-            panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
-          }
+        for (int64_t r0 = rb; r0 < rend; r0 += 4) {
+          const int64_t nr = std::min<int64_t>(4, rend - r0);
+          const c10::BFloat16* xr[4];
+          for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
+          panel_vector_rows(xr, nr, steps, w, c);
+          panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
         }
       }
     }
