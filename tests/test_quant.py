@@ -156,8 +156,8 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
 @pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
 def test_many_rows_span_several_row_blocks(qtype):
     """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
-    tile path's ten blocks of 64 rows and a last of 10, over groups of 5 dequantized panels (480 KB) when a thread
-    has more (n = 360: 12 panels, 6 a thread on two); both against float64."""
+    tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB) when a thread has
+    more (n = 360: 12 panels, 6 a thread on two); both against float64."""
     gen = torch.Generator().manual_seed(650)
     for gate_up, n in ((False, 40), (True, 48), (False, 360)):
         w = torch.randn(n, 1536, generator=gen) * 0.05
@@ -176,13 +176,15 @@ def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights():
     """Path 1 is linear_amx on the dequantized bf16 weight: the same tiles in the same order, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     ops = torch.ops.chunkattn_layers
-    # 20 rows: dequantized step by step beside the tiles; more: whole panels, a group at a time (14 of K = 576),
-    # then row blocks of 128; n = 1000 gives each of two threads 16 panels (two groups), the last one partial
-    cases = [(q, r, 96) for q in QTYPES for r in (20, 40)] + [("q4_1", 150, 1000), ("q8_0", 300, 1000)]
-    for qtype, rows, n in cases:
-        w = torch.randn(n, 576, generator=gen) * 0.05
+    # 20 rows: dequantized step by step beside the tiles; more: whole panels a group at a time, panel-major over
+    # blocks of rows up to 128 rows (K = 2048: blocks of 64, groups of 4 panels), row-pair-major above (K = 576:
+    # groups of 28); n = 1000 gives each of two threads 16 panels, the last partial, n = 2000 two groups a thread
+    cases = [(q, r, 96, 576) for q in QTYPES for r in (20, 40)]
+    cases += [("q4_1", 100, 600, 2048), ("q4_1", 150, 1000, 576), ("q8_0", 300, 2000, 576)]
+    for qtype, rows, n, k in cases:
+        w = torch.randn(n, k, generator=gen) * 0.05
         b = quantize(w, qtype)
-        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        x = torch.randn(rows, k, generator=gen).bfloat16()
         dense = b.dequantize().bfloat16()
         y = QuantizedWeight.pack(b).linear(x, path=1)
         assert torch.equal(y, ops.linear_amx(x, ops.pack_linear_amx(dense), n, None))

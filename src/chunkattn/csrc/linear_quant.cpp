@@ -301,40 +301,50 @@ inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64
 #endif
 
 #ifdef CHUNKATTN_AMX
-// Bytes of dequantized panels a group holds, and of x's rows a row block (both stay in L2 while the other passes).
-constexpr int64_t kGroupBytes = 512 << 10, kGroupMaxPanels = 16, kRowBlockBytes = 256 << 10;
-
 // The AMX tile path for more than 32 rows of x (prefill): `count` panels from `src` (panel index `first` on),
-// dequantized a group at a time into a buffer and multiplied there by every block of x's rows. Each dequantized
-// panel is reused by all M rows, each row block by every panel of a group, and both stay in L2: with a whole x
-// block of 1 MB per panel (the earlier order, each panel dequantized once per block) the y rows written out evicted
-// x, and the tile loads waited on L2 misses. Measured on the AMX Xeon VM, Q4_1, in-process against that order:
-// SmolLM2 products at 1088 / 1984 rows 0.80-0.96x the time, Llama-3.2-1B-shaped products at 1088 rows 0.77-0.92x.
+// dequantized a group at a time into a buffer that stays in L2, and multiplied there by all M rows. Above
+// kRowMajorRows rows, row-pair-major: each pair of row tiles (32 rows) goes through every panel of the group while
+// it stays in L1 (K <= 768) or L2; up to it, panel-major: each panel through a block of rows (the weights' reuse
+// matters more at few rows with a long K). The order this replaced, each panel dequantized once per 1 MB block of
+// rows and multiplied by all of them, lost x from L2 to the y rows written out. Measured on the AMX Xeon VM, Q4_1,
+// in-process against that order: SmolLM2 products at 1088 / 1984 rows 0.78-0.95x the time, 1B-shaped 0.84-0.92x;
+// panel-major at 33-128 rows: row-pair-major took 1.12-1.2x on the 1B down projection (K = 8192) there.
+constexpr int64_t kRowMajorRows = 128;
+constexpr int64_t kGroupBytes[2] = {512 << 10, 1 << 20}, kGroupMaxPanels[2] = {16, 32};  // [panel-major, row-major]
+constexpr int64_t kRowBlockBytes = 256 << 10;  // panel-major: x's rows per block, 32 to 128 rows
+
 template <Epilogue E>
 void tiles_grouped(const ARows& rows, int64_t M, int64_t n, int64_t steps, const uint8_t* src, int64_t kind,
                    int64_t count, int64_t first, const uint8_t* limit, const c10::BFloat16* bias, c10::BFloat16* y,
                    float* c) {
   const int64_t tb = tile_bytes(kind), panel = steps * 2 * kTile;  // bf16 elements of a dequantized panel
-  const int64_t group = std::clamp<int64_t>(kGroupBytes / (panel * 2), 1, kGroupMaxPanels);
-  const int64_t block = std::clamp<int64_t>(kRowBlockBytes / (steps * kDepth * 2) / 32 * 32, 32, 128);
+  const bool row_major = M > kRowMajorRows;
+  const int64_t group = std::clamp<int64_t>(kGroupBytes[row_major] / (panel * 2), 1, kGroupMaxPanels[row_major]);
+  // panel-major: rows per block; row-major: all of them
+  const int64_t block = row_major ? M : std::clamp<int64_t>(kRowBlockBytes / (steps * kDepth * 2) / 32 * 32, 32, 128);
   static thread_local line_vector<c10::BFloat16> w;
   if (static_cast<int64_t>(w.size()) < group * panel) w.resize(group * panel);
+  // the pair of row tiles at r0 times panel p of the group into y
+  auto product = [&](int64_t r0, int64_t p, int64_t g0) {
+    const bool two = r0 + 16 < M;
+    const auto [x0, ld0] = rows.rows(r0);
+    const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
+    const int64_t c0 = (first + p) * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
+    panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w.data() + (p - g0) * panel, nullptr, two, c);
+    panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr, y + r0 * n + c0, n);
+  };
   for (int64_t g0 = 0; g0 < count; g0 += group) {
     const int64_t g1 = std::min(count, g0 + group);
     for (int64_t p = g0; p < g1; ++p)
       dequant_panel(src + p * steps * 2 * tb, kind, steps, limit, w.data() + (p - g0) * panel);
     for (int64_t rb = 0; rb < M; rb += block) {
       const int64_t rend = std::min(M, rb + block);
-      for (int64_t p = g0; p < g1; ++p) {
-        const int64_t c0 = (first + p) * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
-        for (int64_t r0 = rb; r0 < rend; r0 += 32) {
-          const bool two = r0 + 16 < M;
-          const auto [x0, ld0] = rows.rows(r0);
-          const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
-          panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w.data() + (p - g0) * panel, nullptr, two, c);
-          panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
-                       y + r0 * n + c0, n);
-        }
+      if (row_major) {
+        for (int64_t r0 = rb; r0 < rend; r0 += 32)
+          for (int64_t p = g0; p < g1; ++p) product(r0, p, g0);
+      } else {
+        for (int64_t p = g0; p < g1; ++p)
+          for (int64_t r0 = rb; r0 < rend; r0 += 32) product(r0, p, g0);
       }
     }
   }
