@@ -308,7 +308,8 @@ inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64
 // matters more at few rows with a long K). The order this replaced, each panel dequantized once per 1 MB block of
 // rows and multiplied by all of them, lost x from L2 to the y rows written out. Measured on the AMX Xeon VM, Q4_1,
 // in-process against that order: SmolLM2 products at 1088 / 1984 rows 0.78-0.95x the time, 1B-shaped 0.84-0.92x;
-// panel-major at 33-128 rows: row-pair-major took 1.12-1.2x on the 1B down projection (K = 8192) there.
+// panel-major at 33-128 rows: row-pair-major took 1.12-1.2x on the 1B down projection (K = 8192) there. c: room
+// for two products' sums (2 x 32 x 32 floats).
 constexpr int64_t kRowMajorRows = 128;
 constexpr int64_t kGroupBytes[2] = {512 << 10, 1 << 20}, kGroupMaxPanels[2] = {16, 32};  // [panel-major, row-major]
 constexpr int64_t kRowBlockBytes = 256 << 10;  // panel-major: x's rows per block, 32 to 128 rows
@@ -324,14 +325,34 @@ void tiles_grouped(const ARows& rows, int64_t M, int64_t n, int64_t steps, const
   const int64_t block = row_major ? M : std::clamp<int64_t>(kRowBlockBytes / (steps * kDepth * 2) / 32 * 32, 32, 128);
   static thread_local line_vector<c10::BFloat16> w;
   if (static_cast<int64_t>(w.size()) < group * panel) w.resize(group * panel);
+  // Each product's sums are written out (panel_out) during the next product's tile steps, a few rows a step:
+  // written out right after its tile stores, the epilogue waited for the last tile products and the next
+  // product's tiles for it (in a loop of 28 panels x 32 row pairs, K = 576: 26.7 TSC cycles a tile product with
+  // the epilogue after the stores, 24.1 spread over the next product's steps, 21.9 with no epilogue at all).
+  struct Pending {
+    const float* c = nullptr;
+    int64_t rows = 0, cols = 0;
+    const c10::BFloat16* bias = nullptr;
+    c10::BFloat16* y = nullptr;
+  } pending;
+  auto write_out = [&](int64_t i0, int64_t i1) {  // rows i0 .. i1 of the pending product
+    i1 = std::min(i1, pending.rows);
+    if (i0 < i1) panel_out<E>(pending.c + i0 * kCols, i1 - i0, pending.cols, pending.bias, pending.y + i0 * n, n);
+  };
+  const int64_t per_step = (32 + steps - 1) / steps;
+  float* sums[2] = {c, c + kCols * kCols};  // c: room for two products' sums
+  int buf = 0;
   // the pair of row tiles at r0 times panel p of the group into y
   auto product = [&](int64_t r0, int64_t p, int64_t g0) {
     const bool two = r0 + 16 < M;
     const auto [x0, ld0] = rows.rows(r0);
     const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
     const int64_t c0 = (first + p) * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
-    panel_tiles(RowTiles{x0, x1, ld0, ld1}, steps, w.data() + (p - g0) * panel, nullptr, two, c);
-    panel_out<E>(c, std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr, y + r0 * n + c0, n);
+    panel_tiles_with(RowTiles{x0, x1, ld0, ld1}, steps, w.data() + (p - g0) * panel, two, sums[buf],
+                     [&](int64_t s) { write_out(s * per_step, (s + 1) * per_step); });
+    pending = Pending{sums[buf], std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
+                      y + r0 * n + c0};
+    buf ^= 1;
   };
   for (int64_t g0 = 0; g0 < count; g0 += group) {
     const int64_t g1 = std::min(count, g0 + group);
@@ -348,6 +369,7 @@ void tiles_grouped(const ARows& rows, int64_t M, int64_t n, int64_t steps, const
       }
     }
   }
+  write_out(0, 32);
 }
 #endif
 
@@ -409,7 +431,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
     const size_t need = static_cast<size_t>(steps * kTile) + 32;  // floats: 2 bf16 each
     if (buffer.size() < need) buffer.resize(need);
     c10::BFloat16* w = reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~63ull);
-    alignas(64) float c[kCols * kCols];
+    alignas(64) float c[2 * kCols * kCols];  // tiles_grouped: two products' sums
 #ifdef CHUNKATTN_AMX
     if (tiles) load_tile_config();
 #endif
