@@ -343,10 +343,13 @@ needs_amx = pytest.mark.skipif(not native.amx_linear_supported(),
 
 @needs_amx
 @pytest.mark.parametrize("rows,fan_in,fan_out", [(1, 576, 960), (17, 40, 33), (33, 96, 64), (100, 1536, 576),
-                                                 (3, 31, 1), (64, 64, 32), (50, 2048, 95)])
+                                                 (3, 31, 1), (64, 64, 32), (50, 2048, 95), (129, 31, 33),
+                                                 (200, 576, 2000), (150, 2048, 95)])
 def test_amx_linear_ops_against_float64(rows, fan_in, fan_out):
     """The bf16 AMX panel kernels alone: row counts off the 16-row tiles, K off the 32-deep steps (zero-padded
-    copies of x), N off the 32-column panels, bias; and the gate/up kernel's silu(gate) * up epilogue."""
+    copies of x), N off the 32-column panels, bias; and the gate/up kernel's silu(gate) * up epilogue. Above 128
+    rows the panels go by groups through every pair of row tiles (n = 2000, K = 576: two groups of 28 panels a
+    thread): each output the same tile products in the same order as at fewer rows, so bit-equal to them."""
     ops = torch.ops.chunkattn_layers
     torch.manual_seed(rows + fan_in)
     x, w, b = (torch.randn(rows, fan_in).bfloat16(), torch.randn(fan_out, fan_in).bfloat16(),
@@ -360,6 +363,11 @@ def test_amx_linear_ops_against_float64(rows, fan_in, fan_out):
     g = ops.linear_silu_mul_amx(x, ops.pack_gate_up_amx(wg), fan_out)
     prod = x.double() @ wg.double().T
     assert rel(g.double(), torch.nn.functional.silu(prod[:, :fan_out]) * prod[:, fan_out:]) < 5e-3
+    if rows > 128:  # against the panel-major path, 100 rows at a time
+        parts = [ops.linear_amx(x[i : i + 100], ops.pack_linear_amx(w), fan_out, b) for i in range(0, rows, 100)]
+        assert torch.equal(out, torch.cat(parts))
+        parts = [ops.linear_silu_mul_amx(x[i : i + 100], ops.pack_gate_up_amx(wg), fan_out) for i in range(0, rows, 100)]
+        assert torch.equal(g, torch.cat(parts))
 
 
 @needs_amx
@@ -385,6 +393,7 @@ def test_amx_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
     with pytest.raises(RuntimeError, match=r"\[gate; up\]"):
         ops.pack_gate_up_amx(torch.randn(7, 16).bfloat16())
     # above amx_max_rows the layers use F.linear (oneDNN's large-matrix kernels): the same values either side
+    monkeypatch.setattr(Linear, "AMX_ALL_ROWS_MAX_K", 32)  # K = 64 is then a long K
     monkeypatch.setattr(Linear, "AMX_MIN_ROWS_LIMIT", 8)
     monkeypatch.setattr(Linear, "AMX_BLOCK_BYTES", 8 * 2 * 64)  # 8 rows of K = 64
     torch.manual_seed(5)

@@ -54,9 +54,9 @@ def kernel_paths() -> dict[str, str]:
                    else "oneDNN packed")
     from chunkattn.model.layers import Linear
 
-    bf16_linear = (f"chunkattn AMX panels while x is within {Linear.AMX_BLOCK_BYTES >> 20} MB (at least "
-                   f"{Linear.AMX_MIN_ROWS_LIMIT} rows), F.linear (oneDNN) above"
-                   if native.amx_linear_supported() else "oneDNN packed")
+    bf16_linear = (f"chunkattn AMX panels (at every row count up to K = {Linear.AMX_ALL_ROWS_MAX_K}; with a longer "
+                   f"K while x is within {Linear.AMX_BLOCK_BYTES >> 20} MB, at least {Linear.AMX_MIN_ROWS_LIMIT} "
+                   "rows, F.linear (oneDNN) above)" if native.amx_linear_supported() else "oneDNN packed")
     from chunkattn.model.quant import kernel_supported
 
     quantized = ("not kept (dequantized at load): the quantized kernel needs AVX512-BF16" if not kernel_supported()

@@ -94,7 +94,14 @@ at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, con
   const int64_t block = std::max<int64_t>(32, (kXBlockBytes / (std::max(k32, kDepth) * 2)) / 32 * 32);
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     load_tile_config();
-    alignas(64) float c[kCols * kCols];
+    alignas(64) float c[2 * kCols * kCols];  // grouped_products: two products' sums
+    if (M > kRowMajorRows) {  // prefill: groups of the packed panels in place, each through all the rows
+      grouped_products<E>(rows, M, n, steps, end - begin, begin, bias, yp, c, [&](int64_t g0, int64_t) {
+        return wp + (begin + g0) * steps * 2 * kTile;
+      });
+      _tile_release();
+      return;
+    }
     const char* limit = reinterpret_cast<const char*>(wp + end * steps * 2 * kTile);
     for (int64_t rb = 0; rb < M; rb += block) {  // rows of x that stay in L2 while the panels pass
       for (int64_t p = begin; p < end; ++p) {

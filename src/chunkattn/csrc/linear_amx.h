@@ -157,4 +157,75 @@ inline void panel_out(const float* c, int64_t rows, int64_t cols, const c10::BFl
   }
 }
 
+#ifdef CHUNKATTN_AMX
+// The products of more than 32 rows of x (prefill) with `count` panels (panel index `first` on), a group of panels
+// at a time: load_group(g0, g1) makes panels g0 .. g1 of the group available (dequantizes them into a buffer, or
+// points into packed bf16 weights) and returns the first, the others following `steps * 2 * kTile` elements apart;
+// each group is multiplied by all M rows while it stays in L2. Above kRowMajorRows rows, row-pair-major: each pair
+// of row tiles (32 rows) goes through every panel of the group while it stays in L1 (K <= 768) or L2; up to it,
+// panel-major: each panel through a block of rows (the weights' reuse matters more at few rows with a long K).
+// Measured on the AMX Xeon VM, Q4_1 dequantized by groups, in-process against each panel dequantized once per 1 MB
+// block of rows and multiplied by all of them (where the y rows written out evicted x from L2): SmolLM2 products at
+// 1088 / 1984 rows 0.78-0.95x the time, 1B-shaped 0.84-0.92x; panel-major at 33-128 rows, where row-pair-major
+// took 1.12-1.2x on the 1B down projection (K = 8192).
+// Each product's sums are written out (panel_out) during the next product's tile steps, a few rows a step:
+// written out right after its tile stores, the epilogue waited for the last tile products and the next product's
+// tiles for it (a loop of 28 panels x 32 row pairs, K = 576: 26.7 TSC cycles a tile product with the epilogue
+// after the stores, 24.1 spread over the next product's steps, 21.9 with no epilogue at all). c: room for two
+// products' sums (2 x 32 x 32 floats). The tile configuration must be loaded.
+constexpr int64_t kRowMajorRows = 128;
+constexpr int64_t kGroupBytes[2] = {512 << 10, 1 << 20}, kGroupMaxPanels[2] = {16, 32};  // [panel-major, row-major]
+constexpr int64_t kRowBlockBytes = 256 << 10;  // panel-major: x's rows per block, 32 to 128 rows
+
+template <Epilogue E, class LoadGroup>
+void grouped_products(const ARows& rows, int64_t M, int64_t n, int64_t steps, int64_t count, int64_t first,
+                      const c10::BFloat16* bias, c10::BFloat16* y, float* c, LoadGroup load_group) {
+  const int64_t panel = steps * 2 * kTile;  // bf16 elements of a panel
+  const bool row_major = M > kRowMajorRows;
+  const int64_t group = std::clamp<int64_t>(kGroupBytes[row_major] / (panel * 2), 1, kGroupMaxPanels[row_major]);
+  // panel-major: rows per block; row-major: all of them
+  const int64_t block = row_major ? M : std::clamp<int64_t>(kRowBlockBytes / (steps * kDepth * 2) / 32 * 32, 32, 128);
+  struct Pending {
+    const float* c = nullptr;
+    int64_t rows = 0, cols = 0;
+    const c10::BFloat16* bias = nullptr;
+    c10::BFloat16* y = nullptr;
+  } pending;
+  auto write_out = [&](int64_t i0, int64_t i1) {  // rows i0 .. i1 of the pending product
+    i1 = std::min(i1, pending.rows);
+    if (i0 < i1) panel_out<E>(pending.c + i0 * kCols, i1 - i0, pending.cols, pending.bias, pending.y + i0 * n, n);
+  };
+  const int64_t per_step = (32 + steps - 1) / steps;
+  float* sums[2] = {c, c + kCols * kCols};
+  int buf = 0;
+  // the pair of row tiles at r0 times panel p (w) into y
+  auto product = [&](int64_t r0, int64_t p, const c10::BFloat16* w) {
+    const bool two = r0 + 16 < M;
+    const auto [x0, ld0] = rows.rows(r0);
+    const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
+    const int64_t c0 = (first + p) * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
+    panel_tiles_with(RowTiles{x0, x1, ld0, ld1}, steps, w, two, sums[buf],
+                     [&](int64_t s) { write_out(s * per_step, (s + 1) * per_step); });
+    pending = Pending{sums[buf], std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
+                      y + r0 * n + c0};
+    buf ^= 1;
+  };
+  for (int64_t g0 = 0; g0 < count; g0 += group) {
+    const int64_t g1 = std::min(count, g0 + group);
+    const c10::BFloat16* w = load_group(g0, g1);
+    for (int64_t rb = 0; rb < M; rb += block) {
+      const int64_t rend = std::min(M, rb + block);
+      if (row_major) {
+        for (int64_t r0 = rb; r0 < rend; r0 += 32)
+          for (int64_t p = g0; p < g1; ++p) product(r0, p, w + (p - g0) * panel);
+      } else {
+        for (int64_t p = g0; p < g1; ++p)
+          for (int64_t r0 = rb; r0 < rend; r0 += 32) product(r0, p, w + (p - g0) * panel);
+      }
+    }
+  }
+  write_out(0, 32);
+}
+#endif
+
 }  // namespace chunkattn::panels

@@ -300,78 +300,6 @@ inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64
 }
 #endif
 
-#ifdef CHUNKATTN_AMX
-// The AMX tile path for more than 32 rows of x (prefill): `count` panels from `src` (panel index `first` on),
-// dequantized a group at a time into a buffer that stays in L2, and multiplied there by all M rows. Above
-// kRowMajorRows rows, row-pair-major: each pair of row tiles (32 rows) goes through every panel of the group while
-// it stays in L1 (K <= 768) or L2; up to it, panel-major: each panel through a block of rows (the weights' reuse
-// matters more at few rows with a long K). The order this replaced, each panel dequantized once per 1 MB block of
-// rows and multiplied by all of them, lost x from L2 to the y rows written out. Measured on the AMX Xeon VM, Q4_1,
-// in-process against that order: SmolLM2 products at 1088 / 1984 rows 0.78-0.95x the time, 1B-shaped 0.84-0.92x;
-// panel-major at 33-128 rows: row-pair-major took 1.12-1.2x on the 1B down projection (K = 8192) there. c: room
-// for two products' sums (2 x 32 x 32 floats).
-constexpr int64_t kRowMajorRows = 128;
-constexpr int64_t kGroupBytes[2] = {512 << 10, 1 << 20}, kGroupMaxPanels[2] = {16, 32};  // [panel-major, row-major]
-constexpr int64_t kRowBlockBytes = 256 << 10;  // panel-major: x's rows per block, 32 to 128 rows
-
-template <Epilogue E>
-void tiles_grouped(const ARows& rows, int64_t M, int64_t n, int64_t steps, const uint8_t* src, int64_t kind,
-                   int64_t count, int64_t first, const uint8_t* limit, const c10::BFloat16* bias, c10::BFloat16* y,
-                   float* c) {
-  const int64_t tb = tile_bytes(kind), panel = steps * 2 * kTile;  // bf16 elements of a dequantized panel
-  const bool row_major = M > kRowMajorRows;
-  const int64_t group = std::clamp<int64_t>(kGroupBytes[row_major] / (panel * 2), 1, kGroupMaxPanels[row_major]);
-  // panel-major: rows per block; row-major: all of them
-  const int64_t block = row_major ? M : std::clamp<int64_t>(kRowBlockBytes / (steps * kDepth * 2) / 32 * 32, 32, 128);
-  static thread_local line_vector<c10::BFloat16> w;
-  if (static_cast<int64_t>(w.size()) < group * panel) w.resize(group * panel);
-  // Each product's sums are written out (panel_out) during the next product's tile steps, a few rows a step:
-  // written out right after its tile stores, the epilogue waited for the last tile products and the next
-  // product's tiles for it (in a loop of 28 panels x 32 row pairs, K = 576: 26.7 TSC cycles a tile product with
-  // the epilogue after the stores, 24.1 spread over the next product's steps, 21.9 with no epilogue at all).
-  struct Pending {
-    const float* c = nullptr;
-    int64_t rows = 0, cols = 0;
-    const c10::BFloat16* bias = nullptr;
-    c10::BFloat16* y = nullptr;
-  } pending;
-  auto write_out = [&](int64_t i0, int64_t i1) {  // rows i0 .. i1 of the pending product
-    i1 = std::min(i1, pending.rows);
-    if (i0 < i1) panel_out<E>(pending.c + i0 * kCols, i1 - i0, pending.cols, pending.bias, pending.y + i0 * n, n);
-  };
-  const int64_t per_step = (32 + steps - 1) / steps;
-  float* sums[2] = {c, c + kCols * kCols};  // c: room for two products' sums
-  int buf = 0;
-  // the pair of row tiles at r0 times panel p of the group into y
-  auto product = [&](int64_t r0, int64_t p, int64_t g0) {
-    const bool two = r0 + 16 < M;
-    const auto [x0, ld0] = rows.rows(r0);
-    const auto [x1, ld1] = two ? rows.rows(r0 + 16) : std::make_pair(x0, ld0);
-    const int64_t c0 = (first + p) * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
-    panel_tiles_with(RowTiles{x0, x1, ld0, ld1}, steps, w.data() + (p - g0) * panel, two, sums[buf],
-                     [&](int64_t s) { write_out(s * per_step, (s + 1) * per_step); });
-    pending = Pending{sums[buf], std::min<int64_t>(32, M - r0), cols, bias != nullptr ? bias + c0 : nullptr,
-                      y + r0 * n + c0};
-    buf ^= 1;
-  };
-  for (int64_t g0 = 0; g0 < count; g0 += group) {
-    const int64_t g1 = std::min(count, g0 + group);
-    for (int64_t p = g0; p < g1; ++p)
-      dequant_panel(src + p * steps * 2 * tb, kind, steps, limit, w.data() + (p - g0) * panel);
-    for (int64_t rb = 0; rb < M; rb += block) {
-      const int64_t rend = std::min(M, rb + block);
-      if (row_major) {
-        for (int64_t r0 = rb; r0 < rend; r0 += 32)
-          for (int64_t p = g0; p < g1; ++p) product(r0, p, g0);
-      } else {
-        for (int64_t p = g0; p < g1; ++p)
-          for (int64_t r0 = rb; r0 < rend; r0 += 32) product(r0, p, g0);
-      }
-    }
-  }
-  write_out(0, 32);
-}
-#endif
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
   TORCH_CHECK(kind == kQ4 || kind == kQ8, op, ": kind must be 0 (q4: Q4_0 / Q4_1) or 1 (q8: Q8_0), got ", kind);
@@ -431,14 +359,22 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
     const size_t need = static_cast<size_t>(steps * kTile) + 32;  // floats: 2 bf16 each
     if (buffer.size() < need) buffer.resize(need);
     c10::BFloat16* w = reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~63ull);
-    alignas(64) float c[2 * kCols * kCols];  // tiles_grouped: two products' sums
+    alignas(64) float c[2 * kCols * kCols];  // grouped_products: two products' sums
 #ifdef CHUNKATTN_AMX
     if (tiles) load_tile_config();
 #endif
     const uint8_t* limit = qp + end * steps * 2 * tb;
 #ifdef CHUNKATTN_AMX
     if (tiles && M > 32) {
-      tiles_grouped<E>(rows, M, n, steps, qp + begin * steps * 2 * tb, kind, end - begin, begin, limit, b, yp, c);
+      // each group of panels dequantized into a buffer first
+      static thread_local line_vector<c10::BFloat16> wg;
+      const int64_t panel = steps * 2 * kTile;
+      grouped_products<E>(rows, M, n, steps, end - begin, begin, b, yp, c, [&](int64_t g0, int64_t g1) {
+        if (static_cast<int64_t>(wg.size()) < (g1 - g0) * panel) wg.resize((g1 - g0) * panel);
+        for (int64_t p = g0; p < g1; ++p)
+          dequant_panel(qp + (begin + p) * steps * 2 * tb, kind, steps, limit, wg.data() + (p - g0) * panel);
+        return static_cast<const c10::BFloat16*>(wg.data());
+      });
       _tile_release();
       return;
     }

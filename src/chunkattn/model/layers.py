@@ -5,6 +5,7 @@ single-pass native kernels (:mod:`chunkattn.native`); elsewhere as PyTorch ops."
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,8 @@ class Linear(nn.Module):
     panels (``chunkattn_layers.linear``, see ``csrc/linear_cpu.cpp``: 8-row x 48-column register tiles over
     sequential weight panels, the next panel prefetched while one is used), bfloat16 on CPUs with AMX into
     panels of AMX tiles (``chunkattn_layers.linear_amx``, ``csrc/linear_amx.cpp``; up to
-    :meth:`amx_max_rows` rows (x within one 1 MB row block), ``F.linear`` above, where oneDNN's
-    large-matrix kernels win), bfloat16 (and float32) elsewhere into oneDNN's blocked layout. All beat
+    :meth:`amx_max_rows` rows: all of them up to K = 4096, else while x fits one 1 MB row block, ``F.linear``
+    above, where oneDNN's large-matrix kernels win), bfloat16 (and float32) elsewhere into oneDNN's blocked layout. All beat
     ``F.linear`` on the thin matrices of decoding by far
     (on the Zen 5 dev VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed product at ~270-310 with 32 rows
     and the panels at ~380; on the AMX Xeon VM SmolLM2's bf16 decode products at 32 rows took 14.9 ms through
@@ -53,12 +54,15 @@ class Linear(nn.Module):
     module to another device or dtype drops the packed copy.
     """
 
-    # bf16 rows up to which the AMX panels run: while x fits one of the kernel's 1 MB row blocks, every weight is
-    # read once; past that the panels are read again per block and oneDNN's blocking wins (F.linear). On the AMX
-    # Xeon VM at 1088 rows: SmolLM2 (K 576-1536) about even, Llama-3.2-1B's shape 0.83x and 8B's 0.52x of
-    # F.linear's rate when the panels ran every row count; at 1-32 rows the panels win everywhere (1.3-1.7x).
+    # bf16 rows up to which the AMX panels run. Up to K = AMX_ALL_ROWS_MAX_K at every row count: above 128 rows
+    # the kernel takes groups of panels (1 MB) through every pair of row tiles (csrc/linear_amx.h's
+    # grouped_products), which on the AMX Xeon VM took 0.42-0.98x F.linear's time at 129-2048 rows on SmolLM2's,
+    # Llama-3.2-1B's and 8B's products with K <= 4096 (benchmarks/linear_cpu.py-style loop, 9 alternations) but
+    # 1.0-1.15x on the 1B's K = 8192 and 1.26-1.39x on the 8B's K = 14336. There, the panels run while x fits one
+    # 1 MB row block (every weight read once), F.linear above; at 1-32 rows the panels win everywhere (1.3-1.7x).
+    AMX_ALL_ROWS_MAX_K = 4096
     AMX_MIN_ROWS_LIMIT = 64
-    AMX_BLOCK_BYTES = 1 << 20  # kXBlockBytes in csrc/linear_amx.cpp
+    AMX_BLOCK_BYTES = 1 << 20  # kXBlockBytes in csrc/linear_amx.h
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -165,7 +169,10 @@ class Linear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, self.bias, "none", [], "")
 
     def amx_max_rows(self) -> int:
-        """Rows up to which the bfloat16 AMX panels multiply this layer (F.linear above)."""
+        """Rows up to which the bfloat16 AMX panels multiply this layer (F.linear above): every row count up to
+        K = AMX_ALL_ROWS_MAX_K, else while x fits a 1 MB row block."""
+        if self.in_features <= self.AMX_ALL_ROWS_MAX_K:
+            return sys.maxsize
         return max(self.AMX_MIN_ROWS_LIMIT, self.AMX_BLOCK_BYTES // (2 * (cdiv(self.in_features, 32) * 32)))
 
     def extra_repr(self) -> str:
