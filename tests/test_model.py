@@ -366,7 +366,8 @@ def test_amx_linear_ops_against_float64(rows, fan_in, fan_out):
     if rows > 128:  # against the panel-major path, 100 rows at a time
         parts = [ops.linear_amx(x[i : i + 100], ops.pack_linear_amx(w), fan_out, b) for i in range(0, rows, 100)]
         assert torch.equal(out, torch.cat(parts))
-        parts = [ops.linear_silu_mul_amx(x[i : i + 100], ops.pack_gate_up_amx(wg), fan_out) for i in range(0, rows, 100)]
+        gate_up = ops.pack_gate_up_amx(wg)
+        parts = [ops.linear_silu_mul_amx(x[i : i + 100], gate_up, fan_out) for i in range(0, rows, 100)]
         assert torch.equal(g, torch.cat(parts))
 
 

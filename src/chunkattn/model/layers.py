@@ -43,8 +43,8 @@ class Linear(nn.Module):
     sequential weight panels, the next panel prefetched while one is used), bfloat16 on CPUs with AMX into
     panels of AMX tiles (``chunkattn_layers.linear_amx``, ``csrc/linear_amx.cpp``; up to
     :meth:`amx_max_rows` rows: all of them up to K = 4096, else while x fits one 1 MB row block, ``F.linear``
-    above, where oneDNN's large-matrix kernels win), bfloat16 (and float32) elsewhere into oneDNN's blocked layout. All beat
-    ``F.linear`` on the thin matrices of decoding by far
+    above, where oneDNN's large-matrix kernels win), bfloat16 (and float32) elsewhere into oneDNN's blocked
+    layout. All beat ``F.linear`` on the thin matrices of decoding by far
     (on the Zen 5 dev VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed product at ~270-310 with 32 rows
     and the panels at ~380; on the AMX Xeon VM SmolLM2's bf16 decode products at 32 rows took 14.9 ms through
     oneDNN's packed product and 10.8 through the AMX panels; ``benchmarks/linear_cpu.py``, the README's results).
