@@ -26,6 +26,16 @@ _SLOW_MODULES = {"test_server.py", "test_cluster.py", "test_structured.py", "tes
                  "test_bench_serve.py"}
 
 
+@pytest.fixture
+def two_threads():
+    """torch's intra-op threads pinned to 2 for the test (restored after): kernels split work by thread, and a test
+    that needs several groups or blocks per thread sizes its operands for two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, doc in _MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")

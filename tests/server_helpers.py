@@ -24,7 +24,9 @@ def free_port() -> int:
 
 def metrics(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
     """``/metrics`` as {name{labels}: value} (labels dropped when only model_name)."""
-    text = httpx.get(url + "/metrics", timeout=30, headers=headers).text
+    response = httpx.get(url + "/metrics", timeout=30, headers=headers)
+    response.raise_for_status()  # not a scrape: fail on the status, not on parsing its body
+    text = response.text
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#") or not line.strip():

@@ -133,9 +133,17 @@ def test_a_removed_node_is_routed_around_and_replaced():
         assert grew == [0, 10], (before, after)  # one replica gone, the other answered all, each once
         cluster.add_node(num_cpus=1)
         deadline = time.monotonic() + 120
-        while not set(_replica_counts(url)) - set(before):  # a new replica answers (an id not seen before)
-            assert time.monotonic() < deadline, f"no replacement replica: {serve.status()}"
-            assert ask(2, 200) == [3, 3]
+        transient: list[str] = []
+        while True:  # until a new replica answers (an id not seen before)
+            try:
+                if set(_replica_counts(url)) - set(before):
+                    break
+                assert ask(2, 200) == [3, 3]
+            except (httpx.HTTPStatusError, openai.APIStatusError) as e:
+                # Ray Serve's proxy answers 404 ("... for available routes.") for a moment while the application
+                # is redeployed onto the new node (seen once in CI at 59ebd61); anything else fails the test
+                transient.append(f"{type(e).__name__}: {e}"[:200])
+            assert time.monotonic() < deadline, f"no replacement replica: {serve.status()}; errors: {transient}"
             time.sleep(0.5)
     finally:
         stop_cluster()

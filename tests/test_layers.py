@@ -21,7 +21,8 @@ def test_native_kernels_build_here():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,heads,head_dim,extra", [(1, 1, 8, 0), (7, 12, 64, 192), (33, 5, 128, 0), (3, 2, 18, 5)])
+@pytest.mark.parametrize("rows,heads,head_dim,extra", [(1, 1, 8, 0), (7, 12, 64, 192), (33, 5, 128, 0), (3, 2, 18, 5),
+                                                      (5, 3, 40, 3)])  # 40: 16 pairs a vector, then 4
 def test_rope_in_place_matches_rotate_half(dtype, rows, heads, head_dim, extra):
     x = torch.randn(rows, heads * head_dim + extra).to(dtype)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()

@@ -154,12 +154,12 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
 
 @needs_kernel
 @pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
-def test_many_rows_span_several_row_blocks(qtype):
+def test_many_rows_span_several_row_blocks(qtype, two_threads):
     """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
-    tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB) when a thread has
-    more (n = 360: 12 panels, 6 a thread on two); both against float64."""
+    tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB), two a thread for
+    n = 700 (22 panels, 11 a thread on two threads); both against float64."""
     gen = torch.Generator().manual_seed(650)
-    for gate_up, n in ((False, 40), (True, 48), (False, 360)):
+    for gate_up, n in ((False, 40), (True, 48), (False, 700)):
         w = torch.randn(n, 1536, generator=gen) * 0.05
         qw = QuantizedWeight.pack(quantize(w, qtype), gate_up=gate_up)
         x = torch.randn(650, 1536, generator=gen).bfloat16()
@@ -172,7 +172,7 @@ def test_many_rows_span_several_row_blocks(qtype):
 
 @needs_kernel
 @pytest.mark.skipif(not HAS_AMX, reason="the AMX tile path needs a CPU with AMX (amx_tile, amx_bf16)")
-def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights():
+def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights(two_threads):
     """Path 1 is linear_amx on the dequantized bf16 weight: the same tiles in the same order, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     ops = torch.ops.chunkattn_layers

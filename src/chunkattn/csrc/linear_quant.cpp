@@ -1,7 +1,8 @@
 // Linear layers on block-quantized weights, multiplied as stored: GGUF's Q4_0 / Q4_1 / Q8_0 blocks (32 weights
 // along K sharing a float16 scale d, and for Q4_1 a float16 offset m) repacked once into panels of 32 output
-// columns, and each panel dequantized to bfloat16 just before it is used, in the AMX panel layout of
-// linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
+// columns, and each panel dequantized to bfloat16 just before it is used (step by step beside the tile products up
+// to 32 rows of x, a group of panels at a time for more: linear_amx.h's grouped_products), in the AMX panel layout
+// of linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
 // traffic of a decode step, shrinks from 2 bytes a weight (bf16) to 20/32 (Q4_1) or 34/32 (Q8_0).
 //
 // Two kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
@@ -18,7 +19,7 @@
 // tdpbf16ps B row; kQ4's byte b holds e = b in its low nibble and e = b + 16 in its high nibble. Columns are those
 // of linear_amx.h's panels (pack_linear_amx / pack_gate_up_amx); chunkattn/model/quant.py builds the packs.
 //
-// Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles) or, where the CPU lacks AMX
+// Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles_with) or, where the CPU lacks AMX
 // (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
 // tile layout already is. For a few rows of x (decoding one to three sequences) a third skips the bf16 panel:
 // panel_q4_direct / panel_q8_direct multiply the stored integers exactly (as bf16 integers 128 + q) and apply
@@ -299,7 +300,6 @@ inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64
   }
 }
 #endif
-
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
   TORCH_CHECK(kind == kQ4 || kind == kQ8, op, ": kind must be 0 (q4: Q4_0 / Q4_1) or 1 (q8: Q8_0), got ", kind);
