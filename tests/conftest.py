@@ -30,10 +30,10 @@ _SLOW_MODULES = {"test_server.py", "test_cluster.py", "test_structured.py", "tes
 def two_threads():
     """torch's intra-op threads pinned to 2 for the test (restored after): kernels split work by thread, and a test
     that needs several groups or blocks per thread sizes its operands for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    from helpers import torch_threads  # (not at the top: the environment above comes before chunkattn's import)
+
+    with torch_threads(2):
+        yield
 
 
 def pytest_configure(config: pytest.Config) -> None:

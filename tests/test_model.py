@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from chunkattn import PrefixKVCache, native
 from chunkattn.model import ModelConfig, UnsupportedModelError, build_model, config_from_hf, load_model
-from helpers import run_model
+from helpers import run_model, torch_threads
 
 
 def hf_config(**kw) -> LlamaConfig:
@@ -229,12 +229,8 @@ def test_gate_up_op_edges_and_uneven_threads():
     assert ops.linear_silu_mul(torch.randn(5, 3), ops.pack_gate_up(torch.randn(0, 3)), 0).shape == (5, 0)
     inner = 7 * 24 - 5
     w, x = torch.randn(2 * inner, 31), torch.randn(21, 31)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with torch_threads(3):
         out = ops.linear_silu_mul(x, ops.pack_gate_up(w), inner)
-    finally:
-        torch.set_num_threads(threads)
     ref = torch.nn.functional.linear(x.double(), w.double())
     assert rel(out.double(), torch.nn.functional.silu(ref[:, :inner]) * ref[:, inner:]) < 1e-5
 
@@ -275,12 +271,8 @@ def test_packed_linear_op_edges_and_uneven_threads():
     assert torch.equal(ops.linear(torch.randn(5, 0), ops.pack_linear(torch.randn(7, 0)), 7, None), torch.zeros(5, 7))
     assert ops.linear(torch.randn(5, 3), ops.pack_linear(torch.randn(0, 3)), 0, None).shape == (5, 0)
     w, x, b = torch.randn(7 * 48 - 5, 31), torch.randn(21, 31), torch.randn(7 * 48 - 5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with torch_threads(3):
         out = ops.linear(x, ops.pack_linear(w), w.shape[0], b)
-    finally:
-        torch.set_num_threads(threads)
     assert rel(out.double(), torch.nn.functional.linear(x.double(), w.double(), b.double())) < 1e-5
 
 

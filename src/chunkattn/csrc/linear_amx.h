@@ -159,8 +159,8 @@ inline void panel_out(const float* c, int64_t rows, int64_t cols, const c10::BFl
 
 #ifdef CHUNKATTN_AMX
 // The products of more than 32 rows of x (prefill) with `count` panels (panel index `first` on), a group of panels
-// at a time: load_group(g0, g1) makes panels [g0, g1) (indices from `first`) available (dequantizes them into a buffer, or
-// points into packed bf16 weights) and returns the first, the others following `steps * 2 * kTile` elements apart;
+// at a time: load_group(g0, g1) makes the panels [g0, g1) (counted from `first`) available (dequantizes them into a
+// buffer, or points into packed bf16 weights) and returns the first, the others `steps * 2 * kTile` elements apart;
 // each group is multiplied by all M rows while it stays in L2. Above kRowMajorRows rows, row-pair-major: each pair
 // of row tiles (32 rows) goes through every panel of the group while it stays in L1 (K <= 768) or L2; up to it,
 // panel-major: each panel through a block of rows (the weights' reuse matters more at few rows with a long K).
