@@ -19,6 +19,7 @@ from chunkattn.model.quant import (
     QuantizationError,
     QuantizedWeight,
     _warn_dense_fallback,
+    int_x_supported,
     kernel_supported,
     quantize,
 )
@@ -27,8 +28,12 @@ from server_helpers import TINY_CONFIG
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
                                   "(and the native build)")
 HAS_AMX = native.amx_linear_supported()
-# the kernel's paths: 1 AMX tiles, 2 vdpbf16ps on the dequantized panel, 3 direct from the stored integers
+# the kernel's paths: 1 AMX tiles, 2 vdpbf16ps on the dequantized panel, 3 direct from the stored integers, 4 (q8
+# only, AVX512-VNNI) x as 15-bit integers
 PATHS = ([1] if HAS_AMX else []) + [2, 3]
+HAS_INT_X = kernel_supported() and int_x_supported()
+needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the q8 path with integer x needs AVX512-VNNI (and the "
+                                 "quantized kernel)")
 
 
 @needs_kernel
@@ -114,6 +119,80 @@ def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gate
     return y if bias is None else y + bias.double()
 
 
+def _int_x(x: torch.Tensor) -> torch.Tensor:
+    """float64 x as path 4 multiplies it: each block of 32 rounded (to nearest even) to integers times 2^(E - 13),
+    E = floor(log2 of the block's largest |x|), clamped at -100."""
+    rows, k = x.shape
+    xb = x.float().view(rows, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    e = (torch.frexp(amax).exponent - 1).clamp(min=-100)
+    v = torch.round(xb * torch.ldexp(torch.ones_like(amax), 13 - e)) * (amax > 0)
+    assert v.abs().max() <= 16320
+    return (v.double() * torch.ldexp(torch.ones_like(amax, dtype=torch.float64), e.double() - 13)).view(rows, k)
+
+
+def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_up: bool) -> torch.Tensor:
+    """Path 4's error against _reference of _int_x(x): exact integer block sums, then float32 scaling and summing
+    over the K / 32 blocks (each block's term off by 2^-23 of it, the running sum by 2^-24 a block), then bf16."""
+    pre = x.shape[1] / 32 * 2**-22 * (x.double().abs() @ weight.double().abs().T)
+    if gate_up:  # through silu(g) u: |silu'| <= 1.1
+        g = x.double() @ weight.double().T
+        half = weight.shape[0] // 2
+        eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
+        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+    return pre + ref.abs() * 2**-8 + 1e-6
+
+
+@needs_int_x
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n,k,gate_up,bias", [(70, 96, False, True), (48, 576, True, False), (33, 1536, False, False)])
+def test_q8_int_x_path_against_its_float64_emulation(rows, n, k, gate_up, bias):
+    """Path 4 multiplies Q8_0 weights exactly by x rounded to 15-bit integers per block: against that rounding
+    emulated in float64, on blocks of zeros, tiny values (below the exponent clamp), wide ranges and odd shapes."""
+    gen = torch.Generator().manual_seed(hash((rows, n, k)) % 2**31)
+    qw = QuantizedWeight.pack(quantize(torch.randn(n, k, generator=gen) * 0.05, "q8_0"), gate_up=gate_up)
+    exact = qw.dequantize()
+    x = torch.randn(rows, k, generator=gen)
+    x[0, :32] = 0
+    x[-1, -32:] *= 1e-35  # 2^-116: below 2^-100, rounded to 0 with the clamped scale
+    x[rows // 2, 32:64] *= torch.logspace(-4, 3, 32)  # values 2^7 and more below the block's largest: rounded
+    x = x.bfloat16()
+    b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
+    xd = _int_x(x)
+    ref = _reference(xd, exact, b, gate_up)
+    y = qw.linear(x, b, path=4)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    err = (y.double() - ref).abs()
+    bound = _int_x_bound(xd, exact, ref, gate_up)
+    assert (err <= bound).all(), float((err - bound).max())
+    # the rounding of x is small beside bf16's own: against the product of x itself, within 2^-14 of each block's
+    # largest |x| times the block's |w|, plus the same float32 / bf16 slack
+    exact_ref = _reference(x, exact, b, gate_up)
+    if not gate_up:
+        blocks = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
+        assert ((y.double() - exact_ref).abs() <= bound + blocks @ exact.double().abs().T).all()
+    if rows <= 4:  # the kernel's own choice for a few rows of q8: this path, bit for bit
+        assert torch.equal(qw.linear(x, b), y)
+
+
+@needs_int_x
+def test_q8_int_x_path_turns_a_non_finite_block_into_nan_not_a_number():
+    """An Inf or NaN in a row of x makes that row's outputs NaN (its block scale is NaN), never a finite wrong
+    value; the other rows are untouched. Path 4 refuses q4 weights."""
+    gen = torch.Generator().manual_seed(5)
+    qw = QuantizedWeight.pack(quantize(torch.randn(40, 128, generator=gen), "q8_0"))
+    x = torch.randn(3, 128, generator=gen).bfloat16()
+    clean = qw.linear(x, path=4)
+    x[0, 70] = float("inf")
+    x[2, 5] = float("nan")
+    y = qw.linear(x, path=4)
+    assert y[0].isnan().all() and y[2].isnan().all()
+    assert torch.equal(y[1], clean[1])
+    q4 = QuantizedWeight.pack(quantize(torch.randn(40, 128, generator=gen), "q4_1"))
+    with pytest.raises(RuntimeError, match="Q8_0 weights only"):
+        q4.linear(x, path=4)
+
+
 @needs_kernel
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 33])
@@ -132,9 +211,15 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
         terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
-    for path in [0, *PATHS]:
+    int_x = qtype == "q8_0" and HAS_INT_X
+    for path in [0, *PATHS] + ([4] if int_x else []):
         y = qw.linear(x, b, path=path)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
+        if path == 4 or (path == 0 and int_x and rows <= 4):  # x rounded to integers: the test above
+            ref = _reference(_int_x(x), exact, b, gate_up)
+            err = (y.double() - ref).abs()
+            assert (err <= _int_x_bound(_int_x(x), exact, ref, gate_up)).all(), path
+            continue
         direct = path == 3 or (path == 0 and rows <= (4 if not HAS_AMX else 3 if qtype != "q8_0" else 1))
         # the dequantizing paths round each weight to bf16 (relative 2^-9); the direct one keeps them exact
         weight = exact if direct else exact.bfloat16().float()

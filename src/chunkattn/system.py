@@ -57,12 +57,14 @@ def kernel_paths() -> dict[str, str]:
     bf16_linear = (f"chunkattn AMX panels (at every row count up to K = {Linear.AMX_ALL_ROWS_MAX_K}; with a longer "
                    f"K while x is within {Linear.AMX_BLOCK_BYTES >> 20} MB, at least {Linear.AMX_MIN_ROWS_LIMIT} "
                    "rows, F.linear (oneDNN) above)" if native.amx_linear_supported() else "oneDNN packed")
-    from chunkattn.model.quant import kernel_supported
+    from chunkattn.model.quant import int_x_supported, kernel_supported
 
+    q8_few = ("q8 up to 4 rows with x as 15-bit integers (vpdpbusd), " if int_x_supported() else
+              "q8 up to 1 row directly (vdpbf16ps), " if native.amx_linear_supported() else "")
     quantized = ("not kept (dequantized at load): the quantized kernel needs AVX512-BF16" if not kernel_supported()
-                 else "Q4_0/Q4_1/Q8_0 as stored (bfloat16): "
-                 + ("up to 3 rows (q4) / 1 row (q8) from the integers directly (vdpbf16ps), more rows dequantized "
-                    "per panel into AMX tiles" if native.amx_linear_supported()
+                 else "Q4_0/Q4_1/Q8_0 as stored (bfloat16): " + q8_few
+                 + ("q4 up to 3 rows from the integers directly (vdpbf16ps), more rows dequantized per panel into "
+                    "AMX tiles" if native.amx_linear_supported()
                     else "up to 4 rows from the integers directly (vdpbf16ps), more rows dequantized per panel "
                     "(vdpbf16ps)"))
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
