@@ -28,11 +28,11 @@ from server_helpers import TINY_CONFIG
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
                                   "(and the native build)")
 HAS_AMX = native.amx_linear_supported()
-# the kernel's paths: 1 AMX tiles, 2 vdpbf16ps on the dequantized panel, 3 direct from the stored integers, 4 (q8
-# only, AVX512-VNNI) x as 15-bit integers
+# the kernel's paths: 1 AMX tiles, 2 vdpbf16ps on the dequantized panel, 3 direct from the stored integers, 4
+# (AVX512-VNNI) x as 15-bit integers
 PATHS = ([1] if HAS_AMX else []) + [2, 3]
 HAS_INT_X = kernel_supported() and int_x_supported()
-needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the q8 path with integer x needs AVX512-VNNI (and the "
+needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the path with integer x needs AVX512-VNNI (and the "
                                  "quantized kernel)")
 
 
@@ -131,6 +131,17 @@ def _int_x(x: torch.Tensor) -> torch.Tensor:
     return (v.double() * torch.ldexp(torch.ones_like(amax, dtype=torch.float64), e.double() - 13)).view(rows, k)
 
 
+def _int_x_reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
+    """float64 path 4: sum over blocks of d sum(q v) a (v a = _int_x(x)), plus m sum(x) of x itself for q4."""
+    y = _int_x(x) @ (blocks.d.double().repeat_interleave(32, 1) * blocks.q.double()).T
+    if blocks.m is not None:
+        y = y + x.double() @ blocks.m.double().repeat_interleave(32, 1).T
+    if gate_up:
+        half = y.shape[1] // 2
+        y = torch.nn.functional.silu(y[:, :half]) * y[:, half:]
+    return y if bias is None else y + bias.double()
+
+
 def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_up: bool) -> torch.Tensor:
     """Path 4's error against _reference of _int_x(x): exact integer block sums, then float32 scaling and summing
     over the K / 32 blocks (each block's term off by 2^-23 of it, the running sum by 2^-24 a block), then bf16."""
@@ -144,13 +155,16 @@ def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_
 
 
 @needs_int_x
+@pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize("n,k,gate_up,bias", [(70, 96, False, True), (48, 576, True, False), (33, 1536, False, False)])
-def test_q8_int_x_path_against_its_float64_emulation(rows, n, k, gate_up, bias):
-    """Path 4 multiplies Q8_0 weights exactly by x rounded to 15-bit integers per block: against that rounding
-    emulated in float64, on blocks of zeros, tiny values (below the exponent clamp), wide ranges and odd shapes."""
-    gen = torch.Generator().manual_seed(hash((rows, n, k)) % 2**31)
-    qw = QuantizedWeight.pack(quantize(torch.randn(n, k, generator=gen) * 0.05, "q8_0"), gate_up=gate_up)
+def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bias):
+    """Path 4 multiplies the stored integers exactly by x rounded to 15-bit integers per block: against that
+    rounding emulated in float64, on blocks of zeros, tiny values (below the exponent clamp), wide ranges and odd
+    shapes."""
+    gen = torch.Generator().manual_seed(hash((qtype, rows, n, k)) % 2**31)
+    blocks = quantize(torch.randn(n, k, generator=gen) * 0.05, qtype)
+    qw = QuantizedWeight.pack(blocks, gate_up=gate_up)
     exact = qw.dequantize()
     x = torch.randn(rows, k, generator=gen)
     x[0, :32] = 0
@@ -159,7 +173,7 @@ def test_q8_int_x_path_against_its_float64_emulation(rows, n, k, gate_up, bias):
     x = x.bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
     xd = _int_x(x)
-    ref = _reference(xd, exact, b, gate_up)
+    ref = _int_x_reference(x, blocks, b, gate_up)
     y = qw.linear(x, b, path=4)
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     err = (y.double() - ref).abs()
@@ -171,16 +185,17 @@ def test_q8_int_x_path_against_its_float64_emulation(rows, n, k, gate_up, bias):
     if not gate_up:
         blocks = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
         assert ((y.double() - exact_ref).abs() <= bound + blocks @ exact.double().abs().T).all()
-    if rows <= 4:  # the kernel's own choice for a few rows of q8: this path, bit for bit
+    if rows <= 4 and qtype == "q8_0":  # the kernel's own choice for a few rows of q8 (q4: only when asked)
         assert torch.equal(qw.linear(x, b), y)
 
 
 @needs_int_x
-def test_q8_int_x_path_turns_a_non_finite_block_into_nan_not_a_number():
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+def test_int_x_path_turns_a_non_finite_block_into_nan_not_a_number(qtype):
     """An Inf or NaN in a row of x makes that row's outputs NaN (its block scale is NaN), never a finite wrong
-    value; the other rows are untouched. Path 4 refuses q4 weights."""
+    value; the other rows are untouched."""
     gen = torch.Generator().manual_seed(5)
-    qw = QuantizedWeight.pack(quantize(torch.randn(40, 128, generator=gen), "q8_0"))
+    qw = QuantizedWeight.pack(quantize(torch.randn(40, 128, generator=gen), qtype))
     x = torch.randn(3, 128, generator=gen).bfloat16()
     clean = qw.linear(x, path=4)
     x[0, 70] = float("inf")
@@ -188,9 +203,6 @@ def test_q8_int_x_path_turns_a_non_finite_block_into_nan_not_a_number():
     y = qw.linear(x, path=4)
     assert y[0].isnan().all() and y[2].isnan().all()
     assert torch.equal(y[1], clean[1])
-    q4 = QuantizedWeight.pack(quantize(torch.randn(40, 128, generator=gen), "q4_1"))
-    with pytest.raises(RuntimeError, match="Q8_0 weights only"):
-        q4.linear(x, path=4)
 
 
 @needs_kernel
@@ -211,12 +223,11 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
         terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
-    int_x = qtype == "q8_0" and HAS_INT_X
-    for path in [0, *PATHS] + ([4] if int_x else []):
+    for path in [0, *PATHS] + ([4] if HAS_INT_X else []):
         y = qw.linear(x, b, path=path)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
-        if path == 4 or (path == 0 and int_x and rows <= 4):  # x rounded to integers: the test above
-            ref = _reference(_int_x(x), exact, b, gate_up)
+        if path == 4 or (path == 0 and HAS_INT_X and rows <= 4 and qtype == "q8_0"):  # x as integers: see above
+            ref = _int_x_reference(x, blocks, b, gate_up)
             err = (y.double() - ref).abs()
             assert (err <= _int_x_bound(_int_x(x), exact, ref, gate_up)).all(), path
             continue
@@ -319,7 +330,7 @@ def test_modules_take_a_quantized_weight_and_drop_the_dense_one():
     gu.set_quantized(QuantizedWeight.pack(quantize(torch.randn(48, 64), "q8_0"), gate_up=True))
     x = torch.randn(3, 64).bfloat16()
     assert gu.dense_weight().dtype == torch.bfloat16 and gu.dense_weight().shape == (48, 64)
-    ref = torch.nn.functional.linear(x.float(), gu.quant.dequantize())  # 3 rows: the direct path, exact weights
+    ref = torch.nn.functional.linear(x.float(), gu.quant.dequantize())  # 3 rows: exact weights (q8: integer x)
     ref = torch.nn.functional.silu(ref[:, :24]) * ref[:, 24:]
     torch.testing.assert_close(gu(x).float(), ref, atol=0.01 * float(ref.abs().max()), rtol=0.01)
 
