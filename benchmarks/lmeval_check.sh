@@ -8,6 +8,10 @@
 #
 #   benchmarks/lmeval_check.sh            (PEER_DIR=/work/peer, LMEVAL_VENV=$PEER_DIR/lmeval-venv, HF_DIR=$PEER_DIR/smollm2-hf)
 #
+# SERVE_MODEL / SERVE_ARGS serve something else against the same hf reference, e.g. the default GGUF with its
+# Q4_1 blocks kept as stored (SERVE_MODEL=default SERVE_ARGS="--dtype bfloat16") or dequantized in float32
+# (SERVE_ARGS="--dtype float32"); EXPECT_EQUAL=0 then records the agreement without requiring equality.
+#
 # Set-up once: the virtualenv gets `lm-eval[api,hf]` with torch pinned to this machine's CPU build (an unpinned
 # torch would pull a CUDA build); the HF directory is made from the SmolLM2 GGUF by
 # `benchmarks/peer_vllm_cpu.sh convert`. Traffic stays on 127.0.0.1; nothing is downloaded at run time.
@@ -19,6 +23,9 @@ LMEVAL_VENV=${LMEVAL_VENV:-$PEER_DIR/lmeval-venv}
 HF_DIR=${HF_DIR:-$PEER_DIR/smollm2-hf}
 PYTHON=${PYTHON:-python}
 PORT=${PORT:-8411}
+SERVE_MODEL=${SERVE_MODEL:-$HF_DIR}
+SERVE_ARGS=${SERVE_ARGS:-}
+EXPECT_EQUAL=${EXPECT_EQUAL:-1}
 OUT_JSON=${OUT_JSON:-$REPO/benchmarks/results/lmeval-$(date +%F).json}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -38,9 +45,12 @@ trap 'kill $server_pid 2>/dev/null || true; [[ -n ${KEEP_SCRATCH:-} ]] || rm -rf
 cp "$REPO/benchmarks/lmeval/chunkattn_mc.jsonl" "$scratch/"
 sed "s#DATA_FILE#$scratch/chunkattn_mc.jsonl#" "$REPO/benchmarks/lmeval/chunkattn_mc.yaml" > "$scratch/chunkattn_mc.yaml"
 
-log "starting chunkattn serve on 127.0.0.1:$PORT"
-"$PYTHON" -m chunkattn.cli serve "$HF_DIR" --served-model-name smol --port "$PORT" --log-level warning \
-    > "$scratch/server.log" 2>&1 &
+model_arg=()
+[[ $SERVE_MODEL == default ]] || model_arg=("$SERVE_MODEL")
+log "starting chunkattn serve ${model_arg[*]:-(the default GGUF)} $SERVE_ARGS on 127.0.0.1:$PORT"
+# shellcheck disable=SC2086
+"$PYTHON" -m chunkattn.cli serve "${model_arg[@]}" $SERVE_ARGS --served-model-name smol --port "$PORT" \
+    --log-level warning > "$scratch/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 300); do
     curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
@@ -65,9 +75,12 @@ start=$(date +%s.%N)
     > "$scratch/hf-eval.log" 2>&1 || { tail -40 "$scratch/hf-eval.log"; exit 1; }
 hf_s=$(echo "$(date +%s.%N) - $start" | bc)
 
-"$PYTHON" - "$scratch" "$OUT_JSON" "$server_s" "$hf_s" "$metrics" <<'EOF'
+commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || commit="$commit (uncommitted changes)"
+"$PYTHON" - "$scratch" "$OUT_JSON" "$server_s" "$hf_s" "$metrics" "$SERVE_MODEL $SERVE_ARGS" "$EXPECT_EQUAL" "$commit" <<'EOF'
 import glob, json, sys, time
-scratch, out, server_s, hf_s, metrics = sys.argv[1:6]
+from chunkattn.system import info
+scratch, out, server_s, hf_s, metrics, served, expect_equal, commit = sys.argv[1:9]
 
 def load(kind):
     path = sorted(glob.glob(f"{scratch}/{kind}/**/results_*.json", recursive=True))[-1]
@@ -84,10 +97,11 @@ max_ll_diff = max(abs(float(a[0][0]) - float(b[0][0])) for i in hf_rows
                   for a, b in zip(server_rows[i]["resps"], hf_rows[i]["resps"]))
 result = {
     "benchmark": "lm-evaluation-harness through chunkattn serve vs its hf model (issue 8)",
-    "date": time.strftime("%Y-%m-%d"), "lm_eval": server.get("lm_eval_version"),
+    "date": time.strftime("%Y-%m-%d"), "commit": commit, "system": info(), "lm_eval": server.get("lm_eval_version"),
     "task": "chunkattn_mc (45 questions, benchmarks/lmeval/chunkattn_mc.jsonl)",
     "server": {"acc": s["acc,none"], "acc_norm": s["acc_norm,none"], "seconds": round(float(server_s), 1),
                "model_args": "local-completions, tokenizer_backend=remote, num_concurrent=8",
+               "serve": served.strip(),
                "prefix_cache": metrics.splitlines()},
     "hf": {"acc": h["acc,none"], "acc_norm": h["acc_norm,none"], "seconds": round(float(hf_s), 1)},
     "per_question_acc_agreement": f"{agree}/{len(hf_rows)}",
@@ -96,5 +110,5 @@ result = {
 }
 json.dump(result, open(out, "w"), indent=1)
 print(json.dumps(result, indent=1))
-sys.exit(0 if result["equal"] else 1)
+sys.exit(0 if result["equal"] or expect_equal == "0" else 1)
 EOF

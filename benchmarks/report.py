@@ -294,7 +294,14 @@ def command_http(name: str, d: Json) -> str:
 
 
 def command_lmeval(name: str, d: Json) -> str:
-    return f"OUT_JSON={out(name)} benchmarks/lmeval_check.sh"
+    served = d["server"].get("serve", "").split(maxsplit=1)
+    env = []
+    if served:
+        env.append(f"SERVE_MODEL={served[0]}")
+        if len(served) > 1:
+            env.append(f'SERVE_ARGS="{served[1]}"')
+        env.append("EXPECT_EQUAL=0")
+    return " ".join(env + [f"OUT_JSON={out(name)}", "benchmarks/lmeval_check.sh"])
 
 
 def command_quant_accuracy(name: str, d: Json) -> str:
@@ -566,15 +573,29 @@ def table_http(files: list[tuple[str, Json]]) -> list[str]:
 
 
 def table_lmeval(files: list[tuple[str, Json]]) -> list[str]:
-    (_name, d), = files
-    rows = [[f"through `chunkattn serve` ({d['server']['model_args']})", f"{d['server']['acc']:.3f}",
-             f"{d['server']['acc_norm']:.3f}", f"{d['server']['seconds']:.1f}"],
-            ["lm-eval's `hf` model, same weights", f"{d['hf']['acc']:.3f}", f"{d['hf']['acc_norm']:.3f}",
-             f"{d['hf']['seconds']:.1f}"]]
-    return table(["model", "acc", "acc_norm", "seconds"], rows) + [
-        "", f"Task: {d['task']}; lm-eval {d['lm_eval']}. Questions that agree: {d['per_question_acc_agreement']}; "
+    """One row per file's server run (`serve` names what it served where that was not the hf directory), then the
+    first file's hf reference; with several files, a column of agreement with the hf model."""
+    several = len(files) > 1
+    rows = []
+    for _name, d in files:
+        served = f"`chunkattn serve {d['server']['serve']}`" if d["server"].get("serve") else "`chunkattn serve`"
+        row = [f"through {served} ({d['server']['model_args']})", f"{d['server']['acc']:.3f}",
+               f"{d['server']['acc_norm']:.3f}", f"{d['server']['seconds']:.1f}"]
+        if several:
+            row += [d["per_question_acc_agreement"], f"{d['max_abs_loglikelihood_diff']:.1e}"]
+        rows.append(row)
+    d = files[0][1]
+    hf = ["lm-eval's `hf` model (float32, the Hugging Face directory)" if several
+          else "lm-eval's `hf` model, same weights", f"{d['hf']['acc']:.3f}", f"{d['hf']['acc_norm']:.3f}",
+          f"{d['hf']['seconds']:.1f}"]
+    rows.append(hf + (["", ""] if several else []))
+    head = ["model", "acc", "acc_norm", "seconds"] + (["questions = hf", "largest log-likelihood diff"]
+                                                      if several else [])
+    foot = (f"Task: {d['task']}; lm-eval {d['lm_eval']}." if several else
+            f"Task: {d['task']}; lm-eval {d['lm_eval']}. Questions that agree: {d['per_question_acc_agreement']}; "
             f"largest log-likelihood difference {d['max_abs_loglikelihood_diff']:.1e}; "
-            f"prefix-cache counters: {', '.join(f'`{c}`' for c in d['server']['prefix_cache'])}."]
+            f"prefix-cache counters: {', '.join(f'`{c}`' for c in d['server']['prefix_cache'])}.")
+    return table(head, rows) + ["", foot]
 
 
 STRUCTURED_MODES = {"schema": "schema (jump-forward)", "schema-no-jump": "schema, no jump-forward",
