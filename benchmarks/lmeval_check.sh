@@ -76,7 +76,7 @@ start=$(date +%s.%N)
 hf_s=$(echo "$(date +%s.%N) - $start" | bc)
 
 commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || commit="$commit (uncommitted changes)"
+[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no -- . ':!benchmarks/results' 2>/dev/null) ]] || commit="$commit (uncommitted changes)"
 "$PYTHON" - "$scratch" "$OUT_JSON" "$server_s" "$hf_s" "$metrics" "$SERVE_MODEL $SERVE_ARGS" "$EXPECT_EQUAL" "$commit" <<'EOF'
 import glob, json, sys, time
 from chunkattn.system import info
