@@ -824,8 +824,8 @@ def doc_link(j: Journal, name: str) -> str:
 VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-grouped.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
               "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
-LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-run4.json", "peer-llamacpp-2026-12-06-xeon-amx-q4-run5.json",
-                  "peer-llamacpp-2026-12-06-xeon-amx-q4-run6.json"]
+LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
+                  "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 # each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
 KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-fused-kernel.json", ("bfloat16",)),
