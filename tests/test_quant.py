@@ -4,6 +4,7 @@ references on random inputs, GGUF's own dequantization, and the default model lo
 from __future__ import annotations
 
 import logging
+import zlib
 
 import numpy as np
 import pytest
@@ -132,14 +133,11 @@ def _int_x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _int_x_reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
-    """float64 path 4: sum over blocks of d sum(q v) a (v a = _int_x(x)), plus m sum(x) of x itself for q4."""
-    y = _int_x(x) @ (blocks.d.double().repeat_interleave(32, 1) * blocks.q.double()).T
+    """float64 path 4: the weights (d q, or d q + m) exactly, times _int_x(x)."""
+    w = blocks.d.double().repeat_interleave(32, 1) * blocks.q.double()
     if blocks.m is not None:
-        y = y + x.double() @ blocks.m.double().repeat_interleave(32, 1).T
-    if gate_up:
-        half = y.shape[1] // 2
-        y = torch.nn.functional.silu(y[:, :half]) * y[:, half:]
-    return y if bias is None else y + bias.double()
+        w = w + blocks.m.double().repeat_interleave(32, 1)
+    return _reference(_int_x(x), w, bias, gate_up)
 
 
 def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_up: bool) -> torch.Tensor:
@@ -162,7 +160,7 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
     """Path 4 multiplies the stored integers exactly by x rounded to 15-bit integers per block: against that
     rounding emulated in float64, on blocks of zeros, tiny values (below the exponent clamp), wide ranges and odd
     shapes."""
-    gen = torch.Generator().manual_seed(hash((qtype, rows, n, k)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{qtype} {rows} {n} {k}".encode()))
     blocks = quantize(torch.randn(n, k, generator=gen) * 0.05, qtype)
     qw = QuantizedWeight.pack(blocks, gate_up=gate_up)
     exact = qw.dequantize()
@@ -183,10 +181,40 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
     # largest |x| times the block's |w|, plus the same float32 / bf16 slack
     exact_ref = _reference(x, exact, b, gate_up)
     if not gate_up:
-        blocks = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
-        assert ((y.double() - exact_ref).abs() <= bound + blocks @ exact.double().abs().T).all()
+        x_err = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
+        assert ((y.double() - exact_ref).abs() <= bound + x_err @ exact.double().abs().T).all()
     if rows <= 4 and qtype == "q8_0":  # the kernel's own choice for a few rows of q8 (q4: only when asked)
         assert torch.equal(qw.linear(x, b), y)
+
+
+@needs_int_x
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_int_x_path_rounds_x_half_to_even_on_a_power_of_two_grid(qtype):
+    """Exact outputs: column c picks x[c] alone (d = 1, m = 0), so y[c] is x[c] as path 4 rounds it. A block whose
+    largest |x| is 2^13 has the grid 1 (ties to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2); one whose largest is 2^-110
+    keeps its values (grid 2^-123 under the clamp at 2^-100: 2^-113); one at 2^-120 rounds to 0, not to garbage."""
+    k = 96
+    q = torch.zeros(32, k, dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
+    for c in range(31):
+        q[c, c] = q[c, 32 + c] = q[c, 64 + c] = 1  # column c: x[c] + x[32 + c] + x[64 + c]
+    if qtype == "q4_0":  # w = d q + m with m = -8 d: q = 8 is zero, 9 is one
+        q = q + 8
+    d = torch.ones(32, k // 32, dtype=torch.float16)
+    m = None if qtype == "q8_0" else -8 * d
+    qw = QuantizedWeight.pack(Blocks(qtype, q, d, m))
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 100.25, -7.75] + [0.0] * 22 + [8192.0])
+    x = torch.zeros(1, k)
+    x[0, :32] = ties
+    x[0, 32:41] = torch.tensor([1.0, 1.5, 1.25, -1.75, 0.5, 0, 0, 0, 0]) * 2.0**-110
+    x[0, 63] = 2.0**-110
+    x[0, 64:67] = torch.tensor([1.0, -1.0, 0.5]) * 2.0**-120
+    x[0, 95] = 2.0**-120
+    y = qw.linear(x.bfloat16(), path=4).float()[0]
+    want = torch.tensor([0.0, 2, 2, -0.0, -2, -2, 4, 100, -8] + [0.0] * 22)
+    want[:9] += x[0, 32:41]  # exact: 2^-110 * (1, 1.5, 1.25, -1.75, 0.5) are multiples of 2^-113
+    assert torch.equal(y[:31], want.bfloat16().float()), y[:31]
+    assert torch.equal(y[:31], _int_x_reference(x.bfloat16(), Blocks(qtype, q, d, m), None, False)[0, :31].float()
+                       .bfloat16().float())
 
 
 @needs_int_x

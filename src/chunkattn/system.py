@@ -65,8 +65,8 @@ def kernel_paths() -> dict[str, str]:
                  else "Q4_0/Q4_1/Q8_0 as stored (bfloat16): " + q8_few
                  + ("q4 up to 3 rows from the integers directly (vdpbf16ps), more rows dequantized per panel into "
                     "AMX tiles" if native.amx_linear_supported()
-                    else "up to 4 rows from the integers directly (vdpbf16ps), more rows dequantized per panel "
-                    "(vdpbf16ps)"))
+                    else f"{'q4 ' if int_x_supported() else ''}up to 4 rows from the integers directly (vdpbf16ps), "
+                    "more rows dequantized per panel (vdpbf16ps)"))
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
             "linear float32": fp32_linear, "linear bfloat16": bf16_linear, "linear quantized": quantized,
             "elementwise": "chunkattn native (RMSNorm, RoPE, SiLU-and-multiply)"}

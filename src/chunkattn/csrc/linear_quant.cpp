@@ -23,9 +23,10 @@
 // (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
 // tile layout already is. For a few rows of x (decoding one to three sequences) a third skips the bf16 panel:
 // panel_q4_direct / panel_q8_direct multiply the stored integers exactly (as bf16 integers 128 + q) and apply
-// each block's scale to the float32 sums, so those weights are not rounded to bf16 at all. For kQ8, where the CPU
-// has AVX512-VNNI, panel_q8_int16 goes further: x's blocks as 15-bit integers (exact within 2^6 of each block's
-// largest), the products as exact integer sums by vpdpbusd, at a third of the vector operations.
+// each block's scale to the float32 sums, so those weights are not rounded to bf16 at all. Where the CPU has
+// AVX512-VNNI, panel_q8_int16 / panel_q4_int16 go further: x's blocks as 15-bit integers (exact within 2^6 of each
+// block's largest), the products as exact integer sums by vpdpbusd, at a third of the vector operations (kAuto's
+// choice for a few rows of kQ8; kQ4 only when asked).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,7 +57,8 @@ using namespace chunkattn::panels;
 
 enum Kind : int64_t { kQ4 = 0, kQ8 = 1 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
-// tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q4_direct, panel_q8_direct).
+// tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q4_direct, panel_q8_direct);
+// kInt16 multiplies them with x rounded to 15-bit integers per block (panel_q8_int16, panel_q4_int16).
 enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3, kInt16 = 4 };
 
 constexpr int64_t tile_bytes(int64_t kind) { return kind == kQ4 ? 64 + 16 * 16 : 32 + 16 * 32; }
@@ -94,12 +96,14 @@ int64_t direct_max_rows(int64_t kind) {
   return kind == kQ4 ? 3 : 1;
 }
 
-// kQ4 takes it only when asked (path 4): on SmolLM2's Q4_1 file one request's decode step took 0.89-0.93x the
-// direct path's time, but 48-token greedy continuations matched float32's in 5/8 prompts where the direct path's
-// matched in 6/8 (per-position top-1 agreement 99.6% vs 98.9%): kept off by default until a larger accuracy run.
+// kQ4 takes kInt16 only when asked (path 4): on SmolLM2's Q4_1 file one request's decode step took 0.89-0.93x the
+// direct path's time, but benchmarks/quant_accuracy.py's 48-token greedy continuations matched float32's in 5/8
+// prompts where the direct path's matched 6/8 (per-position top-1 agreement 97.4% vs 98.9%, largest logit
+// difference 0.85 vs 0.98): differences at near-ties, too few to decide, so off by default until a larger run.
 // Rows of x up to which kAuto takes kInt16 for kQ8 (where the CPU has AVX512-VNNI), ahead of kDirect. Measured on
-// the AMX Xeon VM, the 1B shape's products (two layers' worth six times over, out of cache), int16 / direct / tiles
-// time: 0.71 / 0.63 at 1 row, 0.79 / 0.72 at 2, 0.64 / 0.76 at 4, 0.54 / 0.97 at 6 (a pass of 4 and one of 2).
+// the AMX Xeon VM, the 1B shape's products (two layers' worth six times over, out of cache), kInt16's time over
+// kDirect's / over kTiles': 0.71 / 0.63 at 1 row, 0.79 / 0.72 at 2, 0.64 / 0.76 at 4, 0.54 / 0.97 at 6 rows (a
+// pass of 4 and one of 2).
 int64_t int16_max_rows() { return 4; }
 
 #ifdef CHUNKATTN_QUANT
@@ -301,14 +305,14 @@ inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, in
 // x's rows as 15-bit integers for kInt16, block floating point: each block of 32 gets the scale a = 2^(E - 13),
 // E = floor(log2 amax) (clamped at -100), and v = round(x / a) (to nearest even), |v| <= 16320. A power of two, so
 // every x within 2^6 of its block's largest is exact (bf16 holds 8 significant bits) and the rest are off by at
-// most 2^-14 amax, well below bf16's own rounding of x. Each v is stored as two int8 (v = 256 h + l, l in
-// -128..127, h in -64..64) for vpdpbusd: hl [M][steps][2][32] (the block's h, then its l); vsum: sum(v) a block. A
-// block holding an Inf or NaN gets a NaN scale: the output is NaN, not a silently wrong number.
+// most 2^-14 amax (relative to the block's largest, far below bf16's 2^-9; a value 2^12 below it may lose more than
+// its own rounding did). Each v is stored as two int8 (v = 256 h + l, l in -128..127, h in -64..64) for vpdpbusd:
+// hl [M][steps][2][32] (the block's h, then its l); vsum: sum(v) a block. A block holding an Inf or NaN gets a NaN
+// scale and zero integers: the output is NaN, not a silently wrong number.
 struct Int16Rows {
   std::vector<int8_t> hl;
   std::vector<float> scale;    // [M][steps]
   std::vector<int32_t> vsum;   // [M][steps]
-  std::vector<float> xsum;     // [M][steps]: float32 sums of x's blocks (kQ4's offsets face them)
 };
 
 inline Int16Rows round_rows_to_int16(const ARows& rows, int64_t M, int64_t steps) {
@@ -316,15 +320,20 @@ inline Int16Rows round_rows_to_int16(const ARows& rows, int64_t M, int64_t steps
   r.hl.resize(M * steps * 2 * kDepth);
   r.scale.resize(M * steps);
   r.vsum.resize(M * steps);
-  r.xsum.resize(M * steps);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t s = 0; s < steps; ++s) {
       const c10::BFloat16* xi = rows.row(i) + s * kDepth;
       const __m512 a = load(xi), b = load(xi + 16);
+      int8_t* dst = r.hl.data() + (i * steps + s) * 2 * kDepth;
+      if (std::isnan(hsum(_mm512_mul_ps(a, _mm512_setzero_ps()) + _mm512_mul_ps(b, _mm512_setzero_ps())))) {
+        std::memset(dst, 0, 2 * kDepth);  // an Inf or NaN (x * 0 is NaN only for those)
+        r.scale[i * steps + s] = std::numeric_limits<float>::quiet_NaN();
+        r.vsum[i * steps + s] = 0;
+        continue;
+      }
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
       const int e = amax > 0 ? std::max(std::ilogb(amax), -100) : 0;
       const __m512 inv = _mm512_set1_ps(amax > 0 ? std::ldexp(1.f, 13 - e) : 0.f);
-      int8_t* dst = r.hl.data() + (i * steps + s) * 2 * kDepth;
       int32_t sum = 0;
       for (int half = 0; half < 2; ++half) {
         const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(half == 0 ? a : b, inv));
@@ -334,10 +343,8 @@ inline Int16Rows round_rows_to_int16(const ARows& rows, int64_t M, int64_t steps
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + kDepth + 16 * half), _mm512_cvtepi32_epi8(l));
         sum += _mm512_reduce_add_epi32(v);
       }
-      r.scale[i * steps + s] = std::isfinite(hsum(a + b)) ? std::ldexp(1.f, e - 13)
-                                                          : std::numeric_limits<float>::quiet_NaN();
+      r.scale[i * steps + s] = std::ldexp(1.f, e - 13);
       r.vsum[i * steps + s] = sum;
-      r.xsum[i * steps + s] = hsum(a + b);
     }
   return r;
 }
@@ -391,9 +398,9 @@ inline void panel_q8_int16(const int8_t* const* hl, const float* const* xs, cons
 // kQ4 likewise, the nibbles (0..15) already unsigned: a 64-byte load is 4 tile rows of one half (low nibbles
 // columns 0-7, high 8-15); permuted, lane c < 8 holds column c at k = 2r .. 2r + 3, lane 8 + c at 2r + 4 .. 2r + 7,
 // against x's quads (h and l: lanes 0-7 k = 8g .., 8-15 k = 8g + 4 ..); a block's two halves are added, then
-// y += d a sum(q v) + m sum(x) (xsum: the float32 sums of x's blocks).
+// y += a (d sum(q v) + m sum(v)): exactly w times the rounded x, as for kQ8.
 template <int NR>
-inline void panel_q4_int16(const int8_t* const* hl, const float* const* xs, const float* const* xsum,
+inline void panel_q4_int16(const int8_t* const* hl, const float* const* xs, const int32_t* const* vsum,
                            int64_t steps, const uint8_t* src, const uint8_t* limit, float* c) {
   constexpr int64_t tb = tile_bytes(kQ4);
   alignas(64) static constexpr uint16_t kIdx[32] = {0,  8,  1,  9,  2,  10, 3,  11, 4,  12, 5,  13, 6,  14, 7,  15,
@@ -436,7 +443,8 @@ inline void panel_q4_int16(const int8_t* const* hl, const float* const* xs, cons
         // lanes 0-7: columns 0-7 (lo's two halves), 8-15: columns 8-15 (hi's)
         const __m512i cols = _mm512_add_epi32(_mm512_shuffle_i64x2(lo, hi, 0x44), _mm512_shuffle_i64x2(lo, hi, 0xEE));
         const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(cols), _mm512_set1_ps(xs[i][s]));
-        y[i][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[i][s]), _mm512_fmadd_ps(sum, d, y[i][j]));
+        const __m512 vs = _mm512_set1_ps(static_cast<float>(vsum[i][s]) * xs[i][s]);  // |sum(v)| < 2^24: exact
+        y[i][j] = _mm512_fmadd_ps(m, vs, _mm512_fmadd_ps(sum, d, y[i][j]));
       }
     }
   }
@@ -444,14 +452,14 @@ inline void panel_q4_int16(const int8_t* const* hl, const float* const* xs, cons
 }
 
 inline void panel_int16_rows(int64_t kind, const int8_t* const* hl, const float* const* xs,
-                             const int32_t* const* vsum, const float* const* xsum, int64_t rows, int64_t steps,
+                             const int32_t* const* vsum, int64_t rows, int64_t steps,
                              const uint8_t* src, const uint8_t* limit, float* c) {
   if (kind == kQ4) {
     switch (rows) {
-      case 1: return panel_q4_int16<1>(hl, xs, xsum, steps, src, limit, c);
-      case 2: return panel_q4_int16<2>(hl, xs, xsum, steps, src, limit, c);
-      case 3: return panel_q4_int16<3>(hl, xs, xsum, steps, src, limit, c);
-      default: return panel_q4_int16<4>(hl, xs, xsum, steps, src, limit, c);
+      case 1: return panel_q4_int16<1>(hl, xs, vsum, steps, src, limit, c);
+      case 2: return panel_q4_int16<2>(hl, xs, vsum, steps, src, limit, c);
+      case 3: return panel_q4_int16<3>(hl, xs, vsum, steps, src, limit, c);
+      default: return panel_q4_int16<4>(hl, xs, vsum, steps, src, limit, c);
     }
   }
   switch (rows) {
@@ -522,9 +530,9 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
     b = bias->data_ptr<c10::BFloat16>();
   }
   TORCH_CHECK(path >= kAuto && path <= kInt16, op, ": path must be 0 (auto), 1 (AMX tiles), 2 (vector), 3 ",
-              "(direct) or 4 (16-bit x, q8 only), got ", path);
+              "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
-  TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (16-bit x)");
+  TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
   if (path == kAuto)
     path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
            : M <= direct_max_rows(kind)              ? kDirect
@@ -591,14 +599,12 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
             const int8_t* hl[4];
             const float* xs[4];
             const int32_t* vsum[4];
-            const float* xsum[4];
             for (int64_t i = 0; i < nr; ++i) {
               hl[i] = xi16.hl.data() + (r0 + i) * steps * 2 * kDepth;
               xs[i] = xi16.scale.data() + (r0 + i) * steps;
               vsum[i] = xi16.vsum.data() + (r0 + i) * steps;
-              xsum[i] = xi16.xsum.data() + (r0 + i) * steps;
             }
-            panel_int16_rows(kind, hl, xs, vsum, xsum, nr, steps, src, r0 == 0 ? limit : qp, c);
+            panel_int16_rows(kind, hl, xs, vsum, nr, steps, src, r0 == 0 ? limit : qp, c);
             panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
           }
           continue;
