@@ -192,7 +192,8 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
 def test_int_x_path_rounds_x_half_to_even_on_a_power_of_two_grid(qtype):
     """Exact outputs: column c picks x[c] alone (d = 1, m = 0), so y[c] is x[c] as path 4 rounds it. A block whose
     largest |x| is 2^13 has the grid 1 (ties to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2); one whose largest is 2^-110
-    keeps its values (grid 2^-123 under the clamp at 2^-100: 2^-113); one at 2^-120 rounds to 0, not to garbage."""
+    keeps its values (the clamp at 2^-100 makes its grid 2^-113, fine enough for them); one at 2^-120 rounds to 0,
+    not to garbage."""
     k = 96
     q = torch.zeros(32, k, dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
     for c in range(31):

@@ -37,8 +37,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "linear_amx.h"
