@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "linear_amx.h"
@@ -168,6 +169,18 @@ inline void panel_tiles_interleaved(const RowTiles& a, int64_t steps, const uint
   });
 }
 #endif
+
+// f(std::integral_constant<int, NR>) for NR = rows (1..4; more rows are a pass of 4): the row count of a panel
+// kernel as its template argument.
+template <class F>
+inline void with_rows(int64_t rows, F f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
 
 // x's pair (x[32s + 2r], x[32s + 2r + 1]) in every lane: the vdpbf16ps operand facing row r of step s's tiles.
 inline __m512bh x_pair(const c10::BFloat16* x, int64_t s, int r) {
@@ -454,49 +467,26 @@ inline void panel_q4_int16(const int8_t* const* hl, const float* const* xs, cons
 inline void panel_int16_rows(int64_t kind, const int8_t* const* hl, const float* const* xs,
                              const int32_t* const* vsum, int64_t rows, int64_t steps,
                              const uint8_t* src, const uint8_t* limit, float* c) {
-  if (kind == kQ4) {
-    switch (rows) {
-      case 1: return panel_q4_int16<1>(hl, xs, vsum, steps, src, limit, c);
-      case 2: return panel_q4_int16<2>(hl, xs, vsum, steps, src, limit, c);
-      case 3: return panel_q4_int16<3>(hl, xs, vsum, steps, src, limit, c);
-      default: return panel_q4_int16<4>(hl, xs, vsum, steps, src, limit, c);
-    }
-  }
-  switch (rows) {
-    case 1: return panel_q8_int16<1>(hl, xs, vsum, steps, src, limit, c);
-    case 2: return panel_q8_int16<2>(hl, xs, vsum, steps, src, limit, c);
-    case 3: return panel_q8_int16<3>(hl, xs, vsum, steps, src, limit, c);
-    default: return panel_q8_int16<4>(hl, xs, vsum, steps, src, limit, c);
-  }
+  with_rows(rows, [&](auto nr) {
+    constexpr int NR = decltype(nr)::value;
+    if (kind == kQ4) panel_q4_int16<NR>(hl, xs, vsum, steps, src, limit, c);
+    else panel_q8_int16<NR>(hl, xs, vsum, steps, src, limit, c);
+  });
 }
 #endif
 
 inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const float* xsum, int64_t rows,
                               int64_t steps, const uint8_t* src, const uint8_t* limit, float* c) {
-  if (kind == kQ8) {
-    switch (rows) {
-      case 1: return panel_q8_direct<1>(x, xsum, steps, src, limit, c);
-      case 2: return panel_q8_direct<2>(x, xsum, steps, src, limit, c);
-      case 3: return panel_q8_direct<3>(x, xsum, steps, src, limit, c);
-      default: return panel_q8_direct<4>(x, xsum, steps, src, limit, c);
-    }
-  }
-  switch (rows) {
-    case 1: return panel_q4_direct<1>(x, xsum, steps, src, limit, c);
-    case 2: return panel_q4_direct<2>(x, xsum, steps, src, limit, c);
-    case 3: return panel_q4_direct<3>(x, xsum, steps, src, limit, c);
-    default: return panel_q4_direct<4>(x, xsum, steps, src, limit, c);
-  }
+  with_rows(rows, [&](auto nr) {
+    constexpr int NR = decltype(nr)::value;
+    if (kind == kQ8) panel_q8_direct<NR>(x, xsum, steps, src, limit, c);
+    else panel_q4_direct<NR>(x, xsum, steps, src, limit, c);
+  });
 }
 
 inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64_t steps, const c10::BFloat16* w,
                               float* c) {
-  switch (rows) {
-    case 1: return panel_vector<1>(x, steps, w, c);
-    case 2: return panel_vector<2>(x, steps, w, c);
-    case 3: return panel_vector<3>(x, steps, w, c);
-    default: return panel_vector<4>(x, steps, w, c);
-  }
+  with_rows(rows, [&](auto nr) { panel_vector<decltype(nr)::value>(x, steps, w, c); });
 }
 #endif
 
@@ -592,10 +582,17 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
         const uint8_t* src = qp + p * steps * 2 * tb;
         const int64_t c0 = p * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
         const c10::BFloat16* bp = b != nullptr ? b + c0 : nullptr;
-#ifdef CHUNKATTN_QUANT_INT16
-        if (int16) {
+        // the block's rows four at a time: pass(r0, nr) leaves nr rows' sums in c, written out here
+        auto in_passes = [&](auto pass) {
           for (int64_t r0 = rb; r0 < rend; r0 += 4) {
             const int64_t nr = std::min<int64_t>(4, rend - r0);
+            pass(r0, nr);
+            panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
+          }
+        };
+#ifdef CHUNKATTN_QUANT_INT16
+        if (int16) {
+          in_passes([&](int64_t r0, int64_t nr) {
             const int8_t* hl[4];
             const float* xs[4];
             const int32_t* vsum[4];
@@ -605,19 +602,16 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
               vsum[i] = xi16.vsum.data() + (r0 + i) * steps;
             }
             panel_int16_rows(kind, hl, xs, vsum, nr, steps, src, r0 == 0 ? limit : qp, c);
-            panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
-          }
+          });
           continue;
         }
 #endif
         if (direct) {
-          for (int64_t r0 = rb; r0 < rend; r0 += 4) {
-            const int64_t nr = std::min<int64_t>(4, rend - r0);
+          in_passes([&](int64_t r0, int64_t nr) {
             const c10::BFloat16* xr[4];
             for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
             panel_direct_rows(kind, xr, xsum.data() + r0 * steps, nr, steps, src, r0 == 0 ? limit : qp, c);
-            panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
-          }
+          });
           continue;
         }
         if (tiles) {  // M <= 32, one pair of row tiles: dequantize step by step beside the products
@@ -631,13 +625,11 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
           continue;
         }
         dequant_panel(src, kind, steps, rb == 0 ? limit : qp, w);
-        for (int64_t r0 = rb; r0 < rend; r0 += 4) {
-          const int64_t nr = std::min<int64_t>(4, rend - r0);
+        in_passes([&](int64_t r0, int64_t nr) {
           const c10::BFloat16* xr[4];
           for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
           panel_vector_rows(xr, nr, steps, w, c);
-          panel_out<E>(c, nr, cols, bp, yp + r0 * n + c0, n);
-        }
+        });
       }
     }
 #ifdef CHUNKATTN_AMX
