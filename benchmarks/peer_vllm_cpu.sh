@@ -84,7 +84,16 @@ export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1}
 # chunkattn keeps the default (PASSIVE made its TPOT ~1.3x slower), and so does the kernel peer (a loop of op
 # calls, 1.15-1.3x slower with PASSIVE). Set VLLM_OMP_WAIT_POLICY= to drop it.
 VLLM_OMP_WAIT_POLICY=${VLLM_OMP_WAIT_POLICY-PASSIVE}
-vllm_env() { if [[ -n $VLLM_OMP_WAIT_POLICY ]]; then OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY "$@"; else "$@"; fi; }
+# The `chunkattn` command restarts itself with glibc's malloc asking for transparent huge pages (see
+# chunkattn/engine/host.py); vLLM's processes get the same tunable, so that the two differ by their engines. Set
+# VLLM_GLIBC_TUNABLES= to run vLLM without it.
+VLLM_GLIBC_TUNABLES=${VLLM_GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
+vllm_env() {
+    local env=()
+    [[ -n $VLLM_OMP_WAIT_POLICY ]] && env+=("OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY")
+    [[ -n $VLLM_GLIBC_TUNABLES ]] && env+=("GLIBC_TUNABLES=$VLLM_GLIBC_TUNABLES")
+    env "${env[@]}" "$@"
+}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 
@@ -214,11 +223,11 @@ serve() {
     check_idle
     # What the report states about this sweep: which chunkattn, the knobs, the environment vLLM ran in.
     MODEL_CONFIG=${MODEL_CONFIG:-} \
-    VLLM_OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY CHUNKATTN_DESC=$CHUNKATTN_DESC RUNS=$RUNS DTYPES=$DTYPES ROWS=$ROWS \
+    VLLM_OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY VLLM_GLIBC_TUNABLES=$VLLM_GLIBC_TUNABLES CHUNKATTN_DESC=$CHUNKATTN_DESC RUNS=$RUNS DTYPES=$DTYPES ROWS=$ROWS \
         "$PYTHON" - "$scratch/meta.json" <<'PY'
 import json, os, sys, time
 keys = ("CHUNKATTN_DESC", "MODEL_CONFIG", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-        "VLLM_OMP_WAIT_POLICY", "CHUNKATTN_QUANTIZATION",
+        "VLLM_OMP_WAIT_POLICY", "VLLM_GLIBC_TUNABLES", "CHUNKATTN_QUANTIZATION",
         "HF_HUB_OFFLINE", "PYTHONPATH", "LD_PRELOAD")
 with open(sys.argv[1], "w") as f:
     json.dump({"started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -272,7 +281,7 @@ kernel() {
                 h=${h:-32} hkv=${hkv:-32} d=${d:-128}
                 local tag=$dtype-$b-$ns-$nc-$h-$hkv-$d-r$run
                 log "kernel $tag: vLLM op"
-                "$VPY" "$REPO/benchmarks/peer_vllm_kernel.py" --batch "$b" --shared "$ns" --private "$nc" \
+                GLIBC_TUNABLES=$VLLM_GLIBC_TUNABLES "$VPY" "$REPO/benchmarks/peer_vllm_kernel.py" --batch "$b" --shared "$ns" --private "$nc" \
                     --heads "$h" --kv-heads "$hkv" --head-dim "$d" --dtype "$dtype" \
                     --json "$scratch/vllm-$tag.json" 2>"$scratch/vllm-$tag.log"
                 wait_vllm_gone

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from chunkattn import native
 from chunkattn.cli import main
+from chunkattn.engine import host
 from chunkattn.system import FEATURES, cpu, info
 
 
@@ -34,3 +40,42 @@ def test_info_reports_the_paths_that_run(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert "features:" in text and "attention:" in text and data["cpu"]["model"] in text
+
+
+def _memory_of(env_update: dict[str, str | None]) -> dict:
+    """`chunkattn info --json`'s memory section from a fresh process started as a user starts it."""
+    env = dict(os.environ)
+    for k, v in env_update.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    out = subprocess.run([sys.executable, "-m", "chunkattn.cli", "info", "--json"], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out)["memory"]
+
+
+def test_the_command_line_asks_malloc_for_huge_pages(monkeypatch):
+    plain = {"GLIBC_TUNABLES": None, "CHUNKATTN_HUGE_PAGES": None}
+    for k in plain:
+        monkeypatch.delenv(k, raising=False)
+    if host.huge_pages_env() is None:
+        pytest.skip(f"no transparent huge pages for malloc here (kernel THP {host.thp_mode()}, "
+                    f"libc {platform.libc_ver()})")
+    # started plainly: the command runs again with the tunable, and says so
+    assert _memory_of(plain) == {"transparent_huge_pages": host.thp_mode(), "malloc_huge_pages": True}
+    # switched off, or the user's own hugetlb setting: left alone
+    assert _memory_of({**plain, "CHUNKATTN_HUGE_PAGES": "0"})["malloc_huge_pages"] is False
+    assert _memory_of({**plain, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["malloc_huge_pages"] is False
+    # other tunables of the user's stay, the huge pages join them
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert host.huge_pages_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert host.huge_pages_env() is None
+
+
+def test_main_called_from_python_never_replaces_the_process(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+    assert main(["info", "--json"]) == 0
+    assert calls == [] and "memory" in json.loads(capsys.readouterr().out)

@@ -438,6 +438,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command line (not a call from Python): start again with huge pages for malloc
+        from chunkattn.engine.host import rerun_with_huge_pages
+
+        rerun_with_huge_pages()
     _setup_logging(args)
     from chunkattn.extras import MissingExtraError
 

@@ -78,7 +78,15 @@ def info() -> dict[str, Any]:
 
     return {"chunkattn": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "onednn": onednn_version(), "cpu": cpu(), "torch_threads": torch.get_num_threads(),
-            "native_kernels": native.available(), "paths": kernel_paths()}
+            "native_kernels": native.available(), "paths": kernel_paths(), "memory": memory()}
+
+
+def memory() -> dict[str, Any]:
+    """How this process's memory is paged: the kernel's transparent-huge-page mode and whether malloc asks for
+    them (see :func:`chunkattn.engine.host.huge_pages_env`)."""
+    from chunkattn.engine.host import malloc_huge_pages, thp_mode
+
+    return {"transparent_huge_pages": thp_mode(), "malloc_huge_pages": malloc_huge_pages()}
 
 
 def format_info(data: dict[str, Any]) -> str:
@@ -89,4 +97,8 @@ def format_info(data: dict[str, Any]) -> str:
              f"torch threads {data['torch_threads']}",
              f"features: {' '.join(c['features']) or 'none of ' + ', '.join(FEATURES)}"]
     lines += [f"{k + ':':<17} {v}" for k, v in data["paths"].items()]
+    m = data.get("memory", {})
+    lines.append(f"{'memory:':<17} transparent huge pages {m.get('transparent_huge_pages') or 'unknown'}, malloc "
+                 + ("uses them (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)" if m.get("malloc_huge_pages")
+                    else "does not ask for them"))
     return "\n".join(lines)
