@@ -117,13 +117,23 @@ def test_cpu_kernel_long_and_wide_batches(dtype, chunk_size, shared, private, ba
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim,kv_heads,q_heads", [(128, 4, 4), (128, 2, 6), (64, 5, 5), (64, 3, 6),
-                                                       (96, 3, 3)])
+                                                       (96, 3, 3), (64, 2, 8), (128, 2, 8)])
 def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, q_heads):
     """Decode tokens with small GQA groups run "wide" tasks (every head at once, in blocks of keys): many
     blocks, a partial last one, chunks not a multiple of the block, and head sizes with and without a fixed path."""
     cache, batch = shared_prompt_batch(batch=3, shared=5, private=203, chunk_size=24, head_dim=head_dim,
                                        kv_heads=kv_heads, dtype=dtype, decode=True)
     check_attention(cache, batch, q_heads, "cpu")
+    import importlib
+
+    from chunkattn.attention import get_backend
+
+    cpu_tpp = importlib.import_module("chunkattn.attention.cpu_tpp")
+    backend = get_backend("cpu", cache)
+    backend.plan(batch)
+    ws = cpu_tpp.CpuWorkspace.build(backend.attention_plan, q_heads, kv_heads, head_dim, threads=2)
+    group = q_heads // kv_heads
+    assert (ws.num_wide_tasks > 0) == (group <= 3 or (group == 4 and head_dim == 64)), ws
 
 
 def test_cpu_plan_takes_bigger_row_tiles_on_amx_while_every_thread_has_work():
@@ -372,3 +382,13 @@ def test_reference_matches_plain_softmax_attention():
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
     ).transpose(0, 1)
     assert rel_err(out, sdpa) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_decode_group_of_four_after_a_shared_prompt(dtype):
+    """Llama-3.2-1B's heads (4 query heads per K/V head, d = 64): decode tokens run wide tasks beside the shared
+    tasks of a long common prefix, their partials merged."""
+    torch.manual_seed(41)
+    cache, batch = shared_prompt_batch(batch=33, shared=1030, private=75, chunk_size=64, head_dim=64, kv_heads=2,
+                                       dtype=dtype, decode=True)
+    check_attention(cache, batch, 8, "cpu")

@@ -10,7 +10,8 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
   rows (tokens x GQA group; ``ROWS_PER_TASK_AMX`` for bfloat16 on AMX tiles); every (piece, row tile) x K/V
   head reads the piece's K/V once for all of those rows;
 * private tasks: each sequence's new tokens in tiles, over its private chunks, causally masked, one K/V head
-  per task; except a decode token with a small GQA group (<= ``WIDE_MAX_GROUP`` query heads per K/V head),
+  per task; except a decode token with a small GQA group (<= ``WIDE_MAX_GROUP`` query heads per K/V head, at
+  head size 64 ``WIDE_MAX_GROUP_D64``),
   whose "wide" task takes all heads at once so that each key's row (every head) is read once and in order
   (at d = 64 and 128: blocks of 16 keys that stay in L2 while each head passes over them, in registers),
   split over several tasks when its private list is long (flash-decoding);
@@ -53,6 +54,7 @@ MIN_SPLIT_TOKENS = 256  # private keys of one split of a long decode list (flash
 TASKS_PER_THREAD = 8  # shared (and split decode) tasks per thread to aim for
 FUSE_PRIVATE = True  # AMX: shared tasks of whole sequences run their private tasks (off: for A/B runs)
 WIDE_MAX_GROUP = 3  # decode tokens with at most this many query heads per K/V head run all heads in one task
+WIDE_MAX_GROUP_D64 = 4  # ... at head_dim 64: Llama-3.2-1B's 32 / 8 heads too (see CpuWorkspace.build)
 log = logging.getLogger(__name__)
 
 
@@ -113,7 +115,13 @@ class CpuWorkspace:
         # tasks: all heads at once, reading each key's row of every head in order; long private lists are
         # split (flash-decoding) so that few sequences still keep every core busy. Other tiles get per-head
         # private tasks. A row gets a partial slot when anything else also writes to it.
-        wide_seqs = [b for b in range(plan.num_seqs) if qi[b + 1] - qi[b] == 1 and group < WIDE_MAX_GROUP + 1
+        # At d = 64 a group of 4 too: per-head tasks of 4 rows padded a 16-row AMX tile and read each head's
+        # 128 bytes of a key's row 1 KB apart, where a wide task streams whole rows. Measured on the AMX Xeon VM
+        # (bf16, 32 / 8 heads, 32 sequences after 1024 shared tokens, alternated 3x): 64 private tokens, one
+        # layer in cache 0.93-0.98x the time; 84, 16 layers in turn 0.88-0.91x; float32 0.95-1.0x and 0.90-0.95x;
+        # at d = 128 (no bf16 value product for 4 heads in registers) 1.16x: not there.
+        max_group = WIDE_MAX_GROUP_D64 if head_dim == 64 else WIDE_MAX_GROUP
+        wide_seqs = [b for b in range(plan.num_seqs) if qi[b + 1] - qi[b] == 1 and group <= max_group
                      and pi[b + 1] > pi[b]]
         wide = set(wide_seqs)
         # shared tasks

@@ -1065,7 +1065,7 @@ void attend_block_wide(const Layout& L, const T* k, const T* v, int64_t nk, Scra
 #ifdef CHUNKATTN_BF16_DOT
 // The value product of a wide block in bf16 dot products: for each K/V head, each pair of keys' value rows is
 // interleaved into bf16 pairs once and multiplied by the G query heads of the group (their probabilities as bf16
-// pairs in ws.pb, as the shared path), G x DV accumulators in registers.
+// pairs in ws.pb, as the shared path), G x DV accumulators in registers (G = 4 only at d = 64: 16 of them).
 template <int DV, int G>
 inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Scratch& ws) {
   constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
@@ -1165,13 +1165,14 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
   std::fill(ws.vis.begin(), ws.vis.begin() + hq, (int32_t)nk);
 #ifdef CHUNKATTN_BF16_DOT
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (g <= 3) {
+    if (g <= 3 || (g == 4 && DV == 4)) {
       const int64_t used = update_softmax(L, hq, nk, ws, true);  // also the probabilities as bf16 pairs
       if (!used) return;
       switch (g) {
         case 1: return pv_wide_bf16<DV, 1>(L, v, used, ws);
         case 2: return pv_wide_bf16<DV, 2>(L, v, used, ws);
-        default: return pv_wide_bf16<DV, 3>(L, v, used, ws);
+        case 3: return pv_wide_bf16<DV, 3>(L, v, used, ws);
+        default: return pv_wide_bf16<4, 4>(L, v, used, ws);
       }
     }
   }
