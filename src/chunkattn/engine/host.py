@@ -68,10 +68,10 @@ def huge_pages_env() -> dict[str, str] | None:
     kernel's huge pages off.
 
     The activations and the K/V cache are read in strided rows (a tile of 16 rows of x spans 16 pages of 4 KB
-    at K >= 2048), so 4 KB pages cost TLB misses; with 2 MB pages, measured on the 2-core Xeon VM with AMX
-    (in-process engine steps, alternated three times): SmolLM2's decode steps 0.91-0.96x the time and the first
-    prefill 0.92-0.95x; the Llama-3.2-1B shape's (bf16) decode steps 0.96-0.98x, its 1088-token prefill
-    0.88-0.98x. glibc reads the tunable at process start only, hence running the process again.
+    at K >= 2048), where 4 KB pages cost TLB misses; with 2 MB pages, measured on the 2-core Xeon VM with AMX
+    (in-process engine steps, alternated three times): SmolLM2's decode steps 0.93-0.96x the time and the first
+    prefill 0.92-0.95x; the Llama-3.2-1B shape's (bf16) decode steps 0.96-0.97x, its 1088-token prefill
+    0.89-0.94x. glibc reads the tunable at process start only, hence running the process again.
     """
     if os.environ.get("CHUNKATTN_HUGE_PAGES", "1") == "0" or not sys.platform.startswith("linux"):
         return None
