@@ -821,7 +821,7 @@ def doc_link(j: Journal, name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The README's blocks
 
-VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-grouped.json", "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wide4.json",
+VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json", "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wide4.json",
               "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
               "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
