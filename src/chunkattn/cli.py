@@ -436,9 +436,15 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logger.setLevel(level.upper())
 
 
+# Commands that start again with huge pages for malloc (chunkattn.engine.host.huge_pages_env): the long-running
+# ones, and `info`, which reports what they get. The restart costs a second interpreter start and import of torch
+# (~1 s on the 2-core VMs), more than a short `generate` gains.
+RESTART_FOR_HUGE_PAGES = ("serve", "demo", "bench", "info")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None:  # the command line (not a call from Python): start again with huge pages for malloc
+    if argv is None and args.command in RESTART_FOR_HUGE_PAGES:  # the command line, not a call from Python
         from chunkattn.engine.host import rerun_with_huge_pages
 
         rerun_with_huge_pages()
