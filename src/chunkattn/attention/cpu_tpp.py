@@ -118,7 +118,7 @@ class CpuWorkspace:
         # At d = 64 a group of 4 too: per-head tasks of 4 rows padded a 16-row AMX tile and read each head's
         # 128 bytes of a key's row 1 KB apart, where a wide task streams whole rows. Measured on the AMX Xeon VM
         # (bf16, 32 / 8 heads, 32 sequences after 1024 shared tokens, alternated 3x): 64 private tokens, one
-        # layer in cache 0.93-0.98x the time; 84, 16 layers in turn 0.88-0.91x; float32 0.95-1.0x and 0.90-0.95x;
+        # layer in cache 0.95-0.98x the time; 84, 16 layers in turn 0.87-0.93x; float32 0.95-1.0x and 0.90-0.95x;
         # at d = 128 (no bf16 value product for 4 heads in registers) 1.16x: not there.
         max_group = WIDE_MAX_GROUP_D64 if head_dim == 64 else WIDE_MAX_GROUP
         wide_seqs = [b for b in range(plan.num_seqs) if qi[b + 1] - qi[b] == 1 and group <= max_group
