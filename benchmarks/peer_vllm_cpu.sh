@@ -88,11 +88,11 @@ VLLM_OMP_WAIT_POLICY=${VLLM_OMP_WAIT_POLICY-PASSIVE}
 # chunkattn/engine/host.py); vLLM's processes get the same tunable, so that the two differ by their engines. Set
 # VLLM_GLIBC_TUNABLES= to run vLLM without it.
 VLLM_GLIBC_TUNABLES=${VLLM_GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
+vllm_malloc_env() { if [[ -n $VLLM_GLIBC_TUNABLES ]]; then GLIBC_TUNABLES=$VLLM_GLIBC_TUNABLES "$@"; else "$@"; fi; }
+# vLLM's serving runs: its malloc tunable and wait policy (the kernel peer takes only the tunable)
 vllm_env() {
-    local env=()
-    [[ -n $VLLM_OMP_WAIT_POLICY ]] && env+=("OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY")
-    [[ -n $VLLM_GLIBC_TUNABLES ]] && env+=("GLIBC_TUNABLES=$VLLM_GLIBC_TUNABLES")
-    env "${env[@]}" "$@"
+    if [[ -n $VLLM_OMP_WAIT_POLICY ]]; then OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY vllm_malloc_env "$@"
+    else vllm_malloc_env "$@"; fi
 }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -281,7 +281,7 @@ kernel() {
                 h=${h:-32} hkv=${hkv:-32} d=${d:-128}
                 local tag=$dtype-$b-$ns-$nc-$h-$hkv-$d-r$run
                 log "kernel $tag: vLLM op"
-                GLIBC_TUNABLES=$VLLM_GLIBC_TUNABLES "$VPY" "$REPO/benchmarks/peer_vllm_kernel.py" --batch "$b" --shared "$ns" --private "$nc" \
+                vllm_malloc_env "$VPY" "$REPO/benchmarks/peer_vllm_kernel.py" --batch "$b" --shared "$ns" --private "$nc" \
                     --heads "$h" --kv-heads "$hkv" --head-dim "$d" --dtype "$dtype" \
                     --json "$scratch/vllm-$tag.json" 2>"$scratch/vllm-$tag.log"
                 wait_vllm_gone

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,24 @@ def random_store(cache: PrefixKVCache, batch: chunkattn.Batch) -> None:
         k = torch.randn(n, cache.num_kv_heads, cache.head_dim).to(cache.device, cache.dtype)
         v = torch.randn(n, cache.num_kv_heads, cache.head_dim).to(cache.device, cache.dtype)
         cache.store(layer, batch, k, v)
+
+
+def cpu_workspace(cache: PrefixKVCache, batch: chunkattn.Batch, q_heads: int, kv_heads: int, head_dim: int,
+                  **kwargs: Any) -> Any:
+    """The native CPU backend's task lists for ``batch`` (threads=2 unless given)."""
+    from chunkattn.attention import get_backend
+
+    backend = get_backend("cpu", cache)
+    backend.plan(batch)
+    return cpu_tpp().CpuWorkspace.build(backend.attention_plan, q_heads, kv_heads, head_dim,
+                                        **{"threads": 2, **kwargs})
+
+
+def cpu_tpp() -> ModuleType:
+    """The module (``import chunkattn.attention.cpu_tpp as m`` finds ``chunkattn.attention``, the function)."""
+    import importlib
+
+    return importlib.import_module("chunkattn.attention.cpu_tpp")
 
 
 def shared_prompt_batch(
@@ -124,32 +144,18 @@ def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, 
     cache, batch = shared_prompt_batch(batch=3, shared=5, private=203, chunk_size=24, head_dim=head_dim,
                                        kv_heads=kv_heads, dtype=dtype, decode=True)
     check_attention(cache, batch, q_heads, "cpu")
-    import importlib
-
-    from chunkattn.attention import get_backend
-
-    cpu_tpp = importlib.import_module("chunkattn.attention.cpu_tpp")
-    backend = get_backend("cpu", cache)
-    backend.plan(batch)
-    ws = cpu_tpp.CpuWorkspace.build(backend.attention_plan, q_heads, kv_heads, head_dim, threads=2)
+    ws = cpu_workspace(cache, batch, q_heads, kv_heads, head_dim)
     group = q_heads // kv_heads
     assert (ws.num_wide_tasks > 0) == (group <= 3 or (group == 4 and head_dim == 64)), ws
 
 
 def test_cpu_plan_takes_bigger_row_tiles_on_amx_while_every_thread_has_work():
     """bf16 on AMX: tasks of up to ROWS_PER_TASK_AMX query rows, halved while fewer than 2 tasks per thread."""
-    import importlib
-
-    from chunkattn.attention import get_backend
-
-    cpu_tpp = importlib.import_module("chunkattn.attention.cpu_tpp")
     for tokens, amx, want_tiles in [(2048, True, 2048 * 3 // 384), (2048, False, 2048 * 3 // 96), (64, True, 2)]:
         cache = PrefixKVCache(1, 3, 64, chunk_size=64, max_tokens=4096, dtype=torch.bfloat16)
         prompt = list(range(tokens))
         seq = cache.add_sequence(prompt)
-        backend = get_backend("cpu", cache)
-        backend.plan(cache.extend([seq], [prompt]))
-        ws = cpu_tpp.CpuWorkspace.build(backend.attention_plan, 9, 3, 64, threads=2, amx=amx)
+        ws = cpu_workspace(cache, cache.extend([seq], [prompt]), 9, 3, 64, amx=amx)
         assert ws.num_private_tasks == want_tiles, (tokens, amx, ws)
 
 
@@ -175,22 +181,15 @@ def test_cpu_kernel_prefetch_changes_nothing_but_time(dtype):
 def test_cpu_kernel_shared_pieces_and_decode_splits(dtype, min_piece, min_split, monkeypatch):
     """Shared runs cut into pieces of whole chunks (each a partial per row, merged) and long decode lists split
     over several tasks, or neither: the same attention either way."""
-    import importlib
-
-    from chunkattn.attention import get_backend
-
-    cpu_tpp = importlib.import_module("chunkattn.attention.cpu_tpp")
-    monkeypatch.setattr(cpu_tpp, "MIN_PIECE_TOKENS", min_piece)
-    monkeypatch.setattr(cpu_tpp, "MIN_SPLIT_TOKENS", min_split)
+    monkeypatch.setattr(cpu_tpp(), "MIN_PIECE_TOKENS", min_piece)
+    monkeypatch.setattr(cpu_tpp(), "MIN_SPLIT_TOKENS", min_split)
     torch.manual_seed(min_piece + 3)
     for decode in (True, False):
         cache, batch = shared_prompt_batch(batch=5, shared=700, private=300, chunk_size=32, head_dim=64,
                                            kv_heads=3, dtype=dtype, decode=decode)
         check_attention(cache, batch, 9, "cpu")
         if decode:
-            backend = get_backend("cpu", cache)
-            backend.plan(batch)
-            ws = cpu_tpp.CpuWorkspace.build(backend.attention_plan, 9, 3, 64, threads=2)
+            ws = cpu_workspace(cache, batch, 9, 3, 64)
             split = min_piece < 700
             assert (ws.num_shared_tasks > 1) == split and (ws.num_wide_tasks > 5) == split, ws
 

@@ -55,11 +55,15 @@ def thp_mode() -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+def _thp_granted() -> bool:
+    """Whether the kernel backs a region with huge pages when malloc asks (THP ``always`` or ``madvise``)."""
+    return thp_mode() in ("always", "madvise")
+
+
 def malloc_huge_pages() -> bool:
     """Whether this process started with glibc's malloc asking for transparent huge pages (the tunable is read at
     process start only) in a kernel that grants them."""
-    return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":") and thp_mode() in ("always",
-                                                                                                      "madvise")
+    return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":") and _thp_granted()
 
 
 def huge_pages_env() -> dict[str, str] | None:
@@ -80,7 +84,7 @@ def huge_pages_env() -> dict[str, str] | None:
         new_enough = libc == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
     except ValueError:
         new_enough = False
-    if not new_enough or thp_mode() not in ("always", "madvise"):
+    if not new_enough or not _thp_granted():
         return None
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:  # set already (by us, or by the user: theirs stands)
