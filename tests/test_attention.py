@@ -270,18 +270,57 @@ def test_cpu_kernel_bf16_amx_path(head_dim, kv_heads, q_heads, chunk_size, share
 
 
 @pytest.mark.skipif(not _amx_active(), reason="needs a CPU with AMX (amx_bf16) and a kernel that grants tile state")
-@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("head_dim,kv_heads,q_heads,chunk_size,shared,private,batch_size", [
+    (64, 8, 32, 64, 0, 300, 3),  # Llama-3.2-1B's heads: two 16-row column tiles of 4 heads, runs read in place
+    (128, 4, 4, 24, 5, 203, 3),  # no GQA (one useful column per head), runs gathered across chunk boundaries
+    (64, 3, 9, 16, 97, 70, 5),  # SmolLM2's heads: a column tile of 9 rows, heads straddling nothing
+    (32, 5, 10, 24, 0, 90, 2),  # groups of 2 over 10 rows, d = 32 (one depth step)
+    (96, 2, 6, 16, 40, 35, 4),  # groups of 3 straddling no tile, d = 96 (three depth steps), after a shared prefix
+    (256, 1, 16, 32, 0, 77, 2),  # a group of 16 (every row one head), d = 256 (the largest)
+    (128, 3, 48, 64, 0, 40, 2),  # groups of 16 over three column tiles, a partial run only
+    (64, 6, 30, 16, 0, 1500, 1),  # groups of 5 straddling column tiles; one long sequence split over tasks
+])
+def test_cpu_kernel_bf16_amx_wide_decode(head_dim, kv_heads, q_heads, chunk_size, shared, private, batch_size):
+    """bf16 decode tokens on AMX run every head at once (run_wide_amx: scores of several heads' rows in one tile
+    from keys read in place, values as stored against even/odd probability pairs) for any GQA group up to 16:
+    against the reference, and against the AVX512-BF16 wide task on the same plan."""
+    ops = torch.ops.chunkattn_cpu
+    torch.manual_seed(head_dim * 3 + q_heads + private)
+    cache, batch = shared_prompt_batch(batch=batch_size, shared=shared, private=private, chunk_size=chunk_size,
+                                       head_dim=head_dim, kv_heads=kv_heads, dtype=torch.bfloat16, decode=True)
+    ws = cpu_workspace(cache, batch, q_heads, kv_heads, head_dim, amx=True)
+    assert ws.num_wide_tasks >= batch_size, ws
+    q = torch.randn(batch.num_new_tokens, q_heads, head_dim).to(torch.bfloat16)
+    ref = chunkattn.attention(q, cache, batch, 0, backend="reference")
+    tasks = ops.amx_wide_tasks()
+    amx = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+    assert ops.amx_wide_tasks() >= tasks + batch_size, "a decode token did not take the AMX wide task"
+    try:
+        assert ops.set_amx(False) is False
+        tasks = ops.amx_wide_tasks()
+        dot = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+        assert ops.amx_wide_tasks() == tasks
+    finally:
+        assert ops.set_amx(True) is True
+    assert torch.isfinite(amx.float()).all()
+    assert rel_err(amx, ref) <= REL_TOL[torch.bfloat16]
+    assert rel_err(amx, dot) <= REL_TOL[torch.bfloat16] / 2
+
+
+@pytest.mark.skipif(not _amx_active(), reason="needs a CPU with AMX (amx_bf16) and a kernel that grants tile state")
+@pytest.mark.parametrize("decode,shared,private", [(True, 1500, 40), (False, 1500, 40), (True, 0, 1500)])
 @pytest.mark.parametrize("rise", [1, 12])
-def test_cpu_kernel_bf16_amx_rising_scores(decode, rise):
+def test_cpu_kernel_bf16_amx_rising_scores(decode, shared, private, rise):
     """Scores that rise block after block (keys along u growing with their row, queries along u: `rise` log2
     units more per 128-key block): the AMX softmax's one-pass exponentiation against a row's reference maximum
     must notice when a block's probabilities sum past 2^8 and redo it, keeping the reference while no key exceeds
     it by 8 log2 units (rise 1) and moving it when one does (rise 12: ~140 units over 1500 keys, so a reference
-    that never moved would overflow float32); against the reference attention."""
-    torch.manual_seed(11 + decode + rise)
+    that never moved would overflow float32); after a shared prompt and, with nothing shared, over a decode token's
+    1500 own keys (the wide AMX task's softmax); against the reference attention."""
+    torch.manual_seed(11 + decode + rise + shared)
     d = 64
-    cache, batch = shared_prompt_batch(batch=6, shared=1500, private=40, chunk_size=64, head_dim=d, kv_heads=1,
-                                       dtype=torch.bfloat16, decode=decode)
+    cache, batch = shared_prompt_batch(batch=6, shared=shared, private=private, chunk_size=64, head_dim=d,
+                                       kv_heads=1, dtype=torch.bfloat16, decode=decode)
     u = torch.nn.functional.normalize(torch.randn(d), dim=0)
     rows = cache.k_cache.shape[1]
     scale = torch.arange(rows, dtype=torch.float32) * rise / 128

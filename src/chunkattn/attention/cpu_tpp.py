@@ -11,9 +11,10 @@ Work decomposition, built once per plan (:class:`CpuWorkspace`) and kept while a
   head reads the piece's K/V once for all of those rows;
 * private tasks: each sequence's new tokens in tiles, over its private chunks, causally masked, one K/V head
   per task; except a decode token with a small GQA group (<= ``WIDE_MAX_GROUP`` query heads per K/V head, at
-  head size 64 ``WIDE_MAX_GROUP_D64``),
+  head size 64 ``WIDE_MAX_GROUP_D64``; any group up to ``WIDE_MAX_GROUP_AMX`` for bfloat16 on AMX tiles),
   whose "wide" task takes all heads at once so that each key's row (every head) is read once and in order
-  (at d = 64 and 128: blocks of 16 keys that stay in L2 while each head passes over them, in registers),
+  (at d = 64 and 128: blocks of 16 keys that stay in L2 while each head passes over them, in registers; on
+  AMX tiles the scores of several heads' rows in one tile and the values multiplied as stored),
   split over several tasks when its private list is long (flash-decoding);
 * a row whose only contribution is its private task gets its output written directly; the others get one
   partial (o, m, l) slot per task and a merge pass combines them;
@@ -55,6 +56,7 @@ TASKS_PER_THREAD = 8  # shared (and split decode) tasks per thread to aim for
 FUSE_PRIVATE = True  # AMX: shared tasks of whole sequences run their private tasks (off: for A/B runs)
 WIDE_MAX_GROUP = 3  # decode tokens with at most this many query heads per K/V head run all heads in one task
 WIDE_MAX_GROUP_D64 = 4  # ... at head_dim 64: Llama-3.2-1B's 32 / 8 heads too (see CpuWorkspace.build)
+WIDE_MAX_GROUP_AMX = 16  # ... every group the AMX wide task takes (bf16 on AMX tiles)
 log = logging.getLogger(__name__)
 
 
@@ -120,7 +122,11 @@ class CpuWorkspace:
         # (bf16, 32 / 8 heads, 32 sequences after 1024 shared tokens, alternated 3x): 64 private tokens, one
         # layer in cache 0.95-0.98x the time; 84, 16 layers in turn 0.87-0.93x; float32 0.95-1.0x and 0.90-0.95x;
         # at d = 128 (no bf16 value product for 4 heads in registers) 1.16x: not there.
-        max_group = WIDE_MAX_GROUP_D64 if head_dim == 64 else WIDE_MAX_GROUP
+        # On AMX tiles the wide task multiplies on tiles too (run_wide_amx), and every group goes wide: same VM,
+        # one layer in cache, against per-head AMX tasks: Llama-3.1-8B's 32 / 8 heads at d = 128, 32 sequences
+        # of 1024 own keys 0.55x the time, after a 1024-token shared prompt 0.81-0.83x; 64 / 8 heads 0.55x and
+        # 0.96x; one 3000-key sequence 0.65x.
+        max_group = WIDE_MAX_GROUP_AMX if amx else WIDE_MAX_GROUP_D64 if head_dim == 64 else WIDE_MAX_GROUP
         wide_seqs = [b for b in range(plan.num_seqs) if qi[b + 1] - qi[b] == 1 and group <= max_group
                      and pi[b + 1] > pi[b]]
         wide = set(wide_seqs)

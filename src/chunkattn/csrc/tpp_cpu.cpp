@@ -50,6 +50,8 @@ constexpr float kLazyLimit = 256.f;  // 2^kLazyMax: a block's probabilities summ
 
 constexpr int64_t kAmxMinRows = 4;  // bf16 tasks with fewer query rows waste most of a 16-row AMX tile
 constexpr int64_t kAmxGroup = 16;   // query rows per pass of the AMX path over a block (see attend_block_amx)
+constexpr int64_t kWideAmxMaxGroup = 16;  // wide tasks of GQA groups up to this size run on AMX tiles (run_wide_amx)
+constexpr int64_t kWideRuns = 4;          // runs of 16 keys per block of a wide AMX task
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -68,7 +70,11 @@ struct Scratch {
   line_vector<float> acc_t;
   line_vector<v16> vw;      // pack_values_t's interleaved pairs, [d / 16][16 pairs]
   bool amx_task = false;    // the current task runs on AMX tiles (decided once, in load_queries)
-  bool tiles = false;       // this thread's AMX tile configuration is loaded (released at the end of the call)
+  int tiles = 0;            // this thread's AMX tile configuration: 0 none, 1 kernels' (load_tiles), 2 + g a wide
+                            // task's for group g (load_tiles_wide); released at the end of the call
+  // wide AMX tasks (run_wide_amx): queries as B tiles, probabilities as A tiles, gathered rows, blocks of keys
+  line_vector<uint32_t> wq, wp;
+  line_vector<c10::BFloat16> wg;
   int64_t krow[kKeyBlock];  // storage row of each key of the current block
   int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
   void reserve(int64_t rows, int64_t d) {
@@ -669,9 +675,9 @@ inline bool use_amx(const Layout& L, int64_t rows) {
 }
 
 inline void load_tiles(Scratch& ws) {
-  if (ws.tiles) return;
+  if (ws.tiles == 1) return;
   load_tile_config();
-  ws.tiles = true;
+  ws.tiles = 1;
 }
 
 // The task's queries as B operands: qv[x / 2][r] = (Q[r, x], Q[r, x + 1]) as stored, zero for the padding rows;
@@ -1392,9 +1398,280 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
   finish_rows<T>(L, tokens, n, h, P.st_slot[task], out, lse, o_part, ml_part, ws);
 }
 
+#ifdef CHUNKATTN_AMX
+// A decode token's wide task on AMX tiles (bfloat16; d a multiple of 32 up to 256; group <= 16): all heads of one
+// token over its private keys, in runs of 16 keys read in place (16 rows of storage; the rest gathered), 4 runs a
+// block:
+//   scores: S^T[16 keys, 16 query rows] = K[16 keys, 32 dims of head h] . Q^T, the B operand holding the rows'
+//     query dims as pairs, zero in the columns of rows of other heads, summed over the heads and depth steps of
+//     the 16 rows: one tile of scores holds every query row of 16 / group heads (no padding rows for a GQA group
+//     of 4, where a per-head task filled 4 rows of 16);
+//   softmax down the keys, 16 rows per vector (lazy reference maximum, as update_softmax_amx), the
+//     probabilities transposed to rows of keys;
+//   values: O[g rows, 16 dims] += P[g rows, 16 keys] . V[16 keys, 32 dims] with V's rows as stored as the B
+//     operand (bf16 pairs of adjacent dims) and the probabilities as (p, 0) pairs for the even dims and (0, p)
+//     for the odd ones: twice the tile products of repacked values, but nothing per block is repacked, and a
+//     tile product costs the same whatever its rows (measured: 4 rows as 16). The accumulators (even and odd
+//     dims of each 32) live in memory between blocks and are interleaved back at the end.
+// Tile configuration (load_tiles_wide): tiles 0-3 have g rows (value accumulators even / odd, probabilities
+// even / odd), tiles 4-7 16 rows (scores of two runs, the K or V operand, the Q operand).
+// Measured on a 2-core Xeon with AMX against the AVX512-BF16 wide task (bf16, 32 sequences x 1024 own keys, one
+// layer in cache): Llama-3.2-1B's heads (32 / 8, d = 64) 0.55x the time, 32 / 32 heads at d = 128 0.85x, SmolLM2's
+// 9 / 3 0.69x; one long sequence 0.6x. Per key and K/V head (1B heads) it spends ~40 cycles, where streaming
+// its K and V rows from L3 takes ~24: the tile loads of 16 rows 1 KB apart wait on memory (software prefetches
+// of the next block cost more than they saved in cache and ~6% less from DRAM: not taken).
+std::atomic<int64_t> g_amx_wide_tasks{0};  // wide tasks run on AMX tiles so far (tests check that the path ran)
+
+inline bool use_wide_amx(const Layout& L) {
+  return amx_head_dim(L.d) && L.group <= kWideAmxMaxGroup &&
+         g_amx_enabled.load(std::memory_order_relaxed) && amx_permitted();
+}
+
+inline void load_tiles_wide(Scratch& ws, int64_t g) {
+  if (ws.tiles == 2 + g) return;
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = i < 4 ? (uint8_t)g : 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  ws.tiles = (int)(2 + g);
+}
+
+// 16 keys of a wide task: rows of K and V (row stride in bytes) of n valid keys (16 in place; gathered rows are
+// zero past n).
+struct WideKeys {
+  const c10::BFloat16 *k, *v;
+  int64_t stride, n;
+};
+
+// The private keys of wide task `task` as runs of 16: 16 consecutive rows of a chunk in place, the rest of each
+// chunk gathered (with the next chunks' rest) into rows of ws.wg.
+inline void wide_key_runs(const Layout& L, const Plan& P, int64_t task, const c10::BFloat16* k,
+                          const c10::BFloat16* v, Scratch& ws, std::vector<WideKeys>& runs) {
+  const int64_t row = L.hkv * L.d, pos = P.q_pos[P.wt_row[task]];
+  runs.clear();
+  // gathered rows: count first, so that ws.wg does not move under the pointers taken
+  int64_t rest = 0;
+  for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c)
+    rest += std::max<int64_t>(0, std::min(P.private_len[c], pos - P.private_pos[c] + 1)) % 16;
+  const int64_t groups = (rest + 15) / 16;
+  if ((int64_t)ws.wg.size() < groups * 32 * row) ws.wg.resize(groups * 32 * row);
+  c10::BFloat16* gk = ws.wg.data();
+  int64_t pending = 0;
+  auto flush = [&]() {
+    c10::BFloat16* gv = gk + 16 * row;
+    std::memset(gk + pending * row, 0, (16 - pending) * row * sizeof(c10::BFloat16));
+    std::memset(gv + pending * row, 0, (16 - pending) * row * sizeof(c10::BFloat16));
+    runs.push_back({gk, gv, row * 2, pending});
+    gk += 32 * row;
+    pending = 0;
+  };
+  for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
+    const int64_t kv0 = P.private_kv_begin[c];
+    const int64_t len = std::max<int64_t>(0, std::min(P.private_len[c], pos - P.private_pos[c] + 1));
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16)
+      runs.push_back({k + (kv0 + t) * L.kv_row, v + (kv0 + t) * L.kv_row, L.kv_row * 2, 16});
+    for (; t < len; ++t) {
+      std::memcpy(gk + pending * row, k + (kv0 + t) * L.kv_row, row * sizeof(c10::BFloat16));
+      std::memcpy(gk + (16 + pending) * row, v + (kv0 + t) * L.kv_row, row * sizeof(c10::BFloat16));
+      if (++pending == 16) flush();
+    }
+  }
+  if (pending) flush();
+}
+
+// The first and last K/V head whose query rows fall in 16-row column tile j.
+inline std::pair<int64_t, int64_t> tile_heads(const Layout& L, int64_t j) {
+  return {16 * j / L.group, std::min(L.hkv - 1, (16 * j + 15) / L.group)};
+}
+
+// bf16 rounding of positive finite floats, kept in the upper half of each word (the lower half zero).
+inline __m512i round_bf16_hi(v16 x) {
+  const __m512i b = _mm512_castps_si512((__m512)x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
+  return _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
+}
+
+void run_wide_amx(const Layout& L, const Plan& P, int64_t task, const c10::BFloat16* q, const c10::BFloat16* k,
+                  const c10::BFloat16* v, c10::BFloat16* out, float* lse, float* o_part, float* ml_part,
+                  Scratch& ws) {
+  static thread_local std::vector<WideKeys> runs;
+  const int64_t r = P.wt_row[task], hq = L.hq, hkv = L.hkv, d = L.d, g = L.group, ns = d / 32;
+  const int64_t ncol = (hq + 15) / 16, rows16 = 16 * ncol, gl = g * 16;
+  ws.reserve(hq, d);
+  g_amx_wide_tasks.fetch_add(1, std::memory_order_relaxed);
+  // B operands of the scores: for column tile j, each head h of its rows and depth step x, 16 x 16 words
+  int64_t btiles = 0;
+  for (int64_t j = 0; j < ncol; ++j) btiles += (tile_heads(L, j).second - tile_heads(L, j).first + 1) * ns;
+  if ((int64_t)ws.wq.size() < btiles * 256) ws.wq.resize(btiles * 256);
+  const int64_t pld = rows16 * 16;  // probabilities: [run][even, odd][row][16 keys]
+  if ((int64_t)ws.wp.size() < 2 * kWideRuns * pld) ws.wp.resize(2 * kWideRuns * pld);
+  static thread_local std::vector<int64_t> wq_at;  // column tile j's first B operand
+  wq_at.resize(ncol);
+  uint32_t* wq = ws.wq.data();
+  for (int64_t j = 0; j < ncol; ++j) {
+    wq_at[j] = wq - ws.wq.data();
+    const auto [h0, h1] = tile_heads(L, j);
+    for (int64_t x = 0; x < ns; ++x) {
+      v16 tile[16];
+      for (int c = 0; c < 16; ++c) {
+        const int64_t i = 16 * j + c;
+        tile[c] = i < hq ? load(reinterpret_cast<const float*>(q + r * L.q_row + i * L.q_head) + 16 * x) : v16{};
+      }
+      transpose16(tile);  // tile[w][c]: word 16 x + w of row 16 j + c (bit moves only)
+      for (int64_t h = h0; h <= h1; ++h) {
+        uint32_t mine = 0;
+        for (int c = 0; c < 16; ++c) mine |= (16 * j + c < hq && (16 * j + c) / g == h) ? (1u << c) : 0u;
+        uint32_t* dst = wq + ((h - h0) * ns + x) * 256;
+        for (int w = 0; w < 16; ++w) {
+          const __m512i words = _mm512_castps_si512((__m512)tile[w]);
+          _mm512_storeu_si512(dst + w * 16, _mm512_maskz_mov_epi32((__mmask16)mine, words));
+        }
+      }
+    }
+    wq += (h1 - h0 + 1) * ns * 256;
+  }
+  float* acc = ws.acc.data();  // [h][x][even, odd][g rows][16]
+  std::fill(acc, acc + hq * d, 0.f);
+  std::fill(ws.m.begin(), ws.m.begin() + rows16, kNegInf);
+  std::fill(ws.l.begin(), ws.l.begin() + rows16, 0.f);
+  wide_key_runs(L, P, task, k, v, ws, runs);
+  load_tiles_wide(ws, g);
+  float* s = ws.s.data();  // scores [j][kWideRuns x 16 keys][16 rows]
+  uint32_t* wp = ws.wp.data();
+  const v16 sc = splat(L.qk_scale), ninf = splat(kNegInf);
+  auto vmax = [](v16 a, v16 b) { return a > b ? a : b; };
+  for (size_t b = 0; b < runs.size(); b += kWideRuns) {
+    const int64_t nr = std::min<int64_t>(kWideRuns, runs.size() - b);
+    const WideKeys* kr = runs.data() + b;
+    // column tile by column tile: scores, then the softmax down the keys, the probabilities of each run
+    // transposed in registers
+    for (int64_t j = 0; j < ncol; ++j) {
+      // scores of column tile j, two runs at a time: s[j][key][16 rows]
+      for (int64_t r0 = 0; r0 < nr; r0 += 2) {
+        const bool two = r0 + 1 < nr;
+        const uint32_t* wqj = ws.wq.data() + wq_at[j];
+        const auto [h0, h1] = tile_heads(L, j);
+        _tile_zero(4);
+        _tile_zero(7);
+        for (int64_t h = h0; h <= h1; ++h)
+          for (int64_t x = 0; x < ns; ++x, wqj += 256) {
+            _tile_loadd(6, wqj, 64);
+            _tile_loadd(5, kr[r0].k + h * d + 32 * x, kr[r0].stride);
+            _tile_dpbf16ps(4, 5, 6);
+            if (two) {
+              _tile_loadd(5, kr[r0 + 1].k + h * d + 32 * x, kr[r0 + 1].stride);
+              _tile_dpbf16ps(7, 5, 6);
+            }
+          }
+        _tile_stored(4, s + (j * kWideRuns + r0) * 256, 64);
+        if (two) _tile_stored(7, s + (j * kWideRuns + r0 + 1) * 256, 64);
+      }
+      const float* sj = s + j * kWideRuns * 256;
+      const v16 m_old = load(ws.m.data() + 16 * j);
+      bool fresh = false;
+      for (int i = 0; i < 16; ++i) fresh |= m_old[i] == kNegInf;
+      // exponentiate every run against m_use into the A operands; the sum of the probabilities
+      auto exp_runs = [&](v16 m_use, bool finite) {
+        v16 sum = v16{};
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          v16 e[16];
+#pragma GCC unroll 16
+          for (int t = 0; t < 16; ++t) {
+            const v16 x = load(sj + (rr * 16 + t) * 16) * sc - m_use;
+            e[t] = t < kr[rr].n ? (finite ? exp2_finite(x) : exp2v<4>(x)) : v16{};
+            sum += e[t];
+          }
+          transpose16(e);  // e[c][t]: row 16 j + c, key t of the run
+          uint32_t* we = wp + 2 * rr * pld + 16 * j * 16;
+          uint32_t* wo = we + pld;
+#pragma GCC unroll 16
+          for (int c = 0; c < 16; ++c) {
+            const __m512i w = round_bf16_hi(e[c]);
+            _mm512_storeu_si512(wo + c * 16, w);
+            _mm512_storeu_si512(we + c * 16, _mm512_srli_epi32(w, 16));
+          }
+        }
+        return sum;
+      };
+      if (!fresh) {  // one pass against the reference the rows have (as update_softmax_amx)
+        const v16 sum = exp_runs(m_old, true);
+        bool over = false;
+        for (int i = 0; i < 16; ++i) over |= !(sum[i] <= kLazyLimit);  // NaN or inf too: the general pass
+        if (!over) {
+          store(ws.l.data() + 16 * j, load(ws.l.data() + 16 * j) + sum);
+          continue;
+        }
+      }
+      v16 mx = ninf;
+      for (int64_t rr = 0; rr < nr; ++rr)
+        for (int64_t t = 0; t < kr[rr].n; ++t) mx = vmax(mx, load(sj + (rr * 16 + t) * 16) * sc);
+      const v16 m_new = mx > m_old + kLazyMax ? mx : m_old;
+      const v16 m_use = m_new == ninf ? v16{} : m_new;
+      const v16 sum = exp_runs(m_use, false);
+      const v16 alpha = exp2v(m_old - m_use);
+      store(ws.l.data() + 16 * j, load(ws.l.data() + 16 * j) * alpha + sum);
+      store(ws.m.data() + 16 * j, m_new);
+      for (int c = 0; c < 16; ++c) {
+        const int64_t i = 16 * j + c;
+        if (i >= hq || alpha[c] == 1.f) continue;
+        float* a = acc + (i / g) * ns * 2 * gl + (i % g) * 16;
+        for (int64_t y = 0; y < 2 * ns; ++y) store(a + y * gl, load(a + y * gl) * alpha[c]);
+      }
+    }
+    // values: the accumulators of each head and depth step loaded once per block
+    for (int64_t h = 0; h < hkv; ++h)
+      for (int64_t x = 0; x < ns; ++x) {
+        float* ce = acc + (h * ns + x) * 2 * gl;
+        _tile_loadd(0, ce, 64);
+        _tile_loadd(1, ce + gl, 64);
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          _tile_loadd(2, wp + 2 * rr * pld + h * gl, 64);
+          _tile_loadd(3, wp + (2 * rr + 1) * pld + h * gl, 64);
+          _tile_loadd(5, kr[rr].v + h * d + 32 * x, kr[rr].stride);
+          _tile_dpbf16ps(0, 2, 5);
+          _tile_dpbf16ps(1, 3, 5);
+        }
+        _tile_stored(0, ce, 64);
+        _tile_stored(1, ce + gl, 64);
+      }
+  }
+  // even and odd dims back in order, then the output (or the partial) as run_wide writes it
+  const i16v lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const i16v hi = lo + 8;
+  const int64_t slot = P.wt_slot[task];
+  float row[256];
+  for (int64_t i = 0; i < hq; ++i) {
+    const float* a = acc + (i / g) * ns * 2 * gl + (i % g) * 16;
+    for (int64_t x = 0; x < ns; ++x) {
+      const __m512 e = (__m512)load(a + 2 * x * gl), o = (__m512)load(a + (2 * x + 1) * gl);
+      _mm512_storeu_ps(row + 32 * x, _mm512_permutex2var_ps(e, (__m512i)lo, o));
+      _mm512_storeu_ps(row + 32 * x + 16, _mm512_permutex2var_ps(e, (__m512i)hi, o));
+    }
+    const float li = ws.l[i], mi = ws.m[i];
+    if (slot < 0) {
+      write_scaled(out + (r * hq + i) * d, row, li > 0.f ? 1.f / li : 0.f, d);
+      lse[r * hq + i] = li > 0.f ? (mi + std::log2(li)) * kLn2 : kNegInf;
+    } else {
+      write_scaled(o_part + (slot * hq + i) * d, row, 1.f, d);
+      ml_part[(slot * hq + i) * 2] = mi;
+      ml_part[(slot * hq + i) * 2 + 1] = li;
+    }
+  }
+}
+#endif
+
 template <typename T>
 void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T* k, const T* v, T* out, float* lse,
               float* o_part, float* ml_part, Scratch& ws) {
+#ifdef CHUNKATTN_AMX
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (use_wide_amx(L)) return run_wide_amx(L, P, task, q, k, v, out, lse, o_part, ml_part, ws);
+  }
+#endif
   const int64_t r = P.wt_row[task], hq = L.hq, d = L.d, pos = P.q_pos[r];
   ws.reserve(hq, d);
   for (int64_t i = 0; i < hq; ++i) {
@@ -1513,7 +1790,7 @@ void tpp_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     // more than a whole small decode step's work.
     static thread_local Scratch ws;
     static thread_local std::vector<int64_t> tokens;
-    ws.tiles = false;
+    ws.tiles = 0;
     for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) {
       if (t >= wide0 && t < wide0 + P.num_wide) {
         run_wide(L, P, t - wide0, qp, kp, vp, op, lp, opart, mlpart, ws);
@@ -1624,7 +1901,9 @@ std::string attention_paths() {
 #ifdef CHUNKATTN_BF16_DOT
   bf16 = "avx512-bf16 dot products";
 #endif
-  if (amx_active()) bf16 = "amx tiles (>= " + std::to_string(kAmxMinRows) + " rows), avx512-bf16 otherwise";
+  if (amx_active())
+    bf16 = "amx tiles (>= " + std::to_string(kAmxMinRows) +
+           " rows; decode tokens all heads at once), avx512-bf16 otherwise";
 #ifdef __AVX512F__
   const std::string fp32 = "avx512 (key-major from 16 rows)";
 #else
@@ -1649,6 +1928,13 @@ TORCH_LIBRARY(chunkattn_cpu, m) {
   m.def("amx_tasks() -> int", []() -> int64_t {
 #ifdef CHUNKATTN_AMX
     return g_amx_tasks.load();
+#else
+    return 0;
+#endif
+  });
+  m.def("amx_wide_tasks() -> int", []() -> int64_t {
+#ifdef CHUNKATTN_AMX
+    return g_amx_wide_tasks.load();
 #else
     return 0;
 #endif
