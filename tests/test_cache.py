@@ -397,6 +397,28 @@ def test_bad_input_raises_clear_errors():
         PrefixKVCache(1, 2, 8, dtype=torch.int32)
 
 
+def test_check_batch_is_memoized_until_a_sequence_grows_or_is_released():
+    """check_batch remembers a batch it passed until some live sequence grows or is released: another
+    sequence's growth keeps the batch valid (rechecked), a release or growth of its own invalidates it."""
+    cache = PrefixKVCache(1, 2, 8, chunk_size=4, max_tokens=256, dtype=torch.float32)
+    a, b = cache.add_sequence([1, 2, 3]), cache.add_sequence([1, 2, 5])
+    batch = cache.extend([a, b], [[1, 2, 3], [1, 2, 5]])
+    cache.check_batch(batch)
+    assert batch.plan_cache["checked_at"] == cache._epoch
+    cache.check_batch(batch)  # memoized
+    c = cache.add_sequence([9])
+    cache.extend([c], [[9]])
+    cache.check_batch(batch)  # rechecked: a and b did not change
+    cache.release(b)
+    with pytest.raises(SequenceError, match="released"):
+        cache.check_batch(batch)
+    batch = cache.extend([a], [[4]])
+    cache.check_batch(batch)
+    cache.extend([a], [[5]])
+    with pytest.raises(ValueError, match="newest batch"):
+        cache.check_batch(batch)
+
+
 def test_prefix_sharing_off_keeps_every_sequence_apart():
     cache = PrefixKVCache(2, 2, 8, chunk_size=4, max_tokens=256, dtype=torch.float32, share_prefixes=False)
     prompt = list(range(10))
