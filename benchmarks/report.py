@@ -829,7 +829,7 @@ LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
                   "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 # each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
-KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-final-kernel.json", ("bfloat16",)),
+KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-wideamx-kernel.json", ("bfloat16",)),
                 ("peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", ("float32",)),
                 ("peer-vllm-cpu-2026-12-02-zen5-final-kernel.json", ("bfloat16", "float32"))]
 CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
@@ -840,6 +840,7 @@ RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeo
                      "peer-vllm-cpu-2026-12-06-xeon-amx-wide4-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-final-kernel.json": "Intel Xeon with AMX",
+                     "peer-vllm-cpu-2026-12-06-xeon-amx-wideamx-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json": "AMD EPYC without AMX",
                      CLUSTER_FILE: "AMD EPYC without AMX"}
 
