@@ -149,6 +149,19 @@ def test_cpu_kernel_wide_decode_over_many_key_blocks(dtype, head_dim, kv_heads, 
     assert (ws.num_wide_tasks > 0) == (group <= 3 or (group == 4 and head_dim == 64)), ws
 
 
+def test_cpu_plan_sends_every_decode_group_up_to_16_wide_on_amx():
+    """bf16 on AMX tiles: a decode token with private keys gets wide tasks for any GQA group the AMX wide task
+    takes (up to 16 query heads per K/V head); larger groups, and prefill tokens, keep per-head tasks."""
+    for q_heads, kv_heads, head_dim, decode, wide in [(32, 8, 128, True, True), (64, 4, 128, True, True),
+                                                      (32, 1, 64, True, False), (32, 8, 128, False, False)]:
+        cache, batch = shared_prompt_batch(batch=3, shared=40, private=30, chunk_size=16, head_dim=head_dim,
+                                           kv_heads=kv_heads, dtype=torch.bfloat16, decode=decode)
+        on = cpu_workspace(cache, batch, q_heads, kv_heads, head_dim, amx=True)
+        off = cpu_workspace(cache, batch, q_heads, kv_heads, head_dim, amx=False)
+        assert (on.num_wide_tasks > 0) == wide, (q_heads, kv_heads, decode, on)
+        assert off.num_wide_tasks == 0, off  # groups of 4 at d = 128 and larger stay per head without AMX
+
+
 def test_cpu_plan_takes_bigger_row_tiles_on_amx_while_every_thread_has_work():
     """bf16 on AMX: tasks of up to ROWS_PER_TASK_AMX query rows, halved while fewer than 2 tasks per thread."""
     for tokens, amx, want_tiles in [(2048, True, 2048 * 3 // 384), (2048, False, 2048 * 3 // 96), (64, True, 2)]:
