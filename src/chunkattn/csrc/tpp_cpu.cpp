@@ -1419,7 +1419,7 @@ void run_shared(const Layout& L, const Plan& P, int64_t task, int64_t h, const T
 // layer in cache): Llama-3.2-1B's heads (32 / 8, d = 64) 0.55x the time, 32 / 32 heads at d = 128 0.85x, SmolLM2's
 // 9 / 3 0.69x; one long sequence 0.6x. Per key and K/V head (1B heads) it spends ~40 cycles, where streaming
 // its K and V rows from L3 takes ~24: the tile loads of 16 rows 1 KB apart wait on memory (software prefetches
-// of the next block cost more than they saved in cache and ~6% less from DRAM: not taken).
+// of the next block cost more than they saved with the rows in cache, and saved ~6% from DRAM: not taken).
 std::atomic<int64_t> g_amx_wide_tasks{0};  // wide tasks run on AMX tiles so far (tests check that the path ran)
 
 inline bool use_wide_amx(const Layout& L) {
