@@ -290,7 +290,7 @@ def test_cpu_kernel_bf16_amx_path(head_dim, kv_heads, q_heads, chunk_size, share
     (32, 5, 10, 24, 0, 90, 2),  # groups of 2 over 10 rows, d = 32 (one depth step)
     (96, 2, 6, 16, 40, 35, 4),  # groups of 3 straddling no tile, d = 96 (three depth steps), after a shared prefix
     (256, 1, 16, 32, 0, 77, 2),  # a group of 16 (every row one head), d = 256 (the largest)
-    (128, 3, 48, 64, 0, 40, 2),  # groups of 16 over three column tiles, a partial run only
+    (128, 3, 48, 64, 0, 40, 2),  # groups of 16 over three column tiles; two runs in place, then a partial one
     (64, 6, 30, 16, 0, 1500, 1),  # groups of 5 straddling column tiles; one long sequence split over tasks
 ])
 def test_cpu_kernel_bf16_amx_wide_decode(head_dim, kv_heads, q_heads, chunk_size, shared, private, batch_size):

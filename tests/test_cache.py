@@ -403,12 +403,18 @@ def test_check_batch_is_memoized_until_a_sequence_grows_or_is_released():
     cache = PrefixKVCache(1, 2, 8, chunk_size=4, max_tokens=256, dtype=torch.float32)
     a, b = cache.add_sequence([1, 2, 3]), cache.add_sequence([1, 2, 5])
     batch = cache.extend([a, b], [[1, 2, 3], [1, 2, 5]])
+    checks = []
+    check_seq = cache._check_seq
+    cache._check_seq = lambda seq: checks.append(seq) or check_seq(seq)  # type: ignore[method-assign]
     cache.check_batch(batch)
-    assert batch.plan_cache["checked_at"] == cache._epoch
-    cache.check_batch(batch)  # memoized
+    assert len(checks) == 2
+    cache.check_batch(batch)
+    assert len(checks) == 2  # memoized: nothing changed
     c = cache.add_sequence([9])
     cache.extend([c], [[9]])
+    n = len(checks)
     cache.check_batch(batch)  # rechecked: a and b did not change
+    assert len(checks) == n + 2
     cache.release(b)
     with pytest.raises(SequenceError, match="released"):
         cache.check_batch(batch)

@@ -535,7 +535,7 @@ class PrefixKVCache:
         if batch.cache_id != self._id:
             raise ValueError("this batch was made by another PrefixKVCache")
         if batch.plan_cache.get("checked_at") == self._epoch:
-            return  # checked, and no sequence grew or was released since (a per-call check of 32 took ~20 us)
+            return  # checked, and no sequence grew or was released since (~6 us a call at 32 sequences)
         for seq, n in zip(batch.seqs, batch.seq_lens):
             self._check_seq(seq)
             if seq.num_tokens != n:
