@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -244,6 +245,24 @@ def test_cpu_kernel_key_major_prefill(head_dim, kv_heads, q_heads, tokens):
     check_attention(cache, batch, q_heads, "cpu")
 
 
+def amx_and_dot(q: torch.Tensor, cache: PrefixKVCache, batch: chunkattn.Batch,
+                counter: Callable[[], int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The cpu backend's output with AMX on, then with it off on the same plan (asserting that ``counter``, one of
+    the kernel's AMX task counters, did not move), and how many tasks ``counter`` counted with AMX on."""
+    ops = torch.ops.chunkattn_cpu
+    tasks = counter()
+    amx = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+    ran = counter() - tasks
+    try:
+        assert ops.set_amx(False) is False
+        tasks = counter()
+        dot = chunkattn.attention(q, cache, batch, 0, backend="cpu")
+        assert counter() == tasks
+    finally:
+        assert ops.set_amx(True) is True
+    return amx, dot, ran
+
+
 def _amx_active() -> bool:
     from chunkattn import native
 
@@ -262,22 +281,13 @@ def _amx_active() -> bool:
 def test_cpu_kernel_bf16_amx_path(head_dim, kv_heads, q_heads, chunk_size, shared, private, batch_size, decode):
     """bfloat16 tasks of >= 4 query rows run on AMX tiles (scores transposed from keys read in place, a key-major
     softmax, transposed values): against the reference, and against the AVX512-BF16 path on the same inputs."""
-    ops = torch.ops.chunkattn_cpu
     torch.manual_seed(head_dim * 7 + q_heads + shared)
     cache, batch = shared_prompt_batch(batch=batch_size, shared=shared, private=private, chunk_size=chunk_size,
                                        head_dim=head_dim, kv_heads=kv_heads, dtype=torch.bfloat16, decode=decode)
     q = torch.randn(batch.num_new_tokens, q_heads, head_dim).to(torch.bfloat16)
     ref = chunkattn.attention(q, cache, batch, 0, backend="reference")
-    tasks = ops.amx_tasks()
-    amx = chunkattn.attention(q, cache, batch, 0, backend="cpu")
-    assert ops.amx_tasks() > tasks, "no task took the AMX path"
-    try:
-        assert ops.set_amx(False) is False
-        tasks = ops.amx_tasks()
-        dot = chunkattn.attention(q, cache, batch, 0, backend="cpu")
-        assert ops.amx_tasks() == tasks
-    finally:
-        assert ops.set_amx(True) is True
+    amx, dot, ran = amx_and_dot(q, cache, batch, torch.ops.chunkattn_cpu.amx_tasks)
+    assert ran > 0, "no task took the AMX path"
     assert rel_err(amx, ref) <= REL_TOL[torch.bfloat16]
     assert rel_err(amx, dot) <= REL_TOL[torch.bfloat16] / 2  # both round the probabilities to bf16 the same way
 
@@ -297,7 +307,6 @@ def test_cpu_kernel_bf16_amx_wide_decode(head_dim, kv_heads, q_heads, chunk_size
     """bf16 decode tokens on AMX run every head at once (run_wide_amx: scores of several heads' rows in one tile
     from keys read in place, values as stored against even/odd probability pairs) for any GQA group up to 16:
     against the reference, and against the AVX512-BF16 wide task on the same plan."""
-    ops = torch.ops.chunkattn_cpu
     torch.manual_seed(head_dim * 3 + q_heads + private)
     cache, batch = shared_prompt_batch(batch=batch_size, shared=shared, private=private, chunk_size=chunk_size,
                                        head_dim=head_dim, kv_heads=kv_heads, dtype=torch.bfloat16, decode=True)
@@ -305,16 +314,8 @@ def test_cpu_kernel_bf16_amx_wide_decode(head_dim, kv_heads, q_heads, chunk_size
     assert ws.num_wide_tasks >= batch_size, ws
     q = torch.randn(batch.num_new_tokens, q_heads, head_dim).to(torch.bfloat16)
     ref = chunkattn.attention(q, cache, batch, 0, backend="reference")
-    tasks = ops.amx_wide_tasks()
-    amx = chunkattn.attention(q, cache, batch, 0, backend="cpu")
-    assert ops.amx_wide_tasks() >= tasks + batch_size, "a decode token did not take the AMX wide task"
-    try:
-        assert ops.set_amx(False) is False
-        tasks = ops.amx_wide_tasks()
-        dot = chunkattn.attention(q, cache, batch, 0, backend="cpu")
-        assert ops.amx_wide_tasks() == tasks
-    finally:
-        assert ops.set_amx(True) is True
+    amx, dot, ran = amx_and_dot(q, cache, batch, torch.ops.chunkattn_cpu.amx_wide_tasks)
+    assert ran >= batch_size, "a decode token did not take the AMX wide task"
     assert torch.isfinite(amx.float()).all()
     assert rel_err(amx, ref) <= REL_TOL[torch.bfloat16]
     assert rel_err(amx, dot) <= REL_TOL[torch.bfloat16] / 2

@@ -1487,14 +1487,6 @@ inline std::pair<int64_t, int64_t> tile_heads(const Layout& L, int64_t j) {
   return {16 * j / L.group, std::min(L.hkv - 1, (16 * j + 15) / L.group)};
 }
 
-// bf16 rounding of positive finite floats, kept in the upper half of each word (the lower half zero).
-inline __m512i round_bf16_hi(v16 x) {
-  const __m512i b = _mm512_castps_si512((__m512)x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
-  return _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
-}
-
 void run_wide_amx(const Layout& L, const Plan& P, int64_t task, const c10::BFloat16* q, const c10::BFloat16* k,
                   const c10::BFloat16* v, c10::BFloat16* out, float* lse, float* o_part, float* ml_part,
                   Scratch& ws) {
@@ -1589,10 +1581,9 @@ void run_wide_amx(const Layout& L, const Plan& P, int64_t task, const c10::BFloa
           uint32_t* we = wp + 2 * rr * pld + 16 * j * 16;
           uint32_t* wo = we + pld;
 #pragma GCC unroll 16
-          for (int c = 0; c < 16; ++c) {
-            const __m512i w = round_bf16_hi(e[c]);
-            _mm512_storeu_si512(wo + c * 16, w);
-            _mm512_storeu_si512(we + c * 16, _mm512_srli_epi32(w, 16));
+          for (int c = 0; c < 16; ++c) {  // words (p, 0) for the even dims, (0, p) for the odd
+            _mm512_storeu_si512(we + c * 16, interleave_bf16((__m512)e[c], _mm512_setzero_ps()));
+            _mm512_storeu_si512(wo + c * 16, interleave_bf16(_mm512_setzero_ps(), (__m512)e[c]));
           }
         }
         return sum;
