@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -156,6 +157,10 @@ def machine() -> dict[str, Any]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                            if line.startswith("model name"))
+        for key, field in (("cpu_family", "cpu family"), ("cpu_model_number", "model")):  # Zen 4 / Zen 5: 25 / 26
+            found = re.search(rf"^{field}\s*:\s*(\d+)\s*$", cpuinfo, re.M)
+            if found:
+                info[key] = int(found.group(1))
         flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split()
         info["avx512_bf16"] = "avx512_bf16" in flags
         info["amx_bf16"] = "amx_bf16" in flags

@@ -40,6 +40,10 @@ def test_info_reports_the_paths_that_run(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert "features:" in text and "attention:" in text and data["cpu"]["model"] in text
+    if platform.machine() in ("x86_64", "AMD64"):  # family and model number tell generations apart (Zen 4 / 5)
+        c = data["cpu"]
+        assert c["family"] >= 6 and c["model_number"] >= 0
+        assert f"family {c['family']} model {c['model_number']}" in text
 
 
 def _memory_of(env_update: dict[str, str | None]) -> dict:

@@ -20,8 +20,10 @@ FEATURES = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_fp16", "a
 
 
 def cpu() -> dict[str, Any]:
-    """The CPU model, its logical CPUs (and those this process may use) and which of :data:`FEATURES` it has."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """The CPU model, its logical CPUs (and those this process may use) and which of :data:`FEATURES` it has; on x86
+    also its family and model numbers, which tell CPU generations apart where a VM names only the brand ("AMD
+    EPYC": family 25 is Zen 3 / Zen 4, 26 is Zen 5)."""
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
@@ -29,11 +31,15 @@ def cpu() -> dict[str, Any]:
         model = found.group(1).strip() if found else model
         line = re.search(r"^(flags|Features)\s*:\s*(.+)$", text, re.M)
         flags = set(line.group(2).split()) if line else set()
+        for key, name in (("family", "cpu family"), ("model_number", "model")):
+            found = re.search(rf"^{name}\s*:\s*(\d+)\s*$", text, re.M)
+            if found:
+                ids[key] = int(found.group(1))
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"model": model, "arch": platform.machine(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
-            "features": [f for f in FEATURES if f in flags]}
+    return {"model": model, "arch": platform.machine(), **ids, "logical_cpus": os.cpu_count(),
+            "usable_cpus": usable, "features": [f for f in FEATURES if f in flags]}
 
 
 def onednn_version() -> str | None:
@@ -91,10 +97,11 @@ def memory() -> dict[str, Any]:
 
 def format_info(data: dict[str, Any]) -> str:
     c = data["cpu"]
+    ids = f", family {c['family']} model {c['model_number']}" if "family" in c and "model_number" in c else ""
     lines = [f"chunkattn {data['chunkattn']}  (python {data['python']}, torch {data['torch']}, "
              f"oneDNN {data['onednn'] or 'none'})",
-             f"cpu:      {c['model']} ({c['arch']}), {c['usable_cpus']} of {c['logical_cpus']} logical CPUs usable, "
-             f"torch threads {data['torch_threads']}",
+             f"cpu:      {c['model']} ({c['arch']}{ids}), {c['usable_cpus']} of {c['logical_cpus']} logical CPUs "
+             f"usable, torch threads {data['torch_threads']}",
              f"features: {' '.join(c['features']) or 'none of ' + ', '.join(FEATURES)}"]
     lines += [f"{k + ':':<17} {v}" for k, v in data["paths"].items()]
     m = data.get("memory", {})

@@ -75,6 +75,7 @@ struct Scratch {
   // wide AMX tasks (run_wide_amx): queries as B tiles, probabilities as A tiles, gathered rows, blocks of keys
   line_vector<uint32_t> wq, wp;
   line_vector<c10::BFloat16> wg;
+  std::vector<int64_t> rows;  // a wide task's key rows (run_wide)
   int64_t krow[kKeyBlock];  // storage row of each key of the current block
   int64_t kpos[kKeyBlock];  // its position in the sequence (private tasks: causal masks)
   void reserve(int64_t rows, int64_t d) {
@@ -1028,6 +1029,66 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
 
 // One block of keys for every head of one token (a "wide" task): ws rows are the query heads. A key's K (and
 // V) for all heads is one contiguous row of storage, read once, in order.
+// Ask for a key's K and V bytes (one head's: d, or a wide task's every head) as the key joins its block, so that
+// the whole block's rows are in flight before its tile loads and dot products wait on them one by one. In an
+// engine step the linears between two layers' attention evict the K/V, and the kernel then stalled on memory:
+// 32 sequences after a 1K-token prompt, 30 layers in turn, bf16 on a 2-core Xeon with AMX: 391 -> 317 us a
+// layer (how far ahead made no difference: 0 to 512 keys).
+std::atomic<bool> g_prefetch{true};  // chunkattn_cpu.set_prefetch: off for A/B runs
+
+template <typename T>
+inline void prefetch_row(const T* k, const T* v, int64_t row, int64_t row_stride, int64_t n) {
+  if (!g_prefetch.load(std::memory_order_relaxed)) return;
+  const int64_t bytes = n * (int64_t)sizeof(T);
+  const uintptr_t kr = reinterpret_cast<uintptr_t>(k + row * row_stride);
+  const uintptr_t vr = reinterpret_cast<uintptr_t>(v + row * row_stride);
+  // every 64-byte line the n elements touch, from the line the row starts in
+  for (uintptr_t b = kr & ~uintptr_t{63}; b < kr + bytes; b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
+  for (uintptr_t b = vr & ~uintptr_t{63}; b < vr + bytes; b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
+}
+
+// The K and V lines of a list of rows, asked for a few at a time (step) from inside the loops of the block before
+// them, into L2 (prefetcht1), so that memory streams while that block computes. Asking for a block's lines all at
+// once as its keys join (prefetch_row) stalls the core until most have arrived (it holds a few dozen misses in
+// flight; a wide block of the Llama-3.2-1B heads is 512 lines in bf16), so fetching and arithmetic took turns:
+// on the 2-core AMD EPYC (Zen 4) VM, 32 sequences of 1024 own keys took the sum of their in-cache time and their
+// memory time. Spread and into L2, wide tasks of GQA groups >= 2 out of cache took 0.67-0.79x the time (1B heads
+// bf16 / fp32, 16 / 32 K/V heads of 64, SmolLM2's 3 at 64 sequences); into L1 (prefetcht0) they gained little,
+// and where one head per group leaves the task streaming at the memory's rate (32 / 32 heads at d = 128) the
+// spread prefetch cost ~10%: those ask as each block starts, as before.
+struct LineFeed {
+  const char *k = nullptr, *v = nullptr;
+  const int64_t* rows = nullptr;
+  int64_t n = 0, stride = 0, bytes = 0;  // rows, the bytes between rows, the bytes read of each
+  int64_t r = 0, line = 0, lines = 0, per_step = 0;
+  template <typename T>
+  void start(const T* k_, const T* v_, const int64_t* rows_, int64_t n_, int64_t kv_row, int64_t used, int64_t steps) {
+    k = reinterpret_cast<const char*>(k_);
+    v = reinterpret_cast<const char*>(v_);
+    rows = rows_;
+    n = g_prefetch.load(std::memory_order_relaxed) ? n_ : 0;
+    stride = kv_row * (int64_t)sizeof(T);
+    bytes = used * (int64_t)sizeof(T);
+    r = line = 0;
+    lines = (bytes + 63) / 64 + 1;  // a row not starting on a line touches one more
+    per_step = (n * lines + steps - 1) / std::max<int64_t>(1, steps);
+  }
+  void step() {
+    for (int64_t i = 0; i < per_step && r < n; ++i) {
+      const uintptr_t kr = reinterpret_cast<uintptr_t>(k + rows[r] * stride);
+      const uintptr_t vr = reinterpret_cast<uintptr_t>(v + rows[r] * stride);
+      __builtin_prefetch(reinterpret_cast<const void*>((kr & ~uintptr_t{63}) + 64 * line), 0, 2);
+      __builtin_prefetch(reinterpret_cast<const void*>((vr & ~uintptr_t{63}) + 64 * line), 0, 2);
+      if (++line == lines) {
+        line = 0;
+        ++r;
+      }
+    }
+  }
+};
+
 template <typename T>
 void attend_block_wide(const Layout& L, const T* k, const T* v, int64_t nk, Scratch& ws) {
   const int64_t d = L.d, g = L.group, hq = L.hq, kbp = kKeyBlock;
@@ -1073,7 +1134,7 @@ void attend_block_wide(const Layout& L, const T* k, const T* v, int64_t nk, Scra
 // interleaved into bf16 pairs once and multiplied by the G query heads of the group (their probabilities as bf16
 // pairs in ws.pb, as the shared path), G x DV accumulators in registers (G = 4 only at d = 64: 16 of them).
 template <int DV, int G>
-inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Scratch& ws) {
+inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Scratch& ws, LineFeed& feed) {
   constexpr int64_t d = 16 * DV, kbp2 = kKeyBlock / 2;
   static_assert(DV % 2 == 0, "pairs of 16-dim blocks");
   const uint32_t* pb = reinterpret_cast<const uint32_t*>(ws.pb.data());
@@ -1098,8 +1159,10 @@ inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Sc
         }
       }
     }
-    for (int j = 0; j < G; ++j)
+    for (int j = 0; j < G; ++j) {
       for (int x = 0; x < DV; ++x) _mm512_storeu_ps(acc + j * d + 16 * x, a[j][x]);
+      feed.step();
+    }
   }
 }
 #endif
@@ -1123,7 +1186,7 @@ inline void wide_scores(int64_t nk, float scale, float* si, Dot dot) {
 // accumulator traffic through memory. The block is short (kWideBlock keys) so that its rows stay in L2 while
 // every head passes over them.
 template <int DV, typename T>
-void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk, Scratch& ws) {
+void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk, Scratch& ws, LineFeed& feed) {
   constexpr int64_t d = 16 * DV, kbp = kKeyBlock;
   const int64_t g = L.group, hq = L.hq;
   float* s = ws.s.data();
@@ -1147,6 +1210,7 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
             a = _mm512_dpbf16_ps(a, as_bh(qv[x]), as_bh(_mm512_loadu_si512(kr + 32 * x)));
           return (v16)a;
         });
+        feed.step();
       }
     }
   } else
@@ -1165,6 +1229,7 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
           for (int x = 1; x < DV; ++x) a += qv[x] * load(kr + 16 * x);
           return a;
         });
+        feed.step();
       }
     }
   }
@@ -1175,10 +1240,10 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
       const int64_t used = update_softmax(L, hq, nk, ws, true);  // also the probabilities as bf16 pairs
       if (!used) return;
       switch (g) {
-        case 1: return pv_wide_bf16<DV, 1>(L, v, used, ws);
-        case 2: return pv_wide_bf16<DV, 2>(L, v, used, ws);
-        case 3: return pv_wide_bf16<DV, 3>(L, v, used, ws);
-        default: return pv_wide_bf16<4, 4>(L, v, used, ws);
+        case 1: return pv_wide_bf16<DV, 1>(L, v, used, ws, feed);
+        case 2: return pv_wide_bf16<DV, 2>(L, v, used, ws, feed);
+        case 3: return pv_wide_bf16<DV, 3>(L, v, used, ws, feed);
+        default: return pv_wide_bf16<4, 4>(L, v, used, ws, feed);
       }
     }
   }
@@ -1199,6 +1264,7 @@ void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk
       }
 #pragma GCC unroll 16
       for (int x = 0; x < DV; ++x) store(acc + i * d + 16 * x, a[x]);
+      feed.step();
     }
   }
 }
@@ -1281,26 +1347,6 @@ struct Plan {
   const int64_t *st_fused_begin, *st_fused_end;
   int64_t num_private, num_shared, num_wide, num_rows;
 };
-
-// Ask for a key's K and V bytes (one head's: d, or a wide task's every head) as the key joins its block, so that
-// the whole block's rows are in flight before its tile loads and dot products wait on them one by one. In an
-// engine step the linears between two layers' attention evict the K/V, and the kernel then stalled on memory:
-// 32 sequences after a 1K-token prompt, 30 layers in turn, bf16 on a 2-core Xeon with AMX: 391 -> 317 us a
-// layer (how far ahead made no difference: 0 to 512 keys).
-std::atomic<bool> g_prefetch{true};  // chunkattn_cpu.set_prefetch: off for A/B runs
-
-template <typename T>
-inline void prefetch_row(const T* k, const T* v, int64_t row, int64_t row_stride, int64_t n) {
-  if (!g_prefetch.load(std::memory_order_relaxed)) return;
-  const int64_t bytes = n * (int64_t)sizeof(T);
-  const uintptr_t kr = reinterpret_cast<uintptr_t>(k + row * row_stride);
-  const uintptr_t vr = reinterpret_cast<uintptr_t>(v + row * row_stride);
-  // every 64-byte line the n elements touch, from the line the row starts in
-  for (uintptr_t b = kr & ~uintptr_t{63}; b < kr + bytes; b += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
-  for (uintptr_t b = vr & ~uintptr_t{63}; b < vr + bytes; b += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
-}
 
 // Private task `task`'s keys (its sequence's own chunks, causal) into the running state of a task whose rows are
 // `rows` (tokens x group); the private task's tokens are the task's rows a0 * g .. (a0 + n) * g - 1, and every
@@ -1682,28 +1728,30 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
   std::fill(ws.acc.begin(), ws.acc.begin() + hq * d, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + hq, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + hq, 0.f);
-  auto wide_block = [&](int64_t n) {
-    switch (d) {
-      case 64: return attend_block_wide_fixed<4>(L, k, v, n, ws);
-      case 128: return attend_block_wide_fixed<8>(L, k, v, n, ws);
-      default: return attend_block_wide(L, k, v, n, ws);
-    }
-  };
-  const int64_t block = d == 64 || d == 128 ? kWideBlock : kKeyBlock;
-  int64_t nk = 0;
+  // the task's key rows in order; the first block's lines asked for at once, each later block's spread over the
+  // block before it (LineFeed) for GQA groups >= 2 at d = 64, 128; other tasks ask as each block starts
+  ws.rows.clear();
   for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
     const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
     const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
-    for (int64_t t = 0; t < len; ++t) {
-      prefetch_row(k, v, kv0 + t, L.kv_row, L.hkv * d);
-      ws.krow[nk] = kv0 + t;
-      if (++nk == block) {
-        wide_block(nk);
-        nk = 0;
-      }
+    for (int64_t t = 0; t < len; ++t) ws.rows.push_back(kv0 + t);
+  }
+  const bool fixed = d == 64 || d == 128, fed = fixed && L.group >= 2;
+  const int64_t block = fixed ? kWideBlock : kKeyBlock, n = ws.rows.size(), used = L.hkv * d;
+  LineFeed feed;
+  for (int64_t b = 0; b < n; b += block) {
+    const int64_t nk = std::min(block, n - b);
+    if (b == 0 || !fed)
+      for (int64_t t = 0; t < nk; ++t) prefetch_row(k, v, ws.rows[b + t], L.kv_row, used);
+    std::copy(ws.rows.begin() + b, ws.rows.begin() + b + nk, ws.krow);
+    const int64_t next = fed ? std::min(block, std::max<int64_t>(0, n - b - block)) : 0;
+    feed.start(k, v, next ? ws.rows.data() + b + block : nullptr, next, L.kv_row, used, 2 * hq);
+    switch (d) {
+      case 64: attend_block_wide_fixed<4>(L, k, v, nk, ws, feed); break;
+      case 128: attend_block_wide_fixed<8>(L, k, v, nk, ws, feed); break;
+      default: attend_block_wide(L, k, v, nk, ws);
     }
   }
-  if (nk) wide_block(nk);
   const int64_t slot = P.wt_slot[task];
   for (int64_t i = 0; i < hq; ++i) {
     const float* acc = ws.acc.data() + i * d;
