@@ -1728,29 +1728,47 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
   std::fill(ws.acc.begin(), ws.acc.begin() + hq * d, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + hq, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + hq, 0.f);
-  // the task's key rows in order; the first block's lines asked for at once, each later block's spread over the
-  // block before it (LineFeed) for GQA groups >= 2 at d = 64, 128; other tasks ask as each block starts
-  ws.rows.clear();
-  for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
-    const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
-    const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
-    for (int64_t t = 0; t < len; ++t) ws.rows.push_back(kv0 + t);
-  }
-  const bool fixed = d == 64 || d == 128, fed = fixed && L.group >= 2;
-  const int64_t block = fixed ? kWideBlock : kKeyBlock, n = ws.rows.size(), used = L.hkv * d;
-  LineFeed feed;
-  for (int64_t b = 0; b < n; b += block) {
-    const int64_t nk = std::min(block, n - b);
-    if (b == 0 || !fed)
-      for (int64_t t = 0; t < nk; ++t) prefetch_row(k, v, ws.rows[b + t], L.kv_row, used);
-    std::copy(ws.rows.begin() + b, ws.rows.begin() + b + nk, ws.krow);
-    const int64_t next = fed ? std::min(block, std::max<int64_t>(0, n - b - block)) : 0;
-    feed.start(k, v, next ? ws.rows.data() + b + block : nullptr, next, L.kv_row, used, 2 * hq);
+  const bool fixed = d == 64 || d == 128;
+  const int64_t block = fixed ? kWideBlock : kKeyBlock, used = L.hkv * d;
+  LineFeed feed;  // GQA groups >= 2 at d = 64, 128: each block's lines asked for during the block before it
+  auto wide_block = [&](int64_t nk) {
     switch (d) {
-      case 64: attend_block_wide_fixed<4>(L, k, v, nk, ws, feed); break;
-      case 128: attend_block_wide_fixed<8>(L, k, v, nk, ws, feed); break;
-      default: attend_block_wide(L, k, v, nk, ws);
+      case 64: return attend_block_wide_fixed<4>(L, k, v, nk, ws, feed);
+      case 128: return attend_block_wide_fixed<8>(L, k, v, nk, ws, feed);
+      default: return attend_block_wide(L, k, v, nk, ws);
     }
+  };
+  if (fixed && L.group >= 2) {
+    ws.rows.clear();  // the task's key rows in order
+    for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
+      const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
+      const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
+      for (int64_t t = 0; t < len; ++t) ws.rows.push_back(kv0 + t);
+    }
+    const int64_t n = ws.rows.size();
+    for (int64_t b = 0; b < n; b += block) {
+      const int64_t nk = std::min(block, n - b), next = std::min(block, std::max<int64_t>(0, n - b - block));
+      if (b == 0)  // the first block's lines at once
+        for (int64_t t = 0; t < nk; ++t) prefetch_row(k, v, ws.rows[t], L.kv_row, used);
+      std::copy(ws.rows.begin() + b, ws.rows.begin() + b + nk, ws.krow);
+      feed.start(k, v, next ? ws.rows.data() + b + block : nullptr, next, L.kv_row, used, 2 * hq);
+      wide_block(nk);
+    }
+  } else {  // each block's lines asked for as its keys join
+    int64_t nk = 0;
+    for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
+      const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
+      const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
+      for (int64_t t = 0; t < len; ++t) {
+        prefetch_row(k, v, kv0 + t, L.kv_row, used);
+        ws.krow[nk] = kv0 + t;
+        if (++nk == block) {
+          wide_block(nk);
+          nk = 0;
+        }
+      }
+    }
+    if (nk) wide_block(nk);
   }
   const int64_t slot = P.wt_slot[task];
   for (int64_t i = 0; i < hq; ++i) {
