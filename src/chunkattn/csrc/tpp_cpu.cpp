@@ -1027,8 +1027,6 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
   accumulate(L, rows, v, used, ws);
 }
 
-// One block of keys for every head of one token (a "wide" task): ws rows are the query heads. A key's K (and
-// V) for all heads is one contiguous row of storage, read once, in order.
 // Ask for a key's K and V bytes (one head's: d, or a wide task's every head) as the key joins its block, so that
 // the whole block's rows are in flight before its tile loads and dot products wait on them one by one. In an
 // engine step the linears between two layers' attention evict the K/V, and the kernel then stalled on memory:
@@ -1054,10 +1052,10 @@ inline void prefetch_row(const T* k, const T* v, int64_t row, int64_t row_stride
 // once as its keys join (prefetch_row) stalls the core until most have arrived (it holds a few dozen misses in
 // flight; a wide block of the Llama-3.2-1B heads is 512 lines in bf16), so fetching and arithmetic took turns:
 // on the 2-core AMD EPYC (Zen 4) VM, 32 sequences of 1024 own keys took the sum of their in-cache time and their
-// memory time. Spread and into L2, wide tasks of GQA groups >= 2 out of cache took 0.67-0.79x the time (1B heads
-// bf16 / fp32, 16 / 32 K/V heads of 64, SmolLM2's 3 at 64 sequences); into L1 (prefetcht0) they gained little,
-// and where one head per group leaves the task streaming at the memory's rate (32 / 32 heads at d = 128) the
-// spread prefetch cost ~10%: those ask as each block starts, as before.
+// memory time. Spread and into L2, wide tasks of GQA groups >= 2 out of cache took 0.56-0.64x the time (32 / 8
+// and 32 / 16 heads of 64, SmolLM2's 9 / 3 at 64 sequences; bf16 and fp32; results/ab-revs-2026-12-06-zen4-
+// linefeed.json); into L1 (prefetcht0) they gained little. Where one head per group leaves the task streaming at
+// the memory's rate (32 / 32 heads at d = 128) the feed cost ~10%: those tasks ask as each key joins its block.
 struct LineFeed {
   const char *k = nullptr, *v = nullptr;
   const int64_t* rows = nullptr;
@@ -1072,7 +1070,8 @@ struct LineFeed {
     stride = kv_row * (int64_t)sizeof(T);
     bytes = used * (int64_t)sizeof(T);
     r = line = 0;
-    lines = (bytes + 63) / 64 + 1;  // a row not starting on a line touches one more
+    const bool aligned = ((reinterpret_cast<uintptr_t>(k_) | reinterpret_cast<uintptr_t>(v_) | stride) & 63) == 0;
+    lines = (bytes + 63) / 64 + (aligned ? 0 : 1);  // a row not starting on a line touches one more
     per_step = (n * lines + steps - 1) / std::max<int64_t>(1, steps);
   }
   void step() {
@@ -1089,6 +1088,8 @@ struct LineFeed {
   }
 };
 
+// One block of keys for every head of one token (a "wide" task): ws rows are the query heads. A key's K (and
+// V) for all heads is one contiguous row of storage, read once, in order.
 template <typename T>
 void attend_block_wide(const Layout& L, const T* k, const T* v, int64_t nk, Scratch& ws) {
   const int64_t d = L.d, g = L.group, hq = L.hq, kbp = kKeyBlock;
