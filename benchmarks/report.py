@@ -865,16 +865,16 @@ def machine_label(name: str, d: Json, vm: str = "") -> str:
     from the run notes where they name the machine, else from the file."""
     m = d.get("machine")
     cpu = (d.get("system") or d.get("system_info") or {}).get("cpu", {})
-    if isinstance(m, dict) and name not in RUN_NOTES_MACHINE:
-        model, amx = cpu_short(m["cpu"]), bool(m.get("amx_bf16"))
-        model += amd_generation(model, m.get("cpu_family"), bool(m.get("avx512_bf16")))
-    elif cpu.get("features") and name not in RUN_NOTES_MACHINE:
-        model, amx = cpu_short(cpu["model"]), "amx_bf16" in cpu["features"]
-        model += amd_generation(model, cpu.get("family"), "avx512_bf16" in cpu["features"])
-    else:
+    if name in RUN_NOTES_MACHINE or not (isinstance(m, dict) or cpu.get("features")):
         note = RUN_NOTES_MACHINE[name]  # "<CPU> with AMX" or "<CPU> without AMX"
         amx = not note.endswith(" without AMX")
         model = note.removesuffix(" without AMX").removesuffix(" with AMX")
+    elif isinstance(m, dict):
+        model, amx = cpu_short(m["cpu"]), bool(m.get("amx_bf16"))
+        model += amd_generation(model, m.get("cpu_family"), bool(m.get("avx512_bf16")))
+    else:
+        model, amx = cpu_short(cpu["model"]), "amx_bf16" in cpu["features"]
+        model += amd_generation(model, cpu.get("family"), "avx512_bf16" in cpu["features"])
     return f"{vm + ' ' if vm else ''}{model}{' VM' if vm else ''} {'with' if amx else 'without'} AMX"
 
 

@@ -1739,13 +1739,15 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
       default: return attend_block_wide(L, k, v, nk, ws);
     }
   };
-  if (fixed && L.group >= 2) {
-    ws.rows.clear();  // the task's key rows in order
+  auto for_each_key = [&](auto&& fn) {  // the storage row of each key the token sees, in order
     for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
-      const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
-      const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
-      for (int64_t t = 0; t < len; ++t) ws.rows.push_back(kv0 + t);
+      const int64_t kv0 = P.private_kv_begin[c], len = std::min(P.private_len[c], pos - P.private_pos[c] + 1);
+      for (int64_t t = 0; t < len; ++t) fn(kv0 + t);
     }
+  };
+  if (fixed && L.group >= 2) {
+    ws.rows.clear();
+    for_each_key([&](int64_t row) { ws.rows.push_back(row); });
     const int64_t n = ws.rows.size();
     for (int64_t b = 0; b < n; b += block) {
       const int64_t nk = std::min(block, n - b), next = std::min(block, std::max<int64_t>(0, n - b - block));
@@ -1757,18 +1759,14 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
     }
   } else {  // each block's lines asked for as its keys join
     int64_t nk = 0;
-    for (int64_t c = P.wt_chunk_begin[task]; c < P.wt_chunk_end[task]; ++c) {
-      const int64_t pos0 = P.private_pos[c], kv0 = P.private_kv_begin[c];
-      const int64_t len = std::min(P.private_len[c], pos - pos0 + 1);
-      for (int64_t t = 0; t < len; ++t) {
-        prefetch_row(k, v, kv0 + t, L.kv_row, used);
-        ws.krow[nk] = kv0 + t;
-        if (++nk == block) {
-          wide_block(nk);
-          nk = 0;
-        }
+    for_each_key([&](int64_t row) {
+      prefetch_row(k, v, row, L.kv_row, used);
+      ws.krow[nk] = row;
+      if (++nk == block) {
+        wide_block(nk);
+        nk = 0;
       }
-    }
+    });
     if (nk) wide_block(nk);
   }
   const int64_t slot = P.wt_slot[task];
