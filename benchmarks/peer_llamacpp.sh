@@ -8,8 +8,10 @@
 #   setup   llama-server and llama-bench built from the llama.cpp source vendored in the llama-cpp-python sdist
 #           (pip download --no-binary; cmake + ninja, -DGGML_NATIVE=ON, Release), under $PEER_DIR/llamacpp; skipped
 #           when the binaries are there (~15 min on 2 cores)
-#   bench   llama-bench -p 512 -n 128 -t 2 -r 3 and single_stream.py (bf16 with the Q4_1 blocks kept, bf16 and fp32
-#           dequantized) on $GGUF
+#   bench   llama-bench -p 512 -n 128 -d 0,512 -t 2 -r 3 and single_stream.py (bf16 with the Q4_1 blocks kept, bf16
+#           and fp32 dequantized) on $GGUF. single_stream.py decodes its 128 tokens after its 512-token prompt, so
+#           its tg128 compares with llama-bench's "tg128@d512" (128 generated after 512 in the context); llama-bench's
+#           "tg128" starts from an empty context
 #   serve   the shared-prompt workload (32 requests on one 1024-token system prompt + 64 own, 64 out, all at once)
 #           against llama-server (-np 32 -kvu -t 2 -c 32 x 1280) and chunkattn serve, one after the other
 #
@@ -56,7 +58,8 @@ setup() {
 bench() {
     mkdir -p "$SCRATCH"
     log "llama-bench on $GGUF (repack $LLAMA_REPACK)"
-    "$BIN/llama-bench" -m "$GGUF" -t 2 -p 512 -n 128 -r 3 --repack "$LLAMA_REPACK" -o json >"$SCRATCH/llama-bench.json"
+    "$BIN/llama-bench" -m "$GGUF" -t 2 -p 512 -n 128 -d 0,512 -r 3 --repack "$LLAMA_REPACK" -o json \
+        >"$SCRATCH/llama-bench.json"
     # bf16 with the file's Q4_1 / Q8_0 blocks kept as stored, bf16 and fp32 dequantized at load
     for run in bfloat16:auto bfloat16:none float32:none; do
         local dtype=${run%%:*} quant=${run##*:}
@@ -114,7 +117,8 @@ out = {"date": time.strftime("%Y-%m-%d"), "gguf": os.environ["GGUF"], "llama_rep
 lb = d / "llama-bench.json"
 if lb.exists():
     for r in json.loads(lb.read_text()):
-        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        test = (f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}") + \
+            (f"@d{r['n_depth']}" if r.get("n_depth") else "")
         out["rows"][f"llama-bench {test}"] = {"tokens_per_s": round(r["avg_ts"], 1), "stddev": round(r["stddev_ts"], 1),
                                               "model_type": r.get("model_type"), "build": r.get("build_commit")}
 for p in sorted(d.glob("chunkattn-single-*.json")):

@@ -478,10 +478,15 @@ def table_quant_accuracy(files: list[tuple[str, Json]]) -> list[str]:
 def table_single_stream(files: list[tuple[str, Json]]) -> list[str]:
     (_name, d), = files
     base = d["rows"][0]
-    rows = [[r["dtype"], r["quantization"], f"{r['pp_tokens_per_s']:.1f}", f"{r['tg_tokens_per_s']:.1f}",
-             x(r["tg_tokens_per_s"] / base["tg_tokens_per_s"])] for r in d["rows"]]
-    return table(["dtype", "quantization", f"prefill {base['prompt']} tok/s", f"generate {base['gen']} tok/s",
-                  "generation vs first row"], rows)
+    # a before / after file: its rows differ in commit or prompt length, shown as leading columns
+    lead = [k for k in ("commit", "prompt") if len({r.get(k) for r in d["rows"]}) > 1]
+    same_prompt = "prompt" not in lead
+    rows = [[*(str(r[k]) for k in lead), r["dtype"], r["quantization"], f"{r['pp_tokens_per_s']:.1f}",
+             f"{r['tg_tokens_per_s']:.1f}", *([x(r["tg_tokens_per_s"] / base["tg_tokens_per_s"])] if same_prompt
+                                             else [])] for r in d["rows"]]
+    prefill = f"prefill {base['prompt']} tok/s" if same_prompt else "prefill tok/s"
+    return table([*lead, "dtype", "quantization", prefill, f"generate {base['gen']} tok/s",
+                  *(["generation vs first row"] if same_prompt else [])], rows)
 
 
 def table_cluster(files: list[tuple[str, Json]]) -> list[str]:
