@@ -276,8 +276,8 @@ inline __m512 lane_sums(const __m512 (&y)[4]) {
 
 // panel_q4_direct for one row of x (a single sequence decoding), with fewer and cheaper operations: a 64-byte load
 // is four tile rows, one per 128-bit lane, and unpacking its bytes (and its bytes shifted right by 4) to words
-// within each lane gives 4 vectors of 128 + q (after the same vpternlog) whose dword i in lane L is column
-// 4q' + i's pair at tile row 4g + L; x's four pairs of those rows face them, one per lane. The sums stay in that
+// within each lane gives 4 vectors u[0..3] of 128 + q (after the same vpternlog): dword i of u[n]'s lane L holds
+// column 4n + i's pair at tile row 4g + L, and x's pair of that row faces it (one pair per lane). The sums stay in that
 // layout (each lane's partial times its columns' scales) until the panel ends. 14 operations per 128 weights
 // and no cross-lane shuffle, against panel_q4_direct's 20 (its widening vpmovzxbw and vpsrlvw were the limit on
 // Zen 4: one SmolLM2 gate/up panel set 0.6 vs 0.96 ns per 32 weights out of L2).
