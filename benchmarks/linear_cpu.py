@@ -6,8 +6,9 @@ cache. Every layout is made from the same weights and timed alternately, ``--rep
 line per row count and writes JSON.
 
 * ``--dtype float32``: chunkattn's float32 panels (AVX-512) vs oneDNN's packed product;
-* ``--dtype bfloat16``: what ``Linear`` runs (the AMX tile panels up to ``Linear.amx_max_rows()`` rows on CPUs with
-  AMX, F.linear above; oneDNN's packed product elsewhere) vs oneDNN's packed product vs torch's own
+* ``--dtype bfloat16``: what ``Linear`` runs (the bf16 panels: on AMX tiles up to ``Linear.panel_max_rows()`` rows,
+  F.linear above; by AVX512-BF16 dot products at every row count on CPUs without AMX; oneDNN's packed product on
+  CPUs with neither) vs oneDNN's packed product vs torch's own
   ``F.linear`` on the dense weights; ``--quantization q8_0 q4_0 ...`` adds the same weights block-quantized
   (``chunkattn.model.quant``: what ``--quantization`` loads), each as a row "<type>".
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -118,8 +119,8 @@ def packed_kind(dtype: torch.dtype) -> str:
     """The layout Linear.prepack picks for a CPU weight of this dtype on this machine."""
     if dtype == torch.float32 and native.linear_supported():
         return "panels"
-    if dtype == torch.bfloat16 and native.amx_linear_supported():
-        return "amx"
+    if dtype == torch.bfloat16 and native.bf16_panels_supported():
+        return "bf16-panels"
     return "onednn"
 
 
@@ -329,20 +330,20 @@ def test_a_new_family_is_one_registration(tmp_path):
         _FAMILIES.pop("toyllama")
 
 
-needs_amx = pytest.mark.skipif(not native.amx_linear_supported(),
-                               reason="needs a CPU with AMX (amx_bf16) and a kernel that grants tile state")
+needs_bf16_panels = pytest.mark.skipif(not native.bf16_panels_supported(),
+                                       reason="needs a CPU with AMX tiles or AVX512-BF16 (the bf16 panel kernels)")
 
 
-@needs_amx
+@needs_bf16_panels
 @pytest.mark.parametrize("rows,fan_in,fan_out", [(1, 576, 960), (17, 40, 33), (33, 96, 64), (100, 1536, 576),
                                                  (3, 31, 1), (64, 64, 32), (50, 2048, 95), (129, 31, 33),
                                                  (200, 576, 2000), (150, 2048, 95)])
-def test_amx_linear_ops_against_float64(rows, fan_in, fan_out, two_threads):
-    """The bf16 AMX panel kernels alone: row counts off the 16-row tiles, K off the 32-deep steps (zero-padded
-    copies of x), N off the 32-column panels, bias; and the gate/up kernel's silu(gate) * up epilogue. Above 128
-    rows the panels go by groups through every pair of row tiles (n = 2000, K = 576, two threads: groups of 28
-    and 4 panels, and 28 and 3): each output the same tile products in the same order as at fewer rows, so
-    bit-equal to them."""
+def test_bf16_panel_linear_ops_against_float64(rows, fan_in, fan_out, two_threads):
+    """The bf16 panel kernels alone (on AMX tiles, else by vdpbf16ps): row counts off the 16-row tiles, K off the
+    32-deep steps (zero-padded copies of x), N off the 32-column panels, bias; and the gate/up kernel's
+    silu(gate) * up epilogue. Above 128 rows the AMX panels go by groups through every pair of row tiles
+    (n = 2000, K = 576, two threads: groups of 28 and 4 panels, and 28 and 3), the vdpbf16ps ones by 1 MB blocks
+    of x's rows: each output the same products in the same order as at fewer rows, so bit-equal to them."""
     ops = torch.ops.chunkattn_layers
     torch.manual_seed(rows + fan_in)
     x, w, b = (torch.randn(rows, fan_in).bfloat16(), torch.randn(fan_out, fan_in).bfloat16(),
@@ -364,8 +365,8 @@ def test_amx_linear_ops_against_float64(rows, fan_in, fan_out, two_threads):
         assert torch.equal(g, torch.cat(parts))
 
 
-@needs_amx
-def test_amx_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
+@needs_bf16_panels
+def test_bf16_panel_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
     from chunkattn.model.layers import GateUpLinear, Linear
 
     ops = torch.ops.chunkattn_layers
@@ -386,7 +387,11 @@ def test_amx_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
         ops.linear_amx(torch.randn(3, 64).bfloat16(), packed, 40, torch.randn(40))
     with pytest.raises(RuntimeError, match=r"\[gate; up\]"):
         ops.pack_gate_up_amx(torch.randn(7, 16).bfloat16())
-    # above amx_max_rows the layers use F.linear (oneDNN's large-matrix kernels): the same values either side
+    if not native.amx_linear_supported():  # vdpbf16ps: the panels at every row count, whatever K
+        monkeypatch.setattr(Linear, "AMX_ALL_ROWS_MAX_K", 32)
+        assert Linear(64, 40).panel_max_rows() == sys.maxsize
+        return
+    # above panel_max_rows the AMX layers use F.linear (oneDNN's large-matrix kernels): the same values either side
     monkeypatch.setattr(Linear, "AMX_ALL_ROWS_MAX_K", 32)  # K = 64 is then a long K
     monkeypatch.setattr(Linear, "AMX_MIN_ROWS_LIMIT", 8)
     monkeypatch.setattr(Linear, "AMX_BLOCK_BYTES", 8 * 2 * 64)  # 8 rows of K = 64
@@ -394,10 +399,10 @@ def test_amx_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
     lin, gate_up = Linear(64, 40, bias=True).bfloat16(), GateUpLinear(64, 24).bfloat16()
     for m in (lin, gate_up):
         torch.nn.init.normal_(m.weight, std=0.1)
-        assert m.prepack() and m.packed is not None and m.packed.kind == "amx"
+        assert m.prepack() and m.packed is not None and m.packed.kind == "bf16-panels"
     x = torch.randn(20, 64).bfloat16()
     with torch.inference_mode():
         for m in (lin, gate_up):
-            assert m.amx_max_rows() == 8
+            assert m.panel_max_rows() == 8
             small, large = m(x[:8]), m(x)  # 8 rows: the AMX panels; 20: F.linear
             assert rel(small.double(), large[:8].double()) < 1e-2

@@ -296,9 +296,10 @@ def test_many_rows_span_several_row_blocks(qtype, two_threads):
 
 
 @needs_kernel
-@pytest.mark.skipif(not HAS_AMX, reason="the AMX tile path needs a CPU with AMX (amx_tile, amx_bf16)")
-def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights(two_threads):
-    """Path 1 is linear_amx on the dequantized bf16 weight: the same tiles in the same order, bit for bit."""
+def test_dequantizing_path_equals_the_bf16_panel_linear_on_the_same_weights(two_threads):
+    """The dequantizing path (1, AMX tiles, where the CPU has them; else 2, vdpbf16ps) is linear_amx on the
+    dequantized bf16 weight: the same products in the same order, bit for bit."""
+    path = 1 if HAS_AMX else 2
     gen = torch.Generator().manual_seed(3)
     ops = torch.ops.chunkattn_layers
     # 20 rows: dequantized step by step beside the tiles; more: whole panels a group at a time, panel-major over
@@ -311,9 +312,9 @@ def test_tile_path_equals_the_bf16_amx_linear_on_the_same_weights(two_threads):
         b = quantize(w, qtype)
         x = torch.randn(rows, k, generator=gen).bfloat16()
         dense = b.dequantize().bfloat16()
-        y = QuantizedWeight.pack(b).linear(x, path=1)
+        y = QuantizedWeight.pack(b).linear(x, path=path)
         assert torch.equal(y, ops.linear_amx(x, ops.pack_linear_amx(dense), n, None))
-        y = QuantizedWeight.pack(b, gate_up=True).linear(x, path=1)
+        y = QuantizedWeight.pack(b, gate_up=True).linear(x, path=path)
         assert torch.equal(y, ops.linear_silu_mul_amx(x, ops.pack_gate_up_amx(dense), n // 2))
 
 
@@ -395,7 +396,7 @@ def test_quantize_at_load_keeps_embeddings_and_head_at_8_bits(qtype):
 def test_default_model_runs_as_stored_without_a_full_precision_copy():
     """The Q4_1 file with its blocks kept: ~92 MiB of weights (bf16: 257), each weight exactly the bf16 of
     GGUF's dequantization, the tied LM head sharing the Q8_0 embedding's pack, and prefill logits equal to the
-    dequantized bf16 model's (the same tile product on the same values)."""
+    dequantized bf16 model's (the same panel products on the same values)."""
     q = load_model(dtype=torch.bfloat16)  # quantization "auto"
     d = load_model(dtype=torch.bfloat16, quantization="none")
     sizes = weight_bytes(q.model)
@@ -410,18 +411,18 @@ def test_default_model_runs_as_stored_without_a_full_precision_copy():
     ids = torch.tensor(q.tokenizer.encode("The capital of France is"))
     emb_q, emb_d = q.model.model.embed_tokens(ids), d.model.model.embed_tokens(ids)
     assert torch.equal(emb_q.view(torch.int16), emb_d.view(torch.int16))
-    if HAS_AMX:
-        from chunkattn import PrefixKVCache
-        from chunkattn.attention import get_backend
+    from chunkattn import PrefixKVCache
+    from chunkattn.attention import get_backend
 
-        outs = []
-        for m in (q, d):
-            cfg = m.config
-            cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=16, max_tokens=256,
-                                  dtype=torch.bfloat16)
-            seq = cache.add_sequence(ids.tolist())
-            attn = get_backend("auto", cache)
-            attn.plan(cache.extend([seq], [ids.tolist()]))
-            # more rows than the direct path takes, so both multiply by tiles (linear_amx / path 1)
-            outs.append(m.model(ids, torch.arange(len(ids)), attn))
-        assert len(ids) > 4 and torch.equal(outs[0], outs[1])
+    outs = []
+    for m in (q, d):
+        cfg = m.config
+        cache = PrefixKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, chunk_size=16, max_tokens=256,
+                              dtype=torch.bfloat16)
+        seq = cache.add_sequence(ids.tolist())
+        attn = get_backend("auto", cache)
+        attn.plan(cache.extend([seq], [ids.tolist()]))
+        # more rows than the direct paths take, so both multiply by the bf16 panels (linear_amx / path 1 on AMX
+        # tiles; without AMX linear_amx's vdpbf16ps / path 2)
+        outs.append(m.model(ids, torch.arange(len(ids)), attn))
+    assert len(ids) > 4 and torch.equal(outs[0], outs[1])

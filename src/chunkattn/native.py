@@ -87,6 +87,17 @@ def available() -> bool:
 
 
 @functools.cache
+def bf16_panels_supported() -> bool:
+    """Whether ``chunkattn_layers.linear_amx`` runs here at all: on AMX tiles (:func:`amx_linear_supported`), else by
+    AVX512-BF16 dot products (``vdpbf16ps``) on the same packed panels (a build for a CPU with AVX512-BF16)."""
+    if not available():
+        return False
+    import torch
+
+    return bool(torch.ops.chunkattn_layers.bf16_panels_supported())
+
+
+@functools.cache
 def amx_linear_supported() -> bool:
     """Whether ``chunkattn_layers.linear_amx`` (bfloat16 products on AMX tiles from packed panels) runs here: built
     for a CPU with AMX (amx_tile, amx_bf16) and the OS granted the process the tile state."""

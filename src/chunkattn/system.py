@@ -62,7 +62,9 @@ def kernel_paths() -> dict[str, str]:
 
     bf16_linear = (f"chunkattn AMX panels (at every row count up to K = {Linear.AMX_ALL_ROWS_MAX_K}; with a longer "
                    f"K while x is within {Linear.AMX_BLOCK_BYTES >> 20} MB, at least {Linear.AMX_MIN_ROWS_LIMIT} "
-                   "rows, F.linear (oneDNN) above)" if native.amx_linear_supported() else "oneDNN packed")
+                   "rows, F.linear (oneDNN) above)" if native.amx_linear_supported()
+                   else "chunkattn panels by AVX512-BF16 dot products (vdpbf16ps, every row count)"
+                   if native.bf16_panels_supported() else "oneDNN packed")
     from chunkattn.model.quant import int_x_supported, kernel_supported
 
     q8_few = ("q8 up to 4 rows with x as 15-bit integers (vpdpbusd), " if int_x_supported() else

@@ -34,6 +34,15 @@ bool amx_linear_supported() {
 #endif
 }
 
+// Whether linear_amx runs here at all: on AMX tiles, else by vdpbf16ps on the same panels (AVX512-BF16).
+bool bf16_panels_supported() {
+#ifdef CHUNKATTN_BF16_DOT
+  return true;
+#else
+  return amx_linear_supported();
+#endif
+}
+
 // w: [N, K] bf16 -> [P, S, 2, 16, 32] bf16, S = ceil(K / 32). kStore: P = ceil(N / 32), tile j of panel p holds
 // output columns 32p + 16j ... kSiluMul: w = [gate; up], [2I, K], P = ceil(I / 16), tile 0 holds gate columns
 // 16p ..., tile 1 the same up columns.
@@ -81,17 +90,41 @@ at::Tensor run_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, con
                   packed.size(4) == 32 && n >= 0 && packed.size(0) == want,
               op, ": packed must be ", pack_op, " of a bfloat16 weight with n = ", n, " outputs and K = x.size(1) = ",
               K, " (", want, " panels of ", kOutCols<E>, " outputs, ", steps, " steps), got ", packed.sizes());
-  TORCH_CHECK(amx_linear_supported(), op, ": this CPU or build has no AMX tiles (use oneDNN's product)");
+  TORCH_CHECK(bf16_panels_supported(), op, ": this CPU or build has neither AMX tiles nor AVX512-BF16 (use "
+              "oneDNN's product)");
   const int64_t M = x.size(0), panels = packed.size(0);
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
-#ifdef CHUNKATTN_AMX
+#ifdef CHUNKATTN_BF16_DOT
   const ARows rows(x);
   const int64_t k32 = rows.k32();
   const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   // rows per block: kXBlockBytes of x, whole pairs of row tiles
   const int64_t block = std::max<int64_t>(32, (kXBlockBytes / (std::max(k32, kDepth) * 2)) / 32 * 32);
+  if (!amx_linear_supported()) {  // no tiles: vdpbf16ps, four rows of x at a time over each panel
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) float c[8 * kCols];
+      const char* limit = reinterpret_cast<const char*>(wp + end * steps * 2 * kTile);
+      for (int64_t rb = 0; rb < M; rb += block) {  // rows of x that stay in L2 while the panels pass
+        const int64_t rend = std::min(M, rb + block);
+        for (int64_t p = begin; p < end; ++p) {
+          const c10::BFloat16* w = wp + p * steps * 2 * kTile;
+          const int64_t c0 = p * kOutCols<E>, cols = std::min<int64_t>(kOutCols<E>, n - c0);
+          for (int64_t r0 = rb, nr; r0 < rend; r0 += nr) {  // passes of 8 rows, the rest by up to 4
+            nr = rend - r0 >= 8 ? 8 : std::min<int64_t>(4, rend - r0);
+            const c10::BFloat16* xr[8];
+            for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
+            panel_vector_rows(xr, nr, steps, w, c, r0 == rb ? limit : nullptr);
+            panel_out<E>(c, nr, cols, bias != nullptr ? bias + c0 : nullptr, yp + r0 * n + c0, n);
+          }
+        }
+      }
+    });
+    return y;
+  }
+#endif
+#ifdef CHUNKATTN_AMX
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     load_tile_config();
     alignas(64) float c[2 * kCols * kCols];  // grouped_products: two products' sums
@@ -150,6 +183,7 @@ at::Tensor linear_silu_mul_amx(const at::Tensor& x, const at::Tensor& packed, in
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("amx_linear_supported() -> bool", &amx_linear_supported);
+  m.def("bf16_panels_supported() -> bool", &bf16_panels_supported);
   m.def("pack_linear_amx(Tensor w) -> Tensor", &pack_linear_amx);
   m.def("linear_amx(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor", &linear_amx);
   m.def("pack_gate_up_amx(Tensor w) -> Tensor", &pack_gate_up_amx);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -94,6 +95,70 @@ inline void prefetch_ahead(const void* step, int64_t bytes, const void* limit) {
   if (pf + bytes <= static_cast<const char*>(limit))
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(pf + b, 0, Locality);
 }
+
+// f(std::integral_constant<int, NR>) for NR = rows (1..4; more rows are a pass of 4): the row count of a panel
+// kernel as its template argument.
+template <class F>
+inline void with_rows(int64_t rows, F f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+// vdpbf16ps on the panels: CPUs with AVX512-BF16, with or without AMX (the quantized kernels' vector paths, and
+// the bf16 linears where there are no tiles).
+#define CHUNKATTN_BF16_DOT 1
+
+// x's pair (x[32s + 2r], x[32s + 2r + 1]) in every lane: the vdpbf16ps operand facing row r of step s's tiles.
+inline __m512bh x_pair(const c10::BFloat16* x, int64_t s, int r) {
+  int32_t pair;
+  std::memcpy(&pair, x + s * kDepth + 2 * r, 4);
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+}
+
+// NR rows' sums of a panel's two 16-column tiles -> c[NR][32].
+template <int NR>
+inline void store_sums(const __m512 (&sums)[NR][2], float* c) {
+  for (int i = 0; i < NR; ++i) {
+    _mm512_storeu_ps(c + i * kCols, sums[i][0]);
+    _mm512_storeu_ps(c + i * kCols + 16, sums[i][1]);
+  }
+}
+
+// NR rows of x (row(i) for i < NR) times a bf16 panel -> c[NR][32] float32, by vdpbf16ps: row r of a tile is 16
+// columns' (W[c, 2r], W[c, 2r + 1]) pairs, so broadcasting x's pair (x[2r], x[2r + 1]) gives 16 columns' sums.
+// limit: the end of this thread's weight stream, prefetched ahead (nullptr: the panel is in cache already).
+template <int NR>
+inline void panel_vector(const c10::BFloat16* const* x, int64_t steps, const c10::BFloat16* w, float* c,
+                         const void* limit) {
+  __m512 acc[NR][2];
+  for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const c10::BFloat16* ws = w + 2 * kTile * s;
+    if (limit != nullptr) prefetch_ahead<2>(ws, 2 * kTile * 2, limit);
+    for (int r = 0; r < 16; ++r) {
+      const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + 32 * r));
+      const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + kTile + 32 * r));
+      for (int i = 0; i < NR; ++i) {
+        const __m512bh xb = x_pair(x[i], s, r);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
+      }
+    }
+  }
+  store_sums<NR>(acc, c);
+}
+
+inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64_t steps, const c10::BFloat16* w,
+                              float* c, const void* limit) {
+  if (rows >= 8) return panel_vector<8>(x, steps, w, c, limit);
+  with_rows(rows, [&](auto nr) { panel_vector<decltype(nr)::value>(x, steps, w, c, limit); });
+}
+#endif
 
 #ifdef CHUNKATTN_AMX
 

@@ -44,7 +44,7 @@
 
 #include "linear_amx.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#ifdef CHUNKATTN_BF16_DOT
 #define CHUNKATTN_QUANT 1
 #endif
 #if defined(CHUNKATTN_QUANT) && defined(__AVX512VNNI__)
@@ -169,55 +169,6 @@ inline void panel_tiles_interleaved(const RowTiles& a, int64_t steps, const uint
   });
 }
 #endif
-
-// f(std::integral_constant<int, NR>) for NR = rows (1..4; more rows are a pass of 4): the row count of a panel
-// kernel as its template argument.
-template <class F>
-inline void with_rows(int64_t rows, F f) {
-  switch (rows) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
-}
-
-// x's pair (x[32s + 2r], x[32s + 2r + 1]) in every lane: the vdpbf16ps operand facing row r of step s's tiles.
-inline __m512bh x_pair(const c10::BFloat16* x, int64_t s, int r) {
-  int32_t pair;
-  std::memcpy(&pair, x + s * kDepth + 2 * r, 4);
-  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-}
-
-// NR rows' sums of a panel's two 16-column tiles -> c[NR][32].
-template <int NR>
-inline void store_sums(const __m512 (&sums)[NR][2], float* c) {
-  for (int i = 0; i < NR; ++i) {
-    _mm512_storeu_ps(c + i * kCols, sums[i][0]);
-    _mm512_storeu_ps(c + i * kCols + 16, sums[i][1]);
-  }
-}
-
-// NR rows of x (row(i) for i < NR) times a dequantized panel -> c[NR][32] float32, by vdpbf16ps: row r of a tile is
-// 16 columns' (W[c, 2r], W[c, 2r + 1]) pairs, so broadcasting x's pair (x[2r], x[2r + 1]) gives 16 columns' sums.
-template <int NR>
-inline void panel_vector(const c10::BFloat16* const* x, int64_t steps, const c10::BFloat16* w, float* c) {
-  __m512 acc[NR][2];
-  for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < steps; ++s) {
-    const c10::BFloat16* ws = w + 2 * kTile * s;
-    for (int r = 0; r < 16; ++r) {
-      const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + 32 * r));
-      const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + kTile + 32 * r));
-      for (int i = 0; i < NR; ++i) {
-        const __m512bh xb = x_pair(x[i], s, r);
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, xb);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, xb);
-      }
-    }
-  }
-  store_sums<NR>(acc, c);
-}
 
 // kQ4 without dequantizing to bf16 first, for a few rows of x (decoding one or a few sequences, where the
 // dequantization, not the weight stream, bounded the rows above: ~10 vector operations per 32 weights): for a
@@ -545,10 +496,6 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
   });
 }
 
-inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64_t steps, const c10::BFloat16* w,
-                              float* c) {
-  with_rows(rows, [&](auto nr) { panel_vector<decltype(nr)::value>(x, steps, w, c); });
-}
 #endif
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
@@ -689,7 +636,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
         in_passes([&](int64_t r0, int64_t nr) {
           const c10::BFloat16* xr[4];
           for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
-          panel_vector_rows(xr, nr, steps, w, c);
+          panel_vector_rows(xr, nr, steps, w, c, nullptr);
         });
       }
     }

@@ -25,10 +25,10 @@ def _native(x: torch.Tensor) -> bool:
 class PackedWeight:
     """A linear layer's weight reordered for the CPU, and the weight version it was made from."""
 
-    # "panels" (chunkattn_layers.linear / linear_silu_mul, float32), "amx" (chunkattn_layers.linear_amx /
+    # "panels" (chunkattn_layers.linear / linear_silu_mul, float32), "bf16-panels" (chunkattn_layers.linear_amx /
     # linear_silu_mul_amx, bfloat16) or "onednn" (mkldnn._linear_pointwise)
     kind: str
-    # panels: [ceil(out / 48), in, 48] (GateUpLinear: [ceil(I / 24), in, 48]); amx: [ceil(out / 32),
+    # panels: [ceil(out / 48), in, 48] (GateUpLinear: [ceil(I / 24), in, 48]); bf16-panels: [ceil(out / 32),
     # ceil(in / 32), 2, 16, 32] (GateUpLinear: ceil(I / 16) panels); onednn: opaque
     tensor: torch.Tensor
     version: tuple[int, int]  # (weight._version, weight.data_ptr()) when packed: a change makes it stale
@@ -40,22 +40,25 @@ class Linear(nn.Module):
 
     On the CPU, :meth:`prepack` reorders the weight once: float32 on CPUs with AVX-512 into chunkattn's own
     panels (``chunkattn_layers.linear``, see ``csrc/linear_cpu.cpp``: 8-row x 48-column register tiles over
-    sequential weight panels, the next panel prefetched while one is used), bfloat16 on CPUs with AMX into
-    panels of AMX tiles (``chunkattn_layers.linear_amx``, ``csrc/linear_amx.cpp``; up to
-    :meth:`amx_max_rows` rows: all of them up to K = 4096, else while x fits one 1 MB row block, ``F.linear``
-    above, where oneDNN's large-matrix kernels win), bfloat16 (and float32) elsewhere into oneDNN's blocked
-    layout. All beat ``F.linear`` on the thin matrices of decoding by far
-    (on the Zen 5 dev VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed product at ~270-310 with 32 rows
-    and the panels at ~380; on the AMX Xeon VM SmolLM2's bf16 decode products at 32 rows took 14.9 ms through
-    oneDNN's packed product and 10.8 through the AMX panels; ``benchmarks/linear_cpu.py``, the README's results).
+    sequential weight panels, the next panel prefetched while one is used), bfloat16 on CPUs with AMX or
+    AVX512-BF16 into panels of AMX tiles' operand layout (``chunkattn_layers.linear_amx``, ``csrc/linear_amx.cpp``;
+    multiplied on the tiles up to :meth:`panel_max_rows` rows: all of them up to K = 4096, else while x fits one
+    1 MB row block, ``F.linear`` above, where oneDNN's large-matrix kernels win; without AMX by ``vdpbf16ps`` at
+    every row count), bfloat16 (and float32) elsewhere into oneDNN's blocked layout. All beat ``F.linear`` on the
+    thin matrices of decoding by far (on the Zen 5 dev VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed
+    product at ~270-310 with 32 rows and the panels at ~380; on the AMX Xeon VM SmolLM2's bf16 decode products at
+    32 rows took 14.9 ms through oneDNN's packed product and 10.8 through the AMX panels; on the Zen 4 VM without
+    AMX the panels by ``vdpbf16ps`` took 0.52-0.75x oneDNN's packed time on SmolLM2's products at 1-32 rows,
+    0.75-1.0x on Llama-3.2-1B's, and 1.03-1.09x at 512-1088 rows, where ``F.linear`` took 1.05-1.2x;
+    ``benchmarks/linear_cpu.py``, the README's results).
     The packed copy is used only without autograd
     (inference) and is not part of the state dict; the dense ``weight`` stays the parameter. A weight changed in
     place after packing (``load_state_dict``, ``weight.data.copy_``) is repacked on the next call; moving the
     module to another device or dtype drops the packed copy.
     """
 
-    # bf16 rows up to which the AMX panels run. Up to K = AMX_ALL_ROWS_MAX_K at every row count: above 128 rows
-    # the kernel takes groups of panels (1 MB) through every pair of row tiles (csrc/linear_amx.h's
+    # bf16 rows up to which the AMX panels run (panel_max_rows). Up to K = AMX_ALL_ROWS_MAX_K at every row count:
+    # above 128 rows the kernel takes groups of panels (1 MB) through every pair of row tiles (csrc/linear_amx.h's
     # grouped_products), which on the AMX Xeon VM took 0.42-0.98x F.linear's time at 129-2048 rows on SmolLM2's,
     # Llama-3.2-1B's and 8B's products with K <= 4096 (benchmarks/linear_cpu.py-style loop, 9 alternations) but
     # 1.0-1.15x on the 1B's K = 8192 and 1.26-1.39x on the 8B's K = 14336. There, the panels run while x fits one
@@ -92,7 +95,8 @@ class Linear(nn.Module):
     @staticmethod
     def can_prepack(weight: torch.Tensor) -> bool:
         return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-                and (torch.backends.mkldnn.is_available() or Linear.uses_panels(weight) or Linear.uses_amx(weight)))
+                and (torch.backends.mkldnn.is_available() or Linear.uses_panels(weight)
+                     or Linear.uses_bf16_panels(weight)))
 
     @staticmethod
     def uses_panels(weight: torch.Tensor) -> bool:
@@ -100,9 +104,10 @@ class Linear(nn.Module):
         return weight.device.type == "cpu" and weight.dtype == torch.float32 and native.linear_supported()
 
     @staticmethod
-    def uses_amx(weight: torch.Tensor) -> bool:
-        """Whether :meth:`prepack` packs this weight into AMX tile panels (bfloat16 CPU with AMX)."""
-        return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native.amx_linear_supported()
+    def uses_bf16_panels(weight: torch.Tensor) -> bool:
+        """Whether :meth:`prepack` packs this weight into bf16 panels (``chunkattn_layers.linear_amx``): a bfloat16
+        CPU weight on a CPU with AMX tiles or AVX512-BF16."""
+        return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native.bf16_panels_supported()
 
     def _weight_version(self) -> tuple[int, int]:
         return self.weight._version, self.weight.data_ptr()
@@ -117,8 +122,8 @@ class Linear(nn.Module):
             w = self.weight.detach()
             if self.uses_panels(w):
                 self.packed = PackedWeight("panels", self._pack_panels(w), self._weight_version(), batch_hint)
-            elif self.uses_amx(w):
-                self.packed = PackedWeight("amx", self._pack_amx(w), self._weight_version(), batch_hint)
+            elif self.uses_bf16_panels(w):
+                self.packed = PackedWeight("bf16-panels", self._pack_amx(w), self._weight_version(), batch_hint)
             else:
                 self.packed = PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint),
                                            self._weight_version(), batch_hint)
@@ -162,16 +167,17 @@ class Linear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         if packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear(x, packed.tensor, self.out_features, self.bias)
-        if packed.kind == "amx":
-            if x.shape[0] > self.amx_max_rows():
+        if packed.kind == "bf16-panels":
+            if x.shape[0] > self.panel_max_rows():
                 return nn.functional.linear(x, self.weight, self.bias)
             return torch.ops.chunkattn_layers.linear_amx(x, packed.tensor, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, self.bias, "none", [], "")
 
-    def amx_max_rows(self) -> int:
-        """Rows up to which the bfloat16 AMX panels multiply this layer (F.linear above): every row count up to
-        K = AMX_ALL_ROWS_MAX_K, else while x fits a 1 MB row block."""
-        if self.in_features <= self.AMX_ALL_ROWS_MAX_K:
+    def panel_max_rows(self) -> int:
+        """Rows up to which the bfloat16 panels multiply this layer (F.linear above). On AMX tiles every row count
+        up to K = AMX_ALL_ROWS_MAX_K, else while x fits a 1 MB row block; by AVX512-BF16 dot products (no AMX)
+        every row count."""
+        if self.in_features <= self.AMX_ALL_ROWS_MAX_K or not native.amx_linear_supported():
             return sys.maxsize
         return max(self.AMX_MIN_ROWS_LIMIT, self.AMX_BLOCK_BYTES // (2 * (cdiv(self.in_features, 32) * 32)))
 
@@ -259,7 +265,7 @@ class GateUpLinear(Linear):
     projection (checkpoints load the same way). On chunkattn's float32 panels the product and the activation are
     one kernel (``chunkattn_layers.linear_silu_mul``: each panel holds 24 gate and the same 24 up columns, and the
     register tile's epilogue applies SiLU-and-multiply), so the ``[N, 2 intermediate_size]`` product is never
-    stored; likewise on the bfloat16 AMX panels (16 gate and 16 up columns a panel,
+    stored; likewise on the bfloat16 panels (16 gate and 16 up columns a panel,
     ``chunkattn_layers.linear_silu_mul_amx``); elsewhere it is the product, then :func:`silu_and_mul`.
     """
 
@@ -280,7 +286,7 @@ class GateUpLinear(Linear):
         packed = self._usable_pack(x)
         if packed is not None and packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear_silu_mul(x, packed.tensor, self.intermediate_size)
-        if packed is not None and packed.kind == "amx" and x.shape[0] <= self.amx_max_rows():
+        if packed is not None and packed.kind == "bf16-panels" and x.shape[0] <= self.panel_max_rows():
             return torch.ops.chunkattn_layers.linear_silu_mul_amx(x, packed.tensor, self.intermediate_size)
         return silu_and_mul(self._product(x, packed))
 
