@@ -828,7 +828,8 @@ def doc_link(j: Journal, name: str) -> str:
 
 VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json",
               "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wideamx.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
-              "peer-vllm-cpu-2026-12-06-zen4.json", "peer-vllm-cpu-2026-12-02-zen5-passive.json",
+              "peer-vllm-cpu-2026-12-06-zen4.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
+              "peer-vllm-cpu-2026-12-02-zen5-passive.json",
               "peer-vllm-cpu-2026-12-02-xeon-a.json", "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
                   "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]
