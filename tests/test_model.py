@@ -337,13 +337,14 @@ needs_bf16_panels = pytest.mark.skipif(not native.bf16_panels_supported(),
 @needs_bf16_panels
 @pytest.mark.parametrize("rows,fan_in,fan_out", [(1, 576, 960), (17, 40, 33), (33, 96, 64), (100, 1536, 576),
                                                  (3, 31, 1), (64, 64, 32), (50, 2048, 95), (129, 31, 33),
-                                                 (200, 576, 2000), (150, 2048, 95)])
+                                                 (200, 576, 2000), (150, 2048, 95), (300, 2048, 40)])
 def test_bf16_panel_linear_ops_against_float64(rows, fan_in, fan_out, two_threads):
     """The bf16 panel kernels alone (on AMX tiles, else by vdpbf16ps): row counts off the 16-row tiles, K off the
     32-deep steps (zero-padded copies of x), N off the 32-column panels, bias; and the gate/up kernel's
     silu(gate) * up epilogue. Above 128 rows the AMX panels go by groups through every pair of row tiles
     (n = 2000, K = 576, two threads: groups of 28 and 4 panels, and 28 and 3), the vdpbf16ps ones by 1 MB blocks
-    of x's rows: each output the same products in the same order as at fewer rows, so bit-equal to them."""
+    of x's rows (300 x 2048: two blocks): each output the same products in the same order as at fewer rows, so
+    bit-equal to them."""
     ops = torch.ops.chunkattn_layers
     torch.manual_seed(rows + fan_in)
     x, w, b = (torch.randn(rows, fan_in).bfloat16(), torch.randn(fan_out, fan_in).bfloat16(),

@@ -302,9 +302,10 @@ def test_dequantizing_path_equals_the_bf16_panel_linear_on_the_same_weights(two_
     path = 1 if HAS_AMX else 2
     gen = torch.Generator().manual_seed(3)
     ops = torch.ops.chunkattn_layers
-    # 20 rows: dequantized step by step beside the tiles; more: whole panels a group at a time, panel-major over
-    # blocks of rows up to 128 rows (K = 2048: blocks of 64, groups of 4 panels), row-pair-major above (K = 576:
-    # groups of 28); n = 1000 gives each of two threads 16 panels, the last partial, n = 2000 two groups a thread
+    # on AMX tiles: 20 rows dequantized step by step beside the tiles; more: whole panels a group at a time,
+    # panel-major over blocks of rows up to 128 rows (K = 2048: blocks of 64, groups of 4 panels), row-pair-major
+    # above (K = 576: groups of 28); n = 1000 gives each of two threads 16 panels, the last partial, n = 2000 two
+    # groups a thread. By vdpbf16ps: passes of 4 rows (quantized) against passes of 8 + 4 (bf16), the same sums
     cases = [(q, r, 96, 576) for q in QTYPES for r in (20, 40)]
     cases += [("q4_1", 100, 600, 2048), ("q4_1", 150, 1000, 576), ("q8_0", 300, 2000, 576)]
     for qtype, rows, n, k in cases:

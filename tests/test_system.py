@@ -26,6 +26,8 @@ def test_info_reports_the_paths_that_run(capsys):
         amx = bool(torch.ops.chunkattn_cpu.amx_active())
         assert ("amx tiles" in paths["attention"]) == amx
         assert ("AMX panels" in paths["linear bfloat16"]) == native.amx_linear_supported()
+        assert ("AVX512-BF16 dot products" in paths["linear bfloat16"]) == (
+            native.bf16_panels_supported() and not native.amx_linear_supported())
         assert ("chunkattn panels" in paths["linear float32"]) == native.linear_supported()
         from chunkattn.model.quant import kernel_supported
 

@@ -99,8 +99,9 @@ def bf16_panels_supported() -> bool:
 
 @functools.cache
 def amx_linear_supported() -> bool:
-    """Whether ``chunkattn_layers.linear_amx`` (bfloat16 products on AMX tiles from packed panels) runs here: built
-    for a CPU with AMX (amx_tile, amx_bf16) and the OS granted the process the tile state."""
+    """Whether ``chunkattn_layers.linear_amx`` multiplies on AMX tiles here (elsewhere it may run by AVX512-BF16
+    dot products: :func:`bf16_panels_supported`): built for a CPU with AMX (amx_tile, amx_bf16) and the OS granted
+    the process the tile state."""
     if not available():
         return False
     import torch

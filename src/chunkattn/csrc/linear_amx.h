@@ -87,8 +87,10 @@ struct RowTiles {
 // Prefetch a step's `bytes`, kPrefetchBytes ahead of `step` in a weight stream, when they lie before `limit`
 // (the end of this thread's panels). Locality 3 is prefetcht0 (into L1), 2 prefetcht1 (into L2). Measured on the
 // AMX Xeon VM, 1B-shape products out of cache: prefetcht1 takes 0.76x the time for Q8_0 at one row (integer x),
-// 0.84x for Q4 at one row (direct), 0.86x for Q8_0 at 32 rows (tiles); Q4 tiles 1.03-1.08x and the bf16 panels
-// within noise either way, so those keep prefetcht0 (linear_quant.cpp picks per loop).
+// 0.84x for Q4 at one row (direct), 0.86x for Q8_0 at 32 rows (tiles); Q4 tiles 1.03-1.08x and the bf16 panels on
+// tiles within noise either way, so those keep prefetcht0 (linear_quant.cpp picks per loop). The bf16 panels by
+// vdpbf16ps (no AMX) take prefetcht1: on the Zen 4 VM the 1B shape's products at one row streamed ~24 GB/s with it,
+// ~16 without.
 template <int Locality = 3>
 inline void prefetch_ahead(const void* step, int64_t bytes, const void* limit) {
   const char* pf = static_cast<const char*>(step) + kPrefetchBytes;
@@ -153,11 +155,16 @@ inline void panel_vector(const c10::BFloat16* const* x, int64_t steps, const c10
   store_sums<NR>(acc, c);
 }
 
+// rows: 1-4 or 8 (c[rows][32] is written; 5-7 would compute only 4 of them, so callers pass those as 4 + the rest).
 inline void panel_vector_rows(const c10::BFloat16* const* x, int64_t rows, int64_t steps, const c10::BFloat16* w,
                               float* c, const void* limit) {
   if (rows >= 8) return panel_vector<8>(x, steps, w, c, limit);
   with_rows(rows, [&](auto nr) { panel_vector<decltype(nr)::value>(x, steps, w, c, limit); });
 }
+#endif
+
+#if defined(CHUNKATTN_AMX) && !defined(CHUNKATTN_BF16_DOT)
+#error "an AMX build has AVX512-BF16 (amx.h asks for it): linear_amx.cpp's tile path uses CHUNKATTN_BF16_DOT's set-up"
 #endif
 
 #ifdef CHUNKATTN_AMX

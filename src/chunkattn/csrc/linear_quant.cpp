@@ -217,8 +217,8 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
   store_sums<NR>(y, c);
 }
 
-// The four 16-column vectors of lane_sums' argument hold, in 128-bit lane L and dword i, column 4q + i of the row
-// tiles L (mod 4): their sums over the four lanes as one vector of 16 columns (q's 128-bit lane: columns 4q ..).
+// The four vectors y[q] of lane_sums' argument hold, in 128-bit lane L and dword i, partial sums of column 4q + i
+// (from tile rows = L mod 4): their sums over the four lanes as one vector of 16 columns (lane q: columns 4q ..).
 inline __m512 lane_sums(const __m512 (&y)[4]) {
   const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x44), _mm512_shuffle_f32x4(y[0], y[1], 0xEE));
   const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x44), _mm512_shuffle_f32x4(y[2], y[3], 0xEE));
@@ -228,10 +228,11 @@ inline __m512 lane_sums(const __m512 (&y)[4]) {
 // panel_q4_direct for one row of x (a single sequence decoding), with fewer and cheaper operations: a 64-byte load
 // is four tile rows, one per 128-bit lane, and unpacking its bytes (and its bytes shifted right by 4) to words
 // within each lane gives 4 vectors u[0..3] of 128 + q (after the same vpternlog): dword i of u[n]'s lane L holds
-// column 4n + i's pair at tile row 4g + L, and x's pair of that row faces it (one pair per lane). The sums stay in that
-// layout (each lane's partial times its columns' scales) until the panel ends. 14 operations per 128 weights
-// and no cross-lane shuffle, against panel_q4_direct's 20 (its widening vpmovzxbw and vpsrlvw were the limit on
-// Zen 4: one SmolLM2 gate/up panel set 0.6 vs 0.96 ns per 32 weights out of L2).
+// column 4n + i's pair at tile row 4g + L, and x's pair of that row faces it (one pair per lane). The sums stay in
+// that layout (each lane's partial times its columns' scales) until the panel ends. 14 operations per 128
+// weights, none crossing lanes (x's pairs and the scales take one vpermd / vpermps each), against
+// panel_q4_direct's 20 (its widening vpmovzxbw and vpsrlvw were the limit on Zen 4: one SmolLM2 gate/up panel set
+// 0.6 vs 0.96 ns per 32 weights out of L2).
 inline void panel_q4_direct_one(const c10::BFloat16* x, const float* xsum, int64_t steps, const uint8_t* src,
                                 const uint8_t* limit, float* c) {
   constexpr int64_t tb = tile_bytes(kQ4);

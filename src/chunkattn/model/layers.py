@@ -123,7 +123,7 @@ class Linear(nn.Module):
             if self.uses_panels(w):
                 self.packed = PackedWeight("panels", self._pack_panels(w), self._weight_version(), batch_hint)
             elif self.uses_bf16_panels(w):
-                self.packed = PackedWeight("bf16-panels", self._pack_amx(w), self._weight_version(), batch_hint)
+                self.packed = PackedWeight("bf16-panels", self._pack_bf16_panels(w), self._weight_version(), batch_hint)
             else:
                 self.packed = PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint),
                                            self._weight_version(), batch_hint)
@@ -132,7 +132,7 @@ class Linear(nn.Module):
     def _pack_panels(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.chunkattn_layers.pack_linear(w)
 
-    def _pack_amx(self, w: torch.Tensor) -> torch.Tensor:
+    def _pack_bf16_panels(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.chunkattn_layers.pack_linear_amx(w)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
@@ -276,7 +276,7 @@ class GateUpLinear(Linear):
     def _pack_panels(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.chunkattn_layers.pack_gate_up(w)
 
-    def _pack_amx(self, w: torch.Tensor) -> torch.Tensor:
+    def _pack_bf16_panels(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.chunkattn_layers.pack_gate_up_amx(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
