@@ -48,8 +48,8 @@ class Linear(nn.Module):
     thin matrices of decoding by far (on the Zen 5 dev VM torch's fp32 matmul ran at ~150 GFLOP/s, oneDNN's packed
     product at ~270-310 with 32 rows and the panels at ~380; on the AMX Xeon VM SmolLM2's bf16 decode products at
     32 rows took 14.9 ms through oneDNN's packed product and 10.8 through the AMX panels; on the Zen 4 VM without
-    AMX the panels by ``vdpbf16ps`` took 0.52-0.75x oneDNN's packed time on SmolLM2's products at 1-32 rows,
-    0.75-1.0x on Llama-3.2-1B's, and 1.03-1.09x at 512-1088 rows, where ``F.linear`` took 1.05-1.2x;
+    AMX the panels by ``vdpbf16ps`` took 0.65-0.78x oneDNN's packed time on SmolLM2's products at 1-64 rows and
+    0.97x at 1088, 0.89-0.99x on Llama-3.2-1B's, with ``F.linear`` slower than both at every row count;
     ``benchmarks/linear_cpu.py``, the README's results).
     The packed copy is used only without autograd
     (inference) and is not part of the state dict; the dense ``weight`` stays the parameter. A weight changed in
