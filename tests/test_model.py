@@ -389,8 +389,17 @@ def test_bf16_panel_linear_edges_refusals_and_the_large_batch_path(monkeypatch):
     with pytest.raises(RuntimeError, match=r"\[gate; up\]"):
         ops.pack_gate_up_amx(torch.randn(7, 16).bfloat16())
     if not native.amx_linear_supported():  # vdpbf16ps: the panels at every row count, whatever K
-        monkeypatch.setattr(Linear, "AMX_ALL_ROWS_MAX_K", 32)
-        assert Linear(64, 40).panel_max_rows() == sys.maxsize
+        monkeypatch.setattr(Linear, "AMX_ALL_ROWS_MAX_K", 32)  # K = 64 would be a long K on tiles
+        torch.manual_seed(5)
+        lin, gate_up = Linear(64, 40, bias=True).bfloat16(), GateUpLinear(64, 24).bfloat16()
+        x = torch.randn(300, 64).bfloat16()
+        with torch.inference_mode():
+            for m in (lin, gate_up):
+                torch.nn.init.normal_(m.weight, std=0.1)
+                assert m.prepack() and m.packed is not None and m.panel_max_rows() == sys.maxsize
+            # 300 rows still go through the panels (bit-equal to the op), not F.linear
+            assert torch.equal(lin(x), ops.linear_amx(x, lin.packed.tensor, 40, lin.bias))
+            assert torch.equal(gate_up(x), ops.linear_silu_mul_amx(x, gate_up.packed.tensor, 24))
         return
     # above panel_max_rows the AMX layers use F.linear (oneDNN's large-matrix kernels): the same values either side
     monkeypatch.setattr(Linear, "AMX_ALL_ROWS_MAX_K", 32)  # K = 64 is then a long K
