@@ -55,7 +55,7 @@ def kernel_paths() -> dict[str, str]:
                 "linear float32": "oneDNN packed" if torch.backends.mkldnn.is_available() else "F.linear",
                 "linear bfloat16": "oneDNN packed" if torch.backends.mkldnn.is_available() else "F.linear",
                 "linear quantized": f"not kept (dequantized at load): {reason}",
-                "elementwise": "PyTorch ops"}
+                "elementwise": "PyTorch ops", "layer loop": "Python"}
     fp32_linear = ("chunkattn panels (AVX-512 register tiles)" if native.linear_supported()
                    else "oneDNN packed")
     from chunkattn.model.layers import Linear
@@ -77,7 +77,18 @@ def kernel_paths() -> dict[str, str]:
                     "more rows dequantized per panel (vdpbf16ps)"))
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
             "linear float32": fp32_linear, "linear bfloat16": bf16_linear, "linear quantized": quantized,
-            "elementwise": "chunkattn native (RMSNorm, RoPE, SiLU-and-multiply)"}
+            "elementwise": "chunkattn native (RMSNorm, RoPE, SiLU-and-multiply)",
+            "layer loop": layer_loop()}
+
+
+def layer_loop() -> str:
+    """How the decoder's layers run one step (:mod:`chunkattn.model.native_layers`)."""
+    from chunkattn.model import native_layers
+
+    if not native_layers.enabled():
+        return f"Python ({native_layers.ENV}=0)"
+    return ("native (chunkattn_layers.DecoderStack) on the cpu attention backend unless a linear layer runs on "
+            "oneDNN's packed product; Python otherwise")
 
 
 def info() -> dict[str, Any]:

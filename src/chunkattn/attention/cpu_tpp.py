@@ -270,6 +270,20 @@ def _sequence_tiles(users: list[int], qi: list[int], tile: int) -> tuple[list[li
     return tiles, seqs
 
 
+def plan_workspace(plan: AttentionPlan, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+                   ) -> CpuWorkspace:
+    """The kernel's workspace for ``plan`` at these head counts and dtype, built on first use and kept in
+    ``plan.workspaces`` (every layer of a step, and the steps a decode plan advances over, share it)."""
+    load_kernels()
+    key = f"cpu:{num_q_heads}:{num_kv_heads}:{head_dim}"
+    ws = plan.workspaces.get(key)
+    if not isinstance(ws, CpuWorkspace):
+        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim,
+                                amx=dtype == torch.bfloat16 and amx_active(head_dim))
+        plan.workspaces[key] = ws
+    return ws
+
+
 def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-phase-partition attention with the native CPU kernels.
@@ -282,15 +296,9 @@ def cpu_tpp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     Returns ``out [num_rows, num_q_heads, head_dim]`` in ``q.dtype`` and ``lse [num_rows, num_q_heads]``
     float32 (natural log).
     """
-    load_kernels()
     num_rows, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    key = f"cpu:{num_q_heads}:{num_kv_heads}:{head_dim}"
-    ws = plan.workspaces.get(key)
-    if not isinstance(ws, CpuWorkspace):
-        ws = CpuWorkspace.build(plan, num_q_heads, num_kv_heads, head_dim,
-                                amx=q.dtype == torch.bfloat16 and amx_active(head_dim))
-        plan.workspaces[key] = ws
+    ws = plan_workspace(plan, num_q_heads, num_kv_heads, head_dim, q.dtype)
     out = torch.empty(num_rows, num_q_heads, head_dim, dtype=q.dtype)
     lse = torch.empty(num_rows, num_q_heads, dtype=torch.float32)
     torch.ops.chunkattn_cpu.tpp(q, k, v, out, lse, ws.o_part, ws.ml_part, ws.idx, scale,

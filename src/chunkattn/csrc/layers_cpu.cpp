@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "ops.h"
 
 namespace {
 
@@ -306,6 +307,18 @@ void store_kv_(at::Tensor& kc, at::Tensor& vc, const at::Tensor& k, const at::Te
 }
 
 }  // namespace
+
+namespace chunkattn::ops {
+void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) { ::rope_(x, cos, sin, heads); }
+at::Tensor silu_and_mul(const at::Tensor& x) { return ::silu_and_mul(x); }
+void add_rms_norm_(at::Tensor x, c10::optional<at::Tensor> residual, const at::Tensor& weight, double eps) {
+  ::add_rms_norm_(x, std::move(residual), weight, eps);
+}
+void store_kv_(at::Tensor& kc, at::Tensor& vc, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dst,
+               const c10::optional<at::Tensor>& src) {
+  ::store_kv_(kc, vc, k, v, dst, src);
+}
+}  // namespace chunkattn::ops
 
 TORCH_LIBRARY(chunkattn_layers, m) {
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> ()", &rope_);

@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "linear_amx.h"
+#include "ops.h"
 
 namespace {
 
@@ -184,6 +185,15 @@ at::Tensor linear_silu_mul_amx(const at::Tensor& x, const at::Tensor& packed, in
 }
 
 }  // namespace
+
+namespace chunkattn::ops {
+at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
+  return ::linear_amx(x, packed, n, bias);
+}
+at::Tensor linear_silu_mul_amx(const at::Tensor& x, const at::Tensor& packed, int64_t inner) {
+  return ::linear_silu_mul_amx(x, packed, inner);
+}
+}  // namespace chunkattn::ops
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("amx_linear_supported() -> bool", &amx_linear_supported);

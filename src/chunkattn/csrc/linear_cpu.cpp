@@ -23,6 +23,7 @@
 #include <algorithm>
 
 #include "simd.h"
+#include "ops.h"
 
 namespace {
 
@@ -215,6 +216,15 @@ bool linear_supported() {
 }
 
 }  // namespace
+
+namespace chunkattn::ops {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
+  return ::linear(x, packed, n, bias);
+}
+at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t inner) {
+  return ::linear_silu_mul(x, packed, inner);
+}
+}  // namespace chunkattn::ops
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("pack_linear(Tensor w) -> Tensor", &pack_linear);

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "linear_amx.h"
+#include "ops.h"
 
 #ifdef CHUNKATTN_BF16_DOT
 #define CHUNKATTN_QUANT 1
@@ -732,6 +733,17 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
 }
 
 }  // namespace
+
+namespace chunkattn::ops {
+at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t n,
+                        const c10::optional<at::Tensor>& bias, int64_t path) {
+  return ::linear_quant(x, packed, kind, n, bias, path);
+}
+at::Tensor linear_silu_mul_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t inner,
+                                 int64_t path) {
+  return ::linear_silu_mul_quant(x, packed, kind, inner, path);
+}
+}  // namespace chunkattn::ops
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("quant_linear_supported() -> bool", &quant_linear_supported);

@@ -31,6 +31,7 @@
 
 #include "amx.h"
 #include "simd.h"
+#include "ops.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -1969,6 +1970,13 @@ std::string attention_paths() {
 }
 
 }  // namespace
+
+namespace chunkattn::ops {
+void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out, at::Tensor lse,
+             at::Tensor o_part, at::Tensor ml_part, at::TensorList idx, double scale, int64_t group) {
+  ::tpp_cpu(q, k, v, std::move(out), std::move(lse), std::move(o_part), std::move(ml_part), idx, scale, group);
+}
+}  // namespace chunkattn::ops
 
 TORCH_LIBRARY(chunkattn_cpu, m) {
   m.def("amx_active() -> bool", &amx_active);

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from chunkattn import native
+from chunkattn.model import native_layers
 from chunkattn.model.config import ModelConfig
 from chunkattn.model.quant import QuantizedWeight
 from chunkattn.utils import cdiv
@@ -84,6 +85,7 @@ class Linear(nn.Module):
             raise ValueError(f"a {type(self).__name__} of weight {list(want)} cannot take a quantized weight of "
                              f"{list(have)} (gate_up={quant.gate_up})")
         self.quant, self.packed = quant, None
+        native_layers.invalidate()
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
@@ -116,6 +118,7 @@ class Linear(nn.Module):
         """Pack the weight for the CPU (fp32/bf16); returns whether it did. ``batch_hint``: the rows oneDNN
         tunes its layout for."""
         self.packed = None
+        native_layers.invalidate()  # a stack of the layers holds the old pack
         if self.quant is not None or not self.can_prepack(self.weight):
             return False
         with torch.no_grad():
@@ -137,6 +140,7 @@ class Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
         self.packed = None
+        native_layers.invalidate()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # pickles and deep copies leave the pack behind (it is per machine)

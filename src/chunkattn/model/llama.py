@@ -14,6 +14,7 @@ from torch import nn
 from chunkattn.attention.backend import AttentionBackend
 from chunkattn.model.config import ModelConfig
 from chunkattn.model.layers import Embedding, GateUpLinear, Linear, RMSNorm, apply_rope_, rope_cos_sin, rope_inv_freq
+from chunkattn.model.native_layers import NativeLayers
 
 
 class Attention(nn.Module):
@@ -95,6 +96,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.native_layers = NativeLayers()  # the layer loop in one native call where it applies
 
     def prepack(self, batch_hint: int = 32) -> int:
         """Prepack every linear layer's weight for the CPU (see :class:`Linear`); returns how many were."""
@@ -116,8 +118,12 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [N, hidden]
         cos, sin = rope_cos_sin(self.inv_freq, positions)  # [N, d / 2] float32 each
         residual: torch.Tensor | None = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, cos, sin, attn)
+        stacked = self.native_layers.run(self, x, cos, sin, attn)  # the same kernels, bit-equal, less overhead
+        if stacked is not None:
+            x, residual = stacked
+        else:
+            for layer in self.model.layers:
+                x, residual = layer(x, residual, cos, sin, attn)
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
             residual = residual.index_select(0, logit_rows) if residual is not None else None

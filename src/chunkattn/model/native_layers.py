@@ -1,0 +1,163 @@
+"""The decoder's layer loop as one native call on the CPU (``chunkattn_layers.DecoderStack``,
+``csrc/decoder_cpu.cpp``).
+
+:class:`~chunkattn.model.llama.LlamaForCausalLM` runs its layers through the stack when the step's attention
+runs on the ``cpu`` backend and every linear layer multiplies by one of the products the stack knows (the
+float32 or bfloat16 panels, quantized blocks, or a dense weight). The stack calls the same kernels as the Python
+loop, in the same order with the same arguments, so the logits are bit-equal; what it saves is the Python and
+dispatcher overhead of ~9 kernel calls per layer (on the 2-core Zen 4 VM ~3 ms of a ~8.5 ms one-sequence
+SmolLM2 decode step). ``CHUNKATTN_NATIVE_LAYERS=0`` keeps the Python loop (for A/B runs and debugging).
+
+The stack holds the layers' tensors. It is rebuilt when it may be stale: a parameter registered or replaced in
+any module, a linear layer repacked, moved or quantized (a generation counter they bump), or a weight or pack
+changed in place or its storage swapped (versions and data pointers, checked by ``DecoderStack.fresh``: the
+layers repack such a weight on their next call, so the stack is rebuilt from them). Forward hooks on the layers
+or global ones send the step through the Python loop, which runs them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from chunkattn import native
+
+if TYPE_CHECKING:
+    from chunkattn.model.llama import LlamaForCausalLM
+
+ENV = "CHUNKATTN_NATIVE_LAYERS"
+# DecoderStack.add_linear's kinds (csrc/decoder_cpu.cpp's LinearKind)
+LINEAR_KINDS = {"dense": 0, "panels": 1, "bf16-panels": 2, "quant": 3}
+
+_generation = 0
+
+
+def invalidate() -> None:
+    """Make every stack rebuild before its next use (a module's parameters or packs changed)."""
+    global _generation
+    _generation += 1
+
+
+def _on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    invalidate()
+
+
+# any parameter (re)registered anywhere: `module.weight = nn.Parameter(...)`, set_quantized, ...
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter)
+
+
+def _hooked(model: LlamaForCausalLM) -> bool:
+    """Whether a module the stack replaces has forward hooks (the stack would skip them: the Python loop runs
+    them)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for layer in model.model.layers for m in layer.modules())
+
+
+def enabled() -> bool:
+    """Whether the native layer loop may be used (``CHUNKATTN_NATIVE_LAYERS`` is not ``0``)."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``DecoderStack.add_linear``'s arguments for ``layer`` (a Linear or GateUpLinear), or None when the stack
+    cannot multiply by it the way ``layer.forward`` would."""
+    from chunkattn.model.layers import GateUpLinear, Linear
+    from chunkattn.model.quant import kernel_supported
+
+    if type(layer) not in (Linear, GateUpLinear):
+        return None
+    assert isinstance(layer, Linear)
+    gate_up = isinstance(layer, GateUpLinear)
+    n = layer.intermediate_size if isinstance(layer, GateUpLinear) else layer.out_features
+    bias = layer.bias
+    empty = torch.empty(0)
+    if layer.quant is not None:
+        q = layer.quant
+        if not (x.dtype == torch.bfloat16 and kernel_supported()):
+            return None
+        return (LINEAR_KINDS["quant"], empty, q.packed, bias, q.out_features, q.kind, 0, gate_up)
+    packed = layer._usable_pack(x)  # repacks a weight changed in place
+    if packed is None:
+        return (LINEAR_KINDS["dense"], layer.weight, empty, bias, n, 0, 0, gate_up)
+    if packed.kind not in LINEAR_KINDS:  # "onednn": its product is not called from the stack
+        return None
+    max_rows = min(layer.panel_max_rows(), 2**62) if packed.kind == "bf16-panels" else 0
+    return (LINEAR_KINDS[packed.kind], layer.weight, packed.tensor, bias, n, 0, max_rows, gate_up)
+
+
+def build(model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
+    """A ``DecoderStack`` of ``model``'s layers for inputs like ``x`` (the embeddings of a step), or None when
+    some layer runs differently than the stack could."""
+    from chunkattn.model.layers import RMSNorm
+    from chunkattn.model.llama import MLP, Attention, DecoderLayer
+
+    cfg = model.config
+    if not len(model.model.layers):
+        return None
+    stack = torch.classes.chunkattn_layers.DecoderStack(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    for layer in model.model.layers:
+        if type(layer) is not DecoderLayer:
+            return None
+        assert isinstance(layer, DecoderLayer)
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if type(attn) is not Attention or type(mlp) is not MLP or any(type(m) is not RMSNorm for m in norms):
+            return None
+        specs = [_linear_spec(m, x) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if any(s is None for s in specs):
+            return None
+        for i, spec in enumerate(specs):
+            if i % 2 == 0:  # input_layernorm before qkv_proj, post_attention_layernorm before gate_up_proj
+                stack.add_norm(norms[i // 2].weight, norms[i // 2].eps)
+            stack.add_linear(*spec)  # type: ignore[misc]
+    return stack
+
+
+class NativeLayers:
+    """A model's stack and when it applies; one per model (``LlamaForCausalLM.native_layers``)."""
+
+    def __init__(self) -> None:
+        self.stack: Any | None = None
+        self.key: tuple | None = None  # (generation, dtype) the stack (or its absence) was decided for
+        self.handles = -1  # hook handles ever made when the layers were last checked for hooks
+        self.hooked = False
+
+    def __getstate__(self) -> dict:  # pickles and deep copies rebuild it (it holds the model's tensors)
+        return {**self.__dict__, "stack": None, "key": None, "handles": -1, "hooked": False}
+
+    def get(self, model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
+        # a hook registered anywhere makes a handle (one counter): only then, or while hooked, look at the layers
+        if RemovableHandle.next_id != self.handles or self.hooked:
+            self.handles = RemovableHandle.next_id
+            self.hooked = _hooked(model)
+        if self.hooked:
+            return None
+        key = (_generation, x.dtype)
+        if key != self.key or (self.stack is not None and not self.stack.fresh()):
+            self.stack = None  # drop the old tensors before building the new stack
+            self.stack = build(model, x)
+            self.key = (_generation, x.dtype)  # building may repack (a weight changed in place): bumped
+        return self.stack
+
+    def run(self, model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            attn: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All layers through the stack, or None when it does not apply (run the Python loop)."""
+        from chunkattn.attention.cpu_tpp import CpuBackend, plan_workspace
+
+        hooks = nn.modules.module  # global forward hooks: the Python loop calls them
+        if (type(attn) is not CpuBackend or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+                or attn.cache.dtype != x.dtype or not enabled() or not native.available()):
+            return None
+        stack = self.get(model, x)
+        if stack is None:
+            return None
+        cfg, cache, batch = model.config, attn.cache, attn.batch
+        ws = plan_workspace(attn.attention_plan, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x.dtype)
+        src = None if batch.all_rows_stored else batch.store_rows.contiguous()
+        pool = cache.pool
+        return stack.run(x, cos, sin, pool.k, pool.v, batch.store_kv.contiguous(), src, ws.o_part, ws.ml_part,
+                         ws.idx, attn.scale)
