@@ -191,6 +191,26 @@ def test_cpu_kernel_prefetch_changes_nothing_but_time(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keys", [1, 16, 37, 64, 128])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 8, 64), (32, 8, 64), (12, 4, 128)])
+def test_cpu_kernel_wide_blocks_of_any_length(dtype, keys, q_heads, kv_heads, head_dim):
+    """Wide decode tasks take their keys in blocks (chunkattn_cpu.set_wide_block; 0: 64 for bf16 at d = 64 on
+    AVX512-BF16 dot products, else 16): any block length gives the reference's attention, over lists that are
+    not a multiple of it, with and without splits."""
+    ops = torch.ops.chunkattn_cpu
+    torch.manual_seed(keys + q_heads)
+    cache, batch = shared_prompt_batch(batch=3, shared=70, private=301, chunk_size=32, head_dim=head_dim,
+                                       kv_heads=kv_heads, dtype=dtype, decode=True)
+    assert ops.set_wide_block(keys) == 0
+    try:
+        check_attention(cache, batch, q_heads, "cpu")
+    finally:
+        assert ops.set_wide_block(0) == keys
+    with pytest.raises(RuntimeError, match="set_wide_block"):
+        ops.set_wide_block(129)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("min_piece,min_split", [(64, 64), (4096, 4096)])
 def test_cpu_kernel_shared_pieces_and_decode_splits(dtype, min_piece, min_split, monkeypatch):
     """Shared runs cut into pieces of whole chunks (each a partial per row, merged) and long decode lists split

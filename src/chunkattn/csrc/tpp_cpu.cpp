@@ -44,7 +44,8 @@ using namespace chunkattn;
 
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
-constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2; hsum16)
+constexpr int kWideBlock = 16;     // keys per block of a wide task (head by head over rows kept in L2; hsum16);
+                                    // bf16 at d = 64: 64 (wide_block_keys)
 constexpr int kKeysT = 12;         // keys per score tile of the key-major path (12 x 2 vectors of rows)
 constexpr float kLazyMax = 8.f;    // AMX path: a row's reference maximum moves when exceeded by this (log2 units)
 constexpr float kLazyLimit = 256.f;  // 2^kLazyMax: a block's probabilities summing to less exceed no reference
@@ -1034,6 +1035,24 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
 // 32 sequences after a 1K-token prompt, 30 layers in turn, bf16 on a 2-core Xeon with AMX: 391 -> 317 us a
 // layer (how far ahead made no difference: 0 to 512 keys).
 std::atomic<bool> g_prefetch{true};  // chunkattn_cpu.set_prefetch: off for A/B runs
+std::atomic<int64_t> g_wide_block{0};  // chunkattn_cpu.set_wide_block: keys per wide block, 0: wide_block_keys's
+
+// Keys per block of a wide task at d = 64 and 128. bf16 by AVX512-BF16 dot products at d = 64: 64 (each row's
+// softmax update, its accumulators' loads and stores and the value pairs' setup then serve 64 keys instead of
+// 16: one sequence decoding after 600 / 2048 keys, 30 layers, on the 2-core Zen 4 VM, SmolLM2's 9 / 3 heads
+// 27.1 -> 20.3 / 97.7 -> 84.2 us a layer, Llama-3.2-1B's 32 / 8 110.8 -> 82.5 / 291 -> 263, 8 / 8 heads 67.4 ->
+// 55.9 / 230 -> 199). Else kWideBlock: at d = 128 (12 / 4 heads) and in float32 longer blocks were slower (1B's
+// float32 at 2048 keys 359 -> 542 us with 64).
+template <typename T>
+int64_t wide_block_keys(int64_t d) {
+  const int64_t forced = g_wide_block.load(std::memory_order_relaxed);
+  if (forced > 0) return std::min<int64_t>(forced, kKeyBlock);
+#ifdef CHUNKATTN_BF16_DOT
+  if (std::is_same_v<T, c10::BFloat16> && d == 64) return 64;
+#endif
+  (void)d;
+  return kWideBlock;
+}
 
 template <typename T>
 inline void prefetch_row(const T* k, const T* v, int64_t row, int64_t row_stride, int64_t n) {
@@ -1173,19 +1192,19 @@ inline void pv_wide_bf16(const Layout& L, const c10::BFloat16* v, int64_t nk, Sc
 // at once (hsum16), a partial one key by key. (scale = 1 is exact: float32 scores are pre-scaled.)
 template <typename Dot>
 inline void wide_scores(int64_t nk, float scale, float* si, Dot dot) {
-  if (nk == 16) {
+  int64_t t0 = 0;
+  for (; t0 + 16 <= nk; t0 += 16) {
     v16 a[16];
 #pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) a[t] = dot(t);
-    store(si, hsum16(a) * scale);
-  } else {
-    for (int64_t t = 0; t < nk; ++t) si[t] = hsum(dot(t)) * scale;
+    for (int t = 0; t < 16; ++t) a[t] = dot(t0 + t);
+    store(si + t0, hsum16(a) * scale);
   }
+  for (int64_t t = t0; t < nk; ++t) si[t] = hsum(dot(t)) * scale;
 }
 
 // attend_block_wide for d = 16 * DV, head by head: each head's query (scores) and accumulator (values) stay in
 // registers across the block's keys, so a (key, head) costs DV multiply-adds and loads of K or V, with no
-// accumulator traffic through memory. The block is short (kWideBlock keys) so that its rows stay in L2 while
+// accumulator traffic through memory. The block is short (wide_block_keys) so that its rows stay in L2 while
 // every head passes over them.
 template <int DV, typename T>
 void attend_block_wide_fixed(const Layout& L, const T* k, const T* v, int64_t nk, Scratch& ws, LineFeed& feed) {
@@ -1731,7 +1750,7 @@ void run_wide(const Layout& L, const Plan& P, int64_t task, const T* q, const T*
   std::fill(ws.m.begin(), ws.m.begin() + hq, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + hq, 0.f);
   const bool fixed = d == 64 || d == 128;
-  const int64_t block = fixed ? kWideBlock : kKeyBlock, used = L.hkv * d;
+  const int64_t block = fixed ? wide_block_keys<T>(d) : kKeyBlock, used = L.hkv * d;
   LineFeed feed;  // GQA groups >= 2 at d = 64, 128: each block's lines asked for during the block before it
   auto wide_block = [&](int64_t nk) {
     switch (d) {
@@ -1989,6 +2008,10 @@ TORCH_LIBRARY(chunkattn_cpu, m) {
 #endif
   });
   m.def("set_prefetch(bool enabled) -> bool", [](bool enabled) -> bool { return g_prefetch.exchange(enabled); });
+  m.def("set_wide_block(int keys) -> int", [](int64_t keys) -> int64_t {  // 0: wide_block_keys's choice
+    TORCH_CHECK(keys >= 0 && keys <= kKeyBlock, "set_wide_block: keys must be in [0, ", kKeyBlock, "]");
+    return g_wide_block.exchange(keys);
+  });
   m.def("amx_tasks() -> int", []() -> int64_t {
 #ifdef CHUNKATTN_AMX
     return g_amx_tasks.load();
