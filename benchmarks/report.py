@@ -831,8 +831,11 @@ VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json",
               "peer-vllm-cpu-2026-12-06-zen4.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
               "peer-vllm-cpu-2026-12-02-zen5-passive.json",
               "peer-vllm-cpu-2026-12-02-xeon-a.json", "peer-vllm-cpu-2026-12-02-xeon-b.json"]
-LLAMACPP_BENCH = ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
-                  "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]
+# one request at a time: the runs of each machine, newest machine first
+LLAMACPP_BENCH = [["peer-llamacpp-2026-12-07-zen4-q4-native-layers-run1.json",
+                   "peer-llamacpp-2026-12-07-zen4-q4-native-layers-run2.json"],
+                  ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
+                   "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
 # each kernel file with the dtypes whose columns it gives (a newer file supersedes an older one's dtype)
 KERNEL_FILES = [("peer-vllm-cpu-2026-12-06-xeon-amx-wideamx-kernel.json", ("bfloat16",)),
@@ -980,27 +983,38 @@ def block_kernel(j: Journal) -> list[str]:
 
 
 def block_llamacpp(j: Journal) -> list[str]:
-    runs = [(n, load(n)) for n in LLAMACPP_BENCH]
+    """llama.cpp against chunkattn on the same Q4_1 file: one request at a time on each machine (chunkattn decodes
+    after its 512-token prompt: against llama-bench's tg128@d512 where the run has it, else its tg128 from an
+    empty context), and the shared-prompt serve workload."""
+    rows = []
+    for names in LLAMACPP_BENCH:
+        runs = [(n, load(n)) for n in names]
+        machines = {machine_label(n, d, vm="2-core") for n, d in runs}
+        if len(machines) != 1:
+            raise SystemExit(f"benchmarks/report.py: one group of llama.cpp runs ran on different machines: {machines}")
+        machine = machines.pop().removeprefix("2-core ").removesuffix(" VM")
 
-    def vals(key: str) -> str:
-        return " / ".join(f"{d['rows'][key]['tokens_per_s']:.0f}" for _, d in runs)
+        def vals(key: str, runs: list = runs) -> str:
+            return " / ".join(f"{d['rows'][key]['tokens_per_s']:.0f}" for _, d in runs)
 
+        dates = ", ".join(sorted({d["date"] for _, d in runs}))
+        deep = all("llama-bench tg128@d512" in d["rows"] for _, d in runs)
+        tg = (f"llama.cpp at the same depth; from an empty context {vals('llama-bench tg128')}" if deep
+              else "llama.cpp from an empty context")
+        rows += [[f"{machine}, one request: prompt of 512, tok/s ({dates}, {len(runs)} runs; "
+                  f"[details]({doc_link(j, names[0])}))", vals("llama-bench pp512"),
+                  vals("chunkattn bfloat16 q4_1/q8_0 pp512"), vals("chunkattn bfloat16 none pp512")],
+                 [f"{machine}, one request: 128 generated after it, tok/s ({tg})",
+                  vals("llama-bench tg128@d512" if deep else "llama-bench tg128"),
+                  vals("chunkattn bfloat16 q4_1/q8_0 tg128"), vals("chunkattn bfloat16 none tg128")]]
     s = load(LLAMACPP_SERVE)
     ls, cs = s["rows"]["llama-server-serve"], s["rows"]["chunkattn-serve"]
-    machines = {machine_label(n, d, vm="2-core") for n, d in [*runs, (LLAMACPP_SERVE, s)]}
-    if len(machines) != 1:
-        raise SystemExit(f"benchmarks/report.py: the llama.cpp rows ran on different machines: {machines}")
-    dates = sorted({d["date"] for _, d in runs})
-    rows = [[f"one request: prompt of 512, tok/s ({', '.join(dates)}, {len(runs)} runs; "
-             f"[details]({doc_link(j, LLAMACPP_BENCH[0])}))", vals("llama-bench pp512"),
-             vals("chunkattn bfloat16 q4_1/q8_0 pp512"), vals("chunkattn bfloat16 none pp512")],
-            [f"one request: 128 generated, tok/s ({', '.join(dates)}, the same runs)", vals("llama-bench tg128"),
-             vals("chunkattn bfloat16 q4_1/q8_0 tg128"), vals("chunkattn bfloat16 none tg128")],
-            [f"32 requests on a shared 1024-token prompt: output tok/s, TTFT p50 ({s['date']}; "
-             f"[details]({doc_link(j, LLAMACPP_SERVE)}))", f"{ls['output_tokens_per_s']:.1f}, "
-             f"{ls['ttft_p50_ms'] / 1000:.1f} s", "-", f"{cs['output_tokens_per_s']:.0f}, "
-             f"{cs['ttft_p50_ms'] / 1000:.1f} s"]]
-    return table([f"{machines.pop()}, SmolLM2 Q4_1 file", "llama.cpp", "chunkattn bf16, blocks as stored",
+    serve_machine = machine_label(LLAMACPP_SERVE, s, vm="2-core").removeprefix("2-core ").removesuffix(" VM")
+    rows.append([f"{serve_machine}, 32 requests on a shared 1024-token prompt: output tok/s, TTFT p50 "
+                 f"({s['date']}; [details]({doc_link(j, LLAMACPP_SERVE)}))", f"{ls['output_tokens_per_s']:.1f}, "
+                 f"{ls['ttft_p50_ms'] / 1000:.1f} s", "-", f"{cs['output_tokens_per_s']:.0f}, "
+                 f"{cs['ttft_p50_ms'] / 1000:.1f} s"])
+    return table(["2-core VMs, SmolLM2 Q4_1 file", "llama.cpp", "chunkattn bf16, blocks as stored",
                   "chunkattn bf16, dequantized at load"], rows)
 
 
