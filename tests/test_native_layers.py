@@ -12,6 +12,7 @@ from torch import nn
 from chunkattn import PrefixKVCache, native
 from chunkattn.attention import get_backend
 from chunkattn.model import load_model
+from chunkattn.model.layers import Linear
 from chunkattn.model.llama import DecoderLayer
 from chunkattn.model.native_layers import ENV
 from chunkattn.model.quant import kernel_supported
@@ -159,7 +160,14 @@ def test_stack_follows_weight_changes_hooks_and_backends(tmp_path, monkeypatch):
     # `.data =` on a linear weight swaps its storage
     down = model.model.layers[0].mlp.down_proj
     down.weight.data = down.weight.data.flip(0).contiguous()
-    assert not torch.equal(again(), replaced)
+    swapped = again()
+    assert not torch.equal(swapped, replaced)
+    # a layer replaced (the module registration hook)
+    new_down = Linear(down.in_features, down.out_features).to(dtype)
+    new_down.load_state_dict({"weight": down.weight.detach() * 0.5})
+    new_down.prepack()
+    model.model.layers[0].mlp.down_proj = new_down
+    assert not torch.equal(again(), swapped)
     # a forward hook on a layer: the Python loop runs, so that the hook sees its call
     seen = []
     handle = model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: seen.append(out.shape))

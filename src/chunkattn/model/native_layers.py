@@ -8,10 +8,10 @@ loop, in the same order with the same arguments, so the logits are bit-equal; wh
 dispatcher overhead of ~9 kernel calls per layer (on the 2-core Zen 4 VM ~3 ms of a ~8.5 ms one-sequence
 SmolLM2 decode step). ``CHUNKATTN_NATIVE_LAYERS=0`` keeps the Python loop (for A/B runs and debugging).
 
-The stack holds the layers' tensors. It is rebuilt when it may be stale: a parameter registered or replaced in
-any module, a linear layer repacked, moved or quantized (a generation counter they bump), or a weight or pack
-changed in place or its storage swapped (versions and data pointers, checked by ``DecoderStack.fresh``: the
-layers repack such a weight on their next call, so the stack is rebuilt from them). Forward hooks on the layers
+The stack holds the layers' tensors. It is rebuilt when it may be stale: a parameter or submodule registered or
+replaced in any module, a linear layer repacked, moved or quantized (a generation counter they bump), or a weight
+or pack changed in place or its storage swapped (versions and data pointers, checked by ``DecoderStack.fresh``:
+the layers repack such a weight on their next call, so the stack is rebuilt from them). Forward hooks on the layers
 or global ones send the step through the Python loop, which runs them.
 """
 
@@ -42,12 +42,14 @@ def invalidate() -> None:
     _generation += 1
 
 
-def _on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+def _on_registration(module: nn.Module, name: str, value: object) -> None:
     invalidate()
 
 
-# any parameter (re)registered anywhere: `module.weight = nn.Parameter(...)`, set_quantized, ...
-torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter)
+# any parameter or submodule (re)registered anywhere: `module.weight = nn.Parameter(...)`, set_quantized, a layer
+# replaced or appended, ...
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_on_registration)
 
 
 def _hooked(model: LlamaForCausalLM) -> bool:
@@ -149,7 +151,7 @@ class NativeLayers:
 
         hooks = nn.modules.module  # global forward hooks: the Python loop calls them
         if (type(attn) is not CpuBackend or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+                or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous()
                 or attn.cache.dtype != x.dtype or not enabled() or not native.available()):
             return None
         stack = self.get(model, x)
