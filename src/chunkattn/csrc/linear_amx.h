@@ -84,16 +84,16 @@ struct RowTiles {
   int64_t ld0, ld1;
 };
 
-// Prefetch a step's `bytes`, kPrefetchBytes ahead of `step` in a weight stream, when they lie before `limit`
-// (the end of this thread's panels). Locality 3 is prefetcht0 (into L1), 2 prefetcht1 (into L2). Measured on the
-// AMX Xeon VM, 1B-shape products out of cache: prefetcht1 takes 0.76x the time for Q8_0 at one row (integer x),
-// 0.84x for Q4 at one row (direct), 0.86x for Q8_0 at 32 rows (tiles); Q4 tiles 1.03-1.08x and the bf16 panels on
-// tiles within noise either way, so those keep prefetcht0 (linear_quant.cpp picks per loop). The bf16 panels by
-// vdpbf16ps (no AMX) take prefetcht1: on the Zen 4 VM the 1B shape's products at one row streamed ~24 GB/s with it,
-// ~16 without.
-template <int Locality = 3>
+// Prefetch a step's `bytes`, `Ahead` bytes (kPrefetchBytes unless the caller says) ahead of `step` in a weight
+// stream, when they lie before `limit` (the end of this thread's panels). Locality 3 is prefetcht0 (into L1), 2
+// prefetcht1 (into L2). Measured on the AMX Xeon VM, 1B-shape products out of cache: prefetcht1 takes 0.76x the
+// time for Q8_0 at one row (integer x), 0.84x for Q4 at one row (direct), 0.86x for Q8_0 at 32 rows (tiles); Q4
+// tiles 1.03-1.08x and the bf16 panels on tiles within noise either way, so those keep prefetcht0
+// (linear_quant.cpp picks per loop). The bf16 panels by vdpbf16ps (no AMX) take prefetcht1: on the Zen 4 VM the 1B
+// shape's products at one row streamed ~24 GB/s with it, ~16 without (then 4 KB ahead; now kVectorPrefetchBytes).
+template <int Locality = 3, int64_t Ahead = kPrefetchBytes>
 inline void prefetch_ahead(const void* step, int64_t bytes, const void* limit) {
-  const char* pf = static_cast<const char*>(step) + kPrefetchBytes;
+  const char* pf = static_cast<const char*>(step) + Ahead;
   if (pf + bytes <= static_cast<const char*>(limit))
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(pf + b, 0, Locality);
 }
@@ -114,6 +114,12 @@ inline void with_rows(int64_t rows, F f) {
 // vdpbf16ps on the panels: CPUs with AVX512-BF16, with or without AMX (the quantized kernels' vector paths, and
 // the bf16 linears where there are no tiles).
 #define CHUNKATTN_BF16_DOT 1
+
+// How far ahead panel_vector prefetches its weight stream: 2 KB a step (two bf16 tiles), so 4 KB (kPrefetchBytes,
+// which the quantized streams' 0.6-1 KB steps take) was only two steps. SmolLM2's bf16 products, one pass over
+// every layer's weights at 1 / 4 / 8 rows on the Zen 4 VM, alternated twice: 13.3-13.6 / 11.9-12.6 / 14.2-16.0 ms
+// with 4 KB, 10.7-11.4 / 9.9-10.9 / 10.9-11.6 with 8 KB (~20 -> ~24-25 GB/s), the same with 16 KB, slower with 32.
+constexpr int64_t kVectorPrefetchBytes = 8192;
 
 // x's pair (x[32s + 2r], x[32s + 2r + 1]) in every lane: the vdpbf16ps operand facing row r of step s's tiles.
 inline __m512bh x_pair(const c10::BFloat16* x, int64_t s, int r) {
@@ -141,7 +147,7 @@ inline void panel_vector(const c10::BFloat16* const* x, int64_t steps, const c10
   for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
     const c10::BFloat16* ws = w + 2 * kTile * s;
-    if (limit != nullptr) prefetch_ahead<2>(ws, 2 * kTile * 2, limit);
+    if (limit != nullptr) prefetch_ahead<2, kVectorPrefetchBytes>(ws, 2 * kTile * 2, limit);
     for (int r = 0; r < 16; ++r) {
       const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + 32 * r));
       const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ws + kTile + 32 * r));
