@@ -116,9 +116,10 @@ inline void with_rows(int64_t rows, F f) {
 #define CHUNKATTN_BF16_DOT 1
 
 // How far ahead panel_vector prefetches its weight stream: 2 KB a step (two bf16 tiles), so 4 KB (kPrefetchBytes,
-// which the quantized streams' 0.6-1 KB steps take) was only two steps. SmolLM2's bf16 products, one pass over
-// every layer's weights at 1 / 4 / 8 rows on the Zen 4 VM, alternated twice: 13.3-13.6 / 11.9-12.6 / 14.2-16.0 ms
-// with 4 KB, 10.7-11.4 / 9.9-10.9 / 10.9-11.6 with 8 KB (~20 -> ~24-25 GB/s), the same with 16 KB, slower with 32.
+// which the quantized streams' 0.6-1 KB steps take) was two steps. SmolLM2's bf16 products, one pass over every
+// layer's weights, on the Zen 4 VM, one build with the distance from the environment, alternated three times: at
+// 1 row 11.2 / 17.2 / 11.2 ms with 4 KB, 10.7 / 11.6 / 10.8 with 8 KB, 10.5 / 12.0 / 11.0 with 16 KB; at 8 rows
+// 12.0 / 16.7 / 12.9 against 10.8 / 11.7 / 13.8 (a gain of ~5-10%, near this VM's noise; 32 KB was slower).
 constexpr int64_t kVectorPrefetchBytes = 8192;
 
 // x's pair (x[32s + 2r], x[32s + 2r + 1]) in every lane: the vdpbf16ps operand facing row r of step s's tiles.
