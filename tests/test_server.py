@@ -58,7 +58,7 @@ def test_open_routes_and_auth(tiny):
     version = httpx.get(tiny.url + "/version").json()
     assert version["version"] and version["system"]["cpu"]["model"]
     assert set(version["system"]["paths"]) == {"attention", "linear float32", "linear bfloat16", "linear quantized",
-                                               "elementwise"}
+                                               "elementwise", "layer loop"}
     assert "chunkattn:kv_cache_usage_perc" in httpx.get(tiny.url + "/metrics").text
     r = httpx.get(tiny.url + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

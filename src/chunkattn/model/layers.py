@@ -12,10 +12,22 @@ import torch
 from torch import nn
 
 from chunkattn import native
-from chunkattn.model import native_layers
 from chunkattn.model.config import ModelConfig
 from chunkattn.model.quant import QuantizedWeight
 from chunkattn.utils import cdiv
+
+_pack_generation = 0
+
+
+def pack_generation() -> int:
+    """A counter bumped whenever a :class:`Linear` is repacked, quantized or moved: what a stack of the layers
+    holds (:mod:`chunkattn.model.native_layers`) is then stale."""
+    return _pack_generation
+
+
+def _packs_changed() -> None:
+    global _pack_generation
+    _pack_generation += 1
 
 
 def _native(x: torch.Tensor) -> bool:
@@ -85,7 +97,7 @@ class Linear(nn.Module):
             raise ValueError(f"a {type(self).__name__} of weight {list(want)} cannot take a quantized weight of "
                              f"{list(have)} (gate_up={quant.gate_up})")
         self.quant, self.packed = quant, None
-        native_layers.invalidate()
+        _packs_changed()
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
@@ -118,7 +130,7 @@ class Linear(nn.Module):
         """Pack the weight for the CPU (fp32/bf16); returns whether it did. ``batch_hint``: the rows oneDNN
         tunes its layout for."""
         self.packed = None
-        native_layers.invalidate()  # a stack of the layers holds the old pack
+        _packs_changed()  # a stack of the layers holds the old pack
         if self.quant is not None or not self.can_prepack(self.weight):
             return False
         with torch.no_grad():
@@ -140,7 +152,7 @@ class Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
         self.packed = None
-        native_layers.invalidate()
+        _packs_changed()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # pickles and deep copies leave the pack behind (it is per machine)

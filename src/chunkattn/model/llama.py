@@ -98,6 +98,20 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.native_layers = NativeLayers()  # the layer loop in one native call where it applies
 
+    def native_layer_parts(self) -> list[tuple[nn.Module, ...]] | None:
+        """Each layer's (input_layernorm, qkv_proj, o_proj, post_attention_layernorm, gate_up_proj, down_proj),
+        the modules :mod:`chunkattn.model.native_layers` runs in one native call; None when a layer is not this
+        file's (a subclass may compute differently)."""
+        parts: list[tuple[nn.Module, ...]] = []
+        for layer in self.model.layers:
+            if (type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention
+                    or type(layer.mlp) is not MLP):
+                return None
+            attn, mlp = layer.self_attn, layer.mlp
+            parts.append((layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
+                          mlp.gate_up_proj, mlp.down_proj))
+        return parts
+
     def prepack(self, batch_hint: int = 32) -> int:
         """Prepack every linear layer's weight for the CPU (see :class:`Linear`); returns how many were."""
         return sum(m.prepack(batch_hint) for m in self.modules() if isinstance(m, Linear))

@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from chunkattn import native
+from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, pack_generation
+from chunkattn.model.quant import kernel_supported
 
 if TYPE_CHECKING:
     from chunkattn.model.llama import LlamaForCausalLM
@@ -37,7 +39,8 @@ _generation = 0
 
 
 def invalidate() -> None:
-    """Make every stack rebuild before its next use (a module's parameters or packs changed)."""
+    """Make every stack rebuild before its next use (a module's parameters or submodules changed; a Linear's
+    repacking counts through :func:`~chunkattn.model.layers.pack_generation`)."""
     global _generation
     _generation += 1
 
@@ -66,9 +69,6 @@ def enabled() -> bool:
 def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
     """``DecoderStack.add_linear``'s arguments for ``layer`` (a Linear or GateUpLinear), or None when the stack
     cannot multiply by it the way ``layer.forward`` would."""
-    from chunkattn.model.layers import GateUpLinear, Linear
-    from chunkattn.model.quant import kernel_supported
-
     if type(layer) not in (Linear, GateUpLinear):
         return None
     assert isinstance(layer, Linear)
@@ -93,27 +93,21 @@ def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
 def build(model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
     """A ``DecoderStack`` of ``model``'s layers for inputs like ``x`` (the embeddings of a step), or None when
     some layer runs differently than the stack could."""
-    from chunkattn.model.layers import RMSNorm
-    from chunkattn.model.llama import MLP, Attention, DecoderLayer
-
-    cfg = model.config
-    if not len(model.model.layers):
+    parts = model.native_layer_parts()
+    if not parts:
         return None
+    cfg = model.config
     stack = torch.classes.chunkattn_layers.DecoderStack(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-    for layer in model.model.layers:
-        if type(layer) is not DecoderLayer:
+    for in_norm, qkv, o, post_norm, gate_up, down in parts:
+        if type(in_norm) is not RMSNorm or type(post_norm) is not RMSNorm:
             return None
-        assert isinstance(layer, DecoderLayer)
-        attn, mlp = layer.self_attn, layer.mlp
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if type(attn) is not Attention or type(mlp) is not MLP or any(type(m) is not RMSNorm for m in norms):
-            return None
-        specs = [_linear_spec(m, x) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        specs = [_linear_spec(m, x) for m in (qkv, o, gate_up, down)]
         if any(s is None for s in specs):
             return None
         for i, spec in enumerate(specs):
             if i % 2 == 0:  # input_layernorm before qkv_proj, post_attention_layernorm before gate_up_proj
-                stack.add_norm(norms[i // 2].weight, norms[i // 2].eps)
+                norm = in_norm if i == 0 else post_norm
+                stack.add_norm(norm.weight, norm.eps)
             stack.add_linear(*spec)  # type: ignore[misc]
     return stack
 
@@ -123,7 +117,7 @@ class NativeLayers:
 
     def __init__(self) -> None:
         self.stack: Any | None = None
-        self.key: tuple | None = None  # (generation, dtype) the stack (or its absence) was decided for
+        self.key: tuple | None = None  # (generations, dtype) the stack (or its absence) was decided for
         self.handles = -1  # hook handles ever made when the layers were last checked for hooks
         self.hooked = False
 
@@ -137,11 +131,11 @@ class NativeLayers:
             self.hooked = _hooked(model)
         if self.hooked:
             return None
-        key = (_generation, x.dtype)
+        key = (_generation, pack_generation(), x.dtype)
         if key != self.key or (self.stack is not None and not self.stack.fresh()):
             self.stack = None  # drop the old tensors before building the new stack
             self.stack = build(model, x)
-            self.key = (_generation, x.dtype)  # building may repack (a weight changed in place): bumped
+            self.key = (_generation, pack_generation(), x.dtype)  # building may repack (a weight changed in place)
         return self.stack
 
     def run(self, model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
