@@ -67,7 +67,7 @@ def both(model, attn, ids, pos, monkeypatch, counter) -> torch.Tensor:
     assert counter.calls == before, "the native layer loop did not run"
     monkeypatch.setenv(ENV, "0")
     python = model(ids, pos, attn)
-    assert counter.calls == before + model.config.num_layers
+    assert counter.calls == before + len(model.model.layers)
     assert torch.equal(stacked, python), float((stacked - python).abs().max())
     return stacked
 
@@ -192,6 +192,70 @@ def test_stack_follows_weight_changes_hooks_and_backends(tmp_path, monkeypatch):
     calls = counter.calls
     model(ids, pos, planned("torch"))
     assert counter.calls == calls + model.config.num_layers
+
+
+def test_stack_follows_changes_no_registration_hook_sees(tmp_path, monkeypatch):
+    """Changes that no parameter or module registration reports: a bias set to None, a norm's eps, a forward set
+    on an instance, a hooked module put into a layer, layers deleted or reordered."""
+    model = make_model(tmp_path, "qwen2-gqa3-d64", torch.float32)  # a q/k/v bias
+    counter = Counter(monkeypatch)
+    cache = new_cache(model, torch.float32)
+    seq = cache.add_sequence([1, 2, 3, 4, 5])
+    step(model, cache, [seq], [[1, 2, 3, 4, 5]], monkeypatch, counter)
+    batch = cache.extend([seq], [[6]])
+    ids, pos = torch.tensor([6]), torch.tensor([5])
+
+    def planned(cache=cache, batch=batch):
+        attn = get_backend("cpu", cache)
+        attn.plan(batch)
+        return attn
+
+    def native_ran(cache=cache, batch=batch) -> bool:
+        monkeypatch.setenv(ENV, "1")
+        calls = counter.calls
+        model(ids, pos, planned(cache, batch))
+        return counter.calls == calls
+
+    first = both(model, planned(), ids, pos, monkeypatch, counter)
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    qkv.bias = None  # a parameter set to None: no registration hook runs
+    no_bias = both(model, planned(), ids, pos, monkeypatch, counter)
+    assert not torch.equal(no_bias, first)
+    model.model.layers[0].input_layernorm.eps = 0.5  # a plain attribute
+    assert not torch.equal(both(model, planned(), ids, pos, monkeypatch, counter), no_bias)
+    # a forward set on an instance: the Python loop calls it
+    mlp = model.model.layers[0].mlp
+    seen = []
+    mlp_forward = type(mlp).forward
+
+    def traced(x: torch.Tensor) -> torch.Tensor:
+        seen.append(1)
+        return mlp_forward(mlp, x)
+
+    mlp.forward = traced
+    assert not native_ran() and seen
+    del mlp.forward
+    assert native_ran()
+    # a module that already has a hook, put into a layer: the hook runs
+    hooked = Linear(qkv.in_features, qkv.out_features, bias=False)
+    hooked.load_state_dict({"weight": qkv.weight.detach().clone()})
+    hooked.prepack()
+    hook_calls = []
+    hooked.register_forward_hook(lambda m, a, out: hook_calls.append(1))
+    assert native_ran()  # the handle was made before the layer took the module
+    model.model.layers[1].self_attn.qkv_proj = hooked
+    assert not native_ran() and hook_calls
+    model.model.layers[1].self_attn.qkv_proj = qkv
+    assert native_ran()
+    # a layer deleted (ModuleList moves its modules without a hook): the stack runs the two left, on the
+    # 3-layer cache as the Python loop does
+    del model.model.layers[2]
+    both(model, planned(), ids, pos, monkeypatch, counter)
+    assert model.native_layers.stack.num_layers() == 2
+    # layers reordered: layer i no longer attends on the cache's layer i, so the Python loop runs
+    model.model.layers.insert(0, model.model.layers[1])
+    del model.model.layers[2]
+    assert not native_ran()
 
 
 def test_info_names_the_layer_loop(monkeypatch):

@@ -104,10 +104,10 @@ struct DecoderStack : torch::CustomClassHolder {
   }
 
   // All layers of one step. x: [N, hidden], the embeddings of the step's new tokens (overwritten); cos, sin:
-  // [N, head_dim / 2] float32; k_cache, v_cache: the pool's [layers, rows, kv_heads, head_dim]; dst (src): the
-  // cache rows the new K/V go to (the rows of k/v they come from, none: all in order); o_part, ml_part, idx:
-  // the attention plan's chunkattn_cpu.tpp workspace. Returns (the last layer's output, the residual stream
-  // before it), as LlamaForCausalLM's layer loop.
+  // [N, head_dim / 2] float32; k_cache, v_cache: the pool's [layers, rows, kv_heads, head_dim] (layer l of the
+  // stack attends on the cache's layer l); dst (src): the cache rows the new K/V go to (the rows of k/v they come
+  // from, none: all in order); o_part, ml_part, idx: the attention plan's chunkattn_cpu.tpp workspace. Returns
+  // (the last layer's output, the residual stream before it), as LlamaForCausalLM's layer loop.
   std::tuple<at::Tensor, at::Tensor> run(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
                                          at::Tensor v_cache, at::Tensor dst, c10::optional<at::Tensor> src,
                                          at::Tensor o_part, at::Tensor ml_part, std::vector<at::Tensor> idx,
@@ -117,8 +117,10 @@ struct DecoderStack : torch::CustomClassHolder {
                 "DecoderStack.run: the stack has ", norms.size(), " norms and ", linears.size(),
                 " linear layers, not 2 and 4 per layer");
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecoderStack.run: x must be a contiguous [rows, hidden]");
-    TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == layers && v_cache.sizes() == k_cache.sizes(),
-                "DecoderStack.run: k_cache and v_cache must be [", layers, ", rows, kv_heads, head_dim]");
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) >= layers && k_cache.size(2) == kv_heads &&
+                    k_cache.size(3) == head_dim && v_cache.sizes() == k_cache.sizes(),
+                "DecoderStack.run: k_cache and v_cache must be [layers >= ", layers, ", rows, ", kv_heads, ", ",
+                head_dim, "], got ", k_cache.sizes(), " and ", v_cache.sizes());
     const int64_t n = x.size(0), q_size = heads * head_dim, kv_size = kv_heads * head_dim;
     const at::Tensor out = at::empty({n, heads, head_dim}, x.options());
     const at::Tensor lse = at::empty({n, heads}, x.options().dtype(at::kFloat));

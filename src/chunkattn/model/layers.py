@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,18 +17,29 @@ from chunkattn.model.config import ModelConfig
 from chunkattn.model.quant import QuantizedWeight
 from chunkattn.utils import cdiv
 
-_pack_generation = 0
+_generation = 0
 
 
-def pack_generation() -> int:
-    """A counter bumped whenever a :class:`Linear` is repacked, quantized or moved: what a stack of the layers
-    holds (:mod:`chunkattn.model.native_layers`) is then stale."""
-    return _pack_generation
+def generation() -> int:
+    """A counter bumped whenever an attribute of a :class:`WatchedModule` (the decoder's layers and their linear
+    layers and norms) is set or deleted: a parameter or submodule replaced, a bias set to None, ``eps``, a pack
+    (:meth:`Linear.prepack`), a quantized weight, a moved module, a ``forward`` set on the instance. What a stack
+    of the layers holds (:mod:`chunkattn.model.native_layers`) is then stale."""
+    return _generation
 
 
-def _packs_changed() -> None:
-    global _pack_generation
-    _pack_generation += 1
+class WatchedModule(nn.Module):
+    """An ``nn.Module`` whose attribute assignments and deletions bump :func:`generation`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        global _generation
+        super().__setattr__(name, value)
+        _generation += 1
+
+    def __delattr__(self, name: str) -> None:
+        global _generation
+        super().__delattr__(name)
+        _generation += 1
 
 
 def _native(x: torch.Tensor) -> bool:
@@ -48,7 +60,7 @@ class PackedWeight:
     batch_hint: int  # the rows oneDNN tuned its layout for
 
 
-class Linear(nn.Module):
+class Linear(WatchedModule):
     """``y = x W^T (+ b)`` whose weight can be prepacked for the CPU.
 
     On the CPU, :meth:`prepack` reorders the weight once: float32 on CPUs with AVX-512 into chunkattn's own
@@ -97,7 +109,6 @@ class Linear(nn.Module):
             raise ValueError(f"a {type(self).__name__} of weight {list(want)} cannot take a quantized weight of "
                              f"{list(have)} (gate_up={quant.gate_up})")
         self.quant, self.packed = quant, None
-        _packs_changed()
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
@@ -130,7 +141,6 @@ class Linear(nn.Module):
         """Pack the weight for the CPU (fp32/bf16); returns whether it did. ``batch_hint``: the rows oneDNN
         tunes its layout for."""
         self.packed = None
-        _packs_changed()  # a stack of the layers holds the old pack
         if self.quant is not None or not self.can_prepack(self.weight):
             return False
         with torch.no_grad():
@@ -152,7 +162,6 @@ class Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
         self.packed = None
-        _packs_changed()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # pickles and deep copies leave the pack behind (it is per machine)
@@ -233,7 +242,7 @@ class Embedding(nn.Embedding):
         return super().extra_repr() + (f", quantized={self.quant.qtype}" if self.quant is not None else "")
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(WatchedModule):
     """RMSNorm; ``forward(x, residual)`` first adds ``x`` to the residual stream (vLLM's fused form)."""
 
     def __init__(self, dim: int, eps: float):

@@ -13,11 +13,20 @@ from torch import nn
 
 from chunkattn.attention.backend import AttentionBackend
 from chunkattn.model.config import ModelConfig
-from chunkattn.model.layers import Embedding, GateUpLinear, Linear, RMSNorm, apply_rope_, rope_cos_sin, rope_inv_freq
+from chunkattn.model.layers import (
+    Embedding,
+    GateUpLinear,
+    Linear,
+    RMSNorm,
+    WatchedModule,
+    apply_rope_,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from chunkattn.model.native_layers import NativeLayers
 
 
-class Attention(nn.Module):
+class Attention(WatchedModule):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -37,7 +46,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(n, self.q_size))
 
 
-class MLP(nn.Module):
+class MLP(WatchedModule):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
@@ -48,7 +57,7 @@ class MLP(nn.Module):
         return self.down_proj(self.gate_up_proj(x))  # [N, hidden] -> [N, I] -> [N, hidden]
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(WatchedModule):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(config, layer)
@@ -101,11 +110,13 @@ class LlamaForCausalLM(nn.Module):
     def native_layer_parts(self) -> list[tuple[nn.Module, ...]] | None:
         """Each layer's (input_layernorm, qkv_proj, o_proj, post_attention_layernorm, gate_up_proj, down_proj),
         the modules :mod:`chunkattn.model.native_layers` runs in one native call; None when a layer is not this
-        file's (a subclass may compute differently)."""
+        file's (a subclass or a ``forward`` set on the instance may compute differently) or layer ``i`` does not
+        attend on the cache's layer ``i``."""
         parts: list[tuple[nn.Module, ...]] = []
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if (type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention
-                    or type(layer.mlp) is not MLP):
+                    or type(layer.mlp) is not MLP or layer.self_attn.layer != i
+                    or any("forward" in m.__dict__ for m in (layer, layer.self_attn, layer.mlp))):
                 return None
             attn, mlp = layer.self_attn, layer.mlp
             parts.append((layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,

@@ -9,10 +9,12 @@ dispatcher overhead of ~9 kernel calls per layer (on the 2-core Zen 4 VM ~3 ms o
 SmolLM2 decode step). ``CHUNKATTN_NATIVE_LAYERS=0`` keeps the Python loop (for A/B runs and debugging).
 
 The stack holds the layers' tensors. It is rebuilt when it may be stale: a parameter or submodule registered or
-replaced in any module, a linear layer repacked, moved or quantized (a generation counter they bump), or a weight
-or pack changed in place or its storage swapped (versions and data pointers, checked by ``DecoderStack.fresh``:
-the layers repack such a weight on their next call, so the stack is rebuilt from them). Forward hooks on the layers
-or global ones send the step through the Python loop, which runs them.
+replaced in any module (global registration hooks), any attribute of a layer, linear layer or norm set (a bias
+set to None, ``eps``, a pack, a quantized weight, a move, a ``forward`` on the instance:
+:class:`~chunkattn.model.layers.WatchedModule` counts them), the layer list changed (``del`` / ``insert``), or a
+weight or pack changed in place or its storage swapped (versions and data pointers, checked by
+``DecoderStack.fresh``: the layers repack such a weight on their next call, so the stack is rebuilt from them).
+Forward hooks on the layers or global ones send the step through the Python loop, which runs them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from chunkattn import native
-from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, pack_generation
+from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, generation
 from chunkattn.model.quant import kernel_supported
 
 if TYPE_CHECKING:
@@ -39,8 +41,8 @@ _generation = 0
 
 
 def invalidate() -> None:
-    """Make every stack rebuild before its next use (a module's parameters or submodules changed; a Linear's
-    repacking counts through :func:`~chunkattn.model.layers.pack_generation`)."""
+    """Make every stack rebuild before its next use (a module's parameters or submodules changed; the layers'
+    own attributes count through :func:`~chunkattn.model.layers.generation`)."""
     global _generation
     _generation += 1
 
@@ -69,7 +71,7 @@ def enabled() -> bool:
 def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
     """``DecoderStack.add_linear``'s arguments for ``layer`` (a Linear or GateUpLinear), or None when the stack
     cannot multiply by it the way ``layer.forward`` would."""
-    if type(layer) not in (Linear, GateUpLinear):
+    if type(layer) not in (Linear, GateUpLinear) or "forward" in layer.__dict__:
         return None
     assert isinstance(layer, Linear)
     gate_up = isinstance(layer, GateUpLinear)
@@ -99,7 +101,7 @@ def build(model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
     cfg = model.config
     stack = torch.classes.chunkattn_layers.DecoderStack(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     for in_norm, qkv, o, post_norm, gate_up, down in parts:
-        if type(in_norm) is not RMSNorm or type(post_norm) is not RMSNorm:
+        if any(type(m) is not RMSNorm or "forward" in m.__dict__ for m in (in_norm, post_norm)):
             return None
         specs = [_linear_spec(m, x) for m in (qkv, o, gate_up, down)]
         if any(s is None for s in specs):
@@ -125,17 +127,22 @@ class NativeLayers:
         return {**self.__dict__, "stack": None, "key": None, "handles": -1, "hooked": False}
 
     def get(self, model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
-        # a hook registered anywhere makes a handle (one counter): only then, or while hooked, look at the layers
-        if RemovableHandle.next_id != self.handles or self.hooked:
+        # what the stack was built for: the generations, the dtype, the layers themselves (ModuleList's del /
+        # insert / pop move modules without any hook)
+        key = (_generation, generation(), x.dtype, tuple(map(id, model.model.layers)))
+        rebuild = key != self.key or (self.stack is not None and not self.stack.fresh())
+        # a hook registered anywhere makes a handle (one counter): only then, on a rebuild (a module that already
+        # had hooks may have joined the layers), or while hooked, look at the layers' hooks
+        if rebuild or RemovableHandle.next_id != self.handles or self.hooked:
             self.handles = RemovableHandle.next_id
             self.hooked = _hooked(model)
         if self.hooked:
             return None
-        key = (_generation, pack_generation(), x.dtype)
-        if key != self.key or (self.stack is not None and not self.stack.fresh()):
+        if rebuild:
             self.stack = None  # drop the old tensors before building the new stack
             self.stack = build(model, x)
-            self.key = (_generation, pack_generation(), x.dtype)  # building may repack (a weight changed in place)
+            # building may repack a weight changed in place (a new generation)
+            self.key = (_generation, generation(), x.dtype, tuple(map(id, model.model.layers)))
         return self.stack
 
     def run(self, model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -143,6 +150,8 @@ class NativeLayers:
         """All layers through the stack, or None when it does not apply (run the Python loop)."""
         from chunkattn.attention.cpu_tpp import CpuBackend, plan_workspace
 
+        if self.key is not None and self.key[:2] != (_generation, generation()):
+            self.stack = self.key = None  # stale: let its tensors go (old packs) even if no step rebuilds it
         hooks = nn.modules.module  # global forward hooks: the Python loop calls them
         if (type(attn) is not CpuBackend or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
                 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous()
@@ -152,8 +161,10 @@ class NativeLayers:
         if stack is None:
             return None
         cfg, cache, batch = model.config, attn.cache, attn.batch
+        pool = cache.pool
+        if pool.k.shape[0] < stack.num_layers() or tuple(pool.k.shape[2:]) != (cfg.num_kv_heads, cfg.head_dim):
+            return None  # a cache of another shape: the Python loop indexes it (or fails) as it does
         ws = plan_workspace(attn.attention_plan, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x.dtype)
         src = None if batch.all_rows_stored else batch.store_rows.contiguous()
-        pool = cache.pool
         return stack.run(x, cos, sin, pool.k, pool.v, batch.store_kv.contiguous(), src, ws.o_part, ws.ml_part,
                          ws.idx, attn.scale)
