@@ -119,7 +119,7 @@ class NativeLayers:
 
     def __init__(self) -> None:
         self.stack: Any | None = None
-        self.key: tuple | None = None  # (generations, dtype) the stack (or its absence) was decided for
+        self.key: tuple | None = None  # (generations, dtype, layer ids) the stack (or its absence) was built for
         self.handles = -1  # hook handles ever made when the layers were last checked for hooks
         self.hooked = False
 
