@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from chunkattn.engine.llm import LLM
@@ -62,6 +64,7 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
 
     on_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
+    watcher = _watch_signals(server) if on_main else None
     thread.start()
     try:
         llm.loop.drive(lambda: stop.is_set() or not thread.is_alive() or http.started)
@@ -84,6 +87,42 @@ def run_server(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: in
     finally:
         http.should_exit = True
         thread.join(timeout=15)
+        if watcher is not None:
+            watcher()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("stopped")
+
+
+def _watch_signals(server: Server) -> Callable[[], None]:
+    """Make SIGTERM / SIGINT turn new requests away at once (503, /health "draining") even while the main
+    thread is inside a long native call (a whole step of the native layer loop: Python runs a signal handler only
+    between bytecodes, so ``on_signal`` waits for the step to end). The C-level handler writes each signal's
+    number to a wakeup socket (``signal.set_wakeup_fd``), which a thread reads. Returns the function that undoes
+    it."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if any(n in (signal.SIGTERM, signal.SIGINT) for n in data):
+                server.draining = True
+
+    thread = threading.Thread(target=watch, name="chunkattn-signals", daemon=True)
+    thread.start()
+
+    def undo() -> None:
+        signal.set_wakeup_fd(previous)
+        reader.shutdown(socket.SHUT_RDWR)  # wakes the thread's recv
+        thread.join(timeout=5)
+        reader.close()
+        writer.close()
+
+    return undo
