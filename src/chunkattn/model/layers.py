@@ -21,25 +21,30 @@ _generation = 0
 
 
 def generation() -> int:
-    """A counter bumped whenever an attribute of a :class:`WatchedModule` (the decoder's layers and their linear
-    layers and norms) is set or deleted: a parameter or submodule replaced, a bias set to None, ``eps``, a pack
-    (:meth:`Linear.prepack`), a quantized weight, a moved module, a ``forward`` set on the instance. What a stack
-    of the layers holds (:mod:`chunkattn.model.native_layers`) is then stale."""
+    """A counter bumped by :func:`mark_changed`: whenever an attribute of a :class:`WatchedModule` (the decoder's
+    layers and their linear layers and norms) is set or deleted (a parameter or submodule replaced, a bias set to
+    None, ``eps``, a pack (:meth:`Linear.prepack`), a quantized weight, a moved module, a ``forward`` set on the
+    instance), and on any parameter or submodule registration (:mod:`chunkattn.model.native_layers`' hooks). What
+    a stack of the layers holds is then stale."""
     return _generation
+
+
+def mark_changed() -> None:
+    """Bump :func:`generation`."""
+    global _generation
+    _generation += 1
 
 
 class WatchedModule(nn.Module):
     """An ``nn.Module`` whose attribute assignments and deletions bump :func:`generation`."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        global _generation
         super().__setattr__(name, value)
-        _generation += 1
+        mark_changed()
 
     def __delattr__(self, name: str) -> None:
-        global _generation
         super().__delattr__(name)
-        _generation += 1
+        mark_changed()
 
 
 def _native(x: torch.Tensor) -> bool:

@@ -27,8 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from chunkattn import native
-from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, generation
-from chunkattn.model.quant import kernel_supported
+from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, generation, mark_changed
 
 if TYPE_CHECKING:
     from chunkattn.model.llama import LlamaForCausalLM
@@ -37,14 +36,9 @@ ENV = "CHUNKATTN_NATIVE_LAYERS"
 # DecoderStack.add_linear's kinds (csrc/decoder_cpu.cpp's LinearKind)
 LINEAR_KINDS = {"dense": 0, "panels": 1, "bf16-panels": 2, "quant": 3}
 
-_generation = 0
-
-
 def invalidate() -> None:
-    """Make every stack rebuild before its next use (a module's parameters or submodules changed; the layers'
-    own attributes count through :func:`~chunkattn.model.layers.generation`)."""
-    global _generation
-    _generation += 1
+    """Make every stack rebuild before its next use (:func:`~chunkattn.model.layers.generation`)."""
+    mark_changed()
 
 
 def _on_registration(module: nn.Module, name: str, value: object) -> None:
@@ -80,7 +74,7 @@ def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
     empty = torch.empty(0)
     if layer.quant is not None:
         q = layer.quant
-        if not (x.dtype == torch.bfloat16 and kernel_supported()):
+        if not q.kernel_runs(x):
             return None
         return (LINEAR_KINDS["quant"], empty, q.packed, bias, q.out_features, q.kind, 0, gate_up)
     packed = layer._usable_pack(x)  # repacks a weight changed in place
@@ -114,12 +108,18 @@ def build(model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
     return stack
 
 
+def _key(model: LlamaForCausalLM, x: torch.Tensor) -> tuple:
+    """What a stack is built for: the layers' generation, the dtype, the layers themselves (ModuleList's del /
+    insert / pop move modules without any hook)."""
+    return generation(), x.dtype, tuple(map(id, model.model.layers))
+
+
 class NativeLayers:
     """A model's stack and when it applies; one per model (``LlamaForCausalLM.native_layers``)."""
 
     def __init__(self) -> None:
         self.stack: Any | None = None
-        self.key: tuple | None = None  # (generations, dtype, layer ids) the stack (or its absence) was built for
+        self.key: tuple | None = None  # _key's value the stack (or its absence) was built for
         self.handles = -1  # hook handles ever made when the layers were last checked for hooks
         self.hooked = False
 
@@ -127,9 +127,7 @@ class NativeLayers:
         return {**self.__dict__, "stack": None, "key": None, "handles": -1, "hooked": False}
 
     def get(self, model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
-        # what the stack was built for: the generations, the dtype, the layers themselves (ModuleList's del /
-        # insert / pop move modules without any hook)
-        key = (_generation, generation(), x.dtype, tuple(map(id, model.model.layers)))
+        key = _key(model, x)
         rebuild = key != self.key or (self.stack is not None and not self.stack.fresh())
         # a hook registered anywhere makes a handle (one counter): only then, on a rebuild (a module that already
         # had hooks may have joined the layers), or while hooked, look at the layers' hooks
@@ -142,7 +140,7 @@ class NativeLayers:
             self.stack = None  # drop the old tensors before building the new stack
             self.stack = build(model, x)
             # building may repack a weight changed in place (a new generation)
-            self.key = (_generation, generation(), x.dtype, tuple(map(id, model.model.layers)))
+            self.key = _key(model, x)
         return self.stack
 
     def run(self, model: LlamaForCausalLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -150,7 +148,7 @@ class NativeLayers:
         """All layers through the stack, or None when it does not apply (run the Python loop)."""
         from chunkattn.attention.cpu_tpp import CpuBackend, plan_workspace
 
-        if self.key is not None and self.key[:2] != (_generation, generation()):
+        if self.key is not None and self.key[0] != generation():
             self.stack = self.key = None  # stale: let its tensors go (old packs) even if no step rebuilds it
         hooks = nn.modules.module  # global forward hooks: the Python loop calls them
         if (type(attn) is not CpuBackend or hooks._global_forward_hooks or hooks._global_forward_pre_hooks

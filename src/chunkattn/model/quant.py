@@ -233,12 +233,18 @@ class QuantizedWeight:
         n = 2 * self.out_features if self.gate_up else self.out_features
         return self.rows(torch.arange(n))
 
+    @staticmethod
+    def kernel_runs(x: torch.Tensor) -> bool:
+        """Whether :meth:`linear` of ``x`` runs the quantized kernel (bfloat16 CPU ``x``, :func:`kernel_supported`)
+        rather than the dequantized weight."""
+        return x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernel_supported()
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, path: int = 0) -> torch.Tensor:
         """``x W^T (+ bias)`` (``silu(x W_gate^T) * x W_up^T`` for ``gate_up``). bfloat16 CPU ``x`` on a CPU with
         AVX512-BF16 runs the kernel (``path``: 0 its choice, 1 AMX tiles, 2 vdpbf16ps on the dequantized panel,
         3 direct from the stored integers, 4 x as 15-bit integers by vpdpbusd, its choice for 1-4 rows of
         Q8_0); anything else multiplies by the dequantized weight (slow: a warning says so once)."""
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernel_supported():
+        if self.kernel_runs(x):
             ops = torch.ops.chunkattn_layers
             x = x if x.stride(-1) == 1 else x.contiguous()
             if self.gate_up:
