@@ -1,6 +1,7 @@
-"""Causal prefill attention alone on the CPU kernels: one sequence of n new tokens, one layer, float32.
+"""Causal prefill attention alone on the CPU kernels: one sequence of n new tokens, one layer, float32 or bfloat16.
 
     python benchmarks/prefill_attention_cpu.py --tokens 1088 4160 [--heads 9 --kv-heads 3 --head-dim 64]
+        [--dtype bfloat16]
 
 Prints the median time of `CpuBackend.run` over --repeats calls and the useful GFLOP/s (QK^T and PV over the
 causal triangle). Run the builds to compare one after the other, several times: this VM drifts by 10-70%.
@@ -25,19 +26,21 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
     h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    dtype = getattr(torch, args.dtype)
     for n in args.tokens:
-        cache = PrefixKVCache(1, hkv, d, chunk_size=64, max_tokens=n + 256, dtype=torch.float32)
+        cache = PrefixKVCache(1, hkv, d, chunk_size=64, max_tokens=n + 256, dtype=dtype)
         prompt = [rng.randrange(1000) for _ in range(n)]
         seq = cache.add_sequence(prompt)
         batch = cache.extend([seq], [prompt])
-        cache.store(0, batch, torch.randn(n, hkv, d), torch.randn(n, hkv, d))
+        cache.store(0, batch, torch.randn(n, hkv, d, dtype=dtype), torch.randn(n, hkv, d, dtype=dtype))
         backend = get_backend("cpu", cache)
         backend.plan(batch)
-        q = torch.randn(n, h, d)
+        q = torch.randn(n, h, d, dtype=dtype)
         backend.run(q, 0)  # warm-up: workspace, scratch
         times = []
         for _ in range(args.repeats):
@@ -47,7 +50,7 @@ def main() -> None:
         times.sort()
         med = times[len(times) // 2]
         flops = h * n * (n + 1) / 2 * d * 4
-        print(f"tokens={n} heads={h}/{hkv} d={d}: median {med * 1e3:.2f} ms, min {times[0] * 1e3:.2f} ms, "
+        print(f"{args.dtype} tokens={n} heads={h}/{hkv} d={d}: median {med * 1e3:.2f} ms, min {times[0] * 1e3:.2f} ms, "
               f"{flops / med / 1e9:.0f} useful GFLOP/s")
 
 

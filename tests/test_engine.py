@@ -4,6 +4,7 @@ sampling, streaming. Small random-weight models for speed; SmolLM2 (the default 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import pytest
 import torch
@@ -94,10 +95,10 @@ def test_admission_walks_the_tree_once_per_lookup_and_the_scheduler_owns_every_s
         walks += not in_extend
         return match(node, tokens)
 
-    def counting_lookup(tokens, namespace=None):
+    def counting_lookup(tokens, namespace=None, **kwargs):
         nonlocal lookups
         lookups += 1
-        return lookup(tokens, namespace)
+        return lookup(tokens, namespace, **kwargs)
 
     def flagged_extend(seqs, tokens):
         nonlocal in_extend
@@ -115,6 +116,65 @@ def test_admission_walks_the_tree_once_per_lookup_and_the_scheduler_owns_every_s
     assert lookups >= 6 and walks == lookups
     assert cache.stats()["num_sequences"] == 0 and llm.engine.scheduler.running == []
     cache.check()
+
+
+def _first_token_steps(llm: LLM, prompts: list[list[int]], params: SamplingParams, more=None):  # noqa: ANN001
+    """Queue ``prompts`` at once, step the engine to the end; ``more``: (after step i, prompts) queued then.
+    Returns (request ids, step index of each id's first token, each id's tokens)."""
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    first: dict[str, int] = {}
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while engine.num_unfinished:
+        for o in engine.step():
+            tokens[o.request_id] = o.token_ids
+            if o.token_ids:
+                first.setdefault(o.request_id, step)
+        if more is not None and step == more[0]:
+            ids += [engine.add_request(p, params) for p in more[1]]
+        step += 1
+    return ids, first, tokens
+
+
+def test_cache_aware_admission_takes_cached_prompts_first_and_bounds_overtaking(tiny):
+    """Requests whose prompt is mostly cached go ahead of an earlier one whose long prompt must be computed (they
+    get their first token at once, the cold one later); "fcfs" keeps arrival order; both give every request the
+    same greedy tokens. A request passed over max_overtakes times goes first from the next step."""
+    g = torch.Generator().manual_seed(11)
+    system = torch.randint(0, VOCAB, (48,), generator=g).tolist()
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+    warm, cold = system + draw(2), draw(60)
+    hits = [system + draw(7) for _ in range(5)]  # 7 tokens each to compute: 5 fill a step's budget of 32
+    later = [system + draw(7) for _ in range(4)]
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    runs = {}
+    for policy in ("cache-aware", "fcfs"):
+        llm = LLM(loaded=tiny, chunk_size=8, max_num_batched_tokens=32, scheduling_policy=policy)
+        llm.generate([warm], greedy)  # the system prompt is now cached
+        ids, first, tokens = _first_token_steps(llm, [cold, *hits], greedy)
+        runs[policy] = [tokens[i] for i in ids]
+        if policy == "cache-aware":  # 4 x 7 + 4 tokens; then the fifth's 3 and the cold one's 29; its 31
+            assert [first[i] for i in ids] == [2, 0, 0, 0, 0, 1]
+            assert llm.engine.scheduler.waiting == deque()
+        else:  # 32 of the cold prompt's 60; its 28 and 4 of the first hit's 7; ...
+            assert first[ids[0]] == 1 and all(first[i] >= 1 for i in ids[1:])
+        llm.engine.cache.check()
+    assert runs["cache-aware"] == runs["fcfs"]
+
+    # the cold request, overtaken 5 times in step 0: with max_overtakes=2 it takes step 1's budget ahead of the
+    # hits queued after step 0 (first token at step 2, theirs at 3); with the default bound they go first
+    for bound, cold_first, later_first in ((2, 2, 3), (64, 3, 1)):
+        llm = LLM(loaded=tiny, chunk_size=8, max_num_batched_tokens=32)
+        llm.engine.scheduler.config.max_overtakes = bound
+        llm.generate([warm], greedy)
+        ids, first, _ = _first_token_steps(llm, [cold, *hits], greedy, more=(0, later))
+        assert first[ids[0]] == cold_first, (bound, first)
+        assert [first[i] for i in ids[1:6]] == [0] * 4 + [1], (bound, first)
+        assert min(first[i] for i in ids[6:]) == later_first, (bound, first)
 
 
 def test_stop_token_ids_and_max_tokens(tiny):

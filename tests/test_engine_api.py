@@ -52,7 +52,9 @@ def assert_no_leak(engine) -> None:
 
 # ---------------------------------------------------------------------------- abort
 def test_abort_in_every_state_releases_everything_and_is_idempotent(tiny):
-    llm = LLM(loaded=tiny, chunk_size=8, kv_cache_tokens=8 * 40, max_num_batched_tokens=16, max_num_seqs=3)
+    # arrival order puts each request below in its state (cache-aware admission would take the short ones first)
+    llm = LLM(loaded=tiny, chunk_size=8, kv_cache_tokens=8 * 40, max_num_batched_tokens=16, max_num_seqs=3,
+              scheduling_policy="fcfs")
     engine = llm.engine
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     long = SamplingParams(max_tokens=30, temperature=0.8, n=2, seed=1, ignore_eos=True)

@@ -48,7 +48,8 @@ class ServeConfig:
     engine: EngineArgs = field(default_factory=_serving_engine)
 
     #: The engine options results record in their ``config`` (see :meth:`as_dict`).
-    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache_tokens", "chunk_size", "max_num_batched_tokens")
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache_tokens", "chunk_size", "max_num_batched_tokens",
+                                                 "scheduling_policy")
 
     def __post_init__(self) -> None:
         if min(self.requests, self.system_prompts, self.question_len, self.output_len) < 1 or self.shared_len < 0:

@@ -294,10 +294,12 @@ class PrefixKVCache:
             raise TypeError(f"namespace must be a str or None, got {type(namespace).__name__}")
         return self._tree.namespace_root(namespace, create)
 
-    def lookup(self, token_ids: Any, namespace: str | None = None) -> PrefixMatch:
+    def lookup(self, token_ids: Any, namespace: str | None = None, *, checked: bool = False) -> PrefixMatch:
         """How much of ``token_ids`` the cache holds in ``namespace``, and what adding it would take, from one
-        walk of the tree. Changes nothing; pass the result to :meth:`add_sequence` to start the sequence."""
-        tokens = _as_token_list(token_ids, "token_ids")
+        walk of the tree. Changes nothing; pass the result to :meth:`add_sequence` to start the sequence.
+        ``checked=True``: ``token_ids`` is a non-empty list or tuple of ints >= 0 that the caller has already
+        validated (the engine's prompts: the scheduler looks them up every step), so it is not checked again."""
+        tokens = list(token_ids) if checked else _as_token_list(token_ids, "token_ids")
         version, c = self._tree.version, self.chunk_size
         root = self._root(namespace, create=False) if self.share_prefixes else None
         if root is None:
@@ -324,7 +326,10 @@ class PrefixKVCache:
         sequences share chunks only with sequences of the same namespace (None is the common one).
         ``match``: this cache's :meth:`lookup` of the same tokens and namespace, to skip walking the tree again.
         """
-        tokens = _as_token_list(token_ids, "token_ids")
+        if isinstance(match, PrefixMatch) and token_ids is match.token_ids:  # checked by the lookup
+            tokens = list(token_ids)
+        else:
+            tokens = _as_token_list(token_ids, "token_ids")
         if match is not None and (not isinstance(match, PrefixMatch) or match._cache_id != self._id
                                   or match.namespace != namespace or match.token_ids != tuple(tokens)):
             raise ValueError("match must be this cache's lookup() of the same token ids and namespace")

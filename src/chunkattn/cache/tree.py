@@ -196,16 +196,21 @@ class ChunkTree:
         ``offset - 1`` of chunk ``last`` (``offset == len(last)`` when the match ends on a chunk boundary;
         ``last is node`` and ``offset == len(node)`` when nothing matched).
         """
+        if not isinstance(tokens, list):
+            tokens = list(tokens)
         last, offset, matched = node, len(node), 0
         while matched < len(tokens):
             child = last.children.get(tokens[matched])
             if child is None:
                 break
-            n = 0
             limit = min(len(child), len(tokens) - matched)
             ctoks = child.tokens
-            while n < limit and ctoks[n] == tokens[matched + n]:
-                n += 1
+            if ctoks[:limit] == tokens[matched : matched + limit]:  # the common case, compared in C
+                n = limit
+            else:  # they diverge inside this chunk
+                n = 1
+                while n < limit and ctoks[n] == tokens[matched + n]:
+                    n += 1
             last, offset, matched = child, n, matched + n
             if n < len(child):
                 break

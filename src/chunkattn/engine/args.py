@@ -23,7 +23,7 @@ from chunkattn.attention.backend import backend_names
 from chunkattn.cache.cache import PrefixKVCache
 from chunkattn.cache.eviction import POLICIES, EvictionPolicy, make_policy
 from chunkattn.engine.engine import EngineConfig, LLMEngine
-from chunkattn.engine.scheduler import SchedulerConfig
+from chunkattn.engine.scheduler import SCHEDULING_POLICIES, SchedulerConfig
 from chunkattn.model.loader import QUANTIZATIONS, LoadedModel, load_model, load_tokenizer
 from chunkattn.model.quant import QuantizationError
 
@@ -62,6 +62,9 @@ class EngineArgs:
         use :data:`SERVING_KV_CACHE_TOKENS`).
     chunk_size : tokens per K/V chunk (the unit of prefix sharing).
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
+    scheduling_policy : which waiting request is admitted first: "cache-aware" (those with the fewest prompt
+        tokens left to compute after the prefix cache, none passed over more than 64 times) or "fcfs" (arrival
+        order); see :mod:`chunkattn.engine.scheduler`.
     backend : attention backend ("auto": the fastest for the device; see ``chunkattn.attention``).
     prefix_sharing : False gives every request its own K/V and recomputes its prompt (a baseline).
     eviction : which retained prefixes go first when the pool is full ("lru", "longest-first", or an
@@ -83,6 +86,7 @@ class EngineArgs:
     chunk_size: int = 64
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    scheduling_policy: str = "cache-aware"
     backend: str = "auto"
     prefix_sharing: bool = True
     eviction: str | EvictionPolicy = "lru"
@@ -108,6 +112,9 @@ class EngineArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {list(SCHEDULING_POLICIES)}, got "
+                             f"{self.scheduling_policy!r}")
         if self.backend not in backend_names():
             raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
         make_policy(self.eviction)  # "eviction policy must be one of ['longest-first', 'lru'] ..."
@@ -134,7 +141,8 @@ class EngineArgs:
                               retain_prefixes=self.prefix_sharing, share_prefixes=self.prefix_sharing,
                               eviction=self.eviction)
         config = EngineConfig(SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs,
-                                              prefix_aware=self.prefix_sharing), self.backend)
+                                              prefix_aware=self.prefix_sharing, policy=self.scheduling_policy),
+                              self.backend)
         return LLMEngine(loaded.model, tokenizer, cache, config)
 
     def with_chat_template(self, tokenizer: Any) -> Any:
@@ -237,6 +245,10 @@ CLI_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "chunk_size": ("--chunk-size", {"type": int, "help": "tokens per K/V chunk (the unit of prefix sharing)"}),
     "max_num_batched_tokens": ("--max-num-batched-tokens", {"type": int, "help": "prefill tokens per engine step"}),
     "max_num_seqs": ("--max-num-seqs", {"type": int, "help": "sequences running at once"}),
+    "scheduling_policy": ("--scheduling-policy", {
+        "choices": list(SCHEDULING_POLICIES),
+        "help": "which waiting request goes first: cache-aware (fewest prompt tokens left to compute after the "
+                "prefix cache; none passed over more than 64 times) or fcfs (arrival order)"}),
     "backend": ("--backend", {"help": "attention backend (default: the fastest for the device)"}),
     "prefix_sharing": ("--no-prefix-sharing", {"action": "store_false",
                                                "help": "every request its own K/V (a baseline)"}),

@@ -46,6 +46,8 @@ class LLM:
     prefix_sharing : False gives every request its own K/V and recomputes its prompt (a baseline).
     backend : attention backend ("auto": the fastest for the device; see ``chunkattn.attention``).
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
+    scheduling_policy : which waiting request is admitted first ("cache-aware": the fewest prompt tokens left to
+        compute after the prefix cache; "fcfs": arrival order).
     eviction : which retained prefixes go first when the pool is full ("lru", "longest-first").
     loaded : an already loaded model to run (then ``model``, ``dtype``, ``device`` and ``quantization`` are
         only checked, not used).
@@ -67,6 +69,7 @@ class LLM:
                  backend: str = _DEFAULTS.backend,
                  max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens,
                  max_num_seqs: int = _DEFAULTS.max_num_seqs,
+                 scheduling_policy: str = _DEFAULTS.scheduling_policy,
                  eviction: str = "lru",
                  loaded: LoadedModel | None = None,
                  quantization: str = _DEFAULTS.quantization,
@@ -74,7 +77,8 @@ class LLM:
         args = EngineArgs(model, dtype=dtype, device=device, kv_cache_tokens=kv_cache_tokens, chunk_size=chunk_size,
                           prefix_sharing=prefix_sharing, backend=backend,
                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                          eviction=eviction, quantization=quantization, chat_template=chat_template)
+                          scheduling_policy=scheduling_policy, eviction=eviction, quantization=quantization,
+                          chat_template=chat_template)
         self._start(args, loaded)
 
     @classmethod

@@ -96,6 +96,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    overtaken: int = 0  # later requests admitted while this one waited (the scheduler's starvation bound)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
     error: str | None = None
     error_code: ErrorCode | None = None  # set with ``error`` (None there: ENGINE)

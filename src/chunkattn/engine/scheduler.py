@@ -1,11 +1,19 @@
 """Iteration-level scheduling: which tokens of which requests one engine step computes, and room for them.
 
 Every step: running decodes first (one token each), then running prefills in chunks within the token budget,
-then new requests in arrival order while budget, sequence slots and cache room last. A waiting request
-whose prompt another request is prefilling (a new shared prompt) waits until that prefill is in the cache,
-so that it hits it. The scheduler then makes room for the step's tokens in the cache; when the pool is
-short it preempts the newest request (releases its sequences; it goes back to the front of the queue and
-recomputes later). Preemption happens only here.
+then new requests while budget, sequence slots and cache room last. A waiting request whose prompt another
+request is prefilling (a new shared prompt) waits until that prefill is in the cache, so that it hits it. The
+scheduler then makes room for the step's tokens in the cache; when the pool is short it preempts the newest
+request (releases its sequences; it goes back to the front of the queue and recomputes later). Preemption
+happens only here.
+
+Which waiting request goes first (``SchedulerConfig.policy``): "cache-aware" (the default) tries the first
+:data:`ADMISSION_WINDOW` waiting requests in order of the prompt tokens each still has to compute after the
+prefix cache (ties in arrival order): a request whose prompt is mostly cached costs the step little and gets
+its first token at once instead of queueing behind other prompts' long prefills (8 system prompts shared by 32
+requests arriving at once: the median request no longer waits for nearly every prompt). So that nothing
+starves, a request passed over ``max_overtakes`` times, and a preempted one, goes first, in arrival order.
+"fcfs": arrival order.
 
 The scheduler owns the K/V lifetimes of its requests: it adds their sequences (from one cache lookup per
 sequence), forks a computed prompt into its completions (:meth:`update_from_output`), releases a completion's
@@ -15,6 +23,7 @@ the cache's ``add_sequence`` / ``fork`` / ``release`` itself.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -24,20 +33,31 @@ from chunkattn.cache.cache import Batch, PrefixKVCache, PrefixMatch, Sequence
 from chunkattn.engine.request import Completion, ErrorCode, Request, RequestState
 from chunkattn.errors import CacheFullError
 
+SCHEDULING_POLICIES = ("cache-aware", "fcfs")
+ADMISSION_WINDOW = 128  # waiting requests "cache-aware" orders each step (a cache lookup each); the rest keep order
+
 
 @dataclass
 class SchedulerConfig:
     """``max_num_batched_tokens``: prefill tokens one step may compute (decodes come on top);
     ``max_num_seqs``: sequences running at once; ``prefix_aware``: hold back a request whose prompt another
-    request is prefilling, so that it reuses that prefill."""
+    request is prefilling, so that it reuses that prefill; ``policy``: which waiting request is admitted first
+    (:data:`SCHEDULING_POLICIES`, see the module's doc); ``max_overtakes``: with "cache-aware", how many later
+    requests may be admitted before a waiting one, which then goes first."""
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     prefix_aware: bool = True
+    policy: str = "cache-aware"
+    max_overtakes: int = 64
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {list(SCHEDULING_POLICIES)}, got {self.policy!r}")
+        if self.max_overtakes < 0:
+            raise ValueError(f"max_overtakes must be >= 0, got {self.max_overtakes}")
 
 
 @dataclass(eq=False)
@@ -104,7 +124,7 @@ class Scheduler:
 
     def _lookup(self, request: Request) -> list[PrefixMatch]:
         """One cache lookup per sequence the request will hold: what admission decides from."""
-        return [self.cache.lookup(p, request.cache_salt) for p in self._prompts(request)]
+        return [self.cache.lookup(p, request.cache_salt, checked=True) for p in self._prompts(request)]
 
     def _admit(self, request: Request, matches: list[PrefixMatch]) -> None:
         """Give the request its sequences, reusing the longest cached prefix of each (unless it wants the
@@ -172,27 +192,61 @@ class Scheduler:
             if budget <= 0:
                 break
             budget -= self._prefill_chunk(units, r, pc, seq, budget)
-        deferred: list[Request] = []
-        while self.waiting and budget > 0:
-            r = self.waiting[0]
+        if self.waiting and budget > 0 and (not self.running or self._num_running_seqs() < self.config.max_num_seqs):
+            self._admit_waiting(units, budget)
+        return self._allocate(units)
+
+    def _admit_waiting(self, units: list[ScheduledUnit], budget: int) -> None:
+        """Admit waiting requests in the policy's order while budget, sequence slots and cache room last, and
+        schedule their first prefill chunks. The first request that does not fit ends admission (nothing behind
+        it may pass it for room); a request whose prompt another is prefilling is passed over (see _defer)."""
+        window, order = self._admission_order()
+        admitted: set[int] = set()
+        for r in order:
+            if budget <= 0:
+                break
             need = r.params.n if not r.forked else sum(not c.finished for c in r.completions)
             if self.running and self._num_running_seqs() + need > self.config.max_num_seqs:
                 break
             matches = self._lookup(r)
             if self.running and not self._can_admit(matches):
                 break
-            self.waiting.popleft()
             if self._defer(r, matches):
-                deferred.append(r)
                 continue
+            self.waiting.remove(r)
+            admitted.add(id(r))
             self._admit(r, matches)
             for uc, useq, _ in r.units():
                 assert useq is not None
                 if budget <= 0:
                     break
                 budget -= self._prefill_chunk(units, r, uc, useq, budget)
-        self.waiting.extendleft(reversed(deferred))
-        return self._allocate(units)
+        # each request of the window still waiting was overtaken by every admitted request behind it in the queue
+        behind = len(admitted) - sum(id(r) in admitted for r in window)  # (admitted from past the window)
+        for r in reversed(window):
+            if id(r) in admitted:
+                behind += 1
+            else:
+                r.overtaken += behind
+
+    def _admission_order(self) -> tuple[list[Request], list[Request]]:
+        """(the window the policy ordered, every waiting request in the order admission tries them)."""
+        if self.config.policy == "fcfs" or len(self.waiting) < 2:
+            return [], list(self.waiting)
+        window = list(itertools.islice(self.waiting, ADMISSION_WINDOW))
+        rest = list(itertools.islice(self.waiting, ADMISSION_WINDOW, None))
+        due = [r for r in window if r.num_preemptions or r.overtaken >= self.config.max_overtakes]
+        if len(due) == len(window):
+            return window, window + rest
+        taken = {id(r) for r in due}
+        others = [r for r in window if id(r) not in taken]
+        others.sort(key=self._tokens_to_compute)  # stable: ties stay in arrival order
+        return window, due + others + rest
+
+    def _tokens_to_compute(self, request: Request) -> int:
+        """Prompt tokens admitting the request now would compute (those past its cached prefix)."""
+        reuse = request.params.prompt_logprobs is None
+        return sum(len(m.token_ids) - (m.num_cached_tokens if reuse else 0) for m in self._lookup(request))
 
     @staticmethod
     def _prefill_chunk(units: list[ScheduledUnit], r: Request, c: Completion | None, seq: Sequence,
