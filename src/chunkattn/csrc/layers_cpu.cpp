@@ -15,9 +15,8 @@
 #include "simd.h"
 #include "ops.h"
 
+namespace chunkattn::ops {
 namespace {
-
-using namespace chunkattn;
 
 // x: [N, W]; the first `heads` heads of size d = 2 * cos.size(1) in each row rotate in place (rotate-half, as
 // Hugging Face's Llama): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. cos, sin: [N, d / 2] float32.
@@ -50,6 +49,8 @@ void rope_impl(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int6
   });
 }
 
+}  // namespace
+
 void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rope_: x must be [rows, width] with contiguous rows");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
@@ -63,6 +64,8 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t h
   else
     TORCH_CHECK(false, "rope_: float32 or bfloat16, got ", x.scalar_type());
 }
+
+namespace {
 
 // out[r, i] = silu(x[r, i]) * x[r, I + i] for x: [N, 2I].
 template <typename T>
@@ -87,6 +90,8 @@ void silu_mul_impl(const at::Tensor& x, at::Tensor& out) {
   });
 }
 
+}  // namespace
+
 at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "silu_and_mul: x must be [rows, 2 * I]");
   at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
@@ -98,6 +103,8 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
     TORCH_CHECK(false, "silu_and_mul: float32 or bfloat16, got ", x.scalar_type());
   return out;
 }
+
+namespace {
 
 // residual += x (when given); x = residual * rsqrt(mean(residual^2) + eps) * weight. Rows of width h. In
 // bfloat16 the sum is rounded as stored, and the normalised value is rounded before the weight multiplies it
@@ -150,6 +157,8 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor* residual, const at::Tensor& we
     }
   });
 }
+
+}  // namespace
 
 void add_rms_norm_(at::Tensor x, c10::optional<at::Tensor> residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "add_rms_norm_: x must be a contiguous [rows, hidden]");
@@ -306,19 +315,9 @@ void store_kv_(at::Tensor& kc, at::Tensor& vc, const at::Tensor& k, const at::Te
   });
 }
 
-}  // namespace
-
-namespace chunkattn::ops {
-void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) { ::rope_(x, cos, sin, heads); }
-at::Tensor silu_and_mul(const at::Tensor& x) { return ::silu_and_mul(x); }
-void add_rms_norm_(at::Tensor x, c10::optional<at::Tensor> residual, const at::Tensor& weight, double eps) {
-  ::add_rms_norm_(x, std::move(residual), weight, eps);
-}
-void store_kv_(at::Tensor& kc, at::Tensor& vc, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dst,
-               const c10::optional<at::Tensor>& src) {
-  ::store_kv_(kc, vc, k, v, dst, src);
-}
 }  // namespace chunkattn::ops
+
+using namespace chunkattn::ops;  // the ops below
 
 TORCH_LIBRARY(chunkattn_layers, m) {
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> ()", &rope_);

@@ -26,9 +26,8 @@
 #include "linear_amx.h"
 #include "ops.h"
 
+namespace chunkattn::ops {
 namespace {
-
-using namespace chunkattn;
 using namespace chunkattn::panels;
 
 bool amx_linear_supported() {
@@ -172,6 +171,8 @@ const c10::BFloat16* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t n, 
   return bias->data_ptr<c10::BFloat16>();
 }
 
+}  // namespace
+
 at::Tensor pack_linear_amx(const at::Tensor& w) { return pack_amx<Epilogue::kStore>(w, "pack_linear_amx"); }
 
 at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
@@ -184,16 +185,10 @@ at::Tensor linear_silu_mul_amx(const at::Tensor& x, const at::Tensor& packed, in
   return run_amx<Epilogue::kSiluMul>(x, packed, inner, nullptr, "linear_silu_mul_amx", "pack_gate_up_amx");
 }
 
-}  // namespace
-
-namespace chunkattn::ops {
-at::Tensor linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
-  return ::linear_amx(x, packed, n, bias);
-}
-at::Tensor linear_silu_mul_amx(const at::Tensor& x, const at::Tensor& packed, int64_t inner) {
-  return ::linear_silu_mul_amx(x, packed, inner);
-}
 }  // namespace chunkattn::ops
+
+using namespace chunkattn::ops;  // the ops below
+
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("amx_linear_supported() -> bool", &amx_linear_supported);

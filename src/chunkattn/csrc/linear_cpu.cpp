@@ -25,9 +25,8 @@
 #include "simd.h"
 #include "ops.h"
 
+namespace chunkattn::ops {
 namespace {
-
-using namespace chunkattn;
 
 constexpr int kPanel = 48;  // output columns per panel: 3 vectors
 constexpr int kVecs = kPanel / 16;
@@ -182,6 +181,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, int64_t n, const f
   return y;
 }
 
+}  // namespace
+
 // w: [N, K] -> [ceil(N / 48), K, 48].
 at::Tensor pack_linear(const at::Tensor& w) { return pack<Epilogue::kStore>(w, "pack_linear"); }
 
@@ -215,16 +216,10 @@ bool linear_supported() {
 #endif
 }
 
-}  // namespace
-
-namespace chunkattn::ops {
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
-  return ::linear(x, packed, n, bias);
-}
-at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t inner) {
-  return ::linear_silu_mul(x, packed, inner);
-}
 }  // namespace chunkattn::ops
+
+using namespace chunkattn::ops;  // the ops below
+
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("pack_linear(Tensor w) -> Tensor", &pack_linear);

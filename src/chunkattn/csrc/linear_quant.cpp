@@ -52,9 +52,8 @@
 #define CHUNKATTN_QUANT_INT16 1
 #endif
 
+namespace chunkattn::ops {
 namespace {
-
-using namespace chunkattn;
 using namespace chunkattn::panels;
 
 enum Kind : int64_t { kQ4 = 0, kQ8 = 1 };
@@ -656,6 +655,8 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   return y;
 }
 
+}  // namespace
+
 at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t n,
                         const c10::optional<at::Tensor>& bias, int64_t path) {
   return run_quant<Epilogue::kStore>(x, packed, kind, n, bias, path, "linear_quant");
@@ -732,18 +733,10 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
   return out;
 }
 
-}  // namespace
-
-namespace chunkattn::ops {
-at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t n,
-                        const c10::optional<at::Tensor>& bias, int64_t path) {
-  return ::linear_quant(x, packed, kind, n, bias, path);
-}
-at::Tensor linear_silu_mul_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind, int64_t inner,
-                                 int64_t path) {
-  return ::linear_silu_mul_quant(x, packed, kind, inner, path);
-}
 }  // namespace chunkattn::ops
+
+using namespace chunkattn::ops;  // the ops below
+
 
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("quant_linear_supported() -> bool", &quant_linear_supported);

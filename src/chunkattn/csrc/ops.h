@@ -1,7 +1,7 @@
 // The entry points of the native layers that other translation units call directly (decoder_cpu.cpp's layer
-// loop), without going through the dispatcher. Each is the same function the op of that name registers; the
-// definitions forward to the kernels in their own files (linear_cpu.cpp, linear_amx.cpp, linear_quant.cpp,
-// layers_cpu.cpp, tpp_cpu.cpp).
+// loop), without going through the dispatcher. Each is the function the op of that name registers, defined in
+// its kernel's file (linear_cpu.cpp, linear_amx.cpp, linear_quant.cpp, layers_cpu.cpp, tpp_cpu.cpp), whose
+// helpers stay in an anonymous namespace inside chunkattn::ops.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -38,9 +38,8 @@
 #define CHUNKATTN_BF16_DOT 1
 #endif
 
+namespace chunkattn::ops {
 namespace {
-
-using namespace chunkattn;
 
 constexpr int kKeyBlock = 128;     // keys per softmax block (gathered across chunks)
 constexpr int kPackRows = 4;       // from this many query rows on, scores use the packed (transposed) K path
@@ -1886,6 +1885,8 @@ void tpp_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   if (P.row_slots != nullptr) merge_rows(L, P, op, lp, opart, mlpart);
 }
 
+}  // namespace
+
 void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out, at::Tensor lse,
              at::Tensor o_part, at::Tensor ml_part, at::TensorList idx, double scale, int64_t group) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "tpp_cpu runs on CPU tensors");
@@ -1988,14 +1989,10 @@ std::string attention_paths() {
   return "float32: " + fp32 + "; bfloat16: " + bf16;
 }
 
-}  // namespace
-
-namespace chunkattn::ops {
-void tpp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out, at::Tensor lse,
-             at::Tensor o_part, at::Tensor ml_part, at::TensorList idx, double scale, int64_t group) {
-  ::tpp_cpu(q, k, v, std::move(out), std::move(lse), std::move(o_part), std::move(ml_part), idx, scale, group);
-}
 }  // namespace chunkattn::ops
+
+using namespace chunkattn::ops;  // the ops below
+
 
 TORCH_LIBRARY(chunkattn_cpu, m) {
   m.def("amx_active() -> bool", &amx_active);
