@@ -833,6 +833,7 @@ VLLM_FILES: list[str | tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...],
     "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json", ("peer-vllm-cpu-2026-12-06-zen4.json", ("float32",)),
     ("peer-vllm-cpu-2026-12-07-zen4-native-layers.json", ("bfloat16",), ("a", "b")),
     "peer-vllm-cpu-2026-12-07-zen4-cache-aware-c.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
+    "peer-vllm-cpu-2026-12-07-zen4-1b.json",
     "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
     "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 # one request at a time: the runs of each machine, newest machine first
