@@ -136,6 +136,25 @@ def test_cpu_kernel_long_and_wide_batches(dtype, chunk_size, shared, private, ba
     check_attention(cache, batch, 9, "cpu")
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("q_heads", [3, 13])
+def test_cpu_kernel_bf16_prefill_score_tiles_and_masked_softmax(head_dim, q_heads):
+    """bfloat16 prefill by dot products (AMX off where present): score tiles with the head size fixed at compile
+    time (64, 128) or not (32, 96), row counts that leave every tail of a tile (3 and 13 query rows per token),
+    rows that see any number of a diagonal block's keys (the softmax's masked lanes), several key blocks."""
+    cache, batch = shared_prompt_batch(batch=2, shared=45, private=171, chunk_size=16, head_dim=head_dim,
+                                       kv_heads=1, dtype=torch.bfloat16, decode=False)
+    from chunkattn import native
+
+    ops = torch.ops.chunkattn_cpu if native.available() else None
+    was = ops.set_amx(False) if ops is not None else None
+    try:
+        check_attention(cache, batch, q_heads, "cpu")
+    finally:
+        if ops is not None:
+            ops.set_amx(was)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim,kv_heads,q_heads", [(128, 4, 4), (128, 2, 6), (64, 5, 5), (64, 3, 6),
                                                        (96, 3, 3), (64, 2, 8), (128, 2, 8)])
