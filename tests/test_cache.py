@@ -318,9 +318,11 @@ def test_add_sequence_from_a_lookup_equals_walking_the_tree_again(seed):
         m = twins[0].lookup(tuple(prompt) if step % 3 == 2 else prompt, ns, checked=step % 2 == 0)
         assert m.num_cached_tokens == twins[1].match_prefix(prompt, ns)
         assert m.chunks_needed == twins[1].chunks_to_add(prompt, ns)
+        assert twins[0].is_current(m) and not twins[1].is_current(m)
         if step % 4 == 1:  # the tree changes between the lookup and the add: the match is stale
             add_prompt(twins[0], [7, 7, step])
             add_prompt(twins[1], [7, 7, step])
+            assert not twins[0].is_current(m)
         a = twins[0].add_sequence(m.token_ids if step % 2 else prompt, reuse_prefix=reuse, namespace=ns, match=m)
         b = twins[1].add_sequence(prompt, reuse_prefix=reuse, namespace=ns)
         assert a.num_cached_tokens == b.num_cached_tokens <= len(prompt) - 1

@@ -310,6 +310,11 @@ class PrefixKVCache:
         needed = cdiv(len(tokens) - min(matched, len(tokens) - 1), c) + 1
         return PrefixMatch(tuple(tokens), namespace, matched, needed, root, node, offset, version, self._id)
 
+    def is_current(self, match: PrefixMatch) -> bool:
+        """Whether ``match`` (a :meth:`lookup` of this cache) still describes it exactly: no chunk was added, split
+        or evicted since."""
+        return match._cache_id == self._id and match._version == self._tree.version
+
     def match_prefix(self, token_ids: Any, namespace: str | None = None) -> int:
         """How many leading tokens of ``token_ids`` the cache holds (live or retained) in ``namespace``.
         Changes nothing."""
@@ -326,12 +331,11 @@ class PrefixKVCache:
         sequences share chunks only with sequences of the same namespace (None is the common one).
         ``match``: this cache's :meth:`lookup` of the same tokens and namespace, to skip walking the tree again.
         """
-        if isinstance(match, PrefixMatch) and token_ids is match.token_ids:  # checked by the lookup
-            tokens = list(token_ids)
-        else:
-            tokens = _as_token_list(token_ids, "token_ids")
+        same = isinstance(match, PrefixMatch) and token_ids is match.token_ids
+        # the match's own ids: checked by its lookup (or vouched for by its caller: lookup(checked=True))
+        tokens = list(token_ids) if same else _as_token_list(token_ids, "token_ids")
         if match is not None and (not isinstance(match, PrefixMatch) or match._cache_id != self._id
-                                  or match.namespace != namespace or match.token_ids != tuple(tokens)):
+                                  or match.namespace != namespace or (not same and match.token_ids != tuple(tokens))):
             raise ValueError("match must be this cache's lookup() of the same token ids and namespace")
         tree = self._tree
         if not self.share_prefixes:

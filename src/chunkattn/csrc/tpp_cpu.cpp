@@ -312,6 +312,9 @@ void accumulate(const Layout& L, int64_t rows, const T* v, int64_t nk, Scratch& 
 // rounded to bf16 for the product with V (as flash attention does on GPUs).
 inline bool use_bf16_dot(const Layout& L, int64_t rows) { return rows >= kPackRows && L.d % 32 == 0; }
 
+// Head sizes whose value product has a bf16-pair path (accumulate_bf16_fixed); others take the float one.
+inline bool bf16_pv_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128 || d == 256; }
+
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
 // ktb[x / 2][t] = (K[t, x], K[t, x + 1]) for the block's keys (zero up to a multiple of 16).
@@ -500,7 +503,7 @@ inline int64_t update_softmax_bf16(const Layout& L, int64_t rows, int64_t nk, Sc
       continue;
     }
     used = std::max(used, vis);
-    const int64_t whole = vis == nk ? nk / 32 * 32 : 0;  // keys every lane of a 32-key step sees (no masks)
+    const int64_t whole = vis / 32 * 32;  // keys that whole 32-key steps see in every lane (no masks)
     __m512 mv = neg_inf;
     int64_t t = 0;
     for (; t < whole; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(si + t));
@@ -1075,8 +1078,8 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
 #endif
   if (!bf16_dot) scores(L, ws.q.data(), rows, k, nk, ws);
   // the value product by bf16 pairs where the head size has its fixed path; else the float one, which reads the
-  // float probabilities
-  const bool pv_bf16 = bf16_dot && (d == 32 || d == 64 || d == 128 || d == 256);
+  // float probabilities (update_softmax writes only one of the two)
+  const bool pv_bf16 = bf16_dot && bf16_pv_head_dim(d);
   const int64_t used = update_softmax(L, rows, nk, ws, pv_bf16);
   if (!used) return;
 #ifdef CHUNKATTN_BF16_DOT
@@ -1087,7 +1090,7 @@ void attend_block(const Layout& L, int64_t rows, const T* k, const T* v, int64_t
         case 128: return accumulate_bf16_fixed<8>(L, rows, v, used, ws);
         case 32: return accumulate_bf16_fixed<2>(L, rows, v, used, ws);
         case 256: return accumulate_bf16_fixed<16>(L, rows, v, used, ws);
-        default: break;
+        default: TORCH_CHECK(false, "tpp_cpu: no bf16 value product for head size ", d);  // see bf16_pv_head_dim
       }
     }
   }

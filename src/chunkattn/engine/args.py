@@ -63,7 +63,7 @@ class EngineArgs:
     chunk_size : tokens per K/V chunk (the unit of prefix sharing).
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
     scheduling_policy : which waiting request is admitted first: "cache-aware" (those with the fewest prompt
-        tokens left to compute after the prefix cache, none passed over more than 64 times) or "fcfs" (arrival
+        tokens left to compute after the prefix cache; one passed over 64 times goes first) or "fcfs" (arrival
         order); see :mod:`chunkattn.engine.scheduler`.
     backend : attention backend ("auto": the fastest for the device; see ``chunkattn.attention``).
     prefix_sharing : False gives every request its own K/V and recomputes its prompt (a baseline).
@@ -248,7 +248,8 @@ CLI_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "scheduling_policy": ("--scheduling-policy", {
         "choices": list(SCHEDULING_POLICIES),
         "help": "which waiting request goes first: cache-aware (fewest prompt tokens left to compute after the "
-                "prefix cache; none passed over more than 64 times) or fcfs (arrival order)"}),
+                f"prefix cache; one passed over {SchedulerConfig.max_overtakes} times goes first) or fcfs (arrival "
+                "order)"}),
     "backend": ("--backend", {"help": "attention backend (default: the fastest for the device)"}),
     "prefix_sharing": ("--no-prefix-sharing", {"action": "store_false",
                                                "help": "every request its own K/V (a baseline)"}),

@@ -200,7 +200,7 @@ class Scheduler:
         """Admit waiting requests in the policy's order while budget, sequence slots and cache room last, and
         schedule their first prefill chunks. The first request that does not fit ends admission (nothing behind
         it may pass it for room); a request whose prompt another is prefilling is passed over (see _defer)."""
-        window, order = self._admission_order()
+        window, order, looked_up = self._admission_order()
         admitted: set[int] = set()
         for r in order:
             if budget <= 0:
@@ -208,7 +208,9 @@ class Scheduler:
             need = r.params.n if not r.forked else sum(not c.finished for c in r.completions)
             if self.running and self._num_running_seqs() + need > self.config.max_num_seqs:
                 break
-            matches = self._lookup(r)
+            matches = looked_up.get(id(r))  # the ordering's lookup, while nothing changed the cache since
+            if matches is None or not all(self.cache.is_current(m) for m in matches):
+                matches = self._lookup(r)
             if self.running and not self._can_admit(matches):
                 break
             if self._defer(r, matches):
@@ -229,24 +231,29 @@ class Scheduler:
             else:
                 r.overtaken += behind
 
-    def _admission_order(self) -> tuple[list[Request], list[Request]]:
-        """(the window the policy ordered, every waiting request in the order admission tries them)."""
+    def _admission_order(self) -> tuple[list[Request], list[Request], dict[int, list[PrefixMatch]]]:
+        """(the window the policy ordered, every waiting request in the order admission tries them, the lookups
+        the order came from by id(request))."""
         if self.config.policy == "fcfs" or len(self.waiting) < 2:
-            return [], list(self.waiting)
+            return [], list(self.waiting), {}
         window = list(itertools.islice(self.waiting, ADMISSION_WINDOW))
         rest = list(itertools.islice(self.waiting, ADMISSION_WINDOW, None))
         due = [r for r in window if r.num_preemptions or r.overtaken >= self.config.max_overtakes]
         if len(due) == len(window):
-            return window, window + rest
+            return window, window + rest, {}
         taken = {id(r) for r in due}
+        looked_up = {id(r): self._lookup(r) for r in window if id(r) not in taken}
         others = [r for r in window if id(r) not in taken]
-        others.sort(key=self._tokens_to_compute)  # stable: ties stay in arrival order
-        return window, due + others + rest
+        others.sort(key=lambda r: self._tokens_to_compute(r, looked_up[id(r)]))  # stable: ties keep arrival order
+        return window, due + others + rest, looked_up
 
-    def _tokens_to_compute(self, request: Request) -> int:
-        """Prompt tokens admitting the request now would compute (those past its cached prefix)."""
-        reuse = request.params.prompt_logprobs is None
-        return sum(len(m.token_ids) - (m.num_cached_tokens if reuse else 0) for m in self._lookup(request))
+    @staticmethod
+    def _tokens_to_compute(request: Request, matches: list[PrefixMatch]) -> int:
+        """Prompt tokens admitting the request now would compute: those past its cached prefix, and at least the
+        last one (whose logits are needed)."""
+        if request.params.prompt_logprobs is not None:  # recomputes its prompt
+            return sum(len(m.token_ids) for m in matches)
+        return sum(len(m.token_ids) - min(m.num_cached_tokens, len(m.token_ids) - 1) for m in matches)
 
     @staticmethod
     def _prefill_chunk(units: list[ScheduledUnit], r: Request, c: Completion | None, seq: Sequence,
