@@ -242,8 +242,8 @@ class Scheduler:
         if len(due) == len(window):
             return window, window + rest, {}
         taken = {id(r) for r in due}
-        looked_up = {id(r): self._lookup(r) for r in window if id(r) not in taken}
         others = [r for r in window if id(r) not in taken]
+        looked_up = {id(r): self._lookup(r) for r in others}
         others.sort(key=lambda r: self._tokens_to_compute(r, looked_up[id(r)]))  # stable: ties keep arrival order
         return window, due + others + rest, looked_up
 

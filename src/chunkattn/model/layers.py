@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from chunkattn.model.quant import QuantizedWeight
 from chunkattn.utils import cdiv
 
 _generation = 0
+M = TypeVar("M", bound=nn.Module)
 
 
 def generation() -> int:
@@ -45,6 +46,12 @@ class WatchedModule(nn.Module):
     def __delattr__(self, name: str) -> None:
         super().__delattr__(name)
         mark_changed()
+
+
+def runs_own_forward(module: object, cls: type[M]) -> TypeGuard[M]:
+    """Whether ``module`` is exactly a ``cls`` (not a subclass) with its class's ``forward`` (none set on the
+    instance): whether it computes as that class's code does."""
+    return type(module) is cls and "forward" not in module.__dict__
 
 
 def _native(x: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ from chunkattn.model.layers import (
     apply_rope_,
     rope_cos_sin,
     rope_inv_freq,
+    runs_own_forward,
 )
 from chunkattn.model.native_layers import NativeLayers
 
@@ -114,9 +115,8 @@ class LlamaForCausalLM(nn.Module):
         attend on the cache's layer ``i``."""
         parts: list[tuple[nn.Module, ...]] = []
         for i, layer in enumerate(self.model.layers):
-            if (type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention
-                    or type(layer.mlp) is not MLP or layer.self_attn.layer != i
-                    or any("forward" in m.__dict__ for m in (layer, layer.self_attn, layer.mlp))):
+            if not (runs_own_forward(layer, DecoderLayer) and runs_own_forward(layer.self_attn, Attention)
+                    and runs_own_forward(layer.mlp, MLP) and layer.self_attn.layer == i):
                 return None
             attn, mlp = layer.self_attn, layer.mlp
             parts.append((layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,

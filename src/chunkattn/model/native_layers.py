@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from chunkattn import native
-from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, generation, mark_changed
+from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, generation, mark_changed, runs_own_forward
 
 if TYPE_CHECKING:
     from chunkattn.model.llama import LlamaForCausalLM
@@ -36,13 +36,9 @@ ENV = "CHUNKATTN_NATIVE_LAYERS"
 # DecoderStack.add_linear's kinds (csrc/decoder_cpu.cpp's LinearKind)
 LINEAR_KINDS = {"dense": 0, "panels": 1, "bf16-panels": 2, "quant": 3}
 
-def invalidate() -> None:
-    """Make every stack rebuild before its next use (:func:`~chunkattn.model.layers.generation`)."""
-    mark_changed()
-
 
 def _on_registration(module: nn.Module, name: str, value: object) -> None:
-    invalidate()
+    mark_changed()  # every stack rebuilds before its next use
 
 
 # any parameter or submodule (re)registered anywhere: `module.weight = nn.Parameter(...)`, set_quantized, a layer
@@ -65,7 +61,7 @@ def enabled() -> bool:
 def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
     """``DecoderStack.add_linear``'s arguments for ``layer`` (a Linear or GateUpLinear), or None when the stack
     cannot multiply by it the way ``layer.forward`` would."""
-    if type(layer) not in (Linear, GateUpLinear) or "forward" in layer.__dict__:
+    if not (runs_own_forward(layer, Linear) or runs_own_forward(layer, GateUpLinear)):
         return None
     assert isinstance(layer, Linear)
     gate_up = isinstance(layer, GateUpLinear)
@@ -95,7 +91,7 @@ def build(model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
     cfg = model.config
     stack = torch.classes.chunkattn_layers.DecoderStack(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     for in_norm, qkv, o, post_norm, gate_up, down in parts:
-        if any(type(m) is not RMSNorm or "forward" in m.__dict__ for m in (in_norm, post_norm)):
+        if not (runs_own_forward(in_norm, RMSNorm) and runs_own_forward(post_norm, RMSNorm)):
             return None
         specs = [_linear_spec(m, x) for m in (qkv, o, gate_up, down)]
         if any(s is None for s in specs):
