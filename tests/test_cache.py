@@ -327,6 +327,8 @@ def test_add_sequence_from_a_lookup_equals_walking_the_tree_again(seed):
         b = twins[1].add_sequence(prompt, reuse_prefix=reuse, namespace=ns)
         assert a.num_cached_tokens == b.num_cached_tokens <= len(prompt) - 1
         assert a.token_ids == b.token_ids == tuple(prompt[: a.num_cached_tokens])
+        if reuse:  # what the match says the prompt will compute is what its sequence is extended by
+            assert m.num_new_tokens == len(prompt) - a.num_cached_tokens >= 1
         for cache, seq in zip(twins, (a, b)):
             batch = cache.extend([seq], [prompt[seq.num_cached_tokens :]])
             store_prefix_kv(cache, batch)

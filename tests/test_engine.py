@@ -168,8 +168,8 @@ def test_cache_aware_admission_takes_cached_prompts_first_and_bounds_overtaking(
     # the cold request, overtaken 5 times in step 0: with max_overtakes=2 it takes step 1's budget ahead of the
     # hits queued after step 0 (first token at step 2, theirs at 3); with the default bound they go first
     for bound, cold_first, later_first in ((2, 2, 3), (64, 3, 1)):
-        llm = LLM(loaded=tiny, chunk_size=8, max_num_batched_tokens=32)
-        llm.engine.scheduler.config.max_overtakes = bound
+        llm = LLM(loaded=tiny, chunk_size=8, max_num_batched_tokens=32, max_overtakes=bound)
+        assert llm.engine.scheduler.config.max_overtakes == bound
         llm.generate([warm], greedy)
         ids, first, _ = _first_token_steps(llm, [cold, *hits], greedy, more=(0, later))
         assert first[ids[0]] == cold_first, (bound, first)

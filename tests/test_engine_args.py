@@ -25,7 +25,8 @@ FIELDS = [f.name for f in dataclasses.fields(EngineArgs)]
 OTHER = EngineArgs("some/model.gguf", tokenizer="some/tokenizer", chat_template="{{ messages[0]['content'] }}",
                    device="cuda:1", dtype="bfloat16",
                    random_weights=True, quantization="q8_0", kv_cache_tokens=1000, chunk_size=16,
-                   max_num_batched_tokens=128, max_num_seqs=7, scheduling_policy="fcfs", backend="reference",
+                   max_num_batched_tokens=128, max_num_seqs=7, scheduling_policy="fcfs", max_overtakes=3,
+                   backend="reference",
                    prefix_sharing=False, eviction="longest-first")
 
 
@@ -99,6 +100,8 @@ def test_the_cli_reports_a_bad_value_by_its_field(capsys):
     ({"quantization": "q2_k"}, "unknown quantization 'q2_k'; choose one of auto, none, gguf"),
     ({"backend": "fast"}, "backend must be one of .*'auto'.*got 'fast'"),
     ({"scheduling_policy": "lpm"}, r"scheduling_policy must be one of \['cache-aware', 'fcfs'\], got 'lpm'"),
+    ({"max_overtakes": -1}, "max_overtakes must be an int >= 0, got -1"),
+    ({"max_overtakes": 2.0}, "max_overtakes must be an int >= 0, got 2.0"),
     ({"eviction": "fifo"}, r"eviction policy must be one of \['longest-first', 'lru'\]"),
     ({"prefix_sharing": "no"}, "prefix_sharing must be True or False"),
     ({"random_weights": None}, "random_weights must be True or False"),
@@ -148,6 +151,7 @@ def _config(llm: LLM) -> dict:
     {},
     {"kv_cache_tokens": 1000, "chunk_size": 16, "max_num_batched_tokens": 96, "max_num_seqs": 5,
      "prefix_sharing": False, "eviction": "longest-first", "backend": "reference", "scheduling_policy": "fcfs"},
+    {"max_overtakes": 0},
 ])
 def test_llm_keywords_and_engine_args_build_the_same_engine(tiny, options):
     by_keywords = LLM(loaded=tiny, **options)
@@ -218,7 +222,8 @@ def test_bench_serve_takes_its_engine_options_from_engine_args():
     assert cfg.engine == EngineArgs(kv_cache_tokens=SERVING_KV_CACHE_TOKENS)
     flat = cfg.as_dict()  # a result's "config": the keys results always had
     assert list(flat) == ["requests", "rate", "system_prompts", "shared_len", "question_len", "output_len",
-                          "kv_cache_tokens", "chunk_size", "max_num_batched_tokens", "scheduling_policy", "seed"]
+                          "kv_cache_tokens", "chunk_size", "max_num_batched_tokens", "scheduling_policy",
+                          "max_overtakes", "seed"]
     assert flat["kv_cache_tokens"] == SERVING_KV_CACHE_TOKENS and flat["chunk_size"] == 64
     other = ServeConfig(requests=3, seed=5, engine=EngineArgs(kv_cache_tokens=4096, chunk_size=8))
     assert ServeConfig.from_dict(other.as_dict()) == other

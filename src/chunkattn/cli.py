@@ -128,7 +128,7 @@ def _add_serve_bench(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="end-to-end serving with shared system prompts (Poisson arrivals)")
     _add_engine_args(p, (*MODEL_OPTIONS, "kv_cache_tokens", "chunk_size", "max_num_batched_tokens",
-                         "scheduling_policy"), {"kv_cache_tokens": SERVING_KV_CACHE_TOKENS})
+                         "scheduling_policy", "max_overtakes"), {"kv_cache_tokens": SERVING_KV_CACHE_TOKENS})
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (default: all at once)")
     p.add_argument("--system-prompts", type=int, default=1)

@@ -49,7 +49,7 @@ class ServeConfig:
 
     #: The engine options results record in their ``config`` (see :meth:`as_dict`).
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache_tokens", "chunk_size", "max_num_batched_tokens",
-                                                 "scheduling_policy")
+                                                 "scheduling_policy", "max_overtakes")
 
     def __post_init__(self) -> None:
         if min(self.requests, self.system_prompts, self.question_len, self.output_len) < 1 or self.shared_len < 0:

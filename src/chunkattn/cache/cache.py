@@ -111,6 +111,16 @@ class PrefixMatch:
     def __repr__(self) -> str:
         return f"PrefixMatch({self.num_cached_tokens} of {len(self.token_ids)} tokens cached)"
 
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens a sequence started from this match computes: those past the cached prefix, and at least the
+        last one (:meth:`PrefixKVCache.add_sequence` never hands it out: its logits are wanted)."""
+        return _tokens_to_compute(len(self.token_ids), self.num_cached_tokens)
+
+
+def _tokens_to_compute(num_tokens: int, num_cached: int) -> int:
+    return num_tokens - min(num_cached, num_tokens - 1)
+
 
 @dataclass(eq=False)
 class Batch:
@@ -307,7 +317,7 @@ class PrefixKVCache:
             return PrefixMatch(tuple(tokens), namespace, 0, needed, None, None, 0, version, self._id)
         node, offset, matched = self._tree.match(root, tokens)
         # the last token is always computed again; +1 for a tail that starts inside a chunk
-        needed = cdiv(len(tokens) - min(matched, len(tokens) - 1), c) + 1
+        needed = cdiv(_tokens_to_compute(len(tokens), matched), c) + 1
         return PrefixMatch(tuple(tokens), namespace, matched, needed, root, node, offset, version, self._id)
 
     def is_current(self, match: PrefixMatch) -> bool:

@@ -63,8 +63,11 @@ class EngineArgs:
     chunk_size : tokens per K/V chunk (the unit of prefix sharing).
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
     scheduling_policy : which waiting request is admitted first: "cache-aware" (those with the fewest prompt
-        tokens left to compute after the prefix cache; one passed over 64 times goes first) or "fcfs" (arrival
-        order); see :mod:`chunkattn.engine.scheduler`.
+        tokens left to compute after the prefix cache; one passed over ``max_overtakes`` times goes first) or
+        "fcfs" (arrival order); see :mod:`chunkattn.engine.scheduler`.
+    max_overtakes : with "cache-aware", how many later requests may be admitted ahead of a waiting one before it
+        goes first (64; 0 admits in arrival order, as "fcfs"). Checked at each step's ordering: within one step a
+        request may be passed by up to that step's admissions more.
     backend : attention backend ("auto": the fastest for the device; see ``chunkattn.attention``).
     prefix_sharing : False gives every request its own K/V and recomputes its prompt (a baseline).
     eviction : which retained prefixes go first when the pool is full ("lru", "longest-first", or an
@@ -87,6 +90,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     scheduling_policy: str = "cache-aware"
+    max_overtakes: int = SchedulerConfig.max_overtakes
     backend: str = "auto"
     prefix_sharing: bool = True
     eviction: str | EvictionPolicy = "lru"
@@ -112,6 +116,8 @@ class EngineArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.max_overtakes, bool) or not isinstance(self.max_overtakes, int) or self.max_overtakes < 0:
+            raise ValueError(f"max_overtakes must be an int >= 0, got {self.max_overtakes!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {list(SCHEDULING_POLICIES)}, got "
                              f"{self.scheduling_policy!r}")
@@ -141,7 +147,8 @@ class EngineArgs:
                               retain_prefixes=self.prefix_sharing, share_prefixes=self.prefix_sharing,
                               eviction=self.eviction)
         config = EngineConfig(SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs,
-                                              prefix_aware=self.prefix_sharing, policy=self.scheduling_policy),
+                                              prefix_aware=self.prefix_sharing, policy=self.scheduling_policy,
+                                              max_overtakes=self.max_overtakes),
                               self.backend)
         return LLMEngine(loaded.model, tokenizer, cache, config)
 
@@ -248,8 +255,10 @@ CLI_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "scheduling_policy": ("--scheduling-policy", {
         "choices": list(SCHEDULING_POLICIES),
         "help": "which waiting request goes first: cache-aware (fewest prompt tokens left to compute after the "
-                f"prefix cache; one passed over {SchedulerConfig.max_overtakes} times goes first) or fcfs (arrival "
-                "order)"}),
+                "prefix cache; one passed over --max-overtakes times goes first) or fcfs (arrival order)"}),
+    "max_overtakes": ("--max-overtakes", {
+        "type": int, "help": "cache-aware: later requests admitted ahead of a waiting one before it goes first "
+                             "(0: arrival order)"}),
     "backend": ("--backend", {"help": "attention backend (default: the fastest for the device)"}),
     "prefix_sharing": ("--no-prefix-sharing", {"action": "store_false",
                                                "help": "every request its own K/V (a baseline)"}),

@@ -48,6 +48,7 @@ class LLM:
     max_num_batched_tokens, max_num_seqs : per-step prefill token budget and running sequences.
     scheduling_policy : which waiting request is admitted first ("cache-aware": the fewest prompt tokens left to
         compute after the prefix cache; "fcfs": arrival order).
+    max_overtakes : with "cache-aware", later requests admitted ahead of a waiting one before it goes first.
     eviction : which retained prefixes go first when the pool is full ("lru", "longest-first").
     loaded : an already loaded model to run (then ``model``, ``dtype``, ``device`` and ``quantization`` are
         only checked, not used).
@@ -70,6 +71,7 @@ class LLM:
                  max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens,
                  max_num_seqs: int = _DEFAULTS.max_num_seqs,
                  scheduling_policy: str = _DEFAULTS.scheduling_policy,
+                 max_overtakes: int = _DEFAULTS.max_overtakes,
                  eviction: str = "lru",
                  loaded: LoadedModel | None = None,
                  quantization: str = _DEFAULTS.quantization,
@@ -77,7 +79,8 @@ class LLM:
         args = EngineArgs(model, dtype=dtype, device=device, kv_cache_tokens=kv_cache_tokens, chunk_size=chunk_size,
                           prefix_sharing=prefix_sharing, backend=backend,
                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                          scheduling_policy=scheduling_policy, eviction=eviction, quantization=quantization,
+                          scheduling_policy=scheduling_policy, max_overtakes=max_overtakes, eviction=eviction,
+                          quantization=quantization,
                           chat_template=chat_template)
         self._start(args, loaded)
 

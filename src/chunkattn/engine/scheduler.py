@@ -253,7 +253,7 @@ class Scheduler:
         last one (whose logits are needed)."""
         if request.params.prompt_logprobs is not None:  # recomputes its prompt
             return sum(len(m.token_ids) for m in matches)
-        return sum(len(m.token_ids) - min(m.num_cached_tokens, len(m.token_ids) - 1) for m in matches)
+        return sum(m.num_new_tokens for m in matches)
 
     @staticmethod
     def _prefill_chunk(units: list[ScheduledUnit], r: Request, c: Completion | None, seq: Sequence,
