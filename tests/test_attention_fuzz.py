@@ -1,4 +1,5 @@
-"""Property-based: the native CPU kernels against the float64 reference on random prefix trees.
+"""Property-based: the native CPU kernels and the PyTorch TPP against the float64 reference on random prefix
+trees.
 
 Hypothesis grows a cache the way an engine does (groups of prompts that branch from a pool of system prompts, from
 each other at any token, or from nothing; mixed steps where some sequences prefill and others decode; forks;
@@ -98,18 +99,20 @@ class KernelMachine(RuleBasedStateMachine):
         scale = self.rng.choice([1.0, 1.0, 6.0])
         q = (torch.randn(batch.num_new_tokens, self.q_heads, cache.head_dim) * scale).to(cache.dtype)
         ref, ref_lse = chunkattn.attention(q, cache, batch, 0, backend="reference", return_lse=True)
-        out, lse = chunkattn.attention(q, cache, batch, 0, backend="cpu", return_lse=True)
-        assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:2]
-        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-        out_tol, lse_tol = ROW_TOL[cache.dtype]
-        err = row_errors(out, ref)
-        worst = int(err.flatten().argmax())
-        assert float(err.max()) <= out_tol, (
-            f"row (token {worst // self.q_heads}, head {worst % self.q_heads}) of {batch.num_new_tokens} tokens: "
-            f"rel. error {float(err.max()):.3g} > {out_tol}; new tokens per sequence {list(batch.num_new)}, "
-            f"cached {[len(s.token_ids) - n for s, n in zip(batch.seqs, batch.num_new)]}")
-        lse_err = float((lse.double() - ref_lse.double()).abs().max())
-        assert lse_err <= lse_tol, f"LSE error {lse_err:.3g} > {lse_tol}"
+        cached = [len(s.token_ids) - n for s, n in zip(batch.seqs, batch.num_new)]
+        for backend in ("cpu", "torch"):  # the native kernels, and the vectorized PyTorch TPP
+            out, lse = chunkattn.attention(q, cache, batch, 0, backend=backend, return_lse=True)
+            assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:2]
+            assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+            out_tol, lse_tol = ROW_TOL[cache.dtype]
+            err = row_errors(out, ref)
+            worst = int(err.flatten().argmax())
+            assert float(err.max()) <= out_tol, (
+                f"{backend}: row (token {worst // self.q_heads}, head {worst % self.q_heads}) of "
+                f"{batch.num_new_tokens} tokens: rel. error {float(err.max()):.3g} > {out_tol}; new tokens per "
+                f"sequence {list(batch.num_new)}, cached {cached}")
+            lse_err = float((lse.double() - ref_lse.double()).abs().max())
+            assert lse_err <= lse_tol, f"{backend}: LSE error {lse_err:.3g} > {lse_tol}"
         for key, ws in cache.plan(batch).workspaces.items():  # which kinds of task ran (--hypothesis-show-statistics)
             if key.startswith("cpu:"):
                 event(" ".join(kind for kind, n in (("shared", ws.num_shared_tasks), ("private", ws.num_private_tasks),

@@ -69,6 +69,27 @@ def test_preemption_recomputes_and_loses_nothing(tiny):
     assert tight_llm.engine.cache.stats()["used_chunks"] == 0
 
 
+def test_a_preempted_request_of_several_completions_without_prefix_sharing_resumes_in_its_own_room(tiny):
+    """Without prefix sharing a preempted request of n completions computes its prompt once more and forks it. Its
+    completions resumed one by one (each recomputing prompt + output, as with sharing on, where the cache shares
+    the prompt) would hold n copies of the prompt: here more K/V than the pool has, so the request failed ("needs
+    more K/V than the cache holds") though it had fit and runs alone. Found by test_engine_fuzz.py."""
+    g = torch.Generator().manual_seed(7)
+    a, b = (torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (49, 42))
+    pa = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    pb = SamplingParams(max_tokens=40, n=2, temperature=0, ignore_eos=True)
+    alone = [LLM(loaded=tiny, chunk_size=4, backend="reference").generate([p], sp)[0] for p, sp in ((a, pa), (b, pb))]
+    for policy in ("fcfs", "cache-aware"):
+        llm = LLM(loaded=tiny, chunk_size=4, kv_cache_tokens=144, prefix_sharing=False, scheduling_policy=policy,
+                  backend="reference")
+        outs = llm.generate([a, b], [pa, pb])
+        assert llm.engine.stats.preemptions >= 1
+        assert all(c.finish_reason == "length" for o in outs for c in o.outputs), [o.error for o in outs]
+        assert [[c.token_ids for c in o.outputs] for o in outs] == [[c.token_ids for c in o.outputs] for o in alone]
+        llm.engine.cache.check()
+        assert llm.engine.cache.stats()["used_chunks"] == 0
+
+
 def test_n_completions_fork_the_prompt_and_are_seeded(tiny):
     llm = LLM(loaded=tiny, chunk_size=8)
     params = SamplingParams(max_tokens=10, temperature=1.5, n=3, seed=7)

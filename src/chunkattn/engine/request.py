@@ -110,6 +110,12 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def resumed(self) -> bool:
+        """Its prompt is computed again after a preemption, to be forked once more (without prefix sharing, a
+        request of several completions resumes so): not forked, yet its completions have tokens."""
+        return not self.forked and any(c.token_ids for c in self.completions)
+
     def units(self) -> list[tuple[Completion | None, Sequence | None, list[int]]]:
         """Work units: ``(completion or None for the shared prompt, its sequence, all its tokens)``."""
         if not self.forked:

@@ -177,8 +177,10 @@ class Scheduler:
         for r in self.running:
             if not r.forked:
                 assert r.prompt_seq is not None
-                prefills.append((r, None, r.prompt_seq))
-                continue
+                if r.prompt_seq.num_tokens < len(r.prompt_ids) or not r.resumed:
+                    prefills.append((r, None, r.prompt_seq))
+                    continue
+                self._fork(r, live_only=True)  # a resumed request's prompt is computed: its completions go on
             for c in r.completions:
                 if c.finished:
                     continue
@@ -265,7 +267,8 @@ class Scheduler:
         chunk = [*r.prompt_ids[start:end]]
         if c is not None and end > len(r.prompt_ids):
             chunk += c.token_ids[max(0, start - len(r.prompt_ids)) : end - len(r.prompt_ids)]
-        units.append(ScheduledUnit(r, c, seq, chunk, end == total, start))
+        # (a resumed request's prompt samples nothing: its completions have their tokens)
+        units.append(ScheduledUnit(r, c, seq, chunk, end == total and (c is not None or not r.resumed), start))
         return len(chunk)
 
     def _allocate(self, units: list[ScheduledUnit]) -> SchedulerOutput:
@@ -307,10 +310,11 @@ class Scheduler:
             if all(c.finished for c in r.completions):
                 self.finish(r)
 
-    def _fork(self, r: Request) -> None:
-        """The prompt is computed: completion 0 continues its sequence, the others fork it (no copy)."""
+    def _fork(self, r: Request, live_only: bool = False) -> None:
+        """The prompt is computed: the first completion continues its sequence, the others fork it (no copy);
+        ``live_only`` (a resumed request): completions that finished before its preemption get none."""
         assert r.prompt_seq is not None
-        for i, c in enumerate(r.completions):
+        for i, c in enumerate([c for c in r.completions if not c.finished] if live_only else r.completions):
             c.seq = r.prompt_seq if i == 0 else self.cache.fork(r.prompt_seq)
         r.prompt_seq = None
         r.forked = True
@@ -328,6 +332,11 @@ class Scheduler:
         for r in reversed(self.running):
             if r is not keep:
                 self._release(r)
+                if r.forked and not self.cache.share_prefixes and sum(not c.finished for c in r.completions) > 1:
+                    # without prefix sharing its completions, resumed one by one, would each hold the prompt
+                    # again (more K/V than the request ever took, maybe more than the pool): it resumes as one
+                    # prompt again, forked once computed
+                    r.forked = False
                 r.state = RequestState.WAITING
                 r.num_preemptions += 1
                 self.num_preemptions += 1
