@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chunkattn.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStrings
 from chunkattn.model import default_model_path
@@ -116,3 +118,30 @@ def test_a_partial_stop_string_is_held_back_then_released():
     assert checker.check("the answer </ans", 6) == (None, None, len("the answer "))
     assert checker.check("the answer </anx", 1) == (None, None, len("the answer </anx"))
     assert StopStrings([]).check("abc", 3) == (None, None, 3)
+
+
+# any text but U+FFFD itself (the detokenizer's sign of a broken character) and surrogates (not encodable)
+_ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=REPLACEMENT), max_size=60)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=_ANY_TEXT, text=_ANY_TEXT, raw=st.lists(st.integers(0, 49151), max_size=12), slow=st.booleans(),
+       special=st.sampled_from([None, 0, -1]), skip=st.booleans())
+def test_any_tokens_come_out_piece_by_piece_as_the_full_decode(tokenizer, prompt, text, raw, slow, special, skip):
+    """Property-based, both code paths: the tokens of any Unicode text (combining marks, emoji sequences,
+    controls, characters the vocabulary spells as bytes) then any token ids a model might sample (bytes that form
+    no character), after any prompt, with a special token at the start or end or none, kept or skipped. The
+    pieces never run ahead of the full decode of the tokens so far; a U+FFFD appears only where that decode has
+    one (bytes that can no longer form a character); at the end the pieces are the full decode, less only a tail
+    that holds an incomplete character."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + raw
+    if special is not None:
+        ids.insert(len(ids) if special == -1 else 0, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    detok = IncrementalDetokenizer(SlowView(tokenizer) if slow else tokenizer, prompt_ids, skip)
+    out = ""
+    for i, t in enumerate(ids):
+        out += detok.push(t)
+        assert tokenizer.decode(ids[: i + 1], skip_special_tokens=skip).startswith(out)  # never ahead of the truth
+    full = tokenizer.decode(ids, skip_special_tokens=skip)
+    assert full.startswith(out) and (out == full or REPLACEMENT in full[len(out) :]), (out, full)
