@@ -10,7 +10,8 @@ After every step the cache is consistent; at the end every request has finished 
 pool holds no live K/V, and every request that was not aborted produced exactly the greedy tokens the same
 request produces alone on a roomy engine. The model is batch-invariant here (float32 linears on AVX-512 panels
 compute each row alone; the float64 reference attention computes each sequence alone), so that comparison is
-exact: a wrong K/V row, a mis-shared prefix or a lost token changes the tokens.
+exact: a wrong K/V row, a mis-shared prefix or a lost token changes the tokens. A third of the engines run the
+native attention kernels and layer loop instead: the same invariants, token counts instead of tokens.
 """
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ class EngineMachine(RuleBasedStateMachine):
     @initialize(chunk_size=st.sampled_from([1, 4, 8, 16]), kv_chunks=st.sampled_from([0, 0, 12, 80]),
                 budget=st.sampled_from([4, 16, 64, 2048]), max_seqs=st.sampled_from([1, 2, 5, 64]),
                 policy=st.sampled_from(sorted(SCHEDULING_POLICIES)), max_overtakes=st.sampled_from([0, 1, 64]),
-                sharing=st.sampled_from([True, True, False]), seed=st.integers(0, 2**31))
-    def setup(self, chunk_size, kv_chunks, budget, max_seqs, policy, max_overtakes, sharing, seed):
+                sharing=st.sampled_from([True, True, False]), exact=st.sampled_from([True, True, False]),
+                seed=st.integers(0, 2**31))
+    def setup(self, chunk_size, kv_chunks, budget, max_seqs, policy, max_overtakes, sharing, exact, seed):
         self.rng = random.Random(seed)
         # every request below fits the pool alone (a prompt of at most 60 tokens and 40 outputs, two completions);
         # kv_chunks 0: no more than that, so that a few requests at once preempt one another
         kv_tokens = max(kv_chunks * chunk_size, (60 + 2 * 40) + 4 * chunk_size)
         self.llm = LLM(loaded=TINY, chunk_size=chunk_size, kv_cache_tokens=kv_tokens, max_num_batched_tokens=budget,
                        max_num_seqs=max_seqs, scheduling_policy=policy, max_overtakes=max_overtakes,
-                       prefix_sharing=sharing, backend="reference")
+                       prefix_sharing=sharing, backend="reference" if exact else "cpu")
+        self.exact = exact  # else the native kernels: every invariant but the tokens' exact equality
         self.engine = self.llm.engine
         self.systems = [[self.rng.randrange(EOS) for _ in range(self.rng.randrange(1, 45))] for _ in range(2)]
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
@@ -130,7 +133,10 @@ class EngineMachine(RuleBasedStateMachine):
                 continue
             assert reasons <= {"length", "stop"}, (rid, reasons, out.error)
             got = [c.token_ids for c in sorted(out.outputs, key=lambda c: c.index)]
-            assert got == solo(prompt, params), f"{rid}: prompt {prompt}, {params}"
+            if self.exact:
+                assert got == solo(prompt, params), f"{rid}: prompt {prompt}, {params}"
+            else:  # (the kernels' sums may flip a near tie)
+                assert all(1 <= len(t) <= params.max_tokens for t in got), (rid, got)
 
 
 EngineMachine.TestCase.settings = settings(
