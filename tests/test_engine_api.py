@@ -285,6 +285,8 @@ def test_logprobs_match_transformers(tiny):
     again = llm.generate(p, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
     assert again.prompt_logprobs is not None
     assert [e.logprob for e in again.prompt_logprobs[1:]] == pytest.approx([e.logprob for e in pl[1:]], abs=1e-5)
+    # a one-token prompt: one entry, None (it was None instead of a list; found by test_engine_fuzz.py)
+    assert llm.generate(p[:1], SamplingParams(max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs == [None]
 
 
 def test_min_tokens_holds_back_end_of_sequence(tiny):

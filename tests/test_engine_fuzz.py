@@ -2,8 +2,9 @@
 
 Hypothesis draws an engine (chunk size, a K/V pool from tight to roomy, prefill budget, running-sequence limit,
 admission policy and its overtaking bound, prefix sharing on or off) and drives it step by step with requests that
-branch from shared system prompts or from each other at any token (n = 1 or 2 completions, greedy, a stop token
-sometimes), aborts in any state, and steps in between; so admission order, waiting for a prompt being prefilled,
+branch from shared system prompts or from each other at any token (n = 1 or 2 completions, greedy or seeded
+sampling, a stop token, the prompt's logprobs or a tenant's cache salt sometimes), aborts in any state, and steps
+in between; so admission order, waiting for a prompt being prefilled,
 chunked prefill, preemption and recomputation, forks and aborts meet in orders no hand-written test lists.
 
 After every step the cache is consistent; at the end every request has finished (nothing starves or hangs), the
@@ -33,16 +34,23 @@ pytestmark = pytest.mark.skipif(not native.linear_supported(), reason="the exact
 
 VOCAB, EOS = 101, 100
 TINY = tiny_model(VOCAB, eos=EOS)
-_SOLO: dict[tuple, list[list[int]]] = {}  # (prompt, n, max_tokens, stop) -> each completion's tokens alone
+_SOLO: dict[tuple, tuple] = {}  # (prompt, params) -> each completion's tokens and the prompt logprobs, alone
 
 
-def solo(prompt: list[int], params: SamplingParams) -> list[list[int]]:
-    """The request's greedy tokens alone on a roomy engine (memoized across examples)."""
-    key = (tuple(prompt), params.n, params.max_tokens, tuple(params.stop_token_ids or ()))
+def result(out) -> tuple:
+    """What the comparison covers: each completion's tokens, and the prompt's logprobs when asked for."""
+    prompt_lp = None if out.prompt_logprobs is None else [
+        None if e is None else (e.token_id, e.logprob) for e in out.prompt_logprobs]
+    return [c.token_ids for c in sorted(out.outputs, key=lambda c: c.index)], prompt_lp
+
+
+def solo(prompt: list[int], params: SamplingParams) -> tuple:
+    """The request alone on a roomy engine (memoized across examples)."""
+    key = (tuple(prompt), repr(params))
     if key not in _SOLO:
         llm = LLM(loaded=TINY, chunk_size=16, backend="reference")
         [out] = llm.generate([prompt], params)
-        _SOLO[key] = [c.token_ids for c in sorted(out.outputs, key=lambda c: c.index)]
+        _SOLO[key] = result(out)
     return _SOLO[key]
 
 
@@ -85,10 +93,18 @@ class EngineMachine(RuleBasedStateMachine):
             cut = data.draw(st.one_of(st.just(len(base)), st.integers(0, len(base))), label="cut")
             prompt = (base[:cut] + [self.rng.randrange(EOS) for _ in range(data.draw(st.integers(1, 20)))])[:60]
             stop = [self.rng.randrange(EOS)] if data.draw(st.booleans(), label="stop token") else []
-            params = SamplingParams(max_tokens=data.draw(st.sampled_from([1, 3, 12, 40])), temperature=0,
-                                    n=data.draw(st.sampled_from([1, 1, 2])), stop_token_ids=stop)
-            batch.append((prompt, params, None))
-        for rid, (prompt, params, _) in zip(self.engine.add_requests(batch), batch):
+            # greedy, or sampled with a seed (the same tokens alone or in a crowd); the prompt's logprobs (every
+            # prompt token computed again) sometimes; a tenant's cache salt sometimes
+            sampled = data.draw(st.sampled_from([False, False, True]), label="sampled")
+            seed = self.rng.randrange(1000) if sampled else None
+            params = SamplingParams(max_tokens=data.draw(st.sampled_from([1, 3, 12, 40])),
+                                    temperature=1.0 if sampled else 0, seed=seed,
+                                    n=data.draw(st.sampled_from([1, 1, 2])), stop_token_ids=stop,
+                                    prompt_logprobs=data.draw(st.sampled_from([None, None, None, 0]), label="plp"))
+            salt = data.draw(st.sampled_from([None, None, "tenant"]), label="salt")
+            batch.append((prompt, params, salt))
+        requests = [self.engine.make_request(p, sp, cache_salt=salt) for p, sp, salt in batch]
+        for rid, (prompt, params, _) in zip(self.engine.enqueue(requests), batch):
             self.requests[rid] = (prompt, params)
 
     @rule(steps=st.integers(1, 6))
@@ -132,11 +148,13 @@ class EngineMachine(RuleBasedStateMachine):
                 assert reasons <= {"abort", "length", "stop"}, reasons
                 continue
             assert reasons <= {"length", "stop"}, (rid, reasons, out.error)
-            got = [c.token_ids for c in sorted(out.outputs, key=lambda c: c.index)]
+            got = result(out)
             if self.exact:
                 assert got == solo(prompt, params), f"{rid}: prompt {prompt}, {params}"
             else:  # (the kernels' sums may flip a near tie)
-                assert all(1 <= len(t) <= params.max_tokens for t in got), (rid, got)
+                assert all(1 <= len(t) <= params.max_tokens for t in got[0]), (rid, got)
+            assert (got[1] is None) == (params.prompt_logprobs is None) and (got[1] is None or len(got[1]) == len(
+                prompt)), (rid, got[1])
 
 
 EngineMachine.TestCase.settings = settings(

@@ -229,6 +229,8 @@ class LLMEngine:
         check_cache_salt(cache_salt)
         request = Request(request_id, text, ids, params, completions, StopStrings(params.stop),
                           cache_salt=cache_salt)
+        if params.prompt_logprobs is not None:  # one entry per prompt token, the first None (also for one token)
+            request.prompt_logprobs = [None] * len(ids)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         return request
@@ -401,8 +403,7 @@ class LLMEngine:
                     c.finish("error")
             changed[r.request_id] = r
         for r, first, entries in result.prompt_logprobs:
-            if r.prompt_logprobs is None:
-                r.prompt_logprobs = [None] * len(r.prompt_ids)
+            assert r.prompt_logprobs is not None  # (made with the request)
             r.prompt_logprobs[first : first + len(entries)] = entries
         for r, c, token, entry in result.samples:
             if r.first_token_time is None:
