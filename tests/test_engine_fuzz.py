@@ -3,9 +3,9 @@
 Hypothesis draws an engine (chunk size, a K/V pool from tight to roomy, prefill budget, running-sequence limit,
 admission policy and its overtaking bound, prefix sharing on or off) and drives it step by step with requests that
 branch from shared system prompts or from each other at any token (n = 1 or 2 completions, greedy or seeded
-sampling, a stop token, the prompt's logprobs or a tenant's cache salt sometimes), aborts in any state, and steps
-in between; so admission order, waiting for a prompt being prefilled,
-chunked prefill, preemption and recomputation, forks and aborts meet in orders no hand-written test lists.
+sampling; a stop token, logprobs, the prompt's logprobs or a tenant's cache salt sometimes), aborts in any state,
+and steps in between; so admission order, waiting for a prompt being prefilled, chunked prefill, preemption and
+recomputation, forks and aborts meet in orders no hand-written test lists.
 
 After every step the cache is consistent; at the end every request has finished (nothing starves or hangs), the
 pool holds no live K/V, and every request that was not aborted produced exactly the greedy tokens the same
@@ -38,10 +38,13 @@ _SOLO: dict[tuple, tuple] = {}  # (prompt, params) -> each completion's tokens a
 
 
 def result(out) -> tuple:
-    """What the comparison covers: each completion's tokens, and the prompt's logprobs when asked for."""
+    """What the comparison covers: each completion's tokens, the prompt's logprobs and the sampled tokens'
+    logprobs (with their top alternatives) when asked for."""
     prompt_lp = None if out.prompt_logprobs is None else [
         None if e is None else (e.token_id, e.logprob) for e in out.prompt_logprobs]
-    return [c.token_ids for c in sorted(out.outputs, key=lambda c: c.index)], prompt_lp
+    completions = sorted(out.outputs, key=lambda c: c.index)
+    lps = [None if c.logprobs is None else [(e.token_id, e.logprob, e.top) for e in c.logprobs] for c in completions]
+    return [c.token_ids for c in completions], prompt_lp, lps
 
 
 def solo(prompt: list[int], params: SamplingParams) -> tuple:
@@ -100,7 +103,8 @@ class EngineMachine(RuleBasedStateMachine):
             params = SamplingParams(max_tokens=data.draw(st.sampled_from([1, 3, 12, 40])),
                                     temperature=1.0 if sampled else 0, seed=seed,
                                     n=data.draw(st.sampled_from([1, 1, 2])), stop_token_ids=stop,
-                                    prompt_logprobs=data.draw(st.sampled_from([None, None, None, 0]), label="plp"))
+                                    prompt_logprobs=data.draw(st.sampled_from([None, None, None, 0]), label="plp"),
+                                    logprobs=data.draw(st.sampled_from([None, None, 0, 2]), label="logprobs"))
             salt = data.draw(st.sampled_from([None, None, "tenant"]), label="salt")
             batch.append((prompt, params, salt))
         requests = [self.engine.make_request(p, sp, cache_salt=salt) for p, sp, salt in batch]
@@ -155,6 +159,9 @@ class EngineMachine(RuleBasedStateMachine):
                 assert all(1 <= len(t) <= params.max_tokens for t in got[0]), (rid, got)
             assert (got[1] is None) == (params.prompt_logprobs is None) and (got[1] is None or len(got[1]) == len(
                 prompt)), (rid, got[1])
+            for tokens, lps in zip(got[0], got[2]):  # a logprob for every token, with the alternatives asked for
+                assert (lps is None) == (params.logprobs is None) and (
+                    lps is None or ([e[0] for e in lps] == tokens and all(len(e[2]) == params.logprobs for e in lps)))
 
 
 EngineMachine.TestCase.settings = settings(
