@@ -23,7 +23,7 @@ _MARKERS = {
     "cluster": "a real local Ray cluster (needs the cluster extra)",
 }
 _SLOW_MODULES = {"test_server.py", "test_cluster.py", "test_structured.py", "test_weight_cache.py",
-                 "test_bench_serve.py", "test_server_fuzz.py"}
+                 "test_bench_serve.py", "test_server_fuzz.py", "test_structured_fuzz.py"}
 
 
 @pytest.fixture
