@@ -88,7 +88,7 @@ class ModelRunner:
                     prompt_rows.append((r, len(logit_rows), u.first_pos + 1, nxt))
                     logit_rows.extend(range(row0, row0 + len(nxt)))
             if u.samples:
-                targets = [c for c in r.completions if not c.finished] if u.completion is None else [u.completion]
+                targets = r.live_completions if u.completion is None else [u.completion]
                 logit_rows.append(len(ids) - 1)  # never a prompt-logprob row: it predicts an output token
                 for c in targets:
                     sample_rows.append(len(logit_rows) - 1)

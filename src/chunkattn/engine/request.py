@@ -111,6 +111,11 @@ class Request:
         return len(self.prompt_ids)
 
     @property
+    def live_completions(self) -> list[Completion]:
+        """Completions not finished: one sequence each once forked (before, they will fork the prompt's)."""
+        return [c for c in self.completions if not c.finished]
+
+    @property
     def resumed(self) -> bool:
         """Its prompt is computed again after a preemption, to be forked once more (without prefix sharing, a
         request of several completions resumes so): not forked, yet its completions have tokens."""
@@ -120,7 +125,7 @@ class Request:
         """Work units: ``(completion or None for the shared prompt, its sequence, all its tokens)``."""
         if not self.forked:
             return [(None, self.prompt_seq, list(self.prompt_ids))]
-        return [(c, c.seq, [*self.prompt_ids, *c.token_ids]) for c in self.completions if not c.finished]
+        return [(c, c.seq, [*self.prompt_ids, *c.token_ids]) for c in self.live_completions]
 
     def sequences(self) -> list[Sequence]:
         seqs = [c.seq for c in self.completions if c.seq is not None]

@@ -113,13 +113,13 @@ class Scheduler:
 
     def _num_running_seqs(self) -> int:
         # a request not forked yet will hold one sequence per completion
-        return sum(r.params.n if not r.forked else sum(not c.finished for c in r.completions) for r in self.running)
+        return sum(len(r.live_completions) for r in self.running)
 
     # ------------------------------------------------------------------ admission
     def _prompts(self, request: Request) -> list[list[int]]:
         """Token lists the request's sequences must hold once admitted."""
         if request.forked:  # resumed after preemption: each completion recomputes prompt + its output
-            return [[*request.prompt_ids, *c.token_ids] for c in request.completions if not c.finished]
+            return [[*request.prompt_ids, *c.token_ids] for c in request.live_completions]
         return [list(request.prompt_ids)]
 
     def _lookup(self, request: Request) -> list[PrefixMatch]:
@@ -131,8 +131,7 @@ class Scheduler:
         logprobs of every prompt token, which must then be computed)."""
         cache = self.cache
         if request.forked:
-            live = [c for c in request.completions if not c.finished]
-            for c, m in zip(live, matches, strict=True):
+            for c, m in zip(request.live_completions, matches, strict=True):
                 c.seq = cache.add_sequence(m.token_ids, namespace=request.cache_salt, match=m)
         else:
             (m,) = matches
@@ -207,7 +206,7 @@ class Scheduler:
         for r in order:
             if budget <= 0:
                 break
-            need = r.params.n if not r.forked else sum(not c.finished for c in r.completions)
+            need = len(r.live_completions)
             if self.running and self._num_running_seqs() + need > self.config.max_num_seqs:
                 break
             matches = looked_up.get(id(r))  # the ordering's lookup, while nothing changed the cache since
@@ -314,7 +313,7 @@ class Scheduler:
         """The prompt is computed: the first completion continues its sequence, the others fork it (no copy);
         ``live_only`` (a resumed request): completions that finished before its preemption get none."""
         assert r.prompt_seq is not None
-        for i, c in enumerate([c for c in r.completions if not c.finished] if live_only else r.completions):
+        for i, c in enumerate(r.live_completions if live_only else r.completions):
             c.seq = r.prompt_seq if i == 0 else self.cache.fork(r.prompt_seq)
         r.prompt_seq = None
         r.forked = True
@@ -332,7 +331,7 @@ class Scheduler:
         for r in reversed(self.running):
             if r is not keep:
                 self._release(r)
-                if r.forked and not self.cache.share_prefixes and sum(not c.finished for c in r.completions) > 1:
+                if r.forked and not self.cache.share_prefixes and len(r.live_completions) > 1:
                     # without prefix sharing its completions, resumed one by one, would each hold the prompt
                     # again (more K/V than the request ever took, maybe more than the pool): it resumes as one
                     # prompt again, forked once computed
