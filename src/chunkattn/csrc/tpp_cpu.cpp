@@ -467,16 +467,8 @@ void accumulate_bf16_fixed(const Layout& L, int64_t rows, const c10::BFloat16* v
   float* acc = ws.acc.data();
   int64_t i0 = 0;
   for (; i0 + RB <= rows; i0 += RB) pv_tile_bf16<RB, DV>(pb + i0 * kbp2, vpb, nk, acc + i0 * d);
-  const uint32_t* pt = pb + i0 * kbp2;
-  float* at = acc + i0 * d;
-  switch (rows - i0) {
-    case 5: if constexpr (RB > 5) pv_tile_bf16<5, DV>(pt, vpb, nk, at); break;
-    case 4: if constexpr (RB > 4) pv_tile_bf16<4, DV>(pt, vpb, nk, at); break;
-    case 3: if constexpr (RB > 3) pv_tile_bf16<3, DV>(pt, vpb, nk, at); break;
-    case 2: if constexpr (RB > 2) pv_tile_bf16<2, DV>(pt, vpb, nk, at); break;
-    case 1: if constexpr (RB > 1) pv_tile_bf16<1, DV>(pt, vpb, nk, at); break;
-    default: break;
-  }
+  tail_rows<RB - 1>(rows - i0, [&](auto rb) { pv_tile_bf16<decltype(rb)::value, DV>(pb + i0 * kbp2, vpb, nk,
+                                                                                      acc + i0 * d); });
 }
 
 #endif
