@@ -299,6 +299,40 @@ def test_capacity_methods_answer_what_the_scheduler_asks():
     assert cache.can_allocate(5) and not cache.can_allocate(6)
     cache.release(a)
     assert cache.num_evictable_chunks == 3 and cache.can_allocate(8)
+    # a prompt continuing the retained one takes its 3 chunks out of the evictable ones, and up to 2 new ones
+    m = cache.lookup(list(range(10)) + [1, 2, 3])
+    assert m.chunks_needed == 2 and cache.room_needed([m]) == 5 and cache.room_needed([m, m]) == 7
+    assert cache.room_needed([cache.lookup([99] * 9)]) == 4  # nothing cached: only new chunks
+    add_prompt(cache, [50, 51])
+    with pytest.raises(ValueError, match="current"):
+        cache.room_needed([m])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_room_needed_bounds_what_adding_and_computing_a_prompt_takes(seed):
+    """On random trees (shared prefixes, live and retained chunks, splits, evictions): starting a sequence from a
+    lookup and computing its prompt never takes more free-or-evictable room than ``room_needed`` said."""
+    g = torch.Generator().manual_seed(seed)
+    cache = make_cache(chunk_size=4, max_tokens=96)
+    base = torch.randint(0, 5, (40,), generator=g).tolist()
+    live = []
+    for _ in range(120):
+        cut = int(torch.randint(1, len(base) + 1, (1,), generator=g))
+        prompt = base[:cut] + torch.randint(0, 5, (int(torch.randint(0, 9, (1,), generator=g)),), generator=g).tolist()
+        m = cache.lookup(prompt)
+        need = cache.room_needed([m])
+        room = cache.num_free_chunks + cache.num_evictable_chunks
+        if not cache.can_allocate(need):
+            if live:
+                cache.release(live.pop(0))
+            continue
+        seq = cache.add_sequence(prompt, match=m)
+        store_prefix_kv(cache, cache.extend([seq], [prompt[seq.num_cached_tokens :]]))
+        assert room - (cache.num_free_chunks + cache.num_evictable_chunks) <= need
+        live.append(seq)
+        if len(live) > 3 or int(torch.randint(0, 3, (1,), generator=g)) == 0:
+            cache.release(live.pop(int(torch.randint(0, len(live), (1,), generator=g))))
+        cache.check()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

@@ -90,6 +90,23 @@ def test_a_preempted_request_of_several_completions_without_prefix_sharing_resum
         assert llm.engine.cache.stats()["used_chunks"] == 0
 
 
+def test_admission_leaves_the_running_sequences_room_to_grow(tiny):
+    """A prompt that fits the pool only by taking the chunk a running decode needs next waits: admitted, it was
+    preempted (and recomputed) one step later. A's 8-token prompt fills 2 chunks of a 10-chunk pool; B's needs the
+    other 8; A's first decode needs a third."""
+    g = torch.Generator().manual_seed(11)
+    a, b = (torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (8, 32))
+    pa = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    pb = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    alone = [LLM(loaded=tiny, chunk_size=4).generate([p], sp)[0].token_ids for p, sp in ((a, pa), (b, pb))]
+    for policy in ("fcfs", "cache-aware"):
+        llm = LLM(loaded=tiny, chunk_size=4, kv_cache_tokens=40, scheduling_policy=policy)
+        outs = llm.generate([a, b], [pa, pb])
+        assert llm.engine.stats.preemptions == 0
+        assert [o.token_ids for o in outs] == alone
+        assert outs[1].metrics.first_scheduled_time >= outs[0].metrics.finish_time  # B waited for A
+
+
 def test_n_completions_fork_the_prompt_and_are_seeded(tiny):
     llm = LLM(loaded=tiny, chunk_size=8)
     params = SamplingParams(max_tokens=10, temperature=1.5, n=3, seed=7)

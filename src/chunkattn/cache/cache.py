@@ -460,6 +460,25 @@ class PrefixKVCache:
         needs: its tokens the cache does not hold, plus one for a tail that starts inside a chunk."""
         return self.lookup(token_ids, namespace).chunks_needed
 
+    def room_needed(self, matches: Iterable[PrefixMatch]) -> int:
+        """Chunks of room (free or evictable) that starting a sequence from each of these current :meth:`lookup`
+        matches and computing it takes: the worst-case new chunks (``chunks_needed``), plus the retained chunks of
+        their cached prefixes that no live sequence holds, which stop being evictable once a sequence holds them.
+        Compare with :meth:`can_allocate`."""
+        revived: set[int] = set()
+        needed = 0
+        for m in matches:
+            if not self.is_current(m):
+                raise ValueError("room_needed takes current matches: the cache changed since this lookup")
+            needed += m.chunks_needed
+            node = m._node
+            # reference counts never grow down a path: the retained part of a match is its tail
+            while node is not None and node.parent is not None and node.ref_count == 0:
+                if node.start == 0:  # (the chunk that owns its slot: the one that makes the slot live)
+                    revived.add(node.id)
+                node = node.parent
+        return needed + len(revived)
+
     def can_allocate(self, num_chunks: int) -> bool:
         """Whether ``num_chunks`` chunks can be had now, evicting retained prefixes if needed."""
         return num_chunks <= self.num_free_chunks + self.num_evictable_chunks

@@ -1,11 +1,12 @@
 """Iteration-level scheduling: which tokens of which requests one engine step computes, and room for them.
 
 Every step: running decodes first (one token each), then running prefills in chunks within the token budget,
-then new requests while budget, sequence slots and cache room last. A waiting request whose prompt another
-request is prefilling (a new shared prompt) waits until that prefill is in the cache, so that it hits it. The
-scheduler then makes room for the step's tokens in the cache; when the pool is short it preempts the newest
-request (releases its sequences; it goes back to the front of the queue and recomputes later). Preemption
-happens only here.
+then new requests while budget, sequence slots and cache room last (room for the new prompt beside what the
+running requests still need for their known tokens and one more token each, so that admitting it preempts
+nothing a few steps later). A waiting request whose prompt another request is prefilling (a new shared
+prompt) waits until that prefill is in the cache, so that it hits it. The scheduler then makes room for the
+step's tokens in the cache; when the pool is short it preempts the newest request (releases its sequences; it
+goes back to the front of the queue and recomputes later). Preemption happens only here.
 
 Which waiting request goes first (``SchedulerConfig.policy``): "cache-aware" (the default) tries the first
 :data:`ADMISSION_WINDOW` waiting requests in order of the prompt tokens each still has to compute after the
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from chunkattn.cache.cache import Batch, PrefixKVCache, PrefixMatch, Sequence
 from chunkattn.engine.request import Completion, ErrorCode, Request, RequestState
 from chunkattn.errors import CacheFullError
+from chunkattn.utils import cdiv
 
 SCHEDULING_POLICIES = ("cache-aware", "fcfs")
 ADMISSION_WINDOW = 128  # waiting requests "cache-aware" orders each step (a cache lookup each); the rest keep order
@@ -148,10 +150,25 @@ class Scheduler:
         request.state = RequestState.RUNNING
         self.running.append(request)
 
-    def _can_admit(self, matches: list[PrefixMatch]) -> bool:
-        """Whether the pool (free plus evictable chunks) could hold the request's uncomputed prompt tokens;
-        admitting a request that cannot fit would only get it preempted again at once."""
-        return self.cache.can_allocate(sum(m.chunks_needed for m in matches))
+    def _room_to_go_on(self, request: Request) -> int:
+        """Chunks a running request may still take before its sequences' next token: its known tokens that the
+        cache does not hold yet (a prompt being prefilled, or admitted this step and not computed yet; a resumed
+        request's output) and one more token per sequence (the room a decode takes within the next
+        ``chunk_size`` steps), each counted as if no chunk it holds had room left."""
+        c = self.cache.chunk_size
+        if not request.forked:
+            computed = request.prompt_seq.num_tokens if request.prompt_seq is not None else 0
+            return (cdiv(len(request.prompt_ids) - computed, c)
+                    + sum(cdiv(len(comp.token_ids) + 1, c) for comp in request.live_completions))
+        return sum(cdiv(len(request.prompt_ids) + len(comp.token_ids) - comp.seq.num_tokens + 1, c)
+                   for comp in request.live_completions if comp.seq is not None)
+
+    def _can_admit(self, matches: list[PrefixMatch], reserved: int) -> bool:
+        """Whether the pool (free plus evictable chunks) could hold the request's uncomputed prompt tokens (and
+        the retained chunks its cached prefix takes out of the evictable ones) beside ``reserved``, what the
+        running requests may take before their next tokens (:meth:`_room_to_go_on`): admitting a request that
+        leaves them no room to grow would only get the newest preempted (and recomputed) a few steps later."""
+        return self.cache.can_allocate(self.cache.room_needed(matches) + reserved)
 
     def _defer(self, request: Request, matches: list[PrefixMatch]) -> bool:
         """Whether another request is prefilling a longer prefix of this prompt than the cache holds."""
@@ -203,6 +220,7 @@ class Scheduler:
         it may pass it for room); a request whose prompt another is prefilling is passed over (see _defer)."""
         window, order, looked_up = self._admission_order()
         admitted: set[int] = set()
+        reserved = sum(map(self._room_to_go_on, self.running))
         for r in order:
             if budget <= 0:
                 break
@@ -212,13 +230,14 @@ class Scheduler:
             matches = looked_up.get(id(r))  # the ordering's lookup, while nothing changed the cache since
             if matches is None or not all(self.cache.is_current(m) for m in matches):
                 matches = self._lookup(r)
-            if self.running and not self._can_admit(matches):
+            if self.running and not self._can_admit(matches, reserved):
                 break
             if self._defer(r, matches):
                 continue
             self.waiting.remove(r)
             admitted.add(id(r))
             self._admit(r, matches)
+            reserved += self._room_to_go_on(r)
             for uc, useq, _ in r.units():
                 assert useq is not None
                 if budget <= 0:
