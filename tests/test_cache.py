@@ -308,6 +308,21 @@ def test_capacity_methods_answer_what_the_scheduler_asks():
         cache.room_needed([m])
 
 
+def test_a_pool_that_cannot_fit_the_available_memory_is_refused_before_it_is_allocated():
+    from chunkattn import KVPoolTooLargeError
+    from chunkattn.cache.pool import POOL_MEMORY_FRACTION, available_memory
+
+    with pytest.raises(KVPoolTooLargeError, match=r"a K/V pool of 1099511627776 tokens needs 32768.0 GiB \(32 bytes "
+                       r"a token: 1 layers x 1 K/V heads x head dim 8 x K and V x 2 bytes\)") as info:
+        PrefixKVCache(1, 1, 8, max_tokens=2**40, dtype=torch.bfloat16)
+    assert isinstance(info.value, MemoryError)
+    fit = int(str(info.value).rsplit("at most ", 1)[1].split()[0])
+    available = available_memory(torch.device("cpu"))
+    # (MemAvailable moves a little between the two reads)
+    assert available is not None and abs(fit * 32 - POOL_MEMORY_FRACTION * available) < 0.05 * available
+    assert fit % 64 == 0  # whole chunks (64 tokens by default)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_room_needed_bounds_what_adding_and_computing_a_prompt_takes(seed):
     """On random trees (shared prefixes, live and retained chunks, splits, evictions): starting a sequence from a

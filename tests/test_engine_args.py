@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import pickle
 
 import pytest
@@ -88,6 +89,23 @@ def test_the_cli_reports_a_bad_value_by_its_field(capsys):
 
     assert main(["serve", "--kv-cache-tokens", "0"]) == 2
     assert "kv_cache_tokens must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_a_pool_larger_than_the_memory_available_fails_at_once_with_its_size(tmp_path, capsys):
+    """``serve`` with a pool of 2**42 tokens (1 PiB here) exits 2 with the pool's size and how many tokens fit,
+    before allocating anything (not a kill by the OOM killer, nor the allocator's "can't allocate memory")."""
+    from chunkattn.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": 512, "tie_word_embeddings": True}))
+    assert main(["serve", "--model", str(config), "--random-weights", "--kv-cache-tokens", str(2**42),
+                 "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"a K/V pool of {2**42} tokens needs 1048576.0 GiB (256 bytes a token: 2 layers x 2 K/V heads" in err
+    assert "lower the pool's size (kv_cache_tokens, --kv-cache-tokens) to at most" in err
 
 
 @pytest.mark.parametrize(("changes", "match"), [

@@ -449,11 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rerun_with_huge_pages()
     _setup_logging(args)
+    from chunkattn.errors import KVPoolTooLargeError
     from chunkattn.extras import MissingExtraError
 
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, MissingExtraError) as exc:
+    except (ValueError, TypeError, MissingExtraError, KVPoolTooLargeError) as exc:
         print(f"chunkattn: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,11 @@ class CacheFullError(ChunkAttnError, MemoryError):
     """
 
 
+class KVPoolTooLargeError(ChunkAttnError, MemoryError):
+    """The K/V pool asked for would not fit the memory its device has available (checked before allocating it,
+    so that a pool too large fails at once with its size instead of the process being killed later)."""
+
+
 class SequenceError(ChunkAttnError, ValueError):
     """A sequence handle is unknown to this cache or was already released."""
 
