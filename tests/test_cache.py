@@ -309,17 +309,17 @@ def test_capacity_methods_answer_what_the_scheduler_asks():
 
 
 def test_a_pool_that_cannot_fit_the_available_memory_is_refused_before_it_is_allocated():
-    from chunkattn import KVPoolTooLargeError
-    from chunkattn.cache.pool import POOL_MEMORY_FRACTION, available_memory
+    from chunkattn import InsufficientMemoryError
+    from chunkattn.utils import MEMORY_FRACTION, available_memory
 
-    with pytest.raises(KVPoolTooLargeError, match=r"a K/V pool of 1099511627776 tokens needs 32768.0 GiB \(32 bytes "
-                       r"a token: 1 layers x 1 K/V heads x head dim 8 x K and V x 2 bytes\)") as info:
+    with pytest.raises(InsufficientMemoryError, match=r"a K/V pool of 1099511627776 tokens needs 32768.0 GiB "
+                       r"\(32 bytes a token: 1 layers x 1 K/V heads x head dim 8 x K and V x 2 bytes\)") as info:
         PrefixKVCache(1, 1, 8, max_tokens=2**40, dtype=torch.bfloat16)
     assert isinstance(info.value, MemoryError)
     fit = int(str(info.value).rsplit("at most ", 1)[1].split()[0])
     available = available_memory(torch.device("cpu"))
     # (MemAvailable moves a little between the two reads)
-    assert available is not None and abs(fit * 32 - POOL_MEMORY_FRACTION * available) < 0.05 * available
+    assert available is not None and abs(fit * 32 - MEMORY_FRACTION * available) < 0.05 * available
     assert fit % 64 == 0  # whole chunks (64 tokens by default)
 
 

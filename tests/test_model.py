@@ -300,6 +300,35 @@ def test_packed_linear_refuses_mismatched_operands():
         ops.pack_linear(torch.randn(50, 16, device="meta"))
 
 
+def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_counted(tmp_path):
+    """A model whose weights (held twice on the CPU: as loaded and packed) cannot fit the memory available is
+    refused at once, saying what it needs and what to use; what a loaded model holds counts its packs."""
+    from chunkattn import InsufficientMemoryError
+    from chunkattn.model.layers import Linear
+    from chunkattn.model.loader import weight_bytes
+    from server_helpers import TINY_CONFIG
+
+    huge = tmp_path / "huge.json"  # ~4.9 T parameters: no machine here has 9.8 TB for them in bf16
+    huge.write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 65536, "intermediate_size": 262144,
+        "num_hidden_layers": 80, "num_attention_heads": 512, "num_key_value_heads": 64,
+        "max_position_embeddings": 512}))
+    with pytest.raises(InsufficientMemoryError, match=r"loading the model's 4900\.\d+ B weights in bfloat16 takes at "
+                       r"least .* GiB \(most held twice on the CPU.*use --quantization q8_0 / q4_0"):
+        load_model(huge, dtype=torch.bfloat16, random_weights=True)
+    with pytest.raises(InsufficientMemoryError, match="in Q4_0 blocks .* use a smaller model"):
+        load_model(huge, dtype=torch.bfloat16, random_weights=True, quantization="q4_0")
+    with pytest.raises(InsufficientMemoryError, match="use --dtype bfloat16 or --quantization q8_0 / q4_0"):
+        load_model(huge, dtype=torch.float32, random_weights=True)
+
+    tiny = load_model(TINY_CONFIG, random_weights=True, dtype=torch.float32)
+    sizes = weight_bytes(tiny.model)
+    linears = sum(m.weight.numel() * 4 for m in tiny.model.modules()
+                  if isinstance(m, Linear) and m.packed is not None)
+    assert linears > 0 and sizes["packed"] >= linears  # (panels round the outputs up to whole panels)
+    assert sizes["total"] == sizes["dense"] + sizes["packed"] + sizes["quantized"]
+
+
 def test_fused_projections_round_trip_to_hugging_face_names():
     cfg = hf_config().to_dict() | {"model_type": "qwen2"}
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -14,7 +14,7 @@ Layout (each layer depends only on those below it; docs/architecture.md has the 
 from chunkattn.attention import attention
 from chunkattn.cache import AttentionPlan, Batch, PrefixKVCache, Sequence
 from chunkattn.engine import LLM, AsyncLLM, EngineArgs, RequestOutput, SamplingParams
-from chunkattn.errors import CacheCorruptedError, CacheFullError, ChunkAttnError, KVPoolTooLargeError, SequenceError
+from chunkattn.errors import CacheCorruptedError, CacheFullError, ChunkAttnError, InsufficientMemoryError, SequenceError
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ __all__ = [
     "CacheFullError",
     "ChunkAttnError",
     "EngineArgs",
-    "KVPoolTooLargeError",
+    "InsufficientMemoryError",
     "PrefixKVCache",
     "RequestOutput",
     "SamplingParams",

@@ -449,12 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rerun_with_huge_pages()
     _setup_logging(args)
-    from chunkattn.errors import KVPoolTooLargeError
+    from chunkattn.errors import InsufficientMemoryError
     from chunkattn.extras import MissingExtraError
 
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, MissingExtraError, KVPoolTooLargeError) as exc:
+    except (ValueError, TypeError, MissingExtraError, InsufficientMemoryError) as exc:
         print(f"chunkattn: error: {exc}", file=sys.stderr)
         return 2
 

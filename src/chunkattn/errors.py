@@ -18,9 +18,10 @@ class CacheFullError(ChunkAttnError, MemoryError):
     """
 
 
-class KVPoolTooLargeError(ChunkAttnError, MemoryError):
-    """The K/V pool asked for would not fit the memory its device has available (checked before allocating it,
-    so that a pool too large fails at once with its size instead of the process being killed later)."""
+class InsufficientMemoryError(ChunkAttnError, MemoryError):
+    """The model's weights or the K/V pool asked for would not fit the memory their device has available
+    (checked before they are allocated, so that they fail at once, saying how much they need and what fits,
+    instead of the allocator failing or the kernel's OOM killer ending the process later)."""
 
 
 class SequenceError(ChunkAttnError, ValueError):

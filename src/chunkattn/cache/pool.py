@@ -12,47 +12,29 @@ import importlib.util
 
 import torch
 
-from chunkattn.errors import KVPoolTooLargeError
+from chunkattn.errors import InsufficientMemoryError
+from chunkattn.utils import MEMORY_FRACTION, available_memory
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-#: The most of its device's available memory (CPU: ``MemAvailable``; GPU: free memory) a pool may take: the rest
-#: is for a step's activations and logits, the allocator and whatever else runs beside it.
-POOL_MEMORY_FRACTION = 0.9
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes ``device`` has available now (a CPU: ``MemAvailable`` of ``/proc/meminfo``; a CUDA device: its free
-    memory), or None where that cannot be told."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return None
 
 
 def check_pool_fits(num_layers: int, num_slots: int, chunk_size: int, num_kv_heads: int, head_dim: int,
                     dtype: torch.dtype, device: torch.device) -> None:
-    """Raise :class:`~chunkattn.errors.KVPoolTooLargeError` if the pool would take more than
-    :data:`POOL_MEMORY_FRACTION` of the memory ``device`` has available, naming its size and how many tokens fit."""
+    """Raise :class:`~chunkattn.errors.InsufficientMemoryError` if the pool would take more than
+    :data:`~chunkattn.utils.MEMORY_FRACTION` of the memory ``device`` has available, naming its size and how many
+    tokens fit."""
     token_bytes = 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
     need = token_bytes * num_slots * chunk_size
     available = available_memory(device)
-    if available is None or need <= POOL_MEMORY_FRACTION * available:
+    if available is None or need <= MEMORY_FRACTION * available:
         return
-    fit = int(POOL_MEMORY_FRACTION * available) // token_bytes // chunk_size * chunk_size
+    fit = int(MEMORY_FRACTION * available) // token_bytes // chunk_size * chunk_size
     gib = 1024**3
     where = "this machine" if device.type == "cpu" else str(device)
-    raise KVPoolTooLargeError(
+    raise InsufficientMemoryError(
         f"a K/V pool of {num_slots * chunk_size} tokens needs {need / gib:.1f} GiB ({token_bytes} bytes a token: "
         f"{num_layers} layers x {num_kv_heads} K/V heads x head dim {head_dim} x K and V x {dtype.itemsize} bytes), "
-        f"but {where} has {available / gib:.1f} GiB available and the pool may take {POOL_MEMORY_FRACTION:.0%} of it: "
+        f"but {where} has {available / gib:.1f} GiB available and the pool may take {MEMORY_FRACTION:.0%} of it: "
         f"lower the pool's size (kv_cache_tokens, --kv-cache-tokens) to at most {fit} tokens")
 
 

