@@ -76,7 +76,7 @@ def main() -> None:
     else:
         model = load_model(args.model, dtype=dtype, quantization="none").model
     layers = [m for m in model.modules() if isinstance(m, Linear)]  # model order, LM head last
-    weights = [m.weight.detach() for m in layers]
+    weights = [m.dense_weight().detach() for m in layers]
     flop_per_row = sum(2 * w.numel() for w in weights)
     if args.quantization and dtype != torch.bfloat16:
         raise SystemExit("--quantization runs with --dtype bfloat16")

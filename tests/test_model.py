@@ -314,7 +314,7 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
         "num_hidden_layers": 80, "num_attention_heads": 512, "num_key_value_heads": 64,
         "max_position_embeddings": 512}))
     with pytest.raises(InsufficientMemoryError, match=r"loading the model's 4900\.\d+ B weights in bfloat16 takes at "
-                       r"least .* GiB \(most held twice on the CPU.*use --quantization q8_0 / q4_0"):
+                       r"least .* GiB \(most held twice while loading on the CPU.*use --quantization q8_0 / q4_0"):
         load_model(huge, dtype=torch.bfloat16, random_weights=True)
     with pytest.raises(InsufficientMemoryError, match="in Q4_0 blocks .* use a smaller model"):
         load_model(huge, dtype=torch.bfloat16, random_weights=True, quantization="q4_0")
@@ -327,6 +327,106 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
                   if isinstance(m, Linear) and m.packed is not None)
     assert linears > 0 and sizes["packed"] >= linears  # (panels round the outputs up to whole panels)
     assert sizes["total"] == sizes["dense"] + sizes["packed"] + sizes["quantized"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("gate_up", "fan_in", "fan_out"), [(False, 70, 37), (False, 64, 96), (False, 33, 1),
+                                                           (True, 50, 35), (True, 64, 16), (True, 100, 49)])
+def test_a_layer_held_only_as_its_pack_unpacks_exactly_and_multiplies_the_same(dtype, gate_up, fan_in, fan_out):
+    """drop_dense: the weight held once, as packed; dense_weight() unpacks it bit for bit (odd sizes: panels and
+    K steps padded), products are unchanged (the panels, and F.linear under autograd), and a copy, a pickle, a
+    move to another dtype or a new prepack get the dense weight back."""
+    import copy
+    import pickle
+
+    from chunkattn.model.layers import GateUpLinear, Linear
+
+    torch.manual_seed(fan_in * 7 + fan_out)
+    lin = (GateUpLinear(fan_in, fan_out) if gate_up else Linear(fan_in, fan_out, bias=True)).to(dtype)
+    torch.nn.init.normal_(lin.weight, std=0.1)
+    if lin.bias is not None:
+        torch.nn.init.normal_(lin.bias, std=0.1)
+    lin.requires_grad_(False)
+    w = lin.weight.detach().clone()
+    if not (lin.prepack() and lin.packed is not None and lin.packed.kind in ("panels", "bf16-panels")):
+        assert not lin.drop_dense()
+        pytest.skip(f"{dtype} weights are not packed into chunkattn's panels on this CPU")
+    x = torch.randn(7, fan_in, dtype=dtype)
+    xg = x.clone().requires_grad_(True)  # autograd: F.linear on the dense weight
+    with torch.inference_mode():
+        y = lin(x)
+    yg = lin(xg)
+    assert lin.drop_dense() and lin.dense_dropped and lin.weight.numel() == 0 and lin.weight.dtype == dtype
+    assert not lin.drop_dense()  # once
+    assert torch.equal(lin.dense_weight(), w)
+    with torch.inference_mode():
+        assert torch.equal(lin(x), y)
+    assert torch.equal(lin(xg), yg)  # (F.linear on the unpacked weight)
+    for twin in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert not twin.dense_dropped and twin.packed is None and torch.equal(twin.weight, w)
+    moved = copy.deepcopy(lin)
+    lin.to(torch.float64)
+    assert not lin.dense_dropped and torch.equal(lin.weight, w.double())
+    moved.prepack()  # (a deep copy has no pack: it repacks from the dense weight)
+    assert moved.drop_dense() and moved.prepack() and not moved.dense_dropped and torch.equal(moved.weight, w)
+    assert moved.drop_dense()
+    moved.weight.data = w.flip(0).contiguous()  # a new weight for the placeholder: it is used, not the old pack
+    assert torch.equal(moved.dense_weight(), w.flip(0))
+    twin = _dense_twin(moved, w.flip(0))
+    with torch.inference_mode():
+        assert torch.equal(moved(x), twin(x))
+    loaded = copy.deepcopy(moved)
+    assert loaded.drop_dense() or loaded.prepack() and loaded.drop_dense()
+    loaded.load_state_dict({"weight": w, **({"bias": lin.bias} if lin.bias is not None else {})})
+    with torch.inference_mode():  # (load_state_dict restores the dense weight, then repacks)
+        assert torch.equal(loaded(x), y)
+
+
+def _dense_twin(lin, weight):
+    """A copy of ``lin`` with ``weight``, packed and keeping it dense."""
+    import copy
+
+    twin = copy.deepcopy(lin)
+    twin.restore_dense()
+    twin.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    twin.prepack()
+    return twin
+
+
+def test_a_loaded_model_holds_its_linear_weights_once():
+    """build_model drops the dense copy of every packed linear weight (not a head tied to the embeddings): logits
+    equal a model that keeps them, the Hugging Face state dict is the same, and the dense bytes shrink."""
+    from chunkattn.model.layers import Linear
+    from chunkattn.model.loader import weight_bytes
+    from server_helpers import TINY_CONFIG
+
+    cfg = json.loads(TINY_CONFIG.read_text())
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = load_model(TINY_CONFIG, random_weights=True, dtype=dtype)
+        model = loaded.model
+        dropped = [m for m in model.modules() if isinstance(m, Linear) and m.dense_dropped]
+        if not dropped:
+            continue  # (no chunkattn panels on this CPU for this dtype)
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        assert not (tied and model.lm_head.dense_dropped) and cfg.get("tie_word_embeddings", True) == tied
+        keep = build_model(loaded.config, model.hf_state_dict(), dtype, "cpu", prepack=False)
+        keep.prepack()  # packs, keeps the dense weights
+        assert not any(m.dense_dropped for m in keep.modules() if isinstance(m, Linear))
+        a, b = model.hf_state_dict(), keep.hf_state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        freed = sum(m.out_features * m.in_features * dtype.itemsize for m in dropped)
+        assert weight_bytes(keep)["dense"] - weight_bytes(model)["dense"] == freed > 0
+        assert weight_bytes(model)["packed"] == weight_bytes(keep)["packed"]
+        ids = torch.arange(3, 40).remainder(cfg["vocab_size"])
+        logits = []
+        for m in (model, keep):
+            c = loaded.config
+            cache = PrefixKVCache(c.num_layers, c.num_kv_heads, c.head_dim, chunk_size=8, max_tokens=256, dtype=dtype)
+            seq = cache.add_sequence(ids.tolist(), reuse_prefix=False)
+            batch = cache.extend([seq], [ids.tolist()])
+            with torch.inference_mode():
+                logits.append(run_model(m, cache, batch, ids, torch.arange(len(ids))))
+        assert torch.equal(logits[0], logits[1])
 
 
 def test_fused_projections_round_trip_to_hugging_face_names():

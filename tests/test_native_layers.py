@@ -148,7 +148,7 @@ def test_stack_follows_weight_changes_hooks_and_backends(tmp_path, monkeypatch):
     assert model.native_layers.stack is stack  # nothing changed: the same stack
     # a weight changed in place (load_state_dict copies into the parameter): the layer repacks, the stack rebuilds
     qkv = model.model.layers[1].self_attn.qkv_proj
-    model.load_state_dict({"model.layers.1.self_attn.qkv_proj.weight": 2 * qkv.weight.detach()}, strict=False)
+    model.load_state_dict({"model.layers.1.self_attn.qkv_proj.weight": 2 * qkv.dense_weight()}, strict=False)
     changed = again()
     assert model.native_layers.stack is not stack and not torch.equal(changed, baseline)
     # a parameter replaced (the registration hook): the new norm weight is used
@@ -159,12 +159,12 @@ def test_stack_follows_weight_changes_hooks_and_backends(tmp_path, monkeypatch):
     assert model.native_layers.stack is not stack and not torch.equal(replaced, changed)
     # `.data =` on a linear weight swaps its storage
     down = model.model.layers[0].mlp.down_proj
-    down.weight.data = down.weight.data.flip(0).contiguous()
+    down.weight.data = down.dense_weight().flip(0).contiguous()  # (a new tensor)
     swapped = again()
     assert not torch.equal(swapped, replaced)
     # a layer replaced (the module registration hook)
     new_down = Linear(down.in_features, down.out_features).to(dtype)
-    new_down.load_state_dict({"weight": down.weight.detach() * 0.5})
+    new_down.load_state_dict({"weight": down.dense_weight() * 0.5})
     new_down.prepack()
     model.model.layers[0].mlp.down_proj = new_down
     assert not torch.equal(again(), swapped)
@@ -238,7 +238,7 @@ def test_stack_follows_changes_no_registration_hook_sees(tmp_path, monkeypatch):
     assert native_ran()
     # a module that already has a hook, put into a layer: the hook runs
     hooked = Linear(qkv.in_features, qkv.out_features, bias=False)
-    hooked.load_state_dict({"weight": qkv.weight.detach().clone()})
+    hooked.load_state_dict({"weight": qkv.dense_weight().clone()})
     hooked.prepack()
     hook_calls = []
     hooked.register_forward_hook(lambda m, a, out: hook_calls.append(1))

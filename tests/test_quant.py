@@ -407,7 +407,7 @@ def test_default_model_runs_as_stored_without_a_full_precision_copy():
     for name, module in q.model.named_modules():
         if isinstance(module, Linear) and name != "lm_head":
             assert module.quant is not None and module.quant.qtype == "q4_1", name
-            dense = d.model.get_submodule(name).weight
+            dense = d.model.get_submodule(name).dense_weight()
             assert torch.equal(module.dense_weight().view(torch.int16), dense.view(torch.int16)), name
     ids = torch.tensor(q.tokenizer.encode("The capital of France is"))
     emb_q, emb_d = q.model.model.embed_tokens(ids), d.model.model.embed_tokens(ids)

@@ -72,6 +72,27 @@ class PackedWeight:
     batch_hint: int  # the rows oneDNN tuned its layout for
 
 
+def unpack_weight(packed: PackedWeight, out_features: int, in_features: int, gate_up: bool) -> torch.Tensor:
+    """The dense ``[out, in]`` weight a chunkattn pack (``panels`` or ``bf16-panels``) was made from: the inverse
+    of ``csrc/linear_cpu.cpp``'s ``pack`` and ``csrc/linear_amx.cpp``'s ``pack_amx`` (a view of the pack reordered
+    and copied; gate/up packs give ``[gate; up]``)."""
+    t = packed.tensor
+    if packed.kind == "panels":  # [P, K, 48]: lane c of panel p is output 48p + c (gate_up: 24p + c % 24)
+        if not gate_up:
+            return t.permute(0, 2, 1).reshape(-1, in_features)[:out_features].contiguous()
+        halves = t.view(t.shape[0], in_features, 2, 24).permute(2, 0, 3, 1).reshape(2, -1, in_features)
+        return halves[:, : out_features // 2].reshape(out_features, in_features).contiguous()
+    if packed.kind == "bf16-panels":  # [P, S, 2, 16 (k / 2), 32 (16 columns x 2 k)]
+        p, steps = t.shape[0], t.shape[1]
+        tiles = t.view(p, steps, 2, 16, 16, 2).permute(2, 0, 4, 1, 3, 5)  # [j, p, c, s, r, k % 2]
+        if not gate_up:  # column 32p + 16j + c
+            w = tiles.permute(1, 0, 2, 3, 4, 5).reshape(p * 32, steps * 32)
+            return w[:out_features, :in_features].contiguous()
+        w = tiles.reshape(2, p * 16, steps * 32)  # tile 0: gate column 16p + c, tile 1: the same up column
+        return w[:, : out_features // 2, :in_features].reshape(out_features, in_features).contiguous()
+    raise ValueError(f"a {packed.kind!r} pack cannot be unpacked")
+
+
 class Linear(WatchedModule):
     """``y = x W^T (+ b)`` whose weight can be prepacked for the CPU.
 
@@ -91,7 +112,9 @@ class Linear(WatchedModule):
     The packed copy is used only without autograd
     (inference) and is not part of the state dict; the dense ``weight`` stays the parameter. A weight changed in
     place after packing (``load_state_dict``, ``weight.data.copy_``) is repacked on the next call; moving the
-    module to another device or dtype drops the packed copy.
+    module to another device or dtype drops the packed copy. A loaded model keeps its weights only packed where the
+    pack serves every product (:meth:`drop_dense`; :meth:`dense_weight` unpacks them): the 1B shape in bf16 held
+    2.3 GiB dense + 2.3 GiB packed, now the packs and its tied embedding table.
     """
 
     # bf16 rows up to which the AMX panels run (panel_max_rows). Up to K = AMX_ALL_ROWS_MAX_K at every row count:
@@ -111,6 +134,7 @@ class Linear(WatchedModule):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: PackedWeight | None = None
         self.quant: QuantizedWeight | None = None
+        self.dense_dropped = False  # only the pack holds the weight (drop_dense)
 
     def set_quantized(self, quant: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> None:
         """Multiply by ``quant`` (block-quantized, see :mod:`chunkattn.model.quant`) from now on. ``weight``
@@ -124,10 +148,55 @@ class Linear(WatchedModule):
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense tensor (dequantized, in the placeholder's dtype, when quantized)."""
-        if self.quant is None:
-            return self.weight
-        return self.quant.dequantize().to(self.weight.dtype)
+        """The weight as a dense tensor (dequantized, in the placeholder's dtype, when quantized; unpacked after
+        :meth:`drop_dense`)."""
+        if self.quant is not None:
+            return self.quant.dequantize().to(self.weight.dtype)
+        if self._only_packed():
+            assert self.packed is not None
+            with torch.inference_mode(False):  # (a plain tensor, also when asked for inside inference mode)
+                return unpack_weight(self.packed, self.out_features, self.in_features,
+                                     isinstance(self, GateUpLinear))
+        return self.weight
+
+    def _only_packed(self) -> bool:
+        """Whether the pack alone holds the weight: dropped, and ``weight`` still the placeholder (not given a new
+        tensor since, e.g. by ``weight.data = ...``: then that tensor is the weight, repacked at the next call)."""
+        return self.dense_dropped and self.weight.shape == (0, 0)
+
+    def drop_dense(self) -> bool:
+        """Keep the weight only as its pack, halving the layer's memory: ``weight`` becomes an empty ``[0, 0]``
+        placeholder (its dtype and device) and :meth:`dense_weight` unpacks the pack when the dense weight is asked
+        for (Hugging Face's state dict; :meth:`prepack`, a copy or a move to another device or dtype restore it
+        first). Only where the pack serves every product: chunkattn's fp32 panels, and its bf16 panels where they
+        take every row count (not on AMX at K > ``AMX_ALL_ROWS_MAX_K``, where ``F.linear`` takes large batches).
+        Returns whether it did."""
+        packed = self.packed
+        if (packed is None or self.dense_dropped or self.quant is not None
+                or packed.version != self._weight_version() or packed.kind not in ("panels", "bf16-panels")
+                or (packed.kind == "bf16-panels" and self.panel_max_rows() != sys.maxsize)):
+            return False
+        w = self.weight
+        self.weight = nn.Parameter(torch.empty(0, 0, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.dense_dropped = True
+        self.packed = PackedWeight(packed.kind, packed.tensor, self._weight_version(), packed.batch_hint)
+        return True
+
+    def restore_dense(self) -> None:
+        """Undo :meth:`drop_dense`: the dense weight again (unpacked; the pack stays, made from it)."""
+        if self.dense_dropped:
+            packed = self.packed
+            if self._only_packed() and packed is not None:
+                self.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
+                self.packed = PackedWeight(packed.kind, packed.tensor, self._weight_version(), packed.batch_hint)
+            else:  # a tensor given for the placeholder since: the pack is stale
+                self.packed = None
+            self.dense_dropped = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if prefix + "weight" in state_dict:  # (loaded into the dense weight: repacked at the next call)
+            self.restore_dense()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def can_prepack(weight: torch.Tensor) -> bool:
@@ -152,6 +221,7 @@ class Linear(WatchedModule):
     def prepack(self, batch_hint: int = 32) -> bool:
         """Pack the weight for the CPU (fp32/bf16); returns whether it did. ``batch_hint``: the rows oneDNN
         tunes its layout for."""
+        self.restore_dense()
         self.packed = None
         if self.quant is not None or not self.can_prepack(self.weight):
             return False
@@ -173,11 +243,16 @@ class Linear(WatchedModule):
         return torch.ops.chunkattn_layers.pack_linear_amx(w)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .half() drop the pack
+        self.restore_dense()
         self.packed = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # pickles and deep copies leave the pack behind (it is per machine)
-        return {**super().__getstate__(), "packed": None}
+        state = {**super().__getstate__(), "packed": None, "dense_dropped": False}
+        if self.dense_dropped:  # (the copy gets the dense weight the pack holds)
+            state["_parameters"] = {**state["_parameters"],
+                                    "weight": nn.Parameter(self.dense_weight(), requires_grad=False)}
+        return state
 
     def _usable_pack(self, x: torch.Tensor) -> PackedWeight | None:
         """The pack to multiply ``x`` with (repacked first if the weight changed in place), or None: use the
@@ -200,13 +275,13 @@ class Linear(WatchedModule):
 
     def _product(self, x: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
         """``x W^T (+ b)`` from ``packed`` (a pack of :meth:`_usable_pack`), or the dense weight when None."""
-        if packed is None:
-            return nn.functional.linear(x, self.weight, self.bias)
+        if packed is None:  # (after drop_dense: autograd, or x of another dtype; unpacked for the call)
+            return nn.functional.linear(x, self.dense_weight(), self.bias)
         if packed.kind == "panels":
             return torch.ops.chunkattn_layers.linear(x, packed.tensor, self.out_features, self.bias)
         if packed.kind == "bf16-panels":
             if x.shape[0] > self.panel_max_rows():
-                return nn.functional.linear(x, self.weight, self.bias)
+                return nn.functional.linear(x, self.dense_weight(), self.bias)
             return torch.ops.chunkattn_layers.linear_amx(x, packed.tensor, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, self.bias, "none", [], "")
 

@@ -127,6 +127,13 @@ class LlamaForCausalLM(nn.Module):
         """Prepack every linear layer's weight for the CPU (see :class:`Linear`); returns how many were."""
         return sum(m.prepack(batch_hint) for m in self.modules() if isinstance(m, Linear))
 
+    def drop_dense_weights(self) -> int:
+        """:meth:`Linear.drop_dense` on every prepacked linear layer but an LM head tied to the embeddings (whose
+        lookups read the dense table): their weights are then held once, as packed; returns how many were."""
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        return sum(m.drop_dense() for m in self.modules()
+                   if isinstance(m, Linear) and not (tied and m is self.lm_head))
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,7 +183,8 @@ class LlamaForCausalLM(nn.Module):
         transformers' model."""
         out = dict(self.state_dict())
         for name, module in self.named_modules():
-            if isinstance(module, (Linear, Embedding)) and module.quant is not None:
+            if isinstance(module, (Linear, Embedding)) and (module.quant is not None or
+                                                            getattr(module, "dense_dropped", False)):
                 out[f"{name}.weight"] = module.dense_weight()
         cfg = self.config
         sizes = {"self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,

@@ -130,6 +130,7 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32 in every dtype
     if prepack:
         model.prepack()
+        model.drop_dense_weights()  # (held once, as packed)
     return model
 
 
@@ -157,9 +158,9 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | tor
     if quantize:  # held as blocks once built; the dense weights are read first
         need = dense + int(matrices * quant.bytes_per_weight(quantize))
         held = f"read in {str(dtype).removeprefix('torch.')}, then quantized"
-    elif device.type == "cpu":  # the CPU kernels' packed copies stay beside the dense weights
+    elif device.type == "cpu":  # packed for the CPU kernels while the loaded ones are still held
         need = dense + packed * dtype.itemsize
-        held = "most held twice on the CPU: as loaded and packed for the kernels"
+        held = "most held twice while loading on the CPU: as read and packed for the kernels"
     else:
         need, held = dense, ""
     if need <= MEMORY_FRACTION * available:
@@ -258,9 +259,9 @@ def _quantize_model(model: LlamaForCausalLM, qtype: str, dtype: torch.dtype) -> 
 
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of weights the model holds: ``dense`` (parameters and buffers), ``packed`` (their copies reordered for
-    the CPU kernels, :meth:`Linear.prepack`: the dense weights stay beside them), ``quantized`` (block-quantized
-    packs; a tied head's counted once) and ``total``."""
+    """Bytes of weights the model holds: ``dense`` (parameters and buffers), ``packed`` (weights reordered for the
+    CPU kernels, :meth:`Linear.prepack`; a loaded model keeps most only so, :meth:`Linear.drop_dense`),
+    ``quantized`` (block-quantized packs; a tied head's counted once) and ``total``."""
     seen: set[int] = set()
     dense = packed = quantized = 0
     for t in [*model.parameters(), *model.buffers()]:

@@ -74,8 +74,8 @@ def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
             return None
         return (LINEAR_KINDS["quant"], empty, q.packed, bias, q.out_features, q.kind, 0, gate_up)
     packed = layer._usable_pack(x)  # repacks a weight changed in place
-    if packed is None:
-        return (LINEAR_KINDS["dense"], layer.weight, empty, bias, n, 0, 0, gate_up)
+    if packed is None:  # (dense_weight: unpacked for the stack if only the pack holds it)
+        return (LINEAR_KINDS["dense"], layer.dense_weight(), empty, bias, n, 0, 0, gate_up)
     if packed.kind not in LINEAR_KINDS:  # "onednn": its product is not called from the stack
         return None
     max_rows = min(layer.panel_max_rows(), 2**62) if packed.kind == "bf16-panels" else 0
