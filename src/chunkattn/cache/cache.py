@@ -471,12 +471,8 @@ class PrefixKVCache:
             if not self.is_current(m):
                 raise ValueError("room_needed takes current matches: the cache changed since this lookup")
             needed += m.chunks_needed
-            node = m._node
-            # reference counts never grow down a path: the retained part of a match is its tail
-            while node is not None and node.parent is not None and node.ref_count == 0:
-                if node.start == 0:  # (the chunk that owns its slot: the one that makes the slot live)
-                    revived.add(node.id)
-                node = node.parent
+            if m._node is not None:
+                revived.update(self._tree.slots_lock_makes_live(m._node))
         return needed + len(revived)
 
     def can_allocate(self, num_chunks: int) -> bool:

@@ -321,6 +321,18 @@ class ChunkTree:
             n.ref_count += 1
             n = n.parent
 
+    def slots_lock_makes_live(self, node: Node) -> list[int]:
+        """The slots that :meth:`lock` of ``node`` would make live (taking them from the evictable ones): those
+        of the unreferenced chunks on its path that own their slot. Reference counts never grow down a path, so
+        they are the path's unreferenced tail."""
+        slots = []
+        n: Node | None = node
+        while n is not None and n.parent is not None and n.ref_count == 0:
+            if n.start == 0:
+                slots.append(n.slot)
+            n = n.parent
+        return slots
+
     def unlock(self, node: Node) -> None:
         """Drop one reference from ``node`` and every ancestor; chunks reaching 0 become evictable leaves."""
         n: Node | None = node

@@ -134,7 +134,6 @@ class Linear(WatchedModule):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: PackedWeight | None = None
         self.quant: QuantizedWeight | None = None
-        self.dense_dropped = False  # only the pack holds the weight (drop_dense)
 
     def set_quantized(self, quant: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> None:
         """Multiply by ``quant`` (block-quantized, see :mod:`chunkattn.model.quant`) from now on. ``weight``
@@ -152,17 +151,18 @@ class Linear(WatchedModule):
         :meth:`drop_dense`)."""
         if self.quant is not None:
             return self.quant.dequantize().to(self.weight.dtype)
-        if self._only_packed():
+        if self.dense_dropped:
             assert self.packed is not None
             with torch.inference_mode(False):  # (a plain tensor, also when asked for inside inference mode)
                 return unpack_weight(self.packed, self.out_features, self.in_features,
                                      isinstance(self, GateUpLinear))
         return self.weight
 
-    def _only_packed(self) -> bool:
-        """Whether the pack alone holds the weight: dropped, and ``weight`` still the placeholder (not given a new
-        tensor since, e.g. by ``weight.data = ...``: then that tensor is the weight, repacked at the next call)."""
-        return self.dense_dropped and self.weight.shape == (0, 0)
+    @property
+    def dense_dropped(self) -> bool:
+        """Whether the pack alone holds the weight (:meth:`drop_dense`): ``weight`` is the ``[0, 0]`` placeholder
+        (a tensor given for it since, e.g. by ``weight.data = ...``, is the weight: repacked at the next call)."""
+        return self.quant is None and self.packed is not None and self.weight.shape == (0, 0)
 
     def drop_dense(self) -> bool:
         """Keep the weight only as its pack, halving the layer's memory: ``weight`` becomes an empty ``[0, 0]``
@@ -178,20 +178,15 @@ class Linear(WatchedModule):
             return False
         w = self.weight
         self.weight = nn.Parameter(torch.empty(0, 0, dtype=w.dtype, device=w.device), requires_grad=False)
-        self.dense_dropped = True
         self.packed = PackedWeight(packed.kind, packed.tensor, self._weight_version(), packed.batch_hint)
         return True
 
     def restore_dense(self) -> None:
         """Undo :meth:`drop_dense`: the dense weight again (unpacked; the pack stays, made from it)."""
-        if self.dense_dropped:
-            packed = self.packed
-            if self._only_packed() and packed is not None:
-                self.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
-                self.packed = PackedWeight(packed.kind, packed.tensor, self._weight_version(), packed.batch_hint)
-            else:  # a tensor given for the placeholder since: the pack is stale
-                self.packed = None
-            self.dense_dropped = False
+        packed = self.packed
+        if self.dense_dropped and packed is not None:
+            self.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
+            self.packed = PackedWeight(packed.kind, packed.tensor, self._weight_version(), packed.batch_hint)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         if prefix + "weight" in state_dict:  # (loaded into the dense weight: repacked at the next call)
@@ -248,7 +243,7 @@ class Linear(WatchedModule):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # pickles and deep copies leave the pack behind (it is per machine)
-        state = {**super().__getstate__(), "packed": None, "dense_dropped": False}
+        state = {**super().__getstate__(), "packed": None}
         if self.dense_dropped:  # (the copy gets the dense weight the pack holds)
             state["_parameters"] = {**state["_parameters"],
                                     "weight": nn.Parameter(self.dense_weight(), requires_grad=False)}

@@ -183,8 +183,7 @@ class LlamaForCausalLM(nn.Module):
         transformers' model."""
         out = dict(self.state_dict())
         for name, module in self.named_modules():
-            if isinstance(module, (Linear, Embedding)) and (module.quant is not None or
-                                                            getattr(module, "dense_dropped", False)):
+            if isinstance(module, (Linear, Embedding)):  # (quantized or held only packed: the weight rebuilt)
                 out[f"{name}.weight"] = module.dense_weight()
         cfg = self.config
         sizes = {"self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,

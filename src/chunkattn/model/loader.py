@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -274,13 +274,9 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
             seen.add(id(q.packed))
             quantized += q.nbytes
         pack = getattr(module, "packed", None)
-        if isinstance(pack, PackedWeight) and id(pack.tensor) not in seen:
+        if isinstance(pack, PackedWeight) and id(pack.tensor) not in seen:  # (oneDNN's blocked packs count too)
             seen.add(id(pack.tensor))
-            try:
-                packed += pack.tensor.numel() * pack.tensor.element_size()
-            except RuntimeError:  # (an opaque oneDNN layout: about the dense weight's size)
-                weight = cast(torch.Tensor, module.weight)
-                packed += weight.numel() * weight.element_size()
+            packed += pack.tensor.numel() * pack.tensor.element_size()
     return {"dense": dense, "packed": packed, "quantized": quantized, "total": dense + packed + quantized}
 
 
