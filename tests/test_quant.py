@@ -72,6 +72,22 @@ def test_quantize_rounds_to_the_nearest_level(qtype):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
+def test_quantize_by_slices_of_rows_equals_all_at_once(qtype, monkeypatch):
+    """A large weight is quantized a slice of rows at a time (bounded float32 temporaries): the same blocks,
+    also from bfloat16 (each slice widened as taken) and with a last slice shorter than the others."""
+    from chunkattn.model import quant
+
+    gen = torch.Generator().manual_seed(12)
+    w = (torch.randn(53, 128, generator=gen) * torch.rand(53, 1, generator=gen)).bfloat16()
+    whole = quantize(w.float(), qtype)
+    monkeypatch.setattr(quant, "QUANTIZE_SLICE", 5 * 128 + 17)  # 5 rows a slice: 11 slices, the last of 3
+    for source in (w, w.float()):
+        sliced = quantize(source, qtype)
+        assert sliced.qtype == whole.qtype and torch.equal(sliced.q, whole.q) and torch.equal(sliced.d, whole.d)
+        assert (sliced.m is None) == (whole.m is None) and (whole.m is None or torch.equal(sliced.m, whole.m))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_blocks_read_gguf_bytes_as_gguf_py_dequantizes_them(qtype):
     gguf = pytest.importorskip("gguf")
     gen = np.random.default_rng(5)

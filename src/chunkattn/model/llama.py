@@ -123,16 +123,20 @@ class LlamaForCausalLM(nn.Module):
                           mlp.gate_up_proj, mlp.down_proj))
         return parts
 
-    def prepack(self, batch_hint: int = 32) -> int:
-        """Prepack every linear layer's weight for the CPU (see :class:`Linear`); returns how many were."""
-        return sum(m.prepack(batch_hint) for m in self.modules() if isinstance(m, Linear))
+    def prepack(self, batch_hint: int = 32, drop_dense: bool = False) -> int:
+        """Prepack every linear layer's weight for the CPU (see :class:`Linear`); returns how many were.
 
-    def drop_dense_weights(self) -> int:
-        """:meth:`Linear.drop_dense` on every prepacked linear layer but an LM head tied to the embeddings (whose
-        lookups read the dense table): their weights are then held once, as packed; returns how many were."""
+        ``drop_dense``: then :meth:`Linear.drop_dense` each layer as soon as it is packed (all but an LM head tied
+        to the embeddings, whose lookups read the dense table), so that its weights are held once, as packed, and
+        twice only one layer at a time while packing."""
         tied = self.lm_head.weight is self.model.embed_tokens.weight
-        return sum(m.drop_dense() for m in self.modules()
-                   if isinstance(m, Linear) and not (tied and m is self.lm_head))
+        count = 0
+        for m in self.modules():
+            if isinstance(m, Linear) and m.prepack(batch_hint):
+                count += 1
+                if drop_dense and not (tied and m is self.lm_head):
+                    m.drop_dense()
+        return count
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
@@ -165,18 +169,18 @@ class LlamaForCausalLM(nn.Module):
     # ------------------------------------------------------------------ Hugging Face weights
     @classmethod
     def from_hf_state_dict(cls, weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-        """Hugging Face tensor names -> this model's (fused modules concatenated). Unknown names pass
-        through, so that a mismatch is reported by ``load_state_dict``."""
-        out = dict(weights)
+        """Hugging Face tensor names -> this model's (fused modules concatenated), in place: ``weights`` is
+        changed and returned (a part is dropped from it once fused, so that it is freed then, not at the end).
+        Unknown names pass through, so that a mismatch is reported by ``load_state_dict``."""
         for layer in range(config.num_layers):
             prefix = f"model.layers.{layer}."
             for fused, parts in cls.packed_modules.items():
                 for kind in ("weight", "bias"):
                     names = [f"{prefix}{p}.{kind}" for p in parts]
-                    present = [n in out for n in names]
+                    present = [n in weights for n in names]
                     if all(present):
-                        out[f"{prefix}{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
-        return out
+                        weights[f"{prefix}{fused}.{kind}"] = torch.cat([weights.pop(n) for n in names], dim=0)
+        return weights
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under Hugging Face's names (fused modules split back; quantized ones dequantized), for

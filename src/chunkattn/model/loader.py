@@ -74,8 +74,10 @@ def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return cfg, {k: torch.as_tensor(v) for k, v in tensors.items()}
 
 
-def _safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory``'s safetensors (one file or shards), each cast to ``dtype`` (unless None) as
+    it is read: a bfloat16 checkpoint loaded in float32 is never held in both."""
+    from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -88,7 +90,10 @@ def _safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         if not (directory / shard).exists():
             raise ModelNotFoundError(f"shard {shard} listed in {index.name} is missing from {directory}")
-        weights.update(load_file(str(directory / shard)))
+        with safe_open(str(directory / shard), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - (safe_open is not a Mapping)
+                t = f.get_tensor(name)
+                weights[name] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
     return weights
 
 
@@ -98,12 +103,16 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     """A model of ``config``'s family holding ``weights`` (Hugging Face names, or the model's own), cast to
     ``dtype`` on ``device``; CPU weights are prepacked for fast products unless ``prepack=False``.
 
-    ``blocks``: weights kept block-quantized (Hugging Face names, e.g. from :func:`gguf_blocks`); ``quantize``:
-    a type of :data:`chunkattn.model.quant.QTYPES` every linear layer and the embeddings are quantized to."""
+    ``weights`` is emptied: the model takes its tensors, and each is freed as soon as the model no longer needs
+    it (parts once fused, a weight once cast, quantized or packed), so that a load holds the weights about once
+    (twice only a layer at a time). ``blocks``: weights kept block-quantized (Hugging Face names, e.g. from
+    :func:`gguf_blocks`); ``quantize``: a type of :data:`chunkattn.model.quant.QTYPES` every linear layer and the
+    embeddings are quantized to."""
     family = family_for(config.model_type)
     with torch.device("meta"):
         model = family.build(config)
-    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    taken, weights = weights, {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    taken.clear()  # (the caller's dict no longer holds the tensors)
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     blocks = dict(blocks or {})
@@ -114,6 +123,7 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     weights = model.from_hf_state_dict(weights, config)
     quantized = _set_quantized(model, _fuse_blocks(model, config, blocks, weights), dtype, weights)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    weights.clear()  # (the model holds them now: each freed when cast, quantized or packed)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight") and m not in quantized]
     if missing or unexpected:
         raise UnsupportedModelError(f"checkpoint does not match the {family.name} layout: missing {missing[:5]}, "
@@ -129,8 +139,7 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     model = model.to(device=device, dtype=dtype).eval()
     model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32 in every dtype
     if prepack:
-        model.prepack()
-        model.drop_dense_weights()  # (held once, as packed)
+        model.prepack(drop_dense=True)  # (held once, as packed)
     return model
 
 
@@ -145,22 +154,25 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | tor
         return
     with torch.device("meta"):
         model = family_for(config.model_type).build(config)
-    total = matrices = packed = 0  # weights; those of linear layers and embeddings; those the CPU packs
+    total = largest = 0  # weights; the largest matrix (of a linear layer or the embeddings)
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if weight is None or (config.tie_word_embeddings and name == "lm_head"):
             continue
         total += weight.numel()
         if isinstance(module, (Linear, Embedding)):
-            matrices += weight.numel()
-            packed += weight.numel() if isinstance(module, Linear) or config.tie_word_embeddings else 0
+            largest = max(largest, weight.numel())
     dense = total * dtype.itemsize  # the weights read or drawn, in dtype
-    if quantize:  # held as blocks once built; the dense weights are read first
-        need = dense + int(matrices * quant.bytes_per_weight(quantize))
-        held = f"read in {str(dtype).removeprefix('torch.')}, then quantized"
-    elif device.type == "cpu":  # packed for the CPU kernels while the loaded ones are still held
-        need = dense + packed * dtype.itemsize
-        held = "most held twice while loading on the CPU: as read and packed for the kernels"
+    # Each matrix is replaced by its blocks or pack as it is made (build_model), so beside the weights read the
+    # load holds at least one more matrix while converting it, and on the CPU a tied LM head's pack for good.
+    if quantize:
+        need = dense + largest * dtype.itemsize
+        held = f"read in {str(dtype).removeprefix('torch.')}, then quantized a matrix at a time"
+    elif device.type == "cpu":
+        tied = config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+        need = dense + (largest + tied) * dtype.itemsize
+        held = "read, then packed for the kernels a matrix at a time" + (
+            " (the embeddings also packed as the LM head)" if tied else "")
     else:
         need, held = dense, ""
     if need <= MEMORY_FRACTION * available:
@@ -168,10 +180,8 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | tor
     gib = 1024**3
     where = "this machine" if device.type == "cpu" else str(device)
     kept = f"{quantize.upper()} blocks" if quantize else str(dtype).removeprefix("torch.")
-    smaller = ("a smaller model" if quantize in ("q4_0", "q4_1") else
-               "--quantization q4_0 (or a smaller model)" if quantize else
-               "--dtype bfloat16 or --quantization q8_0 / q4_0" if dtype.itemsize == 4 else
-               "--quantization q8_0 / q4_0")
+    smaller = ("--dtype bfloat16 (or a smaller model)" if dtype.itemsize == 4 and device.type == "cpu" else
+               "a GGUF file of the model in Q8_0 / Q4_0 (its blocks are read as stored) or a smaller model")
     raise InsufficientMemoryError(
         f"loading the model's {total / 1e9:.2f} B weights in {kept} takes at least {need / gib:.1f} GiB"
         f"{f' ({held})' if held else ''}, but {where} has {available / gib:.1f} GiB available and they may take "
@@ -249,7 +259,7 @@ def _quantize_model(model: LlamaForCausalLM, qtype: str, dtype: torch.dtype) -> 
             skipped.append(name)
             continue
         outer = module is embed or name == "lm_head"
-        blocks = quant.quantize(module.weight.detach().float(), "q8_0" if outer and qtype != "q8_0" else qtype)
+        blocks = quant.quantize(module.weight.detach(), "q8_0" if outer and qtype != "q8_0" else qtype)
         module.set_quantized(quant.QuantizedWeight.pack(blocks, gate_up=isinstance(module, GateUpLinear)), dtype)
     if tied and embed.quant is not None:
         model.lm_head.set_quantized(embed.quant, dtype)
@@ -342,8 +352,10 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in family_for(config.model_type).build(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]  # (the embeddings')
     # each tensor cast as it is made: an 8B shape's float32 draws at once would need 32 GB
-    weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02).to(dtype)
+    weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen).mul_(0.02)).to(dtype)
                for k, s in shapes.items()}
     model = build_model(config, weights, dtype, device, quantize=quantize)
     return LoadedModel(model, None, config, f"random:{config_json}", cfg)
@@ -446,7 +458,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
                 log.info("reading %s from the weight cache %s", source.name, cached)
                 cfg = json.loads((cached / "config.json").read_text())
                 config_from_hf(cfg)
-                weights = _safetensors_weights(cached)
+                weights = _safetensors_weights(cached, None if quantize else dtype)
                 tokenizer = load_tokenizer(cached)
             except Exception as exc:  # noqa: BLE001 - a damaged entry: convert again (and rewrite it)
                 log.warning("the weight cache entry %s is unreadable (%s: %s): converting again", cached,
@@ -464,7 +476,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
     else:
         cfg = json.loads((path / "config.json").read_text())
         check_weights_fit(config_from_hf(cfg), dtype, device, quantize)
-        weights = _safetensors_weights(path)
+        weights = _safetensors_weights(path, None if quantize else dtype)
         tokenizer = load_tokenizer(path)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     return _finish(cfg, weights, {}, tokenizer, dtype, device, source, quantize)

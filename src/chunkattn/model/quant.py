@@ -134,7 +134,17 @@ def quantize(w: torch.Tensor, qtype: str) -> Blocks:
         raise QuantizationError(f"quantizing needs a [N, K] weight with K a multiple of {BLOCK}, got "
                                 f"{list(w.shape)}")
     n, k = w.shape
-    x = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    rows = max(1, QUANTIZE_SLICE // k)  # a slice of rows at a time: float32 temporaries of ~64 MiB, not of w's size
+    parts = [_quantize_slice(w[i:i + rows].detach(), qtype) for i in range(0, n, rows)]
+    return parts[0] if len(parts) == 1 else Blocks.cat(parts)
+
+
+QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
+
+
+def _quantize_slice(w: torch.Tensor, qtype: str) -> Blocks:
+    n, k = w.shape
+    x = w.float().reshape(n, k // BLOCK, BLOCK)
 
     def inverse(d: torch.Tensor) -> torch.Tensor:
         return torch.where(d == 0, torch.zeros_like(d), 1.0 / d.float())[..., None]

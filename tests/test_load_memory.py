@@ -1,0 +1,89 @@
+"""A load holds the weights about once: its peak resident memory stays within what the loaded model holds plus
+one matrix being converted (measured in a fresh process: its high-water RSS against the RSS before the load)."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from server_helpers import TINY_CONFIG
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
+
+# ~160 M weights in 10 layers: the largest matrix (gate/up, 8 M) is small beside them, so a load that holds the
+# weights twice (as read and as packed, or in the checkpoint's dtype and in the model's) exceeds the bound
+SHAPE = {"model_type": "llama", "vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 4096,
+         "num_hidden_layers": 10, "num_attention_heads": 16, "num_key_value_heads": 4,
+         "max_position_embeddings": 512, "tie_word_embeddings": False}
+
+MEASURE = textwrap.dedent("""
+    import json, sys
+    import torch
+    from chunkattn.model.layers import Embedding, Linear
+    from chunkattn.model.loader import load_model, weight_bytes
+
+    def status(key):  # (VmHWM, not ru_maxrss: that one keeps the parent's RSS at fork and exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
+
+    path, dtype, random_weights = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3] == "random"
+    load_model(sys.argv[4], dtype=dtype, random_weights=True)  # (what any load imports and sets up, first)
+    before = status("VmRSS")
+    loaded = load_model(path, dtype=dtype, random_weights=random_weights, quantization="none")
+    peak = status("VmHWM")
+    largest = max(m.in_features * m.out_features if isinstance(m, Linear) else m.weight.numel()
+                  for m in loaded.model.modules() if isinstance(m, (Linear, Embedding)))
+    print(json.dumps({"before": before, "peak": peak, "held": weight_bytes(loaded.model)["total"],
+                      "largest": largest}))
+""")
+
+
+def _measure(path, dtype: str, how: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype, how, str(TINY_CONFIG)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check(m: dict, itemsize: int, mapped: int = 0) -> None:
+    grew = m["peak"] - m["before"]
+    # beside what stays held: one matrix drawn in float32 (random weights) or read in the checkpoint's dtype,
+    # and one being packed; the checkpoint's file pages while it is mapped (``mapped`` bytes); 128 MiB for the
+    # allocator and the process's own growth
+    bound = m["held"] + m["largest"] * (4 + itemsize) + mapped + (128 << 20)
+    assert m["held"] * 0.9 < grew <= bound, (f"the load grew the process by {grew / 2**20:.0f} MiB; the model "
+                                             f"holds {m['held'] / 2**20:.0f} MiB (bound {bound / 2**20:.0f} MiB)")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_random_weights_load_holds_them_about_once(tmp_path, dtype):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(SHAPE))
+    _check(_measure(config, dtype, "random"), getattr(torch, dtype).itemsize)
+
+
+def test_a_bfloat16_checkpoint_loaded_in_float32_is_not_held_in_both(tmp_path):
+    """Each tensor is cast as it is read (and the result equals casting the checkpoint's values)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from chunkattn.model.loader import load_model
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(AutoConfig.for_model(**SHAPE)).state_dict().items()}
+    sd = {k: (torch.randn(s) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(SHAPE))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, "<unk>")))
+    tok.save_pretrained(str(tmp_path))
+    _check(_measure(tmp_path, "float32", "dir"), 4, mapped=(tmp_path / "model.safetensors").stat().st_size)
+
+    got = load_model(tmp_path, dtype=torch.float32, quantization="none").model.hf_state_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.k_proj.weight", "model.norm.weight",
+                 "model.layers.9.mlp.down_proj.weight", "model.layers.9.mlp.up_proj.weight", "lm_head.weight"):
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], sd[name].float()), name
