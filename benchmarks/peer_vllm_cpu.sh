@@ -19,6 +19,8 @@
 #   MODEL_CONFIG=benchmarks/configs/llama-3.2-1b.json  serve: that shape with random weights on both sides (vLLM's
 #                            load_format=dummy without a tokenizer; chunkattn's --random-weights), instead of SmolLM2
 #   VLLM_OMP_WAIT_POLICY=PASSIVE                       (OMP_WAIT_POLICY of vLLM's serving runs; empty: unset)
+#   CHUNKATTN_ARGS=                                    (more flags for chunkattn's bench serve, e.g. --kv-cache-tokens
+#                            16384 for the 8B shape, whose default 65536-token pool takes 8 GiB)
 #   CHUNKATTN_QUANTIZATION=auto                        (chunkattn's --quantization: auto keeps the GGUF file's
 #                            Q4_1 / Q8_0 blocks in bfloat16; none dequantizes them, as vLLM's HF directory is)
 #   OUT_JSON=benchmarks/results/peer-vllm-cpu-<date>.json  (the PNG goes beside it)
@@ -222,11 +224,11 @@ serve() {
     log "per-run JSON and logs in $scratch; chunkattn: $CHUNKATTN_DESC"
     check_idle
     # What the report states about this sweep: which chunkattn, the knobs, the environment vLLM ran in.
-    MODEL_CONFIG=${MODEL_CONFIG:-} \
+    MODEL_CONFIG=${MODEL_CONFIG:-} CHUNKATTN_ARGS=${CHUNKATTN_ARGS:-} \
     VLLM_OMP_WAIT_POLICY=$VLLM_OMP_WAIT_POLICY VLLM_GLIBC_TUNABLES=$VLLM_GLIBC_TUNABLES CHUNKATTN_DESC=$CHUNKATTN_DESC RUNS=$RUNS DTYPES=$DTYPES ROWS=$ROWS \
         "$PYTHON" - "$scratch/meta.json" <<'PY'
 import json, os, sys, time
-keys = ("CHUNKATTN_DESC", "MODEL_CONFIG", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+keys = ("CHUNKATTN_DESC", "MODEL_CONFIG", "CHUNKATTN_ARGS", "RUNS", "DTYPES", "ROWS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
         "VLLM_OMP_WAIT_POLICY", "VLLM_GLIBC_TUNABLES", "CHUNKATTN_QUANTIZATION",
         "HF_HUB_OFFLINE", "PYTHONPATH", "LD_PRELOAD")
 with open(sys.argv[1], "w") as f:
@@ -253,7 +255,8 @@ PY
                 log "row $row $dtype run $run/$RUNS: chunkattn"
                 # shellcheck disable=SC2086
                 "$PYTHON" -m chunkattn.cli bench serve --systems chunkattn $cmodel $flags --dtype "$dtype" \
-                    --quantization "$CHUNKATTN_QUANTIZATION" --json "$c" --no-progress >"$c.log" 2>&1 \
+                    --quantization "$CHUNKATTN_QUANTIZATION" ${CHUNKATTN_ARGS:-} --json "$c" --no-progress \
+                    >"$c.log" 2>&1 \
                     || { log "chunkattn run failed, see $c.log"; tail -30 "$c.log" >&2; exit 1; }
                 grep '^| chunkattn' "$c.log" >&2 || true
             done

