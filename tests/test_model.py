@@ -467,14 +467,16 @@ needs_bf16_panels = pytest.mark.skipif(not native.bf16_panels_supported(),
 @needs_bf16_panels
 @pytest.mark.parametrize("rows,fan_in,fan_out", [(1, 576, 960), (17, 40, 33), (33, 96, 64), (100, 1536, 576),
                                                  (3, 31, 1), (64, 64, 32), (50, 2048, 95), (129, 31, 33),
-                                                 (200, 576, 2000), (150, 2048, 95), (300, 2048, 40)])
+                                                 (200, 576, 2000), (150, 2048, 95), (300, 2048, 40),
+                                                 (20, 2100, 70)])
 def test_bf16_panel_linear_ops_against_float64(rows, fan_in, fan_out, two_threads):
     """The bf16 panel kernels alone (on AMX tiles, else by vdpbf16ps): row counts off the 16-row tiles, K off the
     32-deep steps (zero-padded copies of x), N off the 32-column panels, bias; and the gate/up kernel's
     silu(gate) * up epilogue. Above 128 rows the AMX panels go by groups through every pair of row tiles
     (n = 2000, K = 576, two threads: groups of 28 and 4 panels, and 28 and 3), the vdpbf16ps ones by 1 MB blocks
     of x's rows (300 x 2048: two blocks): each output the same products in the same order as at fewer rows, so
-    bit-equal to them."""
+    bit-equal to them. By vdpbf16ps a row's output is the same whichever rows share its call (a batch's
+    composition never changes a sequence's tokens)."""
     ops = torch.ops.chunkattn_layers
     torch.manual_seed(rows + fan_in)
     x, w, b = (torch.randn(rows, fan_in).bfloat16(), torch.randn(fan_out, fan_in).bfloat16(),
@@ -488,6 +490,10 @@ def test_bf16_panel_linear_ops_against_float64(rows, fan_in, fan_out, two_thread
     g = ops.linear_silu_mul_amx(x, ops.pack_gate_up_amx(wg), fan_out)
     prod = x.double() @ wg.double().T
     assert rel(g.double(), torch.nn.functional.silu(prod[:, :fan_out]) * prod[:, fan_out:]) < 5e-3
+    if rows > 8 and not native.amx_linear_supported():  # passes of 8 rows and of the rest, called alone
+        for lo, hi in ((0, 8), (rows - 5, rows)):
+            assert torch.equal(ops.linear_amx(x[lo:hi], ops.pack_linear_amx(w), fan_out, b), out[lo:hi])
+            assert torch.equal(ops.linear_silu_mul_amx(x[lo:hi], ops.pack_gate_up_amx(wg), fan_out), g[lo:hi])
     if rows > 128:  # against the panel-major path, 100 rows at a time
         parts = [ops.linear_amx(x[i : i + 100], ops.pack_linear_amx(w), fan_out, b) for i in range(0, rows, 100)]
         assert torch.equal(out, torch.cat(parts))
