@@ -145,9 +145,10 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
 
 def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
                       quantize: str | None = None) -> None:
-    """Raise :class:`~chunkattn.errors.InsufficientMemoryError` if ``config``'s weights, in ``dtype`` (their
-    matrices in ``quantize``'s blocks), would take more than :data:`~chunkattn.utils.MEMORY_FRACTION` of the memory
-    ``device`` has available now; called before anything is read or drawn."""
+    """Raise :class:`~chunkattn.errors.InsufficientMemoryError` if loading ``config``'s weights in ``dtype`` (then
+    packed, or quantized to ``quantize``'s blocks) would need more than :data:`~chunkattn.utils.MEMORY_FRACTION` of
+    the memory ``device`` has available now (a lower bound: the weights and one matrix being converted); called
+    before anything is read or drawn."""
     device = torch.device(device)
     with torch.device("meta"):
         model = family_for(config.model_type).build(config)

@@ -124,6 +124,9 @@ class Blocks:
         return Blocks(self.qtype, self.q[order], self.d[order], None if self.m is None else self.m[order])
 
 
+QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
+
+
 def quantize(w: torch.Tensor, qtype: str) -> Blocks:
     """A float weight ``[N, K]`` (K a multiple of 32) as blocks, round to nearest: q8_0 ``d = max|w| / 127``;
     q4_1 ``d = (max - min) / 15, m = min``; q4_0 ``d = -w_absmax / 8`` (llama.cpp's choices). The scales are
@@ -137,9 +140,6 @@ def quantize(w: torch.Tensor, qtype: str) -> Blocks:
     rows = max(1, QUANTIZE_SLICE // k)  # a slice of rows at a time: float32 temporaries of ~64 MiB, not of w's size
     parts = [_quantize_slice(w[i:i + rows].detach(), qtype) for i in range(0, n, rows)]
     return parts[0] if len(parts) == 1 else Blocks.cat(parts)
-
-
-QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
 
 
 def _quantize_slice(w: torch.Tensor, qtype: str) -> Blocks:
