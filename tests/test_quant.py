@@ -88,6 +88,22 @@ def test_quantize_by_slices_of_rows_equals_all_at_once(qtype, monkeypatch):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(("n", "gate_up"), [(200, False), (161, False), (100, True), (66, True)])
+def test_pack_by_groups_of_panels_equals_all_at_once(qtype, n, gate_up, monkeypatch):
+    """A large weight is packed a group of panels at a time (bounded copies): the same pack, with a last group
+    shorter than the others and a last panel partly empty (gate/up: its gate and up rows taken in step)."""
+    from chunkattn.model import quant
+
+    gen = torch.Generator().manual_seed(n)
+    b = quantize(torch.randn(n, 96, generator=gen), qtype)
+    whole = QuantizedWeight.pack(b, gate_up=gate_up)
+    monkeypatch.setattr(quant, "PACK_GROUP_BYTES", 2 * 32 * 96)  # 2 panels a group
+    grouped = QuantizedWeight.pack(b, gate_up=gate_up)
+    assert grouped.packed.shape == whole.packed.shape and torch.equal(grouped.packed, whole.packed)
+    assert (grouped.out_features, grouped.in_features, grouped.gate_up) == (whole.out_features, 96, gate_up)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_blocks_read_gguf_bytes_as_gguf_py_dequantizes_them(qtype):
     gguf = pytest.importorskip("gguf")
     gen = np.random.default_rng(5)

@@ -350,9 +350,19 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
         shapes = {k: v.shape for k, v in family_for(config.model_type).build(config).state_dict().items()}
     if config.tie_word_embeddings:
         del shapes["lm_head.weight"]  # (the embeddings')
-    # each tensor cast as it is made: an 8B shape's float32 draws at once would need 32 GB
-    weights = {k: (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=gen).mul_(0.02)).to(dtype)
-               for k, s in shapes.items()}
+
+    # each weight in dtype as it is drawn; below float32, from float32 draws of ~64 MiB at a time (one of the whole
+    # tensor would be a second copy: 2 GiB for the 8B shape's LM head)
+    def draw(shape: torch.Size) -> torch.Tensor:
+        if dtype == torch.float32:
+            return torch.randn(shape, generator=gen).mul_(0.02)
+        out = torch.empty(shape, dtype=dtype)
+        rows = max(1, (1 << 24) // max(1, shape[1:].numel()))
+        for i in range(0, shape[0], rows):
+            out[i:i + rows] = torch.randn(out[i:i + rows].shape, generator=gen).mul_(0.02)
+        return out
+
+    weights = {k: torch.ones(s, dtype=dtype) if k.endswith("norm.weight") else draw(s) for k, s in shapes.items()}
     model = build_model(config, weights, dtype, device, quantize=quantize)
     return LoadedModel(model, None, config, f"random:{config_json}", cfg)
 

@@ -120,11 +120,17 @@ class Blocks:
         m = None if parts[0].m is None else torch.cat([p.m for p in parts if p.m is not None])
         return Blocks(qtype, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)
 
+    def slice(self, start: int, stop: int) -> Blocks:
+        """Rows ``start .. stop - 1`` (views)."""
+        return Blocks(self.qtype, self.q[start:stop], self.d[start:stop],
+                      None if self.m is None else self.m[start:stop])
+
     def permute_rows(self, order: torch.Tensor) -> Blocks:
         return Blocks(self.qtype, self.q[order], self.d[order], None if self.m is None else self.m[order])
 
 
 QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
+PACK_GROUP_BYTES = 1 << 26  # weights (bytes of int8 q) :meth:`QuantizedWeight.pack` packs at a time
 
 
 def quantize(w: torch.Tensor, qtype: str) -> Blocks:
@@ -189,23 +195,28 @@ class QuantizedWeight:
         n, k = blocks.shape
         if gate_up and n % 2:
             raise QuantizationError(f"a gate/up weight must be [2 I, K], got {[n, k]}")
-        p, j, c = _panel_positions(n, gate_up, torch.arange(n))
-        panels, steps = _panels(n, gate_up), k // BLOCK
-        q = torch.zeros(panels, 2, 16, k, dtype=blocks.q.dtype)
-        d = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
-        q[p, j, c], d[p, j, c] = blocks.q, blocks.d
-        # [P, 2, 16 c, S, 16 r, 2 t] -> [P, S, 2, 16 r, 16 c, 2 t]: row r of a tile holds e = 2 c + t
-        e = q.view(panels, 2, 16, steps, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(panels, steps, 2, 16, 32)
-        scales = [d.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32)]
-        if blocks.m is not None:
-            m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
-            m[p, j, c] = blocks.m
-            scales.append(m.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32))
-            values = (e[..., :16] | (e[..., 16:] << 4)).reshape(panels, steps, 2, 256)
+        # a group of panels at a time: the copies packing makes are of a group's rows, not of the whole weight
+        # (the Llama-3.1-8B embeddings' int8 values are 0.5 GiB)
+        panels, group = _panels(n, gate_up), max(1, PACK_GROUP_BYTES // (32 * k))
+        if panels <= group:
+            packed = _pack_panels(blocks, gate_up)
         else:
-            values = e.contiguous().view(torch.uint8).reshape(panels, steps, 2, 512)
-        packed = torch.cat([*scales, values], dim=-1).contiguous()
+            out: torch.Tensor | None = None
+            half = n // 2
+            for p0 in range(0, panels, group):
+                if gate_up:  # panel p: gate rows 16p .. 16p + 15 and the same up rows
+                    lo, hi = 16 * p0, min(16 * (p0 + group), half)
+                    rows = Blocks.cat([blocks.slice(lo, hi), blocks.slice(half + lo, half + hi)])
+                else:
+                    rows = blocks.slice(32 * p0, min(32 * (p0 + group), n))
+                part = _pack_panels(rows, gate_up)
+                if out is None:
+                    out = torch.empty(panels, *part.shape[1:], dtype=part.dtype)
+                out[p0:p0 + len(part)] = part
+            assert out is not None
+            packed = out
         return QuantizedWeight(blocks.qtype, packed, n // 2 if gate_up else n, k, gate_up)
+
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 ``[len(rows), K]``: rows of the weight (``[gate; up]`` order for ``gate_up``), dequantized as
@@ -279,6 +290,27 @@ def _warn_dense_fallback(dtype: str, device: str) -> None:
     log.warning("quantized weights multiplied by dequantizing them on every call (%s on %s: the kernel needs "
                 "bfloat16 on a CPU with AVX512-BF16); load with --quantization none to dequantize once",
                 dtype, device)
+
+
+def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
+    """The packed panels of ``blocks`` (see :class:`QuantizedWeight`)."""
+    n, k = blocks.shape
+    p, j, c = _panel_positions(n, gate_up, torch.arange(n))
+    panels, steps = _panels(n, gate_up), k // BLOCK
+    q = torch.zeros(panels, 2, 16, k, dtype=blocks.q.dtype)
+    d = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
+    q[p, j, c], d[p, j, c] = blocks.q, blocks.d
+    # [P, 2, 16 c, S, 16 r, 2 t] -> [P, S, 2, 16 r, 16 c, 2 t]: row r of a tile holds e = 2 c + t
+    e = q.view(panels, 2, 16, steps, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(panels, steps, 2, 16, 32)
+    scales = [d.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32)]
+    if blocks.m is not None:
+        m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
+        m[p, j, c] = blocks.m
+        scales.append(m.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32))
+        values = (e[..., :16] | (e[..., 16:] << 4)).reshape(panels, steps, 2, 256)
+    else:
+        values = e.contiguous().view(torch.uint8).reshape(panels, steps, 2, 512)
+    return torch.cat([*scales, values], dim=-1).contiguous()
 
 
 def _panels(n: int, gate_up: bool) -> int:
