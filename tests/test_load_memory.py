@@ -1,6 +1,7 @@
 """A load holds the weights about once: its peak resident memory stays within what the loaded model holds plus
 one matrix being converted (measured in a fresh process: its high-water RSS against the RSS before the load)."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,8 +43,9 @@ MEASURE = textwrap.dedent("""
 
 
 def _measure(path, dtype: str, how: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # (the system allocator: glibc's frees)
     out = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype, how, str(TINY_CONFIG)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -71,7 +73,7 @@ def test_a_bfloat16_checkpoint_loaded_in_float32_is_not_held_in_both(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import AutoConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from chunkattn.model.loader import load_model
+    from chunkattn.model.loader import _safetensors_weights, load_model
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -82,6 +84,9 @@ def test_a_bfloat16_checkpoint_loaded_in_float32_is_not_held_in_both(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, "<unk>")))
     tok.save_pretrained(str(tmp_path))
     _check(_measure(tmp_path, "float32", "dir"), 4, mapped=(tmp_path / "model.safetensors").stat().st_size)
+    read = _safetensors_weights(tmp_path, torch.float32)  # cast as read: no bf16 tensor outlives its read
+    assert all(t.dtype == torch.float32 for t in read.values()) and torch.equal(read["lm_head.weight"],
+                                                                                 sd["lm_head.weight"].float())
 
     got = load_model(tmp_path, dtype=torch.float32, quantization="none").model.hf_state_dict()
     for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.k_proj.weight", "model.norm.weight",

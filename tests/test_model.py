@@ -300,7 +300,7 @@ def test_packed_linear_refuses_mismatched_operands():
         ops.pack_linear(torch.randn(50, 16, device="meta"))
 
 
-def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_counted(tmp_path):
+def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_counted(tmp_path, monkeypatch):
     """A model whose weights cannot fit the memory available is refused at once, saying what it needs and what
     to use; what a loaded model holds counts its packs."""
     from chunkattn import InsufficientMemoryError
@@ -314,13 +314,17 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
         "num_hidden_layers": 80, "num_attention_heads": 512, "num_key_value_heads": 64,
         "max_position_embeddings": 512}))
     with pytest.raises(InsufficientMemoryError, match=r"loading the model's 4900\.\d+ B weights in bfloat16 takes at "
-                       r"least .* GiB \(read, then packed for the kernels a matrix at a time\).*use a GGUF file"):
+                       r"least .* GiB \(read, then packed for the kernels a matrix at a time.*\).*use a GGUF file"):
         load_model(huge, dtype=torch.bfloat16, random_weights=True)
-    with pytest.raises(InsufficientMemoryError, match=r"in Q4_0 blocks .*\(read in bfloat16, then quantized a matrix "
-                       r"at a time\).* use a GGUF file of the model in Q8_0 / Q4_0"):
+    with pytest.raises(InsufficientMemoryError, match=r"in Q4_0 blocks .*\(read, then quantized a matrix at a time\).* "
+                       r"use a GGUF file of the model in Q8_0 / Q4_0"):
         load_model(huge, dtype=torch.bfloat16, random_weights=True, quantization="q4_0")
     with pytest.raises(InsufficientMemoryError, match=r"use --dtype bfloat16 \(or a smaller model\)"):
         load_model(huge, dtype=torch.float32, random_weights=True)
+    with monkeypatch.context() as m:  # a CPU whose packs (oneDNN's) leave the dense weights held too
+        m.setattr(Linear, "pack_replaces_dense", lambda self, dtype: False)
+        with pytest.raises(InsufficientMemoryError, match=r"4\d\d\d\.\d\d B of them held both dense and packed"):
+            load_model(huge, dtype=torch.bfloat16, random_weights=True)
 
     tiny = load_model(TINY_CONFIG, random_weights=True, dtype=torch.float32)
     sizes = weight_bytes(tiny.model)
@@ -328,6 +332,19 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
                   if isinstance(m, Linear) and m.packed is not None)
     assert linears > 0 and sizes["packed"] >= linears  # (panels round the outputs up to whole panels)
     assert sizes["total"] == sizes["dense"] + sizes["packed"] + sizes["quantized"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fan_in", [64, 4160])
+def test_the_memory_check_knows_which_layers_drop_their_dense_weight(dtype, fan_in):
+    """pack_replaces_dense (what check_weights_fit counts) says what prepack + drop_dense do on this CPU (K = 4160:
+    above the AMX panels' every-row-count limit, where bf16 layers keep their dense weight on AMX machines)."""
+    from chunkattn.model.layers import Linear
+
+    lin = Linear(fan_in, 40).to(dtype)
+    expect = lin.pack_replaces_dense(dtype)
+    assert (lin.prepack() and lin.drop_dense()) == expect
+    assert lin.dense_dropped == expect
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

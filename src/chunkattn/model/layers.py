@@ -210,6 +210,12 @@ class Linear(WatchedModule):
         CPU weight on a CPU with AMX tiles or AVX512-BF16."""
         return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native.bf16_panels_supported()
 
+    def pack_replaces_dense(self, dtype: torch.dtype) -> bool:
+        """Whether, with a ``dtype`` CPU weight, :meth:`prepack` then :meth:`drop_dense` would hold this layer's
+        weight only as its pack (chunkattn's panels serving every row count); else a load keeps both."""
+        probe = torch.empty(0, 0, dtype=dtype)
+        return self.uses_panels(probe) or (self.uses_bf16_panels(probe) and self.panel_max_rows() == sys.maxsize)
+
     def _weight_version(self) -> tuple[int, int]:
         return self.weight._version, self.weight.data_ptr()
 

@@ -152,33 +152,38 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | tor
     device = torch.device(device)
     with torch.device("meta"):
         model = family_for(config.model_type).build(config)
-    total = largest = 0  # weights; the largest matrix (of a linear layer or the embeddings)
+    cpu = device.type == "cpu"
+    total = largest = twice = 0  # weights; the largest matrix; those the CPU holds dense and packed
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if weight is None or (config.tie_word_embeddings and name == "lm_head"):
+        if weight is None:
             continue
-        total += weight.numel()
+        tied_head = config.tie_word_embeddings and name == "lm_head"  # (the embeddings' table, packed too)
+        total += 0 if tied_head else weight.numel()
         if isinstance(module, (Linear, Embedding)):
             largest = max(largest, weight.numel())
+        if isinstance(module, Linear) and cpu and not quantize and (tied_head or not module.pack_replaces_dense(dtype)):
+            twice += weight.numel()
     dense = total * dtype.itemsize  # the weights read or drawn, in dtype
     # Each matrix is replaced by its blocks or pack as it is made (build_model), so beside the weights read the
-    # load holds at least one more matrix while converting it, and on the CPU a tied LM head's pack for good.
+    # load holds at least one more matrix while converting it, and on the CPU the packs of the layers that keep
+    # their dense weight (oneDNN's packs, AMX layers with a long K, a tied LM head) for good.
     if quantize:
         need = dense + largest * dtype.itemsize
-        held = f"read in {str(dtype).removeprefix('torch.')}, then quantized a matrix at a time"
-    elif device.type == "cpu":
-        tied = config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
-        need = dense + (largest + tied) * dtype.itemsize
+        held = "read, then quantized a matrix at a time"
+    elif cpu:
+        need = dense + (largest + twice) * dtype.itemsize
         held = "read, then packed for the kernels a matrix at a time" + (
-            " (the embeddings also packed as the LM head)" if tied else "")
+            f"; {twice / 1e9:.2f} B of them held both dense and packed" if twice else "")
     else:
         need, held = dense, ""
     short = memory_shortfall(need, device, "they")
     if short is None:
         return
     kept = f"{quantize.upper()} blocks" if quantize else str(dtype).removeprefix("torch.")
-    smaller = ("--dtype bfloat16 (or a smaller model)" if dtype.itemsize == 4 and device.type == "cpu" else
-               "a GGUF file of the model in Q8_0 / Q4_0 (its blocks are read as stored) or a smaller model")
+    smaller = ("--dtype bfloat16 (or a smaller model)" if dtype.itemsize == 4 else
+               "a GGUF file of the model in Q8_0 / Q4_0 (its blocks are read as stored) or a smaller model" if cpu
+               else "a smaller model")
     raise InsufficientMemoryError(
         f"loading the model's {total / 1e9:.2f} B weights in {kept} takes at least {need / 1024**3:.1f} GiB"
         f"{f' ({held})' if held else ''}, but {short[0]}: use {smaller}")
@@ -442,6 +447,9 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         path = ggufs[0]
     source = path
     start = time.perf_counter()
+    # safetensors cast to the dtype as read on the CPU (a GPU load casts each tensor as it moves it; quantizing
+    # takes the checkpoint's own values)
+    read_as = dtype if torch.device(device).type == "cpu" and not quantize else None
     if quantization == "gguf" and path.suffix != ".gguf":
         raise quant.QuantizationError(f"--quantization gguf needs a .gguf file, got {path}")
     keep = path.suffix == ".gguf" and (quantization == "gguf" or (
@@ -464,7 +472,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
                 log.info("reading %s from the weight cache %s", source.name, cached)
                 cfg = json.loads((cached / "config.json").read_text())
                 config_from_hf(cfg)
-                weights = _safetensors_weights(cached, None if quantize else dtype)
+                weights = _safetensors_weights(cached, read_as)
                 tokenizer = load_tokenizer(cached)
             except Exception as exc:  # noqa: BLE001 - a damaged entry: convert again (and rewrite it)
                 log.warning("the weight cache entry %s is unreadable (%s: %s): converting again", cached,
@@ -482,7 +490,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
     else:
         cfg = json.loads((path / "config.json").read_text())
         check_weights_fit(config_from_hf(cfg), dtype, device, quantize)
-        weights = _safetensors_weights(path, None if quantize else dtype)
+        weights = _safetensors_weights(path, read_as)
         tokenizer = load_tokenizer(path)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     return _finish(cfg, weights, {}, tokenizer, dtype, device, source, quantize)
