@@ -356,16 +356,10 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     if config.tie_word_embeddings:
         del shapes["lm_head.weight"]  # (the embeddings')
 
-    # each weight in dtype as it is drawn; below float32, from float32 draws of ~64 MiB at a time (one of the whole
-    # tensor would be a second copy: 2 GiB for the 8B shape's LM head)
+    # each weight drawn in its dtype (normal_ fills bf16 in place as fast as randn fills float32): no float32
+    # temporaries, which cost a second copy of the 8B shape's LM head and fragment the heap
     def draw(shape: torch.Size) -> torch.Tensor:
-        if dtype == torch.float32:
-            return torch.randn(shape, generator=gen).mul_(0.02)
-        out = torch.empty(shape, dtype=dtype)
-        rows = max(1, (1 << 24) // max(1, shape[1:].numel()))
-        for i in range(0, shape[0], rows):
-            out[i:i + rows] = torch.randn(out[i:i + rows].shape, generator=gen).mul_(0.02)
-        return out
+        return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
 
     weights = {k: torch.ones(s, dtype=dtype) if k.endswith("norm.weight") else draw(s) for k, s in shapes.items()}
     model = build_model(config, weights, dtype, device, quantize=quantize)
