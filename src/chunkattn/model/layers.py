@@ -173,8 +173,7 @@ class Linear(WatchedModule):
         Returns whether it did."""
         packed = self.packed
         if (packed is None or self.dense_dropped or self.quant is not None
-                or packed.version != self._weight_version() or packed.kind not in ("panels", "bf16-panels")
-                or (packed.kind == "bf16-panels" and self.panel_max_rows() != sys.maxsize)):
+                or packed.version != self._weight_version() or not self.pack_replaces_dense(self.weight.dtype)):
             return False
         w = self.weight
         self.weight = nn.Parameter(torch.empty(0, 0, dtype=w.dtype, device=w.device), requires_grad=False)
@@ -211,8 +210,9 @@ class Linear(WatchedModule):
         return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native.bf16_panels_supported()
 
     def pack_replaces_dense(self, dtype: torch.dtype) -> bool:
-        """Whether, with a ``dtype`` CPU weight, :meth:`prepack` then :meth:`drop_dense` would hold this layer's
-        weight only as its pack (chunkattn's panels serving every row count); else a load keeps both."""
+        """Whether, with a ``dtype`` CPU weight, the pack alone can hold this layer's weight: chunkattn's panels
+        serving every row count. The rule :meth:`drop_dense` applies, and what the loader's memory check counts
+        (where it is False a load keeps both)."""
         probe = torch.empty(0, 0, dtype=dtype)
         return self.uses_panels(probe) or (self.uses_bf16_panels(probe) and self.panel_max_rows() == sys.maxsize)
 

@@ -38,12 +38,6 @@ _TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32}
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32}
 
 
-def bytes_per_weight(qtype: str) -> float:
-    """Bytes a weight of ``qtype`` takes as the kernel holds it (a tile: 16 rows x :data:`BLOCK` weights and their
-    scales; Q4_0 is held as Q4_1 is)."""
-    return _TILE_BYTES[_KIND[qtype]] / (16 * BLOCK)
-
-
 class QuantizationError(ChunkAttnError, ValueError):
     """A weight cannot be quantized or multiplied as asked (its shape, the dtype, the CPU)."""
 
@@ -201,7 +195,7 @@ class QuantizedWeight:
         if panels <= group:
             packed = _pack_panels(blocks, gate_up)
         else:
-            out: torch.Tensor | None = None
+            packed = torch.empty(panels, k // BLOCK, 2, _TILE_BYTES[_KIND[blocks.qtype]], dtype=torch.uint8)
             half = n // 2
             for p0 in range(0, panels, group):
                 if gate_up:  # panel p: gate rows 16p .. 16p + 15 and the same up rows
@@ -209,12 +203,7 @@ class QuantizedWeight:
                     rows = Blocks.cat([blocks.slice(lo, hi), blocks.slice(half + lo, half + hi)])
                 else:
                     rows = blocks.slice(32 * p0, min(32 * (p0 + group), n))
-                part = _pack_panels(rows, gate_up)
-                if out is None:
-                    out = torch.empty(panels, *part.shape[1:], dtype=part.dtype)
-                out[p0:p0 + len(part)] = part
-            assert out is not None
-            packed = out
+                packed[p0:p0 + group] = _pack_panels(rows, gate_up)
         return QuantizedWeight(blocks.qtype, packed, n // 2 if gate_up else n, k, gate_up)
 
 
