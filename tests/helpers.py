@@ -120,3 +120,30 @@ def tiny_model(vocab: int = 101, eos: int | None = None, seed: int = 1234):
         p.data.normal_(0, 0.3)
     mc = ModelConfig.from_hf(cfg.to_dict())
     return LoadedModel(build_model(mc, dict(hf.state_dict()), torch.float32, "cpu"), None, mc, "tiny", cfg.to_dict())
+
+
+def write_checkpoint(directory, hf_config: dict, weights: dict[str, torch.Tensor], shards: int = 1) -> None:
+    """A Hugging Face model directory: ``config.json``, ``weights`` in safetensors (``shards`` > 1: that many files
+    and ``model.safetensors.index.json``, as large checkpoints come) and a two-word tokenizer."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    names = list(weights)
+    if shards == 1:
+        save_file(weights, str(directory / "model.safetensors"))
+    else:
+        weight_map = {}
+        for i in range(shards):
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = names[i * len(names) // shards:(i + 1) * len(names) // shards]
+            save_file({n: weights[n] for n in part}, str(directory / file))
+            weight_map.update(dict.fromkeys(part, file))
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, "<unk>")))
+    tok.save_pretrained(str(directory))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -304,6 +305,7 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
     """A model whose weights cannot fit the memory available is refused at once, saying what it needs and what
     to use; what a loaded model holds counts its packs."""
     from chunkattn import InsufficientMemoryError
+    from chunkattn.model import quant
     from chunkattn.model.layers import Linear
     from chunkattn.model.loader import weight_bytes
     from server_helpers import TINY_CONFIG
@@ -313,13 +315,26 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
         "model_type": "llama", "vocab_size": 32000, "hidden_size": 65536, "intermediate_size": 262144,
         "num_hidden_layers": 80, "num_attention_heads": 512, "num_key_value_heads": 64,
         "max_position_embeddings": 512}))
+    quantized = quant.kernel_supported()  # (where quantized weights run on their kernel, they are advised)
     with pytest.raises(InsufficientMemoryError, match=r"loading the model's 4900\.\d+ B weights in bfloat16 takes at "
-                       r"least .* GiB \(read, then packed for the kernels a matrix at a time.*\).*use a GGUF file"):
+                       r"least .* GiB \(read, then packed for the kernels a matrix at a time.*\).*use " +
+                       (r"--quantization q8_0 / q4_0 \(or a smaller model\)" if quantized else r"a smaller model$")):
         load_model(huge, dtype=torch.bfloat16, random_weights=True)
-    with pytest.raises(InsufficientMemoryError, match=r"in Q4_0 blocks .*\(read, then quantized a matrix at a time\).* "
-                       r"use a GGUF file of the model in Q8_0 / Q4_0"):
+    with pytest.raises(InsufficientMemoryError, match=r"in Q4_0 blocks takes at least ([\d.]+) GiB \(each quantized as "
+                       r"read, then packed a matrix at a time\).* use a smaller model$") as q4:
         load_model(huge, dtype=torch.bfloat16, random_weights=True, quantization="q4_0")
-    with pytest.raises(InsufficientMemoryError, match=r"use --dtype bfloat16 \(or a smaller model\)"):
+    with pytest.raises(InsufficientMemoryError, match=r"in Q8_0 blocks takes at least ([\d.]+) GiB .* use "
+                       r"--quantization q4_0 \(or a smaller model\)$") as q8:
+        load_model(huge, dtype=torch.bfloat16, random_weights=True, quantization="q8_0")
+    with pytest.raises(InsufficientMemoryError, match=r"bfloat16 takes at least ([\d.]+) GiB") as bf16:
+        load_model(huge, dtype=torch.bfloat16, random_weights=True, quantization="none")
+    # the blocks as read (a byte or half a byte a value, 2 or 4 bytes of scales per 32) beside a matrix in bf16
+    gib = {k: float(re.search(r"at least ([\d.]+) GiB", str(e.value)).group(1)) for k, e in
+           (("q4", q4), ("q8", q8), ("bf16", bf16))}
+    assert 0.3 < gib["q4"] / gib["bf16"] < 0.35 and 0.52 < gib["q8"] / gib["bf16"] < 0.56, gib
+    with pytest.raises(InsufficientMemoryError, match=r"use --dtype bfloat16" + (
+            r" \(with --quantization q8_0 / q4_0 if that is not enough\)$" if quantized else
+            r" \(or a smaller model\)$")):
         load_model(huge, dtype=torch.float32, random_weights=True)
     with monkeypatch.context() as m:  # a CPU whose packs (oneDNN's) leave the dense weights held too
         m.setattr(Linear, "pack_replaces_dense", lambda self, dtype: False)

@@ -24,6 +24,7 @@ from chunkattn.model.quant import (
     kernel_supported,
     quantize,
 )
+from helpers import write_checkpoint
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
@@ -74,15 +75,24 @@ def test_quantize_rounds_to_the_nearest_level(qtype):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_quantize_by_slices_of_rows_equals_all_at_once(qtype, monkeypatch):
     """A large weight is quantized a slice of rows at a time (bounded float32 temporaries): the same blocks,
-    also from bfloat16 (each slice widened as taken) and with a last slice shorter than the others."""
+    also from bfloat16 (each slice widened as taken), from a reader of rows and with a last slice shorter than
+    the others."""
     from chunkattn.model import quant
 
     gen = torch.Generator().manual_seed(12)
     w = (torch.randn(53, 128, generator=gen) * torch.rand(53, 1, generator=gen)).bfloat16()
     whole = quantize(w.float(), qtype)
     monkeypatch.setattr(quant, "QUANTIZE_SLICE", 5 * 128 + 17)  # 5 rows a slice: 11 slices, the last of 3
-    for source in (w, w.float()):
-        sliced = quantize(source, qtype)
+    taken = []
+
+    def read(start, stop):  # rows as a reader hands them (a checkpoint's tensor read a slice at a time)
+        taken.append((start, stop))
+        return w[start:stop]
+
+    assert quantize(w, qtype).q.shape == quantize(read, qtype, (53, 128)).q.shape
+    assert taken == [(i, min(i + 5, 53)) for i in range(0, 53, 5)]
+    for source in (w, w.float(), read):
+        sliced = quantize(source, qtype, (53, 128))
         assert sliced.qtype == whole.qtype and torch.equal(sliced.q, whole.q) and torch.equal(sliced.d, whole.d)
         assert (sliced.m is None) == (whole.m is None) and (whole.m is None or torch.equal(sliced.m, whole.m))
 
@@ -113,6 +123,12 @@ def test_blocks_read_gguf_bytes_as_gguf_py_dequantizes_them(qtype):
     ref = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
     b = Blocks.from_gguf(raw, qtype, 160)
     assert torch.equal(b.dequantize(), ref)
+    # q4 values stay two a byte as GGUF stores them: values() unpacks them, from_values() packs them back
+    assert b.shape == (24, 160) and b.q.shape == (24, 160 if qtype == "q8_0" else 80)
+    values = b.values()
+    assert values.shape == (24, 160) and (qtype == "q8_0" or int(values.max()) <= 15)
+    assert torch.equal(Blocks.from_values(qtype, values, b.d, b.m).q, b.q)
+    assert b.q.numel() + b.d.numel() * 2 + (0 if b.m is None else b.m.numel() * 2) == Blocks.nbytes_of(24 * 160, qtype)
     with pytest.raises(QuantizationError, match="must be"):
         Blocks.from_gguf(raw[:, :-1], qtype, 160)
 
@@ -166,7 +182,7 @@ def _int_x(x: torch.Tensor) -> torch.Tensor:
 
 def _int_x_reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
     """float64 path 4: the weights (d q, or d q + m) exactly, times _int_x(x)."""
-    w = blocks.d.double().repeat_interleave(32, 1) * blocks.q.double()
+    w = blocks.d.double().repeat_interleave(32, 1) * blocks.values().double()
     if blocks.m is not None:
         w = w + blocks.m.double().repeat_interleave(32, 1)
     return _reference(_int_x(x), w, bias, gate_up)
@@ -234,7 +250,7 @@ def test_int_x_path_rounds_x_half_to_even_on_a_power_of_two_grid(qtype):
         q = q + 8
     d = torch.ones(32, k // 32, dtype=torch.float16)
     m = None if qtype == "q8_0" else -8 * d
-    qw = QuantizedWeight.pack(Blocks(qtype, q, d, m))
+    qw = QuantizedWeight.pack(Blocks.from_values(qtype, q, d, m))
     ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 100.25, -7.75] + [0.0] * 22 + [8192.0])
     x = torch.zeros(1, k)
     x[0, :32] = ties
@@ -246,8 +262,8 @@ def test_int_x_path_rounds_x_half_to_even_on_a_power_of_two_grid(qtype):
     want = torch.tensor([0.0, 2, 2, -0.0, -2, -2, 4, 100, -8] + [0.0] * 22)
     want[:9] += x[0, 32:41]  # exact: 2^-110 * (1, 1.5, 1.25, -1.75, 0.5) are multiples of 2^-113
     assert torch.equal(y[:31], want.bfloat16().float()), y[:31]
-    assert torch.equal(y[:31], _int_x_reference(x.bfloat16(), Blocks(qtype, q, d, m), None, False)[0, :31].float()
-                       .bfloat16().float())
+    ref = _int_x_reference(x.bfloat16(), Blocks.from_values(qtype, q, d, m), None, False)
+    assert torch.equal(y[:31], ref[0, :31].float().bfloat16().float())
 
 
 @needs_int_x
@@ -459,3 +475,42 @@ def test_default_model_runs_as_stored_without_a_full_precision_copy():
         # tiles; without AMX linear_amx's vdpbf16ps / path 2)
         outs.append(m.model(ids, torch.arange(len(ids)), attn))
     assert len(ids) > 4 and torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantizing_each_weight_as_read_equals_quantizing_the_dense_model(qtype, tmp_path, caplog):
+    """--quantization on a checkpoint quantizes each tensor as it is read (q/k/v and gate/up as parts, before they
+    are fused; from two shards), never holding them all dense: the packs equal quantizing the fused dense weights,
+    a layer whose K is not a multiple of 32 (down_proj, K = 80) stays dense and the log says so, and the norms
+    are the checkpoint's cast to bf16."""
+    from transformers import AutoConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from chunkattn.model import build_model, config_from_hf
+
+    cfg = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 80,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 256, "tie_word_embeddings": False}
+    torch.manual_seed(zlib.crc32(qtype.encode()))
+    sd = {k: torch.randn(v.shape) * 0.1 for k, v in HFLlama(AutoConfig.for_model(**cfg)).state_dict().items()}
+    write_checkpoint(tmp_path, cfg, sd, shards=2)
+    with caplog.at_level(logging.INFO, logger="chunkattn.load"):
+        got = load_model(tmp_path, dtype=torch.bfloat16, quantization=qtype).model
+    assert "not quantized (K not a multiple of 32): model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj" \
+        in caplog.text
+    want = build_model(config_from_hf(cfg), dict(sd), torch.bfloat16, "cpu", quantize=qtype)
+    modules = dict(want.named_modules())
+    for name, module in got.named_modules():
+        if isinstance(module, (Linear, Embedding)):
+            ref = modules[name]
+            assert (module.quant is None) == (ref.quant is None) == name.endswith("down_proj"), name
+            if module.quant is None:
+                assert torch.equal(module.dense_weight(), ref.dense_weight()), name
+            else:
+                assert module.quant.qtype == ref.quant.qtype == (qtype if ".layers." in name else "q8_0"), name
+                assert torch.equal(module.quant.packed, ref.quant.packed), name
+    qkv = [sd[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]  # (independently of the loader)
+    pack = QuantizedWeight.pack(quantize(torch.cat(qkv), qtype)).packed
+    assert torch.equal(got.model.layers[1].self_attn.qkv_proj.quant.packed, pack)
+    assert torch.equal(got.model.norm.weight, sd["model.norm.weight"].bfloat16())

@@ -105,8 +105,9 @@ def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, ca
 @pytest.mark.skipif(not __import__("chunkattn.model.quant", fromlist=["kernel_supported"]).kernel_supported(),
                     reason="blocks are kept (and cached) only where the quantized kernel runs: AVX512-BF16")
 def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
-    """A bfloat16 load keeps the file's blocks; the first writes them to ``<entry>-blocks-v1``, the second reads them
-    from there (not the GGUF file) and packs the same weights; a damaged entry is read from the file again."""
+    """A bfloat16 load keeps the file's blocks; the first writes them to ``<entry>-blocks-v<BLOCKS_FORMAT>``, the
+    second reads them from there (not the GGUF file) and packs the same weights; a damaged entry is read from the
+    file again."""
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CHUNKATTN_WEIGHT_CACHE", raising=False)
     caplog.set_level(logging.INFO, logger="chunkattn.load")

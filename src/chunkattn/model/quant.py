@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,10 @@ def int_x_supported() -> bool:
 class Blocks:
     """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types) or ``d q`` (q8_0).
 
-    ``q``: ``[N, K]`` uint8 (0..15) for q4 types, int8 for q8_0; ``d``, ``m``: ``[N, K / 32]`` float16 (``m`` is
-    None for q8_0; Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
+    ``q``: q8_0 ``[N, K]`` int8; q4 types ``[N, K / 2]`` uint8, two values (0..15) a byte as GGUF stores them
+    (byte i of a block's 16: value i in the low nibble, value i + 16 in the high one; :meth:`values` unpacks
+    them). ``d``, ``m``: ``[N, K / 32]`` float16 (``m`` is None for q8_0; Q4_0's ``w = d (q - 8)`` is stored as
+    ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -69,7 +72,24 @@ class Blocks:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape[0], self.q.shape[1]
+        return self.q.shape[0], self.q.shape[1] * (2 if _KIND[self.qtype] == 0 else 1)
+
+    @staticmethod
+    def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
+        """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..15 for q4 types)."""
+        if _KIND[qtype] == 1:
+            return Blocks(qtype, q, d, m)
+        n, k = q.shape
+        halves = q.to(torch.uint8).view(n, k // BLOCK, 2, BLOCK // 2)
+        return Blocks(qtype, (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(n, k // 2), d, m)
+
+    def values(self) -> torch.Tensor:
+        """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..15 for q4 types."""
+        if _KIND[self.qtype] == 1:
+            return self.q
+        n, k = self.shape
+        b = self.q.view(n, k // BLOCK, 1, BLOCK // 2)
+        return torch.cat([b & 0xF, b >> 4], dim=2).view(n, k)
 
     @staticmethod
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
@@ -86,8 +106,7 @@ class Blocks:
         if qtype == "q8_0":
             return Blocks(qtype, blocks[..., 2:].contiguous().view(torch.int8).view(n, k), d, None)
         start = 4 if qtype == "q4_1" else 2
-        qs = blocks[..., start:start + 16]  # byte i: element i (low nibble) and i + 16 (high)
-        q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)
+        q = blocks[..., start:start + 16].contiguous().view(n, k // 2)  # (GGUF's nibble order, kept)
         if qtype == "q4_1":
             m = blocks[..., 2:4].contiguous().view(torch.float16).view(n, nb)
         else:
@@ -99,10 +118,16 @@ class Blocks:
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``: GGUF's reference values (``d q + m`` in float32, the product exact)."""
         n, k = self.shape
-        w = self.q.view(n, k // BLOCK, BLOCK).float() * self.d.float()[..., None]
+        w = self.values().view(n, k // BLOCK, BLOCK).float() * self.d.float()[..., None]
         if self.m is not None:
             w = w + self.m.float()[..., None]
         return w.view(n, k)
+
+    @staticmethod
+    def nbytes_of(numel: int, qtype: str) -> int:
+        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0) or half a byte (q4 types) per weight,
+        ``d`` (and ``m``) two bytes per 32."""
+        return numel + numel // BLOCK * 2 if _KIND[qtype] == 1 else numel // 2 + numel // BLOCK * 4
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
@@ -127,19 +152,38 @@ QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
 PACK_GROUP_BYTES = 1 << 26  # weights (bytes of int8 q) :meth:`QuantizedWeight.pack` packs at a time
 
 
-def quantize(w: torch.Tensor, qtype: str) -> Blocks:
+def quantize(w: torch.Tensor | Callable[[int, int], torch.Tensor], qtype: str,
+             shape: tuple[int, int] | None = None) -> Blocks:
     """A float weight ``[N, K]`` (K a multiple of 32) as blocks, round to nearest: q8_0 ``d = max|w| / 127``;
     q4_1 ``d = (max - min) / 15, m = min``; q4_0 ``d = -w_absmax / 8`` (llama.cpp's choices). The scales are
-    rounded to float16 first, so ``q`` is chosen for the scale that is stored."""
+    rounded to float16 first, so ``q`` is chosen for the scale that is stored.
+
+    The weight is taken a slice of rows at a time (float32 temporaries of ~64 MiB, not of its size), into blocks
+    allocated once. ``w`` may be a function ``w(start, stop)`` returning rows ``start .. stop - 1``, with ``shape``
+    the weight's: then the whole weight is never held (a checkpoint's tensor read a slice at a time)."""
     if qtype not in QTYPES:
         raise QuantizationError(f"unknown quantization {qtype!r}; choose one of {', '.join(QTYPES)}")
-    if w.dim() != 2 or w.shape[1] % BLOCK:
+    dims: tuple[int, ...] | None = tuple(w.shape) if isinstance(w, torch.Tensor) else shape
+    read = functools.partial(_rows, w) if isinstance(w, torch.Tensor) else w
+    if dims is None or len(dims) != 2 or dims[1] % BLOCK:
         raise QuantizationError(f"quantizing needs a [N, K] weight with K a multiple of {BLOCK}, got "
-                                f"{list(w.shape)}")
-    n, k = w.shape
-    rows = max(1, QUANTIZE_SLICE // k)  # a slice of rows at a time: float32 temporaries of ~64 MiB, not of w's size
-    parts = [_quantize_slice(w[i:i + rows].detach(), qtype) for i in range(0, n, rows)]
-    return parts[0] if len(parts) == 1 else Blocks.cat(parts)
+                                f"{None if dims is None else list(dims)}")
+    n, k = dims
+    rows = max(1, QUANTIZE_SLICE // k)
+    four = _KIND[qtype] == 0
+    out = Blocks(qtype, torch.empty(n, k // 2 if four else k, dtype=torch.uint8 if four else torch.int8),
+                 torch.empty(n, k // BLOCK, dtype=torch.float16),
+                 torch.empty(n, k // BLOCK, dtype=torch.float16) if four else None)
+    for i in range(0, n, rows):
+        part = _quantize_slice(read(i, min(i + rows, n)).detach(), qtype)
+        out.q[i:i + rows], out.d[i:i + rows] = part.q, part.d
+        if out.m is not None and part.m is not None:
+            out.m[i:i + rows] = part.m
+    return out
+
+
+def _rows(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return w[start:stop]
 
 
 def _quantize_slice(w: torch.Tensor, qtype: str) -> Blocks:
@@ -157,11 +201,11 @@ def _quantize_slice(w: torch.Tensor, qtype: str) -> Blocks:
         lo, hi = x.amin(-1), x.amax(-1)
         d, m = ((hi - lo) / 15).to(torch.float16), lo.to(torch.float16)
         q = ((x - m.float()[..., None]) * inverse(d)).round().clamp(0, 15).to(torch.uint8)
-        return Blocks(qtype, q.view(n, k), d, m)
+        return Blocks.from_values(qtype, q.view(n, k), d, m)
     signed_max = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]
     d = (signed_max / -8).to(torch.float16)
     q = (x * inverse(d) + 8).round().clamp(0, 15).to(torch.uint8)
-    return Blocks(qtype, q.view(n, k), d, d * -8)
+    return Blocks.from_values(qtype, q.view(n, k), d, d * -8)
 
 
 @dataclass(frozen=True)
@@ -286,9 +330,9 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
     n, k = blocks.shape
     p, j, c = _panel_positions(n, gate_up, torch.arange(n))
     panels, steps = _panels(n, gate_up), k // BLOCK
-    q = torch.zeros(panels, 2, 16, k, dtype=blocks.q.dtype)
+    q = torch.zeros(panels, 2, 16, k, dtype=torch.int8 if blocks.qtype == "q8_0" else torch.uint8)
     d = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
-    q[p, j, c], d[p, j, c] = blocks.q, blocks.d
+    q[p, j, c], d[p, j, c] = blocks.values(), blocks.d
     # [P, 2, 16 c, S, 16 r, 2 t] -> [P, S, 2, 16 r, 16 c, 2 t]: row r of a tile holds e = 2 c + t
     e = q.view(panels, 2, 16, steps, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(panels, steps, 2, 16, 32)
     scales = [d.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32)]

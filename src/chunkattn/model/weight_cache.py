@@ -14,8 +14,8 @@ A directory appears atomically (written aside, then renamed), so a crash leaves 
 load. Disk: float32 weights, 4 bytes per parameter (SmolLM2-135M: ~540 MB).
 
 A quantized load (blocks kept as stored, :mod:`chunkattn.model.quant`) caches what it read beside it, in
-``<entry>-blocks-v<BLOCKS_FORMAT>/``: the blocks with one byte per value, the other tensors in float32
-(SmolLM2: ~120 MB).
+``<entry>-blocks-v<BLOCKS_FORMAT>/``: the blocks as :class:`~chunkattn.model.quant.Blocks` holds them (Q4
+values two a byte, as GGUF stores them), the other tensors in float32 (SmolLM2: ~90 MB).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ import torch
 log = logging.getLogger("chunkattn.load")
 
 FORMAT = 1  # bump when what is written changes
-BLOCKS_FORMAT = 1  # the same for the quantized entries (<entry>-blocks-v<n>): chunkattn.model.quant.Blocks' layout
+# the same for the quantized entries (<entry>-blocks-v<n>): chunkattn.model.quant.Blocks' layout (2: Q4 values two
+# a byte)
+BLOCKS_FORMAT = 2
 
 
 def cache_root() -> Path | None:
@@ -260,7 +262,7 @@ def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
 def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.Tensor],
                  blocks: dict[str, Any]) -> None:
     """Cache what :func:`chunkattn.model.loader.gguf_blocks` read from ``gguf`` (best effort, atomically): the
-    blocks as stored (one byte per q value), the other tensors in float32."""
+    blocks as stored, the other tensors in float32."""
     from safetensors.torch import save_file
 
     try:
