@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -105,7 +106,7 @@ def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None,
                         blocks[name] = quant.quantize(functools.partial(_slice_rows, rows), plan[name], shape)
                     except quant.QuantizationError as exc:
                         raise UnsupportedModelError(f"{name} in {shard}: {exc}") from None
-                    release_freed_memory()  # (the slices and the quantizer's temporaries)
+                    release_freed_memory(math.prod(shape) * 4)  # (the slices and the quantizer's temporaries)
                 else:
                     _keep(name, f.get_tensor(name), dtype, dense)
     return dense, blocks
@@ -318,8 +319,9 @@ def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dty
             continue
         module.set_quantized(quant.QuantizedWeight.pack(b, gate_up=isinstance(module, GateUpLinear)), dtype)
         kept.add(name)
+        freed = b.q.numel() * 4  # (the blocks and the packing's temporaries, ~3 bytes a weight)
         del b
-        release_freed_memory()  # (the blocks and the packing's temporaries)
+        release_freed_memory(freed)
     return kept
 
 
@@ -421,7 +423,7 @@ def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.devi
     for k, s in shapes.items():
         if k in plan:  # quantized as drawn, a slice of rows at a time: never held dense
             blocks[k] = quant.quantize(functools.partial(_draw_rows, draw, s[1]), plan[k], (s[0], s[1]))
-            release_freed_memory()
+            release_freed_memory(s.numel() * 4)
         else:
             weights[k] = torch.ones(s, dtype=dtype) if k.endswith("norm.weight") else draw(s)
     model = build_model(config, weights, dtype, device, blocks=blocks, quantize=quantize)
