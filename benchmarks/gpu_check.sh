@@ -1,28 +1,120 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: GPU tests, then the paper's kernel sweep against every peer, results under $OUT.
-#   device run: bash benchmarks/gpu_check.sh            (carry .whl if FlashInfer's wheel is to be used)
-# Uses the machine's own torch/triton: never lets pip resolve the project's pins there.
+# One call on a lent GPU machine for issue 24: the machine's ceilings, the GPU tests, the paper's kernel sweep
+# against every peer (eager and as CUDA graphs), the fp16 serve benchmark with sharing on and off, and FlashInfer's
+# providers last (their kernels compile on first use). Under $OUT (at most the 8 files a call brings back):
+# log.txt (every part's output), kernel.json / .png, kernel-flashinfer.json, serve.json / .png, targets.md; then
+# `python benchmarks/gpu_targets.py $OUT/kernel.json $OUT/kernel-flashinfer.json` compares them with the issue's
+# targets. Each part runs under its own time limit whatever the others did (at most ~8.5 minutes in all, most
+# runs far less), and the last line says which parts failed.
+#   device run:  CHUNKATTN_COMMIT=<commit> bash benchmarks/gpu_check.sh
+#                (carry .whl with FlashInfer's wheel: benchmarks/prepare_flashinfer.sh builds it)
+#   PARTS="tests kernel"  runs only those parts (env tests kernel serve flashinfer);
+#   DRY=1                 runs every part here on the CPU at tiny shapes (Triton interpreted): checks the script.
+# Uses the machine's own torch / triton / transformers: never lets pip resolve the project's pins there.
 set -uo pipefail
 OUT=${OUT:-out}
+PARTS=${PARTS:-"env tests kernel serve flashinfer"}
+DRY=${DRY:-0}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  DEVICE=cpu; DTYPE=float32; SHAPE=(--heads 2 --head-dim 64 --chunk-size 16)
+  POINTS=(2,32,16 3,16,32); REQUESTS=4; SHARED=64; OUTPUT=4; SLOWER=3  # (the interpreter: longer limits)
+else
+  export CHUNKATTN_NATIVE=0  # (the CPU kernels: nothing here needs them, and their build would take a minute)
+  DEVICE=cuda; DTYPE=float16; SHAPE=(--heads 32 --head-dim 128 --chunk-size 64)
+  # issue 24's rows: B, shared n_s, private n_c
+  POINTS=(32,1024,64 32,2048,64 32,4096,64 32,1024,512 32,2048,512 32,4096,512 64,2048,64 128,2048,64 32,16,1024)
+  REQUESTS=32; SHARED=1024; OUTPUT=64; SLOWER=1
 fi
-{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)';
-  python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>&1 | tail -1; } | tee "$OUT/env.txt"
+if [ "$DRY" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then  # (Python 3.12 wheels, for the GPU image)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+failed=()
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+# part NAME SECONDS COMMAND...: run it under its time limit, its output in $OUT/NAME.log
+part() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit} s)"
+  timeout $((limit * SLOWER)) "$@" > "$OUT/part.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/part.log"
+  { echo "== $name"; cat "$OUT/part.log"; echo "== $name: rc=$rc in $((SECONDS - t0)) s"; } >> "$OUT/log.txt"
+  rm -f "$OUT/part.log"
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+  [ $rc = 0 ] || failed+=("$name(rc=$rc)")
+}
 
-# 1. Correctness on the GPU: Triton kernels compiled (bf16 included) and the torch backend on CUDA tensors.
-timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton.py tests/test_attention.py 2>&1 | tee "$OUT/tests.log"
-tests_rc=${PIPESTATUS[0]}
+if wants env; then
+  part env 60 python3 - <<'EOF'
+import datetime, os, subprocess, torch
+print("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+print("commit", os.environ.get("CHUNKATTN_COMMIT", "unknown"))
+print("torch", torch.__version__)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton missing:", exc)
+try:
+    import flashinfer
+    print("flashinfer", flashinfer.__version__)
+except Exception as exc:  # noqa: BLE001
+    print("flashinfer not importable:", type(exc).__name__, exc)
+if torch.cuda.is_available():
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                          "--format=csv"], capture_output=True, text=True).stdout)
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name}: {p.multi_processor_count} SMs, L2 {p.L2_cache_size / 2**20:.0f} MiB")
+    # the two ceilings (METHOD.md): a large device-to-device copy (bytes read + written) and a bf16 matmul
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for name, fn, work in (("copy GB/s", lambda: dst.copy_(src), 2 * src.numel() / 1e9),
+                           ("bf16 matmul TFLOP/s", lambda: a @ a, 2 * 8192**3 / 1e12)):
+        for _ in range(3):
+            fn()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(10):
+            fn()
+        e1.record()
+        e1.synchronize()
+        print(f"{name}: {work * 10 / (e0.elapsed_time(e1) / 1e3):.0f}")
+EOF
+fi
 
-# 2. The paper's shapes (H=32 q/kv heads, d=128, fp16, c=64), every provider, eager and CUDA graph.
-timeout 240 python3 -m chunkattn.cli bench kernel --device cuda --dtype float16 --heads 32 --head-dim 128 \
-  --chunk-size 64 --points 32,1024,64 32,4096,64 32,2048,512 32,4096,512 128,2048,64 32,16,1024 \
-  --providers sdpa sdpa-flash paged-triton flashinfer-paged flashinfer-cascade tpp-torch tpp-triton \
-  --cuda-graph --no-progress --json "$OUT/kernel.json" --plot "$OUT/kernel.png" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+if wants tests; then  # the kernels compiled (fp16, bf16, head dims 64 / 128 / 256, GQA), and the engine on them
+  part tests 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_triton.py \
+    tests/test_engine_triton.py
+fi
+
+KERNEL=(python3 -m chunkattn.cli bench kernel --device "$DEVICE" --dtype "$DTYPE" "${SHAPE[@]}"
+        --points "${POINTS[@]}" --cuda-graph --no-progress)
+if wants kernel; then
+  part kernel 150 "${KERNEL[@]}" --providers sdpa sdpa-flash paged-triton tpp-torch tpp-triton \
+    --json "$OUT/kernel.json" --plot "$OUT/kernel.png"
+fi
+
+if wants serve; then  # issue 24: decode tokens/s with sharing >= 3x without, 32 requests on a 1K prompt
+  part serve 120 python3 -m chunkattn.cli bench serve --model benchmarks/configs/smollm2-135m.json \
+    --random-weights --device "$DEVICE" --dtype "$DTYPE" --systems chunkattn no-sharing --requests "$REQUESTS" \
+    --shared-len "$SHARED" --question-len 64 --output-len "$OUTPUT" --no-progress \
+    --json "$OUT/serve.json" --plot "$OUT/serve.png"
+fi
+
+if wants flashinfer; then  # last: its first call of each kernel compiles it (nvcc), which may take minutes
+  export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}  # (Hopper only)
+  part flashinfer 240 "${KERNEL[@]}" --providers flashinfer-paged flashinfer-cascade tpp-triton \
+    --json "$OUT/kernel-flashinfer.json"
+fi
+
+if [ -f "$OUT/kernel.json" ]; then
+  python3 benchmarks/gpu_targets.py "$OUT/kernel.json" $([ -f "$OUT/kernel-flashinfer.json" ] &&
+    echo "$OUT/kernel-flashinfer.json") | tee "$OUT/targets.md"
+fi
+echo "gpu_check: ${#failed[@]} part(s) failed${failed[*]:+: ${failed[*]}}"
+exit $(( ${#failed[@]} > 0 ))

@@ -70,3 +70,42 @@ def test_a_failing_provider_is_reported_not_fatal(monkeypatch, tmp_path):
     result = json.loads(out.read_text())
     assert rc == 1 and [r["provider"] for r in result["rows"]] == ["tpp-torch"]
     assert "kernel exploded" in result["errors"]["tpp-triton"][0]
+
+
+def test_gpu_targets_compares_tpp_triton_with_issue_24s_targets(tmp_path, capsys):
+    """benchmarks/gpu_targets.py: the best of eager and graph time per provider, the target min(1.5 x roofline
+    + 5, best peer / 1.2) on shared rows and 1.05x the best peer on the nothing-shared row, FlashInfer's rows from a
+    second file, and a non-zero exit where tpp-triton misses a target."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_targets", Path(__file__).parents[1] / "benchmarks" /
+                                                  "gpu_targets.py")
+    gpu_targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_targets)
+
+    def row(provider, b, ns, nc, us, graph=None, roof=10.0):
+        return {"provider": provider, "batch": b, "shared": ns, "private": nc, "chunk_size": 64, "median_us": us,
+                "graph_median_us": graph, "roofline_us": roof}
+
+    ours = {"device": "H100", "date": "2026-12-07", "commit": "abc", "rows": [
+        row("sdpa-flash", 32, 1024, 64, 200.0), row("tpp-triton", 32, 1024, 64, 30.0, graph=18.0),
+        row("sdpa-flash", 32, 16, 1024, 100.0, roof=80.0), row("tpp-triton", 32, 16, 1024, 110.0, graph=104.0)],
+        "skipped": {"flashinfer-cascade": "needs flashinfer"}}
+    theirs = {"rows": [row("flashinfer-cascade", 32, 1024, 64, 60.0, graph=54.0),
+                       row("flashinfer-paged", 32, 16, 1024, 99.0)], "skipped": {}}
+    (tmp_path / "a.json").write_text(json.dumps(ours))
+    (tmp_path / "b.json").write_text(json.dumps(theirs))
+    assert gpu_targets.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1  # (a miss, below)
+    out = capsys.readouterr().out
+    # shared row: target min(1.5 * 10 + 5, 54 / 1.2) = 20; ours 18 (graph) -> 0.90x, 3.00x faster than cascade
+    assert "| 32 | 1024 | 64 | 10.0 | 200.0 | - | 54.0 | - | 18.0 | 20.0 | 0.90x | 3.00x faster |" in out
+    # nothing shared: 1.05 x 99 = 103.95; ours 104 -> a miss
+    assert "| 32 | 16 | 1024 | 80.0 | 100.0 | 99.0 | - | - | 104.0 | 104.0 | 1.00x (miss) | - |" in out
+    assert "needs flashinfer" not in out  # (skipped in one file, measured in the other)
+    ours["rows"][-1]["graph_median_us"] = 103.0
+    (tmp_path / "a.json").write_text(json.dumps(ours))
+    assert gpu_targets.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    ours["rows"][-1]["graph_median_us"] = 106.0  # without FlashInfer's file: 1.05 x 100 = 105
+    (tmp_path / "a.json").write_text(json.dumps(ours))
+    assert gpu_targets.main([str(tmp_path / "a.json")]) == 1
