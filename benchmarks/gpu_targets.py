@@ -54,7 +54,11 @@ def targets(results: list[dict]) -> tuple[list[str], int]:
         else:
             cells.append("-")
         cascade = rows.get("flashinfer-cascade")
-        cells.append(f"{best_us(cascade) / ours:.2f}x faster" if cascade and ours else "-")
+        if cascade and ours:
+            ratio = best_us(cascade) / ours
+            cells.append(f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower")
+        else:
+            cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines, misses
 

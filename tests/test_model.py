@@ -336,6 +336,9 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
             r" \(with --quantization q8_0 / q4_0 if that is not enough\)$" if quantized else
             r" \(or a smaller model\)$")):
         load_model(huge, dtype=torch.float32, random_weights=True)
+    with pytest.raises(InsufficientMemoryError, match=r"use --dtype bfloat16 --quantization q8_0 / q4_0 \(or a "
+                       r"smaller model\)$" if quantized else r"use a smaller model$"):  # (quantized runs in bf16)
+        load_model(huge, dtype=torch.float16, random_weights=True)
     with monkeypatch.context() as m:  # a CPU whose packs (oneDNN's) leave the dense weights held too
         m.setattr(Linear, "pack_replaces_dense", lambda self, dtype: False)
         with pytest.raises(InsufficientMemoryError, match=r"4\d\d\d\.\d\d B of them held both dense and packed"):

@@ -107,7 +107,7 @@ def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, ca
 def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
     """A bfloat16 load keeps the file's blocks; the first writes them to ``<entry>-blocks-v<BLOCKS_FORMAT>``, the
     second reads them from there (not the GGUF file) and packs the same weights; a damaged entry is read from the
-    file again."""
+    file again, and writing it drops an earlier format's entry."""
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CHUNKATTN_WEIGHT_CACHE", raising=False)
     caplog.set_level(logging.INFO, logger="chunkattn.load")
@@ -123,7 +123,10 @@ def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
     entry = weight_cache.entry_dir(default_model_path())
     blocks_dir = entry.parent / f"{entry.name}-blocks-v{weight_cache.BLOCKS_FORMAT}"
     (blocks_dir / "weights.safetensors").write_bytes(b"not safetensors")
+    earlier = entry.parent / f"{entry.name}-blocks-v1"  # an earlier format's entry, no longer read
+    (earlier / "sub").mkdir(parents=True)
     caplog.clear()
     third = load_model(dtype=torch.bfloat16)
     assert "unreadable" in caplog.text and "cached the blocks" in caplog.text
     assert torch.equal(third.model.lm_head.quant.packed, first.model.lm_head.quant.packed)
+    assert not earlier.exists() and blocks_dir.exists()  # (written anew: the old format's entry dropped)

@@ -260,11 +260,14 @@ def _smaller_load(dtype: torch.dtype, cpu: bool, quantize: str | None) -> str:
     """What to load instead of weights that do not fit (see :func:`check_weights_fit`)."""
     if quantize:
         return "--quantization q4_0 (or a smaller model)" if quantize == "q8_0" else "a smaller model"
-    quantized = cpu and quant.kernel_supported()  # (elsewhere quantized weights run dequantized, once per call)
-    if dtype.itemsize == 4:
+    quantized = cpu and quant.kernel_supported()  # (quantized weights run on the CPU with bf16, given the kernel)
+    if dtype == torch.float32:
         return "--dtype bfloat16" + (" (with --quantization q8_0 / q4_0 if that is not enough)" if quantized else
                                      " (or a smaller model)")
-    return "--quantization q8_0 / q4_0 (or a smaller model)" if quantized else "a smaller model"
+    if quantized:
+        return ("--quantization q8_0 / q4_0" if dtype == torch.bfloat16 else
+                "--dtype bfloat16 --quantization q8_0 / q4_0") + " (or a smaller model)"
+    return "a smaller model"
 
 
 def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> None:
@@ -319,7 +322,7 @@ def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dty
             continue
         module.set_quantized(quant.QuantizedWeight.pack(b, gate_up=isinstance(module, GateUpLinear)), dtype)
         kept.add(name)
-        freed = b.q.numel() * 4  # (the blocks and the packing's temporaries, ~3 bytes a weight)
+        freed = math.prod(b.shape) * 4  # (the blocks and the packing's temporaries, a few bytes a weight)
         del b
         release_freed_memory(freed)
     return kept
@@ -536,6 +539,8 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
                 plan = quantization_plan(config_from_hf(cfg), quantize) if quantize else None
                 weights, blocks = _safetensors_weights(cached, read_as, plan)
                 tokenizer = load_tokenizer(cached)
+            except (UnsupportedModelError, quant.QuantizationError, MemoryError):
+                raise  # (the model's, not the entry's: converting again would fail the same way)
             except Exception as exc:  # noqa: BLE001 - a damaged entry: convert again (and rewrite it)
                 log.warning("the weight cache entry %s is unreadable (%s: %s): converting again", cached,
                             type(exc).__name__, exc)

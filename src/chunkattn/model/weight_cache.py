@@ -283,6 +283,9 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
         return
     log.info("cached the blocks of %s in %s (%.0f MiB)", gguf.name, entry,
              sum(f.stat().st_size for f in entry.iterdir()) / 2**20)
+    for old in entry.parent.glob(entry.name.rsplit("-v", 1)[0] + "-v*"):  # (earlier formats' entries: unread now)
+        if old != entry and old.name.rsplit("-v", 1)[1].isdigit():
+            drop(old)
 
 
 __all__ = ["BLOCKS_FORMAT", "FORMAT", "cache_root", "drop", "entry_dir", "file_digest", "lookup", "lookup_blocks",
