@@ -98,7 +98,11 @@ def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None,
         if not (directory / shard).exists():
             raise ModelNotFoundError(f"shard {shard} listed in {index.name} is missing from {directory}")
         with safe_open(str(directory / shard), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - (safe_open is not a Mapping)
+            names = list(f.keys())
+        for name in names:
+            # the file opened (mapped) for one tensor at a time: the pages read stay resident while it is mapped,
+            # and a shard (5 GB in large checkpoints) would otherwise add its whole size to the load's RSS
+            with safe_open(str(directory / shard), framework="pt") as f:
                 if plan and name in plan:  # read a slice of rows at a time (never the whole dense matrix)
                     rows = f.get_slice(name)
                     shape = tuple(rows.get_shape())
@@ -106,6 +110,7 @@ def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None,
                         blocks[name] = quant.quantize(functools.partial(_slice_rows, rows), plan[name], shape)
                     except quant.QuantizationError as exc:
                         raise UnsupportedModelError(f"{name} in {shard}: {exc}") from None
+                    del rows
                     release_freed_memory(math.prod(shape) * 4)  # (the slices and the quantizer's temporaries)
                 else:
                     _keep(name, f.get_tensor(name), dtype, dense)
