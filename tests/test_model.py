@@ -352,6 +352,37 @@ def test_weights_that_cannot_fit_are_refused_before_they_are_read_and_packs_are_
     assert sizes["total"] == sizes["dense"] + sizes["packed"] + sizes["quantized"]
 
 
+def test_a_gguf_file_that_cannot_be_converted_in_memory_is_refused_before_its_tensors_are_read(tmp_path,
+                                                                                                 monkeypatch):
+    """A GGUF file's first dense load dequantizes it whole to float32 (transformers' reader): a file whose
+    metadata describes 4.9 T weights is refused from its metadata alone, saying what to use instead."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from chunkattn import InsufficientMemoryError
+
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "huge.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(80)
+    w.add_context_length(4096)
+    w.add_embedding_length(65536)
+    w.add_feed_forward_length(262144)
+    w.add_head_count(512)
+    w.add_head_count_kv(64)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(32000)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))  # (the file holds almost nothing)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InsufficientMemoryError, match=r"converting huge\.gguf \(a GGUF file's first load dequantizes "
+                       r"its 4\d{3}\.\d+ B weights whole, to float32.*takes at least \d+\.\d GiB, but this machine has "
+                       r".*use a GGUF file in Q8_0 / Q4_0 / Q4_1 with --dtype bfloat16"):
+        load_model(path, dtype=torch.float32, quantization="none")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fan_in", [64, 4160])
 def test_the_memory_check_knows_which_layers_drop_their_dense_weight(dtype, fan_in):

@@ -64,13 +64,23 @@ def default_model_path() -> Path:
 
 
 def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Config dict and dequantised HF-named tensors of a GGUF file, through transformers' GGUF reader."""
+    """Config dict and dequantised HF-named tensors of a GGUF file, through transformers' GGUF reader (which holds
+    them all in float32: refused first, by :func:`memory_shortfall`, where they cannot fit)."""
     from transformers import AutoConfig
     from transformers import LlamaForCausalLM as HFLlama
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-    config_from_hf(cfg)  # fail early on other architectures
+    config = config_from_hf(cfg)  # fail early on other architectures
+    with torch.device("meta"):
+        count = sum(p.numel() for p in family_for(config.model_type).build(config).parameters())
+    short = memory_shortfall(count * 4, torch.device("cpu"), "they")
+    if short is not None:
+        raise InsufficientMemoryError(
+            f"converting {path.name} (a GGUF file's first load dequantizes its {count / 1e9:.2f} B weights whole, "
+            f"to float32, through transformers' reader; then they are cached) takes at least "
+            f"{count * 4 / 1024**3:.1f} GiB, but {short[0]}: use a GGUF file in Q8_0 / Q4_0 / Q4_1 with "
+            f"--dtype bfloat16 (its blocks are kept as stored), a Hugging Face checkpoint, or a smaller model")
     with torch.device("meta"):
         skeleton = HFLlama(AutoConfig.for_model(**cfg))  # type: ignore[arg-type]
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
@@ -541,6 +551,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
             try:
                 log.info("reading %s from the weight cache %s", source.name, cached)
                 cfg = json.loads((cached / "config.json").read_text())
+                check_weights_fit(config_from_hf(cfg), dtype, device, quantize)
                 plan = quantization_plan(config_from_hf(cfg), quantize) if quantize else None
                 weights, blocks = _safetensors_weights(cached, read_as, plan)
                 tokenizer = load_tokenizer(cached)
@@ -589,6 +600,10 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
                          strict: bool = False) -> LoadedModel | None:
     """A GGUF file with its Q4_0 / Q4_1 / Q8_0 weights kept as stored; None when its architecture is not
     supported that way (the caller dequantizes), or with ``strict`` a :class:`quant.QuantizationError`."""
+    short = memory_shortfall(path.stat().st_size, torch.device(device), "they")  # (the blocks, about the file)
+    if short is not None:
+        raise InsufficientMemoryError(f"loading {path.name}'s weights as stored takes at least "
+                                      f"{path.stat().st_size / 1024**3:.1f} GiB, but {short[0]}: use a smaller model")
     found = weight_cache.lookup_blocks(path)
     if found is not None:
         log.info("reading %s's blocks from the weight cache", path.name)
