@@ -90,6 +90,8 @@ def test_quantize_by_slices_of_rows_equals_all_at_once(qtype, monkeypatch):
         return w[start:stop]
 
     assert quantize(w, qtype).q.shape == quantize(read, qtype, (53, 128)).q.shape
+    with pytest.raises(QuantizationError, match=r"rows 0..4 of a \[53, 128\] weight came as \[1, 128\]"):
+        quantize(lambda start, stop: w[start:start + 1], qtype, (53, 128))  # (not broadcast over the slice)
     assert taken == [(i, min(i + 5, 53)) for i in range(0, 53, 5)]
     for source in (w, w.float(), read):
         sliced = quantize(source, qtype, (53, 128))

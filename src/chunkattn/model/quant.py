@@ -175,7 +175,11 @@ def quantize(w: torch.Tensor | Callable[[int, int], torch.Tensor], qtype: str,
                  torch.empty(n, k // BLOCK, dtype=torch.float16),
                  torch.empty(n, k // BLOCK, dtype=torch.float16) if four else None)
     for i in range(0, n, rows):
-        part = _quantize_slice(read(i, min(i + rows, n)).detach(), qtype)
+        stop = min(i + rows, n)
+        x = read(i, stop)
+        if tuple(x.shape) != (stop - i, k):  # (a reader's rows, never broadcast into the blocks)
+            raise QuantizationError(f"rows {i}..{stop - 1} of a [{n}, {k}] weight came as {list(x.shape)}")
+        part = _quantize_slice(x.detach(), qtype)
         out.q[i:i + rows], out.d[i:i + rows] = part.q, part.d
         if out.m is not None and part.m is not None:
             out.m[i:i + rows] = part.m
