@@ -78,20 +78,11 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name}: {p.multi_processor_count} SMs, L2 {p.L2_cache_size / 2**20:.0f} MiB")
     # the two ceilings (METHOD.md): a large device-to-device copy (bytes read + written) and a bf16 matmul
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    from chunkattn.bench.kernel import copy_bandwidth_gbps, time_median_us
+    print(f"copy GB/s: {copy_bandwidth_gbps(torch.device('cuda'), 1 << 30):.0f}")
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for name, fn, work in (("copy GB/s", lambda: dst.copy_(src), 2 * src.numel() / 1e9),
-                           ("bf16 matmul TFLOP/s", lambda: a @ a, 2 * 8192**3 / 1e12)):
-        for _ in range(3):
-            fn()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(10):
-            fn()
-        e1.record()
-        e1.synchronize()
-        print(f"{name}: {work * 10 / (e0.elapsed_time(e1) / 1e3):.0f}")
+    us = time_median_us(lambda: a @ a, torch.device("cuda"), max_reps=10)
+    print(f"bf16 matmul TFLOP/s: {2 * 8192**3 / (us * 1e-6) / 1e12:.0f}")
 EOF
 fi
 

@@ -104,22 +104,24 @@ def run_model(model, cache: PrefixKVCache, batch: chunkattn.Batch, ids: torch.Te
     return model(ids, pos, attn)
 
 
-def tiny_model(vocab: int = 101, eos: int | None = None, seed: int = 1234):
-    """A 2-layer random Llama (GQA 4/2, head_dim 16) with sharp logits, and its HF config dict."""
+def tiny_model(vocab: int = 101, eos: int | None = None, seed: int = 1234, *, dtype: torch.dtype = torch.float32,
+               device: str = "cpu", std: float = 0.3, **shape):
+    """A 2-layer random Llama (GQA 4/2, head_dim 16; ``shape``: other LlamaConfig fields) with sharp logits (weights
+    of std ``std``) in ``dtype`` on ``device``, and its HF config dict."""
     from transformers import LlamaConfig
     from transformers import LlamaForCausalLM as HFLlama
 
     from chunkattn.model import LoadedModel, ModelConfig, build_model
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                      eos_token_id=eos)
+    fields = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, **shape}
+    cfg = LlamaConfig(vocab_size=vocab, eos_token_id=eos, **fields)
     hf = HFLlama(cfg)
     for p in hf.parameters():  # larger weights: sharper, less tie-prone logits
-        p.data.normal_(0, 0.3)
+        p.data.normal_(0, std)
     mc = ModelConfig.from_hf(cfg.to_dict())
-    return LoadedModel(build_model(mc, dict(hf.state_dict()), torch.float32, "cpu"), None, mc, "tiny", cfg.to_dict())
+    return LoadedModel(build_model(mc, dict(hf.state_dict()), dtype, device), None, mc, "tiny", cfg.to_dict())
 
 
 def write_checkpoint(directory, hf_config: dict, weights: dict[str, torch.Tensor], shards: int = 1) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from chunkattn.engine.llm import LLM
 from chunkattn.engine.sampling import SamplingParams
-from chunkattn.model import LoadedModel, ModelConfig, build_model
+from chunkattn.model import LoadedModel
+from helpers import tiny_model
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -24,18 +25,10 @@ SHAPE = (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_
 SHARED, OWN, OUT, REQUESTS = (1024, 24, 16, 12) if CUDA else (40, 5, 4, 3)
 
 
-def _model(dtype: torch.dtype, seed: int = 7) -> LoadedModel:
+def _model(dtype: torch.dtype) -> LoadedModel:
     """Random weights with sharp logits (std 0.3 on the tiny shape, 0.05 on the larger), on DEVICE in dtype."""
-    from transformers import LlamaConfig
-    from transformers import LlamaForCausalLM as HFLlama
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=211, max_position_embeddings=2048, **SHAPE)
-    hf = HFLlama(cfg)
-    for p in hf.parameters():
-        p.data.normal_(0, 0.05 if CUDA else 0.3)
-    mc = ModelConfig.from_hf(cfg.to_dict())
-    return LoadedModel(build_model(mc, dict(hf.state_dict()), dtype, DEVICE), None, mc, "random", cfg.to_dict())
+    return tiny_model(211, seed=7, dtype=dtype, device=DEVICE, std=0.05 if CUDA else 0.3,
+                      max_position_embeddings=2048, **SHAPE)
 
 
 def _prompts() -> list[list[int]]:

@@ -50,12 +50,14 @@ def memory_shortfall(need: int, device: Any, what: str) -> tuple[str, int] | Non
 
 
 @functools.cache
-def _libc_malloc_trim() -> Any:
+def libc() -> Any:
+    """The C library (``ctypes.CDLL``) on Linux, for glibc's malloc settings; None elsewhere or where it cannot be
+    loaded. Its glibc-only functions may be missing (musl): look them up with ``getattr``."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
 
 
@@ -75,10 +77,10 @@ def release_freed_memory(freed: int) -> None:
     if _freed_since_release < RELEASE_EVERY:
         return
     _freed_since_release = 0
-    trim = _libc_malloc_trim()
+    trim = getattr(libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 
 
-__all__ = ["MEMORY_FRACTION", "RELEASE_EVERY", "available_memory", "cdiv", "memory_shortfall",
+__all__ = ["MEMORY_FRACTION", "RELEASE_EVERY", "available_memory", "cdiv", "libc", "memory_shortfall",
            "release_freed_memory"]

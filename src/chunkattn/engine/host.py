@@ -3,13 +3,13 @@ malloc's memory with transparent huge pages (the command line, at start)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import logging
 import os
 import platform
 import sys
+
+from chunkattn.utils import libc
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,14 @@ def keep_freed_memory() -> bool:
     what vLLM gets by preloading tcmalloc. It changes the process's allocator settings; set
     ``CHUNKATTN_KEEP_FREED_MEMORY=0`` to leave them alone. Returns whether the settings were applied.
     """
-    if os.environ.get("CHUNKATTN_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    c = libc()
+    if os.environ.get("CHUNKATTN_KEEP_FREED_MEMORY", "1") == "0" or c is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = all([libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30),  # serve big blocks from the heap ...
-                  libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1),  # ... and never give its top back
-                  libc.mallopt(_M_TOP_PAD, 64 << 20)])  # grow it in 64 MB steps
-    except (OSError, AttributeError):  # not glibc
+        ok = all([c.mallopt(_M_MMAP_THRESHOLD, 1 << 30),  # serve big blocks from the heap ...
+                  c.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1),  # ... and never give its top back
+                  c.mallopt(_M_TOP_PAD, 64 << 20)])  # grow it in 64 MB steps
+    except AttributeError:  # not glibc
         return False
     log.debug("chunkattn: malloc keeps freed memory (%s)", "applied" if ok else "refused")
     return bool(ok)
@@ -79,9 +79,9 @@ def huge_pages_env() -> dict[str, str] | None:
     """
     if os.environ.get("CHUNKATTN_HUGE_PAGES", "1") == "0" or not sys.platform.startswith("linux"):
         return None
-    libc, version = platform.libc_ver()
+    name, version = platform.libc_ver()
     try:
-        new_enough = libc == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
+        new_enough = name == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
     except ValueError:
         new_enough = False
     if not new_enough or not _thp_granted():

@@ -527,9 +527,6 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         path = ggufs[0]
     source = path
     start = time.perf_counter()
-    # safetensors cast to the dtype as read on the CPU (a GPU load casts each tensor as it moves it), or quantized
-    # as read from the checkpoint's own values
-    read_as = dtype if torch.device(device).type == "cpu" else None
     if quantization == "gguf" and path.suffix != ".gguf":
         raise quant.QuantizationError(f"--quantization gguf needs a .gguf file, got {path}")
     keep = path.suffix == ".gguf" and (quantization == "gguf" or (
@@ -550,10 +547,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         if cached is not None:
             try:
                 log.info("reading %s from the weight cache %s", source.name, cached)
-                cfg = json.loads((cached / "config.json").read_text())
-                check_weights_fit(config_from_hf(cfg), dtype, device, quantize)
-                plan = quantization_plan(config_from_hf(cfg), quantize) if quantize else None
-                weights, blocks = _safetensors_weights(cached, read_as, plan)
+                cfg, weights, blocks = _read_directory(cached, dtype, device, quantize)
                 tokenizer = load_tokenizer(cached)
             except (UnsupportedModelError, quant.QuantizationError, MemoryError):
                 raise  # (the model's, not the entry's: converting again would fail the same way)
@@ -572,13 +566,24 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
             blocks = {}  # (build_model quantizes these, when asked to)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     else:
-        cfg = json.loads((path / "config.json").read_text())
-        check_weights_fit(config_from_hf(cfg), dtype, device, quantize)
-        plan = quantization_plan(config_from_hf(cfg), quantize) if quantize else None
-        weights, blocks = _safetensors_weights(path, read_as, plan)
+        cfg, weights, blocks = _read_directory(path, dtype, device, quantize)
         tokenizer = load_tokenizer(path)
         log.info("read the weights and tokenizer of %s in %.1f s", source.name, time.perf_counter() - start)
     return _finish(cfg, weights, blocks, tokenizer, dtype, device, source, quantize)
+
+
+def _read_directory(directory: Path, dtype: torch.dtype, device: str | torch.device, quantize: str | None
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, quant.Blocks]]:
+    """A Hugging Face directory's config and safetensors, once :func:`check_weights_fit` lets them load: cast to
+    the dtype as read on the CPU (a GPU load casts each tensor as it moves it), or quantized as read from the
+    checkpoint's own values."""
+    cfg = json.loads((directory / "config.json").read_text())
+    config = config_from_hf(cfg)
+    check_weights_fit(config, dtype, device, quantize)
+    plan = quantization_plan(config, quantize) if quantize else None
+    read_as = dtype if torch.device(device).type == "cpu" else None
+    weights, blocks = _safetensors_weights(directory, read_as, plan)
+    return cfg, weights, blocks
 
 
 def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[str, quant.Blocks], tokenizer: Any,
