@@ -4,7 +4,10 @@ Q4_1 / Q8_0 blocks kept as stored), each sequence teacher-forced through prefill
 kernels) and decoded token by token (one row: the direct q4 kernel). Reports top-1 agreement with the float32 path
 per position, the largest logit difference, and whether each greedy continuation is the same.
 
-    python benchmarks/quant_accuracy.py [--json out.json] [--tokens 48]
+    python benchmarks/quant_accuracy.py [--json out.json] [--tokens 48] [--model other.gguf]
+
+``--model``: another GGUF file (a Q4_K_M one: its Q4_K / Q5_0 weights read into blocks with their values, Q6_K
+re-quantized to Q8_0), loaded the same three ways.
 """
 
 from __future__ import annotations
@@ -55,10 +58,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--json")
+    ap.add_argument("--model", help="a GGUF file (default: the default model's Q4_1 file)")
     args = ap.parse_args()
+    kept = "bfloat16 Q4_1 as stored" if args.model is None else "bfloat16 quantized as read"
     variants = {"float32 dequantized": (torch.float32, "none"), "bfloat16 dequantized": (torch.bfloat16, "none"),
-                "bfloat16 Q4_1 as stored": (torch.bfloat16, "gguf")}
-    loaded = {name: load_model(dtype=dt, quantization=q) for name, (dt, q) in variants.items()}
+                kept: (torch.bfloat16, "gguf")}
+    loaded = {name: load_model(args.model, dtype=dt, quantization=q) for name, (dt, q) in variants.items()}
     ref = loaded["float32 dequantized"]
     tok = ref.tokenizer
     from chunkattn.engine.llm import LLM
@@ -71,7 +76,7 @@ def main() -> int:
     outs = llm.generate(prompts, SamplingParams(max_tokens=args.tokens, temperature=0))
     seqs = [p + list(o.token_ids) for p, o in zip(prompts, outs)]
     result = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "tokens": args.tokens,
-              "prompts": len(prompts), "variants": {}}
+              "prompts": len(prompts), "variants": {}, **({"model": args.model} if args.model else {})}
     ref_logits = [logits_of(ref.model, ref.config, s, len(p)) for s, p in zip(seqs, prompts)]
     greedy: dict[str, list[list[int]]] = {}
     for name, lm in loaded.items():

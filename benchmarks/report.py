@@ -305,7 +305,8 @@ def command_lmeval(name: str, d: Json) -> str:
 
 
 def command_quant_accuracy(name: str, d: Json) -> str:
-    return f"python benchmarks/quant_accuracy.py --tokens {d['tokens']} --json {out(name)}"
+    model = f" --model {d['model']}" if d.get("model") else ""
+    return f"python benchmarks/quant_accuracy.py --tokens {d['tokens']}{model} --json {out(name)}"
 
 
 def command_single_stream(name: str, d: Json) -> str:

@@ -310,7 +310,9 @@ def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str,
             try:
                 if not all(n in blocks for n in names):
                     raise quant.QuantizationError("some parts are not quantized")
-                blocks[target] = quant.Blocks.cat([blocks.pop(n) for n in names])
+                blocks[target] = quant.Blocks.cat([blocks[n] for n in names])
+                for n in names:
+                    del blocks[n]
             except quant.QuantizationError as exc:
                 log.info("%s: dequantized (%s)", target, exc)
                 missing = [n for n in names if n not in blocks and n not in dense]
@@ -365,13 +367,16 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     return {"dense": dense, "packed": packed, "quantized": quantized, "total": dense + packed + quantized}
 
 
-def gguf_blocks(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, quant.Blocks]]:
-    """A GGUF file's tensors under Hugging Face names: Q4_0 / Q4_1 / Q8_0 weights as :class:`quant.Blocks`
-    (rows reordered as transformers' reader reorders them), the rest dequantized to float32. Raises
-    :class:`quant.QuantizationError` for architectures whose tensors transformers transforms beyond reordering
-    rows (the caller then dequantizes the whole file)."""
+def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bfloat16, reader: Any = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, quant.Blocks]]:
+    """A GGUF file's tensors under Hugging Face names, each read alone (never the whole file in full precision):
+    Q4_0 / Q4_1 / Q8_0 weights as :class:`quant.Blocks` as stored, Q5_0 and Q4_K read into blocks with their values
+    (:data:`quant.GGUF_CONVERTED`), rows reordered as transformers' reader reorders them; the rest (other quantized
+    types: Q6_K, Q5_K, ...; norms, float weights) dequantized by gguf-py and cast to ``dtype``, the values the
+    dequantized load has. Raises :class:`quant.QuantizationError` for architectures whose tensors transformers
+    transforms beyond reordering rows (the caller then dequantizes the whole file)."""
     import numpy as np
-    from gguf import MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
+    from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -380,7 +385,7 @@ def gguf_blocks(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor
         read_field,
     )
 
-    reader = GGUFReader(str(path))
+    reader = GGUFReader(str(path)) if reader is None else reader
     arch = read_field(reader, "general.architecture")[0]
     processor_class = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     if processor_class not in (TensorProcessor, LlamaTensorProcessor):
@@ -402,19 +407,46 @@ def gguf_blocks(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor
             names[f"{gguf_name}.{suffix}"] = hf_name
     dense: dict[str, torch.Tensor] = {}
     blocks: dict[str, quant.Blocks] = {}
-    for tensor in reader.tensors:
-        if tensor.name not in names:
-            continue
-        qtype = tensor.tensor_type.name.lower()
-        if qtype in quant.QTYPES and len(tensor.shape) == 2:
-            rows = np.asarray(tensor.data).shape[0]
-            order = processor.process(weights=np.arange(rows).reshape(rows, 1), name=tensor.name).weights
-            b = quant.Blocks.from_gguf(tensor.data, qtype, int(tensor.shape[0]))
-            blocks[names[tensor.name]] = b.permute_rows(torch.as_tensor(np.asarray(order).reshape(-1)))
-        else:
-            w = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
-            dense[names[tensor.name]] = torch.from_numpy(np.copy(w))
+    dequantized: dict[str, int] = {}
+    with open(path, "rb") as file:
+        for tensor in reader.tensors:
+            if tensor.name not in names:
+                continue
+            qtype = tensor.tensor_type.name.lower()
+            # (read, not the reader's memory map: the pages of a mapped file count in the process's memory, ~ the
+            # file's size by the end)
+            file.seek(tensor.data_offset)
+            raw = np.empty(tensor.data.shape, tensor.data.dtype)
+            if file.readinto(raw) != raw.nbytes:  # type: ignore[arg-type]
+                raise ModelNotFoundError(f"{path} is truncated: {tensor.name} ends beyond the file")
+            quantized = GGML_QUANT_SIZES[tensor.tensor_type][0] > 1
+            b = _gguf_matrix(raw, qtype, int(tensor.shape[0])) if quantized and len(tensor.shape) == 2 else None
+            if b is not None:
+                rows = raw.shape[0]
+                order = processor.process(weights=np.arange(rows).reshape(rows, 1), name=tensor.name).weights
+                blocks[names[tensor.name]] = b.permute_rows(torch.as_tensor(np.asarray(order).reshape(-1)))
+            else:
+                w = processor.process(weights=dequantize(raw, tensor.tensor_type), name=tensor.name).weights
+                dense[names[tensor.name]] = torch.from_numpy(np.array(w)).to(dtype)
+                if quantized:
+                    dequantized[qtype.upper()] = dequantized.get(qtype.upper(), 0) + 1
+    if dequantized:
+        log.info("%s: %s dequantized to %s (quantized weights are held as Q4_0 / Q4_1 / Q8_0 blocks, into which "
+                 "Q5_0 and Q4_K are read)", path.name,
+                 ", ".join(f"{n} {t} tensor{'s' if n > 1 else ''}" for t, n in sorted(dequantized.items())),
+                 str(dtype).removeprefix("torch."))
     return dense, blocks
+
+
+def _gguf_matrix(raw: Any, qtype: str, k: int) -> quant.Blocks | None:
+    """A quantized GGUF matrix (its bytes ``[N, row bytes]``, its type in lower case) as blocks, or None where its
+    type is not held as blocks (or a Q4_K scale is beyond float16): then it is dequantized."""
+    try:
+        return quant.Blocks.from_gguf(raw, qtype, k)
+    except quant.QuantizationError as exc:
+        if qtype in quant.QTYPES or qtype in quant.GGUF_CONVERTED:
+            log.info("a %s matrix dequantized (%s)", qtype.upper(), exc)
+        return None
 
 
 def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
@@ -603,27 +635,34 @@ def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[
 
 def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.device, start: float,
                          strict: bool = False) -> LoadedModel | None:
-    """A GGUF file with its Q4_0 / Q4_1 / Q8_0 weights kept as stored; None when its architecture is not
-    supported that way (the caller dequantizes), or with ``strict`` a :class:`quant.QuantizationError`."""
-    short = memory_shortfall(path.stat().st_size, torch.device(device), "they")  # (the blocks, about the file)
+    """A GGUF file with its quantized weights kept quantized (:func:`gguf_blocks`); None when its architecture is
+    not supported that way (the caller dequantizes), or with ``strict`` a :class:`quant.QuantizationError`."""
+    cached = weight_cache.cached_blocks_bytes(path)
+    reader = None
+    if cached is None:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+    need, what = (cached, "cached") if cached is not None else _gguf_blocks_bytes(reader, dtype)
+    short = memory_shortfall(need, torch.device(device), "they")
     if short is not None:
-        raise InsufficientMemoryError(f"loading {path.name}'s weights as stored takes at least "
-                                      f"{path.stat().st_size / 1024**3:.1f} GiB, but {short[0]}: use a smaller model")
-    found = weight_cache.lookup_blocks(path)
+        raise InsufficientMemoryError(f"loading {path.name}'s weights quantized ({what}) takes at least "
+                                      f"{need / 1024**3:.1f} GiB, but {short[0]}: use a smaller model")
+    found = weight_cache.lookup_blocks(path) if cached is not None else None
     if found is not None:
         log.info("reading %s's blocks from the weight cache", path.name)
         cfg, dense, blocks = found
     else:
-        cached = weight_cache.lookup(path)
-        if cached is not None and (cached / "config.json").exists():
-            cfg = json.loads((cached / "config.json").read_text())
+        entry = weight_cache.lookup(path)
+        if entry is not None and (entry / "config.json").exists():
+            cfg = json.loads((entry / "config.json").read_text())
         else:
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
             cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         config_from_hf(cfg)
         try:
-            dense, blocks = gguf_blocks(path, cfg)
+            dense, blocks = gguf_blocks(path, cfg, dtype, reader)
         except quant.QuantizationError as exc:
             if strict:
                 raise
@@ -634,6 +673,22 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
     counts: dict[str, int] = {}
     for b in blocks.values():
         counts[b.qtype] = counts.get(b.qtype, 0) + 1
-    log.info("read %s in %.1f s: %s kept as stored, %d tensors dequantized", path.name, time.perf_counter() - start,
+    log.info("read %s in %.1f s: %s quantized, %d tensors dense", path.name, time.perf_counter() - start,
              ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items())) or "nothing", len(dense))
     return _finish(cfg, dense, blocks, tokenizer, dtype, device, path, None)
+
+
+def _gguf_blocks_bytes(reader: Any, dtype: torch.dtype) -> tuple[int, str]:
+    """A lower bound of the bytes :func:`gguf_blocks` then ``build_model`` hold for a GGUF file: the blocks of the
+    matrices held as blocks (:func:`quant.gguf_held_as`), the other tensors in ``dtype``, and one matrix more while
+    it is packed."""
+    total = largest = 0
+    for tensor in reader.tensors:
+        n, qtype = int(tensor.n_elements), tensor.tensor_type.name.lower()
+        held = quant.gguf_held_as(qtype) if len(tensor.shape) == 2 else None
+        if held is not None:
+            size = quant.Blocks.nbytes_of(n, held)
+        else:
+            size = n * dtype.itemsize
+        total, largest = total + size, max(largest, size)
+    return total + largest, "read tensor by tensor, then packed a matrix at a time"

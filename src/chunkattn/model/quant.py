@@ -35,8 +35,21 @@ QTYPES = ("q4_0", "q4_1", "q8_0")
 # the kernel's two kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d) and q8 (w = d q)
 _KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1}
 _TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32}
-# bytes of one GGUF block
-_GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32}
+# bytes of one GGUF block (of 32 weights; K-quants: of 256)
+_GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16,
+                     "q4_k": 2 + 2 + 12 + 128}
+_GGUF_BLOCK_WEIGHTS = {"q4_k": 256}
+# GGUF types read into the kernel's kinds with the file's values: Q5_0's ``d (q - 16)`` is Q8_0's ``d q``
+# exactly; Q4_K's sub-blocks of 32 are Q4_1 blocks, their scale ``d sc`` and offset ``-dmin m`` (float32
+# products of a float16 and a 6-bit integer in GGUF's dequantization) rounded to float16: each within 2^-11 of
+# itself, a quarter of the bfloat16 rounding a dequantized load gives every weight. Other quantized types (Q6_K,
+# Q5_K, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
+GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1"}
+
+
+def gguf_held_as(qtype: str) -> str | None:
+    """The type of :data:`QTYPES` a GGUF type (lower case) is held as at load, or None: dequantized."""
+    return qtype if qtype in QTYPES else GGUF_CONVERTED.get(qtype)
 
 
 class QuantizationError(ChunkAttnError, ValueError):
@@ -93,14 +106,27 @@ class Blocks:
 
     @staticmethod
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
-        """A GGUF tensor's rows of blocks, ``[N, K / 32 * block bytes]`` uint8 (``GGUFReader``'s ``data``)."""
+        """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
+        ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1 and Q8_0 are kept as stored; the types of
+        :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a time."""
         if qtype not in _GGUF_BLOCK_BYTES:
-            raise QuantizationError(f"GGUF type {qtype} is not kept quantized (supported: {', '.join(QTYPES)})")
+            raise QuantizationError(f"GGUF type {qtype} is not read into blocks (supported: "
+                                    f"{', '.join(_GGUF_BLOCK_BYTES)})")
         data = torch.from_numpy(np.array(raw, dtype=np.uint8)) if isinstance(raw, np.ndarray) else raw.contiguous()
-        n, nb = data.shape[0], k // BLOCK
-        if k % BLOCK or data.shape[1] != nb * _GGUF_BLOCK_BYTES[qtype]:
+        n, size = data.shape[0], _GGUF_BLOCK_WEIGHTS.get(qtype, BLOCK)
+        nb = k // size
+        if k % size or data.dim() != 2 or data.shape[1] != nb * _GGUF_BLOCK_BYTES[qtype]:
             raise QuantizationError(f"a {qtype} tensor with K = {k} must be [N, {nb * _GGUF_BLOCK_BYTES[qtype]}] "
                                     f"bytes, got {list(data.shape)}")
+        if qtype in GGUF_CONVERTED:
+            out = Blocks.empty(GGUF_CONVERTED[qtype], n, k)
+            rows = max(1, QUANTIZE_SLICE // k)
+            for i in range(0, n, rows):
+                part = _CONVERT[qtype](data[i:i + rows].view(-1, nb, _GGUF_BLOCK_BYTES[qtype]))
+                out.q[i:i + rows], out.d[i:i + rows] = part.q, part.d
+                if out.m is not None and part.m is not None:
+                    out.m[i:i + rows] = part.m
+            return out
         blocks = data.view(n, nb, _GGUF_BLOCK_BYTES[qtype])
         d = blocks[..., 0:2].contiguous().view(torch.float16).view(n, nb)
         if qtype == "q8_0":
@@ -114,6 +140,14 @@ class Blocks:
             if not torch.isfinite(m).all():
                 raise QuantizationError("a Q4_0 scale too large to store its offset -8 d in float16")
         return Blocks(qtype, q, d, m)
+
+    @staticmethod
+    def empty(qtype: str, n: int, k: int) -> Blocks:
+        """Uninitialised blocks of an ``[N, K]`` weight."""
+        four = _KIND[qtype] == 0
+        return Blocks(qtype, torch.empty(n, k // 2 if four else k, dtype=torch.uint8 if four else torch.int8),
+                      torch.empty(n, k // BLOCK, dtype=torch.float16),
+                      torch.empty(n, k // BLOCK, dtype=torch.float16) if four else None)
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``: GGUF's reference values (``d q + m`` in float32, the product exact)."""
@@ -148,6 +182,41 @@ class Blocks:
         return Blocks(self.qtype, self.q[order], self.d[order], None if self.m is None else self.m[order])
 
 
+def _from_q5_0(b: torch.Tensor) -> Blocks:
+    """Q5_0 blocks ``[n, nb, 22]`` (d, 32 high bits, 16 bytes of low nibbles) as q8_0: the same values."""
+    n, nb, _ = b.shape
+    d = b[..., 0:2].contiguous().view(torch.float16).view(n, nb)
+    high = b[..., 2:6].contiguous().view(torch.int32)  # [n, nb, 1]: bit i is value i's fifth bit
+    bits = (high >> torch.arange(32, dtype=torch.int32)) & 1  # [n, nb, 32]
+    low = b[..., 6:22]
+    q = torch.cat([low & 0xF, low >> 4], dim=-1).to(torch.int8) | (bits.to(torch.int8) << 4)
+    return Blocks("q8_0", (q - 16).view(n, nb * BLOCK), d, None)
+
+
+def _from_q4_k(b: torch.Tensor) -> Blocks:
+    """Q4_K super-blocks ``[n, nb, 144]`` (d, dmin, 12 bytes of 6-bit scales and offsets, 128 bytes of nibbles)
+    as q4_1 blocks of 32: ``w = (d sc) q - (dmin m)``, the two products rounded to float16 (see
+    :data:`GGUF_CONVERTED`)."""
+    n, nb, _ = b.shape
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, nb, 1]
+    dmin = b[..., 2:4].contiguous().view(torch.float16).float()
+    s = b[..., 4:16].to(torch.int32)
+    # sub-block j's 6-bit scale and offset (GGUF's get_scale_min_k4): j < 4 in the low 6 bits of bytes j and
+    # j + 4; j >= 4 split, 4 bits in byte j + 4 and 2 in the top bits of bytes j - 4 and j
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    scale = (d * sc.float()).to(torch.float16).view(n, nb * 8)
+    offset = (-(dmin * mn.float())).to(torch.float16).view(n, nb * 8)
+    if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+        raise QuantizationError("a Q4_K scale too large for float16")
+    qs = b[..., 16:].reshape(n, nb, 4, 1, 32)  # 32 bytes per 64 weights: sub-block 2i low nibbles, 2i + 1 high
+    values = torch.cat([qs & 0xF, qs >> 4], dim=3).view(n, nb * 256)
+    return Blocks.from_values("q4_1", values, scale, offset)
+
+
+_CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k}
+
+
 QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
 PACK_GROUP_BYTES = 1 << 26  # weights (bytes of int8 q) :meth:`QuantizedWeight.pack` packs at a time
 
@@ -170,10 +239,7 @@ def quantize(w: torch.Tensor | Callable[[int, int], torch.Tensor], qtype: str,
                                 f"{None if dims is None else list(dims)}")
     n, k = dims
     rows = max(1, QUANTIZE_SLICE // k)
-    four = _KIND[qtype] == 0
-    out = Blocks(qtype, torch.empty(n, k // 2 if four else k, dtype=torch.uint8 if four else torch.int8),
-                 torch.empty(n, k // BLOCK, dtype=torch.float16),
-                 torch.empty(n, k // BLOCK, dtype=torch.float16) if four else None)
+    out = Blocks.empty(qtype, n, k)
     for i in range(0, n, rows):
         stop = min(i + rows, n)
         x = read(i, stop)

@@ -15,7 +15,7 @@ load. Disk: float32 weights, 4 bytes per parameter (SmolLM2-135M: ~540 MB).
 
 A quantized load (blocks kept as stored, :mod:`chunkattn.model.quant`) caches what it read beside it, in
 ``<entry>-blocks-v<BLOCKS_FORMAT>/``: the blocks as :class:`~chunkattn.model.quant.Blocks` holds them (Q4
-values two a byte, as GGUF stores them), the other tensors in float32 (SmolLM2: ~90 MB).
+values two a byte, as GGUF stores them), the other tensors in bfloat16 (SmolLM2: ~90 MB).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ log = logging.getLogger("chunkattn.load")
 
 FORMAT = 1  # bump when what is written changes
 # the same for the quantized entries (<entry>-blocks-v<n>): chunkattn.model.quant.Blocks' layout (2: Q4 values two
-# a byte)
-BLOCKS_FORMAT = 2
+# a byte; 3: Q5_0 / Q4_K read into blocks, other quantized types re-quantized, float tensors in bfloat16)
+BLOCKS_FORMAT = 3
 
 
 def cache_root() -> Path | None:
@@ -230,11 +230,21 @@ def _blocks_dir(gguf: Path) -> Path | None:
     return None if entry is None else entry.parent / f"{entry.name}-blocks-v{BLOCKS_FORMAT}"
 
 
+def cached_blocks_bytes(gguf: Path) -> int | None:
+    """The size of the blocks cached for ``gguf`` (what :func:`lookup_blocks` would read), or None."""
+    try:
+        entry = _blocks_dir(gguf)
+        return None if entry is None or not (entry / "complete").exists() else (
+            entry / "weights.safetensors").stat().st_size
+    except Exception:  # noqa: BLE001 - the cache must never fail a load
+        return None
+
+
 def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
     """The config, dense tensors and quantized blocks (:class:`chunkattn.model.quant.Blocks`, Hugging Face names)
     cached for ``gguf``'s quantized load (:func:`store_blocks`), or None. Reading the GGUF file itself takes
     seconds: its tokenizer metadata is parsed with the tensors."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from chunkattn.model.quant import Blocks
 
@@ -248,7 +258,13 @@ def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
     try:
         cfg = json.loads((entry / "config.json").read_text())
         types = json.loads((entry / "blocks.json").read_text())
-        tensors = load_file(str(entry / "weights.safetensors"))
+        tensors = {}
+        file = str(entry / "weights.safetensors")
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:  # copied, a tensor mapped at a time: the mapping's pages read stay resident while mapped
+            with safe_open(file, framework="pt") as f:
+                tensors[key] = f.get_tensor(key).clone()
         blocks = {name: Blocks(qtype, tensors.pop(f"{name}@q"), tensors.pop(f"{name}@d"),
                                tensors.pop(f"{name}@m", None)) for name, qtype in types.items()}
         return cfg, tensors, blocks
@@ -262,7 +278,7 @@ def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
 def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.Tensor],
                  blocks: dict[str, Any]) -> None:
     """Cache what :func:`chunkattn.model.loader.gguf_blocks` read from ``gguf`` (best effort, atomically): the
-    blocks as stored, the other tensors in float32."""
+    blocks, the other tensors as read (bfloat16)."""
     from safetensors.torch import save_file
 
     try:
@@ -288,5 +304,5 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
             drop(old)
 
 
-__all__ = ["BLOCKS_FORMAT", "FORMAT", "cache_root", "drop", "entry_dir", "file_digest", "lookup", "lookup_blocks",
-           "lookup_tokenizer", "store", "store_blocks", "store_tokenizer"]
+__all__ = ["BLOCKS_FORMAT", "FORMAT", "cache_root", "cached_blocks_bytes", "drop", "entry_dir", "file_digest", "lookup",
+           "lookup_blocks", "lookup_tokenizer", "store", "store_blocks", "store_tokenizer"]

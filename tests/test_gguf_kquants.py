@@ -1,0 +1,235 @@
+"""GGUF files beyond Q4_0 / Q4_1 / Q8_0 (llama.cpp's popular Q4_K_M files: Q4_K, Q6_K, Q5_0) loaded without a
+full-precision copy: Q5_0 read into q8_0 blocks and Q4_K into q4_1 blocks with the file's values (Q4_K's scale
+products rounded to float16), the other quantized types dequantized to bfloat16, each tensor read alone; checked
+against transformers' own reader of the same file (gguf-py's dequantization)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chunkattn.model import quant
+from chunkattn.model.quant import Blocks, QuantizationError, kernel_supported
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+
+needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
+                                  "(and the native build)")
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float16).view(np.uint8).reshape(*np.shape(x), 2)
+
+
+def random_blocks(rng: np.random.Generator, qtype: object, n: int, k: int, scale: float = 0.02) -> np.ndarray:
+    """Valid bytes of a GGUF ``qtype`` tensor ``[n, k]``: gguf-py's quantization of random weights where it has
+    one, else random bytes (any bytes are values of a K-quant) with scales that give weights ~ ``scale``."""
+    size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0):
+        return gguf.quants.quantize((rng.standard_normal((n, k)) * scale).astype(np.float32), qtype)
+    raw = rng.integers(0, 256, (n, k // size, nbytes), dtype=np.uint8)
+    if qtype == T.Q4_K:  # block: d, dmin, 12 bytes of scales, 128 of nibbles
+        raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63 / 4)
+        raw[..., 2:4] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63)
+    elif qtype == T.Q6_K:  # block: 128 bytes of low bits, 64 of high bits, 16 int8 scales, d
+        # (scales of one sign and within 3x of each other, as quantizing real weights gives them)
+        raw[..., 192:208] = rng.integers(40, 128, (n, k // size, 16), dtype=np.uint8)
+        raw[..., 208:210] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 127 / 16)
+    else:
+        raise ValueError(qtype)
+    return raw.reshape(n, -1)
+
+
+SHAPE = {"hidden": 256, "inter": 512, "layers": 2, "heads": 4, "kv": 2, "vocab": 96}
+
+
+def write_gguf(path, types: dict, seed: int = 0) -> None:
+    """A 2-layer Llama GGUF file (no tokenizer) with random weights, each matrix of ``types[(layer, part)]``,
+    ``types[part]`` or Q4_K ("embd": the embeddings, Q8_0 by default)."""
+    rng = np.random.default_rng(seed)
+    s = SHAPE
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(s["layers"])
+    w.add_context_length(512)
+    w.add_embedding_length(s["hidden"])
+    w.add_feed_forward_length(s["inter"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(s["vocab"])
+    w.add_rope_freq_base(10000.0)
+
+    def norm() -> np.ndarray:
+        return (1 + 0.1 * rng.standard_normal(s["hidden"])).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", random_blocks(rng, types.get("embd", T.Q8_0), s["vocab"], s["hidden"], 1.0),
+                 raw_dtype=types.get("embd", T.Q8_0))
+    w.add_tensor("output_norm.weight", norm())
+    hd, h, i = s["hidden"] // s["heads"], s["hidden"], s["inter"]
+    for layer in range(s["layers"]):
+        w.add_tensor(f"blk.{layer}.attn_norm.weight", norm())
+        w.add_tensor(f"blk.{layer}.ffn_norm.weight", norm())
+        for part, (n, k) in (("attn_q", (h, h)), ("attn_k", (s["kv"] * hd, h)), ("attn_v", (s["kv"] * hd, h)),
+                             ("attn_output", (h, h)), ("ffn_gate", (i, h)), ("ffn_up", (i, h)), ("ffn_down", (h, i))):
+            qtype = types.get((layer, part), types.get(part, T.Q4_K))
+            w.add_tensor(f"blk.{layer}.{part}.weight", random_blocks(rng, qtype, n, k), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _q4_bound(b: Blocks) -> torch.Tensor:
+    """Per weight, 2^-11 (|d q| + |m|) (+ float32 slack): how far a q4_1 block whose scale and offset were rounded
+    to float16 may be from the float32 products."""
+    n, k = b.shape
+    d = b.d.float().repeat_interleave(32, dim=1).view(n, k)
+    m = b.m.float().repeat_interleave(32, dim=1).view(n, k)
+    return 2.0**-11 * (d.abs() * b.values().float() + m.abs()) * (1 + 2.0**-20) + 1e-30
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_q4_k_and_q5_0_read_into_blocks_with_their_values(n):
+    """Q5_0 is q8_0 exactly; Q4_K is q4_1 within 2^-11 of each scale and offset (exact where the products fit in
+    float16: power-of-two d and dmin); the q4 values stay two a byte in GGUF's order."""
+    rng = np.random.default_rng(n)
+    for qtype, k in ((T.Q5_0, 96), (T.Q4_K, 512), (T.Q4_K, 256)):
+        raw = random_blocks(rng, qtype, n, k)
+        ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
+        b = Blocks.from_gguf(raw, qtype.name.lower(), k)
+        assert b.shape == (n, k) and b.qtype == quant.GGUF_CONVERTED[qtype.name.lower()]
+        if qtype == T.Q5_0:
+            assert torch.equal(b.dequantize(), ref) and int(b.q.min()) >= -16 and int(b.q.max()) <= 15
+            continue
+        err = (b.dequantize() - ref).abs()
+        assert (err <= _q4_bound(b)).all() and float(err.max()) > 0  # (rounded, and not by accident exact)
+        assert torch.equal(Blocks.from_values("q4_1", b.values(), b.d, b.m).q, b.q)
+        exact = raw.copy().reshape(n, k // 256, 144)
+        exact[..., 0:2] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256)))
+        exact[..., 2:4] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256)))
+        exact = exact.reshape(n, -1)
+        ref = torch.from_numpy(gguf.quants.dequantize(exact, qtype).astype(np.float32))
+        assert torch.equal(Blocks.from_gguf(exact, "q4_k", k).dequantize(), ref)
+
+
+def test_k_quant_blocks_refuse_bad_shapes_and_scales():
+    rng = np.random.default_rng(3)
+    raw = random_blocks(rng, T.Q4_K, 4, 512)
+    with pytest.raises(QuantizationError, match="must be"):
+        Blocks.from_gguf(raw[:, :-1], "q4_k", 512)
+    with pytest.raises(QuantizationError, match="must be"):
+        Blocks.from_gguf(raw, "q4_k", 480)  # (not a multiple of 256)
+    big = raw.copy().reshape(4, 2, 144)
+    big[0, 1, 0:2] = _fp16_bytes(np.array([60000.0]))[0]  # d sc beyond float16 (sc of sub-block 0: 63)
+    big[0, 1, 4] = 63
+    with pytest.raises(QuantizationError, match="too large"):
+        Blocks.from_gguf(big.reshape(4, -1), "q4_k", 512)
+    with pytest.raises(QuantizationError, match="not read into blocks"):
+        Blocks.from_gguf(raw, "q6_k", 512)
+
+
+def _reference(path):
+    """transformers' reading of the file: its config and every tensor dequantized to float32 by gguf-py."""
+    from transformers import AutoConfig
+    from transformers import LlamaForCausalLM as HFLlama
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    with torch.device("meta"):
+        skeleton = HFLlama(AutoConfig.for_model(**cfg))
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    return cfg, {k: torch.as_tensor(v).float() for k, v in tensors.items()}
+
+
+# layer 0: q/k Q4_K beside a Q6_K v (the fused q/k/v dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down
+# Q4_K; layer 1: q/k Q5_0 beside a Q8_0 v, gate/up Q5_0 (q8_0 all), o Q8_0, down Q6_K; the embeddings Q6_K
+TYPES = {(0, "attn_v"): T.Q6_K, (0, "ffn_gate"): T.Q4_1, (1, "attn_q"): T.Q5_0, (1, "attn_k"): T.Q5_0,
+         (1, "attn_v"): T.Q8_0, (1, "attn_output"): T.Q8_0, (1, "ffn_gate"): T.Q5_0, (1, "ffn_up"): T.Q5_0,
+         (1, "ffn_down"): T.Q6_K, "embd": T.Q6_K}
+
+
+def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog):
+    """Each matrix of a Q4_K_M-like file comes back under its Hugging Face name, rows in transformers' order (q/k
+    un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 as blocks of the file's values, Q4_K within the float16 rounding of its
+    scales; Q6_K and the norms in bfloat16 as transformers reads them; the memory bound counts exactly what is
+    held, plus one matrix."""
+    from chunkattn.model.loader import _gguf_blocks_bytes, gguf_blocks
+
+    path = tmp_path / "kq.gguf"
+    write_gguf(path, TYPES)
+    cfg, ref = _reference(path)
+    with caplog.at_level("INFO", logger="chunkattn"):
+        dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
+    assert "3 Q6_K tensors dequantized to bfloat16" in caplog.text  # (embeddings, v of layer 0, down of layer 1)
+    assert set(dense) | set(blocks) == set(ref) and not set(dense) & set(blocks)
+    for name, w in dense.items():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, ref[name].bfloat16()), name
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+    stored = {f"layers.{layer}.{hf[part]}": TYPES.get((layer, part), T.Q4_K) for layer in (0, 1) for part in hf}
+    kinds = {}
+    for name, b in blocks.items():
+        got, want = b.dequantize(), ref[name]
+        short = name.removeprefix("model.").removesuffix(".weight")
+        kinds[short] = b.qtype
+        if stored[short] == T.Q4_K:
+            assert ((got - want).abs() <= _q4_bound(b)).all() and float((got - want).abs().max()) > 0, name
+        else:  # Q4_1, Q5_0, Q8_0
+            assert torch.equal(got, want), name
+    assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj",
+                                                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+                     **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}}
+    held = sum(b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values())
+    held += sum(w.nbytes for w in dense.values())
+    largest = max([b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values()]
+                  + [w.nbytes for w in dense.values()])
+    need, _ = _gguf_blocks_bytes(gguf.GGUFReader(str(path)), torch.bfloat16)
+    assert need == held + largest
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path, caplog, seed):
+    """Built into a model: q/k/v of layer 0 dense (a Q6_K part: logged), the others quantized (q4_1 from Q4_K /
+    Q4_1, q8_0 from Q5_0 / Q8_0), the Q6_K embeddings and tied head dense; prefill logits match those of the model
+    built in float32 from the blocks' values and from transformers' float32 reading (the float16 scale products of
+    Q4_K too)."""
+    from chunkattn import PrefixKVCache
+    from chunkattn.attention import get_backend
+    from chunkattn.model.layers import Embedding, Linear
+    from chunkattn.model.loader import build_model, gguf_blocks
+    from chunkattn.model.registry import config_from_hf
+
+    path = tmp_path / "kq.gguf"
+    write_gguf(path, TYPES, seed=seed)
+    cfg, ref = _reference(path)
+    config = config_from_hf(cfg)
+    dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
+    ours = {**dense, **{name: b.dequantize() for name, b in blocks.items()}}  # (build_model empties both)
+    with caplog.at_level("INFO", logger="chunkattn"):
+        q = build_model(config, dense, torch.bfloat16, "cpu", blocks=blocks)
+    assert "model.layers.0.self_attn.qkv_proj.weight: dequantized (some parts are not quantized)" in caplog.text
+    qtypes = {name: m.quant.qtype for name, m in q.named_modules()
+              if isinstance(m, (Linear, Embedding)) and m.quant}
+    assert qtypes == {"model.layers.0.self_attn.o_proj": "q4_1", "model.layers.0.mlp.gate_up_proj": "q4_1",
+                      "model.layers.0.mlp.down_proj": "q4_1", "model.layers.1.self_attn.qkv_proj": "q8_0",
+                      "model.layers.1.self_attn.o_proj": "q8_0", "model.layers.1.mlp.gate_up_proj": "q8_0"}
+    ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])
+    outs = []
+    for m, dtype in ((q, torch.bfloat16), (build_model(config, ours, torch.float32, "cpu"), torch.float32),
+                     (build_model(config, dict(ref), torch.float32, "cpu"), torch.float32)):
+        cache = PrefixKVCache(config.num_layers, config.num_kv_heads, config.head_dim, chunk_size=16, max_tokens=64,
+                              dtype=dtype)
+        seq = cache.add_sequence(ids.tolist())
+        attn = get_backend("auto", cache)
+        attn.plan(cache.extend([seq], [ids.tolist()]))
+        outs.append(m(ids, torch.arange(len(ids)), attn).float())
+    scale = outs[2].abs().max()
+    same_values, from_file = [float((outs[0] - o).abs().max() / scale) for o in outs[1:]]
+    # (measured 0.2-0.3%: bfloat16 activations; a wrong value order, scale or row permutation moves logits by
+    # their size)
+    assert scale > 1 and same_values < 0.01 and from_file < 0.01, (same_values, from_file)
