@@ -60,6 +60,16 @@ def write_gguf(path, types: dict, seed: int = 0) -> None:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(s["vocab"])
     w.add_rope_freq_base(10000.0)
+    # a byte-level vocabulary of single characters and one merge: enough for transformers to build a tokenizer
+    tokens = [chr(33 + i) for i in range(s["vocab"] - 2)] + ['!"', "<eos>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * s["vocab"])
+    w.add_token_scores([0.0] * s["vocab"])
+    w.add_token_merges(['! "'])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(s["vocab"] - 1)
 
     def norm() -> np.ndarray:
         return (1 + 0.1 * rng.standard_normal(s["hidden"])).astype(np.float32)
@@ -155,7 +165,7 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog):
     un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 as blocks of the file's values, Q4_K within the float16 rounding of its
     scales; Q6_K and the norms in bfloat16 as transformers reads them; the memory bound counts exactly what is
     held, plus one matrix."""
-    from chunkattn.model.loader import _gguf_blocks_bytes, gguf_blocks
+    from chunkattn.model.loader import _gguf_blocks_bytes, _GGUFLayout, gguf_blocks
 
     path = tmp_path / "kq.gguf"
     write_gguf(path, TYPES)
@@ -187,8 +197,8 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog):
     held += sum(w.nbytes for w in dense.values())
     largest = max([b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values()]
                   + [w.nbytes for w in dense.values()])
-    need, _ = _gguf_blocks_bytes(gguf.GGUFReader(str(path)), torch.bfloat16)
-    assert need == held + largest
+    reader = gguf.GGUFReader(str(path))
+    assert _gguf_blocks_bytes(reader, torch.bfloat16, _GGUFLayout.of(reader, cfg), None) == held + largest
 
 
 @needs_kernel
@@ -233,3 +243,82 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     # (measured 0.2-0.3%: bfloat16 activations; a wrong value order, scale or row permutation moves logits by
     # their size)
     assert scale > 1 and same_values < 0.01 and from_file < 0.01, (same_values, from_file)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_quantizing_a_gguf_file_at_load_quantizes_each_tensor_as_read(qtype, tmp_path):
+    """--quantization on a GGUF file quantizes each planned weight from the file's values as it is read (never the
+    file dequantized whole): blocks equal to quantizing transformers' reading of the same tensor, bit for bit,
+    except where the file already holds what was asked (Q8_0 / Q5_0 for q8_0, Q4_0 for q4_0, Q4_0 / Q4_1 / Q4_K for
+    q4_1), kept as read; the embeddings at q8_0 under a 4-bit type; the memory bound counts the planned types."""
+    from chunkattn.model.loader import _gguf_blocks_bytes, _GGUFLayout, gguf_blocks, quantization_plan
+    from chunkattn.model.quant import quantize
+    from chunkattn.model.registry import config_from_hf
+
+    path = tmp_path / "kq.gguf"
+    write_gguf(path, {**TYPES, (0, "ffn_gate"): T.Q4_0})
+    cfg, ref = _reference(path)
+    plan = quantization_plan(config_from_hf(cfg), qtype)
+    reader = gguf.GGUFReader(str(path))
+    layout = _GGUFLayout.of(reader, cfg)
+    stored = {hf: reader.get_tensor(i).tensor_type for i in range(len(reader.tensors))
+              for hf in [layout.names.get(reader.get_tensor(i).name)] if hf}
+    dense, blocks = gguf_blocks(path, cfg, torch.bfloat16, reader, plan, layout)
+    assert set(blocks) == {n for n in plan if n in ref} and set(dense) == set(ref) - set(blocks)
+    kept = {"q8_0": (T.Q8_0, T.Q5_0), "q4_0": (T.Q4_0,), "q4_1": (T.Q4_0, T.Q4_1, T.Q4_K)}[qtype]
+    for name, b in blocks.items():
+        assert b.qtype in (plan[name], "q4_0" if plan[name] == "q4_1" else plan[name]), name
+        if stored[name] in kept and stored[name] == T.Q4_K:  # (kept: its values, scales rounded to float16)
+            assert ((b.dequantize() - ref[name]).abs() <= _q4_bound(b)).all(), name
+        elif stored[name] in kept:
+            assert torch.equal(b.dequantize(), ref[name]), name
+        else:
+            want = quantize(ref[name], plan[name])
+            assert torch.equal(b.q, want.q) and torch.equal(b.d, want.d), name
+            assert (b.m is None) == (want.m is None) and (b.m is None or torch.equal(b.m, want.m)), name
+    assert plan["model.embed_tokens.weight"] == "q8_0"
+    held = sum(b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values())
+    held += sum(w.nbytes for w in dense.values())
+    need = _gguf_blocks_bytes(reader, torch.bfloat16, layout, plan)
+    assert held < need <= held + max(w.numel() * 2 for w in ref.values())
+
+
+@needs_kernel
+def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch, caplog):
+    """load_model end to end on a Q4_K_M-like file (with a tokenizer): quantization "auto" keeps the blocks and
+    caches them, a second load reads the cache (the same packs), "q4_0" caches its own entry; a file too large for
+    the memory available is refused before its tensors are read, naming the bytes of what it would hold."""
+    from chunkattn import InsufficientMemoryError
+    from chunkattn.model import load_model, loader
+    from chunkattn.model.layers import Embedding, Linear
+
+    monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "kq.gguf"
+    write_gguf(path, TYPES)
+
+    def packs(m):
+        return {n: x.quant for n, x in m.model.named_modules() if isinstance(x, (Linear, Embedding)) and x.quant}
+
+    with caplog.at_level("INFO", logger="chunkattn"):
+        first = load_model(path, dtype=torch.bfloat16)
+        assert "cached the blocks of kq.gguf" in caplog.text
+        caplog.clear()
+        second = load_model(path, dtype=torch.bfloat16)
+        assert "reading kq.gguf's blocks from the weight cache" in caplog.text
+        caplog.clear()
+        q4 = load_model(path, dtype=torch.bfloat16, quantization="q4_0")
+        assert "cached the blocks of kq.gguf" in caplog.text  # (its own entry, beside the first)
+    a, b = packs(first), packs(second)
+    assert a.keys() == b.keys() and len(a) == 6
+    assert all(torch.equal(a[n].packed, b[n].packed) for n in a)
+    kinds = {n: p.qtype for n, p in packs(q4).items()}
+    assert kinds["model.embed_tokens"] == "q8_0" and kinds["model.layers.0.self_attn.qkv_proj"] == "q4_0"
+    assert len(list((tmp_path / "cache" / "gguf").glob("*-blocks-v*"))) == 1
+    assert len(list((tmp_path / "cache" / "gguf").glob("*-blocks-q4_0-v*"))) == 1
+    ids = first.tokenizer.encode("abc!")
+    assert len(ids) >= 3 and first.config.vocab_size == SHAPE["vocab"]
+    monkeypatch.setenv("CHUNKATTN_WEIGHT_CACHE", "0")
+    monkeypatch.setattr(loader, "memory_shortfall", lambda need, device, what: (f"only {need - 1} fit", need - 1))
+    with pytest.raises(InsufficientMemoryError, match=r"loading kq\.gguf's weights quantized \(read tensor by tensor, "
+                       r"then packed a matrix at a time\) takes at least 0\.0 GiB, but only \d+ fit"):
+        load_model(path, dtype=torch.bfloat16)

@@ -379,7 +379,7 @@ def test_a_gguf_file_that_cannot_be_converted_in_memory_is_refused_before_its_te
     w.close()
     with pytest.raises(InsufficientMemoryError, match=r"converting huge\.gguf \(a GGUF file's first load dequantizes "
                        r"its 4\d{3}\.\d+ B weights whole, to float32.*takes at least \d+\.\d GiB, but this machine has "
-                       r".*use a GGUF file in Q8_0 / Q4_0 / Q4_1 with --dtype bfloat16"):
+                       r".*use --dtype bfloat16 with --quantization auto or q8_0 / q4_0"):
         load_model(path, dtype=torch.float32, quantization="none")
 
 

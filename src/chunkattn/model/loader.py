@@ -79,8 +79,9 @@ def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise InsufficientMemoryError(
             f"converting {path.name} (a GGUF file's first load dequantizes its {count / 1e9:.2f} B weights whole, "
             f"to float32, through transformers' reader; then they are cached) takes at least "
-            f"{count * 4 / 1024**3:.1f} GiB, but {short[0]}: use a GGUF file in Q8_0 / Q4_0 / Q4_1 with "
-            f"--dtype bfloat16 (its blocks are kept as stored), a Hugging Face checkpoint, or a smaller model")
+            f"{count * 4 / 1024**3:.1f} GiB, but {short[0]}: use --dtype bfloat16 with --quantization auto or "
+            f"q8_0 / q4_0 (the file read a tensor at a time, its quantized matrices kept; on a CPU with "
+            f"AVX512-BF16), or a smaller model")
     with torch.device("meta"):
         skeleton = HFLlama(AutoConfig.for_model(**cfg))  # type: ignore[arg-type]
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
@@ -367,44 +368,64 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     return {"dense": dense, "packed": packed, "quantized": quantized, "total": dense + packed + quantized}
 
 
-def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bfloat16, reader: Any = None
+@dataclass(frozen=True)
+class _GGUFLayout:
+    """How a GGUF file's tensors map to a Hugging Face checkpoint's: ``names`` (GGUF name -> Hugging Face name) and
+    ``processor`` (transformers' tensor processor, whose row reordering the blocks take too)."""
+
+    names: dict[str, str]
+    processor: Any
+
+    @staticmethod
+    def of(reader: Any, cfg: dict[str, Any]) -> _GGUFLayout:
+        """Raises :class:`quant.QuantizationError` for architectures whose tensors transformers transforms beyond
+        reordering rows (the caller then dequantizes the whole file through transformers' reader)."""
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            LlamaTensorProcessor,
+            TensorProcessor,
+            read_field,
+        )
+
+        arch = read_field(reader, "general.architecture")[0]
+        processor_class = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+        if processor_class not in (TensorProcessor, LlamaTensorProcessor):
+            raise quant.QuantizationError(f"GGUF architecture {arch!r}: its tensors are not kept quantized")
+        arch_enum = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+        if arch_enum is None:
+            raise quant.QuantizationError(f"GGUF architecture {arch!r} is unknown to gguf-py")
+        with torch.device("meta"):  # the checkpoint's own model class: only its parameter names are used
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+        # as transformers' get_gguf_hf_weights_map finds them for these models (that builds the name table again
+        # for every submodule: 5 s here)
+        table = get_tensor_name_map(arch_enum, int(cfg["num_hidden_layers"]))
+        names: dict[str, str] = {}
+        for hf_name in skeleton.state_dict():
+            base, _, suffix = hf_name.rpartition(".")
+            gguf_name = table.get_name(base)
+            if gguf_name is not None:
+                names[f"{gguf_name}.{suffix}"] = hf_name
+        return _GGUFLayout(names, processor_class(config=cfg))
+
+
+def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bfloat16, reader: Any = None,
+                plan: dict[str, str] | None = None, layout: _GGUFLayout | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, quant.Blocks]]:
     """A GGUF file's tensors under Hugging Face names, each read alone (never the whole file in full precision):
     Q4_0 / Q4_1 / Q8_0 weights as :class:`quant.Blocks` as stored, Q5_0 and Q4_K read into blocks with their values
     (:data:`quant.GGUF_CONVERTED`), rows reordered as transformers' reader reorders them; the rest (other quantized
     types: Q6_K, Q5_K, ...; norms, float weights) dequantized by gguf-py and cast to ``dtype``, the values the
-    dequantized load has. Raises :class:`quant.QuantizationError` for architectures whose tensors transformers
-    transforms beyond reordering rows (the caller then dequantizes the whole file)."""
+    dequantized load has. ``plan`` (:func:`quantization_plan`, Hugging Face names): those weights quantized to
+    its types instead, from their values (kept as read where the file holds them so: :func:`_held_as_planned`).
+    Raises :class:`quant.QuantizationError` as :meth:`_GGUFLayout.of` does."""
     import numpy as np
-    from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        LlamaTensorProcessor,
-        TensorProcessor,
-        read_field,
-    )
+    from gguf import GGML_QUANT_SIZES, GGUFReader, dequantize
 
     reader = GGUFReader(str(path)) if reader is None else reader
-    arch = read_field(reader, "general.architecture")[0]
-    processor_class = TENSOR_PROCESSORS.get(arch, TensorProcessor)
-    if processor_class not in (TensorProcessor, LlamaTensorProcessor):
-        raise quant.QuantizationError(f"GGUF architecture {arch!r}: its tensors are not kept quantized")
-    processor = processor_class(config=cfg)
-    with torch.device("meta"):  # the checkpoint's own model class: only its parameter names are used
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    # GGUF name -> Hugging Face name, as transformers' get_gguf_hf_weights_map finds it for these models (that
-    # builds the name table again for every submodule: 5 s here)
-    arch_enum = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
-    if arch_enum is None:
-        raise quant.QuantizationError(f"GGUF architecture {arch!r} is unknown to gguf-py")
-    table = get_tensor_name_map(arch_enum, int(cfg["num_hidden_layers"]))
-    names: dict[str, str] = {}
-    for hf_name in skeleton.state_dict():
-        base, _, suffix = hf_name.rpartition(".")
-        gguf_name = table.get_name(base)
-        if gguf_name is not None:
-            names[f"{gguf_name}.{suffix}"] = hf_name
+    layout = _GGUFLayout.of(reader, cfg) if layout is None else layout
+    names, processor = layout.names, layout.processor
     dense: dict[str, torch.Tensor] = {}
     blocks: dict[str, quant.Blocks] = {}
     dequantized: dict[str, int] = {}
@@ -412,22 +433,30 @@ def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bflo
         for tensor in reader.tensors:
             if tensor.name not in names:
                 continue
-            qtype = tensor.tensor_type.name.lower()
+            name, qtype, kind = names[tensor.name], tensor.tensor_type.name.lower(), tensor.tensor_type
             # (read, not the reader's memory map: the pages of a mapped file count in the process's memory, ~ the
             # file's size by the end)
             file.seek(tensor.data_offset)
             raw = np.empty(tensor.data.shape, tensor.data.dtype)
             if file.readinto(raw) != raw.nbytes:  # type: ignore[arg-type]
                 raise ModelNotFoundError(f"{path} is truncated: {tensor.name} ends beyond the file")
-            quantized = GGML_QUANT_SIZES[tensor.tensor_type][0] > 1
-            b = _gguf_matrix(raw, qtype, int(tensor.shape[0])) if quantized and len(tensor.shape) == 2 else None
+            quantized = GGML_QUANT_SIZES[kind][0] > 1
+            b = None
+            if plan and name in plan:
+                b = _held_as_planned(raw, qtype, int(tensor.shape[0]), plan[name]) if quantized else None
+                if b is None:  # from the values, a slice of rows at a time
+                    def rows(start: int, stop: int, raw: Any = raw, kind: Any = kind) -> torch.Tensor:
+                        return torch.from_numpy(np.asarray(dequantize(raw[start:stop], kind), dtype=np.float32))
+                    b = quant.quantize(rows, plan[name], (raw.shape[0], int(tensor.shape[0])))
+            elif quantized and len(tensor.shape) == 2:
+                b = _gguf_matrix(raw, qtype, int(tensor.shape[0]))
             if b is not None:
-                rows = raw.shape[0]
-                order = processor.process(weights=np.arange(rows).reshape(rows, 1), name=tensor.name).weights
-                blocks[names[tensor.name]] = b.permute_rows(torch.as_tensor(np.asarray(order).reshape(-1)))
+                n = raw.shape[0]
+                order = processor.process(weights=np.arange(n).reshape(n, 1), name=tensor.name).weights
+                blocks[name] = b.permute_rows(torch.as_tensor(np.asarray(order).reshape(-1)))
             else:
-                w = processor.process(weights=dequantize(raw, tensor.tensor_type), name=tensor.name).weights
-                dense[names[tensor.name]] = torch.from_numpy(np.array(w)).to(dtype)
+                w = processor.process(weights=dequantize(raw, kind), name=tensor.name).weights
+                dense[name] = torch.from_numpy(np.array(w)).to(dtype)
                 if quantized:
                     dequantized[qtype.upper()] = dequantized.get(qtype.upper(), 0) + 1
     if dequantized:
@@ -447,6 +476,15 @@ def _gguf_matrix(raw: Any, qtype: str, k: int) -> quant.Blocks | None:
         if qtype in quant.QTYPES or qtype in quant.GGUF_CONVERTED:
             log.info("a %s matrix dequantized (%s)", qtype.upper(), exc)
         return None
+
+
+def _held_as_planned(raw: Any, qtype: str, k: int, planned: str) -> quant.Blocks | None:
+    """A GGUF matrix's blocks as read where they already are what quantizing to ``planned`` asks for (its values
+    exactly: Q8_0 or Q5_0 for q8_0; Q4_0, and for q4_1 also Q4_1 or Q4_K), else None (quantize from the values)."""
+    held = quant.gguf_held_as(qtype)
+    if held != planned and not (planned == "q4_1" and held == "q4_0"):
+        return None
+    return _gguf_matrix(raw, qtype, k)
 
 
 def random_model(config_json: Path, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
@@ -561,12 +599,12 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
     start = time.perf_counter()
     if quantization == "gguf" and path.suffix != ".gguf":
         raise quant.QuantizationError(f"--quantization gguf needs a .gguf file, got {path}")
-    keep = path.suffix == ".gguf" and (quantization == "gguf" or (
+    keep = path.suffix == ".gguf" and (quantization == "gguf" or quantize is not None or (
         quantization == "auto" and dtype == torch.bfloat16 and torch.device(device).type == "cpu"
         and quant.kernel_supported()))
-    if keep:
+    if keep:  # (quantize: checked above)
         _check_quantized_device(dtype, device)
-        loaded = _load_gguf_quantized(path, dtype, device, start, strict=quantization == "gguf")
+        loaded = _load_gguf_quantized(path, dtype, device, start, strict=quantization == "gguf", quantize=quantize)
         if loaded is not None:
             return loaded
     elif path.suffix == ".gguf" and quantization == "auto":
@@ -634,25 +672,18 @@ def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[
 
 
 def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.device, start: float,
-                         strict: bool = False) -> LoadedModel | None:
-    """A GGUF file with its quantized weights kept quantized (:func:`gguf_blocks`); None when its architecture is
-    not supported that way (the caller dequantizes), or with ``strict`` a :class:`quant.QuantizationError`."""
-    cached = weight_cache.cached_blocks_bytes(path)
-    reader = None
-    if cached is None:
+                         strict: bool = False, quantize: str | None = None) -> LoadedModel | None:
+    """A GGUF file with its quantized weights kept quantized (:func:`gguf_blocks`), or with ``quantize`` every
+    weight of :func:`quantization_plan` quantized to it as read; None when its architecture is not supported that
+    way (the caller dequantizes), or with ``strict`` a :class:`quant.QuantizationError`."""
+    cached, found = weight_cache.cached_blocks_bytes(path, quantize), None
+    if cached is not None:
+        _check_gguf_fits(path, cached, "cached", device)
+        found = weight_cache.lookup_blocks(path, quantize)
+    if found is None:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
-    need, what = (cached, "cached") if cached is not None else _gguf_blocks_bytes(reader, dtype)
-    short = memory_shortfall(need, torch.device(device), "they")
-    if short is not None:
-        raise InsufficientMemoryError(f"loading {path.name}'s weights quantized ({what}) takes at least "
-                                      f"{need / 1024**3:.1f} GiB, but {short[0]}: use a smaller model")
-    found = weight_cache.lookup_blocks(path) if cached is not None else None
-    if found is not None:
-        log.info("reading %s's blocks from the weight cache", path.name)
-        cfg, dense, blocks = found
-    else:
         entry = weight_cache.lookup(path)
         if entry is not None and (entry / "config.json").exists():
             cfg = json.loads((entry / "config.json").read_text())
@@ -660,15 +691,22 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
             cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        config_from_hf(cfg)
+        config = config_from_hf(cfg)
         try:
-            dense, blocks = gguf_blocks(path, cfg, dtype, reader)
+            layout = _GGUFLayout.of(reader, cfg)
         except quant.QuantizationError as exc:
             if strict:
                 raise
             log.info("%s: dequantizing (%s)", path.name, exc)
             return None
-        weight_cache.store_blocks(path, cfg, dense, blocks)
+        plan = quantization_plan(config, quantize) if quantize else None
+        _check_gguf_fits(path, _gguf_blocks_bytes(reader, dtype, layout, plan), "read tensor by tensor, then packed "
+                         "a matrix at a time", device)
+        dense, blocks = gguf_blocks(path, cfg, dtype, reader, plan, layout)
+        weight_cache.store_blocks(path, cfg, dense, blocks, quantize)
+    else:
+        log.info("reading %s's blocks from the weight cache", path.name)
+        cfg, dense, blocks = found
     tokenizer = load_tokenizer(path)
     counts: dict[str, int] = {}
     for b in blocks.values():
@@ -678,17 +716,25 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
     return _finish(cfg, dense, blocks, tokenizer, dtype, device, path, None)
 
 
-def _gguf_blocks_bytes(reader: Any, dtype: torch.dtype) -> tuple[int, str]:
+def _check_gguf_fits(path: Path, need: int, how: str, device: str | torch.device) -> None:
+    short = memory_shortfall(need, torch.device(device), "they")
+    if short is not None:
+        raise InsufficientMemoryError(f"loading {path.name}'s weights quantized ({how}) takes at least "
+                                      f"{need / 1024**3:.1f} GiB, but {short[0]}: use a smaller model")
+
+
+def _gguf_blocks_bytes(reader: Any, dtype: torch.dtype, layout: _GGUFLayout, plan: dict[str, str] | None) -> int:
     """A lower bound of the bytes :func:`gguf_blocks` then ``build_model`` hold for a GGUF file: the blocks of the
-    matrices held as blocks (:func:`quant.gguf_held_as`), the other tensors in ``dtype``, and one matrix more while
-    it is packed."""
+    matrices held as blocks (:func:`quant.gguf_held_as`, or ``plan``'s types), the other tensors in ``dtype``, and
+    one matrix more while it is packed."""
     total = largest = 0
     for tensor in reader.tensors:
         n, qtype = int(tensor.n_elements), tensor.tensor_type.name.lower()
-        held = quant.gguf_held_as(qtype) if len(tensor.shape) == 2 else None
-        if held is not None:
-            size = quant.Blocks.nbytes_of(n, held)
+        name = layout.names.get(tensor.name)
+        if plan and name in plan:
+            held: str | None = plan[name]
         else:
-            size = n * dtype.itemsize
+            held = quant.gguf_held_as(qtype) if len(tensor.shape) == 2 else None
+        size = quant.Blocks.nbytes_of(n, held) if held is not None else n * dtype.itemsize
         total, largest = total + size, max(largest, size)
-    return total + largest, "read tensor by tensor, then packed a matrix at a time"
+    return total + largest

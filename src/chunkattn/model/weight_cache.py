@@ -225,31 +225,34 @@ def store_tokenizer(gguf: Path, tokenizer: Any) -> None:
         log.warning("could not cache the tokenizer of %s (%s)", gguf.name, exc)
 
 
-def _blocks_dir(gguf: Path) -> Path | None:
+def _blocks_dir(gguf: Path, variant: str | None = None) -> Path | None:
+    """Where the blocks of ``gguf``'s quantized load go (``variant``: the type it was quantized to, if asked)."""
     entry = entry_dir(gguf)
-    return None if entry is None else entry.parent / f"{entry.name}-blocks-v{BLOCKS_FORMAT}"
+    kind = f"-{variant}" if variant else ""
+    return None if entry is None else entry.parent / f"{entry.name}-blocks{kind}-v{BLOCKS_FORMAT}"
 
 
-def cached_blocks_bytes(gguf: Path) -> int | None:
+def cached_blocks_bytes(gguf: Path, variant: str | None = None) -> int | None:
     """The size of the blocks cached for ``gguf`` (what :func:`lookup_blocks` would read), or None."""
     try:
-        entry = _blocks_dir(gguf)
+        entry = _blocks_dir(gguf, variant)
         return None if entry is None or not (entry / "complete").exists() else (
             entry / "weights.safetensors").stat().st_size
     except Exception:  # noqa: BLE001 - the cache must never fail a load
         return None
 
 
-def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+def lookup_blocks(gguf: Path, variant: str | None = None
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
     """The config, dense tensors and quantized blocks (:class:`chunkattn.model.quant.Blocks`, Hugging Face names)
-    cached for ``gguf``'s quantized load (:func:`store_blocks`), or None. Reading the GGUF file itself takes
-    seconds: its tokenizer metadata is parsed with the tensors."""
+    cached for ``gguf``'s quantized load (:func:`store_blocks`; ``variant``: quantized to that type), or None.
+    Reading the GGUF file itself takes seconds: its tokenizer metadata is parsed with the tensors."""
     from safetensors import safe_open
 
     from chunkattn.model.quant import Blocks
 
     try:
-        entry = _blocks_dir(gguf)
+        entry = _blocks_dir(gguf, variant)
     except Exception as exc:  # noqa: BLE001 - the cache must never fail a load
         log.warning("the weight cache is unusable (%s)", exc)
         return None
@@ -276,13 +279,13 @@ def lookup_blocks(gguf: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
 
 
 def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.Tensor],
-                 blocks: dict[str, Any]) -> None:
+                 blocks: dict[str, Any], variant: str | None = None) -> None:
     """Cache what :func:`chunkattn.model.loader.gguf_blocks` read from ``gguf`` (best effort, atomically): the
     blocks, the other tensors as read (bfloat16)."""
     from safetensors.torch import save_file
 
     try:
-        entry = _blocks_dir(gguf)
+        entry = _blocks_dir(gguf, variant)
         if entry is None:
             return
         with _new_entry(entry, gguf, BLOCKS_FORMAT, synced="weights.safetensors") as tmp:
