@@ -7,7 +7,7 @@ per position, the largest logit difference, and whether each greedy continuation
     python benchmarks/quant_accuracy.py [--json out.json] [--tokens 48] [--model other.gguf]
 
 ``--model``: another GGUF file (a Q4_K_M one: its Q4_K / Q5_0 weights read into blocks with their values, Q6_K
-re-quantized to Q8_0), loaded the same three ways.
+dequantized to bf16), loaded the same three ways.
 """
 
 from __future__ import annotations

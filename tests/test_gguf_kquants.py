@@ -26,6 +26,8 @@ def _fp16_bytes(x: np.ndarray) -> np.ndarray:
 def random_blocks(rng: np.random.Generator, qtype: object, n: int, k: int, scale: float = 0.02) -> np.ndarray:
     """Valid bytes of a GGUF ``qtype`` tensor ``[n, k]``: gguf-py's quantization of random weights where it has
     one, else random bytes (any bytes are values of a K-quant) with scales that give weights ~ ``scale``."""
+    if qtype == T.F16:
+        return (rng.standard_normal((n, k)) * scale).astype(np.float16)
     size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0):
         return gguf.quants.quantize((rng.standard_normal((n, k)) * scale).astype(np.float32), qtype)
@@ -84,7 +86,8 @@ def write_gguf(path, types: dict, seed: int = 0) -> None:
         for part, (n, k) in (("attn_q", (h, h)), ("attn_k", (s["kv"] * hd, h)), ("attn_v", (s["kv"] * hd, h)),
                              ("attn_output", (h, h)), ("ffn_gate", (i, h)), ("ffn_up", (i, h)), ("ffn_down", (h, i))):
             qtype = types.get((layer, part), types.get(part, T.Q4_K))
-            w.add_tensor(f"blk.{layer}.{part}.weight", random_blocks(rng, qtype, n, k), raw_dtype=qtype)
+            data = random_blocks(rng, qtype, n, k)
+            w.add_tensor(f"blk.{layer}.{part}.weight", data, raw_dtype=None if qtype == T.F16 else qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -101,11 +104,12 @@ def _q4_bound(b: Blocks) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n", [1, 7, 40])
-def test_q4_k_and_q5_0_read_into_blocks_with_their_values(n):
+def test_q4_k_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
     """Q5_0 is q8_0 exactly; Q4_K is q4_1 within 2^-11 of each scale and offset (exact where the products fit in
-    float16: power-of-two d and dmin); the q4 values stay two a byte in GGUF's order."""
+    float16: power-of-two d and dmin); the q4 values stay two a byte in GGUF's order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
     for qtype, k in ((T.Q5_0, 96), (T.Q4_K, 512), (T.Q4_K, 256)):
+        monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * k)
         raw = random_blocks(rng, qtype, n, k)
         ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
         b = Blocks.from_gguf(raw, qtype.name.lower(), k)
@@ -153,14 +157,16 @@ def _reference(path):
     return cfg, {k: torch.as_tensor(v).float() for k, v in tensors.items()}
 
 
-# layer 0: q/k Q4_K beside a Q6_K v (the fused q/k/v dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down
-# Q4_K; layer 1: q/k Q5_0 beside a Q8_0 v, gate/up Q5_0 (q8_0 all), o Q8_0, down Q6_K; the embeddings Q6_K
-TYPES = {(0, "attn_v"): T.Q6_K, (0, "ffn_gate"): T.Q4_1, (1, "attn_q"): T.Q5_0, (1, "attn_k"): T.Q5_0,
+# layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), gate Q4_1
+# beside up Q4_K (q4_1 both), down Q4_K; layer 1: q/k Q5_0 beside a Q8_0 v, gate/up Q5_0 (q8_0 all), o Q8_0, down
+# Q6_K; the embeddings Q6_K
+TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "ffn_gate"): T.Q4_1, (1, "attn_q"): T.Q5_0,
+         (1, "attn_k"): T.Q5_0,
          (1, "attn_v"): T.Q8_0, (1, "attn_output"): T.Q8_0, (1, "ffn_gate"): T.Q5_0, (1, "ffn_up"): T.Q5_0,
          (1, "ffn_down"): T.Q6_K, "embd": T.Q6_K}
 
 
-def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog):
+def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, monkeypatch):
     """Each matrix of a Q4_K_M-like file comes back under its Hugging Face name, rows in transformers' order (q/k
     un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 as blocks of the file's values, Q4_K within the float16 rounding of its
     scales; Q6_K and the norms in bfloat16 as transformers reads them; the memory bound counts exactly what is
@@ -170,6 +176,7 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog):
     path = tmp_path / "kq.gguf"
     write_gguf(path, TYPES)
     cfg, ref = _reference(path)
+    monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * 256)  # (3 rows of K = 256 at a time, 1.5 of K = 512)
     with caplog.at_level("INFO", logger="chunkattn"):
         dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
     assert "3 Q6_K tensors dequantized to bfloat16" in caplog.text  # (embeddings, v of layer 0, down of layer 1)
@@ -189,7 +196,7 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog):
             assert ((got - want).abs() <= _q4_bound(b)).all() and float((got - want).abs().max()) > 0, name
         else:  # Q4_1, Q5_0, Q8_0
             assert torch.equal(got, want), name
-    assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj",
+    assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "self_attn.o_proj",
                                                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
                      **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}}
@@ -317,6 +324,15 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
     assert len(list((tmp_path / "cache" / "gguf").glob("*-blocks-q4_0-v*"))) == 1
     ids = first.tokenizer.encode("abc!")
     assert len(ids) >= 3 and first.config.vocab_size == SHAPE["vocab"]
+    entry, = (tmp_path / "cache" / "gguf").glob("*-blocks-v*")
+    (entry / "weights.safetensors").unlink()  # a damaged entry: read the file again, and cache it again
+    with caplog.at_level("INFO", logger="chunkattn"):
+        caplog.clear()
+        again = load_model(path, dtype=torch.bfloat16)
+        assert "is unreadable" in caplog.text and "cached the blocks of kq.gguf" in caplog.text
+    assert (entry / "weights.safetensors").exists()
+    c = packs(again)
+    assert c.keys() == a.keys() and all(torch.equal(a[n].packed, c[n].packed) for n in a)
     monkeypatch.setenv("CHUNKATTN_WEIGHT_CACHE", "0")
     monkeypatch.setattr(loader, "memory_shortfall", lambda need, device, what: (f"only {need - 1} fit", need - 1))
     with pytest.raises(InsufficientMemoryError, match=r"loading kq\.gguf's weights quantized \(read tensor by tensor, "

@@ -63,9 +63,10 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _gguf_weights(path: Path, tried_quantized: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Config dict and dequantised HF-named tensors of a GGUF file, through transformers' GGUF reader (which holds
-    them all in float32: refused first, by :func:`memory_shortfall`, where they cannot fit)."""
+    them all in float32: refused first, by :func:`memory_shortfall`, where they cannot fit). ``tried_quantized``:
+    the tensor-by-tensor read (:func:`_load_gguf_quantized`) refused this file's architecture."""
     from transformers import AutoConfig
     from transformers import LlamaForCausalLM as HFLlama
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -76,12 +77,15 @@ def _gguf_weights(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         count = sum(p.numel() for p in family_for(config.model_type).build(config).parameters())
     short = memory_shortfall(count * 4, torch.device("cpu"), "they")
     if short is not None:
+        if tried_quantized or not quant.kernel_supported():
+            instead = "a Hugging Face checkpoint of the model (read a tensor at a time), or a smaller model"
+        else:
+            instead = ("--dtype bfloat16 with --quantization auto or q8_0 / q4_0 (the file read a tensor at a time, "
+                       "its quantized matrices kept), or a smaller model")
         raise InsufficientMemoryError(
             f"converting {path.name} (a GGUF file's first load dequantizes its {count / 1e9:.2f} B weights whole, "
             f"to float32, through transformers' reader; then they are cached) takes at least "
-            f"{count * 4 / 1024**3:.1f} GiB, but {short[0]}: use --dtype bfloat16 with --quantization auto or "
-            f"q8_0 / q4_0 (the file read a tensor at a time, its quantized matrices kept; on a CPU with "
-            f"AVX512-BF16), or a smaller model")
+            f"{count * 4 / 1024**3:.1f} GiB, but {short[0]}: use {instead}")
     with torch.device("meta"):
         skeleton = HFLlama(AutoConfig.for_model(**cfg))  # type: ignore[arg-type]
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
@@ -319,7 +323,9 @@ def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str,
                 missing = [n for n in names if n not in blocks and n not in dense]
                 if missing:
                     raise UnsupportedModelError(f"{target}: the checkpoint lacks {', '.join(missing)}") from None
-                parts_dense = [blocks.pop(n).dequantize() if n in blocks else dense.pop(n) for n in names]
+                # (in the dense parts' dtype: a GGUF file's bf16, not float32 for the whole fused matrix)
+                like = next((dense[n].dtype for n in names if n in dense), torch.float32)
+                parts_dense = [blocks.pop(n).dequantize().to(like) if n in blocks else dense.pop(n) for n in names]
                 dense[target] = torch.cat(parts_dense, dim=0)
 
 
@@ -450,15 +456,24 @@ def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bflo
                     b = quant.quantize(rows, plan[name], (raw.shape[0], int(tensor.shape[0])))
             elif quantized and len(tensor.shape) == 2:
                 b = _gguf_matrix(raw, qtype, int(tensor.shape[0]))
-            if b is not None:
-                n = raw.shape[0]
-                order = processor.process(weights=np.arange(n).reshape(n, 1), name=tensor.name).weights
-                blocks[name] = b.permute_rows(torch.as_tensor(np.asarray(order).reshape(-1)))
-            else:
+            if len(tensor.shape) != 2:  # (norms: whole)
                 w = processor.process(weights=dequantize(raw, kind), name=tensor.name).weights
-                dense[name] = torch.from_numpy(np.array(w)).to(dtype)
-                if quantized:
-                    dequantized[qtype.upper()] = dequantized.get(qtype.upper(), 0) + 1
+                dense[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
+                continue
+            n = raw.shape[0]
+            order = torch.as_tensor(np.asarray(processor.process(weights=np.arange(n).reshape(n, 1),
+                                                                 name=tensor.name).weights).reshape(-1))
+            if b is not None:
+                blocks[name] = b.permute_rows(order)
+                continue
+            # dequantized a slice of rows at a time into the dtype (not the whole matrix in float32, twice)
+            w = torch.empty(n, int(tensor.shape[0]), dtype=dtype)
+            step = max(1, quant.QUANTIZE_SLICE // w.shape[1])
+            for i in range(0, n, step):
+                w[i:i + step] = torch.from_numpy(np.asarray(dequantize(raw[i:i + step], kind), dtype=np.float32))
+            dense[name] = w if torch.equal(order, torch.arange(n)) else w[order]
+            if quantized:
+                dequantized[qtype.upper()] = dequantized.get(qtype.upper(), 0) + 1
     if dequantized:
         log.info("%s: %s dequantized to %s (quantized weights are held as Q4_0 / Q4_1 / Q8_0 blocks, into which "
                  "Q5_0 and Q4_K are read)", path.name,
@@ -629,7 +644,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
         if cached is None:
             log.info("converting %s (GGUF, dequantized by transformers' reader; once: the result is cached)",
                      path.name)
-            cfg, weights = _gguf_weights(path)
+            cfg, weights = _gguf_weights(path, tried_quantized=keep)
             tokenizer = load_tokenizer(path, use_cache=False)
             log.info("converted %s in %.1f s", path.name, time.perf_counter() - start)
             weight_cache.store(path, cfg, weights, tokenizer)
@@ -731,6 +746,8 @@ def _gguf_blocks_bytes(reader: Any, dtype: torch.dtype, layout: _GGUFLayout, pla
     for tensor in reader.tensors:
         n, qtype = int(tensor.n_elements), tensor.tensor_type.name.lower()
         name = layout.names.get(tensor.name)
+        if name is None:  # (not read: rope_freqs, ...)
+            continue
         if plan and name in plan:
             held: str | None = plan[name]
         else:

@@ -112,7 +112,11 @@ class Blocks:
         if qtype not in _GGUF_BLOCK_BYTES:
             raise QuantizationError(f"GGUF type {qtype} is not read into blocks (supported: "
                                     f"{', '.join(_GGUF_BLOCK_BYTES)})")
-        data = torch.from_numpy(np.array(raw, dtype=np.uint8)) if isinstance(raw, np.ndarray) else raw.contiguous()
+        if isinstance(raw, np.ndarray):  # (a copy only of a read-only array: a file's memory map)
+            raw = np.asarray(raw, dtype=np.uint8)
+            data = torch.from_numpy(raw if raw.flags.writeable else raw.copy())
+        else:
+            data = raw.contiguous()
         n, size = data.shape[0], _GGUF_BLOCK_WEIGHTS.get(qtype, BLOCK)
         nb = k // size
         if k % size or data.dim() != 2 or data.shape[1] != nb * _GGUF_BLOCK_BYTES[qtype]:

@@ -37,7 +37,7 @@ log = logging.getLogger("chunkattn.load")
 
 FORMAT = 1  # bump when what is written changes
 # the same for the quantized entries (<entry>-blocks-v<n>): chunkattn.model.quant.Blocks' layout (2: Q4 values two
-# a byte; 3: Q5_0 / Q4_K read into blocks, other quantized types re-quantized, float tensors in bfloat16)
+# a byte; 3: Q5_0 / Q4_K read into blocks, other tensors in bfloat16; -<type> entries: quantized at load to it)
 BLOCKS_FORMAT = 3
 
 
@@ -236,9 +236,15 @@ def cached_blocks_bytes(gguf: Path, variant: str | None = None) -> int | None:
     """The size of the blocks cached for ``gguf`` (what :func:`lookup_blocks` would read), or None."""
     try:
         entry = _blocks_dir(gguf, variant)
-        return None if entry is None or not (entry / "complete").exists() else (
-            entry / "weights.safetensors").stat().st_size
+        if entry is None or not (entry / "complete").exists():
+            return None
     except Exception:  # noqa: BLE001 - the cache must never fail a load
+        return None
+    try:
+        return (entry / "weights.safetensors").stat().st_size
+    except OSError as exc:  # a damaged entry (it would block writing a new one): read the file again
+        log.warning("the weight cache entry %s is unreadable (%s): reading %s again", entry, exc, gguf.name)
+        drop(entry)
         return None
 
 
