@@ -19,6 +19,7 @@
 #        REQUESTS=32 SHARED_LEN=1024 QUESTION_LEN=64 OUTPUT_LEN=64  DTYPE=bfloat16 (chunkattn serve's)
 #        LLAMA_REPACK=0: llama.cpp's weight repacking; on the AMX Xeon VM it raised SIGILL at load (0.3.36), so off
 #        OUT_JSON=benchmarks/results/peer-llamacpp-<date>.json
+#        RUNS="bfloat16:auto bfloat16:none float32:none": single_stream.py's dtype:quantization runs (bench)
 # Everything runs on this machine, on loopback; nothing downloads model weights.
 set -euo pipefail
 
@@ -36,6 +37,7 @@ OUTPUT_LEN=${OUTPUT_LEN:-64}
 DTYPE=${DTYPE:-bfloat16}
 LLAMA_REPACK=${LLAMA_REPACK:-0}
 OUT_JSON=${OUT_JSON:-$REPO/benchmarks/results/peer-llamacpp-$(date +%F).json}
+RUNS=${RUNS:-bfloat16:auto bfloat16:none float32:none}
 SCRATCH=$PEER_DIR/runs/llamacpp-$(date +%Y%m%d-%H%M%S)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
@@ -60,8 +62,8 @@ bench() {
     log "llama-bench on $GGUF (repack $LLAMA_REPACK)"
     "$BIN/llama-bench" -m "$GGUF" -t 2 -p 512 -n 128 -d 0,512 -r 3 --repack "$LLAMA_REPACK" -o json \
         >"$SCRATCH/llama-bench.json"
-    # bf16 with the file's Q4_1 / Q8_0 blocks kept as stored, bf16 and fp32 dequantized at load
-    for run in bfloat16:auto bfloat16:none float32:none; do
+    # by default bf16 with the file's Q4_1 / Q8_0 blocks kept as stored, bf16 and fp32 dequantized at load
+    for run in $RUNS; do
         local dtype=${run%%:*} quant=${run##*:}
         log "single_stream.py $dtype --quantization $quant"
         "$PYTHON" "$REPO/benchmarks/single_stream.py" --model "$GGUF" --dtype "$dtype" --quantization "$quant" \
@@ -107,13 +109,13 @@ serve() {
 }
 
 report() {
-    SCRATCH=$SCRATCH OUT_JSON=$OUT_JSON GGUF=$GGUF LLAMA_REPACK=$LLAMA_REPACK "$PYTHON" - <<'EOF'
+    SCRATCH=$SCRATCH OUT_JSON=$OUT_JSON GGUF=$GGUF LLAMA_REPACK=$LLAMA_REPACK RUNS=$RUNS "$PYTHON" - <<'EOF'
 import json, os, pathlib, subprocess, time
 from chunkattn.system import info
 d = pathlib.Path(os.environ["SCRATCH"])
 out = {"date": time.strftime("%Y-%m-%d"), "gguf": os.environ["GGUF"], "llama_repack": os.environ["LLAMA_REPACK"],
        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-       "system": info(), "rows": {}}
+       "system": info(), "rows": {}, "runs": os.environ["RUNS"]}
 lb = d / "llama-bench.json"
 if lb.exists():
     for r in json.loads(lb.read_text()):
@@ -123,7 +125,9 @@ if lb.exists():
                                               "model_type": r.get("model_type"), "build": r.get("build_commit")}
 for p in sorted(d.glob("chunkattn-single-*.json")):
     r = json.loads(p.read_text())
-    name = f"chunkattn {r['dtype']} {r.get('quantization', 'none')}"
+    asked = p.stem.split("-")[-1]  # (chunkattn-single-<dtype>-<quantization>: a type asked for is named)
+    name = f"chunkattn {r['dtype']} {r.get('quantization', 'none')}" + (
+        f" (--quantization {asked})" if asked not in ("auto", "none") else "")
     out["rows"][f"{name} pp{r['prompt']}"] = {"tokens_per_s": r["pp_tokens_per_s"]}
     out["rows"][f"{name} tg{r['gen']}"] = {"tokens_per_s": r["tg_tokens_per_s"]}
 for name in ("llama-server-serve", "chunkattn-serve"):

