@@ -336,5 +336,8 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
     monkeypatch.setenv("CHUNKATTN_WEIGHT_CACHE", "0")
     monkeypatch.setattr(loader, "memory_shortfall", lambda need, device, what: (f"only {need - 1} fit", need - 1))
     with pytest.raises(InsufficientMemoryError, match=r"loading kq\.gguf's weights quantized \(read tensor by tensor, "
-                       r"then packed a matrix at a time\) takes at least 0\.0 GiB, but only \d+ fit"):
+                       r"then packed a matrix at a time\) takes at least 0\.0 GiB, but only \d+ fit: use "
+                       r"--quantization q4_0 \(or a smaller model\)$"):
         load_model(path, dtype=torch.bfloat16)
+    with pytest.raises(InsufficientMemoryError, match=r"but only \d+ fit: use a smaller model$"):
+        load_model(path, dtype=torch.bfloat16, quantization="q4_1")

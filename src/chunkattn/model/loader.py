@@ -693,7 +693,7 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
     way (the caller dequantizes), or with ``strict`` a :class:`quant.QuantizationError`."""
     cached, found = weight_cache.cached_blocks_bytes(path, quantize), None
     if cached is not None:
-        _check_gguf_fits(path, cached, "cached", device)
+        _check_gguf_fits(path, cached, "cached", device, quantize)
         found = weight_cache.lookup_blocks(path, quantize)
     if found is None:
         from gguf import GGUFReader
@@ -716,7 +716,7 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
             return None
         plan = quantization_plan(config, quantize) if quantize else None
         _check_gguf_fits(path, _gguf_blocks_bytes(reader, dtype, layout, plan), "read tensor by tensor, then packed "
-                         "a matrix at a time", device)
+                         "a matrix at a time", device, quantize)
         dense, blocks = gguf_blocks(path, cfg, dtype, reader, plan, layout)
         weight_cache.store_blocks(path, cfg, dense, blocks, quantize)
     else:
@@ -731,11 +731,12 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
     return _finish(cfg, dense, blocks, tokenizer, dtype, device, path, None)
 
 
-def _check_gguf_fits(path: Path, need: int, how: str, device: str | torch.device) -> None:
+def _check_gguf_fits(path: Path, need: int, how: str, device: str | torch.device, quantize: str | None) -> None:
     short = memory_shortfall(need, torch.device(device), "they")
     if short is not None:
+        instead = "a smaller model" if quantize in ("q4_0", "q4_1") else "--quantization q4_0 (or a smaller model)"
         raise InsufficientMemoryError(f"loading {path.name}'s weights quantized ({how}) takes at least "
-                                      f"{need / 1024**3:.1f} GiB, but {short[0]}: use a smaller model")
+                                      f"{need / 1024**3:.1f} GiB, but {short[0]}: use {instead}")
 
 
 def _gguf_blocks_bytes(reader: Any, dtype: torch.dtype, layout: _GGUFLayout, plan: dict[str, str] | None) -> int:
