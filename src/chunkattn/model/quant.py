@@ -1,4 +1,5 @@
-"""Block-quantized weights (GGUF's Q4_0, Q4_1 and Q8_0), kept as stored and multiplied by chunkattn's kernels.
+"""Block-quantized weights (GGUF's Q4_0, Q4_1 and Q8_0; Q5_0 and Q4_K read into them), kept as stored and
+multiplied by chunkattn's kernels.
 
 A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
 bfloat16 spends 2 bytes a weight, Q4_1 20/32 and Q8_0 34/32. Instead of dequantizing a GGUF file to full

@@ -14,8 +14,9 @@ A directory appears atomically (written aside, then renamed), so a crash leaves 
 load. Disk: float32 weights, 4 bytes per parameter (SmolLM2-135M: ~540 MB).
 
 A quantized load (blocks kept as stored, :mod:`chunkattn.model.quant`) caches what it read beside it, in
-``<entry>-blocks-v<BLOCKS_FORMAT>/``: the blocks as :class:`~chunkattn.model.quant.Blocks` holds them (Q4
-values two a byte, as GGUF stores them), the other tensors in bfloat16 (SmolLM2: ~90 MB).
+``<entry>-blocks-v<BLOCKS_FORMAT>/`` (``<entry>-blocks-<type>-v<BLOCKS_FORMAT>/`` for a load quantized to a type,
+``--quantization q4_0``): the blocks as :class:`~chunkattn.model.quant.Blocks` holds them (Q4 values two a byte,
+as GGUF stores them), the other tensors in bfloat16 (SmolLM2: ~90 MB).
 """
 
 from __future__ import annotations
