@@ -447,31 +447,35 @@ def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bflo
             if file.readinto(raw) != raw.nbytes:  # type: ignore[arg-type]
                 raise ModelNotFoundError(f"{path} is truncated: {tensor.name} ends beyond the file")
             quantized = GGML_QUANT_SIZES[kind][0] > 1
-            b = None
-            if plan and name in plan:
-                b = _held_as_planned(raw, qtype, int(tensor.shape[0]), plan[name]) if quantized else None
-                if b is None:  # from the values, a slice of rows at a time
-                    def rows(start: int, stop: int, raw: Any = raw, kind: Any = kind) -> torch.Tensor:
-                        return torch.from_numpy(np.asarray(dequantize(raw[start:stop], kind), dtype=np.float32))
-                    b = quant.quantize(rows, plan[name], (raw.shape[0], int(tensor.shape[0])))
-            elif quantized and len(tensor.shape) == 2:
-                b = _gguf_matrix(raw, qtype, int(tensor.shape[0]))
             if len(tensor.shape) != 2:  # (norms: whole)
                 w = processor.process(weights=dequantize(raw, kind), name=tensor.name).weights
                 dense[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
                 continue
-            n = raw.shape[0]
+            n, k = raw.shape[0], int(tensor.shape[0])
+
+            def rows(start: int, stop: int, raw: Any = raw, kind: Any = kind) -> torch.Tensor:
+                """The matrix's rows ``start .. stop - 1``, dequantized to float32 by gguf-py."""
+                return torch.from_numpy(np.asarray(dequantize(raw[start:stop], kind), dtype=np.float32))
+
+            b = None
+            if plan and name in plan:
+                b = _held_as_planned(raw, qtype, k, plan[name]) if quantized else None
+                if b is None:  # from the values, a slice of rows at a time
+                    b = quant.quantize(rows, plan[name], (n, k))
+            elif quantized:
+                b = _gguf_matrix(raw, qtype, k)
             order = torch.as_tensor(np.asarray(processor.process(weights=np.arange(n).reshape(n, 1),
                                                                  name=tensor.name).weights).reshape(-1))
+            reordered = not torch.equal(order, torch.arange(n))  # (q/k of Llama models; no copy for the others)
             if b is not None:
-                blocks[name] = b.permute_rows(order)
+                blocks[name] = b.permute_rows(order) if reordered else b
                 continue
             # dequantized a slice of rows at a time into the dtype (not the whole matrix in float32, twice)
-            w = torch.empty(n, int(tensor.shape[0]), dtype=dtype)
-            step = max(1, quant.QUANTIZE_SLICE // w.shape[1])
+            w = torch.empty(n, k, dtype=dtype)
+            step = max(1, quant.QUANTIZE_SLICE // k)
             for i in range(0, n, step):
-                w[i:i + step] = torch.from_numpy(np.asarray(dequantize(raw[i:i + step], kind), dtype=np.float32))
-            dense[name] = w if torch.equal(order, torch.arange(n)) else w[order]
+                w[i:i + step] = rows(i, min(i + step, n))
+            dense[name] = w[order] if reordered else w
             if quantized:
                 dequantized[qtype.upper()] = dequantized.get(qtype.upper(), 0) + 1
     if dequantized:
@@ -734,9 +738,10 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
 def _check_gguf_fits(path: Path, need: int, how: str, device: str | torch.device, quantize: str | None) -> None:
     short = memory_shortfall(need, torch.device(device), "they")
     if short is not None:
-        instead = "a smaller model" if quantize in ("q4_0", "q4_1") else "--quantization q4_0 (or a smaller model)"
+        # (a GGUF load kept as stored is advised as a Q8_0 one: --quantization q4_0 takes less)
         raise InsufficientMemoryError(f"loading {path.name}'s weights quantized ({how}) takes at least "
-                                      f"{need / 1024**3:.1f} GiB, but {short[0]}: use {instead}")
+                                      f"{need / 1024**3:.1f} GiB, but {short[0]}: use "
+                                      f"{_smaller_load(torch.bfloat16, True, quantize or 'q8_0')}")
 
 
 def _gguf_blocks_bytes(reader: Any, dtype: torch.dtype, layout: _GGUFLayout, plan: dict[str, str] | None) -> int:

@@ -124,14 +124,9 @@ class Blocks:
             raise QuantizationError(f"a {qtype} tensor with K = {k} must be [N, {nb * _GGUF_BLOCK_BYTES[qtype]}] "
                                     f"bytes, got {list(data.shape)}")
         if qtype in GGUF_CONVERTED:
-            out = Blocks.empty(GGUF_CONVERTED[qtype], n, k)
-            rows = max(1, QUANTIZE_SLICE // k)
-            for i in range(0, n, rows):
-                part = _CONVERT[qtype](data[i:i + rows].view(-1, nb, _GGUF_BLOCK_BYTES[qtype]))
-                out.q[i:i + rows], out.d[i:i + rows] = part.q, part.d
-                if out.m is not None and part.m is not None:
-                    out.m[i:i + rows] = part.m
-            return out
+            convert, size = _CONVERT[qtype], _GGUF_BLOCK_BYTES[qtype]
+            return _by_slices(GGUF_CONVERTED[qtype], n, k,
+                              lambda start, stop: convert(data[start:stop].view(-1, nb, size)))
         blocks = data.view(n, nb, _GGUF_BLOCK_BYTES[qtype])
         d = blocks[..., 0:2].contiguous().view(torch.float16).view(n, nb)
         if qtype == "q8_0":
@@ -243,17 +238,26 @@ def quantize(w: torch.Tensor | Callable[[int, int], torch.Tensor], qtype: str,
         raise QuantizationError(f"quantizing needs a [N, K] weight with K a multiple of {BLOCK}, got "
                                 f"{None if dims is None else list(dims)}")
     n, k = dims
-    rows = max(1, QUANTIZE_SLICE // k)
+
+    def part(start: int, stop: int) -> Blocks:
+        x = read(start, stop)
+        if tuple(x.shape) != (stop - start, k):  # (a reader's rows, never broadcast into the blocks)
+            raise QuantizationError(f"rows {start}..{stop - 1} of a [{n}, {k}] weight came as {list(x.shape)}")
+        return _quantize_slice(x.detach(), qtype)
+
+    return _by_slices(qtype, n, k, part)
+
+
+def _by_slices(qtype: str, n: int, k: int, part: Callable[[int, int], Blocks]) -> Blocks:
+    """The blocks of an ``[N, K]`` weight made a slice of rows (:data:`QUANTIZE_SLICE` weights) at a time,
+    ``part(start, stop)`` giving those rows' blocks, into blocks allocated once."""
     out = Blocks.empty(qtype, n, k)
+    rows = max(1, QUANTIZE_SLICE // k)
     for i in range(0, n, rows):
-        stop = min(i + rows, n)
-        x = read(i, stop)
-        if tuple(x.shape) != (stop - i, k):  # (a reader's rows, never broadcast into the blocks)
-            raise QuantizationError(f"rows {i}..{stop - 1} of a [{n}, {k}] weight came as {list(x.shape)}")
-        part = _quantize_slice(x.detach(), qtype)
-        out.q[i:i + rows], out.d[i:i + rows] = part.q, part.d
-        if out.m is not None and part.m is not None:
-            out.m[i:i + rows] = part.m
+        got = part(i, min(i + rows, n))
+        out.q[i:i + rows], out.d[i:i + rows] = got.q, got.d
+        if out.m is not None and got.m is not None:
+            out.m[i:i + rows] = got.m
     return out
 
 
