@@ -32,7 +32,7 @@ def random_blocks(rng: np.random.Generator, qtype: object, n: int, k: int, scale
     if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0):
         return gguf.quants.quantize((rng.standard_normal((n, k)) * scale).astype(np.float32), qtype)
     raw = rng.integers(0, 256, (n, k // size, nbytes), dtype=np.uint8)
-    if qtype == T.Q4_K:  # block: d, dmin, 12 bytes of scales, 128 of nibbles
+    if qtype in (T.Q4_K, T.Q5_K):  # block: d, dmin, 12 bytes of scales, (Q5_K: 32 bytes of fifth bits,) nibbles
         raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63 / 4)
         raw[..., 2:4] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63)
     elif qtype == T.Q6_K:  # block: 128 bytes of low bits, 64 of high bits, 16 int8 scales, d
@@ -103,19 +103,38 @@ def _q4_bound(b: Blocks) -> torch.Tensor:
     return 2.0**-11 * (d.abs() * b.values().float() + m.abs()) * (1 + 2.0**-20) + 1e-30
 
 
+def _q6_bound(b: Blocks) -> torch.Tensor:
+    """Per weight, 2^-11 |d (q - 32)| (+ float32 slack): a q6_k block's scale was rounded to float16."""
+    n, k = b.shape
+    w = b.d.float().repeat_interleave(16, dim=1).view(n, k) * (b.values().float() - 32)
+    return 2.0**-11 * w.abs() * (1 + 2.0**-20) + 1e-30
+
+
 @pytest.mark.parametrize("n", [1, 7, 40])
-def test_q4_k_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
-    """Q5_0 is q8_0 exactly; Q4_K is q4_1 within 2^-11 of each scale and offset (exact where the products fit in
-    float16: power-of-two d and dmin); the q4 values stay two a byte in GGUF's order; read 3 rows at a time."""
+def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
+    """Q5_0 is q8_0 exactly; Q4_K is q4_1 within 2^-11 of each scale and offset, Q6_K is q6_k within 2^-11 of
+    each sub-block's scale (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay
+    two a byte in GGUF's order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
-    for qtype, k in ((T.Q5_0, 96), (T.Q4_K, 512), (T.Q4_K, 256)):
+    for qtype, k in ((T.Q5_0, 96), (T.Q4_K, 512), (T.Q4_K, 256), (T.Q6_K, 256), (T.Q6_K, 768)):
         monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * k)
         raw = random_blocks(rng, qtype, n, k)
         ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
         b = Blocks.from_gguf(raw, qtype.name.lower(), k)
-        assert b.shape == (n, k) and b.qtype == quant.GGUF_CONVERTED[qtype.name.lower()]
+        assert b.shape == (n, k) and b.qtype == quant.gguf_held_as(qtype.name.lower())
         if qtype == T.Q5_0:
             assert torch.equal(b.dequantize(), ref) and int(b.q.min()) >= -16 and int(b.q.max()) <= 15
+            continue
+        if qtype == T.Q6_K:
+            err = (b.dequantize() - ref).abs()
+            assert b.q.shape == (n, k) and int(b.q.max()) <= 63 and b.d.shape == (n, k // 16) and b.m is None
+            assert (err <= _q6_bound(b)).all() and float(err.max()) > 0
+            exact = raw.copy().reshape(n, k // 256, 210)
+            exact[..., 208:210] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256)))
+            exact[..., 192:208] = rng.integers(0, 256, (n, k // 256, 16), dtype=np.uint8)  # (negative ones too)
+            exact = exact.reshape(n, -1)
+            ref = torch.from_numpy(gguf.quants.dequantize(exact, qtype).astype(np.float32))
+            assert torch.equal(Blocks.from_gguf(exact, "q6_k", k).dequantize(), ref)
             continue
         err = (b.dequantize() - ref).abs()
         assert (err <= _q4_bound(b)).all() and float(err.max()) > 0  # (rounded, and not by accident exact)
@@ -141,7 +160,11 @@ def test_k_quant_blocks_refuse_bad_shapes_and_scales():
     with pytest.raises(QuantizationError, match="too large"):
         Blocks.from_gguf(big.reshape(4, -1), "q4_k", 512)
     with pytest.raises(QuantizationError, match="not read into blocks"):
-        Blocks.from_gguf(raw, "q6_k", 512)
+        Blocks.from_gguf(raw, "q5_k", 512)
+    six = random_blocks(rng, T.Q6_K, 4, 512).reshape(4, 2, 210)
+    six[1, 0, 208:210] = _fp16_bytes(np.array([1000.0]))[0]  # d sc beyond float16 (sc at least 40)
+    with pytest.raises(QuantizationError, match="Q6_K scale too large"):
+        Blocks.from_gguf(six.reshape(4, -1), "q6_k", 512)
 
 
 def _reference(path):
@@ -157,10 +180,11 @@ def _reference(path):
     return cfg, {k: torch.as_tensor(v).float() for k, v in tensors.items()}
 
 
-# layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), gate Q4_1
-# beside up Q4_K (q4_1 both), down Q4_K; layer 1: q/k Q5_0 beside a Q8_0 v, gate/up Q5_0 (q8_0 all), o Q8_0, down
-# Q6_K; the embeddings Q6_K
-TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "ffn_gate"): T.Q4_1, (1, "attn_q"): T.Q5_0,
+# layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), o Q5_K
+# (dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down Q4_K; layer 1: q/k Q5_0 beside a Q8_0 v, gate/up Q5_0
+# (q8_0 all), o Q8_0, down Q6_K; the embeddings Q6_K
+TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "attn_output"): T.Q5_K, (0, "ffn_gate"): T.Q4_1,
+         (1, "attn_q"): T.Q5_0,
          (1, "attn_k"): T.Q5_0,
          (1, "attn_v"): T.Q8_0, (1, "attn_output"): T.Q8_0, (1, "ffn_gate"): T.Q5_0, (1, "ffn_up"): T.Q5_0,
          (1, "ffn_down"): T.Q6_K, "embd": T.Q6_K}
@@ -168,9 +192,9 @@ TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "ffn_gate"): T.Q4_1, (
 
 def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, monkeypatch):
     """Each matrix of a Q4_K_M-like file comes back under its Hugging Face name, rows in transformers' order (q/k
-    un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 as blocks of the file's values, Q4_K within the float16 rounding of its
-    scales; Q6_K and the norms in bfloat16 as transformers reads them; the memory bound counts exactly what is
-    held, plus one matrix."""
+    un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 as blocks of the file's values, Q4_K and Q6_K within the float16
+    rounding of their scales; Q5_K and the norms in bfloat16 as transformers reads them; the memory bound counts
+    exactly what is held, plus one matrix."""
     from chunkattn.model.loader import _gguf_blocks_bytes, _GGUFLayout, gguf_blocks
 
     path = tmp_path / "kq.gguf"
@@ -179,7 +203,7 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
     monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * 256)  # (3 rows of K = 256 at a time, 1.5 of K = 512)
     with caplog.at_level("INFO", logger="chunkattn"):
         dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
-    assert "3 Q6_K tensors dequantized to bfloat16" in caplog.text  # (embeddings, v of layer 0, down of layer 1)
+    assert "1 Q5_K tensor dequantized to bfloat16" in caplog.text and "Q6_K" not in caplog.text
     assert set(dense) | set(blocks) == set(ref) and not set(dense) & set(blocks)
     for name, w in dense.items():
         assert w.dtype == torch.bfloat16 and torch.equal(w, ref[name].bfloat16()), name
@@ -187,19 +211,22 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj"}
     stored = {f"layers.{layer}.{hf[part]}": TYPES.get((layer, part), T.Q4_K) for layer in (0, 1) for part in hf}
+    stored["embed_tokens"] = TYPES["embd"]
     kinds = {}
     for name, b in blocks.items():
         got, want = b.dequantize(), ref[name]
         short = name.removeprefix("model.").removesuffix(".weight")
         kinds[short] = b.qtype
-        if stored[short] == T.Q4_K:
-            assert ((got - want).abs() <= _q4_bound(b)).all() and float((got - want).abs().max()) > 0, name
+        if stored[short] in (T.Q4_K, T.Q6_K):
+            bound = _q4_bound(b) if stored[short] == T.Q4_K else _q6_bound(b)
+            assert ((got - want).abs() <= bound).all() and float((got - want).abs().max()) > 0, name
         else:  # Q4_1, Q5_0, Q8_0
             assert torch.equal(got, want), name
-    assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "self_attn.o_proj",
-                                                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+    assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                          "mlp.down_proj")},
                      **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}}
+                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")},
+                     **{p: "q6_k" for p in ("layers.0.self_attn.v_proj", "layers.1.mlp.down_proj", "embed_tokens")}}
     held = sum(b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values())
     held += sum(w.nbytes for w in dense.values())
     largest = max([b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values()]
@@ -211,10 +238,10 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
 @needs_kernel
 @pytest.mark.parametrize("seed", [1, 2])
 def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path, caplog, seed):
-    """Built into a model: q/k/v of layer 0 dense (a Q6_K part: logged), the others quantized (q4_1 from Q4_K /
-    Q4_1, q8_0 from Q5_0 / Q8_0), the Q6_K embeddings and tied head dense; prefill logits match those of the model
-    built in float32 from the blocks' values and from transformers' float32 reading (the float16 scale products of
-    Q4_K too)."""
+    """Built into a model: q/k/v of layer 0 dense (an F16 part beside quantized ones: logged) and its Q5_K o, the
+    others quantized (q4_1 from Q4_K / Q4_1, q8_0 from Q5_0 / Q8_0, q6_k from Q6_K: the embeddings and the tied
+    head one pack); prefill logits match those of the model built in float32 from the blocks' values and from
+    transformers' float32 reading (the float16 scale products of Q4_K and Q6_K too)."""
     from chunkattn import PrefixKVCache
     from chunkattn.attention import get_backend
     from chunkattn.model.layers import Embedding, Linear
@@ -232,9 +259,11 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     assert "model.layers.0.self_attn.qkv_proj.weight: dequantized (some parts are not quantized)" in caplog.text
     qtypes = {name: m.quant.qtype for name, m in q.named_modules()
               if isinstance(m, (Linear, Embedding)) and m.quant}
-    assert qtypes == {"model.layers.0.self_attn.o_proj": "q4_1", "model.layers.0.mlp.gate_up_proj": "q4_1",
-                      "model.layers.0.mlp.down_proj": "q4_1", "model.layers.1.self_attn.qkv_proj": "q8_0",
-                      "model.layers.1.self_attn.o_proj": "q8_0", "model.layers.1.mlp.gate_up_proj": "q8_0"}
+    assert qtypes == {"model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q4_1",
+                      "model.layers.1.self_attn.qkv_proj": "q8_0", "model.layers.1.self_attn.o_proj": "q8_0",
+                      "model.layers.1.mlp.gate_up_proj": "q8_0", "model.layers.1.mlp.down_proj": "q6_k",
+                      "model.embed_tokens": "q6_k", "lm_head": "q6_k"}
+    assert q.lm_head.quant is q.model.embed_tokens.quant  # (tied: one pack)
     ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])
     outs = []
     for m, dtype in ((q, torch.bfloat16), (build_model(config, ours, torch.float32, "cpu"), torch.float32),
@@ -316,7 +345,7 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
         q4 = load_model(path, dtype=torch.bfloat16, quantization="q4_0")
         assert "cached the blocks of kq.gguf" in caplog.text  # (its own entry, beside the first)
     a, b = packs(first), packs(second)
-    assert a.keys() == b.keys() and len(a) == 6
+    assert a.keys() == b.keys() and len(a) == 8, sorted(a)
     assert all(torch.equal(a[n].packed, b[n].packed) for n in a)
     kinds = {n: p.qtype for n, p in packs(q4).items()}
     assert kinds["model.embed_tokens"] == "q8_0" and kinds["model.layers.0.self_attn.qkv_proj"] == "q4_0"

@@ -15,6 +15,7 @@ from chunkattn.model import load_model
 from chunkattn.model.layers import Embedding, GateUpLinear, Linear
 from chunkattn.model.loader import weight_bytes
 from chunkattn.model.quant import (
+    HELD,
     QTYPES,
     Blocks,
     QuantizationError,
@@ -36,6 +37,18 @@ PATHS = ([1] if HAS_AMX else []) + [2, 3]
 HAS_INT_X = kernel_supported() and int_x_supported()
 needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the path with integer x needs AVX512-VNNI (and the "
                                  "quantized kernel)")
+
+
+def _blocks(w: torch.Tensor, qtype: str) -> Blocks:
+    """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for q6_k (read from GGUF files only) a scale per 16
+    weights (their largest |w| / 31, as float16) and values 0..63 around 32, as llama.cpp's Q6_K holds them."""
+    if qtype != "q6_k":
+        return quantize(w, qtype)
+    n, k = w.shape
+    x = w.float().view(n, k // 16, 16)
+    d = (x.abs().amax(-1) / 31).half()
+    q = (x * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(-32, 31) + 32
+    return Blocks("q6_k", q.to(torch.uint8).view(n, k), d, None)
 
 
 @needs_kernel
@@ -99,7 +112,7 @@ def test_quantize_by_slices_of_rows_equals_all_at_once(qtype, monkeypatch):
         assert (sliced.m is None) == (whole.m is None) and (whole.m is None or torch.equal(sliced.m, whole.m))
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", HELD)
 @pytest.mark.parametrize(("n", "gate_up"), [(200, False), (161, False), (100, True), (66, True)])
 def test_pack_by_groups_of_panels_equals_all_at_once(qtype, n, gate_up, monkeypatch):
     """A large weight is packed a group of panels at a time (bounded copies): the same pack, with a last group
@@ -107,7 +120,7 @@ def test_pack_by_groups_of_panels_equals_all_at_once(qtype, n, gate_up, monkeypa
     from chunkattn.model import quant
 
     gen = torch.Generator().manual_seed(n)
-    b = quantize(torch.randn(n, 96, generator=gen), qtype)
+    b = _blocks(torch.randn(n, 96, generator=gen), qtype)
     whole = QuantizedWeight.pack(b, gate_up=gate_up)
     monkeypatch.setattr(quant, "PACK_GROUP_BYTES", 2 * 32 * 96)  # 2 panels a group
     grouped = QuantizedWeight.pack(b, gate_up=gate_up)
@@ -136,11 +149,11 @@ def test_blocks_read_gguf_bytes_as_gguf_py_dequantizes_them(qtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", HELD)
 @pytest.mark.parametrize("n,k,gate_up", [(70, 96, False), (32, 32, False), (64, 576, True), (50, 64, True)])
 def test_pack_is_the_amx_panel_layout_of_the_dequantized_weight(qtype, n, k, gate_up):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
-    b = quantize(w, qtype)
+    b = _blocks(w, qtype)
     qw = QuantizedWeight.pack(b, gate_up=gate_up)
     ref = b.dequantize()
     assert torch.equal(qw.dequantize(), ref)
@@ -183,7 +196,10 @@ def _int_x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _int_x_reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
-    """float64 path 4: the weights (d q, or d q + m) exactly, times _int_x(x)."""
+    """float64 path 4: the weights (d q, d q + m, or d (q - 32)) exactly, times _int_x(x)."""
+    if blocks.qtype == "q6_k":
+        w = blocks.d.double().repeat_interleave(16, 1) * (blocks.values().double() - 32)
+        return _reference(_int_x(x), w, bias, gate_up)
     w = blocks.d.double().repeat_interleave(32, 1) * blocks.values().double()
     if blocks.m is not None:
         w = w + blocks.m.double().repeat_interleave(32, 1)
@@ -203,7 +219,7 @@ def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_
 
 
 @needs_int_x
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", HELD)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize("n,k,gate_up,bias", [(70, 96, False, True), (48, 576, True, False), (33, 1536, False, False)])
 def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bias):
@@ -211,7 +227,7 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
     rounding emulated in float64, on blocks of zeros, tiny values (below the exponent clamp), wide ranges and odd
     shapes."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{qtype} {rows} {n} {k}".encode()))
-    blocks = quantize(torch.randn(n, k, generator=gen) * 0.05, qtype)
+    blocks = _blocks(torch.randn(n, k, generator=gen) * 0.05, qtype)
     qw = QuantizedWeight.pack(blocks, gate_up=gate_up)
     exact = qw.dequantize()
     x = torch.randn(rows, k, generator=gen)
@@ -233,7 +249,7 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
     if not gate_up:
         x_err = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
         assert ((y.double() - exact_ref).abs() <= bound + x_err @ exact.double().abs().T).all()
-    if rows <= 4 and qtype == "q8_0":  # the kernel's own choice for a few rows of q8 (q4: only when asked)
+    if rows <= 4 and qtype in ("q8_0", "q6_k"):  # the kernel's own choice for a few rows of q8, q6 (q4: if asked)
         assert torch.equal(qw.linear(x, b), y)
 
 
@@ -285,32 +301,40 @@ def test_int_x_path_turns_a_non_finite_block_into_nan_not_a_number(qtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", HELD)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 33])
 @pytest.mark.parametrize("n,k,gate_up,bias", [(70, 96, False, True), (48, 576, True, False), (33, 1536, False, False)])
 def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     seed = hash((qtype, rows, n, k)) % 2**31
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * 0.05
-    blocks = quantize(w, qtype)
+    blocks = _blocks(w, qtype)
     qw = QuantizedWeight.pack(blocks, gate_up=gate_up)
     exact = qw.dequantize()
     # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
     # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
-    terms = blocks.d.double().abs().repeat_interleave(32, 1) * (143 if blocks.m is not None else 17 * 143)
+    six = qtype == "q6_k"  # (no direct path: a few rows take path 4)
+    terms = blocks.d.double().abs().repeat_interleave(16 if six else 32, 1) * (
+        143 if blocks.m is not None else 17 * 143)
     if blocks.m is not None:
         terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
     for path in [0, *PATHS] + ([4] if HAS_INT_X else []):
+        if six and path == 3:
+            with pytest.raises(RuntimeError, match=r"direct path \(3\) multiplies q4 and q8"):
+                qw.linear(x, b, path=path)
+            continue
         y = qw.linear(x, b, path=path)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
-        if path == 4 or (path == 0 and HAS_INT_X and rows <= 4 and qtype == "q8_0"):  # x as integers: see above
+        int_x = path == 0 and HAS_INT_X and rows <= 4 and qtype in ("q8_0", "q6_k")
+        if path == 4 or int_x:  # x as integers: see above
             ref = _int_x_reference(x, blocks, b, gate_up)
             err = (y.double() - ref).abs()
             assert (err <= _int_x_bound(_int_x(x), exact, ref, gate_up)).all(), path
             continue
-        direct = path == 3 or (path == 0 and rows <= (4 if not HAS_AMX else 3 if qtype != "q8_0" else 1))
+        direct = not six and (path == 3 or (path == 0 and rows <= (4 if not HAS_AMX else 3 if qtype != "q8_0"
+                                                                      else 1)))
         # the dequantizing paths round each weight to bf16 (relative 2^-9); the direct one keeps them exact
         weight = exact if direct else exact.bfloat16().float()
         ref = _reference(x, weight, b, gate_up)
@@ -328,7 +352,7 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k"])
 def test_many_rows_span_several_row_blocks(qtype, two_threads):
     """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
     tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB), two a thread for
@@ -336,7 +360,7 @@ def test_many_rows_span_several_row_blocks(qtype, two_threads):
     gen = torch.Generator().manual_seed(650)
     for gate_up, n in ((False, 40), (True, 48), (False, 700)):
         w = torch.randn(n, 1536, generator=gen) * 0.05
-        qw = QuantizedWeight.pack(quantize(w, qtype), gate_up=gate_up)
+        qw = QuantizedWeight.pack(_blocks(w, qtype), gate_up=gate_up)
         x = torch.randn(650, 1536, generator=gen).bfloat16()
         ref = _reference(x, qw.dequantize().bfloat16().float(), None, gate_up)
         for path in [p for p in PATHS if p != 3]:
@@ -356,11 +380,11 @@ def test_dequantizing_path_equals_the_bf16_panel_linear_on_the_same_weights(two_
     # panel-major over blocks of rows up to 128 rows (K = 2048: blocks of 64, groups of 4 panels), row-pair-major
     # above (K = 576: groups of 28); n = 1000 gives each of two threads 16 panels, the last partial, n = 2000 two
     # groups a thread. By vdpbf16ps: passes of 4 rows (quantized) against passes of 8 + 4 (bf16), the same sums
-    cases = [(q, r, 96, 576) for q in QTYPES for r in (20, 40)]
+    cases = [(q, r, 96, 576) for q in HELD for r in (20, 40)]
     cases += [("q4_1", 100, 600, 2048), ("q4_1", 150, 1000, 576), ("q8_0", 300, 2000, 576)]
     for qtype, rows, n, k in cases:
         w = torch.randn(n, k, generator=gen) * 0.05
-        b = quantize(w, qtype)
+        b = _blocks(w, qtype)
         x = torch.randn(rows, k, generator=gen).bfloat16()
         dense = b.dequantize().bfloat16()
         y = QuantizedWeight.pack(b).linear(x, path=path)
@@ -382,6 +406,10 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
         ops.linear_quant(x, qw.packed, 0, 64, None, 0)  # q8 tiles read as q4
     with pytest.raises(RuntimeError, match="path must be"):
         ops.linear_quant(x, qw.packed, qw.kind, 64, None, 7)
+    with pytest.raises(RuntimeError, match=r"packed must be"):
+        ops.linear_quant(x, qw.packed, 2, 64, None, 0)  # q8 tiles read as q6
+    with pytest.raises(RuntimeError, match=r"kind must be 0 \(q4"):
+        ops.linear_quant(x, qw.packed, 3, 64, None, 0)
     assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)
     with pytest.raises(RuntimeError, match="positive multiple of 32"):  # K = 0: refused, not a division by zero
         ops.linear_quant(torch.empty(2, 0).bfloat16(), torch.empty(2, 0, 2, 544, dtype=torch.uint8), 1, 64, None, 0)

@@ -123,10 +123,15 @@ def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
     entry = weight_cache.entry_dir(default_model_path())
     blocks_dir = entry.parent / f"{entry.name}-blocks-v{weight_cache.BLOCKS_FORMAT}"
     (blocks_dir / "weights.safetensors").write_bytes(b"not safetensors")
-    earlier = entry.parent / f"{entry.name}-blocks-v1"  # an earlier format's entry, no longer read
+    earlier = entry.parent / f"{entry.name}-blocks-v1"  # earlier formats' entries, no longer read
     (earlier / "sub").mkdir(parents=True)
+    earlier_q4 = entry.parent / f"{entry.name}-blocks-q4_0-v{weight_cache.BLOCKS_FORMAT - 1}"
+    earlier_q4.mkdir()
+    current_q4 = entry.parent / f"{entry.name}-blocks-q4_0-v{weight_cache.BLOCKS_FORMAT}"  # (another variant's)
+    current_q4.mkdir()
     caplog.clear()
     third = load_model(dtype=torch.bfloat16)
     assert "unreadable" in caplog.text and "cached the blocks" in caplog.text
     assert torch.equal(third.model.lm_head.quant.packed, first.model.lm_head.quant.packed)
-    assert not earlier.exists() and blocks_dir.exists()  # (written anew: the old format's entry dropped)
+    # (written anew: the old formats' entries dropped, of every variant; the current ones kept)
+    assert not earlier.exists() and not earlier_q4.exists() and blocks_dir.exists() and current_q4.exists()

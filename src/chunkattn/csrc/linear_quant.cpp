@@ -5,8 +5,10 @@
 // of linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
 // traffic of a decode step, shrinks from 2 bytes a weight (bf16) to 20/32 (Q4_1) or 34/32 (Q8_0).
 //
-// Two kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
-//   kQ4: w = d q + m, q in 0..15;  kQ8: w = d q, q in -128..127.
+// Three kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
+//   kQ4: w = d q + m, q in 0..15;  kQ8: w = d q, q in -128..127;
+//   kQ6: w = d (q - 32), q in 0..63, d a scale per 16 weights along K (GGUF's Q6_K: its super-block scale times
+//        each sub-block's 8-bit scale, the product rounded to float16 when chunkattn/model/quant.py reads it).
 // Computed in float32 as one fused multiply-add, then rounded to bf16 (to nearest even): exactly what GGUF's
 // reference dequantization (gguf-py: d * q + m in float32) cast to bf16 gives, so the products equal those of the
 // same model dequantized at load and cast to bf16, up to the order of the float32 sums.
@@ -15,9 +17,13 @@
 // columns and 32 of K is
 //   kQ4: d[16] fp16 | m[16] fp16 | 16 rows x 16 bytes   (320 bytes: 20 per 32 weights, Q4_1's size)
 //   kQ8: d[16] fp16 | 16 rows x 32 bytes (int8)         (544 bytes: 34 per 32 weights, Q8_0's size)
+//   kQ6: d[16] fp16 of k 0-15 | d[16] of k 16-31 | 8 groups x 48 bytes (448 bytes: 28 per 32 weights; Q6_K 26.25)
 // Row r of a tile holds the 32 values (W[c, 32s + 2r + t], c = 0..15, t = 0..1) at e = 2c + t, the order of a
 // tdpbf16ps B row; kQ4's byte b holds e = b in its low nibble and e = b + 16 in its high nibble. Columns are those
 // of linear_amx.h's panels (pack_linear_amx / pack_gate_up_amx); chunkattn/model/quant.py builds the packs.
+// kQ6's group g holds tile rows 2g and 2g + 1 (value v = 32 (row - 2g) + e, kQ8's order of those two rows) as 32
+// bytes of low nibbles (byte i: value i in its low nibble, value i + 32 in its high one) and 16 bytes of the top
+// two bits (byte i: value i + 16 L in bits 2L, 2L + 1); q6_group unpacks a group in 7 vector operations.
 //
 // Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles_with) or, where the CPU lacks AMX
 // (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
@@ -56,13 +62,15 @@ namespace chunkattn::ops {
 namespace {
 using namespace chunkattn::panels;
 
-enum Kind : int64_t { kQ4 = 0, kQ8 = 1 };
+enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
 // tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q4_direct, panel_q8_direct);
 // kInt16 multiplies them with x rounded to 15-bit integers per block (panel_q8_int16, panel_q4_int16).
 enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3, kInt16 = 4 };
 
-constexpr int64_t tile_bytes(int64_t kind) { return kind == kQ4 ? 64 + 16 * 16 : 32 + 16 * 32; }
+constexpr int64_t tile_bytes(int64_t kind) {
+  return kind == kQ4 ? 64 + 16 * 16 : kind == kQ8 ? 32 + 16 * 32 : 64 + 8 * 48;
+}
 
 bool quant_linear_supported() {
 #ifdef CHUNKATTN_QUANT
@@ -108,6 +116,22 @@ int64_t direct_max_rows(int64_t kind) {
 int64_t int16_max_rows() { return 4; }
 
 #ifdef CHUNKATTN_QUANT
+// kQ6's group at g (48 bytes) -> its 64 values q (0..63) as bytes, kQ8's order of the two tile rows: the nibbles
+// broadcast to both 256-bit halves and shifted by 0 / 4, the top bits to all four 128-bit lanes and shifted by 2L
+// (16-bit shifts: a byte's bits cross into its neighbour only where the masks drop them).
+inline __m512i q6_group(const uint8_t* g) {
+  const __m512i nib_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i top_shift = _mm512_set_epi64(0x0006000600060006, 0x0006000600060006, 0x0004000400040004,
+                                             0x0004000400040004, 0x0002000200020002, 0x0002000200020002, 0, 0);
+  const __m512i nib = _mm512_srlv_epi16(
+      _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g))), nib_shift);
+  const __m512i top = _mm512_and_si512(
+      _mm512_slli_epi16(_mm512_srlv_epi16(_mm512_broadcast_i32x4(_mm_loadu_si128(
+                                              reinterpret_cast<const __m128i*>(g + 32))), top_shift), 4),
+      _mm512_set1_epi8(0x30));
+  return _mm512_ternarylogic_epi32(nib, top, _mm512_set1_epi8(0x0F), 0xEC);  // (nib & 0x0F) | top
+}
+
 // One packed tile -> 16 rows x 32 bf16 at dst (a tdpbf16ps B operand).
 inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
   // lanes 0-15 of a row are columns 0-7 (pairs), lanes 16-31 columns 8-15: each column's scale twice
@@ -125,6 +149,24 @@ inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
       const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nibble)), dlo, mlo);
       const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), dhi, mhi);
       _mm512_storeu_si512(dst + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  } else if (kind == kQ6) {
+    for (int half = 0; half < 2; ++half) {  // tile rows 8 half .. 8 half + 7: k = 16 half .. 16 half + 15
+      const __m512 dh = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32 * half)));
+      const __m512 dlo = _mm512_permutexvar_ps(lo_idx, dh), dhi = _mm512_permutexvar_ps(hi_idx, dh);
+      const __m512 olo = _mm512_mul_ps(dlo, _mm512_set1_ps(-32.f)), ohi = _mm512_mul_ps(dhi, _mm512_set1_ps(-32.f));
+      for (int g = 4 * half; g < 4 * half + 4; ++g) {
+        const __m512i u = q6_group(t + 64 + 48 * g);
+        // row 2g + rr: 128-bit lanes 2 rr (e 0-15) and 2 rr + 1 (e 16-31); d q - 32 d is exact in float32 before
+        // the one rounding to bf16
+        const __m128i lane[4] = {_mm512_extracti32x4_epi32(u, 0), _mm512_extracti32x4_epi32(u, 1),
+                                 _mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)};
+        for (int rr = 0; rr < 2; ++rr) {
+          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane[2 * rr])), dlo, olo);
+          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane[2 * rr + 1])), dhi, ohi);
+          _mm512_storeu_si512(dst + 32 * (2 * g + rr), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        }
+      }
     }
   } else {
     const uint8_t* q = t + 32;
@@ -339,6 +381,7 @@ struct Int16Rows {
   std::vector<int8_t> hl;
   std::vector<float> scale;    // [M][steps]
   std::vector<int32_t> vsum;   // [M][steps]
+  std::vector<int32_t> vhalf;  // [M][steps][2]: sum(v) of each half block (kQ6's scales are per 16)
 };
 
 inline Int16Rows round_rows_to_int16(const ARows& rows, int64_t M, int64_t steps) {
@@ -346,6 +389,7 @@ inline Int16Rows round_rows_to_int16(const ARows& rows, int64_t M, int64_t steps
   r.hl.resize(M * steps * 2 * kDepth);
   r.scale.resize(M * steps);
   r.vsum.resize(M * steps);
+  r.vhalf.resize(M * steps * 2);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t s = 0; s < steps; ++s) {
       const c10::BFloat16* xi = rows.row(i) + s * kDepth;
@@ -355,6 +399,7 @@ inline Int16Rows round_rows_to_int16(const ARows& rows, int64_t M, int64_t steps
         std::memset(dst, 0, 2 * kDepth);  // an Inf or NaN (x * 0 is NaN only for those)
         r.scale[i * steps + s] = std::numeric_limits<float>::quiet_NaN();
         r.vsum[i * steps + s] = 0;
+        r.vhalf[(i * steps + s) * 2] = r.vhalf[(i * steps + s) * 2 + 1] = 0;
         continue;
       }
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -367,7 +412,9 @@ inline Int16Rows round_rows_to_int16(const ARows& rows, int64_t M, int64_t steps
         const __m512i h = _mm512_srai_epi32(_mm512_sub_epi32(v, l), 8);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * half), _mm512_cvtepi32_epi8(h));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + kDepth + 16 * half), _mm512_cvtepi32_epi8(l));
-        sum += _mm512_reduce_add_epi32(v);
+        const int32_t part = _mm512_reduce_add_epi32(v);
+        r.vhalf[(i * steps + s) * 2 + half] = part;
+        sum += part;
       }
       r.scale[i * steps + s] = std::ldexp(1.f, e - 13);
       r.vsum[i * steps + s] = sum;
@@ -477,12 +524,52 @@ inline void panel_q4_int16(const int8_t* const* hl, const float* const* xs, cons
   store_sums<NR>(y, c);
 }
 
+// kQ6 likewise: each group unpacked by q6_group to kQ8's two rows of bytes, already unsigned (q in 0..63), and
+// permuted as there; each half block (tile rows 0-7: k 0-15, rows 8-15: k 16-31) summed apart for its own scale:
+// sum((q - 32) v) = 256 sum(q h) + sum(q l) - 32 sum(v), then y += d a sum. Every sum is an exact integer below
+// 2^24 (|q - 32| <= 32, |v| <= 16320, 16 terms), so the float32 conversion is exact too.
+template <int NR>
+inline void panel_q6_int16(const int8_t* const* hl, const float* const* xs, const int32_t* const* vhalf,
+                           int64_t steps, const uint8_t* src, const uint8_t* limit, float* c) {
+  constexpr int64_t tb = tile_bytes(kQ6);
+  alignas(64) static constexpr uint16_t kIdx[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                    8,  24, 9,  25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  __m512 y[NR][2];
+  for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* t = src + 2 * tb * s;
+    prefetch_ahead<2>(t, 2 * tb, limit);  // as panel_q8_int16
+    for (int j = 0; j < 2; ++j)
+      for (int half = 0; half < 2; ++half) {
+        __m512i hacc[NR], lacc[NR];
+        for (int i = 0; i < NR; ++i) hacc[i] = lacc[i] = _mm512_setzero_si512();
+        for (int g = 4 * half; g < 4 * half + 4; ++g) {  // tile rows 2g, 2g + 1: k = 4g .. 4g + 3
+          const __m512i w = _mm512_permutexvar_epi16(idx, q6_group(t + j * tb + 64 + 48 * g));
+          for (int i = 0; i < NR; ++i) {
+            const int8_t* x = hl[i] + s * 2 * kDepth + 4 * g;
+            hacc[i] = _mm512_dpbusd_epi32(hacc[i], w, _mm512_set1_epi32(quad(x)));
+            lacc[i] = _mm512_dpbusd_epi32(lacc[i], w, _mm512_set1_epi32(quad(x + kDepth)));
+          }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32 * half)));
+        for (int i = 0; i < NR; ++i) {
+          const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hacc[i], 8), lacc[i]),
+                                               _mm512_set1_epi32(32 * vhalf[i][2 * s + half]));
+          y[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[i][s])), d, y[i][j]);
+        }
+      }
+  }
+  store_sums<NR>(y, c);
+}
+
 inline void panel_int16_rows(int64_t kind, const int8_t* const* hl, const float* const* xs,
-                             const int32_t* const* vsum, int64_t rows, int64_t steps,
+                             const int32_t* const* vsum, const int32_t* const* vhalf, int64_t rows, int64_t steps,
                              const uint8_t* src, const uint8_t* limit, float* c) {
   with_rows(rows, [&](auto nr) {
     constexpr int NR = decltype(nr)::value;
     if (kind == kQ4) panel_q4_int16<NR>(hl, xs, vsum, steps, src, limit, c);
+    else if (kind == kQ6) panel_q6_int16<NR>(hl, xs, vhalf, steps, src, limit, c);
     else panel_q8_int16<NR>(hl, xs, vsum, steps, src, limit, c);
   });
 }
@@ -501,7 +588,8 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
 #endif
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
-  TORCH_CHECK(kind == kQ4 || kind == kQ8, op, ": kind must be 0 (q4: Q4_0 / Q4_1) or 1 (q8: Q8_0), got ", kind);
+  TORCH_CHECK(kind == kQ4 || kind == kQ8 || kind == kQ6, op, ": kind must be 0 (q4: Q4_0 / Q4_1), 1 (q8: Q8_0) or ",
+              "2 (q6: Q6_K), got ", kind);
   TORCH_CHECK(K > 0 && K % kDepth == 0, op, ": quantized weights need K a positive multiple of 32 (GGUF's block), "
               "got K = ", K);
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
@@ -533,11 +621,13 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
               "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
+  TORCH_CHECK(path != kDirect || kind != kQ6, op, ": the direct path (3) multiplies q4 and q8 weights; q6 takes 4 ",
+              "(x as integers) for a few rows");
   if (path == kAuto)
-    path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
-           : M <= direct_max_rows(kind)              ? kDirect
-           : tiles_usable()                          ? kTiles
-                                                     : kVector;
+    path = kind != kQ4 && int16_usable() && M <= int16_max_rows() ? kInt16
+           : M <= direct_max_rows(kind) && kind != kQ6  ? kDirect
+           : tiles_usable()                             ? kTiles
+                                                        : kVector;
   const bool tiles = path == kTiles, direct = path == kDirect, int16 = path == kInt16;
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
@@ -606,12 +696,14 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
             const int8_t* hl[4];
             const float* xs[4];
             const int32_t* vsum[4];
+            const int32_t* vhalf[4];
             for (int64_t i = 0; i < nr; ++i) {
               hl[i] = xi16.hl.data() + (r0 + i) * steps * 2 * kDepth;
               xs[i] = xi16.scale.data() + (r0 + i) * steps;
               vsum[i] = xi16.vsum.data() + (r0 + i) * steps;
+              vhalf[i] = xi16.vhalf.data() + (r0 + i) * steps * 2;
             }
-            panel_int16_rows(kind, hl, xs, vsum, nr, steps, src, r0 == 0 ? limit : qp, c);
+            panel_int16_rows(kind, hl, xs, vsum, vhalf, nr, steps, src, r0 == 0 ? limit : qp, c);
           });
           continue;
         }
@@ -720,6 +812,14 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
             float prod = static_cast<float>(e < 16 ? b & 15 : b >> 4) * d;
             asm("" : "+x"(prod));  // rounded here, as rows() does: never contracted into a fused multiply-add
             dst[s * kDepth + k] = prod + m;
+          }
+        } else if (kind == kQ6) {
+          const float d1 = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 32)[c]);
+          for (int64_t k = 0; k < kDepth; ++k) {
+            const int64_t r = k / 2, v = 32 * (r % 2) + 2 * c + k % 2;  // group r / 2, value v
+            const uint8_t* g = t + 64 + 48 * (r / 2);
+            const int q = (v < 32 ? g[v] & 15 : g[v - 32] >> 4) | (((g[32 + v % 16] >> (2 * (v / 16))) & 3) << 4);
+            dst[s * kDepth + k] = static_cast<float>(q - 32) * (k < 16 ? d : d1);  // exact: 6 x 11 bits
           }
         } else {
           for (int64_t k = 0; k < kDepth; ++k) {

@@ -1,13 +1,13 @@
-"""Block-quantized weights (GGUF's Q4_0, Q4_1 and Q8_0; Q5_0 and Q4_K read into them), kept as stored and
-multiplied by chunkattn's kernels.
+"""Block-quantized weights (GGUF's Q4_0, Q4_1, Q8_0 and Q6_K; Q5_0 and Q4_K read into them), kept as stored
+and multiplied by chunkattn's kernels.
 
 A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
-bfloat16 spends 2 bytes a weight, Q4_1 20/32 and Q8_0 34/32. Instead of dequantizing a GGUF file to full
-precision at load (what transformers' reader does), its blocks stay as they are, repacked once into the
-kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in registers just
-before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16, so a quantized
-model computes what the same file dequantized at load and run in bfloat16 computes, up to float32 summation
-order.
+bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q8_0 34/32 and Q6_K 28/32 as held here. Instead of dequantizing a
+GGUF file to full precision at load (what transformers' reader does), its blocks stay as they are, repacked once
+into the kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in registers just
+before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16 (Q4_K's and Q6_K's
+scale products rounded to float16 first), so a quantized model computes what the same file dequantized at load and
+run in bfloat16 computes, up to float32 summation order.
 
 :class:`Blocks` is the plain form (per-row ``q``, per-block scale ``d`` and offset ``m``), read from a GGUF
 tensor (:meth:`Blocks.from_gguf`) or made from a float weight (:func:`quantize`, for ``--quantization q8_0``
@@ -31,26 +31,30 @@ from chunkattn.utils import cdiv
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per block along K, for every type here
-QTYPES = ("q4_0", "q4_1", "q8_0")
-# the kernel's two kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d) and q8 (w = d q)
-_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1}
-_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32}
+BLOCK = 32  # weights per block along K, for every type here (q6_k: two scales a block, one per 16)
+QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quantization)
+HELD = (*QTYPES, "q6_k")  # the types held as blocks: QTYPES and GGUF's Q6_K, read from a file only
+# the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q) and q6
+# (w = d (q - 32), q in 0..63, d per 16 weights)
+_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1, "q6_k": 2}
+_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32, 2: 64 + 8 * 48}
+_SCALE_BLOCK = {"q6_k": 16}  # weights per scale d (else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16,
-                     "q4_k": 2 + 2 + 12 + 128}
-_GGUF_BLOCK_WEIGHTS = {"q4_k": 256}
+                     "q4_k": 2 + 2 + 12 + 128, "q6_k": 128 + 64 + 16 + 2}
+_GGUF_BLOCK_WEIGHTS = {"q4_k": 256, "q6_k": 256}
 # GGUF types read into the kernel's kinds with the file's values: Q5_0's ``d (q - 16)`` is Q8_0's ``d q``
 # exactly; Q4_K's sub-blocks of 32 are Q4_1 blocks, their scale ``d sc`` and offset ``-dmin m`` (float32
 # products of a float16 and a 6-bit integer in GGUF's dequantization) rounded to float16: each within 2^-11 of
-# itself, a quarter of the bfloat16 rounding a dequantized load gives every weight. Other quantized types (Q6_K,
-# Q5_K, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
+# itself, a quarter of the bfloat16 rounding a dequantized load gives every weight. Q6_K is held as itself, its
+# 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16 alike. Other quantized types
+# (Q5_K, Q5_1, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
 GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1"}
 
 
 def gguf_held_as(qtype: str) -> str | None:
-    """The type of :data:`QTYPES` a GGUF type (lower case) is held as at load, or None: dequantized."""
-    return qtype if qtype in QTYPES else GGUF_CONVERTED.get(qtype)
+    """The type of :data:`HELD` a GGUF type (lower case) is held as at load, or None: dequantized."""
+    return qtype if qtype in HELD else GGUF_CONVERTED.get(qtype)
 
 
 class QuantizationError(ChunkAttnError, ValueError):
@@ -72,12 +76,13 @@ def int_x_supported() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types) or ``d q`` (q8_0).
+    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types), ``d q`` (q8_0) or ``d (q - 32)``
+    (q6_k, a scale per 16 weights).
 
-    ``q``: q8_0 ``[N, K]`` int8; q4 types ``[N, K / 2]`` uint8, two values (0..15) a byte as GGUF stores them
-    (byte i of a block's 16: value i in the low nibble, value i + 16 in the high one; :meth:`values` unpacks
-    them). ``d``, ``m``: ``[N, K / 32]`` float16 (``m`` is None for q8_0; Q4_0's ``w = d (q - 8)`` is stored as
-    ``m = -8 d``, which gives the same values)."""
+    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types ``[N, K / 2]`` uint8, two values (0..15)
+    a byte as GGUF stores them (byte i of a block's 16: value i in the low nibble, value i + 16 in the high one;
+    :meth:`values` unpacks them). ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's ``d``: ``[N, K / 16]``; ``m`` is
+    None for q8_0 and q6_k; Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -90,16 +95,16 @@ class Blocks:
 
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
-        """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..15 for q4 types)."""
-        if _KIND[qtype] == 1:
+        """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..15 for q4 types)."""
+        if _KIND[qtype] != 0:
             return Blocks(qtype, q, d, m)
         n, k = q.shape
         halves = q.to(torch.uint8).view(n, k // BLOCK, 2, BLOCK // 2)
         return Blocks(qtype, (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(n, k // 2), d, m)
 
     def values(self) -> torch.Tensor:
-        """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..15 for q4 types."""
-        if _KIND[self.qtype] == 1:
+        """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..15 for q4 types."""
+        if _KIND[self.qtype] != 0:
             return self.q
         n, k = self.shape
         b = self.q.view(n, k // BLOCK, 1, BLOCK // 2)
@@ -123,9 +128,9 @@ class Blocks:
         if k % size or data.dim() != 2 or data.shape[1] != nb * _GGUF_BLOCK_BYTES[qtype]:
             raise QuantizationError(f"a {qtype} tensor with K = {k} must be [N, {nb * _GGUF_BLOCK_BYTES[qtype]}] "
                                     f"bytes, got {list(data.shape)}")
-        if qtype in GGUF_CONVERTED:
+        if qtype in _CONVERT:
             convert, size = _CONVERT[qtype], _GGUF_BLOCK_BYTES[qtype]
-            return _by_slices(GGUF_CONVERTED[qtype], n, k,
+            return _by_slices(GGUF_CONVERTED.get(qtype, qtype), n, k,
                               lambda start, stop: convert(data[start:stop].view(-1, nb, size)))
         blocks = data.view(n, nb, _GGUF_BLOCK_BYTES[qtype])
         d = blocks[..., 0:2].contiguous().view(torch.float16).view(n, nb)
@@ -145,23 +150,28 @@ class Blocks:
     def empty(qtype: str, n: int, k: int) -> Blocks:
         """Uninitialised blocks of an ``[N, K]`` weight."""
         four = _KIND[qtype] == 0
-        return Blocks(qtype, torch.empty(n, k // 2 if four else k, dtype=torch.uint8 if four else torch.int8),
-                      torch.empty(n, k // BLOCK, dtype=torch.float16),
+        q = torch.empty(n, k // 2 if four else k, dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
+        return Blocks(qtype, q,
+                      torch.empty(n, k // _SCALE_BLOCK.get(qtype, BLOCK), dtype=torch.float16),
                       torch.empty(n, k // BLOCK, dtype=torch.float16) if four else None)
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``: GGUF's reference values (``d q + m`` in float32, the product exact)."""
         n, k = self.shape
-        w = self.values().view(n, k // BLOCK, BLOCK).float() * self.d.float()[..., None]
+        size = _SCALE_BLOCK.get(self.qtype, BLOCK)
+        q = self.values().view(n, k // size, size).float()
+        w = (q - 32 if self.qtype == "q6_k" else q) * self.d.float()[..., None]
         if self.m is not None:
             w = w + self.m.float()[..., None]
         return w.view(n, k)
 
     @staticmethod
     def nbytes_of(numel: int, qtype: str) -> int:
-        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0) or half a byte (q4 types) per weight,
-        ``d`` (and ``m``) two bytes per 32."""
-        return numel + numel // BLOCK * 2 if _KIND[qtype] == 1 else numel // 2 + numel // BLOCK * 4
+        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k) or half a byte (q4 types) per
+        weight, ``d`` (and ``m``) two bytes per 32 (q6_k: per 16)."""
+        if _KIND[qtype] == 0:
+            return numel // 2 + numel // BLOCK * 4
+        return numel + numel // _SCALE_BLOCK.get(qtype, BLOCK) * 2
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
@@ -214,7 +224,26 @@ def _from_q4_k(b: torch.Tensor) -> Blocks:
     return Blocks.from_values("q4_1", values, scale, offset)
 
 
-_CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k}
+def _from_q6_k(b: torch.Tensor) -> Blocks:
+    """Q6_K super-blocks ``[n, nb, 210]`` (128 bytes of low nibbles, 64 of top two bits, 16 int8 scales, d) as
+    q6_k blocks: the 6-bit values as stored, each sub-block of 16's scale ``d sc`` rounded to float16 (GGUF's
+    dequantization: ``(d sc) (q - 32)`` in float32)."""
+    n, nb, _ = b.shape
+    d = b[..., 208:210].contiguous().view(torch.float16).float()  # [n, nb, 1]
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()
+    scale = (d * sc).to(torch.float16).view(n, nb * 16)
+    if not torch.isfinite(scale).all():
+        raise QuantizationError("a Q6_K scale too large for float16")
+    # each half of 128 weights: 64 bytes of low nibbles and 32 of top bits; value 32 a + l (a = 0..3) has the low
+    # (a = 0, 1) or high (a = 2, 3) nibble of byte 32 (a % 2) + l and bits 2a, 2a + 1 of top byte l
+    ql = b[..., 0:128].reshape(n, nb, 2, 2, 32)
+    qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
+    low = torch.cat([ql & 0xF, ql >> 4], dim=3)
+    top = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    return Blocks("q6_k", (low | (top << 4)).view(n, nb * 256), scale, None)
+
+
+_CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k}
 
 
 QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
@@ -348,12 +377,21 @@ class QuantizedWeight:
             m = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
             b = tiles[..., 64:].reshape(r, steps, 16, 16)
             e = torch.cat([b & 0xF, b >> 4], dim=-1)  # [R, S, 16 r, 32 e]
+        elif self.kind == 2:  # q6: k 0-15 take the first scales, 16-31 the second; w = d (q - 32)
+            d1 = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
+            scale = torch.cat([scale.expand(r, steps, 16), d1.expand(r, steps, 16)], dim=-1)
+            m = -32 * scale
+            g = tiles[..., 64:].reshape(r, steps, 8, 48)
+            nib, top = g[..., :32], g[..., 32:, None]
+            high = (top >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [R, S, 8, 16 i, 4 L]: value 16 L + i
+            v = torch.cat([nib & 0xF, nib >> 4], dim=-1) | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)
+            e = v.reshape(r, steps, 16, 32)
         else:
             m = None
             e = tiles[..., 32:].contiguous().view(torch.int8).reshape(r, steps, 16, 32)
         cols = (2 * c).view(r, 1, 1, 1) + torch.arange(2).view(1, 1, 1, 2)
         q = e.gather(3, cols.expand(r, steps, 16, 2)).reshape(r, steps, BLOCK).float()
-        w = q * scale if m is None else q * scale + m
+        w = q * scale if m is None else q * scale + m  # (q6: d q - 32 d, both exact in float32)
         return w.reshape(r, self.in_features)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
@@ -409,13 +447,22 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
     n, k = blocks.shape
     p, j, c = _panel_positions(n, gate_up, torch.arange(n))
     panels, steps = _panels(n, gate_up), k // BLOCK
+    per = BLOCK // _SCALE_BLOCK.get(blocks.qtype, BLOCK)  # scales a block
     q = torch.zeros(panels, 2, 16, k, dtype=torch.int8 if blocks.qtype == "q8_0" else torch.uint8)
-    d = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
+    d = torch.zeros(panels, 2, 16, steps * per, dtype=torch.float16)
     q[p, j, c], d[p, j, c] = blocks.values(), blocks.d
     # [P, 2, 16 c, S, 16 r, 2 t] -> [P, S, 2, 16 r, 16 c, 2 t]: row r of a tile holds e = 2 c + t
     e = q.view(panels, 2, 16, steps, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(panels, steps, 2, 16, 32)
-    scales = [d.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32)]
-    if blocks.m is not None:
+    # [P, 2, 16 c, S, per] -> [P, S, 2, per, 16 c]
+    scales = [d.view(panels, 2, 16, steps, per).permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8)
+              .view(panels, steps, 2, 32 * per)]
+    if blocks.qtype == "q6_k":  # group g: rows 2g, 2g + 1 (64 values) as 32 bytes of nibbles, 16 of top bits
+        v = e.reshape(panels, steps, 2, 8, 64)
+        nib = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)
+        top = (v >> 4).view(panels, steps, 2, 8, 4, 16)  # [.., L, i]: value 16 L + i
+        bits = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+        values = torch.cat([nib, bits], dim=-1).reshape(panels, steps, 2, 384)
+    elif blocks.m is not None:
         m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
         m[p, j, c] = blocks.m
         scales.append(m.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32))

@@ -38,8 +38,9 @@ log = logging.getLogger("chunkattn.load")
 
 FORMAT = 1  # bump when what is written changes
 # the same for the quantized entries (<entry>-blocks-v<n>): chunkattn.model.quant.Blocks' layout (2: Q4 values two
-# a byte; 3: Q5_0 / Q4_K read into blocks, other tensors in bfloat16; -<type> entries: quantized at load to it)
-BLOCKS_FORMAT = 3
+# a byte; 3: Q5_0 / Q4_K read into blocks, other tensors in bfloat16; -<type> entries: quantized at load to it;
+# 4: Q6_K kept as blocks)
+BLOCKS_FORMAT = 4
 
 
 def cache_root() -> Path | None:
@@ -309,8 +310,11 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
         return
     log.info("cached the blocks of %s in %s (%.0f MiB)", gguf.name, entry,
              sum(f.stat().st_size for f in entry.iterdir()) / 2**20)
-    for old in entry.parent.glob(entry.name.rsplit("-v", 1)[0] + "-v*"):  # (earlier formats' entries: unread now)
-        if old != entry and old.name.rsplit("-v", 1)[1].isdigit():
+    # earlier formats' entries of this file, of every variant (unread now; a variant's would otherwise stay until
+    # that variant is cached again)
+    for old in entry.parent.glob(entry.name.split("-blocks", 1)[0] + "-blocks*-v*"):
+        version = old.name.rsplit("-v", 1)[1]
+        if version.isdigit() and int(version) != BLOCKS_FORMAT:
             drop(old)
 
 
