@@ -2,12 +2,14 @@
 its Q4_1 GGUF file): the same file loaded three ways (float32 dequantized, bfloat16 dequantized, bfloat16 with the
 Q4_1 / Q8_0 blocks kept as stored), each sequence teacher-forced through prefill (many rows: the dequantized-panel
 kernels) and decoded token by token (one row: the direct q4 kernel). Reports top-1 agreement with the float32 path
-per position, the largest logit difference, and whether each greedy continuation is the same.
+per position, the mean and the largest logit difference, the mean KL divergence of each position's next-token
+distribution from float32's (in nats: small and stable where top-1 flips only at near-ties), and whether each
+greedy continuation is the same.
 
     python benchmarks/quant_accuracy.py [--json out.json] [--tokens 48] [--model other.gguf]
 
-``--model``: another GGUF file (a Q4_K_M one: its Q4_K / Q5_0 weights read into blocks with their values, Q6_K
-dequantized to bf16), loaded the same three ways.
+``--model``: another GGUF file (a Q4_K_M one: its Q4_K / Q5_0 / Q6_K weights read into blocks with their values),
+loaded the same three ways.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 
 import torch
@@ -75,20 +78,29 @@ def main() -> int:
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
     outs = llm.generate(prompts, SamplingParams(max_tokens=args.tokens, temperature=0))
     seqs = [p + list(o.token_ids) for p, o in zip(prompts, outs)]
+    commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
     result = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "tokens": args.tokens,
+              "commit": commit,
               "prompts": len(prompts), "variants": {}, **({"model": args.model} if args.model else {})}
     ref_logits = [logits_of(ref.model, ref.config, s, len(p)) for s, p in zip(seqs, prompts)]
     greedy: dict[str, list[list[int]]] = {}
     for name, lm in loaded.items():
         agree = {"prefill": 0, "decode": 0}
         worst = {"prefill": 0.0, "decode": 0.0}
+        mean_abs = {"prefill": 0.0, "decode": 0.0}
+        kl = {"prefill": 0.0, "decode": 0.0}
         total = 0
         for s, p, (rp, rd) in zip(seqs, prompts, ref_logits):
             lp, ld = logits_of(lm.model, lm.config, s, len(p))
             total += len(rp)
             for key, a, b in (("prefill", lp, rp), ("decode", ld, rd)):
                 agree[key] += int((a.argmax(-1) == b.argmax(-1)).sum())
-                worst[key] = max(worst[key], float((a.float() - b.float()).abs().max()))
+                diff = (a.double() - b.double()).abs()
+                worst[key] = max(worst[key], float(diff.max()))
+                mean_abs[key] += float(diff.mean(-1).sum())
+                ref_log = torch.log_softmax(b.double(), -1)  # KL(float32 || this variant), summed over positions
+                kl[key] += float((ref_log.exp() * (ref_log - torch.log_softmax(a.double(), -1))).sum())
         gen = LLM(loaded=lm).generate(prompts, SamplingParams(max_tokens=args.tokens, temperature=0))
         greedy[name] = [list(g.token_ids) for g in gen]
         same = sum(g == list(o.token_ids) for g, o in zip(greedy[name], outs))
@@ -97,6 +109,9 @@ def main() -> int:
         result["variants"][name] = {
             "top1_agreement_prefill": agree["prefill"] / total, "top1_agreement_decode": agree["decode"] / total,
             "max_abs_logit_diff_prefill": worst["prefill"], "max_abs_logit_diff_decode": worst["decode"],
+            "mean_abs_logit_diff_prefill": mean_abs["prefill"] / total,
+            "mean_abs_logit_diff_decode": mean_abs["decode"] / total,
+            "mean_kl_prefill": kl["prefill"] / total, "mean_kl_decode": kl["decode"] / total,
             "greedy_sequences_equal": f"{same}/{len(prompts)}",
             "greedy_sequences_equal_to_bf16_dequantized": f"{same_bf16}/{len(prompts)}",
             "weight_mib": round(weight_bytes(lm.model)["total"] / 2**20, 1)}

@@ -249,7 +249,7 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
     if not gate_up:
         x_err = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
         assert ((y.double() - exact_ref).abs() <= bound + x_err @ exact.double().abs().T).all()
-    if rows <= 4 and qtype in ("q8_0", "q6_k"):  # the kernel's own choice for a few rows of q8, q6 (q4: if asked)
+    if rows <= 4 and qtype == "q8_0":  # the kernel's own choice for a few rows of q8 (q4 and q6: only when asked)
         assert torch.equal(qw.linear(x, b), y)
 
 
@@ -313,28 +313,23 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     exact = qw.dequantize()
     # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
     # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
-    six = qtype == "q6_k"  # (no direct path: a few rows take path 4)
+    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|
+    six = qtype == "q6_k"
     terms = blocks.d.double().abs().repeat_interleave(16 if six else 32, 1) * (
-        143 if blocks.m is not None else 17 * 143)
+        351 if six else 143 if blocks.m is not None else 17 * 143)
     if blocks.m is not None:
         terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
     for path in [0, *PATHS] + ([4] if HAS_INT_X else []):
-        if six and path == 3:
-            with pytest.raises(RuntimeError, match=r"direct path \(3\) multiplies q4 and q8"):
-                qw.linear(x, b, path=path)
-            continue
         y = qw.linear(x, b, path=path)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
-        int_x = path == 0 and HAS_INT_X and rows <= 4 and qtype in ("q8_0", "q6_k")
-        if path == 4 or int_x:  # x as integers: see above
+        if path == 4 or (path == 0 and HAS_INT_X and rows <= 4 and qtype == "q8_0"):  # x as integers: see above
             ref = _int_x_reference(x, blocks, b, gate_up)
             err = (y.double() - ref).abs()
             assert (err <= _int_x_bound(_int_x(x), exact, ref, gate_up)).all(), path
             continue
-        direct = not six and (path == 3 or (path == 0 and rows <= (4 if not HAS_AMX else 3 if qtype != "q8_0"
-                                                                      else 1)))
+        direct = path == 3 or (path == 0 and rows <= (4 if not HAS_AMX else 3 if qtype != "q8_0" else 1))
         # the dequantizing paths round each weight to bf16 (relative 2^-9); the direct one keeps them exact
         weight = exact if direct else exact.bfloat16().float()
         ref = _reference(x, weight, b, gate_up)

@@ -28,11 +28,12 @@
 // Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles_with) or, where the CPU lacks AMX
 // (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
 // tile layout already is. For a few rows of x (decoding one to three sequences) a third skips the bf16 panel:
-// panel_q4_direct / panel_q8_direct multiply the stored integers exactly (as bf16 integers 128 + q) and apply
-// each block's scale to the float32 sums, so those weights are not rounded to bf16 at all. Where the CPU has
-// AVX512-VNNI, panel_q8_int16 / panel_q4_int16 go further: x's blocks as 15-bit integers (exact within 2^6 of each
-// block's largest), the products as exact integer sums by vpdpbusd, at a third of the vector operations (kAuto's
-// choice for a few rows of kQ8; kQ4 only when asked).
+// panel_q4_direct / panel_q8_direct / panel_q6_direct multiply the stored integers exactly (as bf16 integers
+// 128 + q) and apply each block's scale to the float32 sums, so those weights are not rounded to bf16 at all. Where
+// the CPU has AVX512-VNNI, panel_q8_int16 / panel_q4_int16 / panel_q6_int16 go further: x's blocks as 15-bit
+// integers (exact within 2^6 of each block's largest), the products as exact integer sums by vpdpbusd, at a third
+// of the vector operations (kAuto's choice for a few rows of kQ8; kQ4 and kQ6 only when asked: their rounding of x
+// cost accuracy where measured, see panel_q6_direct).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -99,7 +100,9 @@ bool tiles_usable() {
 // Rows of x up to which kAuto takes kDirect: its cost grows with the rows (one or two vdpbf16ps per row and 32
 // weights), the dequantizing paths' hardly. Measured on the AMX Xeon VM, 16 SmolLM2-sized products out of cache,
 // direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2. Without AMX
-// the alternative is the slower vector path: direct up to the 4 rows a pass takes.
+// the alternative is the slower vector path: direct up to the 4 rows a pass takes (q6 on AMD EPYC Zen 4, 1B
+// down_proj-sized products: 32 / 34 / 40 / 43 ps a weight at 1 / 2 / 3 / 4 rows, the vector path 61-66; q6 on AMX
+// unmeasured, taken as q4).
 int64_t direct_max_rows(int64_t kind) {
   if (!tiles_usable()) return 4;
   return kind == kQ4 ? 3 : 1;
@@ -369,6 +372,54 @@ inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, in
   store_sums<NR>(y, c);
 }
 
+// kQ6 likewise: each group unpacked by q6_group to two tile rows of bytes q (0..63), widened to words and or-ed
+// with 0x4300 (bf16 128 + q), and each half block (tile rows 0-7: k 0-15; 8-15: k 16-31) summed apart for its own
+// scale: sum d (q - 32) x = d (sum (128 + q) x - 160 sum x). The weights and x enter exactly (x as bf16, not
+// rounded to integers as kInt16 does: on a Q4_K_M file's Q6_K down projections, whose inputs carry the MLP's
+// outliers, kInt16 turned 16 of 1116 decode positions' top-1 mismatches against float32 into 24). xhalf: [NR][steps]
+// [2] sums of each row's half blocks.
+template <int NR>
+inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, int64_t steps, const uint8_t* src,
+                            const uint8_t* limit, float* c) {
+  constexpr int64_t tb = tile_bytes(kQ6);
+  const __m512i magic = _mm512_set1_epi16(0x4300);
+  __m512 y[NR][2];
+  for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* t = src + 2 * tb * s;
+    prefetch_ahead<2>(t, 2 * tb, limit);  // into L2, as the other one-row loops
+    for (int half = 0; half < 2; ++half) {
+      __m512 acc[NR][2];
+      for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      for (int g = 4 * half; g < 4 * half + 4; ++g) {  // tile rows 2g, 2g + 1
+        __m512i u[2];
+        for (int j = 0; j < 2; ++j) u[j] = q6_group(t + j * tb + 64 + 48 * g);
+        for (int rr = 0; rr < 2; ++rr) {
+          __m512bh w[2];
+          for (int j = 0; j < 2; ++j) {
+            const __m256i row = rr == 0 ? _mm512_castsi512_si256(u[j]) : _mm512_extracti64x4_epi64(u[j], 1);
+            w[j] = reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_cvtepu8_epi16(row), magic));
+          }
+          for (int i = 0; i < NR; ++i) {
+            const __m512bh xb = x_pair(x[i], s, 2 * g + rr);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w[0], xb);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w[1], xb);
+          }
+        }
+      }
+      for (int j = 0; j < 2; ++j) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32 * half)));
+        const __m512 offset = _mm512_mul_ps(d, _mm512_set1_ps(-160.f));
+        for (int i = 0; i < NR; ++i) {
+          y[i][j] = _mm512_fmadd_ps(acc[i][j], d, y[i][j]);
+          y[i][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xhalf[(i * steps + s) * 2 + half]), y[i][j]);
+        }
+      }
+    }
+  }
+  store_sums<NR>(y, c);
+}
+
 #ifdef CHUNKATTN_QUANT_INT16
 // x's rows as 15-bit integers for kInt16, block floating point: each block of 32 gets the scale a = 2^(E - 13),
 // E = floor(log2 amax) (clamped at -100), and v = round(x / a) (to nearest even), |v| <= 16320. A power of two, so
@@ -580,6 +631,7 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
   with_rows(rows, [&](auto nr) {
     constexpr int NR = decltype(nr)::value;
     if (kind == kQ8) panel_q8_direct<NR>(x, xsum, steps, src, limit, c);
+    else if (kind == kQ6) panel_q6_direct<NR>(x, xsum, steps, src, limit, c);
     else if constexpr (NR == 1) panel_q4_direct_one(x[0], xsum, steps, src, limit, c);
     else panel_q4_direct<NR>(x, xsum, steps, src, limit, c);
   });
@@ -621,13 +673,11 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
               "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
-  TORCH_CHECK(path != kDirect || kind != kQ6, op, ": the direct path (3) multiplies q4 and q8 weights; q6 takes 4 ",
-              "(x as integers) for a few rows");
   if (path == kAuto)
-    path = kind != kQ4 && int16_usable() && M <= int16_max_rows() ? kInt16
-           : M <= direct_max_rows(kind) && kind != kQ6  ? kDirect
-           : tiles_usable()                             ? kTiles
-                                                        : kVector;
+    path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
+           : M <= direct_max_rows(kind)              ? kDirect
+           : tiles_usable()                          ? kTiles
+                                                     : kVector;
   const bool tiles = path == kTiles, direct = path == kDirect, int16 = path == kInt16;
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
@@ -638,13 +688,21 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   // rows per block: kXBlockBytes of x (they stay in L2 while the panels pass), whole pairs of row tiles
   const int64_t block = std::max<int64_t>(32, (kXBlockBytes / (K * 2)) / 32 * 32);
-  std::vector<float> xsum;  // direct: [M][steps] sums of x's blocks
+  // direct: [M][steps] sums of x's blocks (kQ6: [M][steps][2], of each half block)
+  const int64_t sums = kind == kQ6 ? 2 : 1;
+  std::vector<float> xsum;
   if (direct) {
-    xsum.resize(M * steps);
+    xsum.resize(M * steps * sums);
     for (int64_t i = 0; i < M; ++i)
       for (int64_t s = 0; s < steps; ++s) {
         const c10::BFloat16* xi = rows.row(i) + s * kDepth;
-        xsum[i * steps + s] = hsum(load(xi) + load(xi + 16));
+        const auto a = load(xi), b = load(xi + 16);
+        if (kind == kQ6) {
+          xsum[(i * steps + s) * 2] = hsum(a);
+          xsum[(i * steps + s) * 2 + 1] = hsum(b);
+        } else {
+          xsum[i * steps + s] = hsum(a + b);
+        }
       }
   }
 #ifdef CHUNKATTN_QUANT_INT16
@@ -712,7 +770,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
           in_passes([&](int64_t r0, int64_t nr) {
             const c10::BFloat16* xr[4];
             for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
-            panel_direct_rows(kind, xr, xsum.data() + r0 * steps, nr, steps, src, r0 == 0 ? limit : qp, c);
+            panel_direct_rows(kind, xr, xsum.data() + r0 * steps * sums, nr, steps, src, r0 == 0 ? limit : qp, c);
           });
           continue;
         }
