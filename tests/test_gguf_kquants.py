@@ -236,12 +236,13 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
 
 
 @needs_kernel
-@pytest.mark.parametrize("seed", [1, 2])
-def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path, caplog, seed):
-    """Built into a model: q/k/v of layer 0 dense (an F16 part beside quantized ones: logged) and its Q5_K o, the
-    others quantized (q4_1 from Q4_K / Q4_1, q8_0 from Q5_0 / Q8_0, q6_k from Q6_K: the embeddings and the tied
-    head one pack); prefill logits match those of the model built in float32 from the blocks' values and from
-    transformers' float32 reading (the float16 scale products of Q4_K and Q6_K too)."""
+@pytest.mark.parametrize(("seed", "q0"), [(1, T.F16), (2, T.Q4_K)])
+def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path, caplog, seed, q0):
+    """Built into a model: q/k/v of layer 0 dense where its q is F16 (beside quantized k and v: logged), as parts
+    where it is Q4_K (q and k one q4_1 product, the Q6_K v another, as in llama.cpp's Q4_K_M files); layer 0's o
+    dense (Q5_K); the others quantized (q4_1 from Q4_K / Q4_1, q8_0 from Q5_0 / Q8_0, q6_k from Q6_K: the
+    embeddings and the tied head one pack); prefill logits match those of the model built in float32 from the
+    blocks' values and from transformers' float32 reading (the float16 scale products of Q4_K and Q6_K too)."""
     from chunkattn import PrefixKVCache
     from chunkattn.attention import get_backend
     from chunkattn.model.layers import Embedding, Linear
@@ -249,17 +250,20 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     from chunkattn.model.registry import config_from_hf
 
     path = tmp_path / "kq.gguf"
-    write_gguf(path, TYPES, seed=seed)
+    write_gguf(path, {**TYPES, (0, "attn_q"): q0}, seed=seed)
     cfg, ref = _reference(path)
     config = config_from_hf(cfg)
     dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
     ours = {**dense, **{name: b.dequantize() for name, b in blocks.items()}}  # (build_model empties both)
     with caplog.at_level("INFO", logger="chunkattn"):
         q = build_model(config, dense, torch.bfloat16, "cpu", blocks=blocks)
-    assert "model.layers.0.self_attn.qkv_proj.weight: dequantized (some parts are not quantized)" in caplog.text
+    parts = q0 == T.Q4_K
+    assert ("model.layers.0.self_attn.qkv_proj.weight: " + ("its parts multiplied apart (q4_1+q6_k)" if parts else
+            "dequantized (some parts are not quantized)")) in caplog.text
     qtypes = {name: m.quant.qtype for name, m in q.named_modules()
               if isinstance(m, (Linear, Embedding)) and m.quant}
-    assert qtypes == {"model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q4_1",
+    assert qtypes == {**({"model.layers.0.self_attn.qkv_proj": "q4_1+q6_k"} if parts else {}),
+                      "model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q4_1",
                       "model.layers.1.self_attn.qkv_proj": "q8_0", "model.layers.1.self_attn.o_proj": "q8_0",
                       "model.layers.1.mlp.gate_up_proj": "q8_0", "model.layers.1.mlp.down_proj": "q6_k",
                       "model.embed_tokens": "q6_k", "lm_head": "q6_k"}

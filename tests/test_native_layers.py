@@ -93,10 +93,34 @@ CASES = [(s, torch.float32, "none") for s in SHAPES] + [(s, torch.bfloat16, "non
         not kernel_supported(), reason="the quantized kernel needs AVX512-BF16"))]
 
 
-@pytest.mark.parametrize(("shape", "dtype", "quantization"), CASES)
+def with_parts(model) -> None:
+    """Every layer's q/k/v as parts of two kinds (quant.QuantizedParts, as a Q4_K_M file's Q4_K q / k beside its
+    Q6_K v load): q4_1 for q and k, q6_k for v, from the layer's weights."""
+    from chunkattn.model import quant
+    from helpers import q6_k_blocks
+
+    cfg = model.config
+    qk = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+    for layer in model.model.layers:
+        lin = layer.self_attn.qkv_proj
+        w = lin.dense_weight().float()
+        parts = quant.BlockParts.of([quant.quantize(w[:qk], "q4_1"), q6_k_blocks(w[qk:])])
+        lin.set_quantized(quant.pack(parts), torch.bfloat16)
+
+
+PARTS_CASES = [pytest.param(s, torch.bfloat16, "q4_1+q6_k", marks=pytest.mark.skipif(
+    not kernel_supported(), reason="the quantized kernel needs AVX512-BF16")) for s in ("gqa2", "qwen2-gqa3-d64")]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "quantization"), CASES + PARTS_CASES)
 def test_stack_equals_the_python_loop_through_prefill_decode_and_mixed_steps(tmp_path, monkeypatch, shape, dtype,
                                                                              quantization):
-    model = make_model(tmp_path, shape, dtype, quantization, seed=len(shape))
+    model = make_model(tmp_path, shape, dtype, quantization.split("+")[0], seed=len(shape))
+    if "+" in quantization:  # q/k/v of two kinds (with Qwen2's q/k/v bias split over them)
+        with_parts(model)
+        qkv = model.model.layers[0].self_attn.qkv_proj.quant
+        assert qkv.qtype == quantization and len(qkv.parts) == 2
+        quantization = "q4_1"
     lin = model.model.layers[0].mlp.gate_up_proj  # the product kind under test
     if quantization != "none":
         assert lin.quant is not None and lin.quant.qtype == quantization

@@ -25,7 +25,7 @@ from chunkattn.model.quant import (
     kernel_supported,
     quantize,
 )
-from helpers import write_checkpoint
+from helpers import q6_k_blocks, write_checkpoint
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
@@ -42,13 +42,7 @@ needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the path with integer x 
 def _blocks(w: torch.Tensor, qtype: str) -> Blocks:
     """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for q6_k (read from GGUF files only) a scale per 16
     weights (their largest |w| / 31, as float16) and values 0..63 around 32, as llama.cpp's Q6_K holds them."""
-    if qtype != "q6_k":
-        return quantize(w, qtype)
-    n, k = w.shape
-    x = w.float().view(n, k // 16, 16)
-    d = (x.abs().amax(-1) / 31).half()
-    q = (x * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(-32, 31) + 32
-    return Blocks("q6_k", q.to(torch.uint8).view(n, k), d, None)
+    return q6_k_blocks(w) if qtype == "q6_k" else quantize(w, qtype)
 
 
 @needs_kernel

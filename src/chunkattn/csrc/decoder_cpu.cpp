@@ -20,7 +20,7 @@ namespace {
 using chunkattn::ops::add_rms_norm_;
 
 // How a linear layer multiplies (chunkattn.model.native_stack.LINEAR_KINDS names them).
-enum LinearKind : int64_t { kDense = 0, kPanels = 1, kBf16Panels = 2, kQuant = 3 };
+enum LinearKind : int64_t { kDense = 0, kPanels = 1, kBf16Panels = 2, kQuant = 3, kQuantParts = 4 };
 
 // What identifies a tensor's values: its version (bumped by every in-place change) and its data pointer (a
 // `.data =` assignment swaps the storage).
@@ -39,6 +39,12 @@ struct LinearSpec {
   int64_t max_rows;  // kBf16Panels: rows up to which the panels run (Linear.panel_max_rows), F.linear above
   bool gate_up;      // silu(x W_gate^T) * (x W_up^T)
   std::pair<int64_t, const void*> weight_version, packed_version;  // when added (see fresh)
+  // kQuantParts: a fused projection whose parts are of different block kinds (a Q4_K_M file's Q4_K q / k beside a
+  // Q6_K v), each multiplied by linear_quant into its columns of one output, as quant.QuantizedParts.linear
+  std::vector<at::Tensor> parts;
+  std::vector<int64_t> part_kinds, part_ns;
+  std::vector<c10::optional<at::Tensor>> part_bias;
+  std::vector<std::pair<int64_t, const void*>> part_versions;
 
   // As Linear.forward / GateUpLinear.forward (chunkattn/model/layers.py) for the pack kinds above.
   at::Tensor operator()(const at::Tensor& x) const {
@@ -54,6 +60,12 @@ struct LinearSpec {
       case kQuant:
         return gate_up ? ops::linear_silu_mul_quant(x, packed, qkind, n, 0)
                        : ops::linear_quant(x, packed, qkind, n, bias, 0);
+      case kQuantParts: {
+        std::vector<at::Tensor> ys;
+        for (size_t p = 0; p < parts.size(); ++p)
+          ys.push_back(ops::linear_quant(x, parts[p], part_kinds[p], part_ns[p], part_bias[p], 0));
+        return at::cat(ys, 1);
+      }
       default:
         break;
     }
@@ -76,12 +88,36 @@ struct DecoderStack : torch::CustomClassHolder {
 
   void add_linear(int64_t kind, at::Tensor weight, at::Tensor packed, c10::optional<at::Tensor> bias, int64_t n,
                   int64_t qkind, int64_t max_rows, bool gate_up) {
-    TORCH_CHECK(kind >= kDense && kind <= kQuant, "DecoderStack.add_linear: unknown kind ", kind);
+    TORCH_CHECK(kind >= kDense && kind <= kQuant, "DecoderStack.add_linear: unknown kind ", kind,
+                " (parts of several kinds: add_linear_parts)");
     TORCH_CHECK(kind == kDense || packed.defined(), "DecoderStack.add_linear: kind ", kind, " needs its pack");
     TORCH_CHECK(kind == kPanels || kind == kQuant || weight.dim() == 2,
                 "DecoderStack.add_linear: kind ", kind, " needs the dense [out, in] weight");
     linears.push_back(LinearSpec{kind, weight, packed, std::move(bias), n, qkind, max_rows, gate_up,
                                  version_of(weight), version_of(packed)});
+  }
+
+  // A projection of quantized parts (packs of kinds `kinds`, with `ns` output columns each), stacked along the
+  // output; bias (optional) over all of them.
+  void add_linear_parts(std::vector<at::Tensor> packs, std::vector<int64_t> kinds, std::vector<int64_t> ns,
+                        c10::optional<at::Tensor> bias) {
+    TORCH_CHECK(!packs.empty() && packs.size() == kinds.size() && packs.size() == ns.size(),
+                "DecoderStack.add_linear_parts: one kind and column count per pack, and at least one pack");
+    LinearSpec spec{kQuantParts, at::Tensor(), at::Tensor(), bias, 0, 0, 0, false, {0, nullptr}, {0, nullptr}};
+    int64_t offset = 0;
+    for (size_t p = 0; p < packs.size(); ++p) {
+      spec.part_bias.push_back(bias.has_value() ? c10::optional<at::Tensor>(bias->narrow(0, offset, ns[p]))
+                                                : c10::nullopt);
+      spec.part_versions.push_back(version_of(packs[p]));
+      offset += ns[p];
+    }
+    TORCH_CHECK(!bias.has_value() || bias->numel() == offset, "DecoderStack.add_linear_parts: a bias of ",
+                bias.has_value() ? bias->numel() : 0, " for ", offset, " output columns");
+    spec.n = offset;
+    spec.parts = std::move(packs);
+    spec.part_kinds = std::move(kinds);
+    spec.part_ns = std::move(ns);
+    linears.push_back(std::move(spec));
   }
 
   void add_norm(at::Tensor weight, double eps) {
@@ -96,6 +132,8 @@ struct DecoderStack : torch::CustomClassHolder {
   bool fresh() const {
     for (const LinearSpec& l : linears) {
       if (version_of(l.weight) != l.weight_version || version_of(l.packed) != l.packed_version) return false;
+      for (size_t p = 0; p < l.parts.size(); ++p)
+        if (version_of(l.parts[p]) != l.part_versions[p]) return false;
     }
     for (size_t i = 0; i < norms.size(); ++i) {
       if (version_of(norms[i].first).second != norm_versions[i].second) return false;
@@ -158,6 +196,7 @@ TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<int64_t, int64_t, int64_t>())
       .def("add_linear", &DecoderStack::add_linear)
+      .def("add_linear_parts", &DecoderStack::add_linear_parts)
       .def("add_norm", &DecoderStack::add_norm)
       .def("num_layers", &DecoderStack::num_layers)
       .def("fresh", &DecoderStack::fresh)

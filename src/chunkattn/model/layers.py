@@ -14,7 +14,7 @@ from torch import nn
 
 from chunkattn import native
 from chunkattn.model.config import ModelConfig
-from chunkattn.model.quant import QuantizedWeight
+from chunkattn.model.quant import QuantizedParts, QuantizedWeight
 from chunkattn.utils import cdiv
 
 _generation = 0
@@ -133,9 +133,9 @@ class Linear(WatchedModule):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: PackedWeight | None = None
-        self.quant: QuantizedWeight | None = None
+        self.quant: QuantizedWeight | QuantizedParts | None = None
 
-    def set_quantized(self, quant: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> None:
+    def set_quantized(self, quant: QuantizedWeight | QuantizedParts, dtype: torch.dtype = torch.bfloat16) -> None:
         """Multiply by ``quant`` (block-quantized, see :mod:`chunkattn.model.quant`) from now on. ``weight``
         becomes an empty placeholder of ``dtype`` (the dtype of the activations): the dense weight is not kept."""
         want = (self.out_features, self.in_features)

@@ -187,21 +187,21 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
         model = family.build(config)
     taken, weights = weights, {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
     taken.clear()  # (the caller's dicts no longer hold the tensors)
-    taken_blocks, blocks = blocks, dict(blocks or {})
-    if taken_blocks:
-        taken_blocks.clear()
+    held: dict[str, quant.Blocks | quant.BlockParts] = dict(blocks or {})
+    if blocks:
+        blocks.clear()
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-        blocks.pop("lm_head.weight", None)
-    if blocks or quantize:
+        held.pop("lm_head.weight", None)
+    if held or quantize:
         _check_quantized_device(dtype, device)
     weights = model.from_hf_state_dict(weights, config)
-    _fuse_blocks(model, config, blocks, weights)
+    _fuse_blocks(model, config, held, weights)
     if quantize:  # from the checkpoint's values, before the cast to dtype (one rounding, not two)
         plan = quantization_plan(config, quantize)
         for name in [n for n in weights if n in plan]:
-            blocks[name] = quant.quantize(weights.pop(name), plan[name])
-    quantized = _set_quantized(model, blocks, dtype, weights)
+            held[name] = quant.quantize(weights.pop(name), plan[name])
+    quantized = _set_quantized(model, held, dtype, weights)
     if quantize:
         skipped = [n for n, m in model.named_modules() if isinstance(m, (Linear, Embedding)) and m.quant is None
                    and not (config.tie_word_embeddings and n == "lm_head")]
@@ -301,10 +301,11 @@ def _check_quantized_device(dtype: torch.dtype, device: str | torch.device) -> N
             "has none: see `chunkattn info`): pass --quantization none to dequantize them at load")
 
 
-def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str, quant.Blocks],
+def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str, quant.Blocks | quant.BlockParts],
                  dense: dict[str, torch.Tensor]) -> None:
     """``blocks`` under the model's names, in place: the parts of a fused module (q/k/v, gate/up) stacked when all
-    are quantized alike; otherwise the quantized parts are dequantized into ``dense`` (the model's names too)."""
+    are quantized alike; q/k/v all quantized but of different kinds kept as :class:`quant.BlockParts` (each
+    multiplied as stored); otherwise the quantized parts are dequantized into ``dense`` (the model's names too)."""
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}."
         for fused, parts in model.packed_modules.items():
@@ -315,7 +316,16 @@ def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str,
             try:
                 if not all(n in blocks for n in names):
                     raise quant.QuantizationError("some parts are not quantized")
-                blocks[target] = quant.Blocks.cat([blocks[n] for n in names])
+                got = [b for n in names if isinstance(b := blocks[n], quant.Blocks)]
+                if len(got) != len(names):  # (never: the parts are as read, none fused yet)
+                    raise quant.QuantizationError("some parts are fused already")
+                try:
+                    blocks[target] = quant.Blocks.cat(got)
+                except quant.QuantizationError:
+                    if isinstance(model.get_submodule(target.removesuffix(".weight")), GateUpLinear):
+                        raise
+                    blocks[target] = quant.BlockParts.of(got)
+                    log.info("%s: its parts multiplied apart (%s)", target, blocks[target].qtype)
                 for n in names:
                     del blocks[n]
             except quant.QuantizationError as exc:
@@ -329,7 +339,7 @@ def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str,
                 dense[target] = torch.cat(parts_dense, dim=0)
 
 
-def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dtype: torch.dtype,
+def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks | quant.BlockParts], dtype: torch.dtype,
                    dense: dict[str, torch.Tensor]) -> set[str]:
     """Pack ``blocks`` (model names) into their linear and embedding modules, emptying it (each freed once
     packed); returns the parameter names they replace. Blocks of any other tensor are dequantized into
@@ -344,7 +354,12 @@ def _set_quantized(model: LlamaForCausalLM, blocks: dict[str, quant.Blocks], dty
         if not isinstance(module, (Linear, Embedding)) or not name.endswith(".weight"):
             dense[name] = b.dequantize()  # (an unknown name is then reported by load_state_dict)
             continue
-        module.set_quantized(quant.QuantizedWeight.pack(b, gate_up=isinstance(module, GateUpLinear)), dtype)
+        if isinstance(module, Embedding) and isinstance(b, quant.Blocks):
+            module.set_quantized(quant.QuantizedWeight.pack(b), dtype)
+        elif isinstance(module, Linear):
+            module.set_quantized(quant.pack(b, gate_up=isinstance(module, GateUpLinear)), dtype)
+        else:  # (an embedding's blocks are never parts)
+            raise quant.QuantizationError(f"{name}: an embedding cannot take {b.qtype} parts")
         kept.add(name)
         freed = math.prod(b.shape) * 4  # (the blocks and the packing's temporaries, a few bytes a weight)
         del b

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from chunkattn import native
 from chunkattn.model.layers import GateUpLinear, Linear, RMSNorm, generation, mark_changed, runs_own_forward
+from chunkattn.model.quant import QuantizedParts
 
 if TYPE_CHECKING:
     from chunkattn.model.llama import LlamaForCausalLM
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 ENV = "CHUNKATTN_NATIVE_LAYERS"
 # DecoderStack.add_linear's kinds (csrc/decoder_cpu.cpp's LinearKind)
 LINEAR_KINDS = {"dense": 0, "panels": 1, "bf16-panels": 2, "quant": 3}
+PARTS = 4  # a projection of quantized parts of several kinds (quant.QuantizedParts): DecoderStack.add_linear_parts
 
 
 def _on_registration(module: nn.Module, name: str, value: object) -> None:
@@ -72,6 +74,9 @@ def _linear_spec(layer: nn.Module, x: torch.Tensor) -> tuple | None:
         q = layer.quant
         if not q.kernel_runs(x):
             return None
+        if isinstance(q, QuantizedParts):  # (DecoderStack.add_linear_parts' arguments, after this kind)
+            return (PARTS, [p.packed for p in q.parts], [p.kind for p in q.parts],
+                    [p.out_features for p in q.parts], bias)
         return (LINEAR_KINDS["quant"], empty, q.packed, bias, q.out_features, q.kind, 0, gate_up)
     packed = layer._usable_pack(x)  # repacks a weight changed in place
     if packed is None:  # (dense_weight: unpacked for the stack if only the pack holds it)
@@ -100,7 +105,11 @@ def build(model: LlamaForCausalLM, x: torch.Tensor) -> Any | None:
             if i % 2 == 0:  # input_layernorm before qkv_proj, post_attention_layernorm before gate_up_proj
                 norm = in_norm if i == 0 else post_norm
                 stack.add_norm(norm.weight, norm.eps)
-            stack.add_linear(*spec)  # type: ignore[misc]
+            assert spec is not None
+            if spec[0] == PARTS:
+                stack.add_linear_parts(*spec[1:])
+            else:
+                stack.add_linear(*spec)
     return stack
 
 

@@ -435,6 +435,90 @@ class QuantizedWeight:
         return y if bias is None else y + bias
 
 
+@dataclass(frozen=True)
+class BlockParts:
+    """The blocks of a fused projection's parts (q / k / v) when they are of different kinds, stacked along N in
+    order (a Q4_K_M file's Q4_K q and k beside a Q6_K v): packed as :class:`QuantizedParts`, each part multiplied
+    as stored instead of the whole projection dequantized."""
+
+    parts: tuple[Blocks, ...]
+
+    @staticmethod
+    def of(parts: list[Blocks]) -> BlockParts:
+        """``parts`` with each run of neighbours of one kind stacked into one part (q and k of Q4_K: one product)."""
+        runs: list[list[Blocks]] = []
+        for p in parts:
+            if runs and _KIND[runs[-1][-1].qtype] == _KIND[p.qtype]:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        return BlockParts(tuple(Blocks.cat(r) if len(r) > 1 else r[0] for r in runs))
+
+    @property
+    def qtype(self) -> str:
+        return "+".join(p.qtype for p in self.parts)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+@dataclass(frozen=True)
+class QuantizedParts:
+    """:class:`BlockParts` packed: a :class:`QuantizedWeight` a part, multiplied apart into the columns of one
+    output (``chunkattn_layers.DecoderStack.add_linear_parts`` does the same in the native layer loop). Not for a
+    gate/up projection (its activation pairs columns across the parts)."""
+
+    parts: tuple[QuantizedWeight, ...]
+    gate_up: bool = False
+
+    @property
+    def qtype(self) -> str:
+        return "+".join(p.qtype for p in self.parts)
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    kernel_runs = staticmethod(QuantizedWeight.kernel_runs)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[N, K]``, the parts stacked."""
+        return torch.cat([p.dequantize() for p in self.parts])
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[len(rows), K]``: rows of the stacked weight (the reference in tests)."""
+        return self.dequantize()[rows.long().cpu()]
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, path: int = 0) -> torch.Tensor:
+        """Each part's :meth:`QuantizedWeight.linear` (with its slice of ``bias``), concatenated."""
+        outs, start = [], 0
+        for p in self.parts:
+            outs.append(p.linear(x, None if bias is None else bias[start:start + p.out_features], path))
+            start += p.out_features
+        return torch.cat(outs, dim=-1)
+
+
+def pack(blocks: Blocks | BlockParts, gate_up: bool = False) -> QuantizedWeight | QuantizedParts:
+    """``blocks`` packed for a layer: :meth:`QuantizedWeight.pack`, or a pack a part for :class:`BlockParts`."""
+    if isinstance(blocks, Blocks):
+        return QuantizedWeight.pack(blocks, gate_up)
+    if gate_up:
+        raise QuantizationError(f"a gate/up projection's parts must be of one kind, got {blocks.qtype}")
+    return QuantizedParts(tuple(QuantizedWeight.pack(p) for p in blocks.parts))
+
+
 @functools.cache
 def _warn_dense_fallback(dtype: str, device: str) -> None:
     log.warning("quantized weights multiplied by dequantizing them on every call (%s on %s: the kernel needs "
