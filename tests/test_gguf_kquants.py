@@ -331,10 +331,15 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
     from chunkattn import InsufficientMemoryError
     from chunkattn.model import load_model, loader
     from chunkattn.model.layers import Embedding, Linear
+    from chunkattn.model.loader import weight_bytes
 
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "kq.gguf"
-    write_gguf(path, TYPES)
+    write_gguf(path, {**TYPES, (0, "attn_q"): T.Q4_K})  # (layer 0's q/k/v: Q4_K q and k beside a Q6_K v)
+
+    def same_packs(x, y) -> bool:  # (a projection of parts: each part's)
+        xs, ys = getattr(x, "parts", [x]), getattr(y, "parts", [y])
+        return len(xs) == len(ys) and all(torch.equal(p.packed, q.packed) for p, q in zip(xs, ys))
 
     def packs(m):
         return {n: x.quant for n, x in m.model.named_modules() if isinstance(x, (Linear, Embedding)) and x.quant}
@@ -349,8 +354,11 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
         q4 = load_model(path, dtype=torch.bfloat16, quantization="q4_0")
         assert "cached the blocks of kq.gguf" in caplog.text  # (its own entry, beside the first)
     a, b = packs(first), packs(second)
-    assert a.keys() == b.keys() and len(a) == 8, sorted(a)
-    assert all(torch.equal(a[n].packed, b[n].packed) for n in a)
+    assert a.keys() == b.keys() and len(a) == 9, sorted(a)
+    assert a["model.layers.0.self_attn.qkv_proj"].qtype == "q4_1+q6_k"
+    assert all(same_packs(a[n], b[n]) for n in a)
+    # the resident bytes count each pack once (the tied head's is the embeddings')
+    assert weight_bytes(first.model)["quantized"] == sum(p.nbytes for n, p in a.items() if n != "lm_head")
     kinds = {n: p.qtype for n, p in packs(q4).items()}
     assert kinds["model.embed_tokens"] == "q8_0" and kinds["model.layers.0.self_attn.qkv_proj"] == "q4_0"
     assert len(list((tmp_path / "cache" / "gguf").glob("*-blocks-v*"))) == 1
@@ -365,7 +373,7 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
         assert "is unreadable" in caplog.text and "cached the blocks of kq.gguf" in caplog.text
     assert (entry / "weights.safetensors").exists()
     c = packs(again)
-    assert c.keys() == a.keys() and all(torch.equal(a[n].packed, c[n].packed) for n in a)
+    assert c.keys() == a.keys() and all(same_packs(a[n], c[n]) for n in a)
     monkeypatch.setenv("CHUNKATTN_WEIGHT_CACHE", "0")
     monkeypatch.setattr(loader, "memory_shortfall", lambda need, device, what: (f"only {need - 1} fit", need - 1))
     with pytest.raises(InsufficientMemoryError, match=r"loading kq\.gguf's weights quantized \(read tensor by tensor, "

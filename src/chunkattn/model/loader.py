@@ -379,8 +379,8 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
             dense += t.numel() * t.element_size()
     for module in model.modules():
         q = getattr(module, "quant", None)
-        if q is not None and id(q.packed) not in seen:
-            seen.add(id(q.packed))
+        if q is not None and id(q) not in seen:  # (a tied head holds its embeddings' pack object)
+            seen.add(id(q))
             quantized += q.nbytes
         pack = getattr(module, "packed", None)
         if isinstance(pack, PackedWeight) and id(pack.tensor) not in seen:  # (oneDNN's blocked packs count too)
