@@ -471,13 +471,16 @@ def table_llamacpp(files: list[tuple[str, Json]]) -> list[str]:
 
 def table_quant_accuracy(files: list[tuple[str, Json]]) -> list[str]:
     (_name, d), = files
+    kl = all("mean_kl_decode" in v for v in d["variants"].values())  # (files from 2026-12-07 on)
     rows = []
     for variant, v in d["variants"].items():
         rows.append([variant, f"{v['weight_mib']:.0f} MiB", pct(v["top1_agreement_prefill"]),
                      pct(v["top1_agreement_decode"]), f"{v['max_abs_logit_diff_decode']:.2f}",
+                     *([f"{v['mean_kl_prefill']:.5f} / {v['mean_kl_decode']:.5f}"] if kl else []),
                      v["greedy_sequences_equal"], v["greedy_sequences_equal_to_bf16_dequantized"]])
     return table(["weights", "resident", "top-1 = fp32, prefill", "top-1 = fp32, decode",
-                  "max logit diff, decode", f"greedy {d['tokens']} tokens = fp32", "= bf16 dequantized"], rows)
+                  "max logit diff, decode", *(["mean KL from fp32, prefill / decode"] if kl else []),
+                  f"greedy {d['tokens']} tokens = fp32", "= bf16 dequantized"], rows)
 
 
 def table_single_stream(files: list[tuple[str, Json]]) -> list[str]:
