@@ -420,6 +420,53 @@ inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, i
   store_sums<NR>(y, c);
 }
 
+// panel_q6_direct for one row of x, with fewer operations (as panel_q4_direct_one for kQ4): each unpacked group's
+// bytes become words 0x4300 | q within their 128-bit lanes (vpunpck{l,h}bw against 0x43: one operation per 32
+// weights, not the cross-lane widening and an or), so lane L of the low words holds tile row 2g + L / 2's columns
+// 0-3 (L even) or 8-11 (L odd), the high words columns 4-7 / 12-15; x's pair of row 2g faces lanes 0-1 and that of
+// row 2g + 1 lanes 2-3. The sums stay in that layout (each scaled by its columns' scales) until the panel ends,
+// when the two rows' lanes are added and put in column order.
+inline void panel_q6_direct_one(const c10::BFloat16* x, const float* xhalf, int64_t steps, const uint8_t* src,
+                                const uint8_t* limit, float* c) {
+  constexpr int64_t tb = tile_bytes(kQ6);
+  const __m512i magic = _mm512_set1_epi8(0x43);
+  const __m512i pair_of_lane = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i lo_cols = _mm512_set_epi32(11, 10, 9, 8, 3, 2, 1, 0, 11, 10, 9, 8, 3, 2, 1, 0);
+  const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(4));
+  __m512 ylo[2], yhi[2], z[2];
+  for (int j = 0; j < 2; ++j) ylo[j] = yhi[j] = z[j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* t = src + 2 * tb * s;
+    prefetch_ahead<2>(t, 2 * tb, limit);
+    for (int half = 0; half < 2; ++half) {
+      __m512 alo[2], ahi[2];
+      for (int j = 0; j < 2; ++j) alo[j] = ahi[j] = _mm512_setzero_ps();
+      for (int g = 4 * half; g < 4 * half + 4; ++g) {  // tile rows 2g, 2g + 1: x[4g .. 4g + 3]
+        const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi32(
+            pair_of_lane, _mm512_castsi128_si512(_mm_loadl_epi64(
+                              reinterpret_cast<const __m128i*>(x + s * kDepth + 4 * g)))));
+        for (int j = 0; j < 2; ++j) {
+          const __m512i u = q6_group(t + j * tb + 64 + 48 * g);
+          alo[j] = _mm512_dpbf16_ps(alo[j], reinterpret_cast<__m512bh>(_mm512_unpacklo_epi8(u, magic)), xb);
+          ahi[j] = _mm512_dpbf16_ps(ahi[j], reinterpret_cast<__m512bh>(_mm512_unpackhi_epi8(u, magic)), xb);
+        }
+      }
+      for (int j = 0; j < 2; ++j) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32 * half)));
+        ylo[j] = _mm512_fmadd_ps(alo[j], _mm512_permutexvar_ps(lo_cols, d), ylo[j]);
+        yhi[j] = _mm512_fmadd_ps(ahi[j], _mm512_permutexvar_ps(hi_cols, d), yhi[j]);
+        z[j] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(-160.f)), _mm512_set1_ps(xhalf[2 * s + half]), z[j]);
+      }
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    // lanes of ylo: columns 0-3, 8-11 (row 2g), 0-3, 8-11 (row 2g + 1); of yhi: 4-7, 12-15, 4-7, 12-15
+    const __m512 sum = _mm512_add_ps(_mm512_shuffle_f32x4(ylo[j], yhi[j], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(ylo[j], yhi[j], _MM_SHUFFLE(3, 2, 3, 2)));
+    _mm512_storeu_ps(c + 16 * j, _mm512_add_ps(_mm512_shuffle_f32x4(sum, sum, _MM_SHUFFLE(3, 1, 2, 0)), z[j]));
+  }
+}
+
 #ifdef CHUNKATTN_QUANT_INT16
 // x's rows as 15-bit integers for kInt16, block floating point: each block of 32 gets the scale a = 2^(E - 13),
 // E = floor(log2 amax) (clamped at -100), and v = round(x / a) (to nearest even), |v| <= 16320. A power of two, so
@@ -631,7 +678,10 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
   with_rows(rows, [&](auto nr) {
     constexpr int NR = decltype(nr)::value;
     if (kind == kQ8) panel_q8_direct<NR>(x, xsum, steps, src, limit, c);
-    else if (kind == kQ6) panel_q6_direct<NR>(x, xsum, steps, src, limit, c);
+    else if (kind == kQ6) {
+      if constexpr (NR == 1) panel_q6_direct_one(x[0], xsum, steps, src, limit, c);
+      else panel_q6_direct<NR>(x, xsum, steps, src, limit, c);
+    }
     else if constexpr (NR == 1) panel_q4_direct_one(x[0], xsum, steps, src, limit, c);
     else panel_q4_direct<NR>(x, xsum, steps, src, limit, c);
   });
