@@ -78,8 +78,11 @@ def main() -> int:
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
     outs = llm.generate(prompts, SamplingParams(max_tokens=args.tokens, temperature=0))
     seqs = [p + list(o.token_ids) for p, o in zip(prompts, outs)]
-    commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    try:  # (-dirty: the tree held changes the commit does not)
+        commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "describe", "--always",
+                                 "--dirty"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     result = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "tokens": args.tokens,
               "commit": commit,
               "prompts": len(prompts), "variants": {}, **({"model": args.model} if args.model else {})}

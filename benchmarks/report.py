@@ -471,7 +471,7 @@ def table_llamacpp(files: list[tuple[str, Json]]) -> list[str]:
 
 def table_quant_accuracy(files: list[tuple[str, Json]]) -> list[str]:
     (_name, d), = files
-    kl = all("mean_kl_decode" in v for v in d["variants"].values())  # (files from 2026-12-07 on)
+    kl = all("mean_kl_decode" in v for v in d["variants"].values())  # (files that record it)
     rows = []
     for variant, v in d["variants"].items():
         rows.append([variant, f"{v['weight_mib']:.0f} MiB", pct(v["top1_agreement_prefill"]),

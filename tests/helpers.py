@@ -153,11 +153,13 @@ def write_checkpoint(directory, hf_config: dict, weights: dict[str, torch.Tensor
 
 def q6_k_blocks(w: torch.Tensor):
     """``w`` ``[N, K]`` as q6_k blocks (GGUF's Q6_K, read from files only): a float16 scale per 16 weights (their
-    largest |w| / 31) and values 0..63 around 32, as llama.cpp's Q6_K holds them."""
+    largest |w| / 31.5, negative for every third sub-block, as GGUF's signed ones) and values 0..63 around 32, the
+    extremes included, as llama.cpp's Q6_K holds them."""
     from chunkattn.model.quant import Blocks
 
     n, k = w.shape
     x = w.float().view(n, k // 16, 16)
-    d = (x.abs().amax(-1) / 31).half()
+    sign = torch.where(torch.arange(n * k // 16).view(n, k // 16) % 3 == 1, -1.0, 1.0)
+    d = (x.abs().amax(-1) / 31.5 * sign).half()
     q = (x * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(-32, 31) + 32
     return Blocks("q6_k", q.to(torch.uint8).view(n, k), d, None)

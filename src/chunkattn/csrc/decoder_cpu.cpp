@@ -103,6 +103,11 @@ struct DecoderStack : torch::CustomClassHolder {
                         c10::optional<at::Tensor> bias) {
     TORCH_CHECK(!packs.empty() && packs.size() == kinds.size() && packs.size() == ns.size(),
                 "DecoderStack.add_linear_parts: one kind and column count per pack, and at least one pack");
+    int64_t total = 0;
+    for (int64_t n : ns) total += n;
+    TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->numel() == total),
+                "DecoderStack.add_linear_parts: a bias must be 1-D with one value per output column (", total,
+                "), got ", bias.has_value() ? bias->sizes() : at::IntArrayRef{});
     LinearSpec spec{kQuantParts, at::Tensor(), at::Tensor(), bias, 0, 0, 0, false, {0, nullptr}, {0, nullptr}};
     int64_t offset = 0;
     for (size_t p = 0; p < packs.size(); ++p) {
@@ -111,8 +116,6 @@ struct DecoderStack : torch::CustomClassHolder {
       spec.part_versions.push_back(version_of(packs[p]));
       offset += ns[p];
     }
-    TORCH_CHECK(!bias.has_value() || bias->numel() == offset, "DecoderStack.add_linear_parts: a bias of ",
-                bias.has_value() ? bias->numel() : 0, " for ", offset, " output columns");
     spec.n = offset;
     spec.parts = std::move(packs);
     spec.part_kinds = std::move(kinds);

@@ -11,7 +11,7 @@
 //        each sub-block's 8-bit scale, the product rounded to float16 when chunkattn/model/quant.py reads it).
 // Computed in float32 as one fused multiply-add, then rounded to bf16 (to nearest even): exactly what GGUF's
 // reference dequantization (gguf-py: d * q + m in float32) cast to bf16 gives, so the products equal those of the
-// same model dequantized at load and cast to bf16, up to the order of the float32 sums.
+// same model dequantized at load and cast to bf16, up to the order of the float32 sums (kQ6: 28/32 bytes a weight).
 //
 // Packed layout, uint8 [P, S, 2, tile_bytes] (S = K / 32 steps, 2 tiles of 16 columns a step); a tile of 16
 // columns and 32 of K is
@@ -65,8 +65,8 @@ using namespace chunkattn::panels;
 
 enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
-// tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q4_direct, panel_q8_direct);
-// kInt16 multiplies them with x rounded to 15-bit integers per block (panel_q8_int16, panel_q4_int16).
+// tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q{4,8,6}_direct); kInt16 multiplies
+// them with x rounded to 15-bit integers per block (panel_q{8,4,6}_int16).
 enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3, kInt16 = 4 };
 
 constexpr int64_t tile_bytes(int64_t kind) {
@@ -105,7 +105,7 @@ bool tiles_usable() {
 // unmeasured, taken as q4).
 int64_t direct_max_rows(int64_t kind) {
   if (!tiles_usable()) return 4;
-  return kind == kQ4 ? 3 : 1;
+  return kind == kQ8 ? 1 : 3;
 }
 
 // kQ4 takes kInt16 only when asked (path 4): on SmolLM2's Q4_1 file one request's decode step took 0.89-0.93x the

@@ -314,7 +314,7 @@ def store_blocks(gguf: Path, hf_config: dict[str, Any], dense: dict[str, torch.T
     # that variant is cached again)
     for old in entry.parent.glob(entry.name.split("-blocks", 1)[0] + "-blocks*-v*"):
         version = old.name.rsplit("-v", 1)[1]
-        if version.isdigit() and int(version) != BLOCKS_FORMAT:
+        if version.isdigit() and int(version) < BLOCKS_FORMAT:  # (a newer chunkattn's entries are left alone)
             drop(old)
 
 
