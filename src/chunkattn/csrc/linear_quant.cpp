@@ -526,6 +526,30 @@ inline int32_t quad(const int8_t* q) {
   return v;
 }
 
+// The order panel_q8_int16 and panel_q6_int16 put two tile rows of byte weights in (16 columns' pairs at k = 4g,
+// 4g + 1, then at 4g + 2, 4g + 3), by 16-bit words: lane c holds column c's 4 k, a vpdpbusd operand.
+alignas(64) constexpr uint16_t kQuadOrder[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                 8,  24, 9,  25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// hacc / lacc += w (two tile rows of unsigned weights in kQuadOrder) times each row's quad of h / l at k = 4g ..
+// 4g + 3 (Int16Rows' hl of step s).
+template <int NR>
+inline void quad_products(__m512i w, const int8_t* const* hl, int64_t s, int g, __m512i (&hacc)[NR],
+                          __m512i (&lacc)[NR]) {
+  for (int i = 0; i < NR; ++i) {
+    const int8_t* x = hl[i] + s * 2 * kDepth + 4 * g;
+    hacc[i] = _mm512_dpbusd_epi32(hacc[i], w, _mm512_set1_epi32(quad(x)));
+    lacc[i] = _mm512_dpbusd_epi32(lacc[i], w, _mm512_set1_epi32(quad(x + kDepth)));
+  }
+}
+
+// y + d a (256 hacc + lacc - offset): a block's exact integer sums (offset: the unsigned weights' bias times
+// sum(v)), scaled by its weights' scales d and x's scale a.
+inline __m512 add_block_sums(__m512 y, __m512i hacc, __m512i lacc, int32_t offset, float a, __m512 d) {
+  const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hacc, 8), lacc), _mm512_set1_epi32(offset));
+  return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a)), d, y);
+}
+
 // kQ8 times 15-bit rows by vpdpbusd (u8 x s8 -> int32, 4 products a lane): the weights' sign bits flipped
 // (u = q + 128, unsigned), each two tile rows (16 columns' pairs at k = 2r, 2r + 1 and 2r + 2, 2r + 3) permuted so
 // a lane holds one column's 4 k, against the quads of x's h and l broadcast. Exact integer sums per block:
@@ -535,9 +559,7 @@ template <int NR>
 inline void panel_q8_int16(const int8_t* const* hl, const float* const* xs, const int32_t* const* vsum,
                            int64_t steps, const uint8_t* src, const uint8_t* limit, float* c) {
   constexpr int64_t tb = tile_bytes(kQ8);
-  alignas(64) static constexpr uint16_t kIdx[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                    8,  24, 9,  25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kIdx), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i idx = _mm512_load_si512(kQuadOrder), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 y[NR][2];
   for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
@@ -549,18 +571,10 @@ inline void panel_q8_int16(const int8_t* const* hl, const float* const* xs, cons
       for (int g = 0; g < 8; ++g) {  // tile rows 2g, 2g + 1: k = 4g .. 4g + 3
         const __m512i w = _mm512_permutexvar_epi16(
             idx, _mm512_xor_si512(_mm512_loadu_si512(t + j * tb + 32 + 64 * g), flip));
-        for (int i = 0; i < NR; ++i) {
-          const int8_t* x = hl[i] + s * 2 * kDepth + 4 * g;
-          hacc[i] = _mm512_dpbusd_epi32(hacc[i], w, _mm512_set1_epi32(quad(x)));
-          lacc[i] = _mm512_dpbusd_epi32(lacc[i], w, _mm512_set1_epi32(quad(x + kDepth)));
-        }
+        quad_products<NR>(w, hl, s, g, hacc, lacc);
       }
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb)));
-      for (int i = 0; i < NR; ++i) {
-        const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hacc[i], 8), lacc[i]),
-                                             _mm512_set1_epi32(128 * vsum[i][s]));
-        y[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[i][s])), d, y[i][j]);
-      }
+      for (int i = 0; i < NR; ++i) y[i][j] = add_block_sums(y[i][j], hacc[i], lacc[i], 128 * vsum[i][s], xs[i][s], d);
     }
   }
   store_sums<NR>(y, c);
@@ -630,9 +644,7 @@ template <int NR>
 inline void panel_q6_int16(const int8_t* const* hl, const float* const* xs, const int32_t* const* vhalf,
                            int64_t steps, const uint8_t* src, const uint8_t* limit, float* c) {
   constexpr int64_t tb = tile_bytes(kQ6);
-  alignas(64) static constexpr uint16_t kIdx[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                    8,  24, 9,  25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kIdx);
+  const __m512i idx = _mm512_load_si512(kQuadOrder);
   __m512 y[NR][2];
   for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
@@ -643,19 +655,11 @@ inline void panel_q6_int16(const int8_t* const* hl, const float* const* xs, cons
         __m512i hacc[NR], lacc[NR];
         for (int i = 0; i < NR; ++i) hacc[i] = lacc[i] = _mm512_setzero_si512();
         for (int g = 4 * half; g < 4 * half + 4; ++g) {  // tile rows 2g, 2g + 1: k = 4g .. 4g + 3
-          const __m512i w = _mm512_permutexvar_epi16(idx, q6_group(t + j * tb + 64 + 48 * g));
-          for (int i = 0; i < NR; ++i) {
-            const int8_t* x = hl[i] + s * 2 * kDepth + 4 * g;
-            hacc[i] = _mm512_dpbusd_epi32(hacc[i], w, _mm512_set1_epi32(quad(x)));
-            lacc[i] = _mm512_dpbusd_epi32(lacc[i], w, _mm512_set1_epi32(quad(x + kDepth)));
-          }
+          quad_products<NR>(_mm512_permutexvar_epi16(idx, q6_group(t + j * tb + 64 + 48 * g)), hl, s, g, hacc, lacc);
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32 * half)));
-        for (int i = 0; i < NR; ++i) {
-          const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hacc[i], 8), lacc[i]),
-                                               _mm512_set1_epi32(32 * vhalf[i][2 * s + half]));
-          y[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[i][s])), d, y[i][j]);
-        }
+        for (int i = 0; i < NR; ++i)
+          y[i][j] = add_block_sums(y[i][j], hacc[i], lacc[i], 32 * vhalf[i][2 * s + half], xs[i][s], d);
       }
   }
   store_sums<NR>(y, c);
