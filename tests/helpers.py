@@ -151,6 +151,19 @@ def write_checkpoint(directory, hf_config: dict, weights: dict[str, torch.Tensor
     tok.save_pretrained(str(directory))
 
 
+def q5_1_blocks(w: torch.Tensor):
+    """``w`` ``[N, K]`` as q5_1 blocks (GGUF's Q5_1 and Q5_K, read from files only): ``d = (max - min) / 31``,
+    ``m = min`` as float16, values 0..31 (both extremes in every block)."""
+    from chunkattn.model.quant import Blocks
+
+    n, k = w.shape
+    x = w.float().view(n, k // 32, 32)
+    lo, hi = x.amin(-1), x.amax(-1)
+    d, m = ((hi - lo) / 31).half(), lo.half()
+    q = ((x - m.float()[..., None]) * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(0, 31)
+    return Blocks("q5_1", q.to(torch.uint8).view(n, k), d, m)
+
+
 def q6_k_blocks(w: torch.Tensor):
     """``w`` ``[N, K]`` as q6_k blocks (GGUF's Q6_K, read from files only): a float16 scale per 16 weights (their
     largest |w| / 31.5, negative for every third sub-block, as GGUF's signed ones) and values 0..63 around 32, the

@@ -1,7 +1,8 @@
-"""GGUF files beyond Q4_0 / Q4_1 / Q8_0 (llama.cpp's popular Q4_K_M files: Q4_K, Q6_K, Q5_0) loaded without a
-full-precision copy: Q5_0 read into q8_0 blocks and Q4_K into q4_1 blocks with the file's values (Q4_K's scale
-products rounded to float16), the other quantized types dequantized to bfloat16, each tensor read alone; checked
-against transformers' own reader of the same file (gguf-py's dequantization)."""
+"""GGUF files beyond Q4_0 / Q4_1 / Q8_0 (llama.cpp's popular Q4_K_M and Q5_K_M files: Q4_K, Q5_K, Q6_K, Q5_0,
+Q5_1) loaded without a full-precision copy: Q5_0 read into q8_0 blocks, Q4_K into q4_1 and Q5_K into q5_1 blocks
+with the file's values (the K-quants' scale products rounded to float16), Q5_1 and Q6_K held as themselves, the
+other quantized types (Q2_K here) dequantized to bfloat16, each tensor read alone; checked against transformers'
+own reader of the same file (gguf-py's dequantization)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def random_blocks(rng: np.random.Generator, qtype: object, n: int, k: int, scale
     if qtype in (T.Q4_K, T.Q5_K):  # block: d, dmin, 12 bytes of scales, (Q5_K: 32 bytes of fifth bits,) nibbles
         raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63 / 4)
         raw[..., 2:4] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63)
+    elif qtype == T.Q2_K:  # block: 16 bytes of 4-bit scales and offsets, 64 of 2-bit values, d, dmin
+        raw[..., 80:82] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
+        raw[..., 82:84] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
     elif qtype == T.Q6_K:  # block: 128 bytes of low bits, 64 of high bits, 16 int8 scales, d
         # (scales of one sign and within 3x of each other, as quantizing real weights gives them)
         raw[..., 192:208] = rng.integers(40, 128, (n, k // size, 16), dtype=np.uint8)
@@ -112,11 +116,12 @@ def _q6_bound(b: Blocks) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
-    """Q5_0 is q8_0 exactly; Q4_K is q4_1 within 2^-11 of each scale and offset, Q6_K is q6_k within 2^-11 of
-    each sub-block's scale (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay
-    two a byte in GGUF's order; read 3 rows at a time."""
+    """Q5_0 is q8_0 exactly, Q5_1 itself exactly; Q4_K is q4_1 and Q5_K q5_1 within 2^-11 of each scale and
+    offset, Q6_K is q6_k within 2^-11 of each sub-block's scale (exact where the products fit in float16:
+    power-of-two d and dmin); the q4 values stay two a byte in GGUF's order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
-    for qtype, k in ((T.Q5_0, 96), (T.Q4_K, 512), (T.Q4_K, 256), (T.Q6_K, 256), (T.Q6_K, 768)):
+    for qtype, k in ((T.Q5_0, 96), (T.Q5_1, 96), (T.Q4_K, 512), (T.Q4_K, 256), (T.Q5_K, 256), (T.Q5_K, 768),
+                     (T.Q6_K, 256), (T.Q6_K, 768)):
         monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * k)
         raw = random_blocks(rng, qtype, n, k)
         ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
@@ -124,6 +129,12 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
         assert b.shape == (n, k) and b.qtype == quant.gguf_held_as(qtype.name.lower())
         if qtype == T.Q5_0:
             assert torch.equal(b.dequantize(), ref) and int(b.q.min()) >= -16 and int(b.q.max()) <= 15
+            continue
+        if qtype == T.Q5_1:
+            assert torch.equal(b.dequantize(), ref) and b.q.shape == (n, k) and int(b.q.max()) <= 31
+            stored = raw.reshape(n, k // 32, 24)
+            assert np.array_equal(b.d.view(torch.uint8).numpy(), stored[..., 0:2].reshape(n, -1))  # (as stored)
+            assert np.array_equal(b.m.view(torch.uint8).numpy(), stored[..., 2:4].reshape(n, -1))
             continue
         if qtype == T.Q6_K:
             err = (b.dequantize() - ref).abs()
@@ -138,13 +149,17 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             continue
         err = (b.dequantize() - ref).abs()
         assert (err <= _q4_bound(b)).all() and float(err.max()) > 0  # (rounded, and not by accident exact)
-        assert torch.equal(Blocks.from_values("q4_1", b.values(), b.d, b.m).q, b.q)
-        exact = raw.copy().reshape(n, k // 256, 144)
+        if qtype == T.Q4_K:
+            assert torch.equal(Blocks.from_values("q4_1", b.values(), b.d, b.m).q, b.q)
+        else:  # (random bytes: every fifth-bit pattern)
+            assert b.q.shape == (n, k) and int(b.q.max()) == 31 and int(b.q.min()) == 0
+        size = gguf.GGML_QUANT_SIZES[qtype][1]
+        exact = raw.copy().reshape(n, k // 256, size)
         exact[..., 0:2] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256)))
         exact[..., 2:4] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256)))
         exact = exact.reshape(n, -1)
         ref = torch.from_numpy(gguf.quants.dequantize(exact, qtype).astype(np.float32))
-        assert torch.equal(Blocks.from_gguf(exact, "q4_k", k).dequantize(), ref)
+        assert torch.equal(Blocks.from_gguf(exact, qtype.name.lower(), k).dequantize(), ref)
 
 
 def test_k_quant_blocks_refuse_bad_shapes_and_scales():
@@ -160,7 +175,7 @@ def test_k_quant_blocks_refuse_bad_shapes_and_scales():
     with pytest.raises(QuantizationError, match="too large"):
         Blocks.from_gguf(big.reshape(4, -1), "q4_k", 512)
     with pytest.raises(QuantizationError, match="not read into blocks"):
-        Blocks.from_gguf(raw, "q5_k", 512)
+        Blocks.from_gguf(raw, "q3_k", 512)
     six = random_blocks(rng, T.Q6_K, 4, 512).reshape(4, 2, 210)
     six[1, 0, 208:210] = _fp16_bytes(np.array([1000.0]))[0]  # d sc beyond float16 (sc at least 40)
     with pytest.raises(QuantizationError, match="Q6_K scale too large"):
@@ -180,21 +195,22 @@ def _reference(path):
     return cfg, {k: torch.as_tensor(v).float() for k, v in tensors.items()}
 
 
-# layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), o Q5_K
-# (dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down Q4_K; layer 1: q/k Q5_0 beside a Q8_0 v, gate/up Q5_0
-# (q8_0 all), o Q8_0, down Q6_K; the embeddings Q6_K
-TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "attn_output"): T.Q5_K, (0, "ffn_gate"): T.Q4_1,
+# layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), o Q2_K
+# (dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down Q5_K (q5_1); layer 1: q/k Q5_0 beside a Q8_0 v,
+# gate/up Q5_0 (q8_0 all), o Q5_1, down Q6_K; the embeddings Q6_K
+TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "attn_output"): T.Q2_K, (0, "ffn_gate"): T.Q4_1,
+         (0, "ffn_down"): T.Q5_K,
          (1, "attn_q"): T.Q5_0,
          (1, "attn_k"): T.Q5_0,
-         (1, "attn_v"): T.Q8_0, (1, "attn_output"): T.Q8_0, (1, "ffn_gate"): T.Q5_0, (1, "ffn_up"): T.Q5_0,
+         (1, "attn_v"): T.Q8_0, (1, "attn_output"): T.Q5_1, (1, "ffn_gate"): T.Q5_0, (1, "ffn_up"): T.Q5_0,
          (1, "ffn_down"): T.Q6_K, "embd": T.Q6_K}
 
 
 def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, monkeypatch):
     """Each matrix of a Q4_K_M-like file comes back under its Hugging Face name, rows in transformers' order (q/k
-    un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 as blocks of the file's values, Q4_K and Q6_K within the float16
-    rounding of their scales; Q5_K and the norms in bfloat16 as transformers reads them; the memory bound counts
-    exactly what is held, plus one matrix."""
+    un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 as blocks of the file's values, Q4_K, Q5_K and Q6_K within
+    the float16 rounding of their scales; Q2_K and the norms in bfloat16 as transformers reads them; the memory
+    bound counts exactly what is held, plus one matrix."""
     from chunkattn.model.loader import _gguf_blocks_bytes, _GGUFLayout, gguf_blocks
 
     path = tmp_path / "kq.gguf"
@@ -203,7 +219,8 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
     monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * 256)  # (3 rows of K = 256 at a time, 1.5 of K = 512)
     with caplog.at_level("INFO", logger="chunkattn"):
         dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
-    assert "1 Q5_K tensor dequantized to bfloat16" in caplog.text and "Q6_K tensor" not in caplog.text
+    assert "1 Q2_K tensor dequantized to bfloat16" in caplog.text and "Q6_K tensor" not in caplog.text
+    assert "Q5_K tensor" not in caplog.text and "Q5_1 tensor" not in caplog.text
     assert set(dense) | set(blocks) == set(ref) and not set(dense) & set(blocks)
     for name, w in dense.items():
         assert w.dtype == torch.bfloat16 and torch.equal(w, ref[name].bfloat16()), name
@@ -217,15 +234,15 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
         got, want = b.dequantize(), ref[name]
         short = name.removeprefix("model.").removesuffix(".weight")
         kinds[short] = b.qtype
-        if stored[short] in (T.Q4_K, T.Q6_K):
-            bound = _q4_bound(b) if stored[short] == T.Q4_K else _q6_bound(b)
+        if stored[short] in (T.Q4_K, T.Q5_K, T.Q6_K):
+            bound = _q6_bound(b) if stored[short] == T.Q6_K else _q4_bound(b)
             assert ((got - want).abs() <= bound).all() and float((got - want).abs().max()) > 0, name
-        else:  # Q4_1, Q5_0, Q8_0
+        else:  # Q4_1, Q5_0, Q5_1, Q8_0
             assert torch.equal(got, want), name
-    assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                          "mlp.down_proj")},
+    assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")},
                      **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")},
+                                                          "mlp.gate_proj", "mlp.up_proj")},
+                     "layers.0.mlp.down_proj": "q5_1", "layers.1.self_attn.o_proj": "q5_1",
                      **{p: "q6_k" for p in ("layers.0.self_attn.v_proj", "layers.1.mlp.down_proj", "embed_tokens")}}
     held = sum(b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values())
     held += sum(w.nbytes for w in dense.values())
@@ -240,9 +257,10 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
 def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path, caplog, seed, q0):
     """Built into a model: q/k/v of layer 0 dense where its q is F16 (beside quantized k and v: logged), as parts
     where it is Q4_K (q and k one q4_1 product, the Q6_K v another, as in llama.cpp's Q4_K_M files); layer 0's o
-    dense (Q5_K); the others quantized (q4_1 from Q4_K / Q4_1, q8_0 from Q5_0 / Q8_0, q6_k from Q6_K: the
-    embeddings and the tied head one pack); prefill logits match those of the model built in float32 from the
-    blocks' values and from transformers' float32 reading (the float16 scale products of Q4_K and Q6_K too)."""
+    dense (Q2_K); the others quantized (q4_1 from Q4_K / Q4_1, q5_1 from Q5_K / Q5_1, q8_0 from Q5_0 / Q8_0, q6_k
+    from Q6_K: the embeddings and the tied head one pack); prefill logits match those of the model built in
+    float32 from the blocks' values and from transformers' float32 reading (the K-quants' float16 scale products
+    too)."""
     from chunkattn import PrefixKVCache
     from chunkattn.attention import get_backend
     from chunkattn.model.layers import Embedding, Linear
@@ -263,8 +281,8 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     qtypes = {name: m.quant.qtype for name, m in q.named_modules()
               if isinstance(m, (Linear, Embedding)) and m.quant}
     assert qtypes == {**({"model.layers.0.self_attn.qkv_proj": "q4_1+q6_k"} if parts else {}),
-                      "model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q4_1",
-                      "model.layers.1.self_attn.qkv_proj": "q8_0", "model.layers.1.self_attn.o_proj": "q8_0",
+                      "model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q5_1",
+                      "model.layers.1.self_attn.qkv_proj": "q8_0", "model.layers.1.self_attn.o_proj": "q5_1",
                       "model.layers.1.mlp.gate_up_proj": "q8_0", "model.layers.1.mlp.down_proj": "q6_k",
                       "model.embed_tokens": "q6_k", "lm_head": "q6_k"}
     assert q.lm_head.quant is q.model.embed_tokens.quant  # (tied: one pack)

@@ -25,7 +25,7 @@ from chunkattn.model.quant import (
     kernel_supported,
     quantize,
 )
-from helpers import q6_k_blocks, write_checkpoint
+from helpers import q5_1_blocks, q6_k_blocks, write_checkpoint
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
@@ -40,9 +40,9 @@ needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the path with integer x 
 
 
 def _blocks(w: torch.Tensor, qtype: str) -> Blocks:
-    """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for q6_k (read from GGUF files only) a scale per 16
-    weights (their largest |w| / 31, as float16) and values 0..63 around 32, as llama.cpp's Q6_K holds them."""
-    return q6_k_blocks(w) if qtype == "q6_k" else quantize(w, qtype)
+    """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for q6_k and q5_1 (read from GGUF files only)
+    helpers.q6_k_blocks' / q5_1_blocks'."""
+    return q6_k_blocks(w) if qtype == "q6_k" else q5_1_blocks(w) if qtype == "q5_1" else quantize(w, qtype)
 
 
 @needs_kernel
@@ -213,8 +213,11 @@ def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_
     return pre + ref.abs() * 2**-8 + 1e-6
 
 
+INT_X_TYPES = [t for t in HELD if t != "q5_1"]  # (q5 has no path 4: refused, tested below)
+
+
 @needs_int_x
-@pytest.mark.parametrize("qtype", HELD)
+@pytest.mark.parametrize("qtype", INT_X_TYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize("n,k,gate_up,bias", [(70, 96, False, True), (48, 576, True, False), (33, 1536, False, False)])
 def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bias):
@@ -308,15 +311,15 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     exact = qw.dequantize()
     # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
     # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
-    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|
+    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q5: 159 |d| + |m|
     six = qtype == "q6_k"
     terms = blocks.d.double().abs().repeat_interleave(16 if six else 32, 1) * (
-        351 if six else 143 if blocks.m is not None else 17 * 143)
+        351 if six else 159 if qtype == "q5_1" else 143 if blocks.m is not None else 17 * 143)
     if blocks.m is not None:
         terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
-    for path in [0, *PATHS] + ([4] if HAS_INT_X else []):
+    for path in [0, *PATHS] + ([4] if HAS_INT_X and qtype in INT_X_TYPES else []):
         y = qw.linear(x, b, path=path)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
         if path == 4 or (path == 0 and HAS_INT_X and rows <= 4 and qtype == "q8_0"):  # x as integers: see above
@@ -398,8 +401,13 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
         ops.linear_quant(x, qw.packed, qw.kind, 64, None, 7)
     with pytest.raises(RuntimeError, match=r"packed must be"):
         ops.linear_quant(x, qw.packed, 2, 64, None, 0)  # q8 tiles read as q6
+    with pytest.raises(RuntimeError, match=r"packed must be"):
+        ops.linear_quant(x, qw.packed, 3, 64, None, 0)  # q8 tiles read as q5
     with pytest.raises(RuntimeError, match=r"kind must be 0 \(q4"):
-        ops.linear_quant(x, qw.packed, 3, 64, None, 0)
+        ops.linear_quant(x, qw.packed, 4, 64, None, 0)
+    q5 = QuantizedWeight.pack(q5_1_blocks(torch.randn(64, x.shape[1])))
+    with pytest.raises(RuntimeError, match="path 4 .* has no q5 kernel"):
+        ops.linear_quant(x, q5.packed, q5.kind, 64, None, 4)
     assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)
     with pytest.raises(RuntimeError, match="positive multiple of 32"):  # K = 0: refused, not a division by zero
         ops.linear_quant(torch.empty(2, 0).bfloat16(), torch.empty(2, 0, 2, 544, dtype=torch.uint8), 1, 64, None, 0)

@@ -5,10 +5,12 @@
 // of linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
 // traffic of a decode step, shrinks from 2 bytes a weight (bf16) to 20/32 (Q4_1) or 34/32 (Q8_0).
 //
-// Three kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
+// Four kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
 //   kQ4: w = d q + m, q in 0..15;  kQ8: w = d q, q in -128..127;
 //   kQ6: w = d (q - 32), q in 0..63, d a scale per 16 weights along K (GGUF's Q6_K: its super-block scale times
-//        each sub-block's 8-bit scale, the product rounded to float16 when chunkattn/model/quant.py reads it).
+//        each sub-block's 8-bit scale, the product rounded to float16 when chunkattn/model/quant.py reads it);
+//   kQ5: w = d q + m, q in 0..31 (GGUF's Q5_1 as stored; Q5_K's sub-blocks of 32, their d sc and -dmin m rounded
+//        to float16 as Q4_K's are for kQ4).
 // Computed in float32 as one fused multiply-add, then rounded to bf16 (to nearest even): exactly what GGUF's
 // reference dequantization (gguf-py: d * q + m in float32) cast to bf16 gives, so the products equal those of the
 // same model dequantized at load and cast to bf16, up to the order of the float32 sums (kQ6: 28/32 bytes a weight).
@@ -18,12 +20,16 @@
 //   kQ4: d[16] fp16 | m[16] fp16 | 16 rows x 16 bytes   (320 bytes: 20 per 32 weights, Q4_1's size)
 //   kQ8: d[16] fp16 | 16 rows x 32 bytes (int8)         (544 bytes: 34 per 32 weights, Q8_0's size)
 //   kQ6: d[16] fp16 of k 0-15 | d[16] of k 16-31 | 8 groups x 48 bytes (448 bytes: 28 per 32 weights; Q6_K 26.25)
+//   kQ5: kQ4's 320 bytes | 4 groups x 16 bytes of fifth bits   (384 bytes: 24 per 32 weights, Q5_1's size)
 // Row r of a tile holds the 32 values (W[c, 32s + 2r + t], c = 0..15, t = 0..1) at e = 2c + t, the order of a
 // tdpbf16ps B row; kQ4's byte b holds e = b in its low nibble and e = b + 16 in its high nibble. Columns are those
 // of linear_amx.h's panels (pack_linear_amx / pack_gate_up_amx); chunkattn/model/quant.py builds the packs.
 // kQ6's group g holds tile rows 2g and 2g + 1 (value v = 32 (row - 2g) + e, kQ8's order of those two rows) as 32
 // bytes of low nibbles (byte i: value i in its low nibble, value i + 32 in its high one) and 16 bytes of the top
 // two bits (byte i: value i + 16 L in bits 2L, 2L + 1); q6_group unpacks a group in 7 vector operations.
+// kQ5's group g holds the fifth bits of tile rows 4g + L (L = 0..3) as 16 bytes, byte 4n + L those of values
+// e = 8n .. 8n + 7 (bit b: e = 8n + b): the 32-bit masks panel_q4_direct_one's unpacked words take whole (its
+// vector u[n] holds those values of the four rows); q5_row_masks turns a group into each row's 32 bits.
 //
 // Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles_with) or, where the CPU lacks AMX
 // (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
@@ -63,14 +69,14 @@ namespace chunkattn::ops {
 namespace {
 using namespace chunkattn::panels;
 
-enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2 };
+enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
 // tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q{4,8,6}_direct); kInt16 multiplies
 // them with x rounded to 15-bit integers per block (panel_q{8,4,6}_int16).
 enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3, kInt16 = 4 };
 
 constexpr int64_t tile_bytes(int64_t kind) {
-  return kind == kQ4 ? 64 + 16 * 16 : kind == kQ8 ? 32 + 16 * 32 : 64 + 8 * 48;
+  return kind == kQ4 ? 64 + 16 * 16 : kind == kQ8 ? 32 + 16 * 32 : kind == kQ6 ? 64 + 8 * 48 : 64 + 16 * 16 + 64;
 }
 
 bool quant_linear_supported() {
@@ -135,6 +141,45 @@ inline __m512i q6_group(const uint8_t* g) {
   return _mm512_ternarylogic_epi32(nib, top, _mm512_set1_epi8(0x0F), 0xEC);  // (nib & 0x0F) | top
 }
 
+// kQ5's fifth bits of tile rows 4g .. 4g + 3 (the group's 16 bytes at top) -> m[L]: row 4g + L's 32 bits, bit e
+// for value e (a 4 x 4 byte transpose).
+inline void q5_row_masks(const uint8_t* top, uint32_t (&m)[4]) {
+  const __m128i order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(m),
+                   _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(top)), order));
+}
+
+// kQ5's mask of fifth bits for panel_q4_direct_one's u[n] of group g (top: the tile's fifth bits).
+inline __mmask32 q5_lane_mask(const uint8_t* top, int g, int n) {
+  uint32_t m;
+  std::memcpy(&m, top + 16 * g + 4 * n, 4);
+  return _cvtu32_mask32(m);
+}
+
+// dequant_tile's kQ4 (Five: kQ5) tile, each row's pairs of columns scaled by dlo / dhi.
+template <bool Five>
+inline void dequant_q4_tile(const uint8_t* t, __m512 dlo, __m512 dhi, c10::BFloat16* dst) {
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
+  const __m512 mlo = _mm512_permutexvar_ps(lo_idx, m), mhi = _mm512_permutexvar_ps(hi_idx, m);
+  const __m512i nibble = _mm512_set1_epi32(0xF), sixteen = _mm512_set1_epi32(16);
+  const uint8_t* q = t + 64;
+  uint32_t top[4];  // kQ5: rows 4g .. 4g + 3's fifth bits
+  for (int r = 0; r < 16; ++r) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * r)));
+    __m512i vlo = _mm512_and_si512(v, nibble), vhi = _mm512_srli_epi32(v, 4);
+    if constexpr (Five) {  // | 16 where the value's fifth bit is set
+      if (r % 4 == 0) q5_row_masks(t + 320 + 4 * r, top);
+      vlo = _mm512_mask_or_epi32(vlo, static_cast<__mmask16>(top[r % 4]), vlo, sixteen);
+      vhi = _mm512_mask_or_epi32(vhi, static_cast<__mmask16>(top[r % 4] >> 16), vhi, sixteen);
+    }
+    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vlo), dlo, mlo);
+    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vhi), dhi, mhi);
+    _mm512_storeu_si512(dst + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
+}
+
 // One packed tile -> 16 rows x 32 bf16 at dst (a tdpbf16ps B operand).
 inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
   // lanes 0-15 of a row are columns 0-7 (pairs), lanes 16-31 columns 8-15: each column's scale twice
@@ -142,17 +187,9 @@ inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
   const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
   const __m512 dlo = _mm512_permutexvar_ps(lo_idx, d), dhi = _mm512_permutexvar_ps(hi_idx, d);
-  if (kind == kQ4) {
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
-    const __m512 mlo = _mm512_permutexvar_ps(lo_idx, m), mhi = _mm512_permutexvar_ps(hi_idx, m);
-    const __m512i nibble = _mm512_set1_epi32(0xF);
-    const uint8_t* q = t + 64;
-    for (int r = 0; r < 16; ++r) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * r)));
-      const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nibble)), dlo, mlo);
-      const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), dhi, mhi);
-      _mm512_storeu_si512(dst + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-    }
+  if (kind == kQ4 || kind == kQ5) {
+    if (kind == kQ5) dequant_q4_tile<true>(t, dlo, dhi, dst);
+    else dequant_q4_tile<false>(t, dlo, dhi, dst);
   } else if (kind == kQ6) {
     for (int half = 0; half < 2; ++half) {  // tile rows 8 half .. 8 half + 7: k = 16 half .. 16 half + 15
       const __m512 dh = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32 * half)));
@@ -222,13 +259,15 @@ inline void panel_tiles_interleaved(const RowTiles& a, int64_t steps, const uint
 // 0..15) is a bf16 integer whose bits are 0x4300 | q, so a tile row of nibbles becomes the vdpbf16ps operand in 3
 // operations (its 16 bytes broadcast to both halves, widened to words, shifted by 0 / 4 per half, masked and or-ed
 // with 0x4300 in one vpternlog). The weights enter exactly (not rounded to bf16, as the dequantized paths do);
-// float32 sums. xsum: [NR][steps] sums of each row's blocks.
-template <int NR>
+// float32 sums. xsum: [NR][steps] sums of each row's blocks. Five: kQ5, 128 + q for q in 0..31 (0x4300 | q: the
+// fifth bit or-ed in as 0x4310 where the row's mask has it, the same vpternlog).
+template <int NR, bool Five = false>
 inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, int64_t steps, const uint8_t* src,
                             const uint8_t* limit, float* c) {
-  constexpr int64_t tb = tile_bytes(kQ4);
+  constexpr int64_t tb = tile_bytes(Five ? kQ5 : kQ4);
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  const __m512i magic5 = _mm512_set1_epi16(0x4310);
   __m512 y[NR][2];
   for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
@@ -236,13 +275,19 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
     prefetch_ahead(t, 2 * tb, limit);  // 2-4 rows (one row: panel_q4_direct_one): into L2 measured no better
     __m512 acc[NR][2];
     for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    uint32_t top[2][4];  // Five: rows 4g .. 4g + 3's fifth bits (word e of w[j]: value e)
     for (int r = 0; r < 16; ++r) {
       __m512bh w[2];
       for (int j = 0; j < 2; ++j) {
         const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
             t + j * tb + 64 + 16 * r)));
         const __m512i v = _mm512_srlv_epi16(_mm512_cvtepu8_epi16(b), shifts);
-        w[j] = reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(v, low4, magic, 0xEA));  // (v & 15) | 0x4300
+        __m512i mg = magic;
+        if constexpr (Five) {
+          if (r % 4 == 0) q5_row_masks(t + j * tb + 320 + 4 * r, top[j]);
+          mg = _mm512_mask_mov_epi16(magic, _cvtu32_mask32(top[j][r % 4]), magic5);
+        }
+        w[j] = reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(v, low4, mg, 0xEA));  // (v & 15) | 0x43..
       }
       for (int i = 0; i < NR; ++i) {
         const __m512bh xb = x_pair(x[i], s, r);
@@ -278,11 +323,14 @@ inline __m512 lane_sums(const __m512 (&y)[4]) {
 // that layout (each lane's partial times its columns' scales) until the panel ends. 14 operations per 128
 // weights, none crossing lanes (x's pairs and the scales take one vpermd / vpermps each), against
 // panel_q4_direct's 20 (its widening vpmovzxbw and vpsrlvw were the limit on Zen 4: one SmolLM2 gate/up panel set
-// 0.6 vs 0.96 ns per 32 weights out of L2).
+// 0.6 vs 0.96 ns per 32 weights out of L2). Five: kQ5, whose group of fifth bits gives each u[n] its mask whole
+// (a masked move of 0x4310 into the vpternlog's constant: 2 operations more per 32 weights).
+template <bool Five = false>
 inline void panel_q4_direct_one(const c10::BFloat16* x, const float* xsum, int64_t steps, const uint8_t* src,
                                 const uint8_t* limit, float* c) {
-  constexpr int64_t tb = tile_bytes(kQ4);
+  constexpr int64_t tb = tile_bytes(Five ? kQ5 : kQ4);
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  const __m512i magic5 = _mm512_set1_epi16(0x4310);
   const __m512i zero = _mm512_setzero_si512();
   const __m512i pair_of_lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m512i lane_col = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
@@ -308,9 +356,12 @@ inline void panel_q4_direct_one(const c10::BFloat16* x, const float* xsum, int64
         const __m512i hi = _mm512_srli_epi16(v, 4);  // each byte's high nibble in its low 4 bits
         const __m512i u[4] = {_mm512_unpacklo_epi8(v, zero), _mm512_unpackhi_epi8(v, zero),  // columns 0-3, 4-7
                               _mm512_unpacklo_epi8(hi, zero), _mm512_unpackhi_epi8(hi, zero)};  // 8-11, 12-15
-        for (int q = 0; q < 4; ++q)
+        for (int q = 0; q < 4; ++q) {
+          __m512i mg = magic;
+          if constexpr (Five) mg = _mm512_mask_mov_epi16(magic, q5_lane_mask(t + j * tb + 320, g, q), magic5);
           a[j][q] = _mm512_dpbf16_ps(
-              a[j][q], reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(u[q], low4, magic, 0xEA)), xb);
+              a[j][q], reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(u[q], low4, mg, 0xEA)), xb);
+        }
       }
     }
     for (int j = 0; j < 2; ++j) {
@@ -686,6 +737,10 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
       if constexpr (NR == 1) panel_q6_direct_one(x[0], xsum, steps, src, limit, c);
       else panel_q6_direct<NR>(x, xsum, steps, src, limit, c);
     }
+    else if (kind == kQ5) {
+      if constexpr (NR == 1) panel_q4_direct_one<true>(x[0], xsum, steps, src, limit, c);
+      else panel_q4_direct<NR, true>(x, xsum, steps, src, limit, c);
+    }
     else if constexpr (NR == 1) panel_q4_direct_one(x[0], xsum, steps, src, limit, c);
     else panel_q4_direct<NR>(x, xsum, steps, src, limit, c);
   });
@@ -694,8 +749,8 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
 #endif
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
-  TORCH_CHECK(kind == kQ4 || kind == kQ8 || kind == kQ6, op, ": kind must be 0 (q4: Q4_0 / Q4_1), 1 (q8: Q8_0) or ",
-              "2 (q6: Q6_K), got ", kind);
+  TORCH_CHECK(kind == kQ4 || kind == kQ8 || kind == kQ6 || kind == kQ5, op, ": kind must be 0 (q4: Q4_0 / Q4_1), ",
+              "1 (q8: Q8_0), 2 (q6: Q6_K) or 3 (q5: Q5_1 / Q5_K), got ", kind);
   TORCH_CHECK(K > 0 && K % kDepth == 0, op, ": quantized weights need K a positive multiple of 32 (GGUF's block), "
               "got K = ", K);
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
@@ -727,6 +782,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
               "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
+  TORCH_CHECK(path != kInt16 || kind != kQ5, op, ": path 4 (x as integers) has no q5 kernel (Q5_1 / Q5_K): use 0 to 3");
   if (path == kAuto)
     path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
            : M <= direct_max_rows(kind)              ? kDirect
@@ -916,12 +972,14 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
       for (int64_t s = 0; s < steps; ++s) {
         const uint8_t* t = qp + ((p * steps + s) * 2 + j) * tb;
         const float d = static_cast<float>(reinterpret_cast<const c10::Half*>(t)[c]);
-        if (kind == kQ4) {
+        if (kind == kQ4 || kind == kQ5) {
           const float m = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 32)[c]);
           for (int64_t k = 0; k < kDepth; ++k) {
-            const int64_t e = 2 * c + k % 2;
-            const uint8_t b = t[64 + 16 * (k / 2) + e % 16];
-            float prod = static_cast<float>(e < 16 ? b & 15 : b >> 4) * d;
+            const int64_t e = 2 * c + k % 2, r = k / 2;
+            const uint8_t b = t[64 + 16 * r + e % 16];
+            int q = e < 16 ? b & 15 : b >> 4;
+            if (kind == kQ5) q |= ((t[320 + 16 * (r / 4) + 4 * (e / 8) + r % 4] >> (e % 8)) & 1) << 4;
+            float prod = static_cast<float>(q) * d;
             asm("" : "+x"(prod));  // rounded here, as rows() does: never contracted into a fused multiply-add
             dst[s * kDepth + k] = prod + m;
           }

@@ -1,13 +1,13 @@
-"""Block-quantized weights (GGUF's Q4_0, Q4_1, Q8_0 and Q6_K; Q5_0 and Q4_K read into them), kept as stored
-and multiplied by chunkattn's kernels.
+"""Block-quantized weights (GGUF's Q4_0, Q4_1, Q5_1, Q8_0 and Q6_K; Q5_0, Q4_K and Q5_K read into them), kept
+as stored and multiplied by chunkattn's kernels.
 
 A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
-bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q8_0 34/32 and Q6_K 28/32 as held here. Instead of dequantizing a
-GGUF file to full precision at load (what transformers' reader does), its blocks stay as they are, repacked once
-into the kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in registers just
-before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16 (Q4_K's and Q6_K's
-scale products rounded to float16 first), so a quantized model computes what the same file dequantized at load and
-run in bfloat16 computes, up to float32 summation order.
+bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32 and Q6_K 28/32 as held here. Instead of
+dequantizing a GGUF file to full precision at load (what transformers' reader does), its blocks stay as they are,
+repacked once into the kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in
+registers just before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16
+(the K-quants' scale products rounded to float16 first), so a quantized model computes what the same file
+dequantized at load and run in bfloat16 computes, up to float32 summation order.
 
 :class:`Blocks` is the plain form (per-row ``q``, per-block scale ``d`` and offset ``m``), read from a GGUF
 tensor (:meth:`Blocks.from_gguf`) or made from a float weight (:func:`quantize`, for ``--quantization q8_0``
@@ -33,23 +33,25 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per block along K, for every type here (q6_k: two scales a block, one per 16)
 QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quantization)
-HELD = (*QTYPES, "q6_k")  # the types held as blocks: QTYPES and GGUF's Q6_K, read from a file only
-# the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q) and q6
-# (w = d (q - 32), q in 0..63, d per 16 weights)
-_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1, "q6_k": 2}
-_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32, 2: 64 + 8 * 48}
+HELD = (*QTYPES, "q6_k", "q5_1")  # the types held as blocks: QTYPES, and GGUF's Q6_K and Q5_1 read from a file
+# the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q), q6
+# (w = d (q - 32), q in 0..63, d per 16 weights) and q5 (w = d q + m, q in 0..31)
+_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1, "q6_k": 2, "q5_1": 3}
+_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32, 2: 64 + 8 * 48, 3: 64 + 16 * 16 + 64}
+_OFFSET_KINDS = (0, 3)  # the kinds with an offset m a block
 _SCALE_BLOCK = {"q6_k": 16}  # weights per scale d (else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
-_GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16,
-                     "q4_k": 2 + 2 + 12 + 128, "q6_k": 128 + 64 + 16 + 2}
-_GGUF_BLOCK_WEIGHTS = {"q4_k": 256, "q6_k": 256}
+_GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 4 + 4 + 16,
+                     "q4_k": 2 + 2 + 12 + 128, "q5_k": 2 + 2 + 12 + 32 + 128, "q6_k": 128 + 64 + 16 + 2}
+_GGUF_BLOCK_WEIGHTS = {"q4_k": 256, "q5_k": 256, "q6_k": 256}
 # GGUF types read into the kernel's kinds with the file's values: Q5_0's ``d (q - 16)`` is Q8_0's ``d q``
 # exactly; Q4_K's sub-blocks of 32 are Q4_1 blocks, their scale ``d sc`` and offset ``-dmin m`` (float32
 # products of a float16 and a 6-bit integer in GGUF's dequantization) rounded to float16: each within 2^-11 of
-# itself, a quarter of the bfloat16 rounding a dequantized load gives every weight. Q6_K is held as itself, its
-# 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16 alike. Other quantized types
-# (Q5_K, Q5_1, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
-GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1"}
+# itself, a quarter of the bfloat16 rounding a dequantized load gives every weight; Q5_K's are Q5_1 blocks alike.
+# Q6_K is held as itself, its 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16
+# alike. Other quantized types (Q2_K, Q3_K, IQ*, ...) are dequantized at load
+# (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
+GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1"}
 
 
 def gguf_held_as(qtype: str) -> str | None:
@@ -76,13 +78,14 @@ def int_x_supported() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types), ``d q`` (q8_0) or ``d (q - 32)``
-    (q6_k, a scale per 16 weights).
+    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1), ``d q`` (q8_0) or
+    ``d (q - 32)`` (q6_k, a scale per 16 weights).
 
-    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types ``[N, K / 2]`` uint8, two values (0..15)
-    a byte as GGUF stores them (byte i of a block's 16: value i in the low nibble, value i + 16 in the high one;
-    :meth:`values` unpacks them). ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's ``d``: ``[N, K / 16]``; ``m`` is
-    None for q8_0 and q6_k; Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
+    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q5_1 ``[N, K]`` uint8 (0..31); q4 types
+    ``[N, K / 2]`` uint8, two values (0..15) a byte as GGUF stores them (byte i of a block's 16: value i in the low
+    nibble, value i + 16 in the high one; :meth:`values` unpacks them). ``d``, ``m``: ``[N, K / 32]`` float16
+    (q6_k's ``d``: ``[N, K / 16]``; ``m`` is None for q8_0 and q6_k; Q4_0's ``w = d (q - 8)`` is stored as
+    ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -95,7 +98,8 @@ class Blocks:
 
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
-        """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..15 for q4 types)."""
+        """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..31 for q5_1, 0..15 for q4
+        types)."""
         if _KIND[qtype] != 0:
             return Blocks(qtype, q, d, m)
         n, k = q.shape
@@ -103,7 +107,8 @@ class Blocks:
         return Blocks(qtype, (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(n, k // 2), d, m)
 
     def values(self) -> torch.Tensor:
-        """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..15 for q4 types."""
+        """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..31 for q5_1, 0..15 for
+        q4 types."""
         if _KIND[self.qtype] != 0:
             return self.q
         n, k = self.shape
@@ -113,8 +118,9 @@ class Blocks:
     @staticmethod
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
         """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
-        ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1 and Q8_0 are kept as stored; the types of
-        :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a time."""
+        ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1 and Q8_0 are kept as stored, Q5_1 and Q6_K
+        unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a
+        time."""
         if qtype not in _GGUF_BLOCK_BYTES:
             raise QuantizationError(f"GGUF type {qtype} is not read into blocks (supported: "
                                     f"{', '.join(_GGUF_BLOCK_BYTES)})")
@@ -153,7 +159,7 @@ class Blocks:
         q = torch.empty(n, k // 2 if four else k, dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
         return Blocks(qtype, q,
                       torch.empty(n, k // _SCALE_BLOCK.get(qtype, BLOCK), dtype=torch.float16),
-                      torch.empty(n, k // BLOCK, dtype=torch.float16) if four else None)
+                      torch.empty(n, k // BLOCK, dtype=torch.float16) if _KIND[qtype] in _OFFSET_KINDS else None)
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``: GGUF's reference values (``d q + m`` in float32, the product exact)."""
@@ -167,10 +173,12 @@ class Blocks:
 
     @staticmethod
     def nbytes_of(numel: int, qtype: str) -> int:
-        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k) or half a byte (q4 types) per
+        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k, q5_1) or half a byte (q4 types) per
         weight, ``d`` (and ``m``) two bytes per 32 (q6_k: per 16)."""
         if _KIND[qtype] == 0:
             return numel // 2 + numel // BLOCK * 4
+        if _KIND[qtype] == 3:
+            return numel + numel // BLOCK * 4
         return numel + numel // _SCALE_BLOCK.get(qtype, BLOCK) * 2
 
     @staticmethod
@@ -196,10 +204,7 @@ def _from_q5_0(b: torch.Tensor) -> Blocks:
     """Q5_0 blocks ``[n, nb, 22]`` (d, 32 high bits, 16 bytes of low nibbles) as q8_0: the same values."""
     n, nb, _ = b.shape
     d = b[..., 0:2].contiguous().view(torch.float16).view(n, nb)
-    high = b[..., 2:6].contiguous().view(torch.int32)  # [n, nb, 1]: bit i is value i's fifth bit
-    bits = (high >> torch.arange(32, dtype=torch.int32)) & 1  # [n, nb, 32]
-    low = b[..., 6:22]
-    q = torch.cat([low & 0xF, low >> 4], dim=-1).to(torch.int8) | (bits.to(torch.int8) << 4)
+    q = _five_bits(b[..., 6:22], b[..., 2:6]).to(torch.int8)
     return Blocks("q8_0", (q - 16).view(n, nb * BLOCK), d, None)
 
 
@@ -208,17 +213,7 @@ def _from_q4_k(b: torch.Tensor) -> Blocks:
     as q4_1 blocks of 32: ``w = (d sc) q - (dmin m)``, the two products rounded to float16 (see
     :data:`GGUF_CONVERTED`)."""
     n, nb, _ = b.shape
-    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, nb, 1]
-    dmin = b[..., 2:4].contiguous().view(torch.float16).float()
-    s = b[..., 4:16].to(torch.int32)
-    # sub-block j's 6-bit scale and offset (GGUF's get_scale_min_k4): j < 4 in the low 6 bits of bytes j and
-    # j + 4; j >= 4 split, 4 bits in byte j + 4 and 2 in the top bits of bytes j - 4 and j
-    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
-    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
-    scale = (d * sc.float()).to(torch.float16).view(n, nb * 8)
-    offset = (-(dmin * mn.float())).to(torch.float16).view(n, nb * 8)
-    if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
-        raise QuantizationError("a Q4_K scale too large for float16")
+    scale, offset = _k_scales(b)
     qs = b[..., 16:].reshape(n, nb, 4, 1, 32)  # 32 bytes per 64 weights: sub-block 2i low nibbles, 2i + 1 high
     values = torch.cat([qs & 0xF, qs >> 4], dim=3).view(n, nb * 256)
     return Blocks.from_values("q4_1", values, scale, offset)
@@ -243,7 +238,56 @@ def _from_q6_k(b: torch.Tensor) -> Blocks:
     return Blocks("q6_k", (low | (top << 4)).view(n, nb * 256), scale, None)
 
 
-_CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k}
+def _from_q5_1(b: torch.Tensor) -> Blocks:
+    """Q5_1 blocks ``[n, nb, 24]`` (d, m, 32 fifth bits, 16 bytes of low nibbles) as q5_1 blocks: as stored, the
+    values unpacked a byte each (``w = d q + m``)."""
+    n, nb, _ = b.shape
+    d = b[..., 0:2].contiguous().view(torch.float16).view(n, nb)
+    m = b[..., 2:4].contiguous().view(torch.float16).view(n, nb)
+    return Blocks("q5_1", _five_bits(b[..., 8:24], b[..., 4:8]).view(n, nb * BLOCK), d, m)
+
+
+def _five_bits(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Q5_0 / Q5_1's 32 values a block, uint8 ``[.., 32]``: ``low`` ``[.., 16]`` bytes (value i in byte i's low
+    nibble, value i + 16 in its high one), ``high`` ``[.., 4]`` bytes (bit i of their little-endian int32: value
+    i's fifth bit)."""
+    bits = (high.contiguous().view(torch.int32) >> torch.arange(32, dtype=torch.int32)) & 1
+    return torch.cat([low & 0xF, low >> 4], dim=-1) | (bits.to(torch.uint8) << 4)
+
+
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K super-blocks' 8 sub-blocks' scales ``d sc`` and offsets ``-dmin m``, float16 ``[n, nb * 8]``
+    (their float32 products rounded: see :data:`GGUF_CONVERTED`)."""
+    n, nb, _ = b.shape
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, nb, 1]
+    dmin = b[..., 2:4].contiguous().view(torch.float16).float()
+    s = b[..., 4:16].to(torch.int32)
+    # sub-block j's 6-bit scale and offset (GGUF's get_scale_min_k4): j < 4 in the low 6 bits of bytes j and
+    # j + 4; j >= 4 split, 4 bits in byte j + 4 and 2 in the top bits of bytes j - 4 and j
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    scale = (d * sc.float()).to(torch.float16).view(n, nb * 8)
+    offset = (-(dmin * mn.float())).to(torch.float16).view(n, nb * 8)
+    if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+        raise QuantizationError("a K-quant scale too large for float16")
+    return scale, offset
+
+
+def _from_q5_k(b: torch.Tensor) -> Blocks:
+    """Q5_K super-blocks ``[n, nb, 176]`` (d, dmin, 12 bytes of 6-bit scales and offsets, 32 bytes of fifth bits,
+    128 bytes of nibbles) as q5_1 blocks of 32: ``w = (d sc) q - (dmin m)``, the products rounded to float16 as
+    Q4_K's are."""
+    n, nb, _ = b.shape
+    scale, offset = _k_scales(b)
+    # sub-block j: value l's low 4 bits in byte 32 (j // 2) + l of the nibbles (low nibble for even j, high for
+    # odd), its fifth bit bit j of byte l of the 32
+    qs = b[..., 48:].reshape(n, nb, 4, 1, 32)
+    low = torch.cat([qs & 0xF, qs >> 4], dim=3).view(n, nb, 8, 32)
+    high = (b[..., 16:48].reshape(n, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
+    return Blocks("q5_1", (low | (high << 4)).view(n, nb * 256), scale, offset)
+
+
+_CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k, "q5_1": _from_q5_1, "q5_k": _from_q5_k}
 
 
 QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
@@ -373,10 +417,14 @@ class QuantizedWeight:
         d = tiles[..., :32].contiguous().view(torch.float16).view(r, steps, 16)
         pick = c.view(r, 1, 1).expand(r, steps, 1)
         scale = d.gather(2, pick).float()  # [R, S, 1]
-        if self.kind == 0:
+        if self.kind in _OFFSET_KINDS:
             m = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
-            b = tiles[..., 64:].reshape(r, steps, 16, 16)
+            b = tiles[..., 64:320].reshape(r, steps, 16, 16)
             e = torch.cat([b & 0xF, b >> 4], dim=-1)  # [R, S, 16 r, 32 e]
+            if self.kind == 3:  # fifth bits: group g's byte 4n + L, bit i: row 4g + L, value 8n + i
+                top = tiles[..., 320:].reshape(r, steps, 4, 4, 4, 1)  # [.., g, n, L, 1]
+                bits = (top >> torch.arange(8, dtype=torch.uint8)) & 1  # [.., g, n, L, i]
+                e = e | (bits.permute(0, 1, 2, 4, 3, 5).reshape(r, steps, 16, 32) << 4)
         elif self.kind == 2:  # q6: k 0-15 take the first scales, 16-31 the second; w = d (q - 32)
             d1 = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
             scale = torch.cat([scale.expand(r, steps, 16), d1.expand(r, steps, 16)], dim=-1)
@@ -550,7 +598,12 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
         m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
         m[p, j, c] = blocks.m
         scales.append(m.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32))
-        values = (e[..., :16] | (e[..., 16:] << 4)).reshape(panels, steps, 2, 256)
+        low = e & 0xF
+        values = (low[..., :16] | (low[..., 16:] << 4)).reshape(panels, steps, 2, 256)
+        if blocks.qtype == "q5_1":  # fifth bits: group g (rows 4g + L) byte 4n + L, bit i: value 8n + i
+            top = (e >> 4).view(panels, steps, 2, 4, 4, 4, 8)  # [.., g, L, n, i]
+            bits = (top << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+            values = torch.cat([values, bits.transpose(-1, -2).reshape(panels, steps, 2, 64)], dim=-1)
     else:
         values = e.contiguous().view(torch.uint8).reshape(panels, steps, 2, 512)
     return torch.cat([*scales, values], dim=-1).contiguous()
