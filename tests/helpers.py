@@ -161,7 +161,7 @@ def q5_1_blocks(w: torch.Tensor):
     lo, hi = x.amin(-1), x.amax(-1)
     d, m = ((hi - lo) / 31).half(), lo.half()
     q = ((x - m.float()[..., None]) * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(0, 31)
-    return Blocks("q5_1", q.to(torch.uint8).view(n, k), d, m)
+    return Blocks.from_values("q5_1", q.to(torch.uint8).view(n, k), d, m)
 
 
 def q6_k_blocks(w: torch.Tensor):

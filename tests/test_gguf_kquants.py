@@ -131,8 +131,9 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             assert torch.equal(b.dequantize(), ref) and int(b.q.min()) >= -16 and int(b.q.max()) <= 15
             continue
         if qtype == T.Q5_1:
-            assert torch.equal(b.dequantize(), ref) and b.q.shape == (n, k) and int(b.q.max()) <= 31
-            stored = raw.reshape(n, k // 32, 24)
+            stored = raw.reshape(n, k // 32, 24)  # (d, m and the values as stored, 24 bytes a block)
+            assert torch.equal(b.dequantize(), ref) and int(b.values().max()) <= 31
+            assert np.array_equal(b.q.numpy(), stored[..., 4:].reshape(n, -1))
             assert np.array_equal(b.d.view(torch.uint8).numpy(), stored[..., 0:2].reshape(n, -1))  # (as stored)
             assert np.array_equal(b.m.view(torch.uint8).numpy(), stored[..., 2:4].reshape(n, -1))
             continue
@@ -152,7 +153,9 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
         if qtype == T.Q4_K:
             assert torch.equal(Blocks.from_values("q4_1", b.values(), b.d, b.m).q, b.q)
         else:  # (random bytes: every fifth-bit pattern)
-            assert b.q.shape == (n, k) and int(b.q.max()) == 31 and int(b.q.min()) == 0
+            assert int(b.values().max()) == 31 and int(b.values().min()) == 0
+            assert b.q.shape == (n, k // 32 * 20)
+            assert torch.equal(Blocks.from_values("q5_1", b.values(), b.d, b.m).q, b.q)
         size = gguf.GGML_QUANT_SIZES[qtype][1]
         exact = raw.copy().reshape(n, k // 256, size)
         exact[..., 0:2] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256)))

@@ -81,11 +81,12 @@ class Blocks:
     """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1), ``d q`` (q8_0) or
     ``d (q - 32)`` (q6_k, a scale per 16 weights).
 
-    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q5_1 ``[N, K]`` uint8 (0..31); q4 types
-    ``[N, K / 2]`` uint8, two values (0..15) a byte as GGUF stores them (byte i of a block's 16: value i in the low
-    nibble, value i + 16 in the high one; :meth:`values` unpacks them). ``d``, ``m``: ``[N, K / 32]`` float16
-    (q6_k's ``d``: ``[N, K / 16]``; ``m`` is None for q8_0 and q6_k; Q4_0's ``w = d (q - 8)`` is stored as
-    ``m = -8 d``, which gives the same values)."""
+    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types ``[N, K / 2]`` uint8, two values (0..15)
+    a byte as GGUF stores them (byte i of a block's 16: value i in the low nibble, value i + 16 in the high one);
+    q5_1 ``[N, K / 32 * 20]`` uint8 as GGUF's Q5_1 stores a block's values (0..31): 4 bytes of fifth bits (bit i of
+    their little-endian int32: value i's), then the q4 types' 16 bytes of low nibbles. :meth:`values` unpacks
+    them. ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's ``d``: ``[N, K / 16]``; ``m`` is None for q8_0 and q6_k;
+    Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -94,24 +95,35 @@ class Blocks:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape[0], self.q.shape[1] * (2 if _KIND[self.qtype] == 0 else 1)
+        n, width = self.q.shape
+        kind = _KIND[self.qtype]
+        return n, width * 2 if kind == 0 else width // 20 * BLOCK if kind == 3 else width
 
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
         """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..31 for q5_1, 0..15 for q4
         types)."""
+        n, k = q.shape
+        if _KIND[qtype] == 3:
+            v = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
+            high = ((v >> 4).to(torch.int32) << torch.arange(32, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+            low = v & 0xF
+            packed = torch.cat([high[..., None].view(torch.uint8), low[..., :16] | (low[..., 16:] << 4)], dim=-1)
+            return Blocks(qtype, packed.view(n, k // BLOCK * 20), d, m)
         if _KIND[qtype] != 0:
             return Blocks(qtype, q, d, m)
-        n, k = q.shape
         halves = q.to(torch.uint8).view(n, k // BLOCK, 2, BLOCK // 2)
         return Blocks(qtype, (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(n, k // 2), d, m)
 
     def values(self) -> torch.Tensor:
         """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..31 for q5_1, 0..15 for
         q4 types."""
+        n, k = self.shape
+        if _KIND[self.qtype] == 3:
+            b = self.q.view(n, k // BLOCK, 20)
+            return _five_bits(b[..., 4:], b[..., :4]).view(n, k)
         if _KIND[self.qtype] != 0:
             return self.q
-        n, k = self.shape
         b = self.q.view(n, k // BLOCK, 1, BLOCK // 2)
         return torch.cat([b & 0xF, b >> 4], dim=2).view(n, k)
 
@@ -155,8 +167,9 @@ class Blocks:
     @staticmethod
     def empty(qtype: str, n: int, k: int) -> Blocks:
         """Uninitialised blocks of an ``[N, K]`` weight."""
-        four = _KIND[qtype] == 0
-        q = torch.empty(n, k // 2 if four else k, dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
+        kind = _KIND[qtype]
+        q = torch.empty(n, k // 2 if kind == 0 else k // BLOCK * 20 if kind == 3 else k,
+                        dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
         return Blocks(qtype, q,
                       torch.empty(n, k // _SCALE_BLOCK.get(qtype, BLOCK), dtype=torch.float16),
                       torch.empty(n, k // BLOCK, dtype=torch.float16) if _KIND[qtype] in _OFFSET_KINDS else None)
@@ -173,12 +186,12 @@ class Blocks:
 
     @staticmethod
     def nbytes_of(numel: int, qtype: str) -> int:
-        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k, q5_1) or half a byte (q4 types) per
-        weight, ``d`` (and ``m``) two bytes per 32 (q6_k: per 16)."""
+        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k), 5/8 of a byte (q5_1) or half a
+        byte (q4 types) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k: per 16)."""
         if _KIND[qtype] == 0:
             return numel // 2 + numel // BLOCK * 4
         if _KIND[qtype] == 3:
-            return numel + numel // BLOCK * 4
+            return numel // BLOCK * (20 + 4)
         return numel + numel // _SCALE_BLOCK.get(qtype, BLOCK) * 2
 
     @staticmethod
@@ -239,12 +252,12 @@ def _from_q6_k(b: torch.Tensor) -> Blocks:
 
 
 def _from_q5_1(b: torch.Tensor) -> Blocks:
-    """Q5_1 blocks ``[n, nb, 24]`` (d, m, 32 fifth bits, 16 bytes of low nibbles) as q5_1 blocks: as stored, the
-    values unpacked a byte each (``w = d q + m``)."""
+    """Q5_1 blocks ``[n, nb, 24]`` (d, m, 32 fifth bits, 16 bytes of low nibbles) as q5_1 blocks: as stored
+    (``w = d q + m``)."""
     n, nb, _ = b.shape
     d = b[..., 0:2].contiguous().view(torch.float16).view(n, nb)
     m = b[..., 2:4].contiguous().view(torch.float16).view(n, nb)
-    return Blocks("q5_1", _five_bits(b[..., 8:24], b[..., 4:8]).view(n, nb * BLOCK), d, m)
+    return Blocks("q5_1", b[..., 4:24].reshape(n, nb * 20), d, m)
 
 
 def _five_bits(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -284,7 +297,7 @@ def _from_q5_k(b: torch.Tensor) -> Blocks:
     qs = b[..., 48:].reshape(n, nb, 4, 1, 32)
     low = torch.cat([qs & 0xF, qs >> 4], dim=3).view(n, nb, 8, 32)
     high = (b[..., 16:48].reshape(n, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
-    return Blocks("q5_1", (low | (high << 4)).view(n, nb * 256), scale, offset)
+    return Blocks.from_values("q5_1", (low | (high << 4)).view(n, nb * 256), scale, offset)
 
 
 _CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k, "q5_1": _from_q5_1, "q5_k": _from_q5_k}
