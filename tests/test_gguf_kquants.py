@@ -365,9 +365,21 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
     def packs(m):
         return {n: x.quant for n, x in m.model.named_modules() if isinstance(x, (Linear, Embedding)) and x.quant}
 
+    parses = []
+    real_reader, real_init = gguf.GGUFReader, gguf.GGUFReader.__init__
+
+    def counting_init(self, *args, **kwargs):
+        parses.append(args[0] if args else kwargs.get("path"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting_init)
     with caplog.at_level("INFO", logger="chunkattn"):
         first = load_model(path, dtype=torch.bfloat16)
         assert "cached the blocks of kq.gguf" in caplog.text
+    # the file parsed once: transformers' readings of its config and tokenizer are given chunkattn's parse
+    assert len(parses) == 1 and gguf.GGUFReader is real_reader, parses
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", real_init)
+    with caplog.at_level("INFO", logger="chunkattn"):
         caplog.clear()
         second = load_model(path, dtype=torch.bfloat16)
         assert "reading kq.gguf's blocks from the weight cache" in caplog.text

@@ -7,14 +7,16 @@ without importing it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -706,6 +708,35 @@ def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[
     return LoadedModel(built, tokenizer, config, str(source), cfg)
 
 
+_SHARED_READER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parsed_once(path: Path, reader: Any) -> Iterator[None]:
+    """transformers' GGUF readings of ``path`` (its config; the tokenizer, whose ``from_pretrained`` reads the
+    file through the same function) given ``reader``, the file already parsed, instead of each parsing it again:
+    gguf-py parses a 49k-token vocabulary in ~4-5 s, three times in a first load. ``gguf.GGUFReader`` (imported by
+    transformers when it is called) is replaced for the duration, answering ``reader`` for this file and parsing any
+    other as before; where a transformers version imports it otherwise, each reading parses the file, only slower."""
+    import gguf
+
+    real = gguf.GGUFReader
+    target = os.path.realpath(path)
+
+    class _Shared(real):  # type: ignore[misc,valid-type]
+        def __new__(cls, file: Any, *args: Any, **kwargs: Any) -> Any:
+            if not args and not kwargs and os.path.realpath(file) == target:
+                return reader  # (not a _Shared: __init__ is not run again)
+            return real(file, *args, **kwargs)
+
+    with _SHARED_READER_LOCK:
+        setattr(gguf, "GGUFReader", _Shared)  # noqa: B010 - (a module attribute replaced, not a typed assignment)
+        try:
+            yield
+        finally:
+            setattr(gguf, "GGUFReader", real)  # noqa: B010
+
+
 def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.device, start: float,
                          strict: bool = False, quantize: str | None = None) -> LoadedModel | None:
     """A GGUF file with its quantized weights kept quantized (:func:`gguf_blocks`), or with ``quantize`` every
@@ -715,6 +746,7 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
     if cached is not None:
         _check_gguf_fits(path, cached, "cached", device, quantize)
         found = weight_cache.lookup_blocks(path, quantize)
+    reader = None
     if found is None:
         from gguf import GGUFReader
 
@@ -725,7 +757,8 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
         else:
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-            cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+            with _parsed_once(path, reader):
+                cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         config = config_from_hf(cfg)
         try:
             layout = _GGUFLayout.of(reader, cfg)
@@ -742,7 +775,8 @@ def _load_gguf_quantized(path: Path, dtype: torch.dtype, device: str | torch.dev
     else:
         log.info("reading %s's blocks from the weight cache", path.name)
         cfg, dense, blocks = found
-    tokenizer = load_tokenizer(path)
+    with _parsed_once(path, reader) if reader is not None else contextlib.nullcontext():
+        tokenizer = load_tokenizer(path)
     counts: dict[str, int] = {}
     for b in blocks.values():
         counts[b.qtype] = counts.get(b.qtype, 0) + 1
