@@ -106,9 +106,10 @@ class Blocks:
         n, k = q.shape
         if _KIND[qtype] == 3:
             v = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
-            high = ((v >> 4).to(torch.int32) << torch.arange(32, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+            # fifth bits: byte j of 4, bit i: value 8 j + i (an int32's little-endian bytes)
+            high = ((v >> 4).view(n, k // BLOCK, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
             low = v & 0xF
-            packed = torch.cat([high[..., None].view(torch.uint8), low[..., :16] | (low[..., 16:] << 4)], dim=-1)
+            packed = torch.cat([high, low[..., :16] | (low[..., 16:] << 4)], dim=-1)
             return Blocks(qtype, packed.view(n, k // BLOCK * 20), d, m)
         if _KIND[qtype] != 0:
             return Blocks(qtype, q, d, m)
@@ -264,8 +265,8 @@ def _five_bits(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Q5_0 / Q5_1's 32 values a block, uint8 ``[.., 32]``: ``low`` ``[.., 16]`` bytes (value i in byte i's low
     nibble, value i + 16 in its high one), ``high`` ``[.., 4]`` bytes (bit i of their little-endian int32: value
     i's fifth bit)."""
-    bits = (high.contiguous().view(torch.int32) >> torch.arange(32, dtype=torch.int32)) & 1
-    return torch.cat([low & 0xF, low >> 4], dim=-1) | (bits.to(torch.uint8) << 4)
+    bits = (high[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [.., 4 bytes, 8 bits], in uint8
+    return torch.cat([low & 0xF, low >> 4], dim=-1) | (bits.flatten(-2) << 4)
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
