@@ -34,7 +34,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--random-weights", action="store_true", help="--model is a config.json: random weights")
     ap.add_argument("--quantization", default="auto", help="see `chunkattn serve --help` (auto: a GGUF file's "
-                    "Q4_0/Q4_1/Q8_0 blocks kept as stored in bfloat16; none: dequantized at load)")
+                    "quantized blocks kept as stored in bfloat16; none: dequantized at load)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
 
