@@ -415,3 +415,23 @@ def test_load_model_on_a_k_quant_file_and_its_weight_cache(tmp_path, monkeypatch
         load_model(path, dtype=torch.bfloat16)
     with pytest.raises(InsufficientMemoryError, match=r"but only \d+ fit: use a smaller model$"):
         load_model(path, dtype=torch.bfloat16, quantization="q4_1")
+
+
+def test_the_shared_parse_answers_only_its_file_and_is_undone(tmp_path):
+    """_parsed_once hands its reader to readings of its file (by position or keyword, through a symlink), parses any
+    other file as before, and puts gguf.GGUFReader back, after an exception too."""
+    from chunkattn.model.loader import _parsed_once
+
+    path, other = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write_gguf(path, {})
+    write_gguf(other, {}, seed=1)
+    (tmp_path / "link.gguf").symlink_to(path)
+    real = gguf.GGUFReader
+    reader = real(str(path))
+    with pytest.raises(RuntimeError, match="inside"), _parsed_once(path, reader):
+        assert gguf.GGUFReader(str(path)) is reader and gguf.GGUFReader(path=str(path)) is reader
+        assert gguf.GGUFReader(str(tmp_path / "link.gguf")) is reader
+        fresh = gguf.GGUFReader(str(other))
+        assert fresh is not reader and type(fresh) is real and len(fresh.tensors) == len(reader.tensors)
+        raise RuntimeError("inside")
+    assert gguf.GGUFReader is real

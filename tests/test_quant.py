@@ -344,8 +344,30 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
         assert (err <= bound).all(), (path, float((err - bound).max()))
 
 
+@pytest.mark.parametrize("qtype", HELD)
+@pytest.mark.parametrize("n,k", [(50, 96), (33, 160)])
+def test_each_path_reads_each_weight_where_it_is(qtype, n, k):
+    """x rows of the identity: each output is one weight, so a value, bit or lane read from the wrong place shows
+    as that weight's error (not averaged away in a long sum), at every row count a path takes apart."""
+    gen = torch.Generator().manual_seed(n * k)
+    blocks = _blocks(torch.randn(n, k, generator=gen) * 0.05, qtype)
+    qw = QuantizedWeight.pack(blocks)
+    exact = qw.dequantize().double()
+    scale = (blocks.d.double().abs().amax(1, keepdim=True) + (0 if blocks.m is None else blocks.m.double().abs()
+                                                              .amax(1, keepdim=True)))  # [n, 1]
+    for rows in (1, 2, 3, 4, 5):
+        cols = torch.randperm(k, generator=gen)[:rows]
+        x = torch.zeros(rows, k).index_put_((torch.arange(rows), cols), torch.ones(rows)).bfloat16()
+        want = exact[:, cols].T  # [rows, n]
+        for path in [0, *PATHS] + ([4] if HAS_INT_X and qtype in INT_X_TYPES else []):
+            err = (qw.linear(x, path=path).double() - want).abs()
+            # the bf16 output (and the dequantizing paths' bf16 weights), plus float32 sums of a few terms of
+            # up to 351 |d|: far below a misplaced value's |d|
+            assert (err <= want.abs() * 2**-7 + scale.T * 2**-14).all(), (rows, path, float(err.max()))
+
+
 @needs_kernel
-@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k", "q5_1"])
 def test_many_rows_span_several_row_blocks(qtype, two_threads):
     """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
     tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB), two a thread for
@@ -406,6 +428,9 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
     with pytest.raises(RuntimeError, match=r"kind must be 0 \(q4"):
         ops.linear_quant(x, qw.packed, 4, 64, None, 0)
     q5 = QuantizedWeight.pack(q5_1_blocks(torch.randn(64, x.shape[1])))
+    half = torch.ones(2, 1, dtype=torch.float16)
+    with pytest.raises(QuantizationError, match="q5_1 values must be 0..31, got 32"):  # (not spilled into a bit)
+        Blocks.from_values("q5_1", torch.full((2, 32), 32, dtype=torch.uint8), half, half)
     with pytest.raises(RuntimeError, match="path 4 .* has no q5 kernel"):
         ops.linear_quant(x, q5.packed, q5.kind, 64, None, 4)
     assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)

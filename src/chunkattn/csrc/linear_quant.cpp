@@ -781,8 +781,8 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   TORCH_CHECK(path >= kAuto && path <= kInt16, op, ": path must be 0 (auto), 1 (AMX tiles), 2 (vector), 3 ",
               "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
-  TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
   TORCH_CHECK(path != kInt16 || kind != kQ5, op, ": path 4 (x as integers) has no q5 kernel (Q5_1 / Q5_K): use 0 to 3");
+  TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
   if (path == kAuto)
     path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
            : M <= direct_max_rows(kind)              ? kDirect

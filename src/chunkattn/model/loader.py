@@ -708,7 +708,7 @@ def _finish(cfg: dict[str, Any], weights: dict[str, torch.Tensor], blocks: dict[
     return LoadedModel(built, tokenizer, config, str(source), cfg)
 
 
-_SHARED_READER_LOCK = threading.Lock()
+_SHARED_READER_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -716,18 +716,24 @@ def _parsed_once(path: Path, reader: Any) -> Iterator[None]:
     """transformers' GGUF readings of ``path`` (its config; the tokenizer, whose ``from_pretrained`` reads the
     file through the same function) given ``reader``, the file already parsed, instead of each parsing it again:
     gguf-py parses a 49k-token vocabulary in ~4-5 s, three times in a first load. ``gguf.GGUFReader`` (imported by
-    transformers when it is called) is replaced for the duration, answering ``reader`` for this file and parsing any
-    other as before; where a transformers version imports it otherwise, each reading parses the file, only slower."""
+    transformers when it is called) is replaced for the duration, answering ``reader`` for this file opened
+    read-only and parsing anything else as before; where a transformers version imports it otherwise, each reading
+    parses the file, only slower. Process-wide while it lasts (another thread's ``isinstance(r, gguf.GGUFReader)``
+    is False then), so it lasts only as long as those two readings, one load at a time."""
     import gguf
 
     real = gguf.GGUFReader
     target = os.path.realpath(path)
 
     class _Shared(real):  # type: ignore[misc,valid-type]
-        def __new__(cls, file: Any, *args: Any, **kwargs: Any) -> Any:
-            if not args and not kwargs and os.path.realpath(file) == target:
-                return reader  # (not a _Shared: __init__ is not run again)
-            return real(file, *args, **kwargs)
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            file = args[0] if args else kwargs.get("path")
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+            try:
+                same = mode == "r" and os.path.realpath(file) == target  # type: ignore[arg-type]
+            except TypeError:  # (not a path: a file object, ...)
+                same = False
+            return reader if same else real(*args, **kwargs)  # (reader is not a _Shared: no __init__ again)
 
     with _SHARED_READER_LOCK:
         setattr(gguf, "GGUFReader", _Shared)  # noqa: B010 - (a module attribute replaced, not a typed assignment)

@@ -105,6 +105,8 @@ class Blocks:
         types)."""
         n, k = q.shape
         if _KIND[qtype] == 3:
+            if q.numel() and int(q.max()) > 31:  # (a sixth bit would spill into the next value's fifth)
+                raise QuantizationError(f"q5_1 values must be 0..31, got {int(q.max())}")
             v = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
             # fifth bits: byte j of 4, bit i: value 8 j + i (an int32's little-endian bytes)
             high = ((v >> 4).view(n, k // BLOCK, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
@@ -131,7 +133,7 @@ class Blocks:
     @staticmethod
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
         """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
-        ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1 and Q8_0 are kept as stored, Q5_1 and Q6_K
+        ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1, Q5_1 and Q8_0 are kept as stored, Q6_K
         unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a
         time."""
         if qtype not in _GGUF_BLOCK_BYTES:
