@@ -36,6 +36,11 @@ def random_blocks(rng: np.random.Generator, qtype: object, n: int, k: int, scale
     if qtype in (T.Q4_K, T.Q5_K):  # block: d, dmin, 12 bytes of scales, (Q5_K: 32 bytes of fifth bits,) nibbles
         raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63 / 4)
         raw[..., 2:4] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63)
+    elif qtype == T.Q3_K:  # block: 32 bytes of third bits, 64 of 2-bit values, 12 of 6-bit scales, d
+        raw[..., 108:110] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 4 / 32)
+    elif qtype in (T.IQ4_NL, T.IQ4_XS):  # block: d, (IQ4_XS: 6-bit scales,) codebook indices
+        # (IQ4_XS: d not subnormal in float16, whose few bits would make every product exact: weights up to ~1)
+        raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 127 * (1 if size == 32 else 16))
     elif qtype == T.Q2_K:  # block: 16 bytes of 4-bit scales and offsets, 64 of 2-bit values, d, dmin
         raw[..., 80:82] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
         raw[..., 82:84] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
@@ -116,12 +121,13 @@ def _q6_bound(b: Blocks) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
-    """Q5_0 is q8_0 exactly, Q5_1 itself exactly; Q4_K is q4_1 and Q5_K q5_1 within 2^-11 of each scale and
-    offset, Q6_K is q6_k within 2^-11 of each sub-block's scale (exact where the products fit in float16:
-    power-of-two d and dmin); the q4 values stay two a byte in GGUF's order; read 3 rows at a time."""
+    """Q5_0 and IQ4_NL are q8_0 exactly, Q5_1 itself exactly; Q4_K is q4_1 and Q5_K q5_1 within 2^-11 of each
+    scale and offset, Q6_K is q6_k and Q3_K q6_k within 2^-11 of each sub-block's scale, IQ4_XS q8_0 likewise
+    (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay two a byte in GGUF's
+    order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
     for qtype, k in ((T.Q5_0, 96), (T.Q5_1, 96), (T.Q4_K, 512), (T.Q4_K, 256), (T.Q5_K, 256), (T.Q5_K, 768),
-                     (T.Q6_K, 256), (T.Q6_K, 768)):
+                     (T.Q6_K, 256), (T.Q6_K, 768), (T.Q3_K, 512), (T.IQ4_NL, 96), (T.IQ4_XS, 512)):
         monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * k)
         raw = random_blocks(rng, qtype, n, k)
         ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
@@ -136,6 +142,17 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             assert np.array_equal(b.q.numpy(), stored[..., 4:].reshape(n, -1))
             assert np.array_equal(b.d.view(torch.uint8).numpy(), stored[..., 0:2].reshape(n, -1))  # (as stored)
             assert np.array_equal(b.m.view(torch.uint8).numpy(), stored[..., 2:4].reshape(n, -1))
+            continue
+        if qtype == T.IQ4_NL:
+            assert torch.equal(b.dequantize(), ref) and b.qtype == "q8_0"
+            continue
+        if qtype in (T.Q3_K, T.IQ4_XS):  # (the scale products rounded to float16)
+            got = b.dequantize()
+            assert ((got - ref).abs() <= 2.0**-11 * got.abs() * (1 + 2.0**-20) + 1e-30).all() and torch.equal(
+                got == 0, ref == 0)
+            if qtype == T.Q3_K:  # q in -4..3, held as q + 32; every value occurs (random bytes)
+                assert set(b.values().unique().tolist()) == set(range(28, 36)) and b.d.shape == (n, k // 16)
+            assert ((got - ref).abs() > 0).any()  # (rounded somewhere: not exact by accident)
             continue
         if qtype == T.Q6_K:
             err = (b.dequantize() - ref).abs()
@@ -178,7 +195,7 @@ def test_k_quant_blocks_refuse_bad_shapes_and_scales():
     with pytest.raises(QuantizationError, match="too large"):
         Blocks.from_gguf(big.reshape(4, -1), "q4_k", 512)
     with pytest.raises(QuantizationError, match="not read into blocks"):
-        Blocks.from_gguf(raw, "q3_k", 512)
+        Blocks.from_gguf(raw, "q2_k", 512)
     six = random_blocks(rng, T.Q6_K, 4, 512).reshape(4, 2, 210)
     six[1, 0, 208:210] = _fp16_bytes(np.array([1000.0]))[0]  # d sc beyond float16 (sc at least 40)
     with pytest.raises(QuantizationError, match="Q6_K scale too large"):

@@ -42,16 +42,21 @@ _OFFSET_KINDS = (0, 3)  # the kinds with an offset m a block
 _SCALE_BLOCK = {"q6_k": 16}  # weights per scale d (else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 4 + 4 + 16,
-                     "q4_k": 2 + 2 + 12 + 128, "q5_k": 2 + 2 + 12 + 32 + 128, "q6_k": 128 + 64 + 16 + 2}
-_GGUF_BLOCK_WEIGHTS = {"q4_k": 256, "q5_k": 256, "q6_k": 256}
+                     "q3_k": 32 + 64 + 12 + 2, "q4_k": 2 + 2 + 12 + 128, "q5_k": 2 + 2 + 12 + 32 + 128,
+                     "q6_k": 128 + 64 + 16 + 2, "iq4_nl": 2 + 16, "iq4_xs": 2 + 2 + 4 + 128}
+_GGUF_BLOCK_WEIGHTS = {"q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_xs": 256}
 # GGUF types read into the kernel's kinds with the file's values: Q5_0's ``d (q - 16)`` is Q8_0's ``d q``
 # exactly; Q4_K's sub-blocks of 32 are Q4_1 blocks, their scale ``d sc`` and offset ``-dmin m`` (float32
 # products of a float16 and a 6-bit integer in GGUF's dequantization) rounded to float16: each within 2^-11 of
 # itself, a quarter of the bfloat16 rounding a dequantized load gives every weight; Q5_K's are Q5_1 blocks alike.
 # Q6_K is held as itself, its 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16
-# alike. Other quantized types (Q2_K, Q3_K, IQ*, ...) are dequantized at load
-# (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
-GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1"}
+# alike. Types with no kind of their own are held in a wider one with their values, each scale product rounded to
+# float16 as above: Q3_K's ``(d (sc - 32)) q`` (q in -4..3, a scale per 16) as q6_k's ``d (q - 32)`` (28/32 bytes a
+# weight where the file has 14/32), IQ4_NL's and IQ4_XS's codebook of 16 int8 values times a scale per 32 as
+# q8_0's (34/32 where they have 18/32 and 17/32): more bytes than the file, under half of bfloat16's. Other
+# quantized types (Q2_K, IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not
+# re-quantized.
+GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q6_k", "iq4_nl": "q8_0", "iq4_xs": "q8_0"}
 
 
 def gguf_held_as(qtype: str) -> str | None:
@@ -303,7 +308,62 @@ def _from_q5_k(b: torch.Tensor) -> Blocks:
     return Blocks.from_values("q5_1", (low | (high << 4)).view(n, nb * 256), scale, offset)
 
 
-_CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k, "q5_1": _from_q5_1, "q5_k": _from_q5_k}
+def _from_q3_k(b: torch.Tensor) -> Blocks:
+    """Q3_K super-blocks ``[n, nb, 110]`` (32 bytes of third bits, 64 of 2-bit values, 12 of 6-bit scales, d) as
+    q6_k blocks: ``w = (d (sc - 32)) q``, q in -4..3 (its two low bits, minus 4 where the third bit is clear), held
+    as ``q + 32``, each sub-block of 16's scale product rounded to float16 (GGUF's dequantization)."""
+    n, nb, _ = b.shape
+    d = b[..., 108:110].contiguous().view(torch.float16).float()  # [n, nb, 1]
+    s = b[..., 96:108]
+    # sub-block j's scale: low 4 bits from byte j (j < 8) or byte j - 8's high nibble; top 2 from byte 8 + j % 4,
+    # bits 2 (j // 4)
+    low = torch.cat([s[..., 0:8] & 0xF, s[..., 0:8] >> 4], dim=-1)
+    high = (s[..., None, 8:12] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    sc = (low | (high.reshape(n, nb, 16) << 4)).float() - 32
+    scale = (d * sc).to(torch.float16).view(n, nb * 16)
+    if not torch.isfinite(scale).all():
+        raise QuantizationError("a Q3_K scale too large for float16")
+    # value v of 256: its 2 bits in byte 32 (v // 128) + v % 32 at bits 2 ((v // 32) % 4); third bit v // 32 of
+    # byte v % 32
+    ql = (b[..., 32:96].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    qh = (b[..., 0:32].reshape(n, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
+    values = ql.reshape(n, nb, 256) + (qh.reshape(n, nb, 256) << 2) + 28  # q + 32
+    return Blocks("q6_k", values.view(n, nb * 256), scale, None)
+
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS's codebook
+
+
+def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
+    """IQ4's 16 bytes a block of 32 ``[.., 16]`` -> its int8 values ``[.., 32]`` (byte i: codebook index of value
+    i in its low nibble, of value i + 16 in its high one)."""
+    book = torch.tensor(IQ4_VALUES, dtype=torch.int8)
+    return book[torch.cat([qs & 0xF, qs >> 4], dim=-1).long()]
+
+
+def _from_iq4_nl(b: torch.Tensor) -> Blocks:
+    """IQ4_NL blocks ``[n, nb, 18]`` (d, 16 bytes of codebook indices) as q8_0: ``w = d kvalue[q]``, exactly."""
+    n, nb, _ = b.shape
+    d = b[..., 0:2].contiguous().view(torch.float16).view(n, nb)
+    return Blocks("q8_0", _iq4_values(b[..., 2:18]).view(n, nb * BLOCK), d, None)
+
+
+def _from_iq4_xs(b: torch.Tensor) -> Blocks:
+    """IQ4_XS super-blocks ``[n, nb, 136]`` (d, 8 sub-blocks' 6-bit scales as 2 high bits in a uint16 and 4 low
+    in 4 bytes, 128 bytes of codebook indices) as q8_0 blocks of 32: ``w = (d (ls - 32)) kvalue[q]``, the scale
+    product rounded to float16."""
+    n, nb, _ = b.shape
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, nb, 1]
+    high = (b[..., 2:4].contiguous().view(torch.int16).to(torch.int32) >> (2 * torch.arange(8))) & 3  # [n, nb, 8]
+    low = torch.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], dim=-1).reshape(n, nb, 8)
+    scale = (d * ((low.to(torch.int32) | (high << 4)).float() - 32)).to(torch.float16).view(n, nb * 8)
+    if not torch.isfinite(scale).all():
+        raise QuantizationError("an IQ4_XS scale too large for float16")
+    return Blocks("q8_0", _iq4_values(b[..., 8:].reshape(n, nb, 8, 16)).view(n, nb * 256), scale, None)
+
+
+_CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k, "q5_1": _from_q5_1, "q5_k": _from_q5_k,
+            "q3_k": _from_q3_k, "iq4_nl": _from_iq4_nl, "iq4_xs": _from_iq4_xs}
 
 
 QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
