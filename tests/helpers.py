@@ -164,6 +164,22 @@ def q5_1_blocks(w: torch.Tensor):
     return Blocks.from_values("q5_1", q.to(torch.uint8).view(n, k), d, m)
 
 
+def iq4_nl_blocks(w: torch.Tensor):
+    """``w`` ``[N, K]`` as iq4_nl blocks (GGUF's IQ4_NL and IQ4_XS, read from files only): ``d`` the block's
+    largest |w| / 127 as float16 (negative for every third block), each value the nearest of the 16 codebook
+    indices; every index occurs in the first block."""
+    from chunkattn.model.quant import IQ4_VALUES, Blocks
+
+    n, k = w.shape
+    x = w.float().view(n, k // 32, 32)
+    sign = torch.where(torch.arange(n * k // 32).view(n, k // 32) % 3 == 2, -1.0, 1.0)
+    d = (x.abs().amax(-1) / 127 * sign).half()
+    book = torch.tensor(IQ4_VALUES, dtype=torch.float32)
+    q = (x * torch.where(d == 0, 0, 1 / d.float())[..., None])[..., None].sub(book).abs().argmin(-1)
+    q.view(-1, 32)[0, :16] = torch.arange(16)
+    return Blocks.from_values("iq4_nl", q.to(torch.uint8).view(n, k), d, None)
+
+
 def q6_k_blocks(w: torch.Tensor):
     """``w`` ``[N, K]`` as q6_k blocks (GGUF's Q6_K, read from files only): a float16 scale per 16 weights (their
     largest |w| / 31.5, negative for every third sub-block, as GGUF's signed ones) and values 0..63 around 32, the

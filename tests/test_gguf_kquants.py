@@ -121,8 +121,8 @@ def _q6_bound(b: Blocks) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
-    """Q5_0 and IQ4_NL are q8_0 exactly, Q5_1 itself exactly; Q4_K is q4_1 and Q5_K q5_1 within 2^-11 of each
-    scale and offset, Q6_K is q6_k and Q3_K q6_k within 2^-11 of each sub-block's scale, IQ4_XS q8_0 likewise
+    """Q5_0 is q8_0 exactly, Q5_1 and IQ4_NL themselves exactly; Q4_K is q4_1 and Q5_K q5_1 within 2^-11 of
+    each scale and offset, Q6_K is q6_k and Q3_K q6_k within 2^-11 of each sub-block's scale, IQ4_XS iq4_nl likewise
     (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay two a byte in GGUF's
     order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
@@ -143,8 +143,9 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             assert np.array_equal(b.d.view(torch.uint8).numpy(), stored[..., 0:2].reshape(n, -1))  # (as stored)
             assert np.array_equal(b.m.view(torch.uint8).numpy(), stored[..., 2:4].reshape(n, -1))
             continue
-        if qtype == T.IQ4_NL:
-            assert torch.equal(b.dequantize(), ref) and b.qtype == "q8_0"
+        if qtype == T.IQ4_NL:  # (as stored: the file's d and index bytes)
+            stored = raw.reshape(n, k // 32, 18)
+            assert torch.equal(b.dequantize(), ref) and np.array_equal(b.q.numpy(), stored[..., 2:].reshape(n, -1))
             continue
         if qtype in (T.Q3_K, T.IQ4_XS):  # (the scale products rounded to float16)
             got = b.dequantize()

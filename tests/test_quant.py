@@ -25,7 +25,7 @@ from chunkattn.model.quant import (
     kernel_supported,
     quantize,
 )
-from helpers import q5_1_blocks, q6_k_blocks, write_checkpoint
+from helpers import iq4_nl_blocks, q5_1_blocks, q6_k_blocks, write_checkpoint
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
@@ -40,9 +40,10 @@ needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the path with integer x 
 
 
 def _blocks(w: torch.Tensor, qtype: str) -> Blocks:
-    """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for q6_k and q5_1 (read from GGUF files only)
-    helpers.q6_k_blocks' / q5_1_blocks'."""
-    return q6_k_blocks(w) if qtype == "q6_k" else q5_1_blocks(w) if qtype == "q5_1" else quantize(w, qtype)
+    """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for the types read from GGUF files only
+    helpers.q6_k_blocks' / q5_1_blocks' / iq4_nl_blocks'."""
+    made = {"q6_k": q6_k_blocks, "q5_1": q5_1_blocks, "iq4_nl": iq4_nl_blocks}
+    return made[qtype](w) if qtype in made else quantize(w, qtype)
 
 
 @needs_kernel
@@ -164,9 +165,11 @@ def test_pack_is_the_amx_panel_layout_of_the_dequantized_weight(qtype, n, k, gat
         assert qw.lookup(torch.empty(0, dtype=torch.long)).shape == (0, k)
     ops = torch.ops.chunkattn_layers
     panels = ops.dequantize_panels(qw.packed, qw.kind)  # the kernel's own dequantization, rounded to bf16
-    # (+ 0.0: q6's d q - 32 d is +0 where (q - 32) d is -0, for a negative scale; the same value)
-    want = (ops.pack_gate_up_amx if gate_up else ops.pack_linear_amx)((ref + 0.0).bfloat16())
-    assert torch.equal(panels.view(torch.int16), want.view(torch.int16))
+    want = (ops.pack_gate_up_amx if gate_up else ops.pack_linear_amx)(ref.bfloat16())
+    # bit for bit, but a zero's sign (q6's d q - 32 d is +0 where (q - 32) d is -0 for a negative scale; iq4's
+    # padding columns d = 0 times -127 are -0): the same value
+    same = (panels.view(torch.int16) == want.view(torch.int16)) | ((panels == 0) & (want == 0))
+    assert bool(same.all())
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
@@ -213,7 +216,7 @@ def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_
     return pre + ref.abs() * 2**-8 + 1e-6
 
 
-INT_X_TYPES = [t for t in HELD if t != "q5_1"]  # (q5 has no path 4: refused, tested below)
+INT_X_TYPES = [t for t in HELD if t not in ("q5_1", "iq4_nl")]  # (q5 and iq4 have no path 4: refused, tested below)
 
 
 @needs_int_x
@@ -311,10 +314,11 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     exact = qw.dequantize()
     # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
     # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
-    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q5: 159 |d| + |m|
+    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q5: 159 |d| + |m|; iq4: its codebook value, up to 127 |d|
     six = qtype == "q6_k"
     terms = blocks.d.double().abs().repeat_interleave(16 if six else 32, 1) * (
-        351 if six else 159 if qtype == "q5_1" else 143 if blocks.m is not None else 17 * 143)
+        351 if six else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl" else 143 if blocks.m is not None
+        else 17 * 143)
     if blocks.m is not None:
         terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
@@ -367,7 +371,7 @@ def test_each_path_reads_each_weight_where_it_is(qtype, n, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k", "q5_1"])
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k", "q5_1", "iq4_nl"])
 def test_many_rows_span_several_row_blocks(qtype, two_threads):
     """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
     tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB), two a thread for
@@ -426,7 +430,10 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
     with pytest.raises(RuntimeError, match=r"packed must be"):
         ops.linear_quant(x, qw.packed, 3, 64, None, 0)  # q8 tiles read as q5
     with pytest.raises(RuntimeError, match=r"kind must be 0 \(q4"):
-        ops.linear_quant(x, qw.packed, 4, 64, None, 0)
+        ops.linear_quant(x, qw.packed, 5, 64, None, 0)
+    iq4 = QuantizedWeight.pack(iq4_nl_blocks(torch.randn(64, x.shape[1])))
+    with pytest.raises(RuntimeError, match="path 4 .* has no iq4 kernel"):
+        ops.linear_quant(x, iq4.packed, iq4.kind, 64, None, 4)
     q5 = QuantizedWeight.pack(q5_1_blocks(torch.randn(64, x.shape[1])))
     half = torch.ones(2, 1, dtype=torch.float16)
     with pytest.raises(QuantizationError, match="q5_1 values must be 0..31, got 32"):  # (not spilled into a bit)

@@ -5,12 +5,14 @@
 // of linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
 // traffic of a decode step, shrinks from 2 bytes a weight (bf16) to 20/32 (Q4_1) or 34/32 (Q8_0).
 //
-// Four kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
+// Five kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
 //   kQ4: w = d q + m, q in 0..15;  kQ8: w = d q, q in -128..127;
 //   kQ6: w = d (q - 32), q in 0..63, d a scale per 16 weights along K (GGUF's Q6_K: its super-block scale times
 //        each sub-block's 8-bit scale, the product rounded to float16 when chunkattn/model/quant.py reads it);
 //   kQ5: w = d q + m, q in 0..31 (GGUF's Q5_1 as stored; Q5_K's sub-blocks of 32, their d sc and -dmin m rounded
-//        to float16 as Q4_K's are for kQ4).
+//        to float16 as Q4_K's are for kQ4);
+//   kIQ4: w = d kvalue[q], q in 0..15 indexing GGUF's IQ4 codebook of 16 integers in -127..113 (IQ4_NL as stored;
+//        IQ4_XS's sub-blocks of 32, d (ls - 32) rounded to float16).
 // Computed in float32 as one fused multiply-add, then rounded to bf16 (to nearest even): exactly what GGUF's
 // reference dequantization (gguf-py: d * q + m in float32) cast to bf16 gives, so the products equal those of the
 // same model dequantized at load and cast to bf16, up to the order of the float32 sums (kQ6: 28/32 bytes a weight).
@@ -21,6 +23,7 @@
 //   kQ8: d[16] fp16 | 16 rows x 32 bytes (int8)         (544 bytes: 34 per 32 weights, Q8_0's size)
 //   kQ6: d[16] fp16 of k 0-15 | d[16] of k 16-31 | 8 groups x 48 bytes (448 bytes: 28 per 32 weights; Q6_K 26.25)
 //   kQ5: kQ4's 320 bytes | 4 groups x 16 bytes of fifth bits   (384 bytes: 24 per 32 weights, Q5_1's size)
+//   kIQ4: d[16] fp16 | 16 rows x 16 bytes                       (288 bytes: 18 per 32 weights, IQ4_NL's size)
 // Row r of a tile holds the 32 values (W[c, 32s + 2r + t], c = 0..15, t = 0..1) at e = 2c + t, the order of a
 // tdpbf16ps B row; kQ4's byte b holds e = b in its low nibble and e = b + 16 in its high nibble. Columns are those
 // of linear_amx.h's panels (pack_linear_amx / pack_gate_up_amx); chunkattn/model/quant.py builds the packs.
@@ -69,14 +72,29 @@ namespace chunkattn::ops {
 namespace {
 using namespace chunkattn::panels;
 
-enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3 };
+enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3, kIQ4 = 4 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
 // tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q{4,8,6}_direct); kInt16 multiplies
 // them with x rounded to 15-bit integers per block (panel_q{8,4,6}_int16).
 enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3, kInt16 = 4 };
 
 constexpr int64_t tile_bytes(int64_t kind) {
-  return kind == kQ4 ? 64 + 16 * 16 : kind == kQ8 ? 32 + 16 * 32 : kind == kQ6 ? 64 + 8 * 48 : 64 + 16 * 16 + 64;
+  return kind == kQ4 ? 64 + 16 * 16 : kind == kQ8 ? 32 + 16 * 32 : kind == kQ6 ? 64 + 8 * 48 : kind == kQ5 ? 64 + 16 * 16 + 64
+                                                                                              : 32 + 16 * 16;
+}
+
+// Where a kQ4-like tile's nibbles start (kIQ4 has no offsets m).
+constexpr int64_t nibbles_at(int64_t kind) { return kind == kIQ4 ? 32 : 64; }
+
+// kIQ4's codebook (GGUF's IQ4_NL / IQ4_XS kvalues), as float32 in lanes 0-15.
+inline __m512 iq4_values() {
+  return _mm512_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+}
+
+// The same as bf16 words (exact: integers below 2^8), in words 0-15 and again in 16-31: a vpermw table.
+inline __m512i iq4_bf16_values() {
+  const __m512 v = iq4_values();
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v, v));
 }
 
 bool quant_linear_supported() {
@@ -156,26 +174,36 @@ inline __mmask32 q5_lane_mask(const uint8_t* top, int g, int n) {
   return _cvtu32_mask32(m);
 }
 
-// dequant_tile's kQ4 (Five: kQ5) tile, each row's pairs of columns scaled by dlo / dhi.
-template <bool Five>
+// dequant_tile's kQ4, kQ5 or kIQ4 tile (K), each row's pairs of columns scaled by dlo / dhi.
+template <int64_t K>
 inline void dequant_q4_tile(const uint8_t* t, __m512 dlo, __m512 dhi, c10::BFloat16* dst) {
   const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
-  const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
-  const __m512 mlo = _mm512_permutexvar_ps(lo_idx, m), mhi = _mm512_permutexvar_ps(hi_idx, m);
+  __m512 mlo = _mm512_setzero_ps(), mhi = mlo;
+  if constexpr (K != kIQ4) {
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)));
+    mlo = _mm512_permutexvar_ps(lo_idx, m), mhi = _mm512_permutexvar_ps(hi_idx, m);
+  }
   const __m512i nibble = _mm512_set1_epi32(0xF), sixteen = _mm512_set1_epi32(16);
-  const uint8_t* q = t + 64;
+  const __m512 book = iq4_values();
+  const uint8_t* q = t + nibbles_at(K);
   uint32_t top[4];  // kQ5: rows 4g .. 4g + 3's fifth bits
   for (int r = 0; r < 16; ++r) {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * r)));
     __m512i vlo = _mm512_and_si512(v, nibble), vhi = _mm512_srli_epi32(v, 4);
-    if constexpr (Five) {  // | 16 where the value's fifth bit is set
+    if constexpr (K == kQ5) {  // | 16 where the value's fifth bit is set
       if (r % 4 == 0) q5_row_masks(t + 320 + 4 * r, top);
       vlo = _mm512_mask_or_epi32(vlo, static_cast<__mmask16>(top[r % 4]), vlo, sixteen);
       vhi = _mm512_mask_or_epi32(vhi, static_cast<__mmask16>(top[r % 4] >> 16), vhi, sixteen);
     }
-    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vlo), dlo, mlo);
-    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vhi), dhi, mhi);
+    __m512 lo, hi;
+    if constexpr (K == kIQ4) {  // d kvalue[q]: exact in float32 (11 x 7 bits) before the rounding to bf16
+      lo = _mm512_mul_ps(_mm512_permutexvar_ps(vlo, book), dlo);
+      hi = _mm512_mul_ps(_mm512_permutexvar_ps(vhi, book), dhi);
+    } else {
+      lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vlo), dlo, mlo);
+      hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(vhi), dhi, mhi);
+    }
     _mm512_storeu_si512(dst + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
   }
 }
@@ -187,9 +215,10 @@ inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
   const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
   const __m512 dlo = _mm512_permutexvar_ps(lo_idx, d), dhi = _mm512_permutexvar_ps(hi_idx, d);
-  if (kind == kQ4 || kind == kQ5) {
-    if (kind == kQ5) dequant_q4_tile<true>(t, dlo, dhi, dst);
-    else dequant_q4_tile<false>(t, dlo, dhi, dst);
+  if (kind == kQ4 || kind == kQ5 || kind == kIQ4) {
+    if (kind == kQ5) dequant_q4_tile<kQ5>(t, dlo, dhi, dst);
+    else if (kind == kIQ4) dequant_q4_tile<kIQ4>(t, dlo, dhi, dst);
+    else dequant_q4_tile<kQ4>(t, dlo, dhi, dst);
   } else if (kind == kQ6) {
     for (int half = 0; half < 2; ++half) {  // tile rows 8 half .. 8 half + 7: k = 16 half .. 16 half + 15
       const __m512 dh = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32 * half)));
@@ -259,12 +288,14 @@ inline void panel_tiles_interleaved(const RowTiles& a, int64_t steps, const uint
 // 0..15) is a bf16 integer whose bits are 0x4300 | q, so a tile row of nibbles becomes the vdpbf16ps operand in 3
 // operations (its 16 bytes broadcast to both halves, widened to words, shifted by 0 / 4 per half, masked and or-ed
 // with 0x4300 in one vpternlog). The weights enter exactly (not rounded to bf16, as the dequantized paths do);
-// float32 sums. xsum: [NR][steps] sums of each row's blocks. Five: kQ5, 128 + q for q in 0..31 (0x4300 | q: the
-// fifth bit or-ed in as 0x4310 where the row's mask has it, the same vpternlog).
-template <int NR, bool Five = false>
+// float32 sums. xsum: [NR][steps] sums of each row's blocks. K = kQ5: 128 + q for q in 0..31 (0x4300 | q: the
+// fifth bit or-ed in as 0x4310 where the row's mask has it, the same vpternlog); K = kIQ4: each nibble's codebook
+// value as bf16 by one vpermw (exact: integers below 2^8), sum d kvalue[q] x = d sum kvalue[q] x, no offset.
+template <int NR, int64_t K = kQ4>
 inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, int64_t steps, const uint8_t* src,
                             const uint8_t* limit, float* c) {
-  constexpr int64_t tb = tile_bytes(Five ? kQ5 : kQ4);
+  constexpr int64_t tb = tile_bytes(K);
+  const __m512i book = iq4_bf16_values();
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   const __m512i magic5 = _mm512_set1_epi16(0x4310);
@@ -275,15 +306,19 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
     prefetch_ahead(t, 2 * tb, limit);  // 2-4 rows (one row: panel_q4_direct_one): into L2 measured no better
     __m512 acc[NR][2];
     for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    uint32_t top[2][4];  // Five: rows 4g .. 4g + 3's fifth bits (word e of w[j]: value e)
+    uint32_t top[2][4];  // kQ5: rows 4g .. 4g + 3's fifth bits (word e of w[j]: value e)
     for (int r = 0; r < 16; ++r) {
       __m512bh w[2];
       for (int j = 0; j < 2; ++j) {
         const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-            t + j * tb + 64 + 16 * r)));
+            t + j * tb + nibbles_at(K) + 16 * r)));
         const __m512i v = _mm512_srlv_epi16(_mm512_cvtepu8_epi16(b), shifts);
+        if constexpr (K == kIQ4) {
+          w[j] = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_and_si512(v, low4), book));
+          continue;
+        }
         __m512i mg = magic;
-        if constexpr (Five) {
+        if constexpr (K == kQ5) {
           if (r % 4 == 0) q5_row_masks(t + j * tb + 320 + 4 * r, top[j]);
           mg = _mm512_mask_mov_epi16(magic, _cvtu32_mask32(top[j][r % 4]), magic5);
         }
@@ -297,12 +332,11 @@ inline void panel_q4_direct(const c10::BFloat16* const* x, const float* xsum, in
     }
     for (int j = 0; j < 2; ++j) {
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb)));
+      for (int i = 0; i < NR; ++i) y[i][j] = _mm512_fmadd_ps(acc[i][j], d, y[i][j]);
+      if constexpr (K == kIQ4) continue;
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32)));
       const __m512 offset = _mm512_fmadd_ps(d, _mm512_set1_ps(-128.f), m);
-      for (int i = 0; i < NR; ++i) {
-        y[i][j] = _mm512_fmadd_ps(acc[i][j], d, y[i][j]);
-        y[i][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[i * steps + s]), y[i][j]);
-      }
+      for (int i = 0; i < NR; ++i) y[i][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[i * steps + s]), y[i][j]);
     }
   }
   store_sums<NR>(y, c);
@@ -323,12 +357,14 @@ inline __m512 lane_sums(const __m512 (&y)[4]) {
 // that layout (each lane's partial times its columns' scales) until the panel ends. 14 operations per 128
 // weights, none crossing lanes (x's pairs and the scales take one vpermd / vpermps each), against
 // panel_q4_direct's 20 (its widening vpmovzxbw and vpsrlvw were the limit on Zen 4: one SmolLM2 gate/up panel set
-// 0.6 vs 0.96 ns per 32 weights out of L2). Five: kQ5, whose group of fifth bits gives each u[n] its mask whole
-// (a masked move of 0x4310 into the vpternlog's constant: 2 operations more per 32 weights).
-template <bool Five = false>
+// 0.6 vs 0.96 ns per 32 weights out of L2). K = kQ5: its group of fifth bits gives each u[n] its mask whole (a
+// masked move of 0x4310 into the vpternlog's constant: 2 operations more per 32 weights); kIQ4: each u[n]'s
+// nibbles masked and looked up (vpermw) as bf16 codebook values.
+template <int64_t K = kQ4>
 inline void panel_q4_direct_one(const c10::BFloat16* x, const float* xsum, int64_t steps, const uint8_t* src,
                                 const uint8_t* limit, float* c) {
-  constexpr int64_t tb = tile_bytes(Five ? kQ5 : kQ4);
+  constexpr int64_t tb = tile_bytes(K);
+  const __m512i book = iq4_bf16_values();
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   const __m512i magic5 = _mm512_set1_epi16(0x4310);
   const __m512i zero = _mm512_setzero_si512();
@@ -352,15 +388,20 @@ inline void panel_q4_direct_one(const c10::BFloat16* x, const float* xsum, int64
           pair_of_lane, _mm512_castsi128_si512(_mm_loadu_si128(
                             reinterpret_cast<const __m128i*>(x + s * kDepth + 8 * g)))));
       for (int j = 0; j < 2; ++j) {
-        const __m512i v = _mm512_loadu_si512(t + j * tb + 64 + 64 * g);
+        const __m512i v = _mm512_loadu_si512(t + j * tb + nibbles_at(K) + 64 * g);
         const __m512i hi = _mm512_srli_epi16(v, 4);  // each byte's high nibble in its low 4 bits
         const __m512i u[4] = {_mm512_unpacklo_epi8(v, zero), _mm512_unpackhi_epi8(v, zero),  // columns 0-3, 4-7
                               _mm512_unpacklo_epi8(hi, zero), _mm512_unpackhi_epi8(hi, zero)};  // 8-11, 12-15
         for (int q = 0; q < 4; ++q) {
-          __m512i mg = magic;
-          if constexpr (Five) mg = _mm512_mask_mov_epi16(magic, q5_lane_mask(t + j * tb + 320, g, q), magic5);
-          a[j][q] = _mm512_dpbf16_ps(
-              a[j][q], reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(u[q], low4, mg, 0xEA)), xb);
+          __m512i w;
+          if constexpr (K == kIQ4) {
+            w = _mm512_permutexvar_epi16(_mm512_and_si512(u[q], low4), book);
+          } else {
+            __m512i mg = magic;
+            if constexpr (K == kQ5) mg = _mm512_mask_mov_epi16(magic, q5_lane_mask(t + j * tb + 320, g, q), magic5);
+            w = _mm512_ternarylogic_epi32(u[q], low4, mg, 0xEA);
+          }
+          a[j][q] = _mm512_dpbf16_ps(a[j][q], reinterpret_cast<__m512bh>(w), xb);
         }
       }
     }
@@ -368,7 +409,8 @@ inline void panel_q4_direct_one(const c10::BFloat16* x, const float* xsum, int64
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb)));
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32)));
       for (int q = 0; q < 4; ++q) y[j][q] = _mm512_fmadd_ps(a[j][q], _mm512_permutexvar_ps(col[q], d), y[j][q]);
-      z[j] = _mm512_fmadd_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(-128.f), m), _mm512_set1_ps(xsum[s]), z[j]);
+      if constexpr (K != kIQ4)
+        z[j] = _mm512_fmadd_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(-128.f), m), _mm512_set1_ps(xsum[s]), z[j]);
     }
   }
   _mm512_storeu_ps(c, _mm512_add_ps(lane_sums(y[0]), z[0]));
@@ -738,8 +780,12 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
       else panel_q6_direct<NR>(x, xsum, steps, src, limit, c);
     }
     else if (kind == kQ5) {
-      if constexpr (NR == 1) panel_q4_direct_one<true>(x[0], xsum, steps, src, limit, c);
-      else panel_q4_direct<NR, true>(x, xsum, steps, src, limit, c);
+      if constexpr (NR == 1) panel_q4_direct_one<kQ5>(x[0], xsum, steps, src, limit, c);
+      else panel_q4_direct<NR, kQ5>(x, xsum, steps, src, limit, c);
+    }
+    else if (kind == kIQ4) {
+      if constexpr (NR == 1) panel_q4_direct_one<kIQ4>(x[0], xsum, steps, src, limit, c);
+      else panel_q4_direct<NR, kIQ4>(x, xsum, steps, src, limit, c);
     }
     else if constexpr (NR == 1) panel_q4_direct_one(x[0], xsum, steps, src, limit, c);
     else panel_q4_direct<NR>(x, xsum, steps, src, limit, c);
@@ -749,8 +795,8 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
 #endif
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
-  TORCH_CHECK(kind == kQ4 || kind == kQ8 || kind == kQ6 || kind == kQ5, op, ": kind must be 0 (q4: Q4_0 / Q4_1), ",
-              "1 (q8: Q8_0), 2 (q6: Q6_K) or 3 (q5: Q5_1 / Q5_K), got ", kind);
+  TORCH_CHECK(kind >= kQ4 && kind <= kIQ4, op, ": kind must be 0 (q4: Q4_0 / Q4_1), 1 (q8: Q8_0), 2 (q6: Q6_K), ",
+              "3 (q5: Q5_1 / Q5_K) or 4 (iq4: IQ4_NL / IQ4_XS), got ", kind);
   TORCH_CHECK(K > 0 && K % kDepth == 0, op, ": quantized weights need K a positive multiple of 32 (GGUF's block), "
               "got K = ", K);
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
@@ -781,7 +827,8 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   TORCH_CHECK(path >= kAuto && path <= kInt16, op, ": path must be 0 (auto), 1 (AMX tiles), 2 (vector), 3 ",
               "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
-  TORCH_CHECK(path != kInt16 || kind != kQ5, op, ": path 4 (x as integers) has no q5 kernel (Q5_1 / Q5_K): use 0 to 3");
+  TORCH_CHECK(path != kInt16 || (kind != kQ5 && kind != kIQ4), op, ": path 4 (x as integers) has no ",
+              kind == kQ5 ? "q5 kernel (Q5_1 / Q5_K)" : "iq4 kernel (IQ4_NL / IQ4_XS)", ": use 0 to 3");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
   if (path == kAuto)
     path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
@@ -972,7 +1019,14 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
       for (int64_t s = 0; s < steps; ++s) {
         const uint8_t* t = qp + ((p * steps + s) * 2 + j) * tb;
         const float d = static_cast<float>(reinterpret_cast<const c10::Half*>(t)[c]);
-        if (kind == kQ4 || kind == kQ5) {
+        if (kind == kIQ4) {
+          static constexpr int8_t kBook[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+          for (int64_t k = 0; k < kDepth; ++k) {
+            const int64_t e = 2 * c + k % 2;
+            const uint8_t b = t[32 + 16 * (k / 2) + e % 16];
+            dst[s * kDepth + k] = static_cast<float>(kBook[e < 16 ? b & 15 : b >> 4]) * d;  // exact: 7 x 11 bits
+          }
+        } else if (kind == kQ4 || kind == kQ5) {
           const float m = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 32)[c]);
           for (int64_t k = 0; k < kDepth; ++k) {
             const int64_t e = 2 * c + k % 2, r = k / 2;

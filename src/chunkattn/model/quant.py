@@ -33,11 +33,12 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per block along K, for every type here (q6_k: two scales a block, one per 16)
 QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quantization)
-HELD = (*QTYPES, "q6_k", "q5_1")  # the types held as blocks: QTYPES, and GGUF's Q6_K and Q5_1 read from a file
+HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl")  # the types held as blocks: QTYPES, and GGUF's read from a file
 # the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q), q6
-# (w = d (q - 32), q in 0..63, d per 16 weights) and q5 (w = d q + m, q in 0..31)
-_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1, "q6_k": 2, "q5_1": 3}
-_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32, 2: 64 + 8 * 48, 3: 64 + 16 * 16 + 64}
+# (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31) and iq4 (w = d IQ4_VALUES[q])
+_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1, "q6_k": 2, "q5_1": 3, "iq4_nl": 4}
+_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32, 2: 64 + 8 * 48, 3: 64 + 16 * 16 + 64, 4: 32 + 16 * 16}
+_NIBBLE_KINDS = (0, 4)  # the kinds whose q holds two values a byte
 _OFFSET_KINDS = (0, 3)  # the kinds with an offset m a block
 _SCALE_BLOCK = {"q6_k": 16}  # weights per scale d (else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
@@ -50,13 +51,12 @@ _GGUF_BLOCK_WEIGHTS = {"q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_
 # products of a float16 and a 6-bit integer in GGUF's dequantization) rounded to float16: each within 2^-11 of
 # itself, a quarter of the bfloat16 rounding a dequantized load gives every weight; Q5_K's are Q5_1 blocks alike.
 # Q6_K is held as itself, its 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16
-# alike. Types with no kind of their own are held in a wider one with their values, each scale product rounded to
-# float16 as above: Q3_K's ``(d (sc - 32)) q`` (q in -4..3, a scale per 16) as q6_k's ``d (q - 32)`` (28/32 bytes a
-# weight where the file has 14/32), IQ4_NL's and IQ4_XS's codebook of 16 int8 values times a scale per 32 as
-# q8_0's (34/32 where they have 18/32 and 17/32): more bytes than the file, under half of bfloat16's. Other
-# quantized types (Q2_K, IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not
-# re-quantized.
-GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q6_k", "iq4_nl": "q8_0", "iq4_xs": "q8_0"}
+# alike; IQ4_NL is held as itself (its codebook of 16 int8 values times d), IQ4_XS's sub-blocks of 32 as IQ4_NL
+# blocks with ``d (ls - 32)`` rounded to float16. Q3_K has no kind of its own: its ``(d (sc - 32)) q`` (q in
+# -4..3, a scale per 16) is held as q6_k's ``d (q - 32)`` with its values, the scale rounded alike (28/32 bytes a
+# weight where the file has 14/32: more than the file, under half of bfloat16's). Other quantized types (Q2_K,
+# IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
+GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q6_k", "iq4_xs": "iq4_nl"}
 
 
 def gguf_held_as(qtype: str) -> str | None:
@@ -83,15 +83,16 @@ def int_x_supported() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1), ``d q`` (q8_0) or
-    ``d (q - 32)`` (q6_k, a scale per 16 weights).
+    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1), ``d q`` (q8_0),
+    ``d (q - 32)`` (q6_k, a scale per 16 weights) or ``d IQ4_VALUES[q]`` (iq4_nl).
 
-    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types ``[N, K / 2]`` uint8, two values (0..15)
-    a byte as GGUF stores them (byte i of a block's 16: value i in the low nibble, value i + 16 in the high one);
-    q5_1 ``[N, K / 32 * 20]`` uint8 as GGUF's Q5_1 stores a block's values (0..31): 4 bytes of fifth bits (bit i of
-    their little-endian int32: value i's), then the q4 types' 16 bytes of low nibbles. :meth:`values` unpacks
-    them. ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's ``d``: ``[N, K / 16]``; ``m`` is None for q8_0 and q6_k;
-    Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
+    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types and iq4_nl ``[N, K / 2]`` uint8, two
+    values (0..15; iq4_nl's index :data:`IQ4_VALUES`) a byte as GGUF stores them (byte i of a block's 16: value i
+    in the low nibble, value i + 16 in the high one); q5_1 ``[N, K / 32 * 20]`` uint8 as GGUF's Q5_1 stores a
+    block's values (0..31): 4 bytes of fifth bits (bit i of their little-endian int32: value i's), then the q4
+    types' 16 bytes of low nibbles. :meth:`values` unpacks them. ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's
+    ``d``: ``[N, K / 16]``; ``m`` is None for q8_0, q6_k and iq4_nl; Q4_0's ``w = d (q - 8)`` is stored as
+    ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -102,12 +103,12 @@ class Blocks:
     def shape(self) -> tuple[int, int]:
         n, width = self.q.shape
         kind = _KIND[self.qtype]
-        return n, width * 2 if kind == 0 else width // 20 * BLOCK if kind == 3 else width
+        return n, width * 2 if kind in _NIBBLE_KINDS else width // 20 * BLOCK if kind == 3 else width
 
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
         """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..31 for q5_1, 0..15 for q4
-        types)."""
+        types and for iq4_nl, whose values index :data:`IQ4_VALUES`)."""
         n, k = q.shape
         if _KIND[qtype] == 3:
             if q.numel() and int(q.max()) > 31:  # (a sixth bit would spill into the next value's fifth)
@@ -118,7 +119,7 @@ class Blocks:
             low = v & 0xF
             packed = torch.cat([high, low[..., :16] | (low[..., 16:] << 4)], dim=-1)
             return Blocks(qtype, packed.view(n, k // BLOCK * 20), d, m)
-        if _KIND[qtype] != 0:
+        if _KIND[qtype] not in _NIBBLE_KINDS:
             return Blocks(qtype, q, d, m)
         halves = q.to(torch.uint8).view(n, k // BLOCK, 2, BLOCK // 2)
         return Blocks(qtype, (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(n, k // 2), d, m)
@@ -130,7 +131,7 @@ class Blocks:
         if _KIND[self.qtype] == 3:
             b = self.q.view(n, k // BLOCK, 20)
             return _five_bits(b[..., 4:], b[..., :4]).view(n, k)
-        if _KIND[self.qtype] != 0:
+        if _KIND[self.qtype] not in _NIBBLE_KINDS:
             return self.q
         b = self.q.view(n, k // BLOCK, 1, BLOCK // 2)
         return torch.cat([b & 0xF, b >> 4], dim=2).view(n, k)
@@ -176,7 +177,7 @@ class Blocks:
     def empty(qtype: str, n: int, k: int) -> Blocks:
         """Uninitialised blocks of an ``[N, K]`` weight."""
         kind = _KIND[qtype]
-        q = torch.empty(n, k // 2 if kind == 0 else k // BLOCK * 20 if kind == 3 else k,
+        q = torch.empty(n, k // 2 if kind in _NIBBLE_KINDS else k // BLOCK * 20 if kind == 3 else k,
                         dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
         return Blocks(qtype, q,
                       torch.empty(n, k // _SCALE_BLOCK.get(qtype, BLOCK), dtype=torch.float16),
@@ -187,6 +188,8 @@ class Blocks:
         n, k = self.shape
         size = _SCALE_BLOCK.get(self.qtype, BLOCK)
         q = self.values().view(n, k // size, size).float()
+        if self.qtype == "iq4_nl":
+            q = torch.tensor(IQ4_VALUES, dtype=torch.float32)[q.long()]
         w = (q - 32 if self.qtype == "q6_k" else q) * self.d.float()[..., None]
         if self.m is not None:
             w = w + self.m.float()[..., None]
@@ -198,6 +201,8 @@ class Blocks:
         byte (q4 types) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k: per 16)."""
         if _KIND[qtype] == 0:
             return numel // 2 + numel // BLOCK * 4
+        if _KIND[qtype] == 4:
+            return numel // 2 + numel // BLOCK * 2
         if _KIND[qtype] == 3:
             return numel // BLOCK * (20 + 4)
         return numel + numel // _SCALE_BLOCK.get(qtype, BLOCK) * 2
@@ -334,24 +339,18 @@ def _from_q3_k(b: torch.Tensor) -> Blocks:
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS's codebook
 
 
-def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
-    """IQ4's 16 bytes a block of 32 ``[.., 16]`` -> its int8 values ``[.., 32]`` (byte i: codebook index of value
-    i in its low nibble, of value i + 16 in its high one)."""
-    book = torch.tensor(IQ4_VALUES, dtype=torch.int8)
-    return book[torch.cat([qs & 0xF, qs >> 4], dim=-1).long()]
-
-
 def _from_iq4_nl(b: torch.Tensor) -> Blocks:
-    """IQ4_NL blocks ``[n, nb, 18]`` (d, 16 bytes of codebook indices) as q8_0: ``w = d kvalue[q]``, exactly."""
+    """IQ4_NL blocks ``[n, nb, 18]`` (d, 16 bytes of codebook indices: byte i holds value i's in its low nibble,
+    value i + 16's in its high one, the q4 types' order) as stored: ``w = d IQ4_VALUES[q]``."""
     n, nb, _ = b.shape
     d = b[..., 0:2].contiguous().view(torch.float16).view(n, nb)
-    return Blocks("q8_0", _iq4_values(b[..., 2:18]).view(n, nb * BLOCK), d, None)
+    return Blocks("iq4_nl", b[..., 2:18].reshape(n, nb * 16), d, None)
 
 
 def _from_iq4_xs(b: torch.Tensor) -> Blocks:
     """IQ4_XS super-blocks ``[n, nb, 136]`` (d, 8 sub-blocks' 6-bit scales as 2 high bits in a uint16 and 4 low
-    in 4 bytes, 128 bytes of codebook indices) as q8_0 blocks of 32: ``w = (d (ls - 32)) kvalue[q]``, the scale
-    product rounded to float16."""
+    in 4 bytes, 128 bytes of codebook indices) as iq4_nl blocks of 32: ``w = (d (ls - 32)) IQ4_VALUES[q]``, the
+    scale product rounded to float16."""
     n, nb, _ = b.shape
     d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, nb, 1]
     high = (b[..., 2:4].contiguous().view(torch.int16).to(torch.int32) >> (2 * torch.arange(8))) & 3  # [n, nb, 8]
@@ -359,7 +358,7 @@ def _from_iq4_xs(b: torch.Tensor) -> Blocks:
     scale = (d * ((low.to(torch.int32) | (high << 4)).float() - 32)).to(torch.float16).view(n, nb * 8)
     if not torch.isfinite(scale).all():
         raise QuantizationError("an IQ4_XS scale too large for float16")
-    return Blocks("q8_0", _iq4_values(b[..., 8:].reshape(n, nb, 8, 16)).view(n, nb * 256), scale, None)
+    return Blocks("iq4_nl", b[..., 8:].reshape(n, nb * 128), scale, None)
 
 
 _CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k, "q5_1": _from_q5_1, "q5_k": _from_q5_k,
@@ -510,6 +509,10 @@ class QuantizedWeight:
             high = (top >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [R, S, 8, 16 i, 4 L]: value 16 L + i
             v = torch.cat([nib & 0xF, nib >> 4], dim=-1) | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)
             e = v.reshape(r, steps, 16, 32)
+        elif self.kind == 4:  # iq4: codebook values, no offset
+            m = None
+            b = tiles[..., 32:].reshape(r, steps, 16, 16)
+            e = torch.tensor(IQ4_VALUES, dtype=torch.int8)[torch.cat([b & 0xF, b >> 4], dim=-1).long()]
         else:
             m = None
             e = tiles[..., 32:].contiguous().view(torch.int8).reshape(r, steps, 16, 32)
@@ -670,6 +673,8 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
         top = (v >> 4).view(panels, steps, 2, 8, 4, 16)  # [.., L, i]: value 16 L + i
         bits = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
         values = torch.cat([nib, bits], dim=-1).reshape(panels, steps, 2, 384)
+    elif _KIND[blocks.qtype] == 4:  # iq4: the q4 types' nibble bytes, no offsets
+        values = (e[..., :16] | (e[..., 16:] << 4)).reshape(panels, steps, 2, 256)
     elif blocks.m is not None:
         m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
         m[p, j, c] = blocks.m
