@@ -245,8 +245,9 @@ CLI_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "help": "--model is a config.json: random weights of that shape (timing runs without a checkpoint)"}),
     "quantization": ("--quantization", {
         "choices": ["auto", "none", "gguf", "q8_0", "q4_0", "q4_1"],
-        "help": "weights kept block-quantized: auto keeps a GGUF file's Q4_0/Q4_1/Q5_1/Q8_0/Q6_K blocks (Q4_K/Q5_K "
-                "read into them) as stored with --dtype bfloat16 on CPUs with AVX512-BF16 (dequantized otherwise); "
+        "help": "weights kept block-quantized: auto keeps a GGUF file's Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL blocks "
+                "(Q4_K/Q5_K/Q5_0/IQ4_XS/Q3_K read into them) as stored with --dtype bfloat16 on CPUs with "
+                "AVX512-BF16 (dequantized otherwise); "
                 "gguf always keeps them; "
                 "none dequantizes at load; q8_0/q4_0/q4_1 quantize every linear layer at load (bfloat16)"}),
     "kv_cache_tokens": ("--kv-cache-tokens", {"type": int, "help": "K/V pool capacity in tokens"}),
