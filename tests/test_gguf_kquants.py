@@ -36,11 +36,11 @@ def random_blocks(rng: np.random.Generator, qtype: object, n: int, k: int, scale
     if qtype in (T.Q4_K, T.Q5_K):  # block: d, dmin, 12 bytes of scales, (Q5_K: 32 bytes of fifth bits,) nibbles
         raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63 / 4)
         raw[..., 2:4] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 63)
-    elif qtype == T.Q3_K:  # block: 32 bytes of third bits, 64 of 2-bit values, 12 of 6-bit scales, d
-        raw[..., 108:110] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 4 / 32)
-    elif qtype in (T.IQ4_NL, T.IQ4_XS):  # block: d, (IQ4_XS: 6-bit scales,) codebook indices
+    elif qtype == T.Q3_K:  # block: 32 bytes of third bits, 64 of 2-bit values, 12 of 6-bit scales, d (either sign)
+        raw[..., 108:110] = _fp16_bytes(rng.uniform(-1, 1, (n, k // size)) * scale / 4 / 32)
+    elif qtype in (T.IQ4_NL, T.IQ4_XS):  # block: d (either sign), (IQ4_XS: 6-bit scales,) codebook indices
         # (IQ4_XS: d not subnormal in float16, whose few bits would make every product exact: weights up to ~1)
-        raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 127 * (1 if size == 32 else 16))
+        raw[..., 0:2] = _fp16_bytes(rng.uniform(-1, 1, (n, k // size)) * scale / 127 * (1 if size == 32 else 16))
     elif qtype == T.Q2_K:  # block: 16 bytes of 4-bit scales and offsets, 64 of 2-bit values, d, dmin
         raw[..., 80:82] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
         raw[..., 82:84] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
@@ -201,6 +201,15 @@ def test_k_quant_blocks_refuse_bad_shapes_and_scales():
     six[1, 0, 208:210] = _fp16_bytes(np.array([1000.0]))[0]  # d sc beyond float16 (sc at least 40)
     with pytest.raises(QuantizationError, match="Q6_K scale too large"):
         Blocks.from_gguf(six.reshape(4, -1), "q6_k", 512)
+    three = random_blocks(rng, T.Q3_K, 4, 512).reshape(4, 2, 110)
+    three[2, 1, 108:110] = _fp16_bytes(np.array([60000.0]))[0]  # d (sc - 32) beyond float16 unless sc = 31, 32, 33
+    three[2, 1, 96:108] = 0  # (every sc = 0: d (0 - 32))
+    with pytest.raises(QuantizationError, match="Q3_K scale too large"):
+        Blocks.from_gguf(three.reshape(4, -1), "q3_k", 512)
+    xs = random_blocks(rng, T.IQ4_XS, 4, 512).reshape(4, 2, 136)
+    xs[3, 0, 0:2] = _fp16_bytes(np.array([np.nan]))[0]
+    with pytest.raises(QuantizationError, match="IQ4_XS scale too large for float16 \\(or not finite\\)"):
+        Blocks.from_gguf(xs.reshape(4, -1), "iq4_xs", 512)
 
 
 def _reference(path):

@@ -407,10 +407,11 @@ inline void panel_q4_direct_one(const c10::BFloat16* x, const float* xsum, int64
     }
     for (int j = 0; j < 2; ++j) {
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb)));
-      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32)));
       for (int q = 0; q < 4; ++q) y[j][q] = _mm512_fmadd_ps(a[j][q], _mm512_permutexvar_ps(col[q], d), y[j][q]);
-      if constexpr (K != kIQ4)
+      if constexpr (K != kIQ4) {  // (iq4 has no offsets)
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32)));
         z[j] = _mm512_fmadd_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(-128.f), m), _mm512_set1_ps(xsum[s]), z[j]);
+      }
     }
   }
   _mm512_storeu_ps(c, _mm512_add_ps(lane_sums(y[0]), z[0]));
@@ -848,7 +849,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   // direct: [M][steps] sums of x's blocks (kQ6: [M][steps][2], of each half block)
   const int64_t sums = kind == kQ6 ? 2 : 1;
   std::vector<float> xsum;
-  if (direct) {
+  if (direct && kind != kIQ4) {  // (iq4: no offsets to scale by the sums; its kernels do not read them)
     xsum.resize(M * steps * sums);
     for (int64_t i = 0; i < M; ++i)
       for (int64_t s = 0; s < steps; ++s) {
@@ -927,7 +928,8 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
           in_passes([&](int64_t r0, int64_t nr) {
             const c10::BFloat16* xr[4];
             for (int64_t i = 0; i < nr; ++i) xr[i] = rows.row(r0 + i);
-            panel_direct_rows(kind, xr, xsum.data() + r0 * steps * sums, nr, steps, src, r0 == 0 ? limit : qp, c);
+            const float* xs = xsum.empty() ? nullptr : xsum.data() + r0 * steps * sums;
+            panel_direct_rows(kind, xr, xs, nr, steps, src, r0 == 0 ? limit : qp, c);
           });
           continue;
         }

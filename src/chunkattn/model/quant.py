@@ -121,6 +121,8 @@ class Blocks:
             return Blocks(qtype, packed.view(n, k // BLOCK * 20), d, m)
         if _KIND[qtype] not in _NIBBLE_KINDS:
             return Blocks(qtype, q, d, m)
+        if q.numel() and int(q.max()) > 15:  # (it would spill into the byte's other value)
+            raise QuantizationError(f"{qtype} values must be 0..15, got {int(q.max())}")
         halves = q.to(torch.uint8).view(n, k // BLOCK, 2, BLOCK // 2)
         return Blocks(qtype, (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(n, k // 2), d, m)
 
@@ -139,7 +141,7 @@ class Blocks:
     @staticmethod
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
         """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
-        ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1, Q5_1 and Q8_0 are kept as stored, Q6_K
+        ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1, Q5_1, Q8_0 and IQ4_NL are kept as stored, Q6_K
         unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a
         time."""
         if qtype not in _GGUF_BLOCK_BYTES:
@@ -254,7 +256,7 @@ def _from_q6_k(b: torch.Tensor) -> Blocks:
     sc = b[..., 192:208].contiguous().view(torch.int8).float()
     scale = (d * sc).to(torch.float16).view(n, nb * 16)
     if not torch.isfinite(scale).all():
-        raise QuantizationError("a Q6_K scale too large for float16")
+        raise QuantizationError("a Q6_K scale too large for float16 (or not finite)")
     # each half of 128 weights: 64 bytes of low nibbles and 32 of top bits; value 32 a + l (a = 0..3) has the low
     # (a = 0, 1) or high (a = 2, 3) nibble of byte 32 (a % 2) + l and bits 2a, 2a + 1 of top byte l
     ql = b[..., 0:128].reshape(n, nb, 2, 2, 32)
@@ -295,7 +297,7 @@ def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (d * sc.float()).to(torch.float16).view(n, nb * 8)
     offset = (-(dmin * mn.float())).to(torch.float16).view(n, nb * 8)
     if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
-        raise QuantizationError("a K-quant scale too large for float16")
+        raise QuantizationError("a K-quant scale too large for float16 (or not finite)")
     return scale, offset
 
 
@@ -327,7 +329,7 @@ def _from_q3_k(b: torch.Tensor) -> Blocks:
     sc = (low | (high.reshape(n, nb, 16) << 4)).float() - 32
     scale = (d * sc).to(torch.float16).view(n, nb * 16)
     if not torch.isfinite(scale).all():
-        raise QuantizationError("a Q3_K scale too large for float16")
+        raise QuantizationError("a Q3_K scale too large for float16 (or not finite)")
     # value v of 256: its 2 bits in byte 32 (v // 128) + v % 32 at bits 2 ((v // 32) % 4); third bit v // 32 of
     # byte v % 32
     ql = (b[..., 32:96].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
@@ -357,7 +359,7 @@ def _from_iq4_xs(b: torch.Tensor) -> Blocks:
     low = torch.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], dim=-1).reshape(n, nb, 8)
     scale = (d * ((low.to(torch.int32) | (high << 4)).float() - 32)).to(torch.float16).view(n, nb * 8)
     if not torch.isfinite(scale).all():
-        raise QuantizationError("an IQ4_XS scale too large for float16")
+        raise QuantizationError("an IQ4_XS scale too large for float16 (or not finite)")
     return Blocks("iq4_nl", b[..., 8:].reshape(n, nb * 128), scale, None)
 
 
