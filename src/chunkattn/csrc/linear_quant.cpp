@@ -42,7 +42,7 @@
 // the CPU has AVX512-VNNI, panel_q8_int16 / panel_q4_int16 / panel_q6_int16 go further: x's blocks as 15-bit
 // integers (exact within 2^6 of each block's largest), the products as exact integer sums by vpdpbusd, at a third
 // of the vector operations (kAuto's choice for a few rows of kQ8; kQ4 and kQ6 only when asked: their rounding of x
-// cost accuracy where measured, see panel_q6_direct).
+// cost accuracy where measured, see panel_q6_direct; kQ5 and kIQ4 have none).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -79,17 +79,23 @@ enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3, kIQ4 = 4 };
 enum Path : int64_t { kAuto = 0, kTiles = 1, kVector = 2, kDirect = 3, kInt16 = 4 };
 
 constexpr int64_t tile_bytes(int64_t kind) {
-  return kind == kQ4 ? 64 + 16 * 16 : kind == kQ8 ? 32 + 16 * 32 : kind == kQ6 ? 64 + 8 * 48 : kind == kQ5 ? 64 + 16 * 16 + 64
-                                                                                              : 32 + 16 * 16;
+  switch (kind) {
+    case kQ4: return 64 + 16 * 16;
+    case kQ8: return 32 + 16 * 32;
+    case kQ6: return 64 + 8 * 48;
+    case kQ5: return 64 + 16 * 16 + 64;
+    default: return 32 + 16 * 16;  // kIQ4
+  }
 }
 
 // Where a kQ4-like tile's nibbles start (kIQ4 has no offsets m).
 constexpr int64_t nibbles_at(int64_t kind) { return kind == kIQ4 ? 32 : 64; }
 
-// kIQ4's codebook (GGUF's IQ4_NL / IQ4_XS kvalues), as float32 in lanes 0-15.
-inline __m512 iq4_values() {
-  return _mm512_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
-}
+// kIQ4's codebook (GGUF's IQ4_NL / IQ4_XS kvalues; chunkattn/model/quant.py's IQ4_VALUES).
+alignas(64) constexpr float kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// The codebook as float32 in lanes 0-15.
+inline __m512 iq4_values() { return _mm512_load_ps(kIQ4Values); }
 
 // The same as bf16 words (exact: integers below 2^8), in words 0-15 and again in 16-31: a vpermw table.
 inline __m512i iq4_bf16_values() {
@@ -125,8 +131,8 @@ bool tiles_usable() {
 // weights), the dequantizing paths' hardly. Measured on the AMX Xeon VM, 16 SmolLM2-sized products out of cache,
 // direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2. Without AMX
 // the alternative is the slower vector path: direct up to the 4 rows a pass takes (q6 on AMD EPYC Zen 4, 1B
-// down_proj-sized products: 32 / 34 / 40 / 43 ps a weight at 1 / 2 / 3 / 4 rows, the vector path 61-66; q6 on AMX
-// unmeasured, taken as q4).
+// down_proj-sized products: 32 / 34 / 40 / 43 ps a weight at 1 / 2 / 3 / 4 rows, the vector path 61-66; q6, q5 and
+// iq4 on AMX unmeasured, taken as q4).
 int64_t direct_max_rows(int64_t kind) {
   if (!tiles_usable()) return 4;
   return kind == kQ8 ? 1 : 3;
@@ -1022,11 +1028,10 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
         const uint8_t* t = qp + ((p * steps + s) * 2 + j) * tb;
         const float d = static_cast<float>(reinterpret_cast<const c10::Half*>(t)[c]);
         if (kind == kIQ4) {
-          static constexpr int8_t kBook[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
           for (int64_t k = 0; k < kDepth; ++k) {
             const int64_t e = 2 * c + k % 2;
             const uint8_t b = t[32 + 16 * (k / 2) + e % 16];
-            dst[s * kDepth + k] = static_cast<float>(kBook[e < 16 ? b & 15 : b >> 4]) * d;  // exact: 7 x 11 bits
+            dst[s * kDepth + k] = kIQ4Values[e < 16 ? b & 15 : b >> 4] * d;  // exact: 7 x 11 bits
           }
         } else if (kind == kQ4 || kind == kQ5) {
           const float m = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 32)[c]);
