@@ -36,10 +36,11 @@ QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quant
 HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl")  # the types held as blocks: QTYPES, and GGUF's read from a file
 # the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q), q6
 # (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31) and iq4 (w = d IQ4_VALUES[q])
-_KIND = {"q4_0": 0, "q4_1": 0, "q8_0": 1, "q6_k": 2, "q5_1": 3, "iq4_nl": 4}
-_TILE_BYTES = {0: 64 + 16 * 16, 1: 32 + 16 * 32, 2: 64 + 8 * 48, 3: 64 + 16 * 16 + 64, 4: 32 + 16 * 16}
-_NIBBLE_KINDS = (0, 4)  # the kinds whose q holds two values a byte
-_OFFSET_KINDS = (0, 3)  # the kinds with an offset m a block
+_Q4, _Q8, _Q6, _Q5, _IQ4 = range(5)  # (csrc/linear_quant.cpp's Kind)
+_KIND = {"q4_0": _Q4, "q4_1": _Q4, "q8_0": _Q8, "q6_k": _Q6, "q5_1": _Q5, "iq4_nl": _IQ4}
+_TILE_BYTES = {_Q4: 64 + 16 * 16, _Q8: 32 + 16 * 32, _Q6: 64 + 8 * 48, _Q5: 64 + 16 * 16 + 64, _IQ4: 32 + 16 * 16}
+_NIBBLE_KINDS = (_Q4, _IQ4)  # the kinds whose q holds two values a byte
+_OFFSET_KINDS = (_Q4, _Q5)  # the kinds with an offset m a block
 _SCALE_BLOCK = {"q6_k": 16}  # weights per scale d (else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 4 + 4 + 16,
@@ -103,14 +104,14 @@ class Blocks:
     def shape(self) -> tuple[int, int]:
         n, width = self.q.shape
         kind = _KIND[self.qtype]
-        return n, width * 2 if kind in _NIBBLE_KINDS else width // 20 * BLOCK if kind == 3 else width
+        return n, width * 2 if kind in _NIBBLE_KINDS else width // 20 * BLOCK if kind == _Q5 else width
 
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
         """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..31 for q5_1, 0..15 for q4
         types and for iq4_nl, whose values index :data:`IQ4_VALUES`)."""
         n, k = q.shape
-        if _KIND[qtype] == 3:
+        if _KIND[qtype] == _Q5:
             if q.numel() and int(q.max()) > 31:  # (a sixth bit would spill into the next value's fifth)
                 raise QuantizationError(f"q5_1 values must be 0..31, got {int(q.max())}")
             v = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
@@ -130,7 +131,7 @@ class Blocks:
         """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..31 for q5_1, 0..15 for
         q4 types."""
         n, k = self.shape
-        if _KIND[self.qtype] == 3:
+        if _KIND[self.qtype] == _Q5:
             b = self.q.view(n, k // BLOCK, 20)
             return _five_bits(b[..., 4:], b[..., :4]).view(n, k)
         if _KIND[self.qtype] not in _NIBBLE_KINDS:
@@ -179,11 +180,11 @@ class Blocks:
     def empty(qtype: str, n: int, k: int) -> Blocks:
         """Uninitialised blocks of an ``[N, K]`` weight."""
         kind = _KIND[qtype]
-        q = torch.empty(n, k // 2 if kind in _NIBBLE_KINDS else k // BLOCK * 20 if kind == 3 else k,
+        q = torch.empty(n, k // 2 if kind in _NIBBLE_KINDS else k // BLOCK * 20 if kind == _Q5 else k,
                         dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
         return Blocks(qtype, q,
                       torch.empty(n, k // _SCALE_BLOCK.get(qtype, BLOCK), dtype=torch.float16),
-                      torch.empty(n, k // BLOCK, dtype=torch.float16) if _KIND[qtype] in _OFFSET_KINDS else None)
+                      torch.empty(n, k // BLOCK, dtype=torch.float16) if kind in _OFFSET_KINDS else None)
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``: GGUF's reference values (``d q + m`` in float32, the product exact)."""
@@ -201,11 +202,11 @@ class Blocks:
     def nbytes_of(numel: int, qtype: str) -> int:
         """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k), 5/8 of a byte (q5_1) or half a
         byte (q4 types) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k: per 16)."""
-        if _KIND[qtype] == 0:
+        if _KIND[qtype] == _Q4:
             return numel // 2 + numel // BLOCK * 4
-        if _KIND[qtype] == 4:
+        if _KIND[qtype] == _IQ4:
             return numel // 2 + numel // BLOCK * 2
-        if _KIND[qtype] == 3:
+        if _KIND[qtype] == _Q5:
             return numel // BLOCK * (20 + 4)
         return numel + numel // _SCALE_BLOCK.get(qtype, BLOCK) * 2
 
@@ -494,15 +495,20 @@ class QuantizedWeight:
         d = tiles[..., :32].contiguous().view(torch.float16).view(r, steps, 16)
         pick = c.view(r, 1, 1).expand(r, steps, 1)
         scale = d.gather(2, pick).float()  # [R, S, 1]
-        if self.kind in _OFFSET_KINDS:
-            m = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
-            b = tiles[..., 64:320].reshape(r, steps, 16, 16)
+        if self.kind in (_Q4, _Q5, _IQ4):  # nibbles, after the offsets m where the kind has them
+            m = None
+            if self.kind in _OFFSET_KINDS:
+                m = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
+            start = 64 if m is not None else 32
+            b = tiles[..., start:start + 256].reshape(r, steps, 16, 16)
             e = torch.cat([b & 0xF, b >> 4], dim=-1)  # [R, S, 16 r, 32 e]
-            if self.kind == 3:  # fifth bits: group g's byte 4n + L, bit i: row 4g + L, value 8n + i
+            if self.kind == _Q5:  # fifth bits: group g's byte 4n + L, bit i: row 4g + L, value 8n + i
                 top = tiles[..., 320:].reshape(r, steps, 4, 4, 4, 1)  # [.., g, n, L, 1]
                 bits = (top >> torch.arange(8, dtype=torch.uint8)) & 1  # [.., g, n, L, i]
                 e = e | (bits.permute(0, 1, 2, 4, 3, 5).reshape(r, steps, 16, 32) << 4)
-        elif self.kind == 2:  # q6: k 0-15 take the first scales, 16-31 the second; w = d (q - 32)
+            elif self.kind == _IQ4:  # codebook values
+                e = torch.tensor(IQ4_VALUES, dtype=torch.int8)[e.long()]
+        elif self.kind == _Q6:  # q6: k 0-15 take the first scales, 16-31 the second; w = d (q - 32)
             d1 = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
             scale = torch.cat([scale.expand(r, steps, 16), d1.expand(r, steps, 16)], dim=-1)
             m = -32 * scale
@@ -511,10 +517,6 @@ class QuantizedWeight:
             high = (top >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [R, S, 8, 16 i, 4 L]: value 16 L + i
             v = torch.cat([nib & 0xF, nib >> 4], dim=-1) | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)
             e = v.reshape(r, steps, 16, 32)
-        elif self.kind == 4:  # iq4: codebook values, no offset
-            m = None
-            b = tiles[..., 32:].reshape(r, steps, 16, 16)
-            e = torch.tensor(IQ4_VALUES, dtype=torch.int8)[torch.cat([b & 0xF, b >> 4], dim=-1).long()]
         else:
             m = None
             e = tiles[..., 32:].contiguous().view(torch.int8).reshape(r, steps, 16, 32)
@@ -675,12 +677,11 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
         top = (v >> 4).view(panels, steps, 2, 8, 4, 16)  # [.., L, i]: value 16 L + i
         bits = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
         values = torch.cat([nib, bits], dim=-1).reshape(panels, steps, 2, 384)
-    elif _KIND[blocks.qtype] == 4:  # iq4: the q4 types' nibble bytes, no offsets
-        values = (e[..., :16] | (e[..., 16:] << 4)).reshape(panels, steps, 2, 256)
-    elif blocks.m is not None:
-        m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
-        m[p, j, c] = blocks.m
-        scales.append(m.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32))
+    elif _KIND[blocks.qtype] in (_Q4, _Q5, _IQ4):  # nibbles two a byte, after the offsets m where the kind has them
+        if blocks.m is not None:
+            m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
+            m[p, j, c] = blocks.m
+            scales.append(m.permute(0, 3, 1, 2).contiguous().view(torch.uint8).view(panels, steps, 2, 32))
         low = e & 0xF
         values = (low[..., :16] | (low[..., 16:] << 4)).reshape(panels, steps, 2, 256)
         if blocks.qtype == "q5_1":  # fifth bits: group g (rows 4g + L) byte 4n + L, bit i: value 8n + i
