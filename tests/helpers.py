@@ -180,6 +180,22 @@ def iq4_nl_blocks(w: torch.Tensor):
     return Blocks.from_values("iq4_nl", q.to(torch.uint8).view(n, k), d, None)
 
 
+def q4x16_blocks(w: torch.Tensor):
+    """``w`` ``[N, K]`` as q4x16 blocks (GGUF's Q3_K and Q2_K, read from files only): per 16 weights ``d`` =
+    (max - min) / 15 and ``m`` = min as float16, negated for every third sub-block (``d < 0``, ``m`` = max, as Q3_K's
+    signed scales give), values 0..15 (both extremes in every sub-block)."""
+    from chunkattn.model.quant import Blocks
+
+    n, k = w.shape
+    x = w.float().view(n, k // 16, 16)
+    lo, hi = x.amin(-1), x.amax(-1)
+    flip = torch.arange(n * k // 16).view(n, k // 16) % 3 == 2
+    d = torch.where(flip, lo - hi, hi - lo).div(15).half()
+    m = torch.where(flip, hi, lo).half()
+    q = ((x - m.float()[..., None]) * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(0, 15)
+    return Blocks.from_values("q4x16", q.to(torch.uint8).view(n, k), d, m)
+
+
 def q6_k_blocks(w: torch.Tensor):
     """``w`` ``[N, K]`` as q6_k blocks (GGUF's Q6_K, read from files only): a float16 scale per 16 weights (their
     largest |w| / 31.5, negative for every third sub-block, as GGUF's signed ones) and values 0..63 around 32, the

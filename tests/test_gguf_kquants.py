@@ -1,8 +1,9 @@
 """GGUF files beyond Q4_0 / Q4_1 / Q8_0 (llama.cpp's popular Q4_K_M and Q5_K_M files: Q4_K, Q5_K, Q6_K, Q5_0,
-Q5_1) loaded without a full-precision copy: Q5_0 read into q8_0 blocks, Q4_K into q4_1 and Q5_K into q5_1 blocks
-with the file's values (the K-quants' scale products rounded to float16), Q5_1 and Q6_K held as themselves, the
-other quantized types (Q2_K here) dequantized to bfloat16, each tensor read alone; checked against transformers'
-own reader of the same file (gguf-py's dequantization)."""
+Q5_1; Q3_K_M and Q2_K files: Q3_K, Q2_K) loaded without a full-precision copy: Q5_0 read into q8_0 blocks, Q4_K
+into q4_1, Q5_K into q5_1 and Q3_K / Q2_K into q4x16 blocks with the file's values (the K-quants' scale products
+rounded to float16), Q5_1 and Q6_K held as themselves, the other quantized types (IQ3_S here) dequantized to
+bfloat16, each tensor read alone; checked against transformers' own reader of the same file (gguf-py's
+dequantization)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def random_blocks(rng: np.random.Generator, qtype: object, n: int, k: int, scale
     elif qtype == T.Q2_K:  # block: 16 bytes of 4-bit scales and offsets, 64 of 2-bit values, d, dmin
         raw[..., 80:82] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
         raw[..., 82:84] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 15)
+    elif qtype == T.IQ3_S:  # block: d, then grid indices, high bits, signs and 4-bit scales (db = d (1 + 2 s) <= 31 d)
+        raw[..., 0:2] = _fp16_bytes(rng.uniform(0.5, 1, (n, k // size)) * scale / 31 / 15)
     elif qtype == T.Q6_K:  # block: 128 bytes of low bits, 64 of high bits, 16 int8 scales, d
         # (scales of one sign and within 3x of each other, as quantizing real weights gives them)
         raw[..., 192:208] = rng.integers(40, 128, (n, k // size, 16), dtype=np.uint8)
@@ -112,6 +115,14 @@ def _q4_bound(b: Blocks) -> torch.Tensor:
     return 2.0**-11 * (d.abs() * b.values().float() + m.abs()) * (1 + 2.0**-20) + 1e-30
 
 
+def _q4x16_bound(b: Blocks) -> torch.Tensor:
+    """_q4_bound of a q4x16 block (its scales and offsets per 16 weights)."""
+    n, k = b.shape
+    d = b.d.float().repeat_interleave(16, dim=1).view(n, k)
+    m = b.m.float().repeat_interleave(16, dim=1).view(n, k)
+    return 2.0**-11 * (d.abs() * b.values().float() + m.abs()) * (1 + 2.0**-20) + 1e-30
+
+
 def _q6_bound(b: Blocks) -> torch.Tensor:
     """Per weight, 2^-11 |d (q - 32)| (+ float32 slack): a q6_k block's scale was rounded to float16."""
     n, k = b.shape
@@ -121,13 +132,14 @@ def _q6_bound(b: Blocks) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
-    """Q5_0 is q8_0 exactly, Q5_1 and IQ4_NL themselves exactly; Q4_K is q4_1 and Q5_K q5_1 within 2^-11 of
-    each scale and offset, Q6_K is q6_k and Q3_K q6_k within 2^-11 of each sub-block's scale, IQ4_XS iq4_nl likewise
-    (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay two a byte in GGUF's
-    order; read 3 rows at a time."""
+    """Q5_0 is q8_0 exactly, Q5_1 and IQ4_NL themselves exactly; Q4_K is q4_1, Q5_K q5_1 and Q2_K q4x16 within
+    2^-11 of each scale and offset, Q6_K is q6_k and Q3_K q4x16 within 2^-11 of each sub-block's scale, IQ4_XS
+    iq4_nl likewise (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay two a
+    byte in GGUF's order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
     for qtype, k in ((T.Q5_0, 96), (T.Q5_1, 96), (T.Q4_K, 512), (T.Q4_K, 256), (T.Q5_K, 256), (T.Q5_K, 768),
-                     (T.Q6_K, 256), (T.Q6_K, 768), (T.Q3_K, 512), (T.IQ4_NL, 96), (T.IQ4_XS, 512)):
+                     (T.Q6_K, 256), (T.Q6_K, 768), (T.Q3_K, 512), (T.Q2_K, 256), (T.Q2_K, 768), (T.IQ4_NL, 96),
+                     (T.IQ4_XS, 512)):
         monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * k)
         raw = random_blocks(rng, qtype, n, k)
         ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
@@ -151,8 +163,9 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             got = b.dequantize()
             assert ((got - ref).abs() <= 2.0**-11 * got.abs() * (1 + 2.0**-20) + 1e-30).all() and torch.equal(
                 got == 0, ref == 0)
-            if qtype == T.Q3_K:  # q in -4..3, held as q + 32; every value occurs (random bytes)
-                assert set(b.values().unique().tolist()) == set(range(28, 36)) and b.d.shape == (n, k // 16)
+            if qtype == T.Q3_K:  # q in -4..3, held as q + 4 with m = -4 d; every value occurs (random bytes)
+                assert set(b.values().unique().tolist()) == set(range(8)) and b.d.shape == (n, k // 16)
+                assert torch.equal(b.m, b.d * -4)
             assert ((got - ref).abs() > 0).any()  # (rounded somewhere: not exact by accident)
             continue
         if qtype == T.Q6_K:
@@ -165,6 +178,17 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             exact = exact.reshape(n, -1)
             ref = torch.from_numpy(gguf.quants.dequantize(exact, qtype).astype(np.float32))
             assert torch.equal(Blocks.from_gguf(exact, "q6_k", k).dequantize(), ref)
+            continue
+        if qtype == T.Q2_K:  # q in 0..3 (every one occurs), a scale and offset per 16
+            assert set(b.values().unique().tolist()) == set(range(4)) and b.q.shape == (n, k // 2)
+            assert b.d.shape == b.m.shape == (n, k // 16)
+            err = (b.dequantize() - ref).abs()
+            assert (err <= _q4x16_bound(b)).all() and float(err.max()) > 0
+            exact = raw.copy().reshape(n, k // 256, 84)
+            exact[..., 80:84] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256, 2))).reshape(n, k // 256, 4)
+            exact = exact.reshape(n, -1)
+            ref = torch.from_numpy(gguf.quants.dequantize(exact, qtype).astype(np.float32))
+            assert torch.equal(Blocks.from_gguf(exact, "q2_k", k).dequantize(), ref)
             continue
         err = (b.dequantize() - ref).abs()
         assert (err <= _q4_bound(b)).all() and float(err.max()) > 0  # (rounded, and not by accident exact)
@@ -196,7 +220,7 @@ def test_k_quant_blocks_refuse_bad_shapes_and_scales():
     with pytest.raises(QuantizationError, match="too large"):
         Blocks.from_gguf(big.reshape(4, -1), "q4_k", 512)
     with pytest.raises(QuantizationError, match="not read into blocks"):
-        Blocks.from_gguf(raw, "q2_k", 512)
+        Blocks.from_gguf(raw, "iq3_s", 512)
     six = random_blocks(rng, T.Q6_K, 4, 512).reshape(4, 2, 210)
     six[1, 0, 208:210] = _fp16_bytes(np.array([1000.0]))[0]  # d sc beyond float16 (sc at least 40)
     with pytest.raises(QuantizationError, match="Q6_K scale too large"):
@@ -204,8 +228,15 @@ def test_k_quant_blocks_refuse_bad_shapes_and_scales():
     three = random_blocks(rng, T.Q3_K, 4, 512).reshape(4, 2, 110)
     three[2, 1, 108:110] = _fp16_bytes(np.array([60000.0]))[0]  # d (sc - 32) beyond float16 unless sc = 31, 32, 33
     three[2, 1, 96:108] = 0  # (every sc = 0: d (0 - 32))
-    with pytest.raises(QuantizationError, match="Q3_K scale too large"):
+    with pytest.raises(QuantizationError, match="Q3_K scale too large for float16"):
         Blocks.from_gguf(three.reshape(4, -1), "q3_k", 512)
+    three[2, 1, 108:110] = _fp16_bytes(np.array([600.0]))[0]  # d (0 - 32) fits float16, its offset 4x that does not
+    with pytest.raises(QuantizationError, match="Q3_K scale too large to store its offset"):
+        Blocks.from_gguf(three.reshape(4, -1), "q3_k", 512)
+    two = random_blocks(rng, T.Q2_K, 4, 512).reshape(4, 2, 84)
+    two[1, 1, 82:84] = _fp16_bytes(np.array([np.inf]))[0]  # dmin
+    with pytest.raises(QuantizationError, match="Q2_K scale too large for float16 \\(or not finite\\)"):
+        Blocks.from_gguf(two.reshape(4, -1), "q2_k", 512)
     xs = random_blocks(rng, T.IQ4_XS, 4, 512).reshape(4, 2, 136)
     xs[3, 0, 0:2] = _fp16_bytes(np.array([np.nan]))[0]
     with pytest.raises(QuantizationError, match="IQ4_XS scale too large for float16 \\(or not finite\\)"):
@@ -225,22 +256,22 @@ def _reference(path):
     return cfg, {k: torch.as_tensor(v).float() for k, v in tensors.items()}
 
 
-# layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), o Q2_K
-# (dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down Q5_K (q5_1); layer 1: q/k Q5_0 beside a Q8_0 v,
-# gate/up Q5_0 (q8_0 all), o Q5_1, down Q6_K; the embeddings Q6_K
-TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "attn_output"): T.Q2_K, (0, "ffn_gate"): T.Q4_1,
+# layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), o IQ3_S
+# (dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down Q5_K (q5_1); layer 1: q/k Q5_0 beside a Q8_0 v
+# (q8_0 all), gate/up Q2_K and down Q3_K (q4x16), o Q5_1; the embeddings Q6_K
+TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "attn_output"): T.IQ3_S, (0, "ffn_gate"): T.Q4_1,
          (0, "ffn_down"): T.Q5_K,
          (1, "attn_q"): T.Q5_0,
          (1, "attn_k"): T.Q5_0,
-         (1, "attn_v"): T.Q8_0, (1, "attn_output"): T.Q5_1, (1, "ffn_gate"): T.Q5_0, (1, "ffn_up"): T.Q5_0,
-         (1, "ffn_down"): T.Q6_K, "embd": T.Q6_K}
+         (1, "attn_v"): T.Q8_0, (1, "attn_output"): T.Q5_1, (1, "ffn_gate"): T.Q2_K, (1, "ffn_up"): T.Q2_K,
+         (1, "ffn_down"): T.Q3_K, "embd": T.Q6_K}
 
 
 def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, monkeypatch):
     """Each matrix of a Q4_K_M-like file comes back under its Hugging Face name, rows in transformers' order (q/k
-    un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 as blocks of the file's values, Q4_K, Q5_K and Q6_K within
-    the float16 rounding of their scales; Q2_K and the norms in bfloat16 as transformers reads them; the memory
-    bound counts exactly what is held, plus one matrix."""
+    un-permuted): Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 as blocks of the file's values, Q4_K, Q5_K, Q6_K, Q3_K and
+    Q2_K within the float16 rounding of their scales; IQ3_S and the norms in bfloat16 as transformers reads them;
+    the memory bound counts exactly what is held, plus one matrix."""
     from chunkattn.model.loader import _gguf_blocks_bytes, _GGUFLayout, gguf_blocks
 
     path = tmp_path / "kq.gguf"
@@ -249,7 +280,8 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
     monkeypatch.setattr(quant, "QUANTIZE_SLICE", 3 * 256)  # (3 rows of K = 256 at a time, 1.5 of K = 512)
     with caplog.at_level("INFO", logger="chunkattn"):
         dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
-    assert "1 Q2_K tensor dequantized to bfloat16" in caplog.text and "Q6_K tensor" not in caplog.text
+    assert "1 IQ3_S tensor dequantized to bfloat16" in caplog.text and "Q6_K tensor" not in caplog.text
+    assert "Q2_K tensor" not in caplog.text and "Q3_K tensor" not in caplog.text
     assert "Q5_K tensor" not in caplog.text and "Q5_1 tensor" not in caplog.text
     assert set(dense) | set(blocks) == set(ref) and not set(dense) & set(blocks)
     for name, w in dense.items():
@@ -264,16 +296,16 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
         got, want = b.dequantize(), ref[name]
         short = name.removeprefix("model.").removesuffix(".weight")
         kinds[short] = b.qtype
-        if stored[short] in (T.Q4_K, T.Q5_K, T.Q6_K):
-            bound = _q6_bound(b) if stored[short] == T.Q6_K else _q4_bound(b)
+        if stored[short] in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K):
+            bound = {T.Q6_K: _q6_bound, T.Q3_K: _q4x16_bound, T.Q2_K: _q4x16_bound}.get(stored[short], _q4_bound)(b)
             assert ((got - want).abs() <= bound).all() and float((got - want).abs().max()) > 0, name
         else:  # Q4_1, Q5_0, Q5_1, Q8_0
             assert torch.equal(got, want), name
     assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")},
-                     **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                          "mlp.gate_proj", "mlp.up_proj")},
+                     **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")},
+                     **{f"layers.1.{p}": "q4x16" for p in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
                      "layers.0.mlp.down_proj": "q5_1", "layers.1.self_attn.o_proj": "q5_1",
-                     **{p: "q6_k" for p in ("layers.0.self_attn.v_proj", "layers.1.mlp.down_proj", "embed_tokens")}}
+                     **{p: "q6_k" for p in ("layers.0.self_attn.v_proj", "embed_tokens")}}
     held = sum(b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values())
     held += sum(w.nbytes for w in dense.values())
     largest = max([b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values()]
@@ -287,8 +319,8 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
 def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path, caplog, seed, q0):
     """Built into a model: q/k/v of layer 0 dense where its q is F16 (beside quantized k and v: logged), as parts
     where it is Q4_K (q and k one q4_1 product, the Q6_K v another, as in llama.cpp's Q4_K_M files); layer 0's o
-    dense (Q2_K); the others quantized (q4_1 from Q4_K / Q4_1, q5_1 from Q5_K / Q5_1, q8_0 from Q5_0 / Q8_0, q6_k
-    from Q6_K: the embeddings and the tied head one pack); prefill logits match those of the model built in
+    dense (IQ3_S); the others quantized (q4_1 from Q4_K / Q4_1, q5_1 from Q5_K / Q5_1, q8_0 from Q5_0 / Q8_0,
+    q4x16 from Q2_K / Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits match those of the model built in
     float32 from the blocks' values and from transformers' float32 reading (the K-quants' float16 scale products
     too)."""
     from chunkattn import PrefixKVCache
@@ -313,7 +345,7 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     assert qtypes == {**({"model.layers.0.self_attn.qkv_proj": "q4_1+q6_k"} if parts else {}),
                       "model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q5_1",
                       "model.layers.1.self_attn.qkv_proj": "q8_0", "model.layers.1.self_attn.o_proj": "q5_1",
-                      "model.layers.1.mlp.gate_up_proj": "q8_0", "model.layers.1.mlp.down_proj": "q6_k",
+                      "model.layers.1.mlp.gate_up_proj": "q4x16", "model.layers.1.mlp.down_proj": "q4x16",
                       "model.embed_tokens": "q6_k", "lm_head": "q6_k"}
     assert q.lm_head.quant is q.model.embed_tokens.quant  # (tied: one pack)
     ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])

@@ -25,7 +25,7 @@ from chunkattn.model.quant import (
     kernel_supported,
     quantize,
 )
-from helpers import iq4_nl_blocks, q5_1_blocks, q6_k_blocks, write_checkpoint
+from helpers import iq4_nl_blocks, q4x16_blocks, q5_1_blocks, q6_k_blocks, write_checkpoint
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
@@ -41,8 +41,8 @@ needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the path with integer x 
 
 def _blocks(w: torch.Tensor, qtype: str) -> Blocks:
     """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for the types read from GGUF files only
-    helpers.q6_k_blocks' / q5_1_blocks' / iq4_nl_blocks'."""
-    made = {"q6_k": q6_k_blocks, "q5_1": q5_1_blocks, "iq4_nl": iq4_nl_blocks}
+    helpers.q6_k_blocks' / q5_1_blocks' / iq4_nl_blocks' / q4x16_blocks'."""
+    made = {"q6_k": q6_k_blocks, "q5_1": q5_1_blocks, "iq4_nl": iq4_nl_blocks, "q4x16": q4x16_blocks}
     return made[qtype](w) if qtype in made else quantize(w, qtype)
 
 
@@ -216,7 +216,8 @@ def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_
     return pre + ref.abs() * 2**-8 + 1e-6
 
 
-INT_X_TYPES = [t for t in HELD if t not in ("q5_1", "iq4_nl")]  # (q5 and iq4 have no path 4: refused, tested below)
+# (q5, iq4 and q4x16 have no path 4: refused, tested below)
+INT_X_TYPES = [t for t in HELD if t not in ("q5_1", "iq4_nl", "q4x16")]
 
 
 @needs_int_x
@@ -315,12 +316,13 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
     # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
     # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q5: 159 |d| + |m|; iq4: its codebook value, up to 127 |d|
-    six = qtype == "q6_k"
-    terms = blocks.d.double().abs().repeat_interleave(16 if six else 32, 1) * (
-        351 if six else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl" else 143 if blocks.m is not None
-        else 17 * 143)
+    # (q6 and q4x16: d and m per 16 weights)
+    size = 16 if qtype in ("q6_k", "q4x16") else 32
+    terms = blocks.d.double().abs().repeat_interleave(size, 1) * (
+        351 if qtype == "q6_k" else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl" else 143 if blocks.m is
+        not None else 17 * 143)
     if blocks.m is not None:
-        terms = terms + blocks.m.double().abs().repeat_interleave(32, 1)
+        terms = terms + blocks.m.double().abs().repeat_interleave(size, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
     for path in [0, *PATHS] + ([4] if HAS_INT_X and qtype in INT_X_TYPES else []):
@@ -371,7 +373,7 @@ def test_each_path_reads_each_weight_where_it_is(qtype, n, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k", "q5_1", "iq4_nl"])
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k", "q5_1", "iq4_nl", "q4x16"])
 def test_many_rows_span_several_row_blocks(qtype, two_threads):
     """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
     tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB), two a thread for
@@ -430,7 +432,7 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
     with pytest.raises(RuntimeError, match=r"packed must be"):
         ops.linear_quant(x, qw.packed, 3, 64, None, 0)  # q8 tiles read as q5
     with pytest.raises(RuntimeError, match=r"kind must be 0 \(q4"):
-        ops.linear_quant(x, qw.packed, 5, 64, None, 0)
+        ops.linear_quant(x, qw.packed, 6, 64, None, 0)
     iq4 = QuantizedWeight.pack(iq4_nl_blocks(torch.randn(64, x.shape[1])))
     with pytest.raises(RuntimeError, match="path 4 .* has no iq4 kernel"):
         ops.linear_quant(x, iq4.packed, iq4.kind, 64, None, 4)
@@ -440,6 +442,11 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
         Blocks.from_values("q5_1", torch.full((2, 32), 32, dtype=torch.uint8), half, half)
     with pytest.raises(RuntimeError, match="path 4 .* has no q5 kernel"):
         ops.linear_quant(x, q5.packed, q5.kind, 64, None, 4)
+    q4x16 = QuantizedWeight.pack(q4x16_blocks(torch.randn(64, x.shape[1])))
+    with pytest.raises(RuntimeError, match="path 4 .* has no q4x16 kernel"):
+        ops.linear_quant(x, q4x16.packed, q4x16.kind, 64, None, 4)
+    with pytest.raises(QuantizationError, match="q4x16 values must be 0..15, got 16"):
+        Blocks.from_values("q4x16", torch.full((2, 32), 16, dtype=torch.uint8), half.repeat(1, 2), half.repeat(1, 2))
     assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)
     with pytest.raises(RuntimeError, match="positive multiple of 32"):  # K = 0: refused, not a division by zero
         ops.linear_quant(torch.empty(2, 0).bfloat16(), torch.empty(2, 0, 2, 544, dtype=torch.uint8), 1, 64, None, 0)

@@ -5,14 +5,16 @@
 // of linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
 // traffic of a decode step, shrinks from 2 bytes a weight (bf16) to 20/32 (Q4_1) or 34/32 (Q8_0).
 //
-// Five kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
+// Six kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
 //   kQ4: w = d q + m, q in 0..15;  kQ8: w = d q, q in -128..127;
 //   kQ6: w = d (q - 32), q in 0..63, d a scale per 16 weights along K (GGUF's Q6_K: its super-block scale times
 //        each sub-block's 8-bit scale, the product rounded to float16 when chunkattn/model/quant.py reads it);
 //   kQ5: w = d q + m, q in 0..31 (GGUF's Q5_1 as stored; Q5_K's sub-blocks of 32, their d sc and -dmin m rounded
 //        to float16 as Q4_K's are for kQ4);
 //   kIQ4: w = d kvalue[q], q in 0..15 indexing GGUF's IQ4 codebook of 16 integers in -127..113 (IQ4_NL as stored;
-//        IQ4_XS's sub-blocks of 32, d (ls - 32) rounded to float16).
+//        IQ4_XS's sub-blocks of 32, d (ls - 32) rounded to float16);
+//   kQ4x16: w = d q + m, q in 0..15, d and m per 16 weights along K (GGUF's Q3_K: q + 4 in 0..7, d its scale
+//        product and m = -4 d; Q2_K: q in 0..3, d sc and -dmin m; the products rounded to float16).
 // Computed in float32 as one fused multiply-add, then rounded to bf16 (to nearest even): exactly what GGUF's
 // reference dequantization (gguf-py: d * q + m in float32) cast to bf16 gives, so the products equal those of the
 // same model dequantized at load and cast to bf16, up to the order of the float32 sums (kQ6: 28/32 bytes a weight).
@@ -24,12 +26,15 @@
 //   kQ6: d[16] fp16 of k 0-15 | d[16] of k 16-31 | 8 groups x 48 bytes (448 bytes: 28 per 32 weights; Q6_K 26.25)
 //   kQ5: kQ4's 320 bytes | 4 groups x 16 bytes of fifth bits   (384 bytes: 24 per 32 weights, Q5_1's size)
 //   kIQ4: d[16] fp16 | 16 rows x 16 bytes                       (288 bytes: 18 per 32 weights, IQ4_NL's size)
+//   kQ4x16: d[16] of k 0-15 | d[16] of k 16-31 | m[16] of k 0-15 | m[16] of k 16-31 | 8 groups x 32 bytes
+//        (384 bytes: 24 per 32 weights; Q3_K 13.75, Q2_K 10.5)
 // Row r of a tile holds the 32 values (W[c, 32s + 2r + t], c = 0..15, t = 0..1) at e = 2c + t, the order of a
 // tdpbf16ps B row; kQ4's byte b holds e = b in its low nibble and e = b + 16 in its high nibble. Columns are those
 // of linear_amx.h's panels (pack_linear_amx / pack_gate_up_amx); chunkattn/model/quant.py builds the packs.
 // kQ6's group g holds tile rows 2g and 2g + 1 (value v = 32 (row - 2g) + e, kQ8's order of those two rows) as 32
 // bytes of low nibbles (byte i: value i in its low nibble, value i + 32 in its high one) and 16 bytes of the top
 // two bits (byte i: value i + 16 L in bits 2L, 2L + 1); q6_group unpacks a group in 7 vector operations.
+// kQ4x16's group g is kQ6's without the top bits: its 32 bytes of nibbles (q4x16_group: 3 operations).
 // kQ5's group g holds the fifth bits of tile rows 4g + L (L = 0..3) as 16 bytes, byte 4n + L those of values
 // e = 8n .. 8n + 7 (bit b: e = 8n + b): the 32-bit masks panel_q4_direct_one's unpacked words take whole (its
 // vector u[n] holds those values of the four rows); q5_row_masks turns a group into each row's 32 bits.
@@ -72,7 +77,7 @@ namespace chunkattn::ops {
 namespace {
 using namespace chunkattn::panels;
 
-enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3, kIQ4 = 4 };
+enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3, kIQ4 = 4, kQ4x16 = 5 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
 // tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q{4,8,6}_direct); kInt16 multiplies
 // them with x rounded to 15-bit integers per block (panel_q{8,4,6}_int16).
@@ -84,9 +89,16 @@ constexpr int64_t tile_bytes(int64_t kind) {
     case kQ8: return 32 + 16 * 32;
     case kQ6: return 64 + 8 * 48;
     case kQ5: return 64 + 16 * 16 + 64;
-    default: return 32 + 16 * 16;  // kIQ4
+    case kIQ4: return 32 + 16 * 16;
+    default: return 128 + 8 * 32;  // kQ4x16
   }
 }
+
+// The kinds with a scale per 16 weights (two a tile row's 32 k) and groups of two tile rows' 64 values: where a
+// kQ6 / kQ4x16 tile's groups start and each group's bytes.
+constexpr bool per_16(int64_t kind) { return kind == kQ6 || kind == kQ4x16; }
+constexpr int64_t groups_at(int64_t kind) { return kind == kQ6 ? 64 : 128; }
+constexpr int64_t group_bytes(int64_t kind) { return kind == kQ6 ? 48 : 32; }
 
 // Where a kQ4-like tile's nibbles start (kIQ4 has no offsets m).
 constexpr int64_t nibbles_at(int64_t kind) { return kind == kIQ4 ? 32 : 64; }
@@ -165,6 +177,29 @@ inline __m512i q6_group(const uint8_t* g) {
   return _mm512_ternarylogic_epi32(nib, top, _mm512_set1_epi8(0x0F), 0xEC);  // (nib & 0x0F) | top
 }
 
+// kQ4x16's group at g (32 bytes) -> its 64 values q (0..15) as bytes, q6_group's order (its nibbles alone).
+inline __m512i q4x16_group(const uint8_t* g) {
+  const __m512i nib_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  return _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(
+                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g))), nib_shift),
+                          _mm512_set1_epi8(0x0F));
+}
+
+// A per-16 kind's (K) group g of the tile at t, unpacked.
+template <int64_t K>
+inline __m512i group_values(const uint8_t* t, int g) {
+  if constexpr (K == kQ6) return q6_group(t + groups_at(K) + group_bytes(K) * g);
+  else return q4x16_group(t + groups_at(K) + group_bytes(K) * g);
+}
+
+// The offsets of a per-16 kind's (K) half tile (k 16 half .. 16 half + 15) at t, whose scales are d: w = d q + the
+// offset (kQ6: -32 d, exact; kQ4x16: its m).
+template <int64_t K>
+inline __m512 half_offsets(const uint8_t* t, int half, __m512 d) {
+  if constexpr (K == kQ6) return _mm512_mul_ps(d, _mm512_set1_ps(-32.f));
+  else return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 64 + 32 * half)));
+}
+
 // kQ5's fifth bits of tile rows 4g .. 4g + 3 (the group's 16 bytes at top) -> m[L]: row 4g + L's 32 bits, bit e
 // for value e (a 4 x 4 byte transpose).
 inline void q5_row_masks(const uint8_t* top, uint32_t (&m)[4]) {
@@ -214,6 +249,31 @@ inline void dequant_q4_tile(const uint8_t* t, __m512 dlo, __m512 dhi, c10::BFloa
   }
 }
 
+// dequant_tile's kQ6 or kQ4x16 tile (K): each half's scales and offsets, each group's two tile rows.
+template <int64_t K>
+inline void dequant_per16_tile(const uint8_t* t, c10::BFloat16* dst) {
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  for (int half = 0; half < 2; ++half) {  // tile rows 8 half .. 8 half + 7: k = 16 half .. 16 half + 15
+    const __m512 dh = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32 * half)));
+    const __m512 oh = half_offsets<K>(t, half, dh);
+    const __m512 dlo = _mm512_permutexvar_ps(lo_idx, dh), dhi = _mm512_permutexvar_ps(hi_idx, dh);
+    const __m512 olo = _mm512_permutexvar_ps(lo_idx, oh), ohi = _mm512_permutexvar_ps(hi_idx, oh);
+    for (int g = 4 * half; g < 4 * half + 4; ++g) {
+      const __m512i u = group_values<K>(t, g);
+      // row 2g + rr: 128-bit lanes 2 rr (e 0-15) and 2 rr + 1 (e 16-31); d q + offset in one fused multiply-add
+      // (kQ6's d q - 32 d and kQ4x16's d q exact in float32), then the one rounding to bf16
+      const __m128i lane[4] = {_mm512_extracti32x4_epi32(u, 0), _mm512_extracti32x4_epi32(u, 1),
+                               _mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)};
+      for (int rr = 0; rr < 2; ++rr) {
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane[2 * rr])), dlo, olo);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane[2 * rr + 1])), dhi, ohi);
+        _mm512_storeu_si512(dst + 32 * (2 * g + rr), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+    }
+  }
+}
+
 // One packed tile -> 16 rows x 32 bf16 at dst (a tdpbf16ps B operand).
 inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
   // lanes 0-15 of a row are columns 0-7 (pairs), lanes 16-31 columns 8-15: each column's scale twice
@@ -226,23 +286,9 @@ inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
     else if (kind == kIQ4) dequant_q4_tile<kIQ4>(t, dlo, dhi, dst);
     else dequant_q4_tile<kQ4>(t, dlo, dhi, dst);
   } else if (kind == kQ6) {
-    for (int half = 0; half < 2; ++half) {  // tile rows 8 half .. 8 half + 7: k = 16 half .. 16 half + 15
-      const __m512 dh = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32 * half)));
-      const __m512 dlo = _mm512_permutexvar_ps(lo_idx, dh), dhi = _mm512_permutexvar_ps(hi_idx, dh);
-      const __m512 olo = _mm512_mul_ps(dlo, _mm512_set1_ps(-32.f)), ohi = _mm512_mul_ps(dhi, _mm512_set1_ps(-32.f));
-      for (int g = 4 * half; g < 4 * half + 4; ++g) {
-        const __m512i u = q6_group(t + 64 + 48 * g);
-        // row 2g + rr: 128-bit lanes 2 rr (e 0-15) and 2 rr + 1 (e 16-31); d q - 32 d is exact in float32 before
-        // the one rounding to bf16
-        const __m128i lane[4] = {_mm512_extracti32x4_epi32(u, 0), _mm512_extracti32x4_epi32(u, 1),
-                                 _mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)};
-        for (int rr = 0; rr < 2; ++rr) {
-          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane[2 * rr])), dlo, olo);
-          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane[2 * rr + 1])), dhi, ohi);
-          _mm512_storeu_si512(dst + 32 * (2 * g + rr), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-        }
-      }
-    }
+    dequant_per16_tile<kQ6>(t, dst);
+  } else if (kind == kQ4x16) {
+    dequant_per16_tile<kQ4x16>(t, dst);
   } else {
     const uint8_t* q = t + 32;
     for (int r = 0; r < 16; ++r) {
@@ -477,11 +523,12 @@ inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, in
 // scale: sum d (q - 32) x = d (sum (128 + q) x - 160 sum x). The weights and x enter exactly (x as bf16, not
 // rounded to integers as kInt16 does: on a Q4_K_M file's Q6_K down projections, whose inputs carry the MLP's
 // outliers, kInt16 turned 16 of 1116 decode positions' top-1 mismatches against float32 into 24). xhalf: [NR][steps]
-// [2] sums of each row's half blocks.
-template <int NR>
+// [2] sums of each row's half blocks. K = kQ4x16: its groups' nibbles (q4x16_group), sum (d q + m) x =
+// d sum (128 + q) x + (m - 128 d) sum x.
+template <int NR, int64_t K = kQ6>
 inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, int64_t steps, const uint8_t* src,
                             const uint8_t* limit, float* c) {
-  constexpr int64_t tb = tile_bytes(kQ6);
+  constexpr int64_t tb = tile_bytes(K);
   const __m512i magic = _mm512_set1_epi16(0x4300);
   __m512 y[NR][2];
   for (int i = 0; i < NR; ++i) y[i][0] = y[i][1] = _mm512_setzero_ps();
@@ -493,7 +540,7 @@ inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, i
       for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
       for (int g = 4 * half; g < 4 * half + 4; ++g) {  // tile rows 2g, 2g + 1
         __m512i u[2];
-        for (int j = 0; j < 2; ++j) u[j] = q6_group(t + j * tb + 64 + 48 * g);
+        for (int j = 0; j < 2; ++j) u[j] = group_values<K>(t + j * tb, g);
         for (int rr = 0; rr < 2; ++rr) {
           __m512bh w[2];
           for (int j = 0; j < 2; ++j) {
@@ -509,7 +556,7 @@ inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, i
       }
       for (int j = 0; j < 2; ++j) {
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32 * half)));
-        const __m512 offset = _mm512_mul_ps(d, _mm512_set1_ps(-160.f));
+        const __m512 offset = _mm512_fmadd_ps(d, _mm512_set1_ps(-128.f), half_offsets<K>(t + j * tb, half, d));
         for (int i = 0; i < NR; ++i) {
           y[i][j] = _mm512_fmadd_ps(acc[i][j], d, y[i][j]);
           y[i][j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xhalf[(i * steps + s) * 2 + half]), y[i][j]);
@@ -525,10 +572,11 @@ inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, i
 // weights, not the cross-lane widening and an or), so lane L of the low words holds tile row 2g + L / 2's columns
 // 0-3 (L even) or 8-11 (L odd), the high words columns 4-7 / 12-15; x's pair of row 2g faces lanes 0-1 and that of
 // row 2g + 1 lanes 2-3. The sums stay in that layout (each scaled by its columns' scales) until the panel ends,
-// when the two rows' lanes are added and put in column order.
+// when the two rows' lanes are added and put in column order. K = kQ4x16 as in panel_q6_direct.
+template <int64_t K = kQ6>
 inline void panel_q6_direct_one(const c10::BFloat16* x, const float* xhalf, int64_t steps, const uint8_t* src,
                                 const uint8_t* limit, float* c) {
-  constexpr int64_t tb = tile_bytes(kQ6);
+  constexpr int64_t tb = tile_bytes(K);
   const __m512i magic = _mm512_set1_epi8(0x43);
   const __m512i pair_of_lane = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i lo_cols = _mm512_set_epi32(11, 10, 9, 8, 3, 2, 1, 0, 11, 10, 9, 8, 3, 2, 1, 0);
@@ -546,7 +594,7 @@ inline void panel_q6_direct_one(const c10::BFloat16* x, const float* xhalf, int6
             pair_of_lane, _mm512_castsi128_si512(_mm_loadl_epi64(
                               reinterpret_cast<const __m128i*>(x + s * kDepth + 4 * g)))));
         for (int j = 0; j < 2; ++j) {
-          const __m512i u = q6_group(t + j * tb + 64 + 48 * g);
+          const __m512i u = group_values<K>(t + j * tb, g);
           alo[j] = _mm512_dpbf16_ps(alo[j], reinterpret_cast<__m512bh>(_mm512_unpacklo_epi8(u, magic)), xb);
           ahi[j] = _mm512_dpbf16_ps(ahi[j], reinterpret_cast<__m512bh>(_mm512_unpackhi_epi8(u, magic)), xb);
         }
@@ -555,7 +603,8 @@ inline void panel_q6_direct_one(const c10::BFloat16* x, const float* xhalf, int6
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j * tb + 32 * half)));
         ylo[j] = _mm512_fmadd_ps(alo[j], _mm512_permutexvar_ps(lo_cols, d), ylo[j]);
         yhi[j] = _mm512_fmadd_ps(ahi[j], _mm512_permutexvar_ps(hi_cols, d), yhi[j]);
-        z[j] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(-160.f)), _mm512_set1_ps(xhalf[2 * s + half]), z[j]);
+        const __m512 offset = _mm512_fmadd_ps(d, _mm512_set1_ps(-128.f), half_offsets<K>(t + j * tb, half, d));
+        z[j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xhalf[2 * s + half]), z[j]);
       }
     }
   }
@@ -786,6 +835,10 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
       if constexpr (NR == 1) panel_q6_direct_one(x[0], xsum, steps, src, limit, c);
       else panel_q6_direct<NR>(x, xsum, steps, src, limit, c);
     }
+    else if (kind == kQ4x16) {
+      if constexpr (NR == 1) panel_q6_direct_one<kQ4x16>(x[0], xsum, steps, src, limit, c);
+      else panel_q6_direct<NR, kQ4x16>(x, xsum, steps, src, limit, c);
+    }
     else if (kind == kQ5) {
       if constexpr (NR == 1) panel_q4_direct_one<kQ5>(x[0], xsum, steps, src, limit, c);
       else panel_q4_direct<NR, kQ5>(x, xsum, steps, src, limit, c);
@@ -802,8 +855,8 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
 #endif
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
-  TORCH_CHECK(kind >= kQ4 && kind <= kIQ4, op, ": kind must be 0 (q4: Q4_0 / Q4_1), 1 (q8: Q8_0), 2 (q6: Q6_K), ",
-              "3 (q5: Q5_1 / Q5_K) or 4 (iq4: IQ4_NL / IQ4_XS), got ", kind);
+  TORCH_CHECK(kind >= kQ4 && kind <= kQ4x16, op, ": kind must be 0 (q4: Q4_0 / Q4_1), 1 (q8: Q8_0), 2 (q6: ",
+              "Q6_K), 3 (q5: Q5_1 / Q5_K), 4 (iq4: IQ4_NL / IQ4_XS) or 5 (q4x16: Q3_K / Q2_K), got ", kind);
   TORCH_CHECK(K > 0 && K % kDepth == 0, op, ": quantized weights need K a positive multiple of 32 (GGUF's block), "
               "got K = ", K);
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
@@ -834,8 +887,9 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   TORCH_CHECK(path >= kAuto && path <= kInt16, op, ": path must be 0 (auto), 1 (AMX tiles), 2 (vector), 3 ",
               "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
-  TORCH_CHECK(path != kInt16 || (kind != kQ5 && kind != kIQ4), op, ": path 4 (x as integers) has no ",
-              kind == kQ5 ? "q5 kernel (Q5_1 / Q5_K)" : "iq4 kernel (IQ4_NL / IQ4_XS)", ": use 0 to 3");
+  TORCH_CHECK(path != kInt16 || kind == kQ4 || kind == kQ8 || kind == kQ6, op, ": path 4 (x as integers) has no ",
+              kind == kQ5 ? "q5 kernel (Q5_1 / Q5_K)" : kind == kIQ4 ? "iq4 kernel (IQ4_NL / IQ4_XS)"
+                                                          : "q4x16 kernel (Q3_K / Q2_K)", ": use 0 to 3");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
   if (path == kAuto)
     path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
@@ -852,8 +906,8 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   // rows per block: kXBlockBytes of x (they stay in L2 while the panels pass), whole pairs of row tiles
   const int64_t block = std::max<int64_t>(32, (kXBlockBytes / (K * 2)) / 32 * 32);
-  // direct: [M][steps] sums of x's blocks (kQ6: [M][steps][2], of each half block)
-  const int64_t sums = kind == kQ6 ? 2 : 1;
+  // direct: [M][steps] sums of x's blocks (kQ6, kQ4x16: [M][steps][2], of each half block)
+  const int64_t sums = per_16(kind) ? 2 : 1;
   std::vector<float> xsum;
   if (direct && kind != kIQ4) {  // (iq4: no offsets to scale by the sums; its kernels do not read them)
     xsum.resize(M * steps * sums);
@@ -861,7 +915,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
       for (int64_t s = 0; s < steps; ++s) {
         const c10::BFloat16* xi = rows.row(i) + s * kDepth;
         const auto a = load(xi), b = load(xi + 16);
-        if (kind == kQ6) {
+        if (per_16(kind)) {
           xsum[(i * steps + s) * 2] = hsum(a);
           xsum[(i * steps + s) * 2 + 1] = hsum(b);
         } else {
@@ -1044,13 +1098,26 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
             asm("" : "+x"(prod));  // rounded here, as rows() does: never contracted into a fused multiply-add
             dst[s * kDepth + k] = prod + m;
           }
-        } else if (kind == kQ6) {
+        } else if (kind == kQ6 || kind == kQ4x16) {
           const float d1 = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 32)[c]);
+          const bool q6 = kind == kQ6;
+          float m0 = 0, m1 = 0;  // kQ4x16's offsets
+          if (!q6) {
+            m0 = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 64)[c]);
+            m1 = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 96)[c]);
+          }
           for (int64_t k = 0; k < kDepth; ++k) {
             const int64_t r = k / 2, v = 32 * (r % 2) + 2 * c + k % 2;  // group r / 2, value v
-            const uint8_t* g = t + 64 + 48 * (r / 2);
-            const int q = (v < 32 ? g[v] & 15 : g[v - 32] >> 4) | (((g[32 + v % 16] >> (2 * (v / 16))) & 3) << 4);
-            dst[s * kDepth + k] = static_cast<float>(q - 32) * (k < 16 ? d : d1);  // exact: 6 x 11 bits
+            const uint8_t* g = t + groups_at(kind) + group_bytes(kind) * (r / 2);
+            int q = v < 32 ? g[v] & 15 : g[v - 32] >> 4;
+            if (q6) {
+              q |= ((g[32 + v % 16] >> (2 * (v / 16))) & 3) << 4;
+              dst[s * kDepth + k] = static_cast<float>(q - 32) * (k < 16 ? d : d1);  // exact: 6 x 11 bits
+            } else {
+              float prod = static_cast<float>(q) * (k < 16 ? d : d1);
+              asm("" : "+x"(prod));  // rounded here (exact: 4 x 11 bits), as rows() does, then + m
+              dst[s * kDepth + k] = prod + (k < 16 ? m0 : m1);
+            }
           }
         } else {
           for (int64_t k = 0; k < kDepth; ++k) {

@@ -1,8 +1,9 @@
-"""Block-quantized weights (GGUF's Q4_0, Q4_1, Q5_1, Q8_0 and Q6_K; Q5_0, Q4_K and Q5_K read into them), kept
-as stored and multiplied by chunkattn's kernels.
+"""Block-quantized weights (GGUF's Q4_0, Q4_1, Q5_1, Q8_0, Q6_K and IQ4_NL; Q5_0, Q4_K, Q5_K, IQ4_XS, Q3_K and
+Q2_K read into them), kept as stored and multiplied by chunkattn's kernels.
 
 A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
-bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32 and Q6_K 28/32 as held here. Instead of
+bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32, Q6_K 28/32 and q4x16 (Q3_K, Q2_K) 24/32
+as held here. Instead of
 dequantizing a GGUF file to full precision at load (what transformers' reader does), its blocks stay as they are,
 repacked once into the kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in
 registers just before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16
@@ -31,33 +32,39 @@ from chunkattn.utils import cdiv
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per block along K, for every type here (q6_k: two scales a block, one per 16)
+BLOCK = 32  # weights per block along K, for every type here (q6_k, q4x16: two scales a block, one per 16)
 QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quantization)
-HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl")  # the types held as blocks: QTYPES, and GGUF's read from a file
+# the types held as blocks: QTYPES, and those GGUF's are read into (q4x16 is chunkattn's: Q3_K and Q2_K)
+HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl", "q4x16")
 # the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q), q6
-# (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31) and iq4 (w = d IQ4_VALUES[q])
-_Q4, _Q8, _Q6, _Q5, _IQ4 = range(5)  # (csrc/linear_quant.cpp's Kind)
-_KIND = {"q4_0": _Q4, "q4_1": _Q4, "q8_0": _Q8, "q6_k": _Q6, "q5_1": _Q5, "iq4_nl": _IQ4}
-_TILE_BYTES = {_Q4: 64 + 16 * 16, _Q8: 32 + 16 * 32, _Q6: 64 + 8 * 48, _Q5: 64 + 16 * 16 + 64, _IQ4: 32 + 16 * 16}
-_NIBBLE_KINDS = (_Q4, _IQ4)  # the kinds whose q holds two values a byte
-_OFFSET_KINDS = (_Q4, _Q5)  # the kinds with an offset m a block
-_SCALE_BLOCK = {"q6_k": 16}  # weights per scale d (else BLOCK)
+# (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31), iq4 (w = d IQ4_VALUES[q]) and
+# q4x16 (w = d q + m, q in 0..15, d and m per 16 weights)
+_Q4, _Q8, _Q6, _Q5, _IQ4, _Q4X16 = range(6)  # (csrc/linear_quant.cpp's Kind)
+_KIND = {"q4_0": _Q4, "q4_1": _Q4, "q8_0": _Q8, "q6_k": _Q6, "q5_1": _Q5, "iq4_nl": _IQ4, "q4x16": _Q4X16}
+_TILE_BYTES = {_Q4: 64 + 16 * 16, _Q8: 32 + 16 * 32, _Q6: 64 + 8 * 48, _Q5: 64 + 16 * 16 + 64, _IQ4: 32 + 16 * 16,
+               _Q4X16: 128 + 8 * 32}
+_NIBBLE_KINDS = (_Q4, _IQ4, _Q4X16)  # the kinds whose q holds two values a byte
+_OFFSET_KINDS = (_Q4, _Q5, _Q4X16)  # the kinds with offsets m
+_SCALE_BLOCK = {"q6_k": 16, "q4x16": 16}  # weights per scale d (and offset m; else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 4 + 4 + 16,
-                     "q3_k": 32 + 64 + 12 + 2, "q4_k": 2 + 2 + 12 + 128, "q5_k": 2 + 2 + 12 + 32 + 128,
+                     "q2_k": 16 + 64 + 2 + 2, "q3_k": 32 + 64 + 12 + 2, "q4_k": 2 + 2 + 12 + 128, "q5_k": 2 + 2 + 12 + 32 + 128,
                      "q6_k": 128 + 64 + 16 + 2, "iq4_nl": 2 + 16, "iq4_xs": 2 + 2 + 4 + 128}
-_GGUF_BLOCK_WEIGHTS = {"q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_xs": 256}
+_GGUF_BLOCK_WEIGHTS = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_xs": 256}
 # GGUF types read into the kernel's kinds with the file's values: Q5_0's ``d (q - 16)`` is Q8_0's ``d q``
 # exactly; Q4_K's sub-blocks of 32 are Q4_1 blocks, their scale ``d sc`` and offset ``-dmin m`` (float32
 # products of a float16 and a 6-bit integer in GGUF's dequantization) rounded to float16: each within 2^-11 of
 # itself, a quarter of the bfloat16 rounding a dequantized load gives every weight; Q5_K's are Q5_1 blocks alike.
 # Q6_K is held as itself, its 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16
 # alike; IQ4_NL is held as itself (its codebook of 16 int8 values times d), IQ4_XS's sub-blocks of 32 as IQ4_NL
-# blocks with ``d (ls - 32)`` rounded to float16. Q3_K has no kind of its own: its ``(d (sc - 32)) q`` (q in
-# -4..3, a scale per 16) is held as q6_k's ``d (q - 32)`` with its values, the scale rounded alike (28/32 bytes a
-# weight where the file has 14/32: more than the file, under half of bfloat16's). Other quantized types (Q2_K,
-# IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not re-quantized.
-GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q6_k", "iq4_xs": "iq4_nl"}
+# blocks with ``d (ls - 32)`` rounded to float16. Q3_K and Q2_K are held as q4x16 blocks (4-bit values, a scale
+# and an offset per 16 weights: 24/32 bytes a weight where the files have 13.75/32 and 10.5/32): Q3_K's
+# ``(d (sc - 32)) q`` (q in -4..3) as ``q + 4`` with the scale product rounded to float16 and ``m`` -4 times it
+# (exact), Q2_K's ``(d sc) q - dmin m`` (q in 0..3) with both products rounded to float16, as Q4_K's. Other
+# quantized types (IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not
+# re-quantized.
+GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q4x16", "q2_k": "q4x16",
+                  "iq4_xs": "iq4_nl"}
 
 
 def gguf_held_as(qtype: str) -> str | None:
@@ -84,16 +91,17 @@ def int_x_supported() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1), ``d q`` (q8_0),
-    ``d (q - 32)`` (q6_k, a scale per 16 weights) or ``d IQ4_VALUES[q]`` (iq4_nl).
+    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1; q4x16 with ``d`` and ``m``
+    per 16 weights), ``d q`` (q8_0), ``d (q - 32)`` (q6_k, a scale per 16 weights) or ``d IQ4_VALUES[q]``
+    (iq4_nl).
 
-    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types and iq4_nl ``[N, K / 2]`` uint8, two
-    values (0..15; iq4_nl's index :data:`IQ4_VALUES`) a byte as GGUF stores them (byte i of a block's 16: value i
-    in the low nibble, value i + 16 in the high one); q5_1 ``[N, K / 32 * 20]`` uint8 as GGUF's Q5_1 stores a
+    ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types, q4x16 and iq4_nl ``[N, K / 2]`` uint8,
+    two values (0..15; iq4_nl's index :data:`IQ4_VALUES`) a byte as GGUF stores them (byte i of a block's 16:
+    value i in the low nibble, value i + 16 in the high one); q5_1 ``[N, K / 32 * 20]`` uint8 as GGUF's Q5_1 stores a
     block's values (0..31): 4 bytes of fifth bits (bit i of their little-endian int32: value i's), then the q4
     types' 16 bytes of low nibbles. :meth:`values` unpacks them. ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's
-    ``d``: ``[N, K / 16]``; ``m`` is None for q8_0, q6_k and iq4_nl; Q4_0's ``w = d (q - 8)`` is stored as
-    ``m = -8 d``, which gives the same values)."""
+    ``d`` and q4x16's ``d`` and ``m``: ``[N, K / 16]``; ``m`` is None for q8_0, q6_k and iq4_nl; Q4_0's
+    ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -109,7 +117,7 @@ class Blocks:
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
         """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..31 for q5_1, 0..15 for q4
-        types and for iq4_nl, whose values index :data:`IQ4_VALUES`)."""
+        types, q4x16 and iq4_nl, whose values index :data:`IQ4_VALUES`)."""
         n, k = q.shape
         if _KIND[qtype] == _Q5:
             if q.numel() and int(q.max()) > 31:  # (a sixth bit would spill into the next value's fifth)
@@ -129,7 +137,7 @@ class Blocks:
 
     def values(self) -> torch.Tensor:
         """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..31 for q5_1, 0..15 for
-        q4 types."""
+        q4 types, q4x16 and iq4_nl."""
         n, k = self.shape
         if _KIND[self.qtype] == _Q5:
             b = self.q.view(n, k // BLOCK, 20)
@@ -143,7 +151,7 @@ class Blocks:
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
         """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
         ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1, Q5_1, Q8_0 and IQ4_NL are kept as stored, Q6_K
-        unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a
+        unpacked (q4x16 is no GGUF type: Q3_K and Q2_K are read into it); the types of :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a
         time."""
         if qtype not in _GGUF_BLOCK_BYTES:
             raise QuantizationError(f"GGUF type {qtype} is not read into blocks (supported: "
@@ -179,12 +187,11 @@ class Blocks:
     @staticmethod
     def empty(qtype: str, n: int, k: int) -> Blocks:
         """Uninitialised blocks of an ``[N, K]`` weight."""
-        kind = _KIND[qtype]
+        kind, size = _KIND[qtype], _SCALE_BLOCK.get(qtype, BLOCK)
         q = torch.empty(n, k // 2 if kind in _NIBBLE_KINDS else k // BLOCK * 20 if kind == _Q5 else k,
                         dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
-        return Blocks(qtype, q,
-                      torch.empty(n, k // _SCALE_BLOCK.get(qtype, BLOCK), dtype=torch.float16),
-                      torch.empty(n, k // BLOCK, dtype=torch.float16) if kind in _OFFSET_KINDS else None)
+        return Blocks(qtype, q, torch.empty(n, k // size, dtype=torch.float16),
+                      torch.empty(n, k // size, dtype=torch.float16) if kind in _OFFSET_KINDS else None)
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``[N, K]``: GGUF's reference values (``d q + m`` in float32, the product exact)."""
@@ -201,7 +208,9 @@ class Blocks:
     @staticmethod
     def nbytes_of(numel: int, qtype: str) -> int:
         """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k), 5/8 of a byte (q5_1) or half a
-        byte (q4 types) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k: per 16)."""
+        byte (q4 types, iq4_nl, q4x16) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k, q4x16: per 16)."""
+        if _KIND[qtype] == _Q4X16:
+            return numel // 2 + numel // 16 * 4
         if _KIND[qtype] == _Q4:
             return numel // 2 + numel // BLOCK * 4
         if _KIND[qtype] == _IQ4:
@@ -318,8 +327,9 @@ def _from_q5_k(b: torch.Tensor) -> Blocks:
 
 def _from_q3_k(b: torch.Tensor) -> Blocks:
     """Q3_K super-blocks ``[n, nb, 110]`` (32 bytes of third bits, 64 of 2-bit values, 12 of 6-bit scales, d) as
-    q6_k blocks: ``w = (d (sc - 32)) q``, q in -4..3 (its two low bits, minus 4 where the third bit is clear), held
-    as ``q + 32``, each sub-block of 16's scale product rounded to float16 (GGUF's dequantization)."""
+    q4x16 blocks: ``w = (d (sc - 32)) q``, q in -4..3 (its two low bits, minus 4 where the third bit is clear), held
+    as ``q + 4`` with each sub-block of 16's scale product rounded to float16 and the offset ``m`` -4 times it
+    (GGUF's dequantization: the product in float32)."""
     n, nb, _ = b.shape
     d = b[..., 108:110].contiguous().view(torch.float16).float()  # [n, nb, 1]
     s = b[..., 96:108]
@@ -335,8 +345,28 @@ def _from_q3_k(b: torch.Tensor) -> Blocks:
     # byte v % 32
     ql = (b[..., 32:96].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
     qh = (b[..., 0:32].reshape(n, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
-    values = ql.reshape(n, nb, 256) + (qh.reshape(n, nb, 256) << 2) + 28  # q + 32
-    return Blocks("q6_k", values.view(n, nb * 256), scale, None)
+    values = ql.reshape(n, nb, 256) + (qh.reshape(n, nb, 256) << 2)  # q + 4
+    offset = scale * -4  # exact in float16 unless |scale| > 16376 (checked)
+    if not torch.isfinite(offset).all():
+        raise QuantizationError("a Q3_K scale too large to store its offset -4 d in float16")
+    return Blocks.from_values("q4x16", values.view(n, nb * 256), scale, offset)
+
+
+def _from_q2_k(b: torch.Tensor) -> Blocks:
+    """Q2_K super-blocks ``[n, nb, 84]`` (16 bytes of 4-bit scales and offsets, 64 of 2-bit values, d, dmin) as
+    q4x16 blocks: ``w = (d sc) q - (dmin m)``, q in 0..3, sub-block j's ``sc`` and ``m`` the low and high nibble
+    of its byte, both products rounded to float16 (as Q4_K's: see :data:`GGUF_CONVERTED`)."""
+    n, nb, _ = b.shape
+    s = b[..., 0:16].to(torch.int32)
+    d = b[..., 80:82].contiguous().view(torch.float16).float()  # [n, nb, 1]
+    dmin = b[..., 82:84].contiguous().view(torch.float16).float()
+    scale = (d * (s & 0xF).float()).to(torch.float16).view(n, nb * 16)
+    offset = (-(dmin * (s >> 4).float())).to(torch.float16).view(n, nb * 16)
+    if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+        raise QuantizationError("a Q2_K scale too large for float16 (or not finite)")
+    # value v of 256: bits 2 ((v // 32) % 4) of byte 32 (v // 128) + v % 32
+    q = (b[..., 16:80].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    return Blocks.from_values("q4x16", q.reshape(n, nb * 256), scale, offset)
 
 
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS's codebook
@@ -365,7 +395,7 @@ def _from_iq4_xs(b: torch.Tensor) -> Blocks:
 
 
 _CONVERT = {"q5_0": _from_q5_0, "q4_k": _from_q4_k, "q6_k": _from_q6_k, "q5_1": _from_q5_1, "q5_k": _from_q5_k,
-            "q3_k": _from_q3_k, "iq4_nl": _from_iq4_nl, "iq4_xs": _from_iq4_xs}
+            "q3_k": _from_q3_k, "q2_k": _from_q2_k, "iq4_nl": _from_iq4_nl, "iq4_xs": _from_iq4_xs}
 
 
 QUANTIZE_SLICE = 1 << 24  # weights :func:`quantize` takes at a time
@@ -508,21 +538,28 @@ class QuantizedWeight:
                 e = e | (bits.permute(0, 1, 2, 4, 3, 5).reshape(r, steps, 16, 32) << 4)
             elif self.kind == _IQ4:  # codebook values
                 e = torch.tensor(IQ4_VALUES, dtype=torch.int8)[e.long()]
-        elif self.kind == _Q6:  # q6: k 0-15 take the first scales, 16-31 the second; w = d (q - 32)
-            d1 = tiles[..., 32:64].contiguous().view(torch.float16).view(r, steps, 16).gather(2, pick).float()
-            scale = torch.cat([scale.expand(r, steps, 16), d1.expand(r, steps, 16)], dim=-1)
-            m = -32 * scale
-            g = tiles[..., 64:].reshape(r, steps, 8, 48)
-            nib, top = g[..., :32], g[..., 32:, None]
-            high = (top >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [R, S, 8, 16 i, 4 L]: value 16 L + i
-            v = torch.cat([nib & 0xF, nib >> 4], dim=-1) | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)
+        elif self.kind in (_Q6, _Q4X16):  # k 0-15 take the first scales, 16-31 the second
+            def halves(at: int) -> torch.Tensor:  # [R, S, 32]: the half block's scale (or offset) of each k
+                two = tiles[..., at:at + 64].contiguous().view(torch.float16).view(r, steps, 2, 16)
+                one = two.gather(3, pick[..., None].expand(r, steps, 2, 1)).float().view(r, steps, 2)
+                return one.repeat_interleave(16, dim=2)
+            scale = halves(0)
+            if self.kind == _Q6:  # w = d (q - 32): groups of 32 bytes of nibbles and 16 of top bits
+                m, g = -32 * scale, tiles[..., 64:].reshape(r, steps, 8, 48)
+            else:  # w = d q + m: groups of 32 bytes of nibbles
+                m, g = halves(64), tiles[..., 128:].reshape(r, steps, 8, 32)
+            nib = g[..., :32]
+            v = torch.cat([nib & 0xF, nib >> 4], dim=-1)  # [R, S, 8, 64]
+            if self.kind == _Q6:
+                high = (g[..., 32:, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [.., 16 i, 4 L]
+                v = v | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)  # value 16 L + i
             e = v.reshape(r, steps, 16, 32)
         else:
             m = None
             e = tiles[..., 32:].contiguous().view(torch.int8).reshape(r, steps, 16, 32)
         cols = (2 * c).view(r, 1, 1, 1) + torch.arange(2).view(1, 1, 1, 2)
         q = e.gather(3, cols.expand(r, steps, 16, 2)).reshape(r, steps, BLOCK).float()
-        w = q * scale if m is None else q * scale + m  # (q6: d q - 32 d, both exact in float32)
+        w = q * scale if m is None else q * scale + m  # (q6: d q - 32 d, both exact in float32; q4x16: d q exact)
         return w.reshape(r, self.in_features)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
@@ -671,12 +708,19 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
     # [P, 2, 16 c, S, per] -> [P, S, 2, per, 16 c]
     scales = [d.view(panels, 2, 16, steps, per).permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8)
               .view(panels, steps, 2, 32 * per)]
-    if blocks.qtype == "q6_k":  # group g: rows 2g, 2g + 1 (64 values) as 32 bytes of nibbles, 16 of top bits
+    if _KIND[blocks.qtype] in (_Q6, _Q4X16):  # group g: rows 2g, 2g + 1 (64 values) as 32 bytes of nibbles
         v = e.reshape(panels, steps, 2, 8, 64)
         nib = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)
-        top = (v >> 4).view(panels, steps, 2, 8, 4, 16)  # [.., L, i]: value 16 L + i
-        bits = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
-        values = torch.cat([nib, bits], dim=-1).reshape(panels, steps, 2, 384)
+        if blocks.qtype == "q6_k":  # and 16 of top bits
+            top = (v >> 4).view(panels, steps, 2, 8, 4, 16)  # [.., L, i]: value 16 L + i
+            bits = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+            values = torch.cat([nib, bits], dim=-1).reshape(panels, steps, 2, 384)
+        else:  # after the offsets m, laid out as the scales
+            values = nib.reshape(panels, steps, 2, 256)
+            m = torch.zeros(panels, 2, 16, steps * per, dtype=torch.float16)
+            m[p, j, c] = blocks.m
+            scales.append(m.view(panels, 2, 16, steps, per).permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8)
+                          .view(panels, steps, 2, 32 * per))
     elif _KIND[blocks.qtype] in (_Q4, _Q5, _IQ4):  # nibbles two a byte, after the offsets m where the kind has them
         if blocks.m is not None:
             m = torch.zeros(panels, 2, 16, steps, dtype=torch.float16)
