@@ -320,9 +320,9 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     """Built into a model: q/k/v of layer 0 dense where its q is F16 (beside quantized k and v: logged), as parts
     where it is Q4_K (q and k one q4_1 product, the Q6_K v another, as in llama.cpp's Q4_K_M files); layer 0's o
     dense (IQ3_S); the others quantized (q4_1 from Q4_K / Q4_1, q5_1 from Q5_K / Q5_1, q8_0 from Q5_0 / Q8_0,
-    q4x16 from Q2_K / Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits match those of the model built in
-    float32 from the blocks' values and from transformers' float32 reading (the K-quants' float16 scale products
-    too)."""
+    q4x16 from Q2_K / Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits match those
+    of the model built in float32 from the blocks' values and from transformers' float32 reading (the K-quants'
+    float16 scale products too)."""
     from chunkattn import PrefixKVCache
     from chunkattn.attention import get_backend
     from chunkattn.model.layers import Embedding, Linear

@@ -69,12 +69,13 @@ def kernel_paths() -> dict[str, str]:
 
     q8_few = ("q8 up to 4 rows with x as 15-bit integers (vpdpbusd), " if int_x_supported() else
               "q8 up to 1 row directly (vdpbf16ps), " if native.amx_linear_supported() else "")
+    kinds = "q4, q5, q6, iq4 and q4x16 "
     quantized = ("not kept (dequantized at load): the quantized kernel needs AVX512-BF16" if not kernel_supported()
-                 else "Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL as stored (Q4_K/Q5_K/Q5_0/IQ4_XS/Q3_K read into them; "
-                 "bfloat16): " + q8_few
-                 + ("q4, q5, q6 and iq4 up to 3 rows from the integers directly (vdpbf16ps), more rows dequantized per "
-                    "panel into AMX tiles" if native.amx_linear_supported()
-                    else f"{'q4, q5, q6 and iq4 ' if int_x_supported() else ''}up to 4 rows from the integers directly "
+                 else "Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL as stored (Q4_K/Q5_K/Q5_0/IQ4_XS read into them, "
+                 "Q3_K/Q2_K into q4x16; bfloat16): " + q8_few
+                 + (kinds + "up to 3 rows from the integers directly (vdpbf16ps), more rows dequantized per panel "
+                    "into AMX tiles" if native.amx_linear_supported()
+                    else f"{kinds if int_x_supported() else ''}up to 4 rows from the integers directly "
                     "(vdpbf16ps), more rows dequantized per panel (vdpbf16ps)"))
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
             "linear float32": fp32_linear, "linear bfloat16": bf16_linear, "linear quantized": quantized,

@@ -246,7 +246,7 @@ CLI_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "quantization": ("--quantization", {
         "choices": ["auto", "none", "gguf", "q8_0", "q4_0", "q4_1"],
         "help": "weights kept block-quantized: auto keeps a GGUF file's Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL blocks "
-                "(Q4_K/Q5_K/Q5_0/IQ4_XS/Q3_K read into them) as stored with --dtype bfloat16 on CPUs with "
+                "(Q4_K/Q5_K/Q5_0/IQ4_XS/Q3_K/Q2_K read into them) as stored with --dtype bfloat16 on CPUs with "
                 "AVX512-BF16 (dequantized otherwise); "
                 "gguf always keeps them; "
                 "none dequantizes at load; q8_0/q4_0/q4_1 quantize every linear layer at load (bfloat16)"}),

@@ -438,8 +438,8 @@ def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bflo
                 ) -> tuple[dict[str, torch.Tensor], dict[str, quant.Blocks]]:
     """A GGUF file's tensors under Hugging Face names, each read alone (never the whole file in full precision):
     Q4_0 / Q4_1 / Q5_1 / Q8_0 / Q6_K / IQ4_NL weights as :class:`quant.Blocks` as stored, Q5_0, Q4_K, Q5_K,
-    IQ4_XS and Q3_K read into blocks with their values (:data:`quant.GGUF_CONVERTED`), rows reordered as
-    transformers' reader reorders them; the rest (other quantized types: Q2_K, IQ2/IQ3, ...; norms, float
+    IQ4_XS, Q3_K and Q2_K read into blocks with their values (:data:`quant.GGUF_CONVERTED`), rows reordered as
+    transformers' reader reorders them; the rest (other quantized types: IQ2/IQ3, ...; norms, float
     weights) dequantized by gguf-py and cast to ``dtype``, the values the dequantized load has. ``plan``
     (:func:`quantization_plan`, Hugging Face names): those weights quantized to its types instead, from their values
     (kept as read where the file holds them so: :func:`_held_as_planned`). Raises
@@ -498,7 +498,7 @@ def gguf_blocks(path: Path, cfg: dict[str, Any], dtype: torch.dtype = torch.bflo
                 dequantized[qtype.upper()] = dequantized.get(qtype.upper(), 0) + 1
     if dequantized:
         log.info("%s: %s dequantized to %s (quantized weights are held as Q4_0 / Q4_1 / Q5_1 / Q8_0 / Q6_K / IQ4_NL "
-                 "blocks, into which Q5_0, Q4_K, Q5_K, IQ4_XS and Q3_K are read)", path.name,
+                 "blocks, into which Q5_0, Q4_K, Q5_K, IQ4_XS, Q3_K and Q2_K are read)", path.name,
                  ", ".join(f"{n} {t} tensor{'s' if n > 1 else ''}" for t, n in sorted(dequantized.items())),
                  str(dtype).removeprefix("torch."))
     return dense, blocks

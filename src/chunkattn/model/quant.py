@@ -48,7 +48,8 @@ _OFFSET_KINDS = (_Q4, _Q5, _Q4X16)  # the kinds with offsets m
 _SCALE_BLOCK = {"q6_k": 16, "q4x16": 16}  # weights per scale d (and offset m; else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 4 + 4 + 16,
-                     "q2_k": 16 + 64 + 2 + 2, "q3_k": 32 + 64 + 12 + 2, "q4_k": 2 + 2 + 12 + 128, "q5_k": 2 + 2 + 12 + 32 + 128,
+                     "q2_k": 16 + 64 + 2 + 2, "q3_k": 32 + 64 + 12 + 2, "q4_k": 2 + 2 + 12 + 128,
+                     "q5_k": 2 + 2 + 12 + 32 + 128,
                      "q6_k": 128 + 64 + 16 + 2, "iq4_nl": 2 + 16, "iq4_xs": 2 + 2 + 4 + 128}
 _GGUF_BLOCK_WEIGHTS = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_xs": 256}
 # GGUF types read into the kernel's kinds with the file's values: Q5_0's ``d (q - 16)`` is Q8_0's ``d q``
@@ -151,8 +152,8 @@ class Blocks:
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
         """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
         ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1, Q5_1, Q8_0 and IQ4_NL are kept as stored, Q6_K
-        unpacked (q4x16 is no GGUF type: Q3_K and Q2_K are read into it); the types of :data:`GGUF_CONVERTED` are read into the kind named there, a slice of rows at a
-        time."""
+        unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there (Q3_K and Q2_K into
+        q4x16, no GGUF type), a slice of rows at a time."""
         if qtype not in _GGUF_BLOCK_BYTES:
             raise QuantizationError(f"GGUF type {qtype} is not read into blocks (supported: "
                                     f"{', '.join(_GGUF_BLOCK_BYTES)})")
@@ -717,6 +718,7 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
             values = torch.cat([nib, bits], dim=-1).reshape(panels, steps, 2, 384)
         else:  # after the offsets m, laid out as the scales
             values = nib.reshape(panels, steps, 2, 256)
+            assert blocks.m is not None  # (q4x16 has offsets)
             m = torch.zeros(panels, 2, 16, steps * per, dtype=torch.float16)
             m[p, j, c] = blocks.m
             scales.append(m.view(panels, 2, 16, steps, per).permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8)
