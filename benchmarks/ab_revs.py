@@ -3,7 +3,8 @@
 VM's drift falls on both evenly; one JSON with every run, medians and after/before ratios.
 
     python benchmarks/ab_revs.py --before 8fd6b40 [--after HEAD|worktree] [--runs 3] [--dtypes "bfloat16 float32"]
-        [--rows a] [--points "32/1024/64 32/4096/64/9/3/64"] --json benchmarks/results/<name>.json
+        [--rows a] [--points "32/1024/64 32/4096/64/9/3/64"] [--requests 32] [--model file.gguf]
+        --json benchmarks/results/<name>.json
 
 Each revision's ``src/`` is extracted with ``git archive`` into ``$PEER_DIR/src-<commit>`` (``--after worktree``:
 this checkout's ``src/``) and imported through ``PYTHONPATH``; each run is a fresh process. Runs nothing
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--rows", default="a")
     p.add_argument("--points", default="32/1024/64 32/2048/64 32/16/1024 32/1024/64/9/3/64")
     p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--model", help="the serve rows' model (default: chunkattn's, SmolLM2's GGUF file)")
     p.add_argument("--json", required=True)
     a = p.parse_args()
     sides = {"before": source_of(a.before), "after": source_of(a.after)}
@@ -78,7 +80,8 @@ def main() -> None:
             for dtype in a.dtypes.split():
                 for row in a.rows.split():
                     args = ["bench", "serve", "--systems", "chunkattn", *ROWS[row], "--requests", str(a.requests),
-                            "--rate", "inf", "--question-len", "64", "--output-len", "64", "--dtype", dtype]
+                            "--rate", "inf", "--question-len", "64", "--output-len", "64", "--dtype", dtype,
+                            *(["--model", a.model] if a.model else [])]
                     for side in order:
                         res = run(sides[side][0], args, Path(tmp) / "serve.json")["rows"][0]
                         runs.append({"kind": "serve", "side": side, "run": r, "dtype": dtype, "row": row,

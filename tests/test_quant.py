@@ -251,7 +251,7 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
     if not gate_up:
         x_err = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
         assert ((y.double() - exact_ref).abs() <= bound + x_err @ exact.double().abs().T).all()
-    if rows <= 4 and qtype == "q8_0":  # the kernel's own choice for a few rows of q8 (q4 and q6: only when asked)
+    if qw.auto_path(rows) == 4:  # the kernel's own choice for a few rows of q8 (q4 and q6: only when asked)
         assert torch.equal(qw.linear(x, b), y)
 
 
@@ -304,7 +304,7 @@ def test_int_x_path_turns_a_non_finite_block_into_nan_not_a_number(qtype):
 
 @needs_kernel
 @pytest.mark.parametrize("qtype", HELD)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, 17, 33])
 @pytest.mark.parametrize("n,k,gate_up,bias", [(70, 96, False, True), (48, 576, True, False), (33, 1536, False, False)])
 def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     seed = hash((qtype, rows, n, k)) % 2**31
@@ -328,12 +328,13 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     for path in [0, *PATHS] + ([4] if HAS_INT_X and qtype in INT_X_TYPES else []):
         y = qw.linear(x, b, path=path)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
-        if path == 4 or (path == 0 and HAS_INT_X and rows <= 4 and qtype == "q8_0"):  # x as integers: see above
+        chosen = qw.auto_path(rows) if path == 0 else path
+        if chosen == 4:  # x as integers: see above
             ref = _int_x_reference(x, blocks, b, gate_up)
             err = (y.double() - ref).abs()
             assert (err <= _int_x_bound(_int_x(x), exact, ref, gate_up)).all(), path
             continue
-        direct = path == 3 or (path == 0 and rows <= (4 if not HAS_AMX else 3 if qtype != "q8_0" else 1))
+        direct = chosen == 3
         # the dequantizing paths round each weight to bf16 (relative 2^-9); the direct one keeps them exact
         weight = exact if direct else exact.bfloat16().float()
         ref = _reference(x, weight, b, gate_up)
@@ -388,6 +389,28 @@ def test_many_rows_span_several_row_blocks(qtype, two_threads):
             y = qw.linear(x, path=path).double()
             assert y.shape == ref.shape
             torch.testing.assert_close(y, ref, atol=2e-3 * float(ref.abs().max()), rtol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", HELD)
+def test_path_0_runs_the_path_the_kernel_reports(qtype):
+    """linear(path=0) is bit for bit the path auto_path names at every row count up to 40: the integers (direct,
+    or x as integers for q8 where the CPU has VNNI) for the first rows only, then the tiles where the CPU has AMX
+    or the vector path; a kind's rows of each path are one run (never back to direct after a dequantizing path)."""
+    gen = torch.Generator().manual_seed(len(qtype))
+    qw = QuantizedWeight.pack(_blocks(torch.randn(48, 160, generator=gen) * 0.05, qtype))
+    chosen = [qw.auto_path(rows) for rows in range(1, 41)]
+    print(qtype, {p: chosen.count(p) for p in sorted(set(chosen))})
+    last = 0
+    for rows, path in enumerate(chosen, 1):
+        assert path in ([4] if HAS_INT_X else []) + [3, 1 if HAS_AMX else 2], (rows, path)
+        assert {4: 0, 3: 1, 2: 2, 1: 2}[path] >= last, chosen  # integers first, then dequantized
+        last = {4: 0, 3: 1, 2: 2, 1: 2}[path]
+        x = torch.randn(rows, 160, generator=gen).bfloat16()
+        assert torch.equal(qw.linear(x), qw.linear(x, path=path)), (rows, path)
+    assert chosen[0] in (3, 4) and chosen[-1] == (1 if HAS_AMX else 2)
+    with pytest.raises(RuntimeError, match="kind must be 0 to 5"):
+        torch.ops.chunkattn_layers.quant_auto_path(6, 1)
 
 
 @needs_kernel
@@ -524,7 +547,8 @@ def test_default_model_runs_as_stored_without_a_full_precision_copy():
             assert module.quant is not None and module.quant.qtype == "q4_1", name
             dense = d.model.get_submodule(name).dense_weight()
             assert torch.equal(module.dense_weight().view(torch.int16), dense.view(torch.int16)), name
-    ids = torch.tensor(q.tokenizer.encode("The capital of France is"))
+    ids = torch.tensor(q.tokenizer.encode("The capital of France is Paris, the capital of Italy is Rome, and the "
+                                          "capital of Spain is"))
     emb_q, emb_d = q.model.model.embed_tokens(ids), d.model.model.embed_tokens(ids)
     assert torch.equal(emb_q.view(torch.int16), emb_d.view(torch.int16))
     from chunkattn import PrefixKVCache
@@ -541,7 +565,8 @@ def test_default_model_runs_as_stored_without_a_full_precision_copy():
         # more rows than the direct paths take, so both multiply by the bf16 panels (linear_amx / path 1 on AMX
         # tiles; without AMX linear_amx's vdpbf16ps / path 2)
         outs.append(m.model(ids, torch.arange(len(ids)), attn))
-    assert len(ids) > 4 and torch.equal(outs[0], outs[1])
+    assert q.model.model.layers[0].mlp.down_proj.quant.auto_path(len(ids)) in (1, 2)  # (dequantizing: 21 rows)
+    assert torch.equal(outs[0], outs[1])
 
 
 @needs_kernel

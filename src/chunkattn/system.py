@@ -47,6 +47,29 @@ def onednn_version() -> str | None:
     return found.group(1) if found else None
 
 
+def _quantized_paths() -> str:
+    """The quantized kernel's paths here: the rows up to which each kind multiplies its stored integers (directly,
+    or with x as integers), and what takes more rows (the kernel's own choice: ``quant.auto_path``)."""
+    from chunkattn.model import quant
+
+    if not quant.kernel_supported():
+        return "not kept (dequantized at load): the quantized kernel needs AVX512-BF16"
+
+    def rows_taking(kind: int, path: int) -> int:
+        rows = 0
+        while rows < 256 and quant.auto_path(kind, rows + 1) == path:
+            rows += 1
+        return rows
+
+    direct = ", ".join(f"{name} {rows_taking(kind, 3)}" for name, kind in quant.KINDS.items()
+                       if rows_taking(kind, 3))
+    int_x = ", ".join(f"{name} {rows_taking(kind, 4)}" for name, kind in quant.KINDS.items() if rows_taking(kind, 4))
+    more = "AMX tiles" if quant.auto_path(quant.KINDS["q4"], 256) == 1 else "vdpbf16ps"
+    return ("Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL as stored (Q4_K/Q5_K/Q5_0/IQ4_XS read into them, Q3_K/Q2_K into "
+            "q4x16; bfloat16): " + (f"up to {int_x} rows with x as 15-bit integers (vpdpbusd), " if int_x else "")
+            + f"up to {direct} rows from the integers directly (vdpbf16ps), more rows dequantized per panel ({more})")
+
+
 def kernel_paths() -> dict[str, str]:
     """Which implementation runs each part on this machine, per dtype (``native`` kernels built here or not)."""
     if not native.available():
@@ -65,20 +88,8 @@ def kernel_paths() -> dict[str, str]:
                    "rows, F.linear (oneDNN) above)" if native.amx_linear_supported()
                    else "chunkattn panels by AVX512-BF16 dot products (vdpbf16ps, every row count)"
                    if native.bf16_panels_supported() else "oneDNN packed")
-    from chunkattn.model.quant import int_x_supported, kernel_supported
-
-    q8_few = ("q8 up to 4 rows with x as 15-bit integers (vpdpbusd), " if int_x_supported() else
-              "q8 up to 1 row directly (vdpbf16ps), " if native.amx_linear_supported() else "")
-    kinds = "q4, q5, q6, iq4 and q4x16 "
-    quantized = ("not kept (dequantized at load): the quantized kernel needs AVX512-BF16" if not kernel_supported()
-                 else "Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL as stored (Q4_K/Q5_K/Q5_0/IQ4_XS read into them, "
-                 "Q3_K/Q2_K into q4x16; bfloat16): " + q8_few
-                 + (kinds + "up to 3 rows from the integers directly (vdpbf16ps), more rows dequantized per panel "
-                    "into AMX tiles" if native.amx_linear_supported()
-                    else f"{kinds if int_x_supported() else ''}up to 4 rows from the integers directly "
-                    "(vdpbf16ps), more rows dequantized per panel (vdpbf16ps)"))
     return {"attention": "cpu: " + str(torch.ops.chunkattn_cpu.attention_paths()),
-            "linear float32": fp32_linear, "linear bfloat16": bf16_linear, "linear quantized": quantized,
+            "linear float32": fp32_linear, "linear bfloat16": bf16_linear, "linear quantized": _quantized_paths(),
             "elementwise": "chunkattn native (RMSNorm, RoPE, SiLU-and-multiply)",
             "layer loop": layer_loop()}
 

@@ -141,13 +141,23 @@ bool tiles_usable() {
 
 // Rows of x up to which kAuto takes kDirect: its cost grows with the rows (one or two vdpbf16ps per row and 32
 // weights), the dequantizing paths' hardly. Measured on the AMX Xeon VM, 16 SmolLM2-sized products out of cache,
-// direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2. Without AMX
-// the alternative is the slower vector path: direct up to the 4 rows a pass takes (q6 on AMD EPYC Zen 4, 1B
-// down_proj-sized products: 32 / 34 / 40 / 43 ps a weight at 1 / 2 / 3 / 4 rows, the vector path 61-66; q6, q5 and
-// iq4 on AMX unmeasured, taken as q4).
+// direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2 (q5, q6, iq4
+// and q4x16 on AMX unmeasured, taken as q4). Without AMX the alternative is the vector path (each panel dequantized
+// to bf16, then vdpbf16ps against passes of 4 rows), slower by far: on AMD EPYC Zen 4, direct / vector time at
+// 4 / 8 / 12 / 16 / 24 rows, four 2048 x 8192 products out of cache (1B down_proj) and one 3072 x 576 in cache
+// (SmolLM2 gate/up): q4 0.47-0.52 / 0.67-0.72 / 0.82 / 0.86-0.89 / 0.93-0.96; q5 0.43-0.50 / 0.68-0.74 / 0.87 /
+// 0.96-1.00 / 1.11-1.15; iq4 0.55-0.61 / 0.74-0.81 / 0.93 / 0.98-1.00 / 1.05-1.10; q4x16 0.52-0.55 / 0.76-0.78 /
+// 0.93 / 1.02-1.03 / 1.13-1.18; q6 0.58-0.59 / 0.86-0.87 / 1.06 / 1.17-1.21; q8 (direct) 0.60-0.97 / 0.95-1.31.
 int64_t direct_max_rows(int64_t kind) {
-  if (!tiles_usable()) return 4;
-  return kind == kQ8 ? 1 : 3;
+  if (tiles_usable()) return kind == kQ8 ? 1 : 3;
+  switch (kind) {
+    case kQ4: return 16;
+    case kQ5:
+    case kIQ4:
+    case kQ4x16: return 12;
+    case kQ6: return 8;
+    default: return 4;  // kQ8 (where the CPU has AVX512-VNNI, kInt16 goes further: int16_max_rows)
+  }
 }
 
 // kQ4 takes kInt16 only when asked (path 4): on SmolLM2's Q4_1 file one request's decode step took 0.89-0.93x the
@@ -157,8 +167,19 @@ int64_t direct_max_rows(int64_t kind) {
 // Rows of x up to which kAuto takes kInt16 for kQ8 (where the CPU has AVX512-VNNI), ahead of kDirect. Measured on
 // the AMX Xeon VM, the 1B shape's products (two layers' worth six times over, out of cache), kInt16's time over
 // kDirect's / over kTiles': 0.71 / 0.63 at 1 row, 0.79 / 0.72 at 2, 0.64 / 0.76 at 4, 0.54 / 0.97 at 6 rows (a
-// pass of 4 and one of 2).
-int64_t int16_max_rows() { return 4; }
+// pass of 4 and one of 2). Without AMX (the vector path the alternative) up to 8: on AMD EPYC Zen 4, kInt16's time
+// over the vector path's 0.55-0.69 / 0.60-0.76 / 0.72-0.90 / 1.04 at 4 / 6 / 8 / 12 rows (the shapes above).
+int64_t int16_max_rows() { return tiles_usable() ? 4 : 8; }
+
+// The path kAuto takes for `rows` rows of x on a weight of `kind` (quant_auto_path: tests, chunkattn info).
+int64_t auto_path(int64_t kind, int64_t rows) {
+  TORCH_CHECK(kind >= kQ4 && kind <= kQ4x16 && rows >= 0, "quant_auto_path: kind must be 0 to 5 and rows >= 0, got ",
+              kind, " and ", rows);
+  return kind == kQ8 && int16_usable() && rows <= int16_max_rows() ? kInt16
+         : rows <= direct_max_rows(kind)                           ? kDirect
+         : tiles_usable()                                          ? kTiles
+                                                                   : kVector;
+}
 
 #ifdef CHUNKATTN_QUANT
 // kQ6's group at g (48 bytes) -> its 64 values q (0..63) as bytes, kQ8's order of the two tile rows: the nibbles
@@ -891,11 +912,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
               kind == kQ5 ? "q5 kernel (Q5_1 / Q5_K)" : kind == kIQ4 ? "iq4 kernel (IQ4_NL / IQ4_XS)"
                                                           : "q4x16 kernel (Q3_K / Q2_K)", ": use 0 to 3");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
-  if (path == kAuto)
-    path = kind == kQ8 && int16_usable() && M <= int16_max_rows() ? kInt16
-           : M <= direct_max_rows(kind)              ? kDirect
-           : tiles_usable()                          ? kTiles
-                                                     : kVector;
+  if (path == kAuto) path = auto_path(kind, M);
   const bool tiles = path == kTiles, direct = path == kDirect, int16 = path == kInt16;
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
@@ -1139,6 +1156,7 @@ using namespace chunkattn::ops;  // the ops below
 TORCH_LIBRARY_FRAGMENT(chunkattn_layers, m) {
   m.def("quant_linear_supported() -> bool", &quant_linear_supported);
   m.def("quant_int_x_supported() -> bool", &int16_usable);
+  m.def("quant_auto_path(int kind, int rows) -> int", &auto_path);
   m.def("linear_quant(Tensor x, Tensor packed, int kind, int n, Tensor? bias, int path=0) -> Tensor", &linear_quant);
   m.def("linear_silu_mul_quant(Tensor x, Tensor packed, int kind, int inner, int path=0) -> Tensor",
         &linear_silu_mul_quant);

@@ -40,6 +40,7 @@ HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl", "q4x16")
 # (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31), iq4 (w = d IQ4_VALUES[q]) and
 # q4x16 (w = d q + m, q in 0..15, d and m per 16 weights)
 _Q4, _Q8, _Q6, _Q5, _IQ4, _Q4X16 = range(6)  # (csrc/linear_quant.cpp's Kind)
+KINDS = {"q4": _Q4, "q8": _Q8, "q6": _Q6, "q5": _Q5, "iq4": _IQ4, "q4x16": _Q4X16}  # by name
 _KIND = {"q4_0": _Q4, "q4_1": _Q4, "q8_0": _Q8, "q6_k": _Q6, "q5_1": _Q5, "iq4_nl": _IQ4, "q4x16": _Q4X16}
 _TILE_BYTES = {_Q4: 64 + 16 * 16, _Q8: 32 + 16 * 32, _Q6: 64 + 8 * 48, _Q5: 64 + 16 * 16 + 64, _IQ4: 32 + 16 * 16,
                _Q4X16: 128 + 8 * 32}
@@ -82,6 +83,12 @@ def kernel_supported() -> bool:
     """Whether ``chunkattn_layers.linear_quant`` runs here: the native kernels built for a CPU with AVX512-BF16
     (Intel Xeon 3rd generation Cooper Lake, 4th and later; AMD Zen 4 and later). AMX is used where present."""
     return native.available() and bool(torch.ops.chunkattn_layers.quant_linear_supported())
+
+
+def auto_path(kind: int, rows: int) -> int:
+    """The kernel's own choice of path (1 AMX tiles, 2 vector, 3 direct, 4 x as integers) for ``rows`` rows of x on
+    a weight of the kernel kind ``kind`` (:attr:`QuantizedWeight.kind`), on this CPU; needs :func:`kernel_supported`."""
+    return int(torch.ops.chunkattn_layers.quant_auto_path(kind, rows))
 
 
 def int_x_supported() -> bool:
@@ -578,6 +585,12 @@ class QuantizedWeight:
         """float32 ``[N, K]``, the whole weight (``[gate; up]`` for ``gate_up``)."""
         n = 2 * self.out_features if self.gate_up else self.out_features
         return self.rows(torch.arange(n))
+
+    def auto_path(self, rows: int) -> int:
+        """The path :meth:`linear`'s ``path=0`` takes for ``rows`` rows of x on this CPU (1-4, as ``path``):
+        direct or x as integers up to a number of rows that depends on the kind and on AMX, then AMX tiles or the
+        vector path (``csrc/linear_quant.cpp``'s ``auto_path``, whose comments give the measurements)."""
+        return auto_path(self.kind, rows)
 
     @staticmethod
     def kernel_runs(x: torch.Tensor) -> bool:
