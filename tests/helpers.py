@@ -196,6 +196,21 @@ def q4x16_blocks(w: torch.Tensor):
     return Blocks.from_values("q4x16", q.to(torch.uint8).view(n, k), d, m)
 
 
+def q2x16_blocks(w: torch.Tensor):
+    """``w`` ``[N, K]`` as q2x16 blocks (GGUF's Q2_K, read from files only): q4x16_blocks' choices with values 0..3
+    (d = (max - min) / 3)."""
+    from chunkattn.model.quant import Blocks
+
+    n, k = w.shape
+    x = w.float().view(n, k // 16, 16)
+    lo, hi = x.amin(-1), x.amax(-1)
+    flip = torch.arange(n * k // 16).view(n, k // 16) % 3 == 2
+    d = torch.where(flip, lo - hi, hi - lo).div(3).half()
+    m = torch.where(flip, hi, lo).half()
+    q = ((x - m.float()[..., None]) * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(0, 3)
+    return Blocks.from_values("q2x16", q.to(torch.uint8).view(n, k), d, m)
+
+
 def q6_k_blocks(w: torch.Tensor):
     """``w`` ``[N, K]`` as q6_k blocks (GGUF's Q6_K, read from files only): a float16 scale per 16 weights (their
     largest |w| / 31.5, negative for every third sub-block, as GGUF's signed ones) and values 0..63 around 32, the

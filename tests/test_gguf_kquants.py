@@ -1,8 +1,8 @@
 """GGUF files beyond Q4_0 / Q4_1 / Q8_0 (llama.cpp's popular Q4_K_M and Q5_K_M files: Q4_K, Q5_K, Q6_K, Q5_0,
 Q5_1; Q3_K_M and Q2_K files: Q3_K, Q2_K) loaded without a full-precision copy: Q5_0 read into q8_0 blocks, Q4_K
-into q4_1, Q5_K into q5_1 and Q3_K / Q2_K into q4x16 blocks with the file's values (the K-quants' scale products
-rounded to float16), Q5_1 and Q6_K held as themselves, the other quantized types (IQ3_S here) dequantized to
-bfloat16, each tensor read alone; checked against transformers' own reader of the same file (gguf-py's
+into q4_1, Q5_K into q5_1, Q3_K into q4x16 and Q2_K into q2x16 blocks with the file's values (the K-quants' scale
+products rounded to float16), Q5_1 and Q6_K held as themselves, the other quantized types (IQ3_S here) dequantized
+to bfloat16, each tensor read alone; checked against transformers' own reader of the same file (gguf-py's
 dequantization)."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _q4_bound(b: Blocks) -> torch.Tensor:
 
 
 def _q4x16_bound(b: Blocks) -> torch.Tensor:
-    """_q4_bound of a q4x16 block (its scales and offsets per 16 weights)."""
+    """_q4_bound of a q4x16 or q2x16 block (its scales and offsets per 16 weights)."""
     n, k = b.shape
     d = b.d.float().repeat_interleave(16, dim=1).view(n, k)
     m = b.m.float().repeat_interleave(16, dim=1).view(n, k)
@@ -133,7 +133,8 @@ def _q6_bound(b: Blocks) -> torch.Tensor:
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
     """Q5_0 is q8_0 exactly, Q5_1 and IQ4_NL themselves exactly; Q4_K is q4_1, Q5_K q5_1 and Q2_K q4x16 within
-    2^-11 of each scale and offset, Q6_K is q6_k and Q3_K q4x16 within 2^-11 of each sub-block's scale, IQ4_XS
+    2^-11 of each scale and offset (Q2_K: q2x16), Q6_K is q6_k and Q3_K q4x16 within 2^-11 of each sub-block's
+    scale, IQ4_XS
     iq4_nl likewise (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay two a
     byte in GGUF's order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
@@ -180,7 +181,7 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             assert torch.equal(Blocks.from_gguf(exact, "q6_k", k).dequantize(), ref)
             continue
         if qtype == T.Q2_K:  # q in 0..3 (every one occurs), a scale and offset per 16
-            assert set(b.values().unique().tolist()) == set(range(4)) and b.q.shape == (n, k // 2)
+            assert set(b.values().unique().tolist()) == set(range(4)) and b.q.shape == (n, k // 4)
             assert b.d.shape == b.m.shape == (n, k // 16)
             err = (b.dequantize() - ref).abs()
             assert (err <= _q4x16_bound(b)).all() and float(err.max()) > 0
@@ -258,7 +259,7 @@ def _reference(path):
 
 # layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), o IQ3_S
 # (dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down Q5_K (q5_1); layer 1: q/k Q5_0 beside a Q8_0 v
-# (q8_0 all), gate/up Q2_K and down Q3_K (q4x16), o Q5_1; the embeddings Q6_K
+# (q8_0 all), gate/up Q2_K (q2x16) and down Q3_K (q4x16), o Q5_1; the embeddings Q6_K
 TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "attn_output"): T.IQ3_S, (0, "ffn_gate"): T.Q4_1,
          (0, "ffn_down"): T.Q5_K,
          (1, "attn_q"): T.Q5_0,
@@ -303,7 +304,8 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
             assert torch.equal(got, want), name
     assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")},
                      **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")},
-                     **{f"layers.1.{p}": "q4x16" for p in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+                     **{f"layers.1.{p}": "q2x16" for p in ("mlp.gate_proj", "mlp.up_proj")},
+                     "layers.1.mlp.down_proj": "q4x16",
                      "layers.0.mlp.down_proj": "q5_1", "layers.1.self_attn.o_proj": "q5_1",
                      **{p: "q6_k" for p in ("layers.0.self_attn.v_proj", "embed_tokens")}}
     held = sum(b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values())
@@ -320,9 +322,9 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     """Built into a model: q/k/v of layer 0 dense where its q is F16 (beside quantized k and v: logged), as parts
     where it is Q4_K (q and k one q4_1 product, the Q6_K v another, as in llama.cpp's Q4_K_M files); layer 0's o
     dense (IQ3_S); the others quantized (q4_1 from Q4_K / Q4_1, q5_1 from Q5_K / Q5_1, q8_0 from Q5_0 / Q8_0,
-    q4x16 from Q2_K / Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits match those
-    of the model built in float32 from the blocks' values and from transformers' float32 reading (the K-quants'
-    float16 scale products too)."""
+    q2x16 from Q2_K, q4x16 from Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits
+    match those of the model built in float32 from the blocks' values and from transformers' float32 reading (the
+    K-quants' float16 scale products too)."""
     from chunkattn import PrefixKVCache
     from chunkattn.attention import get_backend
     from chunkattn.model.layers import Embedding, Linear
@@ -345,7 +347,7 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     assert qtypes == {**({"model.layers.0.self_attn.qkv_proj": "q4_1+q6_k"} if parts else {}),
                       "model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q5_1",
                       "model.layers.1.self_attn.qkv_proj": "q8_0", "model.layers.1.self_attn.o_proj": "q5_1",
-                      "model.layers.1.mlp.gate_up_proj": "q4x16", "model.layers.1.mlp.down_proj": "q4x16",
+                      "model.layers.1.mlp.gate_up_proj": "q2x16", "model.layers.1.mlp.down_proj": "q4x16",
                       "model.embed_tokens": "q6_k", "lm_head": "q6_k"}
     assert q.lm_head.quant is q.model.embed_tokens.quant  # (tied: one pack)
     ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])

@@ -2,8 +2,8 @@
 Q2_K read into them), kept as stored and multiplied by chunkattn's kernels.
 
 A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
-bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32, Q6_K 28/32 and q4x16 (Q3_K, Q2_K) 24/32
-as held here. Instead of
+bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32, Q6_K 28/32, q4x16 (Q3_K) 24/32 and q2x16
+(Q2_K) 16/32 as held here. Instead of
 dequantizing a GGUF file to full precision at load (what transformers' reader does), its blocks stay as they are,
 repacked once into the kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in
 registers just before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16
@@ -32,21 +32,22 @@ from chunkattn.utils import cdiv
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per block along K, for every type here (q6_k, q4x16: two scales a block, one per 16)
+BLOCK = 32  # weights per block along K, for every type here (q6_k, q4x16, q2x16: two scales a block, one per 16)
 QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quantization)
-# the types held as blocks: QTYPES, and those GGUF's are read into (q4x16 is chunkattn's: Q3_K and Q2_K)
-HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl", "q4x16")
+# the types held as blocks: QTYPES, and those GGUF's are read into (q4x16 and q2x16 are chunkattn's: Q3_K, Q2_K)
+HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl", "q4x16", "q2x16")
 # the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q), q6
 # (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31), iq4 (w = d IQ4_VALUES[q]) and
-# q4x16 (w = d q + m, q in 0..15, d and m per 16 weights)
-_Q4, _Q8, _Q6, _Q5, _IQ4, _Q4X16 = range(6)  # (csrc/linear_quant.cpp's Kind)
-KINDS = {"q4": _Q4, "q8": _Q8, "q6": _Q6, "q5": _Q5, "iq4": _IQ4, "q4x16": _Q4X16}  # by name
-_KIND = {"q4_0": _Q4, "q4_1": _Q4, "q8_0": _Q8, "q6_k": _Q6, "q5_1": _Q5, "iq4_nl": _IQ4, "q4x16": _Q4X16}
+# q4x16 (w = d q + m, q in 0..15, d and m per 16 weights) and q2x16 (the same, q in 0..3)
+_Q4, _Q8, _Q6, _Q5, _IQ4, _Q4X16, _Q2X16 = range(7)  # (csrc/linear_quant.cpp's Kind)
+KINDS = {"q4": _Q4, "q8": _Q8, "q6": _Q6, "q5": _Q5, "iq4": _IQ4, "q4x16": _Q4X16, "q2x16": _Q2X16}  # by name
+_KIND = {"q4_0": _Q4, "q4_1": _Q4, "q8_0": _Q8, "q6_k": _Q6, "q5_1": _Q5, "iq4_nl": _IQ4, "q4x16": _Q4X16,
+         "q2x16": _Q2X16}
 _TILE_BYTES = {_Q4: 64 + 16 * 16, _Q8: 32 + 16 * 32, _Q6: 64 + 8 * 48, _Q5: 64 + 16 * 16 + 64, _IQ4: 32 + 16 * 16,
-               _Q4X16: 128 + 8 * 32}
-_NIBBLE_KINDS = (_Q4, _IQ4, _Q4X16)  # the kinds whose q holds two values a byte
-_OFFSET_KINDS = (_Q4, _Q5, _Q4X16)  # the kinds with offsets m
-_SCALE_BLOCK = {"q6_k": 16, "q4x16": 16}  # weights per scale d (and offset m; else BLOCK)
+               _Q4X16: 128 + 8 * 32, _Q2X16: 128 + 8 * 16}
+_NIBBLE_KINDS = (_Q4, _IQ4, _Q4X16)  # the kinds whose q holds two values a byte (q2x16: four)
+_OFFSET_KINDS = (_Q4, _Q5, _Q4X16, _Q2X16)  # the kinds with offsets m
+_SCALE_BLOCK = {"q6_k": 16, "q4x16": 16, "q2x16": 16}  # weights per scale d (and offset m; else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 4 + 4 + 16,
                      "q2_k": 16 + 64 + 2 + 2, "q3_k": 32 + 64 + 12 + 2, "q4_k": 2 + 2 + 12 + 128,
@@ -59,13 +60,14 @@ _GGUF_BLOCK_WEIGHTS = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k
 # itself, a quarter of the bfloat16 rounding a dequantized load gives every weight; Q5_K's are Q5_1 blocks alike.
 # Q6_K is held as itself, its 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16
 # alike; IQ4_NL is held as itself (its codebook of 16 int8 values times d), IQ4_XS's sub-blocks of 32 as IQ4_NL
-# blocks with ``d (ls - 32)`` rounded to float16. Q3_K and Q2_K are held as q4x16 blocks (4-bit values, a scale
-# and an offset per 16 weights: 24/32 bytes a weight where the files have 13.75/32 and 10.5/32): Q3_K's
-# ``(d (sc - 32)) q`` (q in -4..3) as ``q + 4`` with the scale product rounded to float16 and ``m`` -4 times it
-# (exact), Q2_K's ``(d sc) q - dmin m`` (q in 0..3) with both products rounded to float16, as Q4_K's. Other
+# blocks with ``d (ls - 32)`` rounded to float16. Q3_K is held as q4x16 blocks (4-bit values, a scale and an
+# offset per 16 weights: 24/32 bytes a weight where the file has 13.75/32), its ``(d (sc - 32)) q`` (q in -4..3)
+# as ``q + 4`` with the scale product rounded to float16 and ``m`` -4 times it (exact); Q2_K as q2x16 blocks (the
+# same with 2-bit values: 16/32 where the file has 10.5/32), its ``(d sc) q - dmin m`` (q in 0..3) with both
+# products rounded to float16, as Q4_K's; a fused projection of q2x16 and q4x16 parts is one q4x16 product. Other
 # quantized types (IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not
 # re-quantized.
-GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q4x16", "q2_k": "q4x16",
+GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q4x16", "q2_k": "q2x16",
                   "iq4_xs": "iq4_nl"}
 
 
@@ -99,17 +101,18 @@ def int_x_supported() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1; q4x16 with ``d`` and ``m``
-    per 16 weights), ``d q`` (q8_0), ``d (q - 32)`` (q6_k, a scale per 16 weights) or ``d IQ4_VALUES[q]``
+    """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1; q4x16 and q2x16 with ``d``
+    and ``m`` per 16 weights), ``d q`` (q8_0), ``d (q - 32)`` (q6_k, a scale per 16 weights) or ``d IQ4_VALUES[q]``
     (iq4_nl).
 
     ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types, q4x16 and iq4_nl ``[N, K / 2]`` uint8,
     two values (0..15; iq4_nl's index :data:`IQ4_VALUES`) a byte as GGUF stores them (byte i of a block's 16:
     value i in the low nibble, value i + 16 in the high one); q5_1 ``[N, K / 32 * 20]`` uint8 as GGUF's Q5_1 stores a
     block's values (0..31): 4 bytes of fifth bits (bit i of their little-endian int32: value i's), then the q4
-    types' 16 bytes of low nibbles. :meth:`values` unpacks them. ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's
-    ``d`` and q4x16's ``d`` and ``m``: ``[N, K / 16]``; ``m`` is None for q8_0, q6_k and iq4_nl; Q4_0's
-    ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
+    types' 16 bytes of low nibbles; q2x16 ``[N, K / 4]`` uint8, four values (0..3) a byte (byte i of a block's 8:
+    values i, i + 8, i + 16, i + 24 in bits 0-1, 2-3, 4-5, 6-7). :meth:`values` unpacks them. ``d``, ``m``:
+    ``[N, K / 32]`` float16 (q6_k's ``d`` and q4x16's and q2x16's ``d`` and ``m``: ``[N, K / 16]``; ``m`` is None
+    for q8_0, q6_k and iq4_nl; Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -120,13 +123,20 @@ class Blocks:
     def shape(self) -> tuple[int, int]:
         n, width = self.q.shape
         kind = _KIND[self.qtype]
-        return n, width * 2 if kind in _NIBBLE_KINDS else width // 20 * BLOCK if kind == _Q5 else width
+        return n, (width * 2 if kind in _NIBBLE_KINDS else width // 20 * BLOCK if kind == _Q5
+                   else width * 4 if kind == _Q2X16 else width)
 
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
         """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..31 for q5_1, 0..15 for q4
-        types, q4x16 and iq4_nl, whose values index :data:`IQ4_VALUES`)."""
+        types, q4x16 and iq4_nl, whose values index :data:`IQ4_VALUES`; 0..3 for q2x16)."""
         n, k = q.shape
+        if _KIND[qtype] == _Q2X16:
+            if q.numel() and int(q.max()) > 3:  # (it would spill into the byte's next value)
+                raise QuantizationError(f"q2x16 values must be 0..3, got {int(q.max())}")
+            v = q.to(torch.uint8).view(n, k // BLOCK, 4, 8)
+            packed = v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)
+            return Blocks(qtype, packed.reshape(n, k // 4), d, m)
         if _KIND[qtype] == _Q5:
             if q.numel() and int(q.max()) > 31:  # (a sixth bit would spill into the next value's fifth)
                 raise QuantizationError(f"q5_1 values must be 0..31, got {int(q.max())}")
@@ -145,8 +155,11 @@ class Blocks:
 
     def values(self) -> torch.Tensor:
         """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..31 for q5_1, 0..15 for
-        q4 types, q4x16 and iq4_nl."""
+        q4 types, q4x16 and iq4_nl, 0..3 for q2x16."""
         n, k = self.shape
+        if _KIND[self.qtype] == _Q2X16:
+            b = self.q.view(n, k // BLOCK, 1, 8)
+            return ((b >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3).view(n, k)
         if _KIND[self.qtype] == _Q5:
             b = self.q.view(n, k // BLOCK, 20)
             return _five_bits(b[..., 4:], b[..., :4]).view(n, k)
@@ -196,7 +209,8 @@ class Blocks:
     def empty(qtype: str, n: int, k: int) -> Blocks:
         """Uninitialised blocks of an ``[N, K]`` weight."""
         kind, size = _KIND[qtype], _SCALE_BLOCK.get(qtype, BLOCK)
-        q = torch.empty(n, k // 2 if kind in _NIBBLE_KINDS else k // BLOCK * 20 if kind == _Q5 else k,
+        q = torch.empty(n, k // 2 if kind in _NIBBLE_KINDS else k // BLOCK * 20 if kind == _Q5 else k // 4
+                        if kind == _Q2X16 else k,
                         dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
         return Blocks(qtype, q, torch.empty(n, k // size, dtype=torch.float16),
                       torch.empty(n, k // size, dtype=torch.float16) if kind in _OFFSET_KINDS else None)
@@ -216,9 +230,12 @@ class Blocks:
     @staticmethod
     def nbytes_of(numel: int, qtype: str) -> int:
         """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k), 5/8 of a byte (q5_1) or half a
-        byte (q4 types, iq4_nl, q4x16) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k, q4x16: per 16)."""
+        byte (q4 types, iq4_nl, q4x16) or a quarter (q2x16) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k,
+        q4x16, q2x16: per 16)."""
         if _KIND[qtype] == _Q4X16:
             return numel // 2 + numel // 16 * 4
+        if _KIND[qtype] == _Q2X16:
+            return numel // 4 + numel // 16 * 4
         if _KIND[qtype] == _Q4:
             return numel // 2 + numel // BLOCK * 4
         if _KIND[qtype] == _IQ4:
@@ -229,7 +246,10 @@ class Blocks:
 
     @staticmethod
     def cat(parts: list[Blocks]) -> Blocks:
-        """Blocks of the same kind stacked along N (a fused projection of separately stored ones)."""
+        """Blocks of the same kind stacked along N (a fused projection of separately stored ones); q2x16 parts
+        beside q4x16 ones are stacked as q4x16 (the same values, two bits more a weight)."""
+        if {_KIND[p.qtype] for p in parts} == {_Q2X16, _Q4X16}:
+            parts = [Blocks.from_values("q4x16", p.values(), p.d, p.m) if p.qtype == "q2x16" else p for p in parts]
         kinds = {_KIND[p.qtype] for p in parts}
         if len(kinds) != 1:
             raise QuantizationError(f"cannot fuse {[p.qtype for p in parts]}: different kinds")
@@ -362,7 +382,7 @@ def _from_q3_k(b: torch.Tensor) -> Blocks:
 
 def _from_q2_k(b: torch.Tensor) -> Blocks:
     """Q2_K super-blocks ``[n, nb, 84]`` (16 bytes of 4-bit scales and offsets, 64 of 2-bit values, d, dmin) as
-    q4x16 blocks: ``w = (d sc) q - (dmin m)``, q in 0..3, sub-block j's ``sc`` and ``m`` the low and high nibble
+    q2x16 blocks: ``w = (d sc) q - (dmin m)``, q in 0..3, sub-block j's ``sc`` and ``m`` the low and high nibble
     of its byte, both products rounded to float16 (as Q4_K's: see :data:`GGUF_CONVERTED`)."""
     n, nb, _ = b.shape
     s = b[..., 0:16].to(torch.int32)
@@ -374,7 +394,7 @@ def _from_q2_k(b: torch.Tensor) -> Blocks:
         raise QuantizationError("a Q2_K scale too large for float16 (or not finite)")
     # value v of 256: bits 2 ((v // 32) % 4) of byte 32 (v // 128) + v % 32
     q = (b[..., 16:80].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
-    return Blocks.from_values("q4x16", q.reshape(n, nb * 256), scale, offset)
+    return Blocks.from_values("q2x16", q.reshape(n, nb * 256), scale, offset)
 
 
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # IQ4_NL / IQ4_XS's codebook
@@ -546,7 +566,7 @@ class QuantizedWeight:
                 e = e | (bits.permute(0, 1, 2, 4, 3, 5).reshape(r, steps, 16, 32) << 4)
             elif self.kind == _IQ4:  # codebook values
                 e = torch.tensor(IQ4_VALUES, dtype=torch.int8)[e.long()]
-        elif self.kind in (_Q6, _Q4X16):  # k 0-15 take the first scales, 16-31 the second
+        elif self.kind in (_Q6, _Q4X16, _Q2X16):  # k 0-15 take the first scales, 16-31 the second
             def halves(at: int) -> torch.Tensor:  # [R, S, 32]: the half block's scale (or offset) of each k
                 two = tiles[..., at:at + 64].contiguous().view(torch.float16).view(r, steps, 2, 16)
                 one = two.gather(3, pick[..., None].expand(r, steps, 2, 1)).float().view(r, steps, 2)
@@ -554,10 +574,14 @@ class QuantizedWeight:
             scale = halves(0)
             if self.kind == _Q6:  # w = d (q - 32): groups of 32 bytes of nibbles and 16 of top bits
                 m, g = -32 * scale, tiles[..., 64:].reshape(r, steps, 8, 48)
-            else:  # w = d q + m: groups of 32 bytes of nibbles
-                m, g = halves(64), tiles[..., 128:].reshape(r, steps, 8, 32)
+            else:  # w = d q + m: groups of 32 bytes of nibbles (q2x16: 16 bytes of 2-bit values)
+                m = halves(64)
+                g = tiles[..., 128:].reshape(r, steps, 8, 32 if self.kind == _Q4X16 else 16)
             nib = g[..., :32]
             v = torch.cat([nib & 0xF, nib >> 4], dim=-1)  # [R, S, 8, 64]
+            if self.kind == _Q2X16:  # byte i: value 16 L + i in bits 2L, 2L + 1
+                two = (g[..., None, :] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+                v = two.reshape(r, steps, 8, 64)
             if self.kind == _Q6:
                 high = (g[..., 32:, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [.., 16 i, 4 L]
                 v = v | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)  # value 16 L + i
@@ -722,16 +746,19 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
     # [P, 2, 16 c, S, per] -> [P, S, 2, per, 16 c]
     scales = [d.view(panels, 2, 16, steps, per).permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8)
               .view(panels, steps, 2, 32 * per)]
-    if _KIND[blocks.qtype] in (_Q6, _Q4X16):  # group g: rows 2g, 2g + 1 (64 values) as 32 bytes of nibbles
+    if _KIND[blocks.qtype] in (_Q6, _Q4X16, _Q2X16):  # group g: rows 2g, 2g + 1 (64 values)
         v = e.reshape(panels, steps, 2, 8, 64)
-        nib = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)
-        if blocks.qtype == "q6_k":  # and 16 of top bits
-            top = (v >> 4).view(panels, steps, 2, 8, 4, 16)  # [.., L, i]: value 16 L + i
-            bits = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
-            values = torch.cat([nib, bits], dim=-1).reshape(panels, steps, 2, 384)
-        else:  # after the offsets m, laid out as the scales
-            values = nib.reshape(panels, steps, 2, 256)
-            assert blocks.m is not None  # (q4x16 has offsets)
+        nib = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)  # 32 bytes of nibbles (q6, q4x16)
+
+        def two_bits(x: torch.Tensor) -> torch.Tensor:  # 16 bytes, byte i: value 16 L + i in bits 2L, 2L + 1
+            q = x.view(panels, steps, 2, 8, 4, 16)
+            return q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
+
+        if blocks.qtype == "q6_k":  # the nibbles, then the top two bits
+            values = torch.cat([nib, two_bits(v >> 4)], dim=-1).reshape(panels, steps, 2, 384)
+        else:  # after the offsets m, laid out as the scales: the nibbles (q4x16) or the 2-bit values (q2x16)
+            values = (nib if blocks.qtype == "q4x16" else two_bits(v)).reshape(panels, steps, 2, -1)
+            assert blocks.m is not None  # (both have offsets)
             m = torch.zeros(panels, 2, 16, steps * per, dtype=torch.float16)
             m[p, j, c] = blocks.m
             scales.append(m.view(panels, 2, 16, steps, per).permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8)
