@@ -145,13 +145,14 @@ bool tiles_usable() {
 
 // Rows of x up to which kAuto takes kDirect: its cost grows with the rows (one or two vdpbf16ps per row and 32
 // weights), the dequantizing paths' hardly. Measured on the AMX Xeon VM, 16 SmolLM2-sized products out of cache,
-// direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2 (q5, q6, iq4
-// and q4x16 on AMX unmeasured, taken as q4). Without AMX the alternative is the vector path (each panel dequantized
-// to bf16, then vdpbf16ps against passes of 4 rows), slower by far: on AMD EPYC Zen 4, direct / vector time at
-// 4 / 8 / 12 / 16 / 24 rows, four 2048 x 8192 products out of cache (1B down_proj) and one 3072 x 576 in cache
+// direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2 (q5, q6, iq4,
+// q4x16 and q2x16 on AMX unmeasured, taken as q4). Without AMX the alternative is the vector path (each panel
+// dequantized to bf16, then vdpbf16ps against passes of 4 rows), slower by far: on AMD EPYC Zen 4, direct / vector
+// time at 4 / 8 / 12 / 16 / 24 rows, four 2048 x 8192 products out of cache (1B down_proj) and one 3072 x 576 in cache
 // (SmolLM2 gate/up): q4 0.47-0.52 / 0.67-0.72 / 0.82 / 0.86-0.89 / 0.93-0.96; q5 0.43-0.50 / 0.68-0.74 / 0.87 /
 // 0.96-1.00 / 1.11-1.15; iq4 0.55-0.61 / 0.74-0.81 / 0.93 / 0.98-1.00 / 1.05-1.10; q4x16 0.52-0.55 / 0.76-0.78 /
-// 0.93 / 1.02-1.03 / 1.13-1.18; q6 0.58-0.59 / 0.86-0.87 / 1.06 / 1.17-1.21; q8 (direct) 0.60-0.97 / 0.95-1.31.
+// 0.93 / 1.02-1.03 / 1.13-1.18; q2x16 (at 4 / 8 / 12 / 16) 0.54-0.56 / 0.79-0.80 / 0.95-0.98 / 1.06-1.14; q6
+// 0.58-0.59 / 0.86-0.87 / 1.06 / 1.17-1.21; q8 (direct) 0.60-0.97 / 0.95-1.31 (2026-12-08).
 int64_t direct_max_rows(int64_t kind) {
   if (tiles_usable()) return kind == kQ8 ? 1 : 3;
   switch (kind) {
@@ -930,8 +931,10 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
               "(direct) or 4 (x as 15-bit integers), got ", path);
   TORCH_CHECK(path != kTiles || tiles_usable(), op, ": this CPU or build has no AMX tiles");
   TORCH_CHECK(path != kInt16 || kind == kQ4 || kind == kQ8 || kind == kQ6, op, ": path 4 (x as integers) has no ",
-              kind == kQ5 ? "q5 kernel (Q5_1 / Q5_K)" : kind == kIQ4 ? "iq4 kernel (IQ4_NL / IQ4_XS)"
-                                                          : kind == kQ4x16 ? "q4x16 kernel (Q3_K)" : "q2x16 kernel (Q2_K)",
+              kind == kQ5      ? "q5 kernel (Q5_1 / Q5_K)"
+              : kind == kIQ4   ? "iq4 kernel (IQ4_NL / IQ4_XS)"
+              : kind == kQ4x16 ? "q4x16 kernel (Q3_K)"
+                               : "q2x16 kernel (Q2_K)",
               ": use 0 to 3");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
   if (path == kAuto) path = auto_path(kind, M);

@@ -3,8 +3,8 @@ Q2_K read into them), kept as stored and multiplied by chunkattn's kernels.
 
 A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
 bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32, Q6_K 28/32, q4x16 (Q3_K) 24/32 and q2x16
-(Q2_K) 16/32 as held here. Instead of
-dequantizing a GGUF file to full precision at load (what transformers' reader does), its blocks stay as they are,
+(Q2_K) 16/32 as held here. Instead of dequantizing a GGUF file to full precision at load (what transformers'
+reader does), its blocks stay as they are,
 repacked once into the kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in
 registers just before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16
 (the K-quants' scale products rounded to float16 first), so a quantized model computes what the same file
@@ -37,7 +37,7 @@ QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quant
 # the types held as blocks: QTYPES, and those GGUF's are read into (q4x16 and q2x16 are chunkattn's: Q3_K, Q2_K)
 HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl", "q4x16", "q2x16")
 # the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q), q6
-# (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31), iq4 (w = d IQ4_VALUES[q]) and
+# (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31), iq4 (w = d IQ4_VALUES[q]),
 # q4x16 (w = d q + m, q in 0..15, d and m per 16 weights) and q2x16 (the same, q in 0..3)
 _Q4, _Q8, _Q6, _Q5, _IQ4, _Q4X16, _Q2X16 = range(7)  # (csrc/linear_quant.cpp's Kind)
 KINDS = {"q4": _Q4, "q8": _Q8, "q6": _Q6, "q5": _Q5, "iq4": _IQ4, "q4x16": _Q4X16, "q2x16": _Q2X16}  # by name
@@ -172,8 +172,8 @@ class Blocks:
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
         """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
         ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1, Q5_1, Q8_0 and IQ4_NL are kept as stored, Q6_K
-        unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there (Q3_K and Q2_K into
-        q4x16, no GGUF type), a slice of rows at a time."""
+        unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there (Q3_K into q4x16
+        and Q2_K into q2x16, chunkattn's), a slice of rows at a time."""
         if qtype not in _GGUF_BLOCK_BYTES:
             raise QuantizationError(f"GGUF type {qtype} is not read into blocks (supported: "
                                     f"{', '.join(_GGUF_BLOCK_BYTES)})")
@@ -577,11 +577,12 @@ class QuantizedWeight:
             else:  # w = d q + m: groups of 32 bytes of nibbles (q2x16: 16 bytes of 2-bit values)
                 m = halves(64)
                 g = tiles[..., 128:].reshape(r, steps, 8, 32 if self.kind == _Q4X16 else 16)
-            nib = g[..., :32]
-            v = torch.cat([nib & 0xF, nib >> 4], dim=-1)  # [R, S, 8, 64]
             if self.kind == _Q2X16:  # byte i: value 16 L + i in bits 2L, 2L + 1
                 two = (g[..., None, :] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
                 v = two.reshape(r, steps, 8, 64)
+            else:  # byte i: value i in the low nibble, value i + 32 in the high one
+                nib = g[..., :32]
+                v = torch.cat([nib & 0xF, nib >> 4], dim=-1)  # [R, S, 8, 64]
             if self.kind == _Q6:
                 high = (g[..., 32:, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [.., 16 i, 4 L]
                 v = v | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)  # value 16 L + i
@@ -591,7 +592,7 @@ class QuantizedWeight:
             e = tiles[..., 32:].contiguous().view(torch.int8).reshape(r, steps, 16, 32)
         cols = (2 * c).view(r, 1, 1, 1) + torch.arange(2).view(1, 1, 1, 2)
         q = e.gather(3, cols.expand(r, steps, 16, 2)).reshape(r, steps, BLOCK).float()
-        w = q * scale if m is None else q * scale + m  # (q6: d q - 32 d, both exact in float32; q4x16: d q exact)
+        w = q * scale if m is None else q * scale + m  # (q6: d q - 32 d, both exact in float32; x16 kinds: d q exact)
         return w.reshape(r, self.in_features)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
