@@ -367,6 +367,44 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     assert scale > 1 and same_values < 0.01 and from_file < 0.01, (same_values, from_file)
 
 
+@needs_kernel
+def test_q2_k_beside_q3_k_fuses_as_gate_up_and_stays_apart_in_qkv(tmp_path):
+    """llama.cpp's Q2_K files put Q3_K beside Q2_K: a gate/up of the two is one q4x16 product (the Q2_K part's
+    values widened, not the projection dequantized); a q/k/v keeps its Q2_K q / k (one q2x16 product) apart from a
+    Q3_K v; the model's logits match float32 built from the same values."""
+    from chunkattn import PrefixKVCache
+    from chunkattn.attention import get_backend
+    from chunkattn.model.layers import Embedding, Linear
+    from chunkattn.model.loader import build_model, gguf_blocks
+    from chunkattn.model.registry import config_from_hf
+
+    path = tmp_path / "q2.gguf"
+    write_gguf(path, {"attn_q": T.Q2_K, "attn_k": T.Q2_K, "attn_v": T.Q3_K, "attn_output": T.Q3_K,
+                      "ffn_gate": T.Q2_K, "ffn_up": T.Q3_K, "ffn_down": T.Q2_K, "embd": T.Q2_K}, seed=4)
+    cfg, _ = _reference(path)
+    config = config_from_hf(cfg)
+    dense, blocks = gguf_blocks(path, cfg, torch.bfloat16)
+    ours = {**dense, **{name: b.dequantize() for name, b in blocks.items()}}
+    q = build_model(config, dense, torch.bfloat16, "cpu", blocks=blocks)
+    qtypes = {name: m.quant.qtype for name, m in q.named_modules() if isinstance(m, (Linear, Embedding)) and m.quant}
+    for layer in (0, 1):
+        assert qtypes[f"model.layers.{layer}.self_attn.qkv_proj"] == "q2x16+q4x16"
+        assert qtypes[f"model.layers.{layer}.mlp.gate_up_proj"] == "q4x16"
+        assert qtypes[f"model.layers.{layer}.mlp.down_proj"] == "q2x16"
+    assert qtypes["model.embed_tokens"] == "q2x16" and q.lm_head.quant is q.model.embed_tokens.quant
+    ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])
+    outs = []
+    for m, dtype in ((q, torch.bfloat16), (build_model(config, ours, torch.float32, "cpu"), torch.float32)):
+        cache = PrefixKVCache(config.num_layers, config.num_kv_heads, config.head_dim, chunk_size=16, max_tokens=64,
+                              dtype=dtype)
+        seq = cache.add_sequence(ids.tolist())
+        attn = get_backend("auto", cache)
+        attn.plan(cache.extend([seq], [ids.tolist()]))
+        outs.append(m(ids, torch.arange(len(ids)), attn).float())
+    scale = outs[1].abs().max()
+    assert scale > 1 and float((outs[0] - outs[1]).abs().max() / scale) < 0.01
+
+
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
 def test_quantizing_a_gguf_file_at_load_quantizes_each_tensor_as_read(qtype, tmp_path):
     """--quantization on a GGUF file quantizes each planned weight from the file's values as it is read (never the

@@ -414,17 +414,24 @@ def test_path_0_runs_the_path_the_kernel_reports(qtype):
         torch.ops.chunkattn_layers.quant_auto_path(7, 1)
 
 
-def test_q2x16_parts_fuse_with_q4x16_parts_as_q4x16():
-    """A fused projection of Q2_K and Q3_K parts (q2x16 beside q4x16) is one q4x16 weight with the same values,
-    not refused (which would dequantize a gate/up); other kinds still do not mix."""
+def test_q2x16_parts_fuse_with_q4x16_parts_as_q4x16_only_when_widened():
+    """A gate/up of Q2_K and Q3_K parts (q2x16 beside q4x16) can be one q4x16 weight with the same values
+    (``widen``: not refused, which would dequantize it); q/k/v keep them as parts (each as stored, q2x16 at 16/32
+    bytes a weight); other kinds never mix."""
+    from chunkattn.model.quant import BlockParts
+
     gen = torch.Generator().manual_seed(7)
     two, four = q2x16_blocks(torch.randn(24, 64, generator=gen)), q4x16_blocks(torch.randn(40, 64, generator=gen))
     assert two.q.shape == (24, 16) and Blocks.nbytes_of(24 * 64, "q2x16") == two.q.numel() + 4 * two.d.numel()
-    both = Blocks.cat([two, four])
+    with pytest.raises(QuantizationError, match="different kinds"):
+        Blocks.cat([two, four])
+    both = Blocks.cat([two, four], widen=True)
     assert both.qtype == "q4x16" and both.shape == (64, 64)
     assert torch.equal(both.dequantize(), torch.cat([two.dequantize(), four.dequantize()]))
+    parts = BlockParts.of([two, two, four])
+    assert parts.qtype == "q2x16+q4x16" and parts.shape == (88, 64)
     with pytest.raises(QuantizationError, match="different kinds"):
-        Blocks.cat([two, q6_k_blocks(torch.randn(8, 64, generator=gen))])
+        Blocks.cat([two, q6_k_blocks(torch.randn(8, 64, generator=gen))], widen=True)
 
 
 @needs_kernel

@@ -44,7 +44,8 @@
 //
 // Two ways to multiply a dequantized panel: AMX tiles (linear_amx.h's panel_tiles_with) or, where the CPU lacks AMX
 // (AMD Zen 4/5 and other AVX512-BF16 CPUs), vdpbf16ps against broadcast pairs of x, whose operand order the
-// tile layout already is. For a few rows of x (decoding one to three sequences) a third skips the bf16 panel:
+// tile layout already is. For a few rows of x (a few sequences decoding: up to 1-3 rows on AMX, 8-16 without; see
+// direct_max_rows) a third skips the bf16 panel:
 // panel_q4_direct / panel_q8_direct / panel_q6_direct multiply the stored integers exactly (as bf16 integers
 // 128 + q) and apply each block's scale to the float32 sums, so those weights are not rounded to bf16 at all. Where
 // the CPU has AVX512-VNNI, panel_q8_int16 / panel_q4_int16 / panel_q6_int16 go further: x's blocks as 15-bit

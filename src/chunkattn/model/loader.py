@@ -325,8 +325,9 @@ def _fuse_blocks(model: LlamaForCausalLM, config: ModelConfig, blocks: dict[str,
                     blocks[target] = quant.Blocks.cat(got)
                 except quant.QuantizationError:
                     if isinstance(model.get_submodule(target.removesuffix(".weight")), GateUpLinear):
-                        raise
-                    blocks[target] = quant.BlockParts.of(got)
+                        blocks[target] = quant.Blocks.cat(got, widen=True)  # (one product, or raises)
+                    else:
+                        blocks[target] = quant.BlockParts.of(got)
                     log.info("%s: its parts multiplied apart (%s)", target, blocks[target].qtype)
                 for n in names:
                     del blocks[n]

@@ -64,7 +64,7 @@ _GGUF_BLOCK_WEIGHTS = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k
 # offset per 16 weights: 24/32 bytes a weight where the file has 13.75/32), its ``(d (sc - 32)) q`` (q in -4..3)
 # as ``q + 4`` with the scale product rounded to float16 and ``m`` -4 times it (exact); Q2_K as q2x16 blocks (the
 # same with 2-bit values: 16/32 where the file has 10.5/32), its ``(d sc) q - dmin m`` (q in 0..3) with both
-# products rounded to float16, as Q4_K's; a fused projection of q2x16 and q4x16 parts is one q4x16 product. Other
+# products rounded to float16, as Q4_K's; a gate/up of Q2_K beside Q3_K is one q4x16 product. Other
 # quantized types (IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not
 # re-quantized.
 GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q4x16", "q2_k": "q2x16",
@@ -89,7 +89,9 @@ def kernel_supported() -> bool:
 
 def auto_path(kind: int, rows: int) -> int:
     """The kernel's own choice of path (1 AMX tiles, 2 vector, 3 direct, 4 x as integers) for ``rows`` rows of x on
-    a weight of the kernel kind ``kind`` (:attr:`QuantizedWeight.kind`), on this CPU; needs :func:`kernel_supported`."""
+    a weight of the kernel kind ``kind`` (:attr:`QuantizedWeight.kind`), on this CPU (:func:`kernel_supported`)."""
+    if not kernel_supported():  # (which also loads the native library, whose op this is)
+        raise QuantizationError("the quantized kernel does not run here (it needs AVX512-BF16 and the native build)")
     return int(torch.ops.chunkattn_layers.quant_auto_path(kind, rows))
 
 
@@ -245,10 +247,11 @@ class Blocks:
         return numel + numel // _SCALE_BLOCK.get(qtype, BLOCK) * 2
 
     @staticmethod
-    def cat(parts: list[Blocks]) -> Blocks:
-        """Blocks of the same kind stacked along N (a fused projection of separately stored ones); q2x16 parts
-        beside q4x16 ones are stacked as q4x16 (the same values, two bits more a weight)."""
-        if {_KIND[p.qtype] for p in parts} == {_Q2X16, _Q4X16}:
+    def cat(parts: list[Blocks], widen: bool = False) -> Blocks:
+        """Blocks of the same kind stacked along N (a fused projection of separately stored ones). ``widen``: q2x16
+        parts beside q4x16 ones are stacked as q4x16 (the same values, two bits more a weight), for a projection
+        that must be one product (gate/up; q/k/v keep their parts as stored instead: :class:`BlockParts`)."""
+        if widen and {_KIND[p.qtype] for p in parts} == {_Q2X16, _Q4X16}:
             parts = [Blocks.from_values("q4x16", p.values(), p.d, p.m) if p.qtype == "q2x16" else p for p in parts]
         kinds = {_KIND[p.qtype] for p in parts}
         if len(kinds) != 1:
@@ -626,8 +629,8 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, path: int = 0) -> torch.Tensor:
         """``x W^T (+ bias)`` (``silu(x W_gate^T) * x W_up^T`` for ``gate_up``). bfloat16 CPU ``x`` on a CPU with
         AVX512-BF16 runs the kernel (``path``: 0 its choice, 1 AMX tiles, 2 vdpbf16ps on the dequantized panel,
-        3 direct from the stored integers, 4 x as 15-bit integers by vpdpbusd, its choice for 1-4 rows of
-        Q8_0); anything else multiplies by the dequantized weight (slow: a warning says so once)."""
+        3 direct from the stored integers, 4 x as 15-bit integers by vpdpbusd; :meth:`auto_path` says which
+        path 0 takes); anything else multiplies by the dequantized weight (slow: a warning says so once)."""
         if self.kernel_runs(x):
             ops = torch.ops.chunkattn_layers
             x = x if x.stride(-1) == 1 else x.contiguous()
