@@ -181,34 +181,30 @@ def iq4_nl_blocks(w: torch.Tensor):
 
 
 def q4x16_blocks(w: torch.Tensor):
-    """``w`` ``[N, K]`` as q4x16 blocks (GGUF's Q3_K and Q2_K, read from files only): per 16 weights ``d`` =
+    """``w`` ``[N, K]`` as q4x16 blocks (GGUF's Q3_K, read from files only): per 16 weights ``d`` =
     (max - min) / 15 and ``m`` = min as float16, negated for every third sub-block (``d < 0``, ``m`` = max, as Q3_K's
     signed scales give), values 0..15 (both extremes in every sub-block)."""
-    from chunkattn.model.quant import Blocks
-
-    n, k = w.shape
-    x = w.float().view(n, k // 16, 16)
-    lo, hi = x.amin(-1), x.amax(-1)
-    flip = torch.arange(n * k // 16).view(n, k // 16) % 3 == 2
-    d = torch.where(flip, lo - hi, hi - lo).div(15).half()
-    m = torch.where(flip, hi, lo).half()
-    q = ((x - m.float()[..., None]) * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(0, 15)
-    return Blocks.from_values("q4x16", q.to(torch.uint8).view(n, k), d, m)
+    return _x16_blocks(w, "q4x16", 15)
 
 
 def q2x16_blocks(w: torch.Tensor):
     """``w`` ``[N, K]`` as q2x16 blocks (GGUF's Q2_K, read from files only): q4x16_blocks' choices with values 0..3
     (d = (max - min) / 3)."""
+    return _x16_blocks(w, "q2x16", 3)
+
+
+def _x16_blocks(w: torch.Tensor, qtype: str, top: int):
+    """q4x16_blocks / q2x16_blocks: values 0..top, a scale and an offset per 16 weights."""
     from chunkattn.model.quant import Blocks
 
     n, k = w.shape
     x = w.float().view(n, k // 16, 16)
     lo, hi = x.amin(-1), x.amax(-1)
     flip = torch.arange(n * k // 16).view(n, k // 16) % 3 == 2
-    d = torch.where(flip, lo - hi, hi - lo).div(3).half()
+    d = torch.where(flip, lo - hi, hi - lo).div(top).half()
     m = torch.where(flip, hi, lo).half()
-    q = ((x - m.float()[..., None]) * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(0, 3)
-    return Blocks.from_values("q2x16", q.to(torch.uint8).view(n, k), d, m)
+    q = ((x - m.float()[..., None]) * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(0, top)
+    return Blocks.from_values(qtype, q.to(torch.uint8).view(n, k), d, m)
 
 
 def q6_k_blocks(w: torch.Tensor):

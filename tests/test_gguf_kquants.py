@@ -316,6 +316,20 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
     assert _gguf_blocks_bytes(reader, torch.bfloat16, _GGUFLayout.of(reader, cfg), None) == held + largest
 
 
+def _prefill_logits(model, config, dtype: torch.dtype) -> torch.Tensor:
+    """float32 logits of ``model``'s prefill of a fixed 9-token prompt, its K/V in ``dtype``."""
+    from chunkattn import PrefixKVCache
+    from chunkattn.attention import get_backend
+
+    ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])
+    cache = PrefixKVCache(config.num_layers, config.num_kv_heads, config.head_dim, chunk_size=16, max_tokens=64,
+                          dtype=dtype)
+    seq = cache.add_sequence(ids.tolist())
+    attn = get_backend("auto", cache)
+    attn.plan(cache.extend([seq], [ids.tolist()]))
+    return model(ids, torch.arange(len(ids)), attn).float()
+
+
 @needs_kernel
 @pytest.mark.parametrize(("seed", "q0"), [(1, T.F16), (2, T.Q4_K)])
 def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path, caplog, seed, q0):
@@ -325,8 +339,6 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     q2x16 from Q2_K, q4x16 from Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits
     match those of the model built in float32 from the blocks' values and from transformers' float32 reading (the
     K-quants' float16 scale products too)."""
-    from chunkattn import PrefixKVCache
-    from chunkattn.attention import get_backend
     from chunkattn.model.layers import Embedding, Linear
     from chunkattn.model.loader import build_model, gguf_blocks
     from chunkattn.model.registry import config_from_hf
@@ -350,16 +362,9 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
                       "model.layers.1.mlp.gate_up_proj": "q2x16", "model.layers.1.mlp.down_proj": "q4x16",
                       "model.embed_tokens": "q6_k", "lm_head": "q6_k"}
     assert q.lm_head.quant is q.model.embed_tokens.quant  # (tied: one pack)
-    ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])
-    outs = []
-    for m, dtype in ((q, torch.bfloat16), (build_model(config, ours, torch.float32, "cpu"), torch.float32),
-                     (build_model(config, dict(ref), torch.float32, "cpu"), torch.float32)):
-        cache = PrefixKVCache(config.num_layers, config.num_kv_heads, config.head_dim, chunk_size=16, max_tokens=64,
-                              dtype=dtype)
-        seq = cache.add_sequence(ids.tolist())
-        attn = get_backend("auto", cache)
-        attn.plan(cache.extend([seq], [ids.tolist()]))
-        outs.append(m(ids, torch.arange(len(ids)), attn).float())
+    outs = [_prefill_logits(q, config, torch.bfloat16),
+            _prefill_logits(build_model(config, ours, torch.float32, "cpu"), config, torch.float32),
+            _prefill_logits(build_model(config, dict(ref), torch.float32, "cpu"), config, torch.float32)]
     scale = outs[2].abs().max()
     same_values, from_file = [float((outs[0] - o).abs().max() / scale) for o in outs[1:]]
     # (measured 0.2-0.3%: bfloat16 activations; a wrong value order, scale or row permutation moves logits by
@@ -372,8 +377,6 @@ def test_q2_k_beside_q3_k_fuses_as_gate_up_and_stays_apart_in_qkv(tmp_path):
     """llama.cpp's Q2_K files put Q3_K beside Q2_K: a gate/up of the two is one q4x16 product (the Q2_K part's
     values widened, not the projection dequantized); a q/k/v keeps its Q2_K q / k (one q2x16 product) apart from a
     Q3_K v; the model's logits match float32 built from the same values."""
-    from chunkattn import PrefixKVCache
-    from chunkattn.attention import get_backend
     from chunkattn.model.layers import Embedding, Linear
     from chunkattn.model.loader import build_model, gguf_blocks
     from chunkattn.model.registry import config_from_hf
@@ -392,15 +395,8 @@ def test_q2_k_beside_q3_k_fuses_as_gate_up_and_stays_apart_in_qkv(tmp_path):
         assert qtypes[f"model.layers.{layer}.mlp.gate_up_proj"] == "q4x16"
         assert qtypes[f"model.layers.{layer}.mlp.down_proj"] == "q2x16"
     assert qtypes["model.embed_tokens"] == "q2x16" and q.lm_head.quant is q.model.embed_tokens.quant
-    ids = torch.tensor([3, 17, 42, 5, 88, 60, 1, 9, 33])
-    outs = []
-    for m, dtype in ((q, torch.bfloat16), (build_model(config, ours, torch.float32, "cpu"), torch.float32)):
-        cache = PrefixKVCache(config.num_layers, config.num_kv_heads, config.head_dim, chunk_size=16, max_tokens=64,
-                              dtype=dtype)
-        seq = cache.add_sequence(ids.tolist())
-        attn = get_backend("auto", cache)
-        attn.plan(cache.extend([seq], [ids.tolist()]))
-        outs.append(m(ids, torch.arange(len(ids)), attn).float())
+    outs = [_prefill_logits(q, config, torch.bfloat16),
+            _prefill_logits(build_model(config, ours, torch.float32, "cpu"), config, torch.float32)]
     scale = outs[1].abs().max()
     assert scale > 1 and float((outs[0] - outs[1]).abs().max() / scale) < 0.01
 

@@ -61,9 +61,10 @@ def _quantized_paths() -> str:
             rows += 1
         return rows
 
-    direct = ", ".join(f"{name} {rows_taking(kind, 3)}" for name, kind in quant.KINDS.items()
-                       if rows_taking(kind, 3))
-    int_x = ", ".join(f"{name} {rows_taking(kind, 4)}" for name, kind in quant.KINDS.items() if rows_taking(kind, 4))
+    def listed(path: int) -> str:  # "q4 16, q5 12, ...": the kinds that take `path` for their first rows
+        return ", ".join(f"{name} {rows}" for name, kind in quant.KINDS.items() if (rows := rows_taking(kind, path)))
+
+    direct, int_x = listed(3), listed(4)
     more = "AMX tiles" if quant.auto_path(quant.KINDS["q4"], 256) == 1 else "vdpbf16ps"
     return ("Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL as stored (Q4_K/Q5_K/Q5_0/IQ4_XS read into them, Q3_K into q4x16, "
             "Q2_K into q2x16; bfloat16): "

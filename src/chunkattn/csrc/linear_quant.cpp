@@ -870,29 +870,26 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
                               int64_t steps, const uint8_t* src, const uint8_t* limit, float* c) {
   with_rows(rows, [&](auto nr) {
     constexpr int NR = decltype(nr)::value;
-    if (kind == kQ8) panel_q8_direct<NR>(x, xsum, steps, src, limit, c);
-    else if (kind == kQ6) {
-      if constexpr (NR == 1) panel_q6_direct_one(x[0], xsum, steps, src, limit, c);
-      else panel_q6_direct<NR>(x, xsum, steps, src, limit, c);
+    // the per-16 kinds' loops and the q4 family's, each with its own one-row loop
+    auto per_16_loop = [&](auto k) {
+      constexpr int64_t K = decltype(k)::value;
+      if constexpr (NR == 1) panel_q6_direct_one<K>(x[0], xsum, steps, src, limit, c);
+      else panel_q6_direct<NR, K>(x, xsum, steps, src, limit, c);
+    };
+    auto q4_loop = [&](auto k) {
+      constexpr int64_t K = decltype(k)::value;
+      if constexpr (NR == 1) panel_q4_direct_one<K>(x[0], xsum, steps, src, limit, c);
+      else panel_q4_direct<NR, K>(x, xsum, steps, src, limit, c);
+    };
+    switch (kind) {
+      case kQ8: panel_q8_direct<NR>(x, xsum, steps, src, limit, c); break;
+      case kQ6: per_16_loop(std::integral_constant<int64_t, kQ6>{}); break;
+      case kQ4x16: per_16_loop(std::integral_constant<int64_t, kQ4x16>{}); break;
+      case kQ2x16: per_16_loop(std::integral_constant<int64_t, kQ2x16>{}); break;
+      case kQ5: q4_loop(std::integral_constant<int64_t, kQ5>{}); break;
+      case kIQ4: q4_loop(std::integral_constant<int64_t, kIQ4>{}); break;
+      default: q4_loop(std::integral_constant<int64_t, kQ4>{});
     }
-    else if (kind == kQ4x16) {
-      if constexpr (NR == 1) panel_q6_direct_one<kQ4x16>(x[0], xsum, steps, src, limit, c);
-      else panel_q6_direct<NR, kQ4x16>(x, xsum, steps, src, limit, c);
-    }
-    else if (kind == kQ2x16) {
-      if constexpr (NR == 1) panel_q6_direct_one<kQ2x16>(x[0], xsum, steps, src, limit, c);
-      else panel_q6_direct<NR, kQ2x16>(x, xsum, steps, src, limit, c);
-    }
-    else if (kind == kQ5) {
-      if constexpr (NR == 1) panel_q4_direct_one<kQ5>(x[0], xsum, steps, src, limit, c);
-      else panel_q4_direct<NR, kQ5>(x, xsum, steps, src, limit, c);
-    }
-    else if (kind == kIQ4) {
-      if constexpr (NR == 1) panel_q4_direct_one<kIQ4>(x[0], xsum, steps, src, limit, c);
-      else panel_q4_direct<NR, kIQ4>(x, xsum, steps, src, limit, c);
-    }
-    else if constexpr (NR == 1) panel_q4_direct_one(x[0], xsum, steps, src, limit, c);
-    else panel_q4_direct<NR>(x, xsum, steps, src, limit, c);
   });
 }
 
