@@ -53,9 +53,9 @@ def main() -> int:
         t0 = time.perf_counter()
         engine.step()  # the whole prompt in one step, and the first token
         t1 = time.perf_counter()
-        steps = 0
+        steps, last = 0, []
         while engine.num_unfinished:
-            engine.step()
+            last = engine.step() or last
             steps += 1
         t2 = time.perf_counter()
         pp.append(args.prompt / (t1 - t0))
@@ -65,6 +65,8 @@ def main() -> int:
               "quantization": "/".join(quantized) or "none", "prompt": args.prompt,
               "gen": args.gen, "pp_tokens_per_s": round(statistics.median(pp), 1),
               "tg_tokens_per_s": round(statistics.median(tg), 1), "date": time.strftime("%Y-%m-%d"),
+              # the last repeat's greedy tokens: two builds that compute the same products generate the same ones
+              "last_token_ids": list(last[-1].outputs[0].token_ids) if last else [],
               "system_info": info()}
     print(f"chunkattn {args.dtype} {result['quantization']}: pp{args.prompt} {result['pp_tokens_per_s']} tok/s, "
           f"tg{args.gen} {result['tg_tokens_per_s']} tok/s")

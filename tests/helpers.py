@@ -207,6 +207,21 @@ def _x16_blocks(w: torch.Tensor, qtype: str, top: int):
     return Blocks.from_values(qtype, q.to(torch.uint8).view(n, k), d, m)
 
 
+def q3x16_blocks(w: torch.Tensor):
+    """``w`` ``[N, K]`` as q3x16 blocks (GGUF's Q3_K, read from files only): per 16 weights ``d`` = their largest
+    |w| / 4 as float16 (negative for every third sub-block, as Q3_K's signed scales give) and values ``q + 4`` in
+    0..7 (Q3_K's q in -4..3; the extremes 0 and 7 in every block's first half)."""
+    from chunkattn.model.quant import Blocks
+
+    n, k = w.shape
+    x = w.float().view(n, k // 16, 16)
+    sign = torch.where(torch.arange(n * k // 16).view(n, k // 16) % 3 == 2, -1.0, 1.0)
+    d = (x.abs().amax(-1) / 4 * sign).half()
+    q = (x * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(-4, 3) + 4
+    q.view(-1, 32)[:, 0], q.view(-1, 32)[:, 1] = 0, 7
+    return Blocks.from_values("q3x16", q.to(torch.uint8).view(n, k), d, None)
+
+
 def q6_k_blocks(w: torch.Tensor):
     """``w`` ``[N, K]`` as q6_k blocks (GGUF's Q6_K, read from files only): a float16 scale per 16 weights (their
     largest |w| / 31.5, negative for every third sub-block, as GGUF's signed ones) and values 0..63 around 32, the

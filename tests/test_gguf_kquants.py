@@ -1,6 +1,6 @@
 """GGUF files beyond Q4_0 / Q4_1 / Q8_0 (llama.cpp's popular Q4_K_M and Q5_K_M files: Q4_K, Q5_K, Q6_K, Q5_0,
 Q5_1; Q3_K_M and Q2_K files: Q3_K, Q2_K) loaded without a full-precision copy: Q5_0 read into q8_0 blocks, Q4_K
-into q4_1, Q5_K into q5_1, Q3_K into q4x16 and Q2_K into q2x16 blocks with the file's values (the K-quants' scale
+into q4_1, Q5_K into q5_1, Q3_K into q3x16 and Q2_K into q2x16 blocks with the file's values (the K-quants' scale
 products rounded to float16), Q5_1 and Q6_K held as themselves, the other quantized types (IQ3_S here) dequantized
 to bfloat16, each tensor read alone; checked against transformers' own reader of the same file (gguf-py's
 dequantization)."""
@@ -124,17 +124,17 @@ def _q4x16_bound(b: Blocks) -> torch.Tensor:
 
 
 def _q6_bound(b: Blocks) -> torch.Tensor:
-    """Per weight, 2^-11 |d (q - 32)| (+ float32 slack): a q6_k block's scale was rounded to float16."""
+    """Per weight, 2^-11 |d (q - 32)| (+ float32 slack): a q6_k block's scale was rounded to float16 (q3x16's:
+    |d (q - 4)|)."""
     n, k = b.shape
-    w = b.d.float().repeat_interleave(16, dim=1).view(n, k) * (b.values().float() - 32)
+    w = b.d.float().repeat_interleave(16, dim=1).view(n, k) * (b.values().float() - (4 if b.qtype == "q3x16" else 32))
     return 2.0**-11 * w.abs() * (1 + 2.0**-20) + 1e-30
 
 
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
-    """Q5_0 is q8_0 exactly, Q5_1 and IQ4_NL themselves exactly; Q4_K is q4_1, Q5_K q5_1 and Q2_K q4x16 within
-    2^-11 of each scale and offset (Q2_K: q2x16), Q6_K is q6_k and Q3_K q4x16 within 2^-11 of each sub-block's
-    scale, IQ4_XS
+    """Q5_0 is q8_0 exactly, Q5_1 and IQ4_NL themselves exactly; Q4_K is q4_1, Q5_K q5_1 and Q2_K q2x16 within
+    2^-11 of each scale and offset, Q6_K is q6_k and Q3_K q3x16 within 2^-11 of each sub-block's scale, IQ4_XS
     iq4_nl likewise (exact where the products fit in float16: power-of-two d and dmin); the q4 values stay two a
     byte in GGUF's order; read 3 rows at a time."""
     rng = np.random.default_rng(n)
@@ -164,9 +164,15 @@ def test_k_quants_and_q5_0_read_into_blocks_with_their_values(n, monkeypatch):
             got = b.dequantize()
             assert ((got - ref).abs() <= 2.0**-11 * got.abs() * (1 + 2.0**-20) + 1e-30).all() and torch.equal(
                 got == 0, ref == 0)
-            if qtype == T.Q3_K:  # q in -4..3, held as q + 4 with m = -4 d; every value occurs (random bytes)
+            if qtype == T.Q3_K:  # q in -4..3, held as q + 4 (3 bits); every value occurs (random bytes)
                 assert set(b.values().unique().tolist()) == set(range(8)) and b.d.shape == (n, k // 16)
-                assert torch.equal(b.m, b.d * -4)
+                assert b.m is None and b.q.shape == (n, k // 32 * 12)
+                assert torch.equal(Blocks.from_values("q3x16", b.values(), b.d, None).q, b.q)
+                exact = raw.copy().reshape(n, k // 256, 110)  # power-of-two d: the products fit float16, exact
+                exact[..., 108:110] = _fp16_bytes(2.0 ** rng.integers(-20, -8, (n, k // 256)))
+                exact = exact.reshape(n, -1)
+                want = torch.from_numpy(gguf.quants.dequantize(exact, qtype).astype(np.float32))
+                assert torch.equal(Blocks.from_gguf(exact, "q3_k", k).dequantize(), want)
             assert ((got - ref).abs() > 0).any()  # (rounded somewhere: not exact by accident)
             continue
         if qtype == T.Q6_K:
@@ -232,8 +238,11 @@ def test_k_quant_blocks_refuse_bad_shapes_and_scales():
     with pytest.raises(QuantizationError, match="Q3_K scale too large for float16"):
         Blocks.from_gguf(three.reshape(4, -1), "q3_k", 512)
     three[2, 1, 108:110] = _fp16_bytes(np.array([600.0]))[0]  # d (0 - 32) fits float16, its offset 4x that does not
-    with pytest.raises(QuantizationError, match="Q3_K scale too large to store its offset"):
-        Blocks.from_gguf(three.reshape(4, -1), "q3_k", 512)
+    big = Blocks.from_gguf(three.reshape(4, -1), "q3_k", 512)  # q3x16 holds no offsets: read as it is
+    want = torch.from_numpy(gguf.quants.dequantize(three.reshape(4, -1), T.Q3_K).astype(np.float32))
+    assert torch.equal(big.dequantize()[2], want[2])  # (600 x -32: exact in float16)
+    with pytest.raises(QuantizationError, match="too large to store its offset"):  # only as q4x16 (widened)
+        big.as_q4x16()
     two = random_blocks(rng, T.Q2_K, 4, 512).reshape(4, 2, 84)
     two[1, 1, 82:84] = _fp16_bytes(np.array([np.inf]))[0]  # dmin
     with pytest.raises(QuantizationError, match="Q2_K scale too large for float16 \\(or not finite\\)"):
@@ -259,7 +268,7 @@ def _reference(path):
 
 # layer 0: q F16 and k Q4_K beside a Q6_K v (the fused q/k/v dequantized; q's rows reordered as read), o IQ3_S
 # (dequantized), gate Q4_1 beside up Q4_K (q4_1 both), down Q5_K (q5_1); layer 1: q/k Q5_0 beside a Q8_0 v
-# (q8_0 all), gate/up Q2_K (q2x16) and down Q3_K (q4x16), o Q5_1; the embeddings Q6_K
+# (q8_0 all), gate/up Q2_K (q2x16) and down Q3_K (q3x16), o Q5_1; the embeddings Q6_K
 TYPES = {(0, "attn_q"): T.F16, (0, "attn_v"): T.Q6_K, (0, "attn_output"): T.IQ3_S, (0, "ffn_gate"): T.Q4_1,
          (0, "ffn_down"): T.Q5_K,
          (1, "attn_q"): T.Q5_0,
@@ -298,14 +307,14 @@ def test_a_k_quant_file_is_read_tensor_by_tensor_into_blocks(tmp_path, caplog, m
         short = name.removeprefix("model.").removesuffix(".weight")
         kinds[short] = b.qtype
         if stored[short] in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K):
-            bound = {T.Q6_K: _q6_bound, T.Q3_K: _q4x16_bound, T.Q2_K: _q4x16_bound}.get(stored[short], _q4_bound)(b)
+            bound = {T.Q6_K: _q6_bound, T.Q3_K: _q6_bound, T.Q2_K: _q4x16_bound}.get(stored[short], _q4_bound)(b)
             assert ((got - want).abs() <= bound).all() and float((got - want).abs().max()) > 0, name
         else:  # Q4_1, Q5_0, Q5_1, Q8_0
             assert torch.equal(got, want), name
     assert kinds == {**{f"layers.0.{p}": "q4_1" for p in ("self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")},
                      **{f"layers.1.{p}": "q8_0" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")},
                      **{f"layers.1.{p}": "q2x16" for p in ("mlp.gate_proj", "mlp.up_proj")},
-                     "layers.1.mlp.down_proj": "q4x16",
+                     "layers.1.mlp.down_proj": "q3x16",
                      "layers.0.mlp.down_proj": "q5_1", "layers.1.self_attn.o_proj": "q5_1",
                      **{p: "q6_k" for p in ("layers.0.self_attn.v_proj", "embed_tokens")}}
     held = sum(b.q.nbytes + b.d.nbytes + (0 if b.m is None else b.m.nbytes) for b in blocks.values())
@@ -336,7 +345,7 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     """Built into a model: q/k/v of layer 0 dense where its q is F16 (beside quantized k and v: logged), as parts
     where it is Q4_K (q and k one q4_1 product, the Q6_K v another, as in llama.cpp's Q4_K_M files); layer 0's o
     dense (IQ3_S); the others quantized (q4_1 from Q4_K / Q4_1, q5_1 from Q5_K / Q5_1, q8_0 from Q5_0 / Q8_0,
-    q2x16 from Q2_K, q4x16 from Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits
+    q2x16 from Q2_K, q3x16 from Q3_K, q6_k from Q6_K: the embeddings and the tied head one pack); prefill logits
     match those of the model built in float32 from the blocks' values and from transformers' float32 reading (the
     K-quants' float16 scale products too)."""
     from chunkattn.model.layers import Embedding, Linear
@@ -359,7 +368,7 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
     assert qtypes == {**({"model.layers.0.self_attn.qkv_proj": "q4_1+q6_k"} if parts else {}),
                       "model.layers.0.mlp.gate_up_proj": "q4_1", "model.layers.0.mlp.down_proj": "q5_1",
                       "model.layers.1.self_attn.qkv_proj": "q8_0", "model.layers.1.self_attn.o_proj": "q5_1",
-                      "model.layers.1.mlp.gate_up_proj": "q2x16", "model.layers.1.mlp.down_proj": "q4x16",
+                      "model.layers.1.mlp.gate_up_proj": "q2x16", "model.layers.1.mlp.down_proj": "q3x16",
                       "model.embed_tokens": "q6_k", "lm_head": "q6_k"}
     assert q.lm_head.quant is q.model.embed_tokens.quant  # (tied: one pack)
     outs = [_prefill_logits(q, config, torch.bfloat16),
@@ -375,8 +384,8 @@ def test_a_k_quant_model_runs_quantized_close_to_its_dequantized_values(tmp_path
 @needs_kernel
 def test_q2_k_beside_q3_k_fuses_as_gate_up_and_stays_apart_in_qkv(tmp_path):
     """llama.cpp's Q2_K files put Q3_K beside Q2_K: a gate/up of the two is one q4x16 product (the Q2_K part's
-    values widened, not the projection dequantized); a q/k/v keeps its Q2_K q / k (one q2x16 product) apart from a
-    Q3_K v; the model's logits match float32 built from the same values."""
+    values widened, and the Q3_K part's offsets stored: not the projection dequantized); a q/k/v keeps its Q2_K q / k
+    (one q2x16 product) apart from a Q3_K v (q3x16); the model's logits match float32 built from the same values."""
     from chunkattn.model.layers import Embedding, Linear
     from chunkattn.model.loader import build_model, gguf_blocks
     from chunkattn.model.registry import config_from_hf
@@ -391,7 +400,8 @@ def test_q2_k_beside_q3_k_fuses_as_gate_up_and_stays_apart_in_qkv(tmp_path):
     q = build_model(config, dense, torch.bfloat16, "cpu", blocks=blocks)
     qtypes = {name: m.quant.qtype for name, m in q.named_modules() if isinstance(m, (Linear, Embedding)) and m.quant}
     for layer in (0, 1):
-        assert qtypes[f"model.layers.{layer}.self_attn.qkv_proj"] == "q2x16+q4x16"
+        assert qtypes[f"model.layers.{layer}.self_attn.qkv_proj"] == "q2x16+q3x16"
+        assert qtypes[f"model.layers.{layer}.self_attn.o_proj"] == "q3x16"
         assert qtypes[f"model.layers.{layer}.mlp.gate_up_proj"] == "q4x16"
         assert qtypes[f"model.layers.{layer}.mlp.down_proj"] == "q2x16"
     assert qtypes["model.embed_tokens"] == "q2x16" and q.lm_head.quant is q.model.embed_tokens.quant

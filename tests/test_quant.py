@@ -25,7 +25,7 @@ from chunkattn.model.quant import (
     kernel_supported,
     quantize,
 )
-from helpers import iq4_nl_blocks, q2x16_blocks, q4x16_blocks, q5_1_blocks, q6_k_blocks, write_checkpoint
+from helpers import iq4_nl_blocks, q2x16_blocks, q3x16_blocks, q4x16_blocks, q5_1_blocks, q6_k_blocks, write_checkpoint
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
@@ -41,9 +41,9 @@ needs_int_x = pytest.mark.skipif(not HAS_INT_X, reason="the path with integer x 
 
 def _blocks(w: torch.Tensor, qtype: str) -> Blocks:
     """``w`` as blocks of ``qtype``: :func:`quantize`'s, or for the types read from GGUF files only
-    helpers.q6_k_blocks' / q5_1_blocks' / iq4_nl_blocks' / q4x16_blocks' / q2x16_blocks'."""
+    helpers.q6_k_blocks' / q5_1_blocks' / iq4_nl_blocks' / q4x16_blocks' / q2x16_blocks' / q3x16_blocks'."""
     made = {"q6_k": q6_k_blocks, "q5_1": q5_1_blocks, "iq4_nl": iq4_nl_blocks, "q4x16": q4x16_blocks,
-            "q2x16": q2x16_blocks}
+            "q2x16": q2x16_blocks, "q3x16": q3x16_blocks}
     return made[qtype](w) if qtype in made else quantize(w, qtype)
 
 
@@ -217,8 +217,8 @@ def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_
     return pre + ref.abs() * 2**-8 + 1e-6
 
 
-# (q5, iq4, q4x16 and q2x16 have no path 4: refused, tested below)
-INT_X_TYPES = [t for t in HELD if t not in ("q5_1", "iq4_nl", "q4x16", "q2x16")]
+# (q5, iq4 and the x16 kinds have no path 4: refused, tested below)
+INT_X_TYPES = [t for t in HELD if t not in ("q5_1", "iq4_nl", "q4x16", "q2x16", "q3x16")]
 
 
 @needs_int_x
@@ -317,8 +317,8 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
     # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
     # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q5: 159 |d| + |m|; iq4: its codebook value, up to 127 |d|
-    # (q6, q4x16 and q2x16: d and m per 16 weights)
-    size = 16 if qtype in ("q6_k", "q4x16", "q2x16") else 32
+    # (q6 and the x16 kinds: d and m per 16 weights)
+    size = 16 if qtype in ("q6_k", "q4x16", "q2x16", "q3x16") else 32
     terms = blocks.d.double().abs().repeat_interleave(size, 1) * (
         351 if qtype == "q6_k" else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl" else 143 if blocks.m is
         not None else 17 * 143)
@@ -375,7 +375,7 @@ def test_each_path_reads_each_weight_where_it_is(qtype, n, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k", "q5_1", "iq4_nl", "q4x16", "q2x16"])
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0", "q6_k", "q5_1", "iq4_nl", "q4x16", "q2x16", "q3x16"])
 def test_many_rows_span_several_row_blocks(qtype, two_threads):
     """650 rows of K = 1536: the vector path's three row blocks (320 rows fit its 1 MB, the last has 10 rows); the
     tile path's row pairs (the last of 10 rows) through groups of 10 dequantized panels (960 KB), two a thread for
@@ -410,8 +410,8 @@ def test_path_0_runs_the_path_the_kernel_reports(qtype):
         x = torch.randn(rows, 160, generator=gen).bfloat16()
         assert torch.equal(qw.linear(x), qw.linear(x, path=path)), (rows, path)
     assert chosen[0] in (3, 4) and chosen[-1] == (1 if HAS_AMX else 2)
-    with pytest.raises(RuntimeError, match="kind must be 0 to 6"):
-        torch.ops.chunkattn_layers.quant_auto_path(7, 1)
+    with pytest.raises(RuntimeError, match="kind must be 0 to 7"):
+        torch.ops.chunkattn_layers.quant_auto_path(8, 1)
 
 
 def test_q2x16_parts_fuse_with_q4x16_parts_as_q4x16_only_when_widened():
@@ -432,6 +432,19 @@ def test_q2x16_parts_fuse_with_q4x16_parts_as_q4x16_only_when_widened():
     assert parts.qtype == "q2x16+q4x16" and parts.shape == (88, 64)
     with pytest.raises(QuantizationError, match="different kinds"):
         Blocks.cat([two, q6_k_blocks(torch.randn(8, 64, generator=gen))], widen=True)
+    # Q3_K as read (q3x16, 16/32 bytes a weight: no offsets) widens too, its offset -4 d stored
+    three = q3x16_blocks(torch.randn(40, 64, generator=gen))
+    assert three.q.shape == (40, 24) and three.m is None
+    assert Blocks.nbytes_of(40 * 64, "q3x16") == three.q.numel() + 2 * three.d.numel() == 40 * 64 // 2
+    with pytest.raises(QuantizationError, match="different kinds"):
+        Blocks.cat([two, three])
+    both = Blocks.cat([two, three], widen=True)
+    assert both.qtype == "q4x16" and torch.equal(both.dequantize(), torch.cat([two.dequantize(), three.dequantize()]))
+    assert BlockParts.of([two, two, three]).qtype == "q2x16+q3x16"
+    assert Blocks.cat([three, three]).qtype == "q3x16"  # (alike: no widening)
+    huge = Blocks("q3x16", three.q[:1], torch.full_like(three.d[:1], 20000.0), None)  # -4 d overflows float16
+    with pytest.raises(QuantizationError, match="too large"):
+        Blocks.cat([two.slice(0, 1), huge], widen=True)
 
 
 @needs_kernel
@@ -476,7 +489,7 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
     with pytest.raises(RuntimeError, match=r"packed must be"):
         ops.linear_quant(x, qw.packed, 3, 64, None, 0)  # q8 tiles read as q5
     with pytest.raises(RuntimeError, match=r"kind must be 0 \(q4"):
-        ops.linear_quant(x, qw.packed, 7, 64, None, 0)
+        ops.linear_quant(x, qw.packed, 8, 64, None, 0)
     iq4 = QuantizedWeight.pack(iq4_nl_blocks(torch.randn(64, x.shape[1])))
     with pytest.raises(RuntimeError, match="path 4 .* has no iq4 kernel"):
         ops.linear_quant(x, iq4.packed, iq4.kind, 64, None, 4)
@@ -496,6 +509,11 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
         ops.linear_quant(x, q2x16.packed, q2x16.kind, 64, None, 4)
     with pytest.raises(QuantizationError, match="q2x16 values must be 0..3, got 4"):
         Blocks.from_values("q2x16", torch.full((2, 32), 4, dtype=torch.uint8), half.repeat(1, 2), half.repeat(1, 2))
+    q3x16 = QuantizedWeight.pack(q3x16_blocks(torch.randn(64, x.shape[1])))
+    with pytest.raises(RuntimeError, match="path 4 .* has no q3x16 kernel"):
+        ops.linear_quant(x, q3x16.packed, q3x16.kind, 64, None, 4)
+    with pytest.raises(QuantizationError, match="q3x16 values must be 0..7, got 8"):  # (not spilled into a bit)
+        Blocks.from_values("q3x16", torch.full((2, 32), 8, dtype=torch.uint8), half.repeat(1, 2), None)
     assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)
     with pytest.raises(RuntimeError, match="positive multiple of 32"):  # K = 0: refused, not a division by zero
         ops.linear_quant(torch.empty(2, 0).bfloat16(), torch.empty(2, 0, 2, 544, dtype=torch.uint8), 1, 64, None, 0)

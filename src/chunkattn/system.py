@@ -66,7 +66,7 @@ def _quantized_paths() -> str:
 
     direct, int_x = listed(3), listed(4)
     more = "AMX tiles" if quant.auto_path(quant.KINDS["q4"], 256) == 1 else "vdpbf16ps"
-    return ("Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL as stored (Q4_K/Q5_K/Q5_0/IQ4_XS read into them, Q3_K into q4x16, "
+    return ("Q4_0/Q4_1/Q5_1/Q8_0/Q6_K/IQ4_NL as stored (Q4_K/Q5_K/Q5_0/IQ4_XS read into them, Q3_K into q3x16, "
             "Q2_K into q2x16; bfloat16): "
             + (f"up to {int_x} rows with x as 15-bit integers (vpdpbusd), " if int_x else "")
             + f"up to {direct} rows from the integers directly (vdpbf16ps), more rows dequantized per panel ({more})")

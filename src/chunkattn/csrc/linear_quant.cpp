@@ -5,7 +5,7 @@
 // of linear_amx.h, by AVX-512 in registers into a buffer that stays in the cache. The weight stream, the memory
 // traffic of a decode step, shrinks from 2 bytes a weight (bf16) to 20/32 (Q4_1) or 34/32 (Q8_0).
 //
-// Seven kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
+// Eight kinds of stored weight (Q4_0 is kept as Q4_1 with m = -8 d, which dequantizes to the same values):
 //   kQ4: w = d q + m, q in 0..15;  kQ8: w = d q, q in -128..127;
 //   kQ6: w = d (q - 32), q in 0..63, d a scale per 16 weights along K (GGUF's Q6_K: its super-block scale times
 //        each sub-block's 8-bit scale, the product rounded to float16 when chunkattn/model/quant.py reads it);
@@ -15,7 +15,9 @@
 //        IQ4_XS's sub-blocks of 32, d (ls - 32) rounded to float16);
 //   kQ4x16: w = d q + m, q in 0..15, d and m per 16 weights along K (GGUF's Q3_K: q + 4 in 0..7, d its scale
 //        product and m = -4 d; the products rounded to float16);
-//   kQ2x16: the same with q in 0..3 (GGUF's Q2_K: d sc and -dmin m rounded to float16).
+//   kQ2x16: the same with q in 0..3 (GGUF's Q2_K: d sc and -dmin m rounded to float16);
+//   kQ3x16: w = d (q - 4), q in 0..7, d per 16 weights (GGUF's Q3_K as stored: its q + 4, d its scale product
+//        rounded to float16).
 // Computed in float32 as one fused multiply-add, then rounded to bf16 (to nearest even): exactly what GGUF's
 // reference dequantization (gguf-py: d * q + m in float32) cast to bf16 gives, so the products equal those of the
 // same model dequantized at load and cast to bf16, up to the order of the float32 sums (kQ6: 28/32 bytes a weight).
@@ -30,6 +32,7 @@
 //   kQ4x16: d[16] of k 0-15 | d[16] of k 16-31 | m[16] of k 0-15 | m[16] of k 16-31 | 8 groups x 32 bytes
 //        (384 bytes: 24 per 32 weights; Q3_K 13.75)
 //   kQ2x16: kQ4x16's scales and offsets | 8 groups x 16 bytes (256 bytes: 16 per 32 weights; Q2_K 10.5)
+//   kQ3x16: kQ6's scales | 8 groups x 24 bytes (256 bytes: 16 per 32 weights; Q3_K 13.75)
 // Row r of a tile holds the 32 values (W[c, 32s + 2r + t], c = 0..15, t = 0..1) at e = 2c + t, the order of a
 // tdpbf16ps B row; kQ4's byte b holds e = b in its low nibble and e = b + 16 in its high nibble. Columns are those
 // of linear_amx.h's panels (pack_linear_amx / pack_gate_up_amx); chunkattn/model/quant.py builds the packs.
@@ -38,6 +41,8 @@
 // two bits (byte i: value i + 16 L in bits 2L, 2L + 1); q6_group unpacks a group in 7 vector operations.
 // kQ4x16's group g is kQ6's without the top bits: its 32 bytes of nibbles (q4x16_group: 3 operations); kQ2x16's
 // is kQ6's top bits alone, 16 bytes (byte i: value i + 16 L in bits 2L, 2L + 1; q2x16_group: 3 operations).
+// kQ3x16's group g is kQ2x16's 16 bytes of two low bits, then 8 bytes of third bits (bit v of their little-endian
+// 64 bits: value v's), which a mask register takes whole (q3x16_group: 5 operations).
 // kQ5's group g holds the fifth bits of tile rows 4g + L (L = 0..3) as 16 bytes, byte 4n + L those of values
 // e = 8n .. 8n + 7 (bit b: e = 8n + b): the 32-bit masks panel_q4_direct_one's unpacked words take whole (its
 // vector u[n] holds those values of the four rows); q5_row_masks turns a group into each row's 32 bits.
@@ -81,7 +86,7 @@ namespace chunkattn::ops {
 namespace {
 using namespace chunkattn::panels;
 
-enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3, kIQ4 = 4, kQ4x16 = 5, kQ2x16 = 6 };
+enum Kind : int64_t { kQ4 = 0, kQ8 = 1, kQ6 = 2, kQ5 = 3, kIQ4 = 4, kQ4x16 = 5, kQ2x16 = 6, kQ3x16 = 7 };
 // How a call multiplies: kTiles / kVector dequantize each panel to bf16 (exactly GGUF's values, rounded) and use AMX
 // tiles / vdpbf16ps; kDirect multiplies the stored integers as they are (panel_q{4,8,6}_direct); kInt16 multiplies
 // them with x rounded to 15-bit integers per block (panel_q{8,4,6}_int16).
@@ -95,15 +100,18 @@ constexpr int64_t tile_bytes(int64_t kind) {
     case kQ5: return 64 + 16 * 16 + 64;
     case kIQ4: return 32 + 16 * 16;
     case kQ4x16: return 128 + 8 * 32;
+    case kQ3x16: return 64 + 8 * 24;
     default: return 128 + 8 * 16;  // kQ2x16
   }
 }
 
 // The kinds with a scale per 16 weights (two a tile row's 32 k) and groups of two tile rows' 64 values: where a
-// kQ6 / kQ4x16 / kQ2x16 tile's groups start and each group's bytes.
-constexpr bool per_16(int64_t kind) { return kind == kQ6 || kind == kQ4x16 || kind == kQ2x16; }
-constexpr int64_t groups_at(int64_t kind) { return kind == kQ6 ? 64 : 128; }
-constexpr int64_t group_bytes(int64_t kind) { return kind == kQ6 ? 48 : kind == kQ4x16 ? 32 : 16; }
+// kQ6 / kQ4x16 / kQ2x16 / kQ3x16 tile's groups start and each group's bytes.
+constexpr bool per_16(int64_t kind) { return kind == kQ6 || kind == kQ4x16 || kind == kQ2x16 || kind == kQ3x16; }
+constexpr int64_t groups_at(int64_t kind) { return kind == kQ6 || kind == kQ3x16 ? 64 : 128; }
+constexpr int64_t group_bytes(int64_t kind) {
+  return kind == kQ6 ? 48 : kind == kQ4x16 ? 32 : kind == kQ3x16 ? 24 : 16;
+}
 
 // Where a kQ4-like tile's nibbles start (kIQ4 has no offsets m).
 constexpr int64_t nibbles_at(int64_t kind) { return kind == kIQ4 ? 32 : 64; }
@@ -161,7 +169,8 @@ int64_t direct_max_rows(int64_t kind) {
     case kQ5:
     case kIQ4:
     case kQ4x16:
-    case kQ2x16: return 12;
+    case kQ2x16:
+    case kQ3x16: return 12;
     case kQ6: return 8;
     default: return 4;  // kQ8 (where the CPU has AVX512-VNNI, kInt16 goes further: int16_max_rows)
   }
@@ -180,7 +189,7 @@ int64_t int16_max_rows() { return tiles_usable() ? 4 : 8; }
 
 // The path kAuto takes for `rows` rows of x on a weight of `kind` (quant_auto_path: tests, chunkattn info).
 int64_t auto_path(int64_t kind, int64_t rows) {
-  TORCH_CHECK(kind >= kQ4 && kind <= kQ2x16 && rows >= 0, "quant_auto_path: kind must be 0 to 6 and rows >= 0, got ",
+  TORCH_CHECK(kind >= kQ4 && kind <= kQ3x16 && rows >= 0, "quant_auto_path: kind must be 0 to 7 and rows >= 0, got ",
               kind, " and ", rows);
   return kind == kQ8 && int16_usable() && rows <= int16_max_rows() ? kInt16
          : rows <= direct_max_rows(kind)                           ? kDirect
@@ -222,19 +231,30 @@ inline __m512i q2x16_group(const uint8_t* g) {
                           _mm512_set1_epi8(0x03));
 }
 
+// kQ3x16's group at g (24 bytes) -> its 64 values q (0..7) as bytes, q6_group's order: q2x16_group's two low bits,
+// + 4 where the third bit (the 64-bit mask after them) is set (a masked byte add: AVX-512 has no masked byte or).
+inline __m512i q3x16_group(const uint8_t* g) {
+  uint64_t top;
+  std::memcpy(&top, g + 16, 8);
+  const __m512i low = q2x16_group(g);
+  return _mm512_mask_add_epi8(low, _cvtu64_mask64(top), low, _mm512_set1_epi8(4));
+}
+
 // A per-16 kind's (K) group g of the tile at t, unpacked.
 template <int64_t K>
 inline __m512i group_values(const uint8_t* t, int g) {
   if constexpr (K == kQ6) return q6_group(t + groups_at(K) + group_bytes(K) * g);
   else if constexpr (K == kQ4x16) return q4x16_group(t + groups_at(K) + group_bytes(K) * g);
+  else if constexpr (K == kQ3x16) return q3x16_group(t + groups_at(K) + group_bytes(K) * g);
   else return q2x16_group(t + groups_at(K) + group_bytes(K) * g);
 }
 
 // The offsets of a per-16 kind's (K) half tile (k 16 half .. 16 half + 15) at t, whose scales are d: w = d q + the
-// offset (kQ6: -32 d, exact; kQ4x16, kQ2x16: its m).
+// offset (kQ6: -32 d, kQ3x16: -4 d, both exact; kQ4x16, kQ2x16: its m).
 template <int64_t K>
 inline __m512 half_offsets(const uint8_t* t, int half, __m512 d) {
   if constexpr (K == kQ6) return _mm512_mul_ps(d, _mm512_set1_ps(-32.f));
+  else if constexpr (K == kQ3x16) return _mm512_mul_ps(d, _mm512_set1_ps(-4.f));
   else return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 64 + 32 * half)));
 }
 
@@ -287,7 +307,7 @@ inline void dequant_q4_tile(const uint8_t* t, __m512 dlo, __m512 dhi, c10::BFloa
   }
 }
 
-// dequant_tile's kQ6, kQ4x16 or kQ2x16 tile (K): each half's scales and offsets, each group's two tile rows.
+// dequant_tile's per-16 tile (K: kQ6, kQ4x16, kQ2x16 or kQ3x16): each half's scales and offsets, each group's two tile rows.
 template <int64_t K>
 inline void dequant_per16_tile(const uint8_t* t, c10::BFloat16* dst) {
   const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -300,7 +320,7 @@ inline void dequant_per16_tile(const uint8_t* t, c10::BFloat16* dst) {
     for (int g = 4 * half; g < 4 * half + 4; ++g) {
       const __m512i u = group_values<K>(t, g);
       // row 2g + rr: 128-bit lanes 2 rr (e 0-15) and 2 rr + 1 (e 16-31); d q + offset in one fused multiply-add
-      // (kQ6's d q - 32 d and kQ4x16's / kQ2x16's d q exact in float32), then the one rounding to bf16
+      // (kQ6's d q - 32 d, kQ3x16's d q - 4 d and kQ4x16's / kQ2x16's d q exact in float32), then the one rounding to bf16
       const __m128i lane[4] = {_mm512_extracti32x4_epi32(u, 0), _mm512_extracti32x4_epi32(u, 1),
                                _mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)};
       for (int rr = 0; rr < 2; ++rr) {
@@ -329,6 +349,8 @@ inline void dequant_tile(const uint8_t* t, int64_t kind, c10::BFloat16* dst) {
     dequant_per16_tile<kQ4x16>(t, dst);
   } else if (kind == kQ2x16) {
     dequant_per16_tile<kQ2x16>(t, dst);
+  } else if (kind == kQ3x16) {
+    dequant_per16_tile<kQ3x16>(t, dst);
   } else {
     const uint8_t* q = t + 32;
     for (int r = 0; r < 16; ++r) {
@@ -564,7 +586,7 @@ inline void panel_q8_direct(const c10::BFloat16* const* x, const float* xsum, in
 // rounded to integers as kInt16 does: on a Q4_K_M file's Q6_K down projections, whose inputs carry the MLP's
 // outliers, kInt16 turned 16 of 1116 decode positions' top-1 mismatches against float32 into 24). xhalf: [NR][steps]
 // [2] sums of each row's half blocks. K = kQ4x16 / kQ2x16: its groups' values (q4x16_group / q2x16_group),
-// sum (d q + m) x = d sum (128 + q) x + (m - 128 d) sum x.
+// sum (d q + m) x = d sum (128 + q) x + (m - 128 d) sum x; K = kQ3x16 (q3x16_group): m = -4 d.
 template <int NR, int64_t K = kQ6>
 inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, int64_t steps, const uint8_t* src,
                             const uint8_t* limit, float* c) {
@@ -612,7 +634,7 @@ inline void panel_q6_direct(const c10::BFloat16* const* x, const float* xhalf, i
 // weights, not the cross-lane widening and an or), so lane L of the low words holds tile row 2g + L / 2's columns
 // 0-3 (L even) or 8-11 (L odd), the high words columns 4-7 / 12-15; x's pair of row 2g faces lanes 0-1 and that of
 // row 2g + 1 lanes 2-3. The sums stay in that layout (each scaled by its columns' scales) until the panel ends,
-// when the two rows' lanes are added and put in column order. K = kQ4x16 / kQ2x16 as in panel_q6_direct.
+// when the two rows' lanes are added and put in column order. K = kQ4x16 / kQ2x16 / kQ3x16 as in panel_q6_direct.
 template <int64_t K = kQ6>
 inline void panel_q6_direct_one(const c10::BFloat16* x, const float* xhalf, int64_t steps, const uint8_t* src,
                                 const uint8_t* limit, float* c) {
@@ -886,6 +908,7 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
       case kQ6: per_16_loop(std::integral_constant<int64_t, kQ6>{}); break;
       case kQ4x16: per_16_loop(std::integral_constant<int64_t, kQ4x16>{}); break;
       case kQ2x16: per_16_loop(std::integral_constant<int64_t, kQ2x16>{}); break;
+      case kQ3x16: per_16_loop(std::integral_constant<int64_t, kQ3x16>{}); break;
       case kQ5: q4_loop(std::integral_constant<int64_t, kQ5>{}); break;
       case kIQ4: q4_loop(std::integral_constant<int64_t, kIQ4>{}); break;
       default: q4_loop(std::integral_constant<int64_t, kQ4>{});
@@ -896,8 +919,9 @@ inline void panel_direct_rows(int64_t kind, const c10::BFloat16* const* x, const
 #endif
 
 void check_packed(const at::Tensor& packed, int64_t kind, int64_t K, int64_t want, const char* op) {
-  TORCH_CHECK(kind >= kQ4 && kind <= kQ2x16, op, ": kind must be 0 (q4: Q4_0 / Q4_1), 1 (q8: Q8_0), 2 (q6: ",
-              "Q6_K), 3 (q5: Q5_1 / Q5_K), 4 (iq4: IQ4_NL / IQ4_XS), 5 (q4x16: Q3_K) or 6 (q2x16: Q2_K), got ", kind);
+  TORCH_CHECK(kind >= kQ4 && kind <= kQ3x16, op, ": kind must be 0 (q4: Q4_0 / Q4_1), 1 (q8: Q8_0), 2 (q6: ",
+              "Q6_K), 3 (q5: Q5_1 / Q5_K), 4 (iq4: IQ4_NL / IQ4_XS), 5 (q4x16: a Q3_K gate/up beside Q2_K), 6 ",
+              "(q2x16: Q2_K) or 7 (q3x16: Q3_K), got ", kind);
   TORCH_CHECK(K > 0 && K % kDepth == 0, op, ": quantized weights need K a positive multiple of 32 (GGUF's block), "
               "got K = ", K);
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
@@ -931,7 +955,8 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   TORCH_CHECK(path != kInt16 || kind == kQ4 || kind == kQ8 || kind == kQ6, op, ": path 4 (x as integers) has no ",
               kind == kQ5      ? "q5 kernel (Q5_1 / Q5_K)"
               : kind == kIQ4   ? "iq4 kernel (IQ4_NL / IQ4_XS)"
-              : kind == kQ4x16 ? "q4x16 kernel (Q3_K)"
+              : kind == kQ4x16 ? "q4x16 kernel (Q3_K beside Q2_K)"
+              : kind == kQ3x16 ? "q3x16 kernel (Q3_K)"
                                : "q2x16 kernel (Q2_K)",
               ": use 0 to 3");
   TORCH_CHECK(path != kInt16 || int16_usable(), op, ": this CPU or build has no AVX512-VNNI (path 4, x as integers)");
@@ -946,7 +971,7 @@ at::Tensor run_quant(const at::Tensor& x, const at::Tensor& packed, int64_t kind
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   // rows per block: kXBlockBytes of x (they stay in L2 while the panels pass), whole pairs of row tiles
   const int64_t block = std::max<int64_t>(32, (kXBlockBytes / (K * 2)) / 32 * 32);
-  // direct: [M][steps] sums of x's blocks (kQ6, kQ4x16, kQ2x16: [M][steps][2], of each half block)
+  // direct: [M][steps] sums of x's blocks (the per-16 kinds: [M][steps][2], of each half block)
   const int64_t sums = per_16(kind) ? 2 : 1;
   std::vector<float> xsum;
   if (direct && kind != kIQ4) {  // (iq4: no offsets to scale by the sums; its kernels do not read them)
@@ -1140,17 +1165,20 @@ at::Tensor embedding_quant(const at::Tensor& packed, int64_t kind, const at::Ten
           }
         } else if (per_16(kind)) {
           const float d1 = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 32)[c]);
-          const bool q6 = kind == kQ6;
+          const bool q6 = kind == kQ6, q3 = kind == kQ3x16;
           float m0 = 0, m1 = 0;  // kQ4x16's / kQ2x16's offsets
-          if (!q6) {
+          if (!q6 && !q3) {
             m0 = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 64)[c]);
             m1 = static_cast<float>(reinterpret_cast<const c10::Half*>(t + 96)[c]);
           }
           for (int64_t k = 0; k < kDepth; ++k) {
             const int64_t r = k / 2, v = 32 * (r % 2) + 2 * c + k % 2;  // group r / 2, value v
             const uint8_t* g = t + groups_at(kind) + group_bytes(kind) * (r / 2);
-            int q = kind == kQ2x16 ? (g[v % 16] >> (2 * (v / 16))) & 3 : v < 32 ? g[v] & 15 : g[v - 32] >> 4;
-            if (q6) {
+            int q = kind == kQ2x16 || q3 ? (g[v % 16] >> (2 * (v / 16))) & 3 : v < 32 ? g[v] & 15 : g[v - 32] >> 4;
+            if (q3) {
+              q |= ((g[16 + v / 8] >> (v % 8)) & 1) << 2;
+              dst[s * kDepth + k] = static_cast<float>(q - 4) * (k < 16 ? d : d1);  // exact: 3 x 11 bits
+            } else if (q6) {
               q |= ((g[32 + v % 16] >> (2 * (v / 16))) & 3) << 4;
               dst[s * kDepth + k] = static_cast<float>(q - 32) * (k < 16 ? d : d1);  // exact: 6 x 11 bits
             } else {

@@ -2,8 +2,8 @@
 Q2_K read into them), kept as stored and multiplied by chunkattn's kernels.
 
 A decode step reads every weight once, so on a CPU its time is the weights' bytes over the memory bandwidth:
-bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32, Q6_K 28/32, q4x16 (Q3_K) 24/32 and q2x16
-(Q2_K) 16/32 as held here. Instead of dequantizing a GGUF file to full precision at load (what transformers'
+bfloat16 spends 2 bytes a weight, Q4_1 20/32, Q5_1 24/32, Q8_0 34/32, Q6_K 28/32, q3x16 (Q3_K) and q2x16 (Q2_K)
+16/32 as held here. Instead of dequantizing a GGUF file to full precision at load (what transformers'
 reader does), its blocks stay as they are,
 repacked once into the kernel's panels (``csrc/linear_quant.cpp``), and each panel is dequantized to bfloat16 in
 registers just before use. The values are exactly those of GGUF's reference dequantization cast to bfloat16
@@ -32,22 +32,26 @@ from chunkattn.utils import cdiv
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per block along K, for every type here (q6_k, q4x16, q2x16: two scales a block, one per 16)
+BLOCK = 32  # weights per block along K, for every type here (q6_k and the x16 types: two scales a block, one per 16)
 QTYPES = ("q4_0", "q4_1", "q8_0")  # the types weights are quantized to (--quantization)
-# the types held as blocks: QTYPES, and those GGUF's are read into (q4x16 and q2x16 are chunkattn's: Q3_K, Q2_K)
-HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl", "q4x16", "q2x16")
+# the types held as blocks: QTYPES, and those GGUF's are read into (the x16 types are chunkattn's: q3x16 holds Q3_K,
+# q2x16 Q2_K, q4x16 a gate/up of both)
+HELD = (*QTYPES, "q6_k", "q5_1", "iq4_nl", "q4x16", "q2x16", "q3x16")
 # the kernel's kinds of stored weight: q4 (w = d q + m, q in 0..15; Q4_0 as m = -8 d), q8 (w = d q), q6
 # (w = d (q - 32), q in 0..63, d per 16 weights), q5 (w = d q + m, q in 0..31), iq4 (w = d IQ4_VALUES[q]),
-# q4x16 (w = d q + m, q in 0..15, d and m per 16 weights) and q2x16 (the same, q in 0..3)
-_Q4, _Q8, _Q6, _Q5, _IQ4, _Q4X16, _Q2X16 = range(7)  # (csrc/linear_quant.cpp's Kind)
-KINDS = {"q4": _Q4, "q8": _Q8, "q6": _Q6, "q5": _Q5, "iq4": _IQ4, "q4x16": _Q4X16, "q2x16": _Q2X16}  # by name
+# q4x16 (w = d q + m, q in 0..15, d and m per 16 weights), q2x16 (the same, q in 0..3) and q3x16 (w = d (q - 4),
+# q in 0..7, d per 16 weights)
+_Q4, _Q8, _Q6, _Q5, _IQ4, _Q4X16, _Q2X16, _Q3X16 = range(8)  # (csrc/linear_quant.cpp's Kind)
+KINDS = {"q4": _Q4, "q8": _Q8, "q6": _Q6, "q5": _Q5, "iq4": _IQ4, "q4x16": _Q4X16, "q2x16": _Q2X16,
+         "q3x16": _Q3X16}  # by name
 _KIND = {"q4_0": _Q4, "q4_1": _Q4, "q8_0": _Q8, "q6_k": _Q6, "q5_1": _Q5, "iq4_nl": _IQ4, "q4x16": _Q4X16,
-         "q2x16": _Q2X16}
+         "q2x16": _Q2X16, "q3x16": _Q3X16}
 _TILE_BYTES = {_Q4: 64 + 16 * 16, _Q8: 32 + 16 * 32, _Q6: 64 + 8 * 48, _Q5: 64 + 16 * 16 + 64, _IQ4: 32 + 16 * 16,
-               _Q4X16: 128 + 8 * 32, _Q2X16: 128 + 8 * 16}
-_NIBBLE_KINDS = (_Q4, _IQ4, _Q4X16)  # the kinds whose q holds two values a byte (q2x16: four)
+               _Q4X16: 128 + 8 * 32, _Q2X16: 128 + 8 * 16, _Q3X16: 64 + 8 * 24}
+_NIBBLE_KINDS = (_Q4, _IQ4, _Q4X16)  # the kinds whose q holds two values a byte (q2x16: four; q3x16: 8 in 3 bytes)
 _OFFSET_KINDS = (_Q4, _Q5, _Q4X16, _Q2X16)  # the kinds with offsets m
-_SCALE_BLOCK = {"q6_k": 16, "q4x16": 16, "q2x16": 16}  # weights per scale d (and offset m; else BLOCK)
+_PER16_KINDS = (_Q6, _Q4X16, _Q2X16, _Q3X16)
+_SCALE_BLOCK = {"q6_k": 16, "q4x16": 16, "q2x16": 16, "q3x16": 16}  # weights per scale d (and offset m; else BLOCK)
 # bytes of one GGUF block (of 32 weights; K-quants: of 256)
 _GGUF_BLOCK_BYTES = {"q4_0": 2 + 16, "q4_1": 4 + 16, "q8_0": 2 + 32, "q5_0": 2 + 4 + 16, "q5_1": 4 + 4 + 16,
                      "q2_k": 16 + 64 + 2 + 2, "q3_k": 32 + 64 + 12 + 2, "q4_k": 2 + 2 + 12 + 128,
@@ -60,14 +64,15 @@ _GGUF_BLOCK_WEIGHTS = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k
 # itself, a quarter of the bfloat16 rounding a dequantized load gives every weight; Q5_K's are Q5_1 blocks alike.
 # Q6_K is held as itself, its 6-bit values as read and each sub-block of 16's scale ``d sc`` rounded to float16
 # alike; IQ4_NL is held as itself (its codebook of 16 int8 values times d), IQ4_XS's sub-blocks of 32 as IQ4_NL
-# blocks with ``d (ls - 32)`` rounded to float16. Q3_K is held as q4x16 blocks (4-bit values, a scale and an
-# offset per 16 weights: 24/32 bytes a weight where the file has 13.75/32), its ``(d (sc - 32)) q`` (q in -4..3)
-# as ``q + 4`` with the scale product rounded to float16 and ``m`` -4 times it (exact); Q2_K as q2x16 blocks (the
-# same with 2-bit values: 16/32 where the file has 10.5/32), its ``(d sc) q - dmin m`` (q in 0..3) with both
-# products rounded to float16, as Q4_K's; a gate/up of Q2_K beside Q3_K is one q4x16 product. Other
+# blocks with ``d (ls - 32)`` rounded to float16. Q3_K is held as q3x16 blocks (its 3-bit values and a float16
+# scale per 16 weights: 16/32 bytes a weight where the file has 13.75/32), its ``(d (sc - 32)) q`` (q in -4..3) as
+# ``q + 4`` with the scale product rounded to float16; Q2_K as q2x16 blocks (2-bit values, a scale and an offset
+# per 16 weights: 16/32 where the file has 10.5/32), its ``(d sc) q - dmin m`` (q in 0..3) with both products
+# rounded to float16, as Q4_K's; a gate/up of Q2_K beside Q3_K is one q4x16 product (4-bit values, a scale and an
+# offset per 16 weights: 24/32; Q3_K's offset -4 times its scale). Other
 # quantized types (IQ2/IQ3, ...) are dequantized at load (``chunkattn.model.loader.gguf_blocks``), not
 # re-quantized.
-GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q4x16", "q2_k": "q2x16",
+GGUF_CONVERTED = {"q5_0": "q8_0", "q4_k": "q4_1", "q5_k": "q5_1", "q3_k": "q3x16", "q2_k": "q2x16",
                   "iq4_xs": "iq4_nl"}
 
 
@@ -104,17 +109,19 @@ def int_x_supported() -> bool:
 @dataclass(frozen=True)
 class Blocks:
     """A weight ``[N, K]`` as blocks of 32 along K: ``w = d q + m`` (q4 types, q5_1; q4x16 and q2x16 with ``d``
-    and ``m`` per 16 weights), ``d q`` (q8_0), ``d (q - 32)`` (q6_k, a scale per 16 weights) or ``d IQ4_VALUES[q]``
-    (iq4_nl).
+    and ``m`` per 16 weights), ``d q`` (q8_0), ``d (q - 32)`` (q6_k, a scale per 16 weights), ``d (q - 4)`` (q3x16,
+    the same) or ``d IQ4_VALUES[q]`` (iq4_nl).
 
     ``q``: q8_0 ``[N, K]`` int8; q6_k ``[N, K]`` uint8 (0..63); q4 types, q4x16 and iq4_nl ``[N, K / 2]`` uint8,
     two values (0..15; iq4_nl's index :data:`IQ4_VALUES`) a byte as GGUF stores them (byte i of a block's 16:
     value i in the low nibble, value i + 16 in the high one); q5_1 ``[N, K / 32 * 20]`` uint8 as GGUF's Q5_1 stores a
     block's values (0..31): 4 bytes of fifth bits (bit i of their little-endian int32: value i's), then the q4
     types' 16 bytes of low nibbles; q2x16 ``[N, K / 4]`` uint8, four values (0..3) a byte (byte i of a block's 8:
-    values i, i + 8, i + 16, i + 24 in bits 0-1, 2-3, 4-5, 6-7). :meth:`values` unpacks them. ``d``, ``m``:
-    ``[N, K / 32]`` float16 (q6_k's ``d`` and q4x16's and q2x16's ``d`` and ``m``: ``[N, K / 16]``; ``m`` is None
-    for q8_0, q6_k and iq4_nl; Q4_0's ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
+    values i, i + 8, i + 16, i + 24 in bits 0-1, 2-3, 4-5, 6-7); q3x16 ``[N, K / 32 * 12]`` uint8, a block's values
+    (0..7) as q2x16's 8 bytes of their two low bits, then 4 bytes of third bits (bit i of their little-endian int32:
+    value i's). :meth:`values` unpacks them. ``d``, ``m``: ``[N, K / 32]`` float16 (q6_k's and q3x16's ``d`` and
+    q4x16's and q2x16's ``d`` and ``m``: ``[N, K / 16]``; ``m`` is None for q8_0, q6_k, q3x16 and iq4_nl; Q4_0's
+    ``w = d (q - 8)`` is stored as ``m = -8 d``, which gives the same values)."""
 
     qtype: str
     q: torch.Tensor
@@ -126,19 +133,25 @@ class Blocks:
         n, width = self.q.shape
         kind = _KIND[self.qtype]
         return n, (width * 2 if kind in _NIBBLE_KINDS else width // 20 * BLOCK if kind == _Q5
-                   else width * 4 if kind == _Q2X16 else width)
+                   else width * 4 if kind == _Q2X16 else width // 12 * BLOCK if kind == _Q3X16 else width)
 
     @staticmethod
     def from_values(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> Blocks:
         """Blocks of the values ``q`` ``[N, K]`` (int8 for q8_0, 0..63 for q6_k, 0..31 for q5_1, 0..15 for q4
-        types, q4x16 and iq4_nl, whose values index :data:`IQ4_VALUES`; 0..3 for q2x16)."""
+        types, q4x16 and iq4_nl, whose values index :data:`IQ4_VALUES`; 0..3 for q2x16, 0..7 for q3x16)."""
         n, k = q.shape
-        if _KIND[qtype] == _Q2X16:
-            if q.numel() and int(q.max()) > 3:  # (it would spill into the byte's next value)
-                raise QuantizationError(f"q2x16 values must be 0..3, got {int(q.max())}")
+        if _KIND[qtype] in (_Q2X16, _Q3X16):
+            top = 3 if _KIND[qtype] == _Q2X16 else 7
+            if q.numel() and int(q.max()) > top:  # (it would spill into the byte's next value)
+                raise QuantizationError(f"{qtype} values must be 0..{top}, got {int(q.max())}")
             v = q.to(torch.uint8).view(n, k // BLOCK, 4, 8)
-            packed = v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)
-            return Blocks(qtype, packed.reshape(n, k // 4), d, m)
+            low = v & 3
+            packed = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)  # [n, nb, 8]
+            if top == 3:
+                return Blocks(qtype, packed.reshape(n, k // 4), d, m)
+            # third bits: byte j of 4, bit i: value 8 j + i (an int32's little-endian bytes)
+            third = ((v >> 2) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+            return Blocks(qtype, torch.cat([packed, third], dim=-1).view(n, k // BLOCK * 12), d, m)
         if _KIND[qtype] == _Q5:
             if q.numel() and int(q.max()) > 31:  # (a sixth bit would spill into the next value's fifth)
                 raise QuantizationError(f"q5_1 values must be 0..31, got {int(q.max())}")
@@ -157,11 +170,16 @@ class Blocks:
 
     def values(self) -> torch.Tensor:
         """``q`` one value an element, ``[N, K]``: int8 for q8_0, uint8 0..63 for q6_k, 0..31 for q5_1, 0..15 for
-        q4 types, q4x16 and iq4_nl, 0..3 for q2x16."""
+        q4 types, q4x16 and iq4_nl, 0..3 for q2x16, 0..7 for q3x16."""
         n, k = self.shape
         if _KIND[self.qtype] == _Q2X16:
             b = self.q.view(n, k // BLOCK, 1, 8)
             return ((b >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3).view(n, k)
+        if _KIND[self.qtype] == _Q3X16:
+            b = self.q.view(n, k // BLOCK, 12)
+            low = (b[..., None, :8] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+            third = (b[..., 8:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [n, nb, 4 j, 8 i]: value 8 j + i
+            return (low.reshape(n, k // BLOCK, 32) | (third.reshape(n, k // BLOCK, 32) << 2)).view(n, k)
         if _KIND[self.qtype] == _Q5:
             b = self.q.view(n, k // BLOCK, 20)
             return _five_bits(b[..., 4:], b[..., :4]).view(n, k)
@@ -174,7 +192,7 @@ class Blocks:
     def from_gguf(raw: np.ndarray | torch.Tensor, qtype: str, k: int) -> Blocks:
         """A GGUF tensor's rows of blocks, ``[N, K / block weights * block bytes]`` uint8 (``GGUFReader``'s
         ``data``), ``qtype`` its GGUF type (lower case). Q4_0, Q4_1, Q5_1, Q8_0 and IQ4_NL are kept as stored, Q6_K
-        unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there (Q3_K into q4x16
+        unpacked; the types of :data:`GGUF_CONVERTED` are read into the kind named there (Q3_K into q3x16
         and Q2_K into q2x16, chunkattn's), a slice of rows at a time."""
         if qtype not in _GGUF_BLOCK_BYTES:
             raise QuantizationError(f"GGUF type {qtype} is not read into blocks (supported: "
@@ -212,7 +230,7 @@ class Blocks:
         """Uninitialised blocks of an ``[N, K]`` weight."""
         kind, size = _KIND[qtype], _SCALE_BLOCK.get(qtype, BLOCK)
         q = torch.empty(n, k // 2 if kind in _NIBBLE_KINDS else k // BLOCK * 20 if kind == _Q5 else k // 4
-                        if kind == _Q2X16 else k,
+                        if kind == _Q2X16 else k // BLOCK * 12 if kind == _Q3X16 else k,
                         dtype=torch.int8 if qtype == "q8_0" else torch.uint8)
         return Blocks(qtype, q, torch.empty(n, k // size, dtype=torch.float16),
                       torch.empty(n, k // size, dtype=torch.float16) if kind in _OFFSET_KINDS else None)
@@ -224,16 +242,18 @@ class Blocks:
         q = self.values().view(n, k // size, size).float()
         if self.qtype == "iq4_nl":
             q = torch.tensor(IQ4_VALUES, dtype=torch.float32)[q.long()]
-        w = (q - 32 if self.qtype == "q6_k" else q) * self.d.float()[..., None]
+        w = (q - 32 if self.qtype == "q6_k" else q - 4 if self.qtype == "q3x16" else q) * self.d.float()[..., None]
         if self.m is not None:
             w = w + self.m.float()[..., None]
         return w.view(n, k)
 
     @staticmethod
     def nbytes_of(numel: int, qtype: str) -> int:
-        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k), 5/8 of a byte (q5_1) or half a
-        byte (q4 types, iq4_nl, q4x16) or a quarter (q2x16) per weight, ``d`` (and ``m``) two bytes per 32 (q6_k,
-        q4x16, q2x16: per 16)."""
+        """Bytes of the blocks of ``numel`` weights: ``q`` a byte (q8_0, q6_k), 5/8 of a byte (q5_1), half a
+        byte (q4 types, iq4_nl, q4x16), 3/8 (q3x16) or a quarter (q2x16) per weight, ``d`` (and ``m``) two bytes per
+        32 (q6_k and the x16 types: per 16)."""
+        if _KIND[qtype] == _Q3X16:
+            return numel // BLOCK * 12 + numel // 16 * 2
         if _KIND[qtype] == _Q4X16:
             return numel // 2 + numel // 16 * 4
         if _KIND[qtype] == _Q2X16:
@@ -249,16 +269,29 @@ class Blocks:
     @staticmethod
     def cat(parts: list[Blocks], widen: bool = False) -> Blocks:
         """Blocks of the same kind stacked along N (a fused projection of separately stored ones). ``widen``: q2x16
-        parts beside q4x16 ones are stacked as q4x16 (the same values, two bits more a weight), for a projection
-        that must be one product (gate/up; q/k/v keep their parts as stored instead: :class:`BlockParts`)."""
-        if widen and {_KIND[p.qtype] for p in parts} == {_Q2X16, _Q4X16}:
-            parts = [Blocks.from_values("q4x16", p.values(), p.d, p.m) if p.qtype == "q2x16" else p for p in parts]
+        parts beside q3x16 (or q4x16) ones are stacked as q4x16 (the same values: q3x16's offset -4 d stored), for
+        a projection that must be one product (gate/up; q/k/v keep their parts as stored instead:
+        :class:`BlockParts`)."""
+        if widen and {_KIND[p.qtype] for p in parts} in ({_Q2X16, _Q3X16}, {_Q2X16, _Q4X16}, {_Q2X16, _Q3X16, _Q4X16}):
+            parts = [p if p.qtype == "q4x16" else p.as_q4x16() for p in parts]
         kinds = {_KIND[p.qtype] for p in parts}
         if len(kinds) != 1:
             raise QuantizationError(f"cannot fuse {[p.qtype for p in parts]}: different kinds")
         qtype = parts[0].qtype if len({p.qtype for p in parts}) == 1 else "q4_1"
         m = None if parts[0].m is None else torch.cat([p.m for p in parts if p.m is not None])
         return Blocks(qtype, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)
+
+    def as_q4x16(self) -> Blocks:
+        """q2x16 / q3x16 blocks as q4x16 blocks of the same values (q3x16's offset ``-4 d`` exact in float16 unless
+        ``|d| > 16376``: refused)."""
+        if self.qtype == "q3x16":
+            m = self.d * -4
+            if not torch.isfinite(m).all():
+                raise QuantizationError("a q3x16 scale too large to store its offset -4 d in float16 (as q4x16)")
+            return Blocks.from_values("q4x16", self.values(), self.d, m)
+        if self.qtype != "q2x16":
+            raise QuantizationError(f"{self.qtype} blocks are not widened to q4x16")
+        return Blocks.from_values("q4x16", self.values(), self.d, self.m)
 
     def slice(self, start: int, stop: int) -> Blocks:
         """Rows ``start .. stop - 1`` (views)."""
@@ -358,9 +391,9 @@ def _from_q5_k(b: torch.Tensor) -> Blocks:
 
 def _from_q3_k(b: torch.Tensor) -> Blocks:
     """Q3_K super-blocks ``[n, nb, 110]`` (32 bytes of third bits, 64 of 2-bit values, 12 of 6-bit scales, d) as
-    q4x16 blocks: ``w = (d (sc - 32)) q``, q in -4..3 (its two low bits, minus 4 where the third bit is clear), held
-    as ``q + 4`` with each sub-block of 16's scale product rounded to float16 and the offset ``m`` -4 times it
-    (GGUF's dequantization: the product in float32)."""
+    q3x16 blocks: ``w = (d (sc - 32)) q``, q in -4..3 (its two low bits, minus 4 where the third bit is clear), held
+    as ``q + 4`` with each sub-block of 16's scale product rounded to float16 (GGUF's dequantization: the product
+    in float32)."""
     n, nb, _ = b.shape
     d = b[..., 108:110].contiguous().view(torch.float16).float()  # [n, nb, 1]
     s = b[..., 96:108]
@@ -377,10 +410,7 @@ def _from_q3_k(b: torch.Tensor) -> Blocks:
     ql = (b[..., 32:96].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
     qh = (b[..., 0:32].reshape(n, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
     values = ql.reshape(n, nb, 256) + (qh.reshape(n, nb, 256) << 2)  # q + 4
-    offset = scale * -4  # exact in float16 unless |scale| > 16376 (checked)
-    if not torch.isfinite(offset).all():
-        raise QuantizationError("a Q3_K scale too large to store its offset -4 d in float16")
-    return Blocks.from_values("q4x16", values.view(n, nb * 256), scale, offset)
+    return Blocks.from_values("q3x16", values.view(n, nb * 256), scale, None)
 
 
 def _from_q2_k(b: torch.Tensor) -> Blocks:
@@ -569,7 +599,7 @@ class QuantizedWeight:
                 e = e | (bits.permute(0, 1, 2, 4, 3, 5).reshape(r, steps, 16, 32) << 4)
             elif self.kind == _IQ4:  # codebook values
                 e = torch.tensor(IQ4_VALUES, dtype=torch.int8)[e.long()]
-        elif self.kind in (_Q6, _Q4X16, _Q2X16):  # k 0-15 take the first scales, 16-31 the second
+        elif self.kind in _PER16_KINDS:  # k 0-15 take the first scales, 16-31 the second
             def halves(at: int) -> torch.Tensor:  # [R, S, 32]: the half block's scale (or offset) of each k
                 two = tiles[..., at:at + 64].contiguous().view(torch.float16).view(r, steps, 2, 16)
                 one = two.gather(3, pick[..., None].expand(r, steps, 2, 1)).float().view(r, steps, 2)
@@ -577,12 +607,17 @@ class QuantizedWeight:
             scale = halves(0)
             if self.kind == _Q6:  # w = d (q - 32): groups of 32 bytes of nibbles and 16 of top bits
                 m, g = -32 * scale, tiles[..., 64:].reshape(r, steps, 8, 48)
+            elif self.kind == _Q3X16:  # w = d (q - 4): groups of 16 bytes of 2-bit values and 8 of third bits
+                m, g = -4 * scale, tiles[..., 64:].reshape(r, steps, 8, 24)
             else:  # w = d q + m: groups of 32 bytes of nibbles (q2x16: 16 bytes of 2-bit values)
                 m = halves(64)
                 g = tiles[..., 128:].reshape(r, steps, 8, 32 if self.kind == _Q4X16 else 16)
-            if self.kind == _Q2X16:  # byte i: value 16 L + i in bits 2L, 2L + 1
-                two = (g[..., None, :] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+            if self.kind in (_Q2X16, _Q3X16):  # byte i: value 16 L + i in bits 2L, 2L + 1
+                two = (g[..., None, :16] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
                 v = two.reshape(r, steps, 8, 64)
+                if self.kind == _Q3X16:  # byte j of the third bits, bit i: value 8 j + i
+                    third = (g[..., 16:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+                    v = v | (third.reshape(r, steps, 8, 64) << 2)
             else:  # byte i: value i in the low nibble, value i + 32 in the high one
                 nib = g[..., :32]
                 v = torch.cat([nib & 0xF, nib >> 4], dim=-1)  # [R, S, 8, 64]
@@ -595,7 +630,7 @@ class QuantizedWeight:
             e = tiles[..., 32:].contiguous().view(torch.int8).reshape(r, steps, 16, 32)
         cols = (2 * c).view(r, 1, 1, 1) + torch.arange(2).view(1, 1, 1, 2)
         q = e.gather(3, cols.expand(r, steps, 16, 2)).reshape(r, steps, BLOCK).float()
-        w = q * scale if m is None else q * scale + m  # (q6: d q - 32 d, both exact in float32; x16 kinds: d q exact)
+        w = q * scale if m is None else q * scale + m  # (q6, q3x16: d q - 32 d / - 4 d exact; x16 kinds: d q exact)
         return w.reshape(r, self.in_features)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
@@ -750,7 +785,7 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
     # [P, 2, 16 c, S, per] -> [P, S, 2, per, 16 c]
     scales = [d.view(panels, 2, 16, steps, per).permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8)
               .view(panels, steps, 2, 32 * per)]
-    if _KIND[blocks.qtype] in (_Q6, _Q4X16, _Q2X16):  # group g: rows 2g, 2g + 1 (64 values)
+    if _KIND[blocks.qtype] in _PER16_KINDS:  # group g: rows 2g, 2g + 1 (64 values)
         v = e.reshape(panels, steps, 2, 8, 64)
         nib = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)  # 32 bytes of nibbles (q6, q4x16)
 
@@ -760,6 +795,10 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
 
         if blocks.qtype == "q6_k":  # the nibbles, then the top two bits
             values = torch.cat([nib, two_bits(v >> 4)], dim=-1).reshape(panels, steps, 2, 384)
+        elif blocks.qtype == "q3x16":  # the two low bits, then the third bits: byte j, bit i: value 8 j + i
+            third = (((v >> 2) & 1).view(panels, steps, 2, 8, 8, 8) << torch.arange(8, dtype=torch.uint8)).sum(
+                -1, dtype=torch.uint8)
+            values = torch.cat([two_bits(v & 3), third], dim=-1).reshape(panels, steps, 2, 192)
         else:  # after the offsets m, laid out as the scales: the nibbles (q4x16) or the 2-bit values (q2x16)
             values = (nib if blocks.qtype == "q4x16" else two_bits(v)).reshape(panels, steps, 2, -1)
             assert blocks.m is not None  # (both have offsets)

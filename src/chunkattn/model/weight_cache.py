@@ -40,8 +40,8 @@ FORMAT = 1  # bump when what is written changes
 # the same for the quantized entries (<entry>-blocks-v<n>): chunkattn.model.quant.Blocks' layout (2: Q4 values two
 # a byte; 3: Q5_0 / Q4_K read into blocks, other tensors in bfloat16; -<type> entries: quantized at load to it;
 # 4: Q6_K kept as blocks; 5: Q5_1 / Q5_K as q5_1 blocks; 6: IQ4_NL / IQ4_XS as iq4_nl, Q3_K as q6_k blocks;
-# 7: Q3_K / Q2_K as q4x16 blocks; 8: Q2_K as q2x16 blocks)
-BLOCKS_FORMAT = 8
+# 7: Q3_K / Q2_K as q4x16 blocks; 8: Q2_K as q2x16 blocks; 9: Q3_K as q3x16 blocks)
+BLOCKS_FORMAT = 9
 
 
 def cache_root() -> Path | None:
