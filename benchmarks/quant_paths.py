@@ -31,9 +31,9 @@ from chunkattn.model.quant import BLOCK, HELD, Blocks, QuantizedWeight, int_x_su
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.2-1b.json"
 INT_X = ("q8_0", "q4_0", "q4_1", "q6_k")  # the types with path 4 (csrc: panel_q{8,4,6}_int16)
-_TOP = {"q8_0": None, "q6_k": 63, "q5_1": 31, "q2x16": 3}  # values' range (else 0..15; q8_0: int8)
-_PER16 = ("q6_k", "q4x16", "q2x16")  # a scale per 16 weights
-_NO_OFFSET = ("q8_0", "q6_k", "iq4_nl")
+_TOP = {"q8_0": None, "q6_k": 63, "q5_1": 31, "q2x16": 3, "q3x16": 7}  # values' range (else 0..15; q8_0: int8)
+_PER16 = ("q6_k", "q4x16", "q2x16", "q3x16")  # a scale per 16 weights
+_NO_OFFSET = ("q8_0", "q6_k", "iq4_nl", "q3x16")
 
 
 def random_blocks(qtype: str, n: int, k: int, gen: torch.Generator) -> Blocks:

@@ -154,14 +154,17 @@ bool tiles_usable() {
 
 // Rows of x up to which kAuto takes kDirect: its cost grows with the rows (one or two vdpbf16ps per row and 32
 // weights), the dequantizing paths' hardly. Measured on the AMX Xeon VM, 16 SmolLM2-sized products out of cache,
-// direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2 (q5, q6, iq4,
-// q4x16 and q2x16 on AMX unmeasured, taken as q4). Without AMX the alternative is the vector path (each panel
+// direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2 (q5, q6, iq4
+// and the x16 kinds on AMX unmeasured, taken as q4: benchmarks/quant_paths.py measures them). Without AMX the alternative is the vector path (each panel
 // dequantized to bf16, then vdpbf16ps against passes of 4 rows), slower by far: on AMD EPYC Zen 4, direct / vector
 // time at 4 / 8 / 12 / 16 / 24 rows, four 2048 x 8192 products out of cache (1B down_proj) and one 3072 x 576 in cache
 // (SmolLM2 gate/up): q4 0.47-0.52 / 0.67-0.72 / 0.82 / 0.86-0.89 / 0.93-0.96; q5 0.43-0.50 / 0.68-0.74 / 0.87 /
 // 0.96-1.00 / 1.11-1.15; iq4 0.55-0.61 / 0.74-0.81 / 0.93 / 0.98-1.00 / 1.05-1.10; q4x16 0.52-0.55 / 0.76-0.78 /
 // 0.93 / 1.02-1.03 / 1.13-1.18; q2x16 (at 4 / 8 / 12 / 16) 0.54-0.56 / 0.79-0.80 / 0.95-0.98 / 1.06-1.14; q6
-// 0.58-0.59 / 0.86-0.87 / 1.06 / 1.17-1.21; q8 (direct) 0.60-0.97 / 0.95-1.31 (2026-12-08).
+// 0.58-0.59 / 0.86-0.87 / 1.06 / 1.17-1.21; q8 (direct) 0.60-0.97 / 0.95-1.31 (2026-12-08). q3x16 (its third bits
+// cost 2 operations a group more than q2x16) at 1 / 4 / 8 / 12 / 16 rows 0.34-0.36 / 0.62 / 0.87 / 1.05 / 1.16 of
+// the vector path's time (benchmarks/quant_paths.py, four 1B decoder layers; q4x16 there 0.47 / 0.55 / 0.76 / 0.90
+// / 1.02, 2026-12-08).
 int64_t direct_max_rows(int64_t kind) {
   if (tiles_usable()) return kind == kQ8 ? 1 : 3;
   switch (kind) {
@@ -169,8 +172,8 @@ int64_t direct_max_rows(int64_t kind) {
     case kQ5:
     case kIQ4:
     case kQ4x16:
-    case kQ2x16:
-    case kQ3x16: return 12;
+    case kQ2x16: return 12;
+    case kQ3x16:
     case kQ6: return 8;
     default: return 4;  // kQ8 (where the CPU has AVX512-VNNI, kInt16 goes further: int16_max_rows)
   }
