@@ -231,6 +231,14 @@ def command_linear(name: str, d: Json) -> str:
     return " ".join(args + ["--out", out(name)])
 
 
+def command_quant_paths(name: str, d: Json) -> str:
+    m = d["meta"]
+    rows = " ".join(str(r) for r in dict.fromkeys(p["rows"] for p in d["points"]))
+    types = " ".join(dict.fromkeys(p["type"] for p in d["points"]))
+    return (f"python benchmarks/quant_paths.py --layers {m['layers']} --rows {rows} --types {types} "
+            f"--repeats {m['repeats']} --out {out(name)}")
+
+
 def command_llamacpp(name: str, d: Json) -> str:
     stages = []
     if "llama-bench pp512" in d["rows"]:
@@ -435,6 +443,21 @@ def table_linear(files: list[tuple[str, Json]]) -> list[str]:
                 cells.append("-" if ms is None else f"{ms:.1f} ({ms / p['panels_ms']:.2f})")
             rows.append(cells)
     return table(header, rows)
+
+
+def table_quant_paths(files: list[tuple[str, Json]]) -> list[str]:
+    (_name, d), = files
+    rows = []
+    for qtype, lim in d["limits"].items():
+        points = [p for p in d["points"] if p["type"] == qtype]
+        ratios = "; ".join(f"{p['rows']}: " + " / ".join(f"{p[k]:.2f}" for k in ("direct_vs_panels", "int_vs_panels")
+                                                        if k in p) for p in points)
+        measured = ", ".join(f"{path} {n}" for path, n in lim["measured"].items())
+        taken = ", ".join(f"{path} {n}" for path, n in lim["auto"].items())
+        rows.append([qtype, ratios, measured, taken])
+    paths = "direct" + (" / int" if any("int_vs_panels" in p for p in d["points"]) else "")
+    return table(["type", f"rows: {paths} time over the {d['meta']['panel_path']} path's", "faster up to (measured)",
+                  "auto_path takes up to"], rows)
 
 
 def table_llamacpp(files: list[tuple[str, Json]]) -> list[str]:
@@ -658,6 +681,7 @@ KINDS: list[tuple[str, Kind]] = [  # first match by file name wins
     (r"^peer-vllm-cpu-", Kind(table_peer_serve, command_peer_serve)),
     (r"^peer-llamacpp-", Kind(table_llamacpp, command_llamacpp)),
     (r"^linear-cpu-", Kind(table_linear, command_linear)),
+    (r"^quant-paths-", Kind(table_quant_paths, command_quant_paths)),
     (r"^quant-accuracy-", Kind(table_quant_accuracy, command_quant_accuracy)),
     (r"^single-stream-", Kind(table_single_stream, command_single_stream)),
     (r"^cluster-ray-", Kind(table_cluster, command_cluster)),
