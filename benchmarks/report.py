@@ -235,7 +235,9 @@ def command_quant_paths(name: str, d: Json) -> str:
     m = d["meta"]
     rows = " ".join(str(r) for r in dict.fromkeys(p["rows"] for p in d["points"]))
     types = " ".join(dict.fromkeys(p["type"] for p in d["points"]))
-    return (f"python benchmarks/quant_paths.py --layers {m['layers']} --rows {rows} --types {types} "
+    model = Path(m["model"])  # (recorded as an absolute path: shown from the repository)
+    shown = f"benchmarks/configs/{model.name}" if model.parent.name == "configs" else str(model)
+    return (f"python benchmarks/quant_paths.py --model {shown} --layers {m['layers']} --rows {rows} --types {types} "
             f"--repeats {m['repeats']} --out {out(name)}")
 
 

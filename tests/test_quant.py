@@ -316,12 +316,12 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     exact = qw.dequantize()
     # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
     # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
-    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q5: 159 |d| + |m|; iq4: its codebook value, up to 127 |d|
-    # (q6 and the x16 kinds: d and m per 16 weights)
+    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q3x16: 135 |d| and 132 d sum(x), up to 267 |d|; q5: 159 |d|
+    # + |m|; iq4: its codebook value, up to 127 |d| (q6 and the x16 kinds: d and m per 16 weights)
     size = 16 if qtype in ("q6_k", "q4x16", "q2x16", "q3x16") else 32
     terms = blocks.d.double().abs().repeat_interleave(size, 1) * (
-        351 if qtype == "q6_k" else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl" else 143 if blocks.m is
-        not None else 17 * 143)
+        351 if qtype == "q6_k" else 267 if qtype == "q3x16" else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl"
+        else 143 if blocks.m is not None else 17 * 143)
     if blocks.m is not None:
         terms = terms + blocks.m.double().abs().repeat_interleave(size, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
@@ -514,6 +514,8 @@ def test_linear_quant_refuses_mismatched_operands_and_bad_paths():
         ops.linear_quant(x, q3x16.packed, q3x16.kind, 64, None, 4)
     with pytest.raises(QuantizationError, match="q3x16 values must be 0..7, got 8"):  # (not spilled into a bit)
         Blocks.from_values("q3x16", torch.full((2, 32), 8, dtype=torch.uint8), half.repeat(1, 2), None)
+    with pytest.raises(QuantizationError, match="q3x16 values must be 0..7, got -1"):  # (not wrapped to 255)
+        Blocks.from_values("q3x16", torch.full((2, 32), -1, dtype=torch.int16), half.repeat(1, 2), None)
     assert ops.linear_quant(x[:0], qw.packed, qw.kind, 64, None, 0).shape == (0, 64)
     with pytest.raises(RuntimeError, match="positive multiple of 32"):  # K = 0: refused, not a division by zero
         ops.linear_quant(torch.empty(2, 0).bfloat16(), torch.empty(2, 0, 2, 544, dtype=torch.uint8), 1, 64, None, 0)

@@ -13,8 +13,8 @@
 //        to float16 as Q4_K's are for kQ4);
 //   kIQ4: w = d kvalue[q], q in 0..15 indexing GGUF's IQ4 codebook of 16 integers in -127..113 (IQ4_NL as stored;
 //        IQ4_XS's sub-blocks of 32, d (ls - 32) rounded to float16);
-//   kQ4x16: w = d q + m, q in 0..15, d and m per 16 weights along K (GGUF's Q3_K: q + 4 in 0..7, d its scale
-//        product and m = -4 d; the products rounded to float16);
+//   kQ4x16: w = d q + m, q in 0..15, d and m per 16 weights along K (a gate/up of GGUF's Q2_K beside Q3_K: both
+//        parts' values, Q3_K's offsets -4 d stored);
 //   kQ2x16: the same with q in 0..3 (GGUF's Q2_K: d sc and -dmin m rounded to float16);
 //   kQ3x16: w = d (q - 4), q in 0..7, d per 16 weights (GGUF's Q3_K as stored: its q + 4, d its scale product
 //        rounded to float16).
@@ -30,7 +30,7 @@
 //   kQ5: kQ4's 320 bytes | 4 groups x 16 bytes of fifth bits   (384 bytes: 24 per 32 weights, Q5_1's size)
 //   kIQ4: d[16] fp16 | 16 rows x 16 bytes                       (288 bytes: 18 per 32 weights, IQ4_NL's size)
 //   kQ4x16: d[16] of k 0-15 | d[16] of k 16-31 | m[16] of k 0-15 | m[16] of k 16-31 | 8 groups x 32 bytes
-//        (384 bytes: 24 per 32 weights; Q3_K 13.75)
+//        (384 bytes: 24 per 32 weights)
 //   kQ2x16: kQ4x16's scales and offsets | 8 groups x 16 bytes (256 bytes: 16 per 32 weights; Q2_K 10.5)
 //   kQ3x16: kQ6's scales | 8 groups x 24 bytes (256 bytes: 16 per 32 weights; Q3_K 13.75)
 // Row r of a tile holds the 32 values (W[c, 32s + 2r + t], c = 0..15, t = 0..1) at e = 2c + t, the order of a

@@ -142,8 +142,8 @@ class Blocks:
         n, k = q.shape
         if _KIND[qtype] in (_Q2X16, _Q3X16):
             top = 3 if _KIND[qtype] == _Q2X16 else 7
-            if q.numel() and int(q.max()) > top:  # (it would spill into the byte's next value)
-                raise QuantizationError(f"{qtype} values must be 0..{top}, got {int(q.max())}")
+            if q.numel() and (int(q.max()) > top or int(q.min()) < 0):  # (it would spill into the next value)
+                raise QuantizationError(f"{qtype} values must be 0..{top}, got {int(q.min())}..{int(q.max())}")
             v = q.to(torch.uint8).view(n, k // BLOCK, 4, 8)
             low = v & 3
             packed = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)  # [n, nb, 8]
@@ -272,7 +272,8 @@ class Blocks:
         parts beside q3x16 (or q4x16) ones are stacked as q4x16 (the same values: q3x16's offset -4 d stored), for
         a projection that must be one product (gate/up; q/k/v keep their parts as stored instead:
         :class:`BlockParts`)."""
-        if widen and {_KIND[p.qtype] for p in parts} in ({_Q2X16, _Q3X16}, {_Q2X16, _Q4X16}, {_Q2X16, _Q3X16, _Q4X16}):
+        kinds = {_KIND[p.qtype] for p in parts}
+        if widen and len(kinds) > 1 and kinds <= {_Q2X16, _Q3X16, _Q4X16}:
             parts = [p if p.qtype == "q4x16" else p.as_q4x16() for p in parts]
         kinds = {_KIND[p.qtype] for p in parts}
         if len(kinds) != 1:
