@@ -155,8 +155,9 @@ bool tiles_usable() {
 // Rows of x up to which kAuto takes kDirect: its cost grows with the rows (one or two vdpbf16ps per row and 32
 // weights), the dequantizing paths' hardly. Measured on the AMX Xeon VM, 16 SmolLM2-sized products out of cache,
 // direct / tiles time: q4 0.56 / 0.74 / 0.92 / 1.15 at 1 / 2 / 3 / 4 rows, q8 0.80 / 1.22 at 1 / 2 (q5, q6, iq4
-// and the x16 kinds on AMX unmeasured, taken as q4: benchmarks/quant_paths.py measures them). Without AMX the alternative is the vector path (each panel
-// dequantized to bf16, then vdpbf16ps against passes of 4 rows), slower by far: on AMD EPYC Zen 4, direct / vector
+// and the x16 kinds on AMX unmeasured, taken as q4: benchmarks/quant_paths.py measures them). Without AMX the
+// alternative is the vector path (each panel dequantized to bf16, then vdpbf16ps against passes of 4 rows), slower
+// by far: on AMD EPYC Zen 4, direct / vector
 // time at 4 / 8 / 12 / 16 / 24 rows, four 2048 x 8192 products out of cache (1B down_proj) and one 3072 x 576 in cache
 // (SmolLM2 gate/up): q4 0.47-0.52 / 0.67-0.72 / 0.82 / 0.86-0.89 / 0.93-0.96; q5 0.43-0.50 / 0.68-0.74 / 0.87 /
 // 0.96-1.00 / 1.11-1.15; iq4 0.55-0.61 / 0.74-0.81 / 0.93 / 0.98-1.00 / 1.05-1.10; q4x16 0.52-0.55 / 0.76-0.78 /
@@ -310,7 +311,8 @@ inline void dequant_q4_tile(const uint8_t* t, __m512 dlo, __m512 dhi, c10::BFloa
   }
 }
 
-// dequant_tile's per-16 tile (K: kQ6, kQ4x16, kQ2x16 or kQ3x16): each half's scales and offsets, each group's two tile rows.
+// dequant_tile's per-16 tile (K: kQ6, kQ4x16, kQ2x16 or kQ3x16): each half's scales and offsets, each group's
+// two tile rows.
 template <int64_t K>
 inline void dequant_per16_tile(const uint8_t* t, c10::BFloat16* dst) {
   const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -323,7 +325,8 @@ inline void dequant_per16_tile(const uint8_t* t, c10::BFloat16* dst) {
     for (int g = 4 * half; g < 4 * half + 4; ++g) {
       const __m512i u = group_values<K>(t, g);
       // row 2g + rr: 128-bit lanes 2 rr (e 0-15) and 2 rr + 1 (e 16-31); d q + offset in one fused multiply-add
-      // (kQ6's d q - 32 d, kQ3x16's d q - 4 d and kQ4x16's / kQ2x16's d q exact in float32), then the one rounding to bf16
+      // (kQ6's d q - 32 d, kQ3x16's d q - 4 d and kQ4x16's / kQ2x16's d q exact in float32), then the one
+      // rounding to bf16
       const __m128i lane[4] = {_mm512_extracti32x4_epi32(u, 0), _mm512_extracti32x4_epi32(u, 1),
                                _mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)};
       for (int rr = 0; rr < 2; ++rr) {
