@@ -144,20 +144,18 @@ class Blocks:
             top = 3 if _KIND[qtype] == _Q2X16 else 7
             if q.numel() and (int(q.max()) > top or int(q.min()) < 0):  # (it would spill into the next value)
                 raise QuantizationError(f"{qtype} values must be 0..{top}, got {int(q.min())}..{int(q.max())}")
-            v = q.to(torch.uint8).view(n, k // BLOCK, 4, 8)
-            low = v & 3
-            packed = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)  # [n, nb, 8]
+            v = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
+            packed = _pack_two_bits(v & 3)  # [n, nb, 8]
             if top == 3:
                 return Blocks(qtype, packed.reshape(n, k // 4), d, m)
-            # third bits: byte j of 4, bit i: value 8 j + i (an int32's little-endian bytes)
-            third = ((v >> 2) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
-            return Blocks(qtype, torch.cat([packed, third], dim=-1).view(n, k // BLOCK * 12), d, m)
+            # then the third bits: byte j of 4, bit i: value 8 j + i (an int32's little-endian bytes)
+            return Blocks(qtype, torch.cat([packed, _pack_bits(v >> 2)], dim=-1).view(n, k // BLOCK * 12), d, m)
         if _KIND[qtype] == _Q5:
             if q.numel() and int(q.max()) > 31:  # (a sixth bit would spill into the next value's fifth)
                 raise QuantizationError(f"q5_1 values must be 0..31, got {int(q.max())}")
             v = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
             # fifth bits: byte j of 4, bit i: value 8 j + i (an int32's little-endian bytes)
-            high = ((v >> 4).view(n, k // BLOCK, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+            high = _pack_bits(v >> 4)
             low = v & 0xF
             packed = torch.cat([high, low[..., :16] | (low[..., 16:] << 4)], dim=-1)
             return Blocks(qtype, packed.view(n, k // BLOCK * 20), d, m)
@@ -173,13 +171,10 @@ class Blocks:
         q4 types, q4x16 and iq4_nl, 0..3 for q2x16, 0..7 for q3x16."""
         n, k = self.shape
         if _KIND[self.qtype] == _Q2X16:
-            b = self.q.view(n, k // BLOCK, 1, 8)
-            return ((b >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3).view(n, k)
+            return _unpack_two_bits(self.q.view(n, k // BLOCK, 8)).view(n, k)
         if _KIND[self.qtype] == _Q3X16:
             b = self.q.view(n, k // BLOCK, 12)
-            low = (b[..., None, :8] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
-            third = (b[..., 8:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [n, nb, 4 j, 8 i]: value 8 j + i
-            return (low.reshape(n, k // BLOCK, 32) | (third.reshape(n, k // BLOCK, 32) << 2)).view(n, k)
+            return (_unpack_two_bits(b[..., :8]) | (_unpack_bits(b[..., 8:]) << 2)).view(n, k)
         if _KIND[self.qtype] == _Q5:
             b = self.q.view(n, k // BLOCK, 20)
             return _five_bits(b[..., 4:], b[..., :4]).view(n, k)
@@ -354,8 +349,30 @@ def _five_bits(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Q5_0 / Q5_1's 32 values a block, uint8 ``[.., 32]``: ``low`` ``[.., 16]`` bytes (value i in byte i's low
     nibble, value i + 16 in its high one), ``high`` ``[.., 4]`` bytes (bit i of their little-endian int32: value
     i's fifth bit)."""
-    bits = (high[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [.., 4 bytes, 8 bits], in uint8
-    return torch.cat([low & 0xF, low >> 4], dim=-1) | (bits.flatten(-2) << 4)
+    return torch.cat([low & 0xF, low >> 4], dim=-1) | (_unpack_bits(high) << 4)
+
+
+def _unpack_bits(b: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[.., n]`` bytes -> ``[.., 8 n]`` values 0 / 1, bit i of byte j being value 8 j + i (the bits of a
+    little-endian integer: q5_1's fifth bits, q3x16's third bits)."""
+    return ((b[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)
+
+
+def _pack_bits(v: torch.Tensor) -> torch.Tensor:
+    """:func:`_unpack_bits`' inverse: uint8 values 0 / 1 ``[.., 8 n]`` -> ``[.., n]`` bytes."""
+    return (v.unflatten(-1, (-1, 8)) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_two_bits(b: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[.., n]`` bytes -> ``[.., 4 n]`` values 0..3, byte i holding value i + n L in bits 2L, 2L + 1 (q2x16's
+    blocks and tile groups, q3x16's two low bits, q6's top bits, Q2_K's and Q3_K's 32-byte runs)."""
+    return ((b[..., None, :] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3).flatten(-2)
+
+
+def _pack_two_bits(v: torch.Tensor) -> torch.Tensor:
+    """:func:`_unpack_two_bits`' inverse: uint8 values 0..3 ``[.., 4 n]`` -> ``[.., n]`` bytes."""
+    q = v.unflatten(-1, (4, -1))
+    return q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,7 +425,7 @@ def _from_q3_k(b: torch.Tensor) -> Blocks:
         raise QuantizationError("a Q3_K scale too large for float16 (or not finite)")
     # value v of 256: its 2 bits in byte 32 (v // 128) + v % 32 at bits 2 ((v // 32) % 4); third bit v // 32 of
     # byte v % 32
-    ql = (b[..., 32:96].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    ql = _unpack_two_bits(b[..., 32:96].reshape(n, nb, 2, 32))
     qh = (b[..., 0:32].reshape(n, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
     values = ql.reshape(n, nb, 256) + (qh.reshape(n, nb, 256) << 2)  # q + 4
     return Blocks.from_values("q3x16", values.view(n, nb * 256), scale, None)
@@ -427,7 +444,7 @@ def _from_q2_k(b: torch.Tensor) -> Blocks:
     if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
         raise QuantizationError("a Q2_K scale too large for float16 (or not finite)")
     # value v of 256: bits 2 ((v // 32) % 4) of byte 32 (v // 128) + v % 32
-    q = (b[..., 16:80].reshape(n, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    q = _unpack_two_bits(b[..., 16:80].reshape(n, nb, 2, 32))
     return Blocks.from_values("q2x16", q.reshape(n, nb * 256), scale, offset)
 
 
@@ -614,17 +631,14 @@ class QuantizedWeight:
                 m = halves(64)
                 g = tiles[..., 128:].reshape(r, steps, 8, 32 if self.kind == _Q4X16 else 16)
             if self.kind in (_Q2X16, _Q3X16):  # byte i: value 16 L + i in bits 2L, 2L + 1
-                two = (g[..., None, :16] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
-                v = two.reshape(r, steps, 8, 64)
+                v = _unpack_two_bits(g[..., :16])  # [R, S, 8, 64]
                 if self.kind == _Q3X16:  # byte j of the third bits, bit i: value 8 j + i
-                    third = (g[..., 16:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
-                    v = v | (third.reshape(r, steps, 8, 64) << 2)
+                    v = v | (_unpack_bits(g[..., 16:]) << 2)
             else:  # byte i: value i in the low nibble, value i + 32 in the high one
                 nib = g[..., :32]
                 v = torch.cat([nib & 0xF, nib >> 4], dim=-1)  # [R, S, 8, 64]
             if self.kind == _Q6:
-                high = (g[..., 32:, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # [.., 16 i, 4 L]
-                v = v | (high.transpose(-1, -2).reshape(r, steps, 8, 64) << 4)  # value 16 L + i
+                v = v | (_unpack_two_bits(g[..., 32:]) << 4)  # top bits: byte i, value 16 L + i
             e = v.reshape(r, steps, 16, 32)
         else:
             m = None
@@ -789,19 +803,13 @@ def _pack_panels(blocks: Blocks, gate_up: bool) -> torch.Tensor:
     if _KIND[blocks.qtype] in _PER16_KINDS:  # group g: rows 2g, 2g + 1 (64 values)
         v = e.reshape(panels, steps, 2, 8, 64)
         nib = (v[..., :32] & 0xF) | ((v[..., 32:] & 0xF) << 4)  # 32 bytes of nibbles (q6, q4x16)
-
-        def two_bits(x: torch.Tensor) -> torch.Tensor:  # 16 bytes, byte i: value 16 L + i in bits 2L, 2L + 1
-            q = x.view(panels, steps, 2, 8, 4, 16)
-            return q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
-
+        # (2-bit values: 16 bytes, byte i holding value 16 L + i in bits 2L, 2L + 1)
         if blocks.qtype == "q6_k":  # the nibbles, then the top two bits
-            values = torch.cat([nib, two_bits(v >> 4)], dim=-1).reshape(panels, steps, 2, 384)
+            values = torch.cat([nib, _pack_two_bits(v >> 4)], dim=-1).reshape(panels, steps, 2, 384)
         elif blocks.qtype == "q3x16":  # the two low bits, then the third bits: byte j, bit i: value 8 j + i
-            third = (((v >> 2) & 1).view(panels, steps, 2, 8, 8, 8) << torch.arange(8, dtype=torch.uint8)).sum(
-                -1, dtype=torch.uint8)
-            values = torch.cat([two_bits(v & 3), third], dim=-1).reshape(panels, steps, 2, 192)
+            values = torch.cat([_pack_two_bits(v & 3), _pack_bits((v >> 2) & 1)], dim=-1).reshape(panels, steps, 2, 192)
         else:  # after the offsets m, laid out as the scales: the nibbles (q4x16) or the 2-bit values (q2x16)
-            values = (nib if blocks.qtype == "q4x16" else two_bits(v)).reshape(panels, steps, 2, -1)
+            values = (nib if blocks.qtype == "q4x16" else _pack_two_bits(v)).reshape(panels, steps, 2, -1)
             assert blocks.m is not None  # (both have offsets)
             m = torch.zeros(panels, 2, 16, steps * per, dtype=torch.float16)
             m[p, j, c] = blocks.m
