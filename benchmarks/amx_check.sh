@@ -51,19 +51,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 : > "$OUT/log.txt"; : > "$OUT/summary.txt"
 failed=()
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
-# part NAME SECONDS COMMAND...: run it under its time limit, its output appended to $OUT/log.txt (its end printed)
-part() {
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  echo "== $name (limit ${limit} s) $(date +%T)"
-  timeout -k 20 "$limit" "$@" > "$OUT/part.log" 2>&1
-  local rc=$?
-  tail -n 15 "$OUT/part.log"
-  { echo "== $name"; cat "$OUT/part.log"; echo "== $name: rc=$rc in $((SECONDS - t0)) s"; } >> "$OUT/log.txt"
-  rm -f "$OUT/part.log"
-  echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
-  [ "$rc" = 0 ] || failed+=("$name(rc=$rc)")
-}
+# part NAME SECONDS COMMAND...: run it under its time limit (benchmarks/parts.sh), its end also in summary.txt
+source "$(dirname "${BASH_SOURCE[0]}")/parts.sh"
+SUMMARY=$OUT/summary.txt TAIL=15
+part() { run_part "$@"; }
 export RUNS PYTHON  # (peer_vllm_cpu.sh's knobs; its own defaults for the rest)
 VLLM=(bash benchmarks/peer_vllm_cpu.sh)
 

@@ -37,23 +37,15 @@ BUDGET=${BUDGET:-540}
 deadline=$((SECONDS + BUDGET * SLOWER))
 : > "$OUT/log.txt"
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
-# part NAME SECONDS COMMAND...: run it under its time limit (cut to what the budget has left), its output appended
-# to $OUT/log.txt (and its end printed)
+# part NAME SECONDS COMMAND...: run it under its time limit (benchmarks/parts.sh), cut to what the budget has left
+source "$(dirname "${BASH_SOURCE[0]}")/parts.sh"
 part() {
-  local name=$1 limit=$(($2 * SLOWER)); shift 2
-  local t0=$SECONDS left=$((deadline - SECONDS - 15))
+  local name=$1 limit=$(($2 * SLOWER)) left=$((deadline - SECONDS - 15)); shift 2
   [ "$limit" -le "$left" ] || limit=$left
   if [ "$limit" -lt 10 ]; then
     echo "== $name: skipped, the budget is spent"; failed+=("$name(no time)"); return
   fi
-  echo "== $name (limit ${limit} s)"
-  timeout -k 10 "$limit" "$@" > "$OUT/part.log" 2>&1
-  local rc=$?
-  tail -n 25 "$OUT/part.log"
-  { echo "== $name"; cat "$OUT/part.log"; echo "== $name: rc=$rc in $((SECONDS - t0)) s"; } >> "$OUT/log.txt"
-  rm -f "$OUT/part.log"
-  echo "== $name: rc=$rc in $((SECONDS - t0)) s"
-  [ $rc = 0 ] || failed+=("$name(rc=$rc)")
+  run_part "$name" "$limit" "$@"
 }
 
 if wants env; then
