@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from chunkattn import native
-from chunkattn.bench.kernel import device_name
+from chunkattn.bench.kernel import device_name, git_commit
 from chunkattn.model import load_model
 from chunkattn.model.layers import GateUpLinear, Linear
 from chunkattn.model.loader import random_model
@@ -131,11 +130,10 @@ def main() -> None:
     if args.out:
         from chunkattn.system import info
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {"device": device_name(torch.device("cpu")), "cpu": cpu_model(), "dtype": args.dtype,
                 "model": args.model or "SmolLM2-135M-Instruct", "layers": args.layers,
                 "panels": sorted({m.packed.kind for m in layers if m.packed is not None}),
-                "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+                "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
                 "system": info(), "products": len(weights),
                 "weights_mb": round(sum(w.numel() * w.element_size() for w in weights) / 2**20, 1),
                 **{f"{qt}_mb": round(sum(q.nbytes for q in packs) / 2**20, 1) for qt, packs in quantized.items()}}

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from chunkattn.bench.kernel import git_commit
 from chunkattn.model.quant import BLOCK, HELD, Blocks, QuantizedWeight, int_x_supported, kernel_supported
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.2-1b.json"
@@ -125,9 +125,8 @@ def main() -> None:
     if args.out:
         from chunkattn.system import info
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {"model": str(args.model), "layers": args.layers, "shapes": shapes[:4], "repeats": args.repeats,
-                "panel_path": "tiles" if panel_path == 1 else "vector", "commit": commit,
+                "panel_path": "tiles" if panel_path == 1 else "vector", "commit": git_commit(),
                 "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "system": info()}
         args.out.write_text(json.dumps({"meta": meta, "limits": limits, "points": points}, indent=1) + "\n")
         print(f"wrote {args.out}")

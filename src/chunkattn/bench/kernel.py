@@ -173,7 +173,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 28) -> float:
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     """The checkout's commit, or ``$CHUNKATTN_COMMIT`` when the source is not a git checkout (an exported
     tree, as the peer benchmark uses)."""
     if os.environ.get("CHUNKATTN_COMMIT"):
@@ -210,7 +210,7 @@ def run_sweep(configs: Iterable[Config], providers: list[str], *, cuda_graph: bo
     result: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "copy_gbps": round(copy_gbps, 1),
         "date": time.strftime("%Y-%m-%d"),
         "rows": [],
