@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
 import chunkattn
 from chunkattn import PrefixKVCache
+
+if TYPE_CHECKING:
+    from chunkattn.model.quant import Blocks
 
 # ||out - ref|| / ||ref|| bounds per storage dtype.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -234,3 +238,96 @@ def q6_k_blocks(w: torch.Tensor):
     d = (x.abs().amax(-1) / 31.5 * sign).half()
     q = (x * torch.where(d == 0, 0, 1 / d.float())[..., None]).round().clamp(-32, 31) + 32
     return Blocks("q6_k", q.to(torch.uint8).view(n, k), d, None)
+
+
+# -- the quantized linear kernel (chunkattn_layers.linear_quant) against float64 --------------------------------------
+
+def quant_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
+    """float64 ``x w^T (+ bias)``, or ``silu(gate) * up`` of its halves."""
+    y = x.double() @ w.double().T
+    if gate_up:
+        half = w.shape[0] // 2
+        y = torch.nn.functional.silu(y[:, :half]) * y[:, half:]
+    return y if bias is None else y + bias.double()
+
+
+def int_x(x: torch.Tensor) -> torch.Tensor:
+    """float64 x as path 4 multiplies it: each block of 32 rounded (to nearest even) to integers times 2^(E - 13),
+    E = floor(log2 of the block's largest |x|), clamped at -100."""
+    rows, k = x.shape
+    xb = x.float().view(rows, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    e = (torch.frexp(amax).exponent - 1).clamp(min=-100)
+    v = torch.round(xb * torch.ldexp(torch.ones_like(amax), 13 - e)) * (amax > 0)
+    assert v.abs().max() <= 16320
+    return (v.double() * torch.ldexp(torch.ones_like(amax, dtype=torch.float64), e.double() - 13)).view(rows, k)
+
+
+def int_x_reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
+    """float64 path 4: the weights (d q, d q + m, or d (q - 32)) exactly, times int_x(x)."""
+    if blocks.qtype == "q6_k":
+        w = blocks.d.double().repeat_interleave(16, 1) * (blocks.values().double() - 32)
+        return quant_reference(int_x(x), w, bias, gate_up)
+    w = blocks.d.double().repeat_interleave(32, 1) * blocks.values().double()
+    if blocks.m is not None:
+        w = w + blocks.m.double().repeat_interleave(32, 1)
+    return quant_reference(int_x(x), w, bias, gate_up)
+
+
+def int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_up: bool) -> torch.Tensor:
+    """Path 4's error against quant_reference of int_x(x): exact integer block sums, then float32 scaling and summing
+    over the K / 32 blocks (each block's term off by 2^-23 of it, the running sum by 2^-24 a block), then bf16."""
+    pre = x.shape[1] / 32 * 2**-22 * (x.double().abs() @ weight.double().abs().T)
+    if gate_up:  # through silu(g) u: |silu'| <= 1.1
+        g = x.double() @ weight.double().T
+        half = weight.shape[0] // 2
+        eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
+        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+    return pre + ref.abs() * 2**-8 + 1e-6
+
+
+def direct_terms(blocks: Blocks) -> torch.Tensor:
+    """float64 ``[N, K]``: the largest term per weight of the direct path's float32 sums (path 3), the scale of its
+    rounding. It sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
+    16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|; q6: (128 + q) x d and 160 d sum(x), up to 351 |d|;
+    q3x16: 135 |d| and 132 d sum(x), up to 267 |d|; q5: 159 |d| + |m|; iq4: its codebook value, up to 127 |d|
+    (q6 and the x16 kinds: d and m per 16 weights)."""
+    qtype = blocks.qtype
+    size = 16 if qtype in ("q6_k", "q4x16", "q2x16", "q3x16") else 32
+    terms = blocks.d.double().abs().repeat_interleave(size, 1) * (
+        351 if qtype == "q6_k" else 267 if qtype == "q3x16" else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl"
+        else 143 if blocks.m is not None else 17 * 143)
+    if blocks.m is not None:
+        terms = terms + blocks.m.double().abs().repeat_interleave(size, 1)
+    return terms
+
+
+def check_quant_linear(y: torch.Tensor, x: torch.Tensor, blocks: Blocks, exact: torch.Tensor, bias: torch.Tensor | None,
+                       gate_up: bool, path: int) -> None:
+    """Asserts that ``y``, the kernel's output of bf16 ``x`` on ``path`` (1-4, the path that ran), is within the
+    float64 product's rounding bound. ``exact``: the weight dequantized (``QuantizedWeight.dequantize``). Paths 1
+    and 2 round each weight to bf16 (relative 2^-9) and sum in float32; path 3 keeps the weights exact and sums
+    :func:`direct_terms`; path 4 multiplies x rounded per block (:func:`int_x`): :func:`int_x_bound`."""
+    rows, k = x.shape
+    n = exact.shape[0]
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n), (y.dtype, y.shape)
+    if path == 4:
+        ref = int_x_reference(x, blocks, bias, gate_up)
+        err = (y.double() - ref).abs()
+        bound = int_x_bound(int_x(x), exact, ref, gate_up)
+        assert (err <= bound).all(), (path, float((err - bound).max()))
+        return
+    direct = path == 3
+    weight = exact if direct else exact.bfloat16().float()
+    ref = quant_reference(x, weight, bias, gate_up)
+    # float32 sums of k terms: each product off by at most k * eps * sum|x term|; then the bf16 output
+    summed = direct_terms(blocks) if direct else weight.double().abs()
+    pre = k * 2**-23 * (x.double().abs() @ summed.T)
+    if gate_up:  # through silu(g) u: |silu'| <= 1.1
+        g = x.double() @ weight.double().T
+        half = n // 2
+        eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
+        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+    bound = pre + ref.abs() * 2**-8 + 1e-6
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), (path, float((err - bound).max()))

@@ -25,7 +25,20 @@ from chunkattn.model.quant import (
     kernel_supported,
     quantize,
 )
-from helpers import iq4_nl_blocks, q2x16_blocks, q3x16_blocks, q4x16_blocks, q5_1_blocks, q6_k_blocks, write_checkpoint
+from helpers import (
+    check_quant_linear,
+    int_x,
+    int_x_bound,
+    int_x_reference,
+    iq4_nl_blocks,
+    q2x16_blocks,
+    q3x16_blocks,
+    q4x16_blocks,
+    q5_1_blocks,
+    q6_k_blocks,
+    quant_reference,
+    write_checkpoint,
+)
 from server_helpers import TINY_CONFIG
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 "
@@ -173,50 +186,6 @@ def test_pack_is_the_amx_panel_layout_of_the_dequantized_weight(qtype, n, k, gat
     assert bool(same.all())
 
 
-def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
-    """float64 ``x w^T (+ bias)``, or ``silu(gate) * up`` of its halves."""
-    y = x.double() @ w.double().T
-    if gate_up:
-        half = w.shape[0] // 2
-        y = torch.nn.functional.silu(y[:, :half]) * y[:, half:]
-    return y if bias is None else y + bias.double()
-
-
-def _int_x(x: torch.Tensor) -> torch.Tensor:
-    """float64 x as path 4 multiplies it: each block of 32 rounded (to nearest even) to integers times 2^(E - 13),
-    E = floor(log2 of the block's largest |x|), clamped at -100."""
-    rows, k = x.shape
-    xb = x.float().view(rows, k // 32, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    e = (torch.frexp(amax).exponent - 1).clamp(min=-100)
-    v = torch.round(xb * torch.ldexp(torch.ones_like(amax), 13 - e)) * (amax > 0)
-    assert v.abs().max() <= 16320
-    return (v.double() * torch.ldexp(torch.ones_like(amax, dtype=torch.float64), e.double() - 13)).view(rows, k)
-
-
-def _int_x_reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None, gate_up: bool) -> torch.Tensor:
-    """float64 path 4: the weights (d q, d q + m, or d (q - 32)) exactly, times _int_x(x)."""
-    if blocks.qtype == "q6_k":
-        w = blocks.d.double().repeat_interleave(16, 1) * (blocks.values().double() - 32)
-        return _reference(_int_x(x), w, bias, gate_up)
-    w = blocks.d.double().repeat_interleave(32, 1) * blocks.values().double()
-    if blocks.m is not None:
-        w = w + blocks.m.double().repeat_interleave(32, 1)
-    return _reference(_int_x(x), w, bias, gate_up)
-
-
-def _int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_up: bool) -> torch.Tensor:
-    """Path 4's error against _reference of _int_x(x): exact integer block sums, then float32 scaling and summing
-    over the K / 32 blocks (each block's term off by 2^-23 of it, the running sum by 2^-24 a block), then bf16."""
-    pre = x.shape[1] / 32 * 2**-22 * (x.double().abs() @ weight.double().abs().T)
-    if gate_up:  # through silu(g) u: |silu'| <= 1.1
-        g = x.double() @ weight.double().T
-        half = weight.shape[0] // 2
-        eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
-        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
-    return pre + ref.abs() * 2**-8 + 1e-6
-
-
 # (q5, iq4 and the x16 kinds have no path 4: refused, tested below)
 INT_X_TYPES = [t for t in HELD if t not in ("q5_1", "iq4_nl", "q4x16", "q2x16", "q3x16")]
 
@@ -239,16 +208,16 @@ def test_int_x_path_against_its_float64_emulation(qtype, rows, n, k, gate_up, bi
     x[rows // 2, 32:64] *= torch.logspace(-4, 3, 32)  # values 2^7 and more below the block's largest: rounded
     x = x.bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
-    xd = _int_x(x)
-    ref = _int_x_reference(x, blocks, b, gate_up)
+    xd = int_x(x)
+    ref = int_x_reference(x, blocks, b, gate_up)
     y = qw.linear(x, b, path=4)
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     err = (y.double() - ref).abs()
-    bound = _int_x_bound(xd, exact, ref, gate_up)
+    bound = int_x_bound(xd, exact, ref, gate_up)
     assert (err <= bound).all(), float((err - bound).max())
     # the rounding of x is small beside bf16's own: against the product of x itself, within 2^-14 of each block's
     # largest |x| times the block's |w|, plus the same float32 / bf16 slack
-    exact_ref = _reference(x, exact, b, gate_up)
+    exact_ref = quant_reference(x, exact, b, gate_up)
     if not gate_up:
         x_err = x.double().abs().view(rows, k // 32, 32).amax(-1).repeat_interleave(32, 1) * 2**-14
         assert ((y.double() - exact_ref).abs() <= bound + x_err @ exact.double().abs().T).all()
@@ -283,7 +252,7 @@ def test_int_x_path_rounds_x_half_to_even_on_a_power_of_two_grid(qtype):
     want = torch.tensor([0.0, 2, 2, -0.0, -2, -2, 4, 100, -8] + [0.0] * 22)
     want[:9] += x[0, 32:41]  # exact: 2^-110 * (1, 1.5, 1.25, -1.75, 0.5) are multiples of 2^-113
     assert torch.equal(y[:31], want.bfloat16().float()), y[:31]
-    ref = _int_x_reference(x.bfloat16(), Blocks.from_values(qtype, q, d, m), None, False)
+    ref = int_x_reference(x.bfloat16(), Blocks.from_values(qtype, q, d, m), None, False)
     assert torch.equal(y[:31], ref[0, :31].float().bfloat16().float())
 
 
@@ -314,42 +283,12 @@ def test_linear_quant_paths_against_float64(qtype, rows, n, k, gate_up, bias):
     blocks = _blocks(w, qtype)
     qw = QuantizedWeight.pack(blocks, gate_up=gate_up)
     exact = qw.dequantize()
-    # the direct path sums (128 + q) x d and subtracts 128 d sum(x): terms up to 143 |d| + |m| per weight; for q8
-    # 16 (128 + h) x d + (128 + l) x d, up to 17 * 143 |d|
-    # q6: (128 + q) x d and 160 d sum(x), up to 351 |d|; q3x16: 135 |d| and 132 d sum(x), up to 267 |d|; q5: 159 |d|
-    # + |m|; iq4: its codebook value, up to 127 |d| (q6 and the x16 kinds: d and m per 16 weights)
-    size = 16 if qtype in ("q6_k", "q4x16", "q2x16", "q3x16") else 32
-    terms = blocks.d.double().abs().repeat_interleave(size, 1) * (
-        351 if qtype == "q6_k" else 267 if qtype == "q3x16" else 159 if qtype == "q5_1" else 127 if qtype == "iq4_nl"
-        else 143 if blocks.m is not None else 17 * 143)
-    if blocks.m is not None:
-        terms = terms + blocks.m.double().abs().repeat_interleave(size, 1)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     b = (torch.randn(n, generator=gen) * 0.1).bfloat16() if bias and not gate_up else None
     for path in [0, *PATHS] + ([4] if HAS_INT_X and qtype in INT_X_TYPES else []):
         y = qw.linear(x, b, path=path)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n // 2 if gate_up else n)
-        chosen = qw.auto_path(rows) if path == 0 else path
-        if chosen == 4:  # x as integers: see above
-            ref = _int_x_reference(x, blocks, b, gate_up)
-            err = (y.double() - ref).abs()
-            assert (err <= _int_x_bound(_int_x(x), exact, ref, gate_up)).all(), path
-            continue
-        direct = chosen == 3
-        # the dequantizing paths round each weight to bf16 (relative 2^-9); the direct one keeps them exact
-        weight = exact if direct else exact.bfloat16().float()
-        ref = _reference(x, weight, b, gate_up)
-        # float32 sums of k terms: each product off by at most k * eps * sum|x term|; then the bf16 output
-        summed = terms if direct else weight.double().abs()
-        pre = k * 2**-23 * (x.double().abs() @ summed.T)
-        if gate_up:  # through silu(g) u: |silu'| <= 1.1
-            g = x.double() @ weight.double().T
-            half = n // 2
-            eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
-            pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
-        bound = pre + ref.abs() * 2**-8 + 1e-6
-        err = (y.double() - ref).abs()
-        assert (err <= bound).all(), (path, float((err - bound).max()))
+        check_quant_linear(y, x, blocks, exact, b, gate_up, qw.auto_path(rows) if path == 0 else path)
 
 
 @pytest.mark.parametrize("qtype", HELD)
@@ -385,7 +324,7 @@ def test_many_rows_span_several_row_blocks(qtype, two_threads):
         w = torch.randn(n, 1536, generator=gen) * 0.05
         qw = QuantizedWeight.pack(_blocks(w, qtype), gate_up=gate_up)
         x = torch.randn(650, 1536, generator=gen).bfloat16()
-        ref = _reference(x, qw.dequantize().bfloat16().float(), None, gate_up)
+        ref = quant_reference(x, qw.dequantize().bfloat16().float(), None, gate_up)
         for path in [p for p in PATHS if p != 3]:
             y = qw.linear(x, path=path).double()
             assert y.shape == ref.shape

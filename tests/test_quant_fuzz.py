@@ -1,0 +1,114 @@
+"""Property-based: the quantized linear kernel (``chunkattn_layers.linear_quant`` / ``linear_silu_mul_quant``, every
+held kind, every path this CPU runs) against float64 on raw random blocks.
+
+test_quant.py's parametrized tests use weights quantized from Gaussians at a few shapes and row counts. Here
+Hypothesis draws the blocks' integers over each kind's whole range (q8's -128 included, which llama.cpp never
+writes but a file may hold), scales and offsets of random sign over ~30 binades (float16 subnormals included) with
+all-zero blocks, x rows of very different magnitudes with zero blocks, a column slice of a wider x (a row stride
+other than K), odd N (a last panel part empty), K from one block to 160, 1-700 rows (every path's row limits, the
+passes of rows the direct and integer paths make, the vector path's blocks of rows by 1 MB of x), 1 or 2 threads,
+bias, and the gate/up epilogue. Each output is checked against its float64 product within that path's rounding
+bound (helpers.check_quant_linear), path 0 bit for bit against the path the kernel says it takes, and the native
+embedding lookup bit for bit against the Python dequantization. Each run draws new examples
+(``CHUNKATTN_FUZZ_EXAMPLES`` for a longer search than CI's).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from chunkattn import native
+from chunkattn.model.quant import HELD, Blocks, QuantizedWeight, int_x_supported, kernel_supported
+from helpers import check_quant_linear, torch_threads
+
+pytestmark = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 (and the "
+                                "native build)")
+
+# the paths this CPU runs: 1 AMX tiles, 2 vdpbf16ps on the dequantized panel, 3 direct from the integers, 4 x as
+# 15-bit integers (AVX512-VNNI; q4, q8 and q6 only)
+PATHS = ([1] if native.amx_linear_supported() else []) + [2, 3]
+INT_X_TYPES = ("q4_0", "q4_1", "q8_0", "q6_k") if kernel_supported() and int_x_supported() else ()
+# each kind's values (q8: int8), weights per scale, and whether it has offsets
+TOP = {"q4_0": 15, "q4_1": 15, "q6_k": 63, "q5_1": 31, "iq4_nl": 15, "q4x16": 15, "q2x16": 3, "q3x16": 7}
+PER16 = ("q6_k", "q4x16", "q2x16", "q3x16")
+OFFSETS = ("q4_0", "q4_1", "q5_1", "q4x16", "q2x16")
+
+
+def _scales(gen: torch.Generator, shape: tuple[int, int], binade: int, zero: float) -> torch.Tensor:
+    """float16 scales of random sign whose magnitudes span 8 binades below 2^binade (the lowest binades: float16
+    subnormals, some rounding to 0), a fraction ``zero`` of them exactly 0."""
+    mag = torch.exp2(binade - 8 * torch.rand(shape, generator=gen)) * (1 + torch.rand(shape, generator=gen))
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    keep = torch.rand(shape, generator=gen) >= zero
+    return (mag * sign * keep).half()
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> dict:
+    qtype = draw(st.sampled_from(HELD))
+    gate_up = draw(st.booleans())
+    n = draw(st.integers(1, 100))
+    return {
+        "qtype": qtype, "gate_up": gate_up, "n": 2 * n if gate_up else n,
+        "k": 32 * draw(st.one_of(st.integers(1, 48), st.integers(49, 160))),
+        "rows": draw(st.one_of(st.integers(1, 40), st.integers(41, 140), st.integers(300, 700))),
+        "binade": draw(st.integers(-20, 2)), "zero": draw(st.sampled_from([0.0, 0.1, 0.5])),
+        "x_binades": draw(st.integers(0, 24)), "x_slice": draw(st.booleans()),
+        "bias": draw(st.booleans()) and not gate_up, "threads": draw(st.sampled_from([1, 2])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _blocks(c: dict, gen: torch.Generator) -> Blocks:
+    qtype, n, k = c["qtype"], c["n"], c["k"]
+    if qtype == "q8_0":
+        q = torch.randint(-128, 128, (n, k), generator=gen).to(torch.int8)
+    else:
+        q = torch.randint(0, TOP[qtype] + 1, (n, k), generator=gen).to(torch.uint8)
+    shape = (n, k // (16 if qtype in PER16 else 32))
+    d = _scales(gen, shape, c["binade"], c["zero"])
+    # offsets of about the weights' own size (a block's minimum is -d times up to half its range)
+    m = _scales(gen, shape, c["binade"] + 3, c["zero"]) if qtype in OFFSETS else None
+    return Blocks.from_values(qtype, q, d, m)
+
+
+def _x(c: dict, gen: torch.Generator) -> torch.Tensor:
+    """bf16 x: each row scaled by 2^(0 .. -x_binades), a few blocks of 32 zero; a column slice of a wider tensor."""
+    rows, k = c["rows"], c["k"]
+    x = torch.randn(rows, k + 32 if c["x_slice"] else k, generator=gen)
+    x *= torch.exp2(-c["x_binades"] * torch.rand(rows, 1, generator=gen))
+    zero = torch.rand(rows, x.shape[1] // 32, generator=gen) < 0.1
+    x = (x.view(rows, -1, 32) * ~zero[..., None]).view(rows, -1)
+    x = x.bfloat16()
+    return x[:, 16:16 + k] if c["x_slice"] else x
+
+
+@settings(max_examples=int(os.environ.get("CHUNKATTN_FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(c=cases())
+def test_quantized_linear_against_float64(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    blocks = _blocks(c, gen)
+    qw = QuantizedWeight.pack(blocks, gate_up=c["gate_up"])
+    exact = qw.dequantize()
+    x = _x(c, gen)
+    b = (torch.randn(c["n"], generator=gen) * 0.1).bfloat16() if c["bias"] else None
+    chosen = qw.auto_path(c["rows"])
+    event(f"{c['qtype']}: path 0 is {chosen}")
+    event(f"rows {'1-40' if c['rows'] <= 40 else '41-140' if c['rows'] <= 140 else '300-700'}, "
+          f"K {'<= 1536' if c['k'] <= 1536 else '> 1536'}")
+    with torch_threads(c["threads"]):
+        auto = qw.linear(x, b)
+        for path in PATHS + ([4] if c["qtype"] in INT_X_TYPES else []):
+            y = qw.linear(x, b, path=path)
+            check_quant_linear(y, x, blocks, exact, b, c["gate_up"], path)
+            if path == chosen:
+                assert torch.equal(auto, y), path
+        if not c["gate_up"]:  # the embedding lookup: rows in any order, repeated
+            ids = torch.randint(0, c["n"], (min(c["rows"], 50),), generator=gen)
+            assert torch.equal(qw.lookup(ids), qw.rows(ids))
