@@ -1,5 +1,6 @@
-"""Property-based: the quantized linear kernel (``chunkattn_layers.linear_quant`` / ``linear_silu_mul_quant``, every
-held kind, every path this CPU runs) against float64 on raw random blocks.
+"""Property-based: the linear kernels against float64. The quantized kernel (``chunkattn_layers.linear_quant`` /
+``linear_silu_mul_quant``, every held kind, every path this CPU runs) on raw random blocks; the dense layers
+(float32 and bfloat16, as the engine runs them) on any shape.
 
 test_quant.py's parametrized tests use weights quantized from Gaussians at a few shapes and row counts. Here
 Hypothesis draws the blocks' integers over each kind's whole range (q8's -128 included, which llama.cpp never
@@ -26,8 +27,8 @@ from chunkattn import native
 from chunkattn.model.quant import HELD, Blocks, QuantizedWeight, int_x_supported, kernel_supported
 from helpers import check_quant_linear, torch_threads
 
-pytestmark = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 (and the "
-                                "native build)")
+needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 (and the "
+                                  "native build)")
 
 # the paths this CPU runs: 1 AMX tiles, 2 vdpbf16ps on the dequantized panel, 3 direct from the integers, 4 x as
 # 15-bit integers (AVX512-VNNI; q4, q8 and q6 only)
@@ -88,6 +89,7 @@ def _x(c: dict, gen: torch.Generator) -> torch.Tensor:
     return x[:, 16:16 + k] if c["x_slice"] else x
 
 
+@needs_kernel
 @settings(max_examples=int(os.environ.get("CHUNKATTN_FUZZ_EXAMPLES", "150")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases())
@@ -112,3 +114,61 @@ def test_quantized_linear_against_float64(c):
         if not c["gate_up"]:  # the embedding lookup: rows in any order, repeated
             ids = torch.randint(0, c["n"], (min(c["rows"], 50),), generator=gen)
             assert torch.equal(qw.lookup(ids), qw.rows(ids))
+
+
+@st.composite
+def dense_cases(draw: st.DrawFn) -> dict:
+    gate_up = draw(st.booleans())
+    return {
+        "dtype": draw(st.sampled_from([torch.float32, torch.bfloat16])), "gate_up": gate_up,
+        "fan_in": draw(st.one_of(st.integers(1, 100), st.integers(101, 2200))),
+        "fan_out": draw(st.one_of(st.integers(1, 80), st.integers(81, 400))),
+        "rows": draw(st.one_of(st.integers(0, 40), st.integers(41, 140), st.integers(300, 700))),
+        "bias": draw(st.booleans()) and not gate_up, "x_binades": draw(st.integers(0, 24)),
+        "x_slice": draw(st.booleans()), "threads": draw(st.sampled_from([1, 2, 3])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+@settings(max_examples=int(os.environ.get("CHUNKATTN_FUZZ_EXAMPLES", "100")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(c=dense_cases())
+def test_dense_linear_layers_against_float64(c):
+    """Linear and GateUpLinear as the engine runs them (prepacked: chunkattn's float32 panels, the bf16 panels on
+    AMX tiles or by vdpbf16ps, oneDNN's or F.linear where those do not run here, whichever the layer picks for the
+    row count) against float64, within a float32 sum's rounding bound of its terms (carried through silu(g) u),
+    plus the output's rounding; any K and N (panels and 32-deep steps partly filled), x of mixed magnitudes and a
+    longer row stride, 1-3 threads."""
+    from chunkattn.model.layers import GateUpLinear, Linear
+
+    gen = torch.Generator().manual_seed(c["seed"])
+    dtype, rows, fan_in, fan_out, gate_up = c["dtype"], c["rows"], c["fan_in"], c["fan_out"], c["gate_up"]
+    lin = GateUpLinear(fan_in, fan_out) if gate_up else Linear(fan_in, fan_out, bias=c["bias"])
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * fan_in**-0.5)
+        if c["bias"]:
+            lin.bias.copy_(torch.randn(fan_out, generator=gen))
+    lin = lin.to(dtype)
+    packed = lin.prepack()
+    event(f"{str(dtype)[6:]}: {lin.packed.kind if packed and lin.packed is not None else 'not packed'}")
+    event(f"rows {'0-40' if rows <= 40 else '41-140' if rows <= 140 else '300-700'}, "
+          f"K {'<= 100' if fan_in <= 100 else '> 100'}")
+    x = torch.randn(rows, fan_in + 7 if c["x_slice"] else fan_in, generator=gen)
+    x = (x * torch.exp2(-c["x_binades"] * torch.rand(rows, 1, generator=gen))).to(dtype)
+    x = x[:, 3:3 + fan_in] if c["x_slice"] else x
+    with torch_threads(c["threads"]), torch.inference_mode():
+        y = lin(x)
+    w = lin.weight.detach().double()
+    ref = x.double() @ w.T
+    pre = fan_in * 2**-23 * (x.double().abs() @ w.abs().T)  # float32 sums of fan_in terms
+    if gate_up:  # through silu(g) u: |silu'| <= 1.1
+        eg, eu, gg, uu = pre[:, :fan_out], pre[:, fan_out:], ref[:, :fan_out], ref[:, fan_out:]
+        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+        ref = torch.nn.functional.silu(gg) * uu
+    if c["bias"]:
+        ref = ref + lin.bias.detach().double()
+    out_eps = 2**-8 if dtype == torch.bfloat16 else 2**-20  # the output's rounding (float32: bias, silu)
+    bound = pre + ref.abs() * out_eps + 1e-30
+    assert y.dtype == dtype and y.shape == (rows, fan_out)
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), float((err / bound).max())
