@@ -872,8 +872,7 @@ VLLM_FILES: list[str | tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...],
     "peer-vllm-cpu-2026-12-02-zen5-passive.json", "peer-vllm-cpu-2026-12-02-xeon-a.json",
     "peer-vllm-cpu-2026-12-02-xeon-b.json"]
 # one request at a time: the runs of each machine, newest machine first
-LLAMACPP_BENCH = [["peer-llamacpp-2026-12-07-zen4-q4-native-layers-run1.json",
-                   "peer-llamacpp-2026-12-07-zen4-q4-native-layers-run2.json"],
+LLAMACPP_BENCH = [["peer-llamacpp-2026-12-08-zen4-q4-run1.json", "peer-llamacpp-2026-12-08-zen4-q4-run2.json"],
                   ["peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch.json",
                    "peer-llamacpp-2026-12-06-xeon-amx-q4-prefetch-run2.json"]]
 LLAMACPP_SERVE = "peer-llamacpp-2026-12-05-xeon-amx.json"
