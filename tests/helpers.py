@@ -283,7 +283,8 @@ def int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_u
         half = weight.shape[0] // 2
         eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
         pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
-    return pre + ref.abs() * 2**-8 + 1e-6
+    # (an absolute slack of 1e-30 only: far below the outputs the tests make, so that tiny ones stay checked)
+    return pre + ref.abs() * 2**-8 + 1e-30
 
 
 def direct_terms(blocks: Blocks) -> torch.Tensor:
@@ -328,6 +329,6 @@ def check_quant_linear(y: torch.Tensor, x: torch.Tensor, blocks: Blocks, exact: 
         half = n // 2
         eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
         pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
-    bound = pre + ref.abs() * 2**-8 + 1e-6
+    bound = pre + ref.abs() * 2**-8 + 1e-30  # (as int_x_bound's)
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), (path, float((err - bound).max()))
