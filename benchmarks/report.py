@@ -340,7 +340,8 @@ def command_startup(name: str, d: Json) -> str:
     srcs = list(dict.fromkeys(r["src"] for r in d["rows"]))
     runs = max(r["run"] for r in d["rows"]) + 1
     shown = ["<before>/src" if s.startswith("/") else s for s in srcs]
-    return f"python benchmarks/startup.py --src {' '.join(shown)} --runs {runs} --json {out(name)}"
+    extra = f" --args \"{d['args']}\"" if d.get("args") else ""
+    return f"python benchmarks/startup.py --src {' '.join(shown)} --runs {runs}{extra} --json {out(name)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

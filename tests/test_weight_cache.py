@@ -135,3 +135,50 @@ def test_quantized_load_caches_its_blocks(tmp_path, monkeypatch, caplog):
     assert torch.equal(third.model.lm_head.quant.packed, first.model.lm_head.quant.packed)
     # (written anew: the old formats' entries dropped, of every variant; the current ones kept)
     assert not earlier.exists() and not earlier_q4.exists() and blocks_dir.exists() and current_q4.exists()
+
+
+def test_safetensors_key_groups_cover_the_file_in_order_within_the_limit(tmp_path):
+    """A reader maps a file a group of tensors at a time: every tensor in exactly one group, in file order, no
+    group holding more data than the limit (the largest tensor's by default) unless it is one larger tensor; and the
+    tensors read a group at a time equal safetensors' own reading."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5, 700, 3, 3, 1000, 64, 64, 64, 1, 999, 2]  # float32 elements
+    tensors = {f"t{i:02d}": torch.randn(n, generator=gen) for i, n in enumerate(sizes)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    with safe_open(str(path), framework="pt") as f:
+        want = {k: f.get_tensor(k) for k in f.keys()}
+    for limit, bound in ((None, 4000), (300, 300), (1, 1)):
+        groups = weight_cache.safetensors_key_groups(path, limit)
+        flat = [k for g in groups for k in g]
+        assert sorted(flat) == sorted(tensors) and len(flat) == len(set(flat))
+        assert all(g for g in groups)
+        for g in groups:
+            data = sum(tensors[k].numel() * 4 for k in g)
+            assert data <= bound or len(g) == 1, (limit, g)
+        if limit == 1:
+            assert len(groups) == len(tensors)
+        got = {}
+        for g in groups:
+            with safe_open(str(path), framework="pt") as f:
+                got.update({k: f.get_tensor(k).clone() for k in g})
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert len(weight_cache.safetensors_key_groups(path)) < len(tensors)  # (grouped at the default limit)
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    assert weight_cache.safetensors_key_groups(tmp_path / "empty.safetensors") == []
+
+
+def test_an_embedding_is_initialized_except_on_the_meta_device():
+    """Embedding skips torch's normal_ init only on the meta device (where models are built before their weights
+    are assigned): elsewhere it starts from N(0, 1) as nn.Embedding does."""
+    from chunkattn.model.layers import Embedding
+
+    torch.manual_seed(0)
+    w = Embedding(1000, 16).weight.detach()
+    assert 0.9 < float(w.std()) < 1.1 and abs(float(w.mean())) < 0.05
+    with torch.device("meta"):
+        m = Embedding(1000, 16)
+    assert m.weight.is_meta and m.weight.shape == (1000, 16)

@@ -309,6 +309,12 @@ class Embedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
         self.quant: QuantizedWeight | None = None
 
+    def reset_parameters(self) -> None:
+        # A model is built on the meta device, then given its weights: nothing to initialize there, and torch's
+        # first normal_ on a meta tensor imports its decompositions (~0.6-1 s of every start)
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def set_quantized(self, quant: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> None:
         if quant.gate_up or (quant.out_features, quant.in_features) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"an embedding of {[self.num_embeddings, self.embedding_dim]} cannot take a quantized "
@@ -405,9 +411,11 @@ class GateUpLinear(Linear):
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """``[head_dim / 2]`` float32 inverse frequencies, with linear or Llama-3 scaling applied."""
+    """``[head_dim / 2]`` float32 inverse frequencies, with linear or Llama-3 scaling applied (on the CPU, also
+    inside a ``torch.device("meta")`` block: the first meta op of some kinds imports torch's decompositions, ~0.6 s
+    of a start)."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     scaling = config.rope_scaling or {}
     if config.rope_type == "linear":
         inv_freq = inv_freq / float(scaling["factor"])

@@ -114,23 +114,22 @@ def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None,
     for shard in shards:
         if not (directory / shard).exists():
             raise ModelNotFoundError(f"shard {shard} listed in {index.name} is missing from {directory}")
-        with safe_open(str(directory / shard), framework="pt") as f:
-            names = list(f.keys())
-        for name in names:
-            # the file opened (mapped) for one tensor at a time: the pages read stay resident while it is mapped,
-            # and a shard (5 GB in large checkpoints) would otherwise add its whole size to the load's RSS
+        # the file opened (mapped) for a group of tensors at a time, no more bytes than its largest tensor: the pages
+        # read stay resident while it is mapped (a whole 5 GB shard's would add its size to the load's RSS)
+        for names in weight_cache.safetensors_key_groups(directory / shard):
             with safe_open(str(directory / shard), framework="pt") as f:
-                if plan and name in plan:  # read a slice of rows at a time (never the whole dense matrix)
-                    rows = f.get_slice(name)
-                    shape = tuple(rows.get_shape())
-                    try:
-                        blocks[name] = quant.quantize(functools.partial(_slice_rows, rows), plan[name], shape)
-                    except quant.QuantizationError as exc:
-                        raise UnsupportedModelError(f"{name} in {shard}: {exc}") from None
-                    del rows
-                    release_freed_memory(math.prod(shape) * 4)  # (the slices and the quantizer's temporaries)
-                else:
-                    _keep(name, f.get_tensor(name), dtype, dense)
+                for name in names:
+                    if plan and name in plan:  # read a slice of rows at a time (never the whole dense matrix)
+                        rows = f.get_slice(name)
+                        shape = tuple(rows.get_shape())
+                        try:
+                            blocks[name] = quant.quantize(functools.partial(_slice_rows, rows), plan[name], shape)
+                        except quant.QuantizationError as exc:
+                            raise UnsupportedModelError(f"{name} in {shard}: {exc}") from None
+                        del rows
+                        release_freed_memory(math.prod(shape) * 4)  # (the slices and the quantizer's temporaries)
+                    else:
+                        _keep(name, f.get_tensor(name), dtype, dense)
     return dense, blocks
 
 
