@@ -50,6 +50,14 @@ def test_second_load_reads_the_cache_and_equals_the_first(cache_dir, monkeypatch
     assert (tok1.eos_token_id, tok1.bos_token_id) == (tok2.eos_token_id, tok2.bos_token_id)
     # the tokenizer alone (e.g. serve --tokenizer) comes from the same entry
     assert load_tokenizer(gguf)(text)["input_ids"] == tok1(text)["input_ids"]
+    # read by the class its tokenizer_config.json names, not through AutoTokenizer (which also reads config.json):
+    # the same object as AutoTokenizer's, attribute for attribute
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
+    assert type(tok2) is type(auto) and tok2.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    state = [{k: repr(v) for k, v in vars(t).items() if k != "_tokenizer"} for t in (tok2, auto)]
+    assert state[0] == state[1]
 
 
 def test_incomplete_entry_is_ignored_and_cache_can_be_off(cache_dir, tmp_path, monkeypatch):

@@ -592,12 +592,28 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None, use_cache: bool =
     if p.suffix == ".gguf":
         cached = weight_cache.lookup_tokenizer(p) if use_cache else None
         if cached is not None:
-            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+            return _cached_tokenizer(cached)
         tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
         if use_cache:
             weight_cache.store_tokenizer(p, tokenizer)
         return tokenizer
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def _cached_tokenizer(directory: Path) -> Any:
+    """The tokenizer the weight cache saved in ``directory``, by the class its ``tokenizer_config.json`` names (the
+    one AutoTokenizer picks, with the same state): AutoTokenizer would also read the directory's config.json, and
+    importing the model configuration classes for it took ~0.5 s of every start. AutoTokenizer where the class is
+    not named or not known."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        name = None
+    cls = tokenizer_class_from_name(name) if isinstance(name, str) else None
+    return (cls or AutoTokenizer).from_pretrained(str(directory), local_files_only=True)
 
 
 def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32,
