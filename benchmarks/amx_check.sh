@@ -94,8 +94,16 @@ wants serve && part serve 3600 env DTYPES=bfloat16 ROWS="a b c" OUT_JSON="$RESUL
   "${VLLM[@]}" serve
 wants serve1b && part serve1b 2400 env DTYPES="bfloat16 float32" ROWS=a \
   MODEL_CONFIG=benchmarks/configs/llama-3.2-1b.json OUT_JSON="$RESULTS/peer-vllm-cpu-$DATE-$TAG-1b.json" "${VLLM[@]}" serve
-wants llamacpp && part llamacpp 2400 bash -c "bash benchmarks/peer_llamacpp.sh setup && RUNS='bfloat16:auto \
-  bfloat16:none' OUT_JSON='$RESULTS/peer-llamacpp-$DATE-$TAG.json' bash benchmarks/peer_llamacpp.sh bench"
+if wants llamacpp; then
+  if [ "$QUICK" = 1 ]; then  # (no ~15-minute build in a smoke run: the bench only where llama.cpp is built)
+    part llamacpp 600 bash -c "if bash benchmarks/peer_llamacpp.sh built; then RUNS=bfloat16:auto \
+      OUT_JSON='$RESULTS/peer-llamacpp-$DATE-$TAG.json' bash benchmarks/peer_llamacpp.sh bench; else echo \
+      'QUICK: llama.cpp not built, bench skipped'; fi"
+  else
+    part llamacpp 2400 bash -c "bash benchmarks/peer_llamacpp.sh setup && RUNS='bfloat16:auto bfloat16:none' \
+      OUT_JSON='$RESULTS/peer-llamacpp-$DATE-$TAG.json' bash benchmarks/peer_llamacpp.sh bench"
+  fi
+fi
 
 echo "results: $(ls "$RESULTS"/*"$DATE-$TAG"* 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then

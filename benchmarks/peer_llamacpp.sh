@@ -3,7 +3,7 @@
 # benchmarks/single_stream.py, and its llama-server on the shared-prompt serve workload, driven by the same client
 # (`chunkattn bench serve --url`) that drives `chunkattn serve`. One JSON with every row.
 #
-#   benchmarks/peer_llamacpp.sh [setup|bench|serve|all]     (default: all)
+#   benchmarks/peer_llamacpp.sh [setup|built|bench|serve|all]     (default: all; built: exit 0 if the binaries are)
 #
 #   setup   llama-server and llama-bench built from the llama.cpp source vendored in the llama-cpp-python sdist
 #           (pip download --no-binary; cmake + ninja, -DGGML_NATIVE=ON, Release), under $PEER_DIR/llamacpp; skipped
@@ -145,8 +145,9 @@ EOF
 stage=${1:-all}
 case $stage in
     setup) setup ;;
+    built) [[ -x $BIN/llama-server && -x $BIN/llama-bench ]] || { log "llama.cpp is not built in $BIN (run setup)"; exit 1; } ;;
     bench) bench; report ;;
     serve) serve; report ;;
     all) setup; bench; serve; report ;;
-    *) echo "usage: $0 [setup|bench|serve|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [setup|built|bench|serve|all]" >&2; exit 2 ;;
 esac

@@ -78,14 +78,16 @@ def _blocks(c: dict, gen: torch.Generator) -> Blocks:
     return Blocks.from_values(qtype, q, d, m)
 
 
-def _x_values(gen: torch.Generator, rows: int, width: int, binades: int) -> torch.Tensor:
+def _x_values(gen: torch.Generator, rows: int, width: int, binades: int, lo: int = 0, hi: int | None = None
+              ) -> torch.Tensor:
     """float32 ``[rows, width]``: each row scaled by 2^(0 .. -binades), a tenth of the blocks of 32 zero, and about
-    half the rows sparse (1-3 nonzero values). A sparse row's output sums a few terms, so its rounding bound is
-    tight: one weight read from the wrong place or a wrong scale shows there, where a dense row's float32 bound
-    (K eps times the sum of its terms) would hide it."""
+    half the rows sparse (1-3 nonzero values, in columns ``lo`` to ``hi``: the part a test slices out). A sparse
+    row's output sums a few terms, so its rounding bound is tight: one weight read from the wrong place or a wrong
+    scale shows there, where a dense row's float32 bound (K eps times the sum of its terms) would hide it."""
+    hi = width if hi is None else hi
     x = torch.randn(rows, width, generator=gen) * torch.exp2(-binades * torch.rand(rows, 1, generator=gen))
     zero = (torch.rand(rows, -(-width // 32), generator=gen) < 0.1).repeat_interleave(32, 1)[:, :width]
-    few = torch.zeros(rows, width, dtype=torch.bool).scatter_(1, torch.randint(0, width, (rows, 3), generator=gen),
+    few = torch.zeros(rows, width, dtype=torch.bool).scatter_(1, torch.randint(lo, hi, (rows, 3), generator=gen),
                                                               True)
     sparse = torch.rand(rows, 1, generator=gen) < 0.5
     return x * ~zero * torch.where(sparse, few, True)
@@ -94,8 +96,9 @@ def _x_values(gen: torch.Generator, rows: int, width: int, binades: int) -> torc
 def _x(c: dict, gen: torch.Generator) -> torch.Tensor:
     """bf16 x (:func:`_x_values`), as a column slice of a wider tensor where ``x_slice``."""
     rows, k = c["rows"], c["k"]
-    x = _x_values(gen, rows, k + 32 if c["x_slice"] else k, c["x_binades"]).bfloat16()
-    return x[:, 16:16 + k] if c["x_slice"] else x
+    if not c["x_slice"]:
+        return _x_values(gen, rows, k, c["x_binades"]).bfloat16()
+    return _x_values(gen, rows, k + 32, c["x_binades"], 16, 16 + k).bfloat16()[:, 16:16 + k]
 
 
 @needs_kernel
@@ -106,7 +109,8 @@ def test_quantized_linear_against_float64(c):
     gen = torch.Generator().manual_seed(c["seed"])
     blocks = _blocks(c, gen)
     qw = QuantizedWeight.pack(blocks, gate_up=c["gate_up"])
-    exact = qw.dequantize()
+    exact = qw.dequantize()  # (the packed panels read back: the same values as the blocks, or packing is wrong)
+    assert torch.equal(exact, blocks.dequantize())
     x = _x(c, gen)
     b = (torch.randn(c["n"], generator=gen) * 0.1).bfloat16() if c["bias"] else None
     chosen = qw.auto_path(c["rows"])
@@ -162,8 +166,10 @@ def test_dense_linear_layers_against_float64(c):
     event(f"{str(dtype)[6:]}: {lin.packed.kind if packed and lin.packed is not None else 'not packed'}")
     event(f"rows {'0-40' if rows <= 40 else '41-140' if rows <= 140 else '300-700'}, "
           f"K {'<= 100' if fan_in <= 100 else '> 100'}")
-    x = _x_values(gen, rows, fan_in + 7 if c["x_slice"] else fan_in, c["x_binades"]).to(dtype)
-    x = x[:, 3:3 + fan_in] if c["x_slice"] else x
+    if c["x_slice"]:
+        x = _x_values(gen, rows, fan_in + 7, c["x_binades"], 3, 3 + fan_in).to(dtype)[:, 3:3 + fan_in]
+    else:
+        x = _x_values(gen, rows, fan_in, c["x_binades"]).to(dtype)
     with torch_threads(c["threads"]), torch.inference_mode():
         y = lin(x)
     w = lin.weight.detach().double()

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from chunkattn.model import default_model_path, load_model, load_tokenizer, weight_cache
 
@@ -50,14 +51,36 @@ def test_second_load_reads_the_cache_and_equals_the_first(cache_dir, monkeypatch
     assert (tok1.eos_token_id, tok1.bos_token_id) == (tok2.eos_token_id, tok2.bos_token_id)
     # the tokenizer alone (e.g. serve --tokenizer) comes from the same entry
     assert load_tokenizer(gguf)(text)["input_ids"] == tok1(text)["input_ids"]
-    # read by the class its tokenizer_config.json names, not through AutoTokenizer (which also reads config.json):
-    # the same object as AutoTokenizer's, attribute for attribute
-    from transformers import AutoTokenizer
+    # read without the entry's config.json (AutoTokenizer given a config): the same object as AutoTokenizer's reading
+    # of the whole entry, attribute for attribute
+    _assert_same_tokenizer(tok2, AutoTokenizer.from_pretrained(str(entry), local_files_only=True))
 
-    auto = AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
-    assert type(tok2) is type(auto) and tok2.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
-    state = [{k: repr(v) for k, v in vars(t).items() if k != "_tokenizer"} for t in (tok2, auto)]
-    assert state[0] == state[1]
+
+def _assert_same_tokenizer(a, b) -> None:
+    text = "The quick brown fox — jumps over 13 lazy dogs.\n\tdef f(x): return x**2 <|im_start|>"
+    assert type(a) is type(b) and a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    state = [{k: repr(v) for k, v in vars(t).items() if k != "_tokenizer"} for t in (a, b)]
+    assert state[0] == state[1] and a(text)["input_ids"] == b(text)["input_ids"]
+
+
+def test_a_cached_tokenizer_is_the_one_autotokenizer_reads(cache_dir, tmp_path, monkeypatch):
+    """Whatever class a cached entry's tokenizer_config.json names (also one AutoTokenizer overrides: a byte-level
+    tokenizer.json under a sentencepiece class's name), or none, the start-up's reading gives AutoTokenizer's
+    tokenizer of the whole entry."""
+    import json
+
+    from chunkattn.model.loader import _cached_tokenizer
+
+    entry = cache_dir / "gguf" / _entry_in(cache_dir, monkeypatch)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (entry / f).exists():
+            shutil.copy(entry / f, tmp_path / f)
+    base = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for name in (base.get("tokenizer_class"), "LlamaTokenizer", "GPT2Tokenizer", "PreTrainedTokenizerFast", None):
+        cfg = {k: v for k, v in base.items() if k != "tokenizer_class"} | ({"tokenizer_class": name} if name else {})
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+        _assert_same_tokenizer(_cached_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path),
+                                                                                           local_files_only=True))
 
 
 def test_incomplete_entry_is_ignored_and_cache_can_be_off(cache_dir, tmp_path, monkeypatch):
@@ -177,6 +200,26 @@ def test_safetensors_key_groups_cover_the_file_in_order_within_the_limit(tmp_pat
     assert len(weight_cache.safetensors_key_groups(path)) < len(tensors)  # (grouped at the default limit)
     save_file({}, str(tmp_path / "empty.safetensors"))
     assert weight_cache.safetensors_key_groups(tmp_path / "empty.safetensors") == []
+
+
+def test_safetensors_key_groups_cap_the_bytes_mapped_and_refuse_what_is_no_safetensors(tmp_path, monkeypatch):
+    """The default limit is MAP_BYTES where the largest tensor is larger (a large embedding first must not make
+    every later group as large: their pages would add to a load's peak); a header length the file cannot hold (a
+    Git LFS pointer, a damaged file) is a ValueError, not an attempt to read 2^60 bytes."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a_embed": torch.zeros(4000), **{f"b{i}": torch.zeros(100) for i in range(20)}}, str(path))
+    monkeypatch.setattr(weight_cache, "MAP_BYTES", 1000)  # bytes: 2.5 of the small tensors
+    groups = weight_cache.safetensors_key_groups(path)
+    assert groups[0] == ["a_embed"] and all(len(g) <= 2 for g in groups[1:]) and len(groups) == 11
+    monkeypatch.setattr(weight_cache, "MAP_BYTES", 1 << 20)  # above the largest: the largest's 16000 bytes
+    assert [len(g) for g in weight_cache.safetensors_key_groups(path)] == [1, 20]
+    bad = tmp_path / "bad.safetensors"
+    for data in ((1 << 62).to_bytes(8, "little") + b"{}", b"version https://git-lfs.github.com/spec/v1\n", b"12"):
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match="not a safetensors file"):
+            weight_cache.safetensors_key_groups(bad)
 
 
 def test_an_embedding_is_initialized_except_on_the_meta_device():

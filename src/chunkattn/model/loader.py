@@ -114,8 +114,8 @@ def _safetensors_weights(directory: Path, dtype: torch.dtype | None = None,
     for shard in shards:
         if not (directory / shard).exists():
             raise ModelNotFoundError(f"shard {shard} listed in {index.name} is missing from {directory}")
-        # the file opened (mapped) for a group of tensors at a time, no more bytes than its largest tensor: the pages
-        # read stay resident while it is mapped (a whole 5 GB shard's would add its size to the load's RSS)
+        # the file opened (mapped) for a group of tensors at a time (weight_cache.MAP_BYTES at most, beyond one larger
+        # tensor): the pages read stay resident while it is mapped (a whole 5 GB shard's would add its size to RSS)
         for names in weight_cache.safetensors_key_groups(directory / shard):
             with safe_open(str(directory / shard), framework="pt") as f:
                 for name in names:
@@ -601,19 +601,18 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None, use_cache: bool =
 
 
 def _cached_tokenizer(directory: Path) -> Any:
-    """The tokenizer the weight cache saved in ``directory``, by the class its ``tokenizer_config.json`` names (the
-    one AutoTokenizer picks, with the same state): AutoTokenizer would also read the directory's config.json, and
-    importing the model configuration classes for it took ~0.5 s of every start. AutoTokenizer where the class is
-    not named or not known."""
-    from transformers import AutoTokenizer
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+    """The tokenizer the weight cache saved in ``directory``, by AutoTokenizer. Its ``tokenizer_config.json`` names
+    the class (``save_pretrained`` writes it), and AutoTokenizer reads the entry's ``config.json`` only to pick a
+    class where none is named: given a config it skips that read, and the import of transformers' model
+    configuration modules it brings (with ``torch.distributed.tensor``), ~0.5 s of every start."""
+    from transformers import AutoTokenizer, PretrainedConfig
 
     try:
-        name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+        named = isinstance(json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class"), str)
     except (OSError, ValueError):
-        name = None
-    cls = tokenizer_class_from_name(name) if isinstance(name, str) else None
-    return (cls or AutoTokenizer).from_pretrained(str(directory), local_files_only=True)
+        named = False
+    extra = {"config": PretrainedConfig()} if named else {}
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **extra)
 
 
 def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32,
@@ -671,7 +670,7 @@ def load_model(model: str | os.PathLike[str] | None = None, dtype: torch.dtype =
             try:
                 log.info("reading %s from the weight cache %s", source.name, cached)
                 cfg, weights, blocks = _read_directory(cached, dtype, device, quantize)
-                tokenizer = load_tokenizer(cached)
+                tokenizer = _cached_tokenizer(cached)
             except (UnsupportedModelError, quant.QuantizationError, MemoryError):
                 raise  # (the model's, not the entry's: converting again would fail the same way)
             except Exception as exc:  # noqa: BLE001 - a damaged entry: convert again (and rewrite it)

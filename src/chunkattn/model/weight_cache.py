@@ -286,18 +286,29 @@ def lookup_blocks(gguf: Path, variant: str | None = None
         return None
 
 
+# at most this many bytes of a safetensors file mapped at a time while its tensors are copied out, beyond one
+# larger tensor (safetensors_key_groups)
+MAP_BYTES = 64 << 20
+
+
 def safetensors_key_groups(path: Path, limit: int | None = None) -> list[list[str]]:
     """The tensor names of the safetensors file ``path`` in file order, grouped into runs of at most ``limit`` bytes
-    of data (default: the largest tensor's; a larger tensor alone), from its header (8 bytes of length, then JSON
-    with each tensor's offsets). A reader maps the file for one group at a time: the pages read stay resident while
-    it is mapped, so the default holds no more of them than one tensor at a time would at worst (mapped for a whole
-    5 GB shard they would add its size to a load's RSS), while opening the file once a tensor parsed its header
-    ~700 times for SmolLM2's cached blocks (0.5 s of every start)."""
+    of data (default: :data:`MAP_BYTES`, or the largest tensor's if smaller; a larger tensor alone), from its
+    header (8 bytes of length, then JSON with each tensor's offsets). A reader maps the file for one group at a
+    time: the pages read stay resident while it is mapped (a whole 5 GB shard's would add its size to a load's
+    RSS), so a group adds at most ``limit`` bytes to what one tensor at a time holds, while opening the file once a
+    tensor parsed its header ~700 times for SmolLM2's cached blocks (0.5 s of every start). A header that cannot be
+    a safetensors file's raises ValueError."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(size - 8, 100 << 20):
+            raise ValueError(f"{path} is not a safetensors file (a header of {length} bytes in {size}; a Git LFS "
+                             "pointer, or a damaged file?)")
+        header = json.loads(f.read(length))
     spans = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
     if limit is None:
-        limit = max((end - begin for (begin, end), _ in spans), default=0)
+        limit = min(MAP_BYTES, max((end - begin for (begin, end), _ in spans), default=0))
     groups: list[list[str]] = []
     start = None
     for (begin, end), key in spans:
