@@ -111,9 +111,11 @@ def test_digest_is_of_the_content_and_memoized(tmp_path, monkeypatch):
     assert weight_cache.file_digest(f, root) == hashlib.sha256(b"abde" * 1000).hexdigest()
 
 
-def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, caplog):
-    """A truncated model.safetensors beside its "complete" mark (a crash of the disk, not of the writer):
-    the load warns, converts again, rewrites the entry and gives the same model."""
+@pytest.mark.parametrize("damage", ["truncated", "header length"])
+def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, caplog, damage):
+    """A truncated model.safetensors beside its "complete" mark (a crash of the disk, not of the writer), or one
+    whose header length is garbage (it was read as a 2^62-byte allocation, a MemoryError the loader took for the
+    model's): the load warns, converts again, rewrites the entry and gives the same model."""
     gguf = default_model_path()
     name = _entry_in(cache_dir, monkeypatch)
     monkeypatch.setenv("CHUNKATTN_CACHE_DIR", str(tmp_path))
@@ -123,7 +125,10 @@ def test_a_damaged_entry_is_converted_again(cache_dir, tmp_path, monkeypatch, ca
     weights = entry / "model.safetensors"
     full = weights.stat().st_size
     with open(weights, "r+b") as f:
-        f.truncate(full // 2)
+        if damage == "truncated":
+            f.truncate(full // 2)
+        else:
+            f.write((1 << 62).to_bytes(8, "little"))
     caplog.set_level(logging.INFO, logger="chunkattn.load")
     loaded = load_model()
     assert "unreadable" in caplog.text and "converting" in caplog.text
