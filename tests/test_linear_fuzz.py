@@ -3,15 +3,15 @@
 (float32 and bfloat16, as the engine runs them) on any shape.
 
 test_quant.py's parametrized tests use weights quantized from Gaussians at a few shapes and row counts. Here
-Hypothesis draws the blocks' integers over each kind's whole range (q8's -128 included, which llama.cpp never
-writes but a file may hold), scales and offsets of random sign over ~30 binades (float16 subnormals included) with
-all-zero blocks, x rows of very different magnitudes with zero blocks, about half of them sparse (a few terms: a
-tight bound), a column slice of a wider x (a row stride other than K), odd N (a last panel part empty), K from one
-block to 160, 1-700 rows (every path's row limits, the passes of rows the direct and integer paths make, the vector
-path's blocks of rows by 1 MB of x), 1 or 2 threads, bias, and the gate/up epilogue. Each output is checked against
-its float64 product within that path's rounding bound (helpers.check_quant_linear), path 0 bit for bit against the
-path the kernel says it takes, and the native embedding lookup bit for bit against the Python dequantization. Each
-run draws new examples (``CHUNKATTN_FUZZ_EXAMPLES`` for a longer search than CI's).
+Hypothesis draws the blocks' integers over each kind's whole range (q8's -128 included, which llama.cpp never writes
+but a file may hold), scales and offsets of random sign over ~30 binades (float16 subnormals included) with all-zero
+blocks, x rows of very different magnitudes with zero blocks, about half of them sparse (a few terms: a tight
+bound), a column slice of a wider x (a row stride other than K), odd N (a last panel part empty), K from 32 to 5120
+(1-160 blocks), 1-700 rows (every path's row limits, the passes of rows the direct and integer paths make, the
+vector path's blocks of rows by 1 MB of x), 1 or 2 threads, bias, and the gate/up epilogue. Each output is checked
+against its float64 product within that path's rounding bound (helpers.check_quant_linear), path 0 bit for bit
+against the path the kernel says it takes, and the native embedding lookup bit for bit against the Python
+dequantization. Each run draws new examples (``CHUNKATTN_FUZZ_EXAMPLES`` for a longer search than CI's).
 """
 
 from __future__ import annotations
