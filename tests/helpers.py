@@ -274,15 +274,20 @@ def int_x_reference(x: torch.Tensor, blocks: Blocks, bias: torch.Tensor | None, 
     return quant_reference(int_x(x), w, bias, gate_up)
 
 
+def silu_mul_error(pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The error bound ``[rows, I]`` of ``silu(gate) * up`` from the bounds ``pre`` ``[rows, 2 I]`` on the errors of a
+    gate/up product's columns ``g`` ``[rows, 2 I]`` (float64, gate then up), through |silu'| <= 1.1."""
+    half = g.shape[1] // 2
+    eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
+    return 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+
+
 def int_x_bound(x: torch.Tensor, weight: torch.Tensor, ref: torch.Tensor, gate_up: bool) -> torch.Tensor:
     """Path 4's error against quant_reference of int_x(x): exact integer block sums, then float32 scaling and summing
     over the K / 32 blocks (each block's term off by 2^-23 of it, the running sum by 2^-24 a block), then bf16."""
     pre = x.shape[1] / 32 * 2**-22 * (x.double().abs() @ weight.double().abs().T)
-    if gate_up:  # through silu(g) u: |silu'| <= 1.1
-        g = x.double() @ weight.double().T
-        half = weight.shape[0] // 2
-        eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
-        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+    if gate_up:
+        pre = silu_mul_error(pre, x.double() @ weight.double().T)
     # (an absolute slack of 1e-30 only: far below the outputs the tests make, so that tiny ones stay checked)
     return pre + ref.abs() * 2**-8 + 1e-30
 
@@ -324,11 +329,8 @@ def check_quant_linear(y: torch.Tensor, x: torch.Tensor, blocks: Blocks, exact: 
     # float32 sums of k terms: each product off by at most k * eps * sum|x term|; then the bf16 output
     summed = direct_terms(blocks) if direct else weight.double().abs()
     pre = k * 2**-23 * (x.double().abs() @ summed.T)
-    if gate_up:  # through silu(g) u: |silu'| <= 1.1
-        g = x.double() @ weight.double().T
-        half = n // 2
-        eg, eu, gg, uu = pre[:, :half], pre[:, half:], g[:, :half], g[:, half:]
-        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
+    if gate_up:
+        pre = silu_mul_error(pre, x.double() @ weight.double().T)
     bound = pre + ref.abs() * 2**-8 + 1e-30  # (as int_x_bound's)
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), (path, float((err - bound).max()))

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from chunkattn import native
 from chunkattn.model.quant import HELD, Blocks, QuantizedWeight, int_x_supported, kernel_supported
-from helpers import check_quant_linear, torch_threads
+from helpers import check_quant_linear, silu_mul_error, torch_threads
 
 needs_kernel = pytest.mark.skipif(not kernel_supported(), reason="the quantized kernel needs AVX512-BF16 (and the "
                                   "native build)")
@@ -175,10 +175,9 @@ def test_dense_linear_layers_against_float64(c):
     w = lin.weight.detach().double()
     ref = x.double() @ w.T
     pre = fan_in * 2**-23 * (x.double().abs() @ w.abs().T)  # float32 sums of fan_in terms
-    if gate_up:  # through silu(g) u: |silu'| <= 1.1
-        eg, eu, gg, uu = pre[:, :fan_out], pre[:, fan_out:], ref[:, :fan_out], ref[:, fan_out:]
-        pre = 1.1 * eg * uu.abs() + (torch.nn.functional.silu(gg).abs() + 1.1 * eg) * eu
-        ref = torch.nn.functional.silu(gg) * uu
+    if gate_up:
+        pre = silu_mul_error(pre, ref)
+        ref = torch.nn.functional.silu(ref[:, :fan_out]) * ref[:, fan_out:]
     if c["bias"]:
         ref = ref + lin.bias.detach().double()
     out_eps = 2**-8 if dtype == torch.bfloat16 else 2**-20  # the output's rounding (float32: bias, silu)

@@ -271,9 +271,9 @@ def lookup_blocks(gguf: Path, variant: str | None = None
         cfg = json.loads((entry / "config.json").read_text())
         types = json.loads((entry / "blocks.json").read_text())
         tensors = {}
-        file = str(entry / "weights.safetensors")
-        for keys in safetensors_key_groups(entry / "weights.safetensors"):  # copied, a group mapped at a time
-            with safe_open(file, framework="pt") as f:
+        file = entry / "weights.safetensors"
+        for keys in safetensors_key_groups(file):  # copied, a group mapped at a time
+            with safe_open(str(file), framework="pt") as f:
                 for key in keys:
                     tensors[key] = f.get_tensor(key).clone()
         blocks = {name: Blocks(qtype, tensors.pop(f"{name}@q"), tensors.pop(f"{name}@d"),
