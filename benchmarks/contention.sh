@@ -77,7 +77,8 @@ for ((run = 1; run <= RUNS; run++)); do
 done
 
 SCRATCH=$SCRATCH OUT_JSON=$OUT_JSON BUSY=$BUSY DTYPE=$DTYPE CHUNKATTN_ENV=$CHUNKATTN_ENV "$PYTHON" - <<'EOF'
-import json, os, pathlib, statistics, subprocess, time
+import json, os, pathlib, statistics, time
+from chunkattn.bench.kernel import git_commit
 from chunkattn.system import info
 d = pathlib.Path(os.environ["SCRATCH"])
 rows = {}
@@ -87,7 +88,7 @@ for p in sorted(d.glob("*.json")):
     rows.setdefault(system, {}).setdefault(mode, []).append(r)
 out = {"date": time.strftime("%Y-%m-%d"), "busy_processes": int(os.environ["BUSY"]), "busy_nice": 19,
        "dtype": os.environ["DTYPE"], "chunkattn_env": os.environ["CHUNKATTN_ENV"],
-       "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+       "commit": git_commit(),
        "system": info(), "systems": {}}
 for system, modes in rows.items():
     med = {m: statistics.median(r["output_tokens_per_s"] for r in rs) for m, rs in modes.items()}

@@ -110,11 +110,12 @@ serve() {
 
 report() {
     SCRATCH=$SCRATCH OUT_JSON=$OUT_JSON GGUF=$GGUF LLAMA_REPACK=$LLAMA_REPACK RUNS=$RUNS "$PYTHON" - <<'EOF'
-import json, os, pathlib, subprocess, time
+import json, os, pathlib, time
+from chunkattn.bench.kernel import git_commit
 from chunkattn.system import info
 d = pathlib.Path(os.environ["SCRATCH"])
 out = {"date": time.strftime("%Y-%m-%d"), "gguf": os.environ["GGUF"], "llama_repack": os.environ["LLAMA_REPACK"],
-       "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+       "commit": git_commit(),
        "system": info(), "rows": {}, "runs": os.environ["RUNS"]}
 lb = d / "llama-bench.json"
 if lb.exists():
